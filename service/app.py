@@ -1,0 +1,133 @@
+"""The FastAPI application: lifespan-owned engine, storage and queue; one error shape for everything."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.database import make_engine, make_session_factory
+from service.datasets.router import router as datasets_router
+from service.errors import ServiceError
+from service.jobs.router import router as jobs_router
+from service.models.router import router as models_router
+from service.ops.router import router as ops_router
+from service.queue import JobQueue
+from service.settings import Settings, get_settings
+from service.storage import LocalStorage
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """
+Upload an ONNX model and calibration data, start a quantization job, poll it, download
+`quantized.onnx`, and read what it cost: size, latency, fidelity and accuracy side by side.
+
+1. `POST /v1/models` with the `.onnx` file.
+2. `POST /v1/datasets` with a `.npz` (one array per input) or `.npy`.
+3. `POST /v1/jobs` with the two ids and a recipe.
+4. `GET /v1/jobs/{id}` until `status` is `succeeded`, then `GET /v1/jobs/{id}/artifacts/quantized.onnx`.
+
+Every error answers `{"error": {"code", "message", "detail"}}`.
+"""
+
+
+def _error(status: int, code: str, message: str, detail: dict[str, Any] | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "detail": detail or {}}}, status_code=status, headers=headers
+    )
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if part not in ("body",)) or "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _location(tuple(e.get("loc", ()))), "message": str(e.get("msg", "")), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+    in_recipe = bool(errors) and all(e["field"].startswith("recipe") for e in errors)
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    code = "invalid_recipe" if in_recipe else "invalid_request"
+    message = f"Invalid value for `{first['field']}`: {first['message']}."
+    return _error(422, code, message, {"errors": errors})
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return _error(exc.status, exc.code, exc.message, exc.detail, exc.headers or None)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
+    message = {
+        404: f"No endpoint at {request.url.path}; see /docs for the API.",
+        405: f"{request.method} is not allowed on {request.url.path}; see /docs.",
+    }.get(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, codes.get(exc.status_code, "bad_request"), message,
+                  headers=getattr(exc, "headers", None))
+
+
+async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", exc)
+    return _error(503, "unavailable", "The database is unreachable; retry in a few seconds.")
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error(500, "internal", "Something went wrong on our side; the error was logged.")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        storage = LocalStorage(settings.resolved_storage_dir)
+        storage.ensure()
+        queue = JobQueue(settings)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        app.state.storage = storage
+        app.state.queue = queue
+        try:
+            yield
+        finally:
+            queue.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="QaaS: ONNX quantization as a service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.request_counts = Counter()
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        app.state.request_counts[(request.method, response.status_code)] += 1
+        return response
+
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(Exception, _internal)
+    for router in (models_router, datasets_router, jobs_router, ops_router):
+        app.include_router(router)
+    return app

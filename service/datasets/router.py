@@ -1,0 +1,71 @@
+"""HTTP endpoints of /v1/datasets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+
+from service.datasets import service
+from service.datasets.schemas import DatasetOut
+from service.deps import SessionDep, SettingsDep, StorageDep
+from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
+from service.schemas import Page, error_responses
+from service.tables import Dataset
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+PREPROCESS_EXAMPLE = (
+    '{"input": "input", "size": [224, 224], "layout": "NCHW", "color": "RGB", '
+    '"scale": 0.00392, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}'
+)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload calibration or evaluation data",
+    description="`.npz` with one array per model input (keyed by input name; optional `__labels__`), "
+    "`.npy` for one-input models, or a `.zip` of JPEG/PNG images with a `preprocess` spec. "
+    "Arrays of rank = input rank + 1 hold samples stacked on a new axis 0; arrays of the input's "
+    "rank are split into batches; rank-0 arrays are fed with every sample.",
+    responses=error_responses(413, 422),
+)
+def upload_dataset(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="The .npz, .npy or .zip file.")],
+    name: Annotated[str | None, Form(max_length=255)] = None,
+    preprocess: Annotated[
+        str | None, Form(description="JSON, for image archives only.", examples=[PREPROCESS_EXAMPLE])
+    ] = None,
+) -> DatasetOut:
+    return DatasetOut.model_validate(service.create_dataset(session, storage, settings, file, name, preprocess))
+
+
+@router.get("", summary="List datasets, newest first")
+def list_datasets(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query()] = None,
+) -> Page[DatasetOut]:
+    rows, next_cursor = paginate(session, service.list_datasets_query(), Dataset, limit, cursor)
+    return Page[DatasetOut](items=[DatasetOut.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}", summary="Get one dataset", responses=error_responses(404))
+def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
+    return DatasetOut.model_validate(service.get_dataset(session, dataset_id))
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a dataset and its file",
+    description="Refused with 409 while a queued or running job uses the dataset.",
+    responses=error_responses(404, 409),
+)
+def delete_dataset(session: SessionDep, storage: StorageDep, dataset_id: str) -> Response:
+    service.delete_dataset(session, storage, dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,142 @@
+"""HTTP endpoints of /v1/jobs: create, poll, cancel, report, artifacts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from service.deps import QueueDep, SessionDep, StorageDep
+from service.errors import Conflict, Unavailable
+from service.jobs import service
+from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
+from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
+from service.reports.html import render_report_html
+from service.schemas import Page, error_responses
+from service.tables import Job
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Start a quantization job",
+    description="Checks the recipe against the model and the datasets, then queues the job. Poll the "
+    "`Location` it answers with. The same `Idempotency-Key` and body within 24 h return the same job.",
+    responses=error_responses(404, 409, 422, 503),
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    storage: StorageDep,
+    queue: QueueDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
+    job, created = service.create_job(session, storage, body, idempotency_key)
+    session.commit()
+    if created:
+        try:
+            queue.enqueue(job.id)
+        except Exception as exc:
+            # Nothing may stay "created but never enqueued": undo the job and let the client retry.
+            log.warning("broker unavailable, job %s withdrawn: %s", job.id, exc)
+            service.delete_job_row(session, job.id)
+            session.commit()
+            raise Unavailable(
+                "The job queue is unreachable, so no job was created; retry in a few seconds.",
+                detail={"reason": type(exc).__name__},
+            ) from exc
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.model_validate(job)
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    model_id: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query()] = None,
+) -> Page[JobOut]:
+    rows, next_cursor = paginate(session, service.list_jobs_query(status, model_id), Job, limit, cursor)
+    return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", summary="Get a job: status, stage, progress, result", responses=error_responses(404))
+def get_job(session: SessionDep, job_id: str) -> JobOut:
+    return JobOut.model_validate(service.get_job(session, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    summary="Cancel a queued or running job",
+    description="A queued job never starts; a running job's process is stopped within seconds.",
+    responses=error_responses(404, 409),
+)
+def cancel_job(session: SessionDep, job_id: str) -> JobOut:
+    return JobOut.model_validate(service.cancel_job(session, job_id))
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The job's result: sizes, latency, fidelity, accuracy",
+    responses=error_responses(404, 409),
+)
+def get_report(session: SessionDep, job_id: str) -> JobResult:
+    job = service.get_job(session, job_id)
+    if job.status != "succeeded" or job.result is None:
+        raise Conflict(
+            f"The job is {job.status}; its report exists once it has succeeded.",
+            detail={"job_id": job_id, "status": job.status},
+        )
+    return JobResult.model_validate(job.result)
+
+
+@router.get(
+    "/{job_id}/report.html",
+    summary="The job's report as a page a person reads",
+    response_class=HTMLResponse,
+    responses=error_responses(404),
+)
+def get_report_html(session: SessionDep, job_id: str) -> HTMLResponse:
+    job = JobOut.model_validate(service.get_job(session, job_id))
+    return HTMLResponse(render_report_html(job.model_dump(mode="json")))
+
+
+@router.get("/{job_id}/artifacts", summary="List the job's artifacts", responses=error_responses(404))
+def list_artifacts(session: SessionDep, job_id: str) -> list[ArtifactOut]:
+    job = service.get_job(session, job_id)
+    return [
+        ArtifactOut(
+            name=a.name,
+            size_bytes=a.size_bytes,
+            sha256=a.sha256,
+            media_type=a.media_type,
+            url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
+        )
+        for a in job.artifacts
+    ]
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="Download one artifact (the quantized model is `quantized.onnx`)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
+)
+def download_artifact(session: SessionDep, storage: StorageDep, job_id: str, name: str) -> StreamingResponse:
+    artifact = service.get_artifact(session, job_id, name)
+    return StreamingResponse(
+        storage.iter_bytes(artifact.storage_key),
+        media_type=artifact.media_type,
+        headers={
+            "Content-Disposition": f'attachment; filename="{artifact.name}"',
+            "Content-Length": str(artifact.size_bytes),
+            "ETag": f'"{artifact.sha256}"',
+        },
+    )

@@ -1,0 +1,185 @@
+"""Wire shapes of jobs: the recipe, the evaluation settings, the job, its result and artifacts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.schemas import ErrorInfo, OrmModel
+
+Mode = Literal["static", "dynamic", "weight_only", "fp16", "auto"]
+SIXTEEN_BIT = ("uint16", "int16")
+FOUR_BIT = ("int4", "uint4")
+
+
+class Recipe(BaseModel):
+    """How to quantize. Defaults give static MinMax QDQ, uint8 activations, int8 weights."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"mode": "static", "calibration_method": "minmax", "per_channel": True}]},
+    )
+
+    mode: Mode = "static"
+    format: Literal["qdq", "qoperator"] = Field("qdq", description="Static only.")
+    activation_type: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
+    weight_type: Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"] | None = Field(
+        None, description="Default int8; int4 for `weight_only`."
+    )
+    calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
+    percentile: float = Field(99.999, gt=0, le=100, description="For `percentile` calibration.")
+    per_channel: bool = False
+    reduce_range: bool = False
+    symmetric_activations: bool = False
+    symmetric_weights: bool | None = Field(None, description="Default: symmetric for signed weight types.")
+    op_types_to_quantize: list[str] | None = Field(None, examples=[["Conv", "MatMul", "Gemm"]])
+    nodes_to_exclude: list[str] | None = None
+    calibration_batch_size: int = Field(1, ge=1, le=4096)
+    max_calibration_samples: int | None = Field(None, ge=1)
+    block_size: int = Field(128, ge=16, le=4096, description="`weight_only`: weights per quantization block.")
+    accuracy_tolerance: float = Field(
+        0.01, ge=0, le=1, description="Largest allowed top-1 drop as a fraction (0.01 = one point)."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Recipe:
+        """Combinations ONNX Runtime cannot honour, refused before anything is queued."""
+        if self.weight_type is None:
+            self.weight_type = "int4" if self.mode == "weight_only" else "int8"
+        if self.mode == "weight_only" and self.weight_type not in FOUR_BIT:
+            raise ValueError("weight_only quantization produces MatMulNBits and needs weight_type int4 or uint4")
+        if self.mode != "weight_only" and self.weight_type in FOUR_BIT:
+            raise ValueError(f"weight_type {self.weight_type} is only available with mode weight_only")
+        if self.format == "qoperator" and self.mode == "static" and (
+            self.activation_type in SIXTEEN_BIT or self.weight_type in SIXTEEN_BIT
+        ):
+            raise ValueError("16-bit activation or weight types need format qdq; qoperator supports 8-bit only")
+        if self.mode == "dynamic" and self.weight_type not in ("int8", "uint8"):
+            raise ValueError("dynamic quantization supports weight_type int8 or uint8 only")
+        if self.mode == "weight_only" and self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
+        return self
+
+
+class EvaluationSettings(BaseModel):
+    """How to measure. Latency runs of the two models are interleaved."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_runs: int = Field(50, ge=1, le=100_000)
+    warmup_runs: int = Field(5, ge=0, le=10_000)
+    threads: int | None = Field(None, ge=1, le=256, description="Default: the worker's cores.")
+    batch_size: int = Field(1, ge=1, le=4096)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "3f0e6a52-5a0c-4a9e-9b0e-1f2d3c4b5a69",
+                    "calibration_dataset_id": "9a8b7c6d-1111-2222-3333-444455556666",
+                    "recipe": {"mode": "static", "calibration_method": "minmax", "per_channel": True},
+                    "evaluation": {"latency_runs": 50, "warmup_runs": 5},
+                }
+            ]
+        },
+    )
+
+    model_id: str
+    calibration_dataset_id: str | None = Field(None, description="Required for static quantization.")
+    evaluation_dataset_id: str | None = Field(None, description="Defaults to the calibration dataset.")
+    recipe: Recipe = Field(default_factory=lambda: Recipe())
+    evaluation: EvaluationSettings = Field(default_factory=lambda: EvaluationSettings())
+
+
+class LatencyStats(BaseModel):
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+class ModelMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    size_bytes: int
+    latency_ms: LatencyStats | None = None
+    throughput_per_s: float | None = None
+    accuracy: float | None = None
+
+
+class OutputFidelity(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    top1_agreement: float | None = None
+
+
+class AccuracyComparison(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    metric: str
+    original: float
+    quantized: float
+    delta: float
+
+
+class Comparison(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    size_ratio: float
+    speedup_p50: float | None = None
+    outputs: list[OutputFidelity] = Field(default_factory=list)
+    accuracy: AccuracyComparison | None = None
+
+
+class JobResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    original: ModelMetrics
+    quantized: ModelMetrics
+    comparison: Comparison
+    warnings: list[str] = Field(default_factory=list)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    preprocessing_steps: list[str] = Field(default_factory=list)
+    machine: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobOut(OrmModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: Literal[
+        "queued", "validating", "preprocessing", "calibrating", "quantizing", "evaluating", "reporting", "done"
+    ]
+    progress: float = Field(ge=0, le=1)
+    model_id: str
+    calibration_dataset_id: str | None
+    evaluation_dataset_id: str | None
+    recipe: Recipe
+    evaluation: EvaluationSettings
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: ErrorInfo | None
+    result: JobResult | None
+
+
+class ArtifactOut(OrmModel):
+    name: str = Field(examples=["quantized.onnx"])
+    size_bytes: int
+    sha256: str
+    media_type: str
+    url: str

@@ -1,0 +1,114 @@
+"""The job state machine. Every transition is a conditional UPDATE (compare-and-set on status and
+attempt), so a duplicated or late task message can neither run a job twice nor rewrite a finished one.
+
+queued -> running -> succeeded | failed | cancelled;  queued -> cancelled."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.orm import Session
+
+from service.database import utcnow
+from service.tables import Job, JobStatus
+
+RUNNING = JobStatus.RUNNING.value
+QUEUED = JobStatus.QUEUED.value
+
+
+def _changed(result: Any) -> bool:
+    assert isinstance(result, CursorResult)
+    return bool(result.rowcount == 1)
+
+
+def claim(session: Session, job_id: str, lease_s: float) -> int | None:
+    """queued -> running. Returns the attempt number now owned by the caller, or None."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.cancel_requested.is_(False))
+        .values(
+            status=RUNNING,
+            stage="validating",
+            progress=0.0,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            updated_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            error=None,
+        )
+    )
+    if not _changed(result):
+        return None
+    attempts: int = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+    return attempts
+
+
+def _owned(job_id: str, attempt: int) -> Any:
+    return (Job.id == job_id) & (Job.status == RUNNING) & (Job.attempts == attempt)
+
+
+def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float) -> bool:
+    """Record progress and renew the lease; False when the job is no longer this attempt's."""
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt))
+            .values(
+                stage=stage,
+                progress=max(0.0, min(1.0, fraction)),
+                updated_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+            )
+        )
+    )
+
+
+def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt))
+            .values(
+                status=JobStatus.SUCCEEDED.value, stage="done", progress=1.0, result=result,
+                finished_at=now, updated_at=now, lease_expires_at=None,
+            )
+        )
+    )
+
+
+def fail(session: Session, job_id: str, attempt: int, error: dict[str, Any], *, status: str = "failed") -> bool:
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt))
+            .values(status=status, error=error, finished_at=now, updated_at=now, lease_expires_at=None)
+        )
+    )
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """A queued job is cancelled at once; a running one is flagged and its worker stops it."""
+    now = utcnow()
+    error = {"code": "cancelled", "message": "The job was cancelled at the user's request.", "detail": {}}
+    done = _changed(
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == QUEUED)
+            .values(status=JobStatus.CANCELLED.value, cancel_requested=True, error=error, finished_at=now, updated_at=now)
+        )
+    )
+    if not done:
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.status == RUNNING).values(cancel_requested=True, updated_at=now)
+        )
+    session.refresh(job)

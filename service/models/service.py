@@ -1,0 +1,133 @@
+"""Uploaded ONNX models: validate, store, list, delete."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import UploadFile
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from service.database import after_commit, utcnow
+from service.errors import Conflict, InvalidModel, NotFound
+from service.inspection.archive import ArchiveLimits, extract_flat, safe_member_name
+from service.inspection.model import ModelInfo, ModelLimits, inspect_model
+from service.settings import Settings
+from service.storage import LocalStorage, sha256_file
+from service.tables import ACTIVE_STATUSES, Job, OnnxModel, new_id
+from service.uploads import stage_upload, staging_dir
+
+MODEL_FILE = "model.onnx"
+
+
+def model_prefix(model_id: str) -> str:
+    return f"models/{model_id}"
+
+
+def create_model(
+    session: Session,
+    storage: LocalStorage,
+    settings: Settings,
+    file: UploadFile,
+    external_data: list[UploadFile],
+    name: str | None,
+) -> OnnxModel:
+    model_id = new_id()
+    prefix = model_prefix(model_id)
+    with staging_dir(settings) as folder:
+        upload = stage_upload(
+            file, folder / MODEL_FILE, max_bytes=settings.max_model_bytes, what="model file",
+            chunk_size=settings.upload_chunk_bytes,
+        )
+        remaining = settings.max_model_bytes - upload.size_bytes
+        for extra in external_data:
+            remaining -= _stage_external(extra, folder, settings, remaining)
+        info = inspect_model(folder / MODEL_FILE, ModelLimits())
+        external = [
+            {"name": path.name, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            for path in sorted(folder.iterdir())
+            if path.name != MODEL_FILE and path.is_file()
+        ]
+        for path in sorted(folder.iterdir()):
+            storage.put_file(f"{prefix}/{path.name}", path, move=True)
+    row = OnnxModel(
+        id=model_id,
+        name=name or Path(file.filename or "model.onnx").stem or "model",
+        storage_prefix=prefix,
+        file_name=MODEL_FILE,
+        sha256=upload.sha256,
+        size_bytes=upload.size_bytes + sum(e["size_bytes"] for e in external),
+        external_data=external,
+        **_info_columns(info),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _info_columns(info: ModelInfo) -> dict[str, object]:
+    data = asdict(info)
+    return {
+        "ir_version": data["ir_version"],
+        "opset": data["opset"],
+        "producer": data["producer"],
+        "inputs": data["inputs"],
+        "outputs": data["outputs"],
+        "op_counts": data["op_counts"],
+        "quantization": data["quantization"],
+    }
+
+
+def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget: int) -> int:
+    """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes."""
+    client_name = upload.filename or ""
+    safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
+    if not safe or safe == MODEL_FILE:
+        raise InvalidModel(
+            f"External data file name {client_name!r} is not usable; name each file exactly as the "
+            "model's external-data `location` refers to it.",
+            detail={"file_name": client_name},
+        )
+    if safe.lower().endswith(".zip"):
+        archive = folder.parent / f"{folder.name}.zip"
+        try:
+            stage_upload(upload, archive, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
+            paths = extract_flat(
+                archive, folder, ArchiveLimits(max_total_bytes=budget), error_cls=InvalidModel
+            )
+            return sum(p.stat().st_size for p in paths)
+        finally:
+            archive.unlink(missing_ok=True)
+    dest = folder / safe
+    if dest.exists():
+        raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
+    staged = stage_upload(upload, dest, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
+    return staged.size_bytes
+
+
+def get_model(session: Session, model_id: str) -> OnnxModel:
+    row = session.get(OnnxModel, model_id)
+    if row is None or row.deleted_at is not None:
+        raise NotFound(f"No model with id {model_id!r} exists.", detail={"model_id": model_id})
+    return row
+
+
+def list_models_query() -> Select[tuple[OnnxModel]]:
+    return select(OnnxModel).where(OnnxModel.deleted_at.is_(None))
+
+
+def delete_model(session: Session, storage: LocalStorage, model_id: str) -> None:
+    row = get_model(session, model_id)
+    active = session.scalar(
+        select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)).limit(1)
+    )
+    if active is not None:
+        raise Conflict(
+            "The model is used by a queued or running job; cancel the job or wait for it to finish, then delete.",
+            detail={"model_id": model_id, "job_id": active},
+        )
+    row.deleted_at = utcnow()
+    session.flush()
+    prefix = row.storage_prefix
+    after_commit(session, lambda: storage.delete_prefix(prefix))

@@ -1,0 +1,85 @@
+"""Settings: the only reader of the environment (prefix `QAAS_`)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QAAS_", extra="ignore")
+
+    data_dir: Path = Field(Path("./var"), description="All embedded-mode state lives here.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    database_url: str | None = Field(None, description="Default: SQLite at <data_dir>/qaas.db.")
+    broker_url: str | None = Field(None, description="Default: kombu filesystem transport under <data_dir>.")
+    broker_key_prefix: str = Field("", description="Redis key prefix, so deployments can share one Redis.")
+    storage_dir: Path | None = Field(None, description="Default: <data_dir>/storage (shared by API and workers).")
+    work_dir: Path | None = Field(None, description="Scratch space of a worker's jobs. Default: <data_dir>/work.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    worker_concurrency: int = Field(1, ge=1, le=64)
+    task_soft_time_limit_s: int = Field(3600, ge=10)
+    task_time_limit_s: int = Field(3900, ge=20)
+    job_memory_bytes: int = Field(16 << 30, ge=64 << 20, description="Address-space limit of a job process.")
+    job_timeout_s: int = Field(3600, ge=5, description="Wall-clock limit of one job attempt.")
+    evaluation_max_seconds: float = Field(300.0, gt=0, description="Bound on one job's evaluation stage.")
+    evaluation_max_samples: int = Field(256, ge=1)
+    max_latency_runs: int = Field(1000, ge=1)
+
+    max_model_bytes: int = Field(4 << 30, ge=1024)
+    max_dataset_bytes: int = Field(4 << 30, ge=1024)
+    upload_chunk_bytes: int = Field(1 << 20, ge=4096)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.task_time_limit_s <= self.task_soft_time_limit_s:
+            raise ValueError("QAAS_TASK_TIME_LIMIT_S must be larger than QAAS_TASK_SOFT_TIME_LIMIT_S")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.resolved_data_dir / "storage").expanduser().resolve()
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.resolved_data_dir / "work").expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'qaas.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.resolved_data_dir / "broker"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def cpu_count(self) -> int:
+        return os.cpu_count() or 1
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

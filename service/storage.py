@@ -1,0 +1,151 @@
+"""Blob storage: a small interface and its local-filesystem implementation.
+
+Writes go to a temporary name and are renamed into place, so readers never see a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size_bytes: int
+    sha256: str
+
+
+class Storage(Protocol):
+    def put_file(self, key: str, src: Path, *, move: bool = False) -> StoredObject: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
+    def size(self, key: str) -> int: ...
+    def exists(self, key: str) -> bool: ...
+    def local_path(self, key: str) -> Path: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def check(self) -> None: ...
+
+
+def _checked_key(key: str) -> PurePosixPath:
+    path = PurePosixPath(key)
+    if path.is_absolute() or not key or any(part in ("..", "") for part in key.split("/")) or "\\" in key:
+        raise ValueError(f"invalid storage key {key!r}")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class HashedWrite:
+    """Streams chunks into a file while counting and hashing them."""
+
+    path: Path
+    size_bytes: int = 0
+    sha256: str = ""
+
+
+def write_stream(
+    dest: Path, chunks: Iterable[bytes], *, max_bytes: int | None = None, on_too_large: type[Exception] | None = None
+) -> HashedWrite:
+    """Write `chunks` to `dest` (created exclusively), hashing on the way. Over `max_bytes` the
+    partial file is removed and `OverflowError` (or what `on_too_large` builds) is raised."""
+    digest = hashlib.sha256()
+    size = 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with dest.open("xb") as f:
+            for chunk in chunks:
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise OverflowError(f"more than {max_bytes} bytes")
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return HashedWrite(dest, size, digest.hexdigest())
+
+
+class LocalStorage:
+    """Keys are POSIX relative paths under `root`; temporary files live in `root/.tmp`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.tmp = self.root / ".tmp"
+
+    def ensure(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*_checked_key(key).parts)
+
+    def put_file(self, key: str, src: Path, *, move: bool = False) -> StoredObject:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        size = src.stat().st_size
+        if move:
+            try:
+                os.replace(src, tmp)
+            except OSError:  # another filesystem: copy instead
+                shutil.copyfile(src, tmp)
+                src.unlink()
+        else:
+            shutil.copyfile(src, tmp)
+        digest = sha256_file(tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        return StoredObject(key, size, digest)
+
+    def open(self, key: str) -> BinaryIO:
+        return self._path(key).open("rb")
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        with self.open(key) as f:
+            yield from iter(lambda: f.read(chunk_size), b"")
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise OSError unless the storage root is writable."""
+        self.ensure()
+        probe = self.tmp / f"ready-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()

@@ -1,0 +1,103 @@
+"""Shared fixtures: settings per test, a real database per run (SQLite and PostgreSQL), a Redis key
+space per run, and the app over a real database built by the migrations."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from service.migrate import upgrade
+from service.settings import Settings
+
+TEST_DATABASE_URL = os.environ.get("QAAS_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TEST_REDIS_URL = os.environ.get("QAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("QAAS_REQUIRE_SERVICES") == "1"
+RUN_ID = uuid.uuid4().hex[:12]
+
+
+def unavailable(what: str, exc: Exception) -> None:
+    message = f"{what} unreachable ({type(exc).__name__}: {exc}); start it or set its QAAS_TEST_* URL"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " (QAAS_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of this run's own on the real PostgreSQL, dropped at the end."""
+    admin_url = make_url(TEST_DATABASE_URL)
+    name = f"qaas_test_{RUN_ID}"
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        unavailable("PostgreSQL", exc)
+    yield admin_url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The real Redis; this run's keys carry the prefix `qaas-test-<run>:` and are deleted after."""
+    import redis
+
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except Exception as exc:
+        unavailable("Redis", exc)
+    yield TEST_REDIS_URL
+    for key in client.scan_iter(match=f"{redis_prefix()}*"):
+        client.delete(key)
+    client.close()
+
+
+def redis_prefix() -> str:
+    return f"qaas-test-{RUN_ID}:"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "var"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def sqlite_settings(data_dir: Path) -> Settings:
+    settings = Settings(data_dir=data_dir)
+    upgrade(settings)
+    return settings
+
+
+@pytest.fixture
+def postgres_settings(data_dir: Path, postgres_url: str) -> Iterator[Settings]:
+    """Settings on a fresh schema: each test gets its own PostgreSQL schema via a new database."""
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"qaas_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    settings = Settings(data_dir=data_dir, database_url=url)
+    upgrade(settings)
+    yield settings
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_settings(request: pytest.FixtureRequest) -> Settings:
+    """The same test on both databases the service supports."""
+    name = "sqlite_settings" if request.param == "sqlite" else "postgres_settings"
+    settings: Settings = request.getfixturevalue(name)
+    return settings

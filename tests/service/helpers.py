@@ -1,0 +1,56 @@
+"""Helpers for API tests: build upload payloads from tiny in-code models and arrays."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from tests.onnx_models import conv_classifier, matmul_mlp
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def upload_model(client: TestClient, path: Path, name: str | None = None) -> dict[str, Any]:
+    data = {"name": name} if name else {}
+    response = client.post("/v1/models", files={"file": (path.name, path.read_bytes())}, data=data)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def upload_dataset(client: TestClient, content: bytes, filename: str = "calib.npz") -> dict[str, Any]:
+    response = client.post("/v1/datasets", files={"file": (filename, content)})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def conv_model_and_data(client: TestClient, tmp_path: Path, n: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
+    model = upload_model(client, conv_classifier(tmp_path / "conv.onnx"))
+    samples = np.random.default_rng(0).random((n, 1, 3, 8, 8), dtype=np.float32)
+    labels = np.arange(n, dtype=np.int64) % 4
+    dataset = upload_dataset(client, npz_bytes(input=samples, __labels__=labels))
+    return model, dataset
+
+
+def mlp_model(client: TestClient, tmp_path: Path) -> dict[str, Any]:
+    return upload_model(client, matmul_mlp(tmp_path / "mlp.onnx"))
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"].strip(), body
+    assert isinstance(body["error"]["detail"], dict)
+    error: dict[str, Any] = body["error"]
+    return error

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from tests.service.helpers import assert_error, conv_model_and_data, mlp_model, npz_bytes, upload_dataset
+
+
+def _job(client: TestClient, **body: Any) -> Any:
+    return client.post("/v1/jobs", json=body)
+
+
+def test_static_job_is_queued_with_defaults(client: TestClient, tmp_path: Path) -> None:
+    model, dataset = conv_model_and_data(client, tmp_path)
+    response = _job(client, model_id=model["id"], calibration_dataset_id=dataset["id"], recipe={"mode": "static"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["stage"] == "queued" and job["progress"] == 0
+    assert job["attempts"] == 0 and job["result"] is None and job["error"] is None
+    assert job["evaluation_dataset_id"] == dataset["id"]  # defaults to the calibration data
+    assert job["recipe"]["format"] == "qdq" and job["recipe"]["weight_type"] == "int8"
+    assert job["recipe"]["calibration_method"] == "minmax"
+    assert job["evaluation"]["latency_runs"] == 50
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
+    listed = client.get("/v1/jobs", params={"status": "queued", "model_id": model["id"]}).json()
+    assert [j["id"] for j in listed["items"]] == [job["id"]]
+    assert client.get("/v1/jobs", params={"status": "failed"}).json()["items"] == []
+
+
+def test_the_job_message_reaches_the_broker(client: TestClient, tmp_path: Path) -> None:
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = _job(client, model_id=model["id"], calibration_dataset_id=dataset["id"]).json()
+    messages = list((settings.broker_dir / "queue").iterdir())
+    assert len(messages) == 1
+    assert job["id"] in messages[0].read_text()
+
+
+def test_static_without_calibration_data_is_refused(client: TestClient, tmp_path: Path) -> None:
+    model = mlp_model(client, tmp_path)
+    error = assert_error(_job(client, model_id=model["id"], recipe={"mode": "static"}), 422, "invalid_recipe")
+    assert "calibration" in error["message"]
+
+
+def test_recipes_onnx_runtime_cannot_honour_are_refused(client: TestClient, tmp_path: Path) -> None:
+    model, dataset = conv_model_and_data(client, tmp_path)
+    base = {"model_id": model["id"], "calibration_dataset_id": dataset["id"]}
+    cases = [
+        ({"format": "qoperator", "activation_type": "uint16"}, "qdq"),
+        ({"mode": "dynamic", "weight_type": "int16"}, "int8"),
+        ({"mode": "static", "weight_type": "int4"}, "weight_only"),
+        ({"mode": "weight_only"}, "MatMul"),
+        ({"nodes_to_exclude": ["conv", "no_such_node"]}, "no_such_node"),
+        ({"op_types_to_quantize": ["LSTM"]}, "nothing would be quantized"),
+        ({"calibration_method": "kl"}, "calibration_method"),
+        ({"typo_field": True}, "typo_field"),
+    ]
+    for recipe, words in cases:
+        error = assert_error(_job(client, **base, recipe=recipe), 422, "invalid_recipe")
+        assert words in error["message"], (recipe, error)
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_dataset_that_cannot_feed_the_model_is_refused(client: TestClient, tmp_path: Path) -> None:
+    model, _ = conv_model_and_data(client, tmp_path)
+    wrong = upload_dataset(client, npz_bytes(input=np.zeros((4, 1, 3, 5, 5), np.float32)))
+    error = assert_error(
+        _job(client, model_id=model["id"], calibration_dataset_id=wrong["id"]), 422, "dataset_model_mismatch"
+    )
+    assert "input" in error["message"]
+    missing = upload_dataset(client, npz_bytes(other=np.zeros((4, 3), np.float32)))
+    assert_error(_job(client, model_id=model["id"], calibration_dataset_id=missing["id"]), 422, "dataset_model_mismatch")
+
+
+def test_unknown_ids_are_not_found(client: TestClient, tmp_path: Path) -> None:
+    assert_error(_job(client, model_id="missing", recipe={"mode": "dynamic"}), 404, "not_found")
+    model = mlp_model(client, tmp_path)
+    assert_error(_job(client, model_id=model["id"], calibration_dataset_id="missing"), 404, "not_found")
+    assert_error(client.get("/v1/jobs/missing"), 404, "not_found")
+    assert_error(client.get("/v1/jobs/missing/artifacts"), 404, "not_found")
+
+
+def test_idempotency_key_returns_the_same_job(client: TestClient, tmp_path: Path) -> None:
+    model = mlp_model(client, tmp_path)
+    body = {"model_id": model["id"], "recipe": {"mode": "dynamic"}}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc"})
+    second = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc"})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    other = client.post("/v1/jobs", json={**body, "recipe": {"mode": "fp16"}}, headers={"Idempotency-Key": "abc"})
+    assert_error(other, 409, "conflict")
+    third = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "def"})
+    assert third.json()["id"] != first.json()["id"]
+    assert len(client.get("/v1/jobs").json()["items"]) == 2
+
+
+def test_cancel_a_queued_job(client: TestClient, tmp_path: Path) -> None:
+    model = mlp_model(client, tmp_path)
+    job = _job(client, model_id=model["id"], recipe={"mode": "dynamic"}).json()
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["error"]["code"] == "cancelled"
+    assert_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "conflict")
+
+
+def test_report_waits_for_success(client: TestClient, tmp_path: Path) -> None:
+    model = mlp_model(client, tmp_path)
+    job = _job(client, model_id=model["id"], recipe={"mode": "dynamic"}).json()
+    error = assert_error(client.get(f"/v1/jobs/{job['id']}/report"), 409, "conflict")
+    assert "queued" in error["message"]
+    page = client.get(f"/v1/jobs/{job['id']}/report.html")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert job["id"] in page.text
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+    assert_error(client.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx"), 404, "not_found")

@@ -1,0 +1,123 @@
+"""The child process that does a job's heavy work: `python -m worker.job_process WORKDIR`.
+
+Reads WORKDIR/job.json, runs the engine under resource limits, prints progress as JSON lines on
+stdout and writes WORKDIR/outcome.json. It never touches the database."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, Stage, TensorSpec
+
+ONNX_MEDIA_TYPE = "application/octet-stream"
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.stage = Stage.VALIDATING
+
+    def __call__(self, stage: Stage, fraction: float) -> None:
+        self.stage = stage
+        sys.stdout.write(json.dumps({"stage": str(stage), "fraction": round(float(fraction), 4)}) + "\n")
+        sys.stdout.flush()
+
+
+def _source(data: dict[str, Any] | None) -> DatasetSource | None:
+    if data is None:
+        return None
+    return DatasetSource(path=Path(data["path"]), format=data["format"], preprocess=data.get("preprocess"))
+
+
+def _apply_limits(limits: dict[str, int]) -> None:
+    memory = int(limits.get("memory_bytes", 0))
+    if memory:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    cpu = int(limits.get("cpu_s", 0))
+    if cpu:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 30))
+
+
+def peak_memory_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
+    from worker.engine.evaluate import evaluate
+    from worker.engine.quantize import quantize
+
+    started = time.perf_counter()
+    spec = QuantizationSpec.from_mapping(job["recipe"])
+    evaluation = EvaluationSpec.from_mapping(job["evaluation"])
+    model_path = Path(job["model_path"])
+    inputs = [TensorSpec.from_mapping(i) for i in job["inputs"]]
+    calibration = _source(job.get("calibration"))
+    eval_data = _source(job.get("evaluation_data"))
+
+    report(Stage.VALIDATING, 0.0)
+    outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)
+    measured = evaluate(
+        model_path,
+        outcome.model_path,
+        evaluation,
+        data=eval_data,
+        inputs=inputs,
+        reused_calibration=bool(job.get("reused_calibration")),
+        accuracy_tolerance=spec.accuracy_tolerance,
+        progress=report,
+    )
+    report(Stage.REPORTING, 0.0)
+    result = measured.to_dict()
+    result["warnings"] = [*outcome.warnings, *measured.warnings]
+    result["preprocessing_steps"] = outcome.preprocessing_steps
+    result["timings_s"] = {**outcome.timings_s, **measured.timings_s, "total": round(time.perf_counter() - started, 3)}
+    result["quantization"] = {"calibration_samples": outcome.calibration_samples, **outcome.details}
+    result["peak_memory_bytes"] = peak_memory_bytes()
+
+    out = workdir / "artifacts"
+    out.mkdir()
+    artifacts = []
+    for path in outcome.files:
+        artifacts.append({"name": path.name, "path": str(path), "media_type": ONNX_MEDIA_TYPE})
+    report_path = out / "report.json"
+    report_path.write_text(json.dumps(result, indent=2))
+    artifacts.append({"name": "report.json", "path": str(report_path), "media_type": "application/json"})
+    report(Stage.REPORTING, 1.0)
+    return {"status": "succeeded", "result": result, "artifacts": artifacts}
+
+
+def main(workdir: Path) -> int:
+    job = json.loads((workdir / "job.json").read_text())
+    _apply_limits(job.get("limits", {}))
+    report = Reporter()
+    try:
+        outcome = run(job, workdir, report)
+    except EngineError as exc:
+        outcome = {"status": "failed", "error": exc.to_dict()}
+    except MemoryError:
+        outcome = {"status": "failed", "error": {
+            "code": "resource_limit",
+            "message": f"The job ran out of memory during {report.stage} (limit "
+            f"{job.get('limits', {}).get('memory_bytes')} bytes); use fewer calibration samples or a smaller batch.",
+            "detail": {"stage": str(report.stage)}}}
+    except Exception as exc:
+        traceback.print_exc()  # to the worker's log, never to the user
+        code = "evaluation_failed" if report.stage == Stage.EVALUATING else "quantization_failed"
+        outcome = {"status": "failed", "error": {
+            "code": code,
+            "message": f"{type(exc).__name__} during {report.stage}: {str(exc)[:1000]}",
+            "detail": {"stage": str(report.stage)}}}
+    tmp = workdir / "outcome.json.tmp"
+    tmp.write_text(json.dumps(outcome))
+    os.replace(tmp, workdir / "outcome.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

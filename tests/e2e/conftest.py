@@ -1,0 +1,145 @@
+"""Real processes on loopback: the migration, uvicorn (`python -m service.api`) and a Celery worker
+(`python -m worker`), once on the embedded default and once on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.run import API, MIGRATE, WORKER
+from tests.conftest import redis_prefix
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QAAS_")}
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Deployment:
+    name: str
+    base_url: str
+    env: dict[str, str]
+    data_dir: Path
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log"))
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.log_tail()}")
+            try:
+                response = httpx.get(f"{self.base_url}/readyz", timeout=5)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s: {last}\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def deploy(name: str, root: Path, **env: str) -> Iterator[Deployment]:
+    data_dir = root / "var"
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    port = free_port()
+    dep = Deployment(
+        name,
+        f"http://127.0.0.1:{port}",
+        clean_env(QAAS_DATA_DIR=str(data_dir), QAAS_HOST="127.0.0.1", QAAS_PORT=str(port), **env),
+        data_dir,
+        logs,
+    )
+    subprocess.run(MIGRATE, env=dep.env, check=True, capture_output=True)
+    dep.start("api", API)
+    dep.start("worker", WORKER)
+    try:
+        dep.wait_ready()
+        yield dep
+    finally:
+        dep.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    yield from deploy("embedded", tmp_path_factory.mktemp("embedded"))
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str) -> Iterator[Deployment]:
+    yield from deploy(
+        "production",
+        tmp_path_factory.mktemp("production"),
+        QAAS_DATABASE_URL=postgres_url,
+        QAAS_BROKER_URL=redis_url,
+        QAAS_BROKER_KEY_PREFIX=redis_prefix(),
+    )
+
+
+@pytest.fixture(params=["embedded", "production"])
+def deployment(request: pytest.FixtureRequest) -> Deployment:
+    dep: Deployment = request.getfixturevalue(request.param)
+    return dep
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 180) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Poll until the job ends; returns the final job and every distinct state seen on the way."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        state = {"status": job["status"], "stage": job["stage"], "progress": job["progress"]}
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if job["status"] in TERMINAL:
+            return job, seen
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s; states seen: {seen}")

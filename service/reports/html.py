@@ -1,0 +1,771 @@
+"""The job report as one self-contained HTML page: inline CSS and SVG plots, nothing fetched.
+
+Pure Python and the standard library only (the service never imports onnxruntime or numpy).
+Every string that came from a user or a model (names, recipe values, messages) goes through
+`_e` (HTML escaping, quotes included) before it reaches the page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+ORIGINAL_COLOR = "#3b6fb6"
+QUANTIZED_COLOR = "#e07b00"
+POOR_COLOR = "#c0392b"
+# Drawn as a dashed line on the SQNR plot; matches the engine's "poor fidelity" warning.
+SQNR_GOOD_DB = 20.0
+COSINE_GOOD = 0.99
+# An accuracy drop larger than this (fraction) is shown in red, as the engine's warning does.
+DEFAULT_ACCURACY_TOLERANCE = 0.01
+SQNR_PLOT_MAX_DB = 80.0  # SQNR bars are clipped here (identical outputs are reported as 200 dB)
+
+_CSS = (
+    """
+:root { --fg:#1d2330; --muted:#5b6475; --line:#dde2ea; --bg:#f6f8fb; --card:#fff;
+        --orig:$ORIG; --quant:$QUANT; --bad:$BAD; --warn-bg:#fff6e0; --warn-line:#f0b429; }
+* { box-sizing: border-box; }
+body { margin:0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+       sans-serif; color:var(--fg); background:var(--bg); }
+main { max-width: 1040px; margin: 0 auto; padding: 24px 20px 48px; }
+h1 { font-size: 24px; margin: 0 0 4px; }
+h2 { font-size: 18px; margin: 32px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+.sub { color: var(--muted); font-size: 13px; margin: 0; }
+.sub code { font-size: 12px; }
+.status { display:inline-block; padding: 2px 10px; border-radius: 999px; font-size: 13px; font-weight: 600;
+          vertical-align: middle; margin-left: 8px; color: #fff; background: #6b7280; }
+.status.succeeded { background: #2f855a; } .status.failed { background: var(--bad); }
+.status.running { background: #2b6cb0; } .status.cancelled { background: #6b7280; }
+.box { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 14px 18px;
+       margin: 14px 0; }
+.warnings { background: var(--warn-bg); border-color: var(--warn-line); }
+.warnings h2 { border: 0; margin: 0 0 6px; font-size: 16px; }
+.warnings ul { margin: 0; padding-left: 20px; } .warnings li { margin: 4px 0; }
+.error { border-color: var(--bad); background: #fdeeee; }
+.error h2 { border: 0; margin: 0 0 6px; font-size: 16px; color: var(--bad); }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: 12px;
+         margin-top: 16px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; }
+.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .big { font-size: 26px; font-weight: 650; margin: 2px 0; }
+.card .detail { font-size: 13px; color: var(--muted); }
+.good { color: #2f855a; } .bad { color: var(--bad); }
+table { border-collapse: collapse; width: 100%; background: var(--card); font-size: 14px; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--muted); font-weight: 600; font-size: 12px; text-transform: uppercase;
+     letter-spacing: .03em; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.kv th { width: 34%; text-transform: none; font-size: 14px; letter-spacing: 0; }
+table.stats tbody th { text-transform: none; font-size: 14px; letter-spacing: 0; }
+h3.sub { font-size: 13px; margin: 0 0 6px; }
+.two { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 16px; }
+.legend { font-size: 13px; color: var(--muted); margin: 4px 0 8px; }
+.swatch { display:inline-block; width: 11px; height: 11px; border-radius: 2px; vertical-align: -1px;
+          margin: 0 4px 0 10px; }
+.chips span { display: inline-block; padding: 1px 8px; margin: 2px 4px 2px 0; border-radius: 999px;
+              font-size: 12px; border: 1px solid var(--line); }
+.chips .on { background: #e6f4ea; border-color: #9ad0a9; }
+.chips .off { color: #8a93a3; text-decoration: line-through; }
+svg { display: block; max-width: 100%; height: auto; }
+svg text { font: 12px system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; fill: #1d2330; }
+svg .muted { fill: #5b6475; }
+pre { white-space: pre-wrap; word-break: break-word; font-size: 12px; background: #f0f2f6; padding: 8px;
+      border-radius: 6px; margin: 6px 0 0; }
+ol.steps { margin: 0; padding-left: 22px; } ol.steps li { margin: 3px 0; }
+.progress { height: 10px; background: #e5e9f0; border-radius: 5px; overflow: hidden; max-width: 420px; }
+.progress div { height: 100%; background: #2b6cb0; }
+footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
+""".replace("$ORIG", ORIGINAL_COLOR)
+    .replace("$QUANT", QUANTIZED_COLOR)
+    .replace("$BAD", POOR_COLOR)
+)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _e(value: Any) -> str:
+    """Escape anything for HTML text or a quoted attribute."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    result = float(value)
+    return result if math.isfinite(result) else None
+
+
+def _get(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
+
+
+NA = "n/a"
+
+
+def fmt_bytes(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return NA
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_ms(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return NA
+    if n >= 100:
+        return f"{n:.1f} ms"
+    if n >= 1:
+        return f"{n:.2f} ms"
+    return f"{n:.3f} ms"
+
+
+def fmt_pct(value: Any, digits: int = 1) -> str:
+    n = _num(value)
+    return NA if n is None else f"{n * 100:.{digits}f}%"
+
+
+def fmt_points(delta: Any) -> str:
+    """An accuracy difference in percentage points, signed."""
+    n = _num(delta)
+    return NA if n is None else f"{n * 100:+.2f} pts"
+
+
+def fmt_x(value: Any) -> str:
+    n = _num(value)
+    return NA if n is None else f"{n:.2f}x"
+
+
+def fmt_float(value: Any, digits: int = 4) -> str:
+    n = _num(value)
+    if n is None:
+        return NA
+    if n != 0 and (abs(n) < 1e-3 or abs(n) >= 1e6):
+        return f"{n:.3e}"
+    return f"{n:.{digits}f}"
+
+
+def fmt_db(value: Any) -> str:
+    n = _num(value)
+    return NA if n is None else f"{n:.1f} dB"
+
+
+def fmt_seconds(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return NA
+    return f"{n * 1000:.0f} ms" if n < 1 else f"{n:.2f} s"
+
+
+def fmt_value(value: Any) -> str:
+    """A recipe/fact value in plain words (already escaped)."""
+    if value is None:
+        return '<span class="sub">default</span>'
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _e(f"{value:g}")
+    if isinstance(value, list | tuple):
+        return _e(", ".join(str(v) for v in value)) if value else '<span class="sub">none</span>'
+    if isinstance(value, Mapping):
+        if all(not isinstance(v, Mapping | list | tuple) for v in value.values()):
+            return "<br>".join(
+                f'<span class="sub">{_e(str(k).replace("_", " "))}:</span> {fmt_value(v)}'
+                for k, v in value.items()
+            )
+        return "<pre>" + _e(json.dumps(value, indent=2, sort_keys=True, default=str)) + "</pre>"
+    return _e(value)
+
+
+# ----------------------------------------------------------------------------- SVG plots
+
+
+def _svg(width: int, height: int, body: Iterable[str], label: str) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{_e(label)}">' + "".join(body) + "</svg>"
+    )
+
+
+def _line(
+    x1: float, y1: float, x2: float, y2: float, color: str, width: float = 1, dash: str | None = None
+) -> str:
+    dashed = f' stroke-dasharray="{dash}"' if dash else ""
+    return (
+        f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
+        f'stroke-width="{width}"{dashed}/>'
+    )
+
+
+def _text(x: float, y: float, content: str, *, anchor: str = "start", cls: str = "", weight: str = "") -> str:
+    attrs = f' class="{cls}"' if cls else ""
+    attrs += f' font-weight="{weight}"' if weight else ""
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{attrs}>{_e(content)}</text>'
+
+
+def hbar_chart(
+    groups: Sequence[tuple[str, Sequence[tuple[str, float | None, str, str]]]],
+    *,
+    label: str,
+    scale_max: float | None = None,
+    width: int = 640,
+    label_w: int = 150,
+    threshold: tuple[float, str] | None = None,
+) -> str:
+    """Horizontal bars in groups. Each group: (title, [(series name, value, value label, color)]).
+    Bars share one linear scale from 0 to `scale_max` (default: the largest value)."""
+    right_pad, bar_h, gap, group_gap, top = 90, 16, 4, 14, 8
+    max_chars = max(4, (label_w - 12) // 7)  # about 7 px per character at 12 px
+    values = [v for _, bars in groups for _, v, _, _ in bars if v is not None]
+    vmax = scale_max if scale_max is not None else max(values, default=1.0)
+    vmax = vmax if vmax and vmax > 0 else 1.0
+    plot_w = width - label_w - right_pad
+    parts: list[str] = []
+    y = top
+    for title, bars in groups:
+        group_h = len(bars) * (bar_h + gap) - gap
+        short = title if len(title) <= max_chars else title[: max_chars - 1] + "…"
+        parts.append(
+            f"<g><title>{_e(title)}</title>"
+            + _text(label_w - 10, y + group_h / 2 + 4, short, anchor="end", weight="600")
+            + "</g>"
+        )
+        for _series, value, value_label, color in bars:
+            if value is None:
+                parts.append(_text(label_w + 4, y + bar_h - 4, value_label, cls="muted"))
+            else:
+                w = max(1.0, min(value, vmax) / vmax * plot_w)
+                parts.append(
+                    f'<rect x="{label_w}" y="{y:.1f}" width="{w:.1f}" height="{bar_h}" rx="2" '
+                    f'fill="{color}"/>'
+                )
+                parts.append(_text(label_w + w + 6, y + bar_h - 4, value_label))
+            y += bar_h + gap
+        y += group_gap - gap
+    height = int(y + 4)
+    parts.insert(
+        0,
+        _line(label_w, top - 4, label_w, height - 6, "#9aa3b2"),
+    )
+    if threshold is not None and 0 < threshold[0] <= vmax:
+        tx = label_w + threshold[0] / vmax * plot_w
+        parts.append(
+            f'<line x1="{tx:.1f}" y1="{top - 4}" x2="{tx:.1f}" y2="{height - 6}" stroke="{POOR_COLOR}" '
+            'stroke-dasharray="4 3" stroke-width="1"/>'
+        )
+        parts.append(_text(tx + 3, height - 1, threshold[1], cls="muted"))
+        height += 8
+    return _svg(width, height, parts, label)
+
+
+def latency_range_plot(models: Sequence[tuple[str, Mapping[str, Any], str]], *, width: int = 900) -> str:
+    """One row per model on a shared ms axis: a min-max whisker, a box from p50 to p90, a tick at
+    p99 and a diamond at the mean."""
+    label_w, right_pad, row_h, top, axis_h = 110, 30, 44, 10, 30
+    stats = [(name, lat, color) for name, lat, color in models if _num(_get(lat, "p50")) is not None]
+    if not stats:
+        return '<p class="sub">No latency was measured.</p>'
+    vmax = max(
+        _num(lat.get("max")) or _num(lat.get("p99")) or _num(lat.get("p50")) or 0.0 for _, lat, _ in stats
+    )
+    vmax = _nice_ceiling(vmax if vmax > 0 else 1.0)
+    plot_w = width - label_w - right_pad
+
+    def x(v: float | None) -> float:
+        return label_w + (0.0 if v is None else max(0.0, min(v, vmax)) / vmax * plot_w)
+
+    parts: list[str] = []
+    height = top + len(stats) * row_h + axis_h
+    # Axis with five ticks.
+    axis_y = top + len(stats) * row_h
+    parts.append(
+        f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" stroke="#9aa3b2"/>'
+    )
+    for i in range(6):
+        v = vmax * i / 5
+        tx = x(v)
+        parts.append(f'<line x1="{tx:.1f}" y1="{top}" x2="{tx:.1f}" y2="{axis_y + 4}" stroke="#eef1f5"/>')
+        parts.append(_text(tx, axis_y + 17, fmt_ms(v), anchor="middle", cls="muted"))
+    for i, (name, lat, color) in enumerate(stats):
+        cy = top + i * row_h + row_h / 2
+        lo, hi = _num(lat.get("min")), _num(lat.get("max"))
+        p50, p90, p99, mean = (_num(lat.get(k)) for k in ("p50", "p90", "p99", "mean"))
+        parts.append(_text(label_w - 10, cy + 4, name, anchor="end", weight="600"))
+        if lo is not None and hi is not None:
+            parts.append(_line(x(lo), cy, x(hi), cy, color, 2))
+            for v in (lo, hi):
+                parts.append(_line(x(v), cy - 6, x(v), cy + 6, color, 2))
+        box_hi = p90 if p90 is not None else p50
+        bx, bw = x(p50), max(2.0, x(box_hi) - x(p50))
+        parts.append(
+            f'<rect x="{bx:.1f}" y="{cy - 10}" width="{bw:.1f}" height="20" fill="{color}" '
+            f'fill-opacity="0.35" stroke="{color}" stroke-width="1.5"/>'
+        )
+        parts.append(_line(bx, cy - 12, bx, cy + 12, color, 3))
+        if p99 is not None:
+            parts.append(_line(x(p99), cy - 9, x(p99), cy + 9, color, 1.5, dash="2 2"))
+        if mean is not None:
+            mx = x(mean)
+            parts.append(
+                f'<path d="M{mx:.1f} {cy - 5} L{mx + 5:.1f} {cy} L{mx:.1f} {cy + 5} L{mx - 5:.1f} {cy} Z" '
+                'fill="#1d2330"/>'
+            )
+    return _svg(width, height, parts, "Latency distribution of both models")
+
+
+def _nice_ceiling(v: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= v (a round axis end)."""
+    exp = math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * 10**exp >= v * 0.999999:
+            return float(m * 10**exp)
+    return float(10 ** (exp + 1))
+
+
+# ----------------------------------------------------------------------------- sections
+
+_LEGEND = (
+    f'<p class="legend"><span class="swatch" style="background:{ORIGINAL_COLOR}"></span>original'
+    f'<span class="swatch" style="background:{QUANTIZED_COLOR}"></span>quantized</p>'
+)
+
+
+def _header(job: Mapping[str, Any]) -> str:
+    status = str(job.get("status") or "unknown")
+    cls = status if status in ("succeeded", "failed", "running", "cancelled") else ""
+    facts = [f"Job <code>{_e(job.get('id'))}</code>", f"model <code>{_e(job.get('model_id'))}</code>"]
+    for key, name in (
+        ("calibration_dataset_id", "calibration data"),
+        ("evaluation_dataset_id", "evaluation data"),
+    ):
+        if job.get(key):
+            facts.append(f"{name} <code>{_e(job.get(key))}</code>")
+    times = []
+    for key, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
+        if job.get(key):
+            times.append(f"{name} {_e(job.get(key))}")
+    mode = _get(job, "recipe", "mode")
+    title = f"Quantization report{' — ' + str(mode) if mode else ''}"
+    return (
+        f'<header><h1>{_e(title)}<span class="status {cls}">{_e(status)}</span></h1>'
+        f'<p class="sub">{" · ".join(facts)}</p>'
+        + (f'<p class="sub">{" · ".join(times)}</p>' if times else "")
+        + "</header>"
+    )
+
+
+def _warnings(warnings: Sequence[Any]) -> str:
+    if not warnings:
+        return (
+            '<div class="box"><strong class="good">No warnings.</strong> '
+            "Nothing in the measurements needs your attention.</div>"
+        )
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    n = len(warnings)
+    return (
+        f'<section class="box warnings"><h2>{n} warning{"s" if n != 1 else ""}</h2><ul>{items}</ul></section>'
+    )
+
+
+def _card(label: str, big: str, detail: str, big_cls: str = "") -> str:
+    cls = f' class="big {big_cls}"' if big_cls else ' class="big"'
+    return (
+        f'<div class="card"><div class="label">{_e(label)}</div><div{cls}>{big}</div>'
+        f'<div class="detail">{detail}</div></div>'
+    )
+
+
+def _headline(result: Mapping[str, Any], tolerance: float) -> str:
+    orig, quant, cmp_ = (
+        result.get("original") or {},
+        result.get("quantized") or {},
+        result.get("comparison") or {},
+    )
+    cards = []
+    ratio = _num(cmp_.get("size_ratio"))
+    smaller = ""
+    if ratio is not None and ratio > 0:
+        if ratio < 0.995:
+            smaller = f"{1 / ratio:.2f}x smaller"
+        elif ratio > 1.005:
+            smaller = f"{ratio:.2f}x larger"
+        else:
+            smaller = "about the same size"
+    cards.append(
+        _card(
+            "Size on disk",
+            _e(fmt_bytes(quant.get("size_bytes"))),
+            f"from {_e(fmt_bytes(orig.get('size_bytes')))} · ratio {_e(fmt_float(ratio, 3))}"
+            + (f" · {_e(smaller)}" if smaller else ""),
+            "good" if ratio is not None and ratio < 1 else "",
+        )
+    )
+    speedup = _num(cmp_.get("speedup_p50"))
+    cards.append(
+        _card(
+            "Median latency (p50)",
+            _e(fmt_ms(_get(quant, "latency_ms", "p50"))),
+            f"from {_e(fmt_ms(_get(orig, 'latency_ms', 'p50')))} · speedup {_e(fmt_x(speedup))}",
+            "" if speedup is None else ("good" if speedup >= 1 else "bad"),
+        )
+    )
+    acc = cmp_.get("accuracy")
+    if isinstance(acc, Mapping):
+        delta = _num(acc.get("delta"))
+        cards.append(
+            _card(
+                f"Accuracy ({acc.get('metric') or 'top1'})",
+                _e(fmt_pct(acc.get("quantized"), 2)),
+                f"from {_e(fmt_pct(acc.get('original'), 2))} · delta {_e(fmt_points(delta))}",
+                "" if delta is None else ("bad" if -delta > tolerance else "good" if delta >= 0 else ""),
+            )
+        )
+    else:
+        cards.append(_card("Accuracy", NA, "no labelled evaluation data"))
+    outputs = [o for o in cmp_.get("outputs") or [] if isinstance(o, Mapping)]
+    cosines = [c for c in (_num(o.get("cosine")) for o in outputs) if c is not None]
+    if cosines:
+        worst = min(cosines)
+        sqnrs = [s for s in (_num(o.get("sqnr_db")) for o in outputs) if s is not None]
+        cards.append(
+            _card(
+                "Fidelity (worst output)",
+                _e(f"cos {worst:.4f}"),
+                f"SQNR {_e(fmt_db(min(sqnrs)) if sqnrs else NA)} over {len(outputs)} output(s)",
+                "good" if worst >= COSINE_GOOD else "bad",
+            )
+        )
+    return f'<section class="cards">{"".join(cards)}</section>'
+
+
+def _latency(result: Mapping[str, Any]) -> str:
+    orig, quant = result.get("original") or {}, result.get("quantized") or {}
+    lat_o, lat_q = orig.get("latency_ms") or {}, quant.get("latency_ms") or {}
+    plot = latency_range_plot([("original", lat_o, ORIGINAL_COLOR), ("quantized", lat_q, QUANTIZED_COLOR)])
+    bars = hbar_chart(
+        [
+            (
+                key,
+                [
+                    ("original", _num(lat_o.get(key)), fmt_ms(lat_o.get(key)), ORIGINAL_COLOR),
+                    ("quantized", _num(lat_q.get(key)), fmt_ms(lat_q.get(key)), QUANTIZED_COLOR),
+                ],
+            )
+            for key in ("p50", "p90", "p99", "mean")
+        ],
+        label="Latency percentiles of both models",
+        width=480,
+        label_w=60,
+    )
+    rows = []
+    for key, name in (
+        ("p50", "p50 (median)"),
+        ("p90", "p90"),
+        ("p99", "p99"),
+        ("mean", "mean"),
+        ("std", "std"),
+        ("min", "min"),
+        ("max", "max"),
+    ):
+        rows.append(
+            f'<tr><th>{name}</th><td class="num">{_e(fmt_ms(lat_o.get(key)))}</td>'
+            f'<td class="num">{_e(fmt_ms(lat_q.get(key)))}</td></tr>'
+        )
+    for key, name, fmt in (
+        ("throughput_per_s", "throughput", lambda v: NA if _num(v) is None else f"{_num(v):,.1f} samples/s"),
+        ("batch_size", "batch size", lambda v: NA if v is None else str(v)),
+        ("runs", "timed runs", lambda v: NA if v is None else str(v)),
+        ("session_create_ms", "session creation", fmt_ms),
+    ):
+        if key in orig or key in quant:
+            rows.append(
+                f'<tr><th>{name}</th><td class="num">{_e(fmt(orig.get(key)))}</td>'
+                f'<td class="num">{_e(fmt(quant.get(key)))}</td></tr>'
+            )
+    legend = _LEGEND.replace(
+        "</p>", " · box: p50 to p90, whiskers: min to max, dashed tick: p99, diamond: mean</p>"
+    )
+    return (
+        "<section><h2>Latency</h2>"
+        + legend
+        + plot
+        + '<div class="two" style="margin-top:14px"><div>'
+        + bars
+        + "</div><div>"
+        '<table class="stats"><thead><tr><th></th><th class="num">original</th><th class="num">quantized</th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div></div></section>"
+    )
+
+
+def _fidelity(result: Mapping[str, Any]) -> str:
+    outputs = [o for o in _get(result, "comparison", "outputs") or [] if isinstance(o, Mapping)]
+    if not outputs:
+        return '<section><h2>Fidelity per output</h2><p class="sub">No output was compared.</p></section>'
+    rows = []
+    groups = []
+    for o in outputs:
+        cos, sqnr = _num(o.get("cosine")), _num(o.get("sqnr_db"))
+        poor = (cos is not None and cos < COSINE_GOOD) or (sqnr is not None and sqnr < SQNR_GOOD_DB)
+        flag = ' <strong class="bad">poor</strong>' if poor else ""
+        rows.append(
+            f"<tr><td>{_e(o.get('name'))}{flag}</td>"
+            f'<td class="num">{_e(fmt_float(cos, 6))}</td>'
+            f'<td class="num">{_e(fmt_db(sqnr))}</td>'
+            f'<td class="num">{_e(fmt_float(o.get("max_abs_error")))}</td>'
+            f'<td class="num">{_e(fmt_float(o.get("mean_abs_error")))}</td>'
+            f'<td class="num">{_e(fmt_pct(o.get("top1_agreement"), 2))}</td></tr>'
+        )
+        shown = None if sqnr is None else max(0.0, sqnr)
+        value_label = fmt_db(sqnr) + (" (identical)" if sqnr is not None and sqnr >= 200 else "")
+        groups.append(
+            (str(o.get("name")), [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)])
+        )
+    chart = hbar_chart(
+        groups,
+        label="SQNR per output",
+        scale_max=SQNR_PLOT_MAX_DB,
+        threshold=(SQNR_GOOD_DB, f"{SQNR_GOOD_DB:.0f} dB"),
+    )
+    return (
+        "<section><h2>Fidelity per output</h2>"
+        '<p class="sub">How closely the quantized model reproduces the original\'s outputs on the same '
+        "inputs. "
+        f"Good: cosine ≥ {COSINE_GOOD}, SQNR ≥ {SQNR_GOOD_DB:.0f} dB (higher is better; identical outputs "
+        "show 200 dB). Top-1 agreement: how often both pick the same class.</p>"
+        '<table><thead><tr><th>output</th><th class="num">cosine</th><th class="num">SQNR</th>'
+        '<th class="num">max abs error</th><th class="num">mean abs error</th>'
+        f'<th class="num">top-1 agreement</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f'<p class="legend">SQNR per output (bars clipped at {SQNR_PLOT_MAX_DB:.0f} dB; dashed line: '
+        f"{SQNR_GOOD_DB:.0f} dB)</p>{chart}</section>"
+    )
+
+
+def _size_and_accuracy(result: Mapping[str, Any]) -> str:
+    orig, quant = result.get("original") or {}, result.get("quantized") or {}
+    size_chart = hbar_chart(
+        [
+            (
+                "size",
+                [
+                    (
+                        "original",
+                        _num(orig.get("size_bytes")),
+                        fmt_bytes(orig.get("size_bytes")),
+                        ORIGINAL_COLOR,
+                    ),
+                    (
+                        "quantized",
+                        _num(quant.get("size_bytes")),
+                        fmt_bytes(quant.get("size_bytes")),
+                        QUANTIZED_COLOR,
+                    ),
+                ],
+            )
+        ],
+        label="Size on disk",
+        width=480,
+        label_w=80,
+    )
+    acc = _get(result, "comparison", "accuracy")
+    if isinstance(acc, Mapping):
+        groups = [
+            (
+                "top-1",
+                [
+                    ("original", _num(acc.get("original")), fmt_pct(acc.get("original"), 2), ORIGINAL_COLOR),
+                    (
+                        "quantized",
+                        _num(acc.get("quantized")),
+                        fmt_pct(acc.get("quantized"), 2),
+                        QUANTIZED_COLOR,
+                    ),
+                ],
+            )
+        ]
+        if _num(acc.get("top5_original")) is not None:
+            groups.append(
+                (
+                    "top-5",
+                    [
+                        (
+                            "original",
+                            _num(acc.get("top5_original")),
+                            fmt_pct(acc.get("top5_original"), 2),
+                            ORIGINAL_COLOR,
+                        ),
+                        (
+                            "quantized",
+                            _num(acc.get("top5_quantized")),
+                            fmt_pct(acc.get("top5_quantized"), 2),
+                            QUANTIZED_COLOR,
+                        ),
+                    ],
+                )
+            )
+        samples = acc.get("samples")
+        acc_html = (
+            hbar_chart(groups, label="Accuracy", scale_max=1.0, width=480, label_w=80)
+            + f'<p class="sub">Delta {_e(fmt_points(acc.get("delta")))}'
+            + (f" on {_e(samples)} labelled samples" if samples is not None else "")
+            + "</p>"
+        )
+    else:
+        acc_html = '<p class="sub">Accuracy needs an evaluation dataset with labels.</p>'
+    return (
+        f'<section><h2>Size and accuracy</h2>{_LEGEND}<div class="two">'
+        f'<div><h3 class="sub">Size on disk</h3>{size_chart}</div>'
+        f'<div><h3 class="sub">Accuracy</h3>{acc_html}</div></div></section>'
+    )
+
+
+def _kv_table(data: Mapping[str, Any], *, title: str, skip: Iterable[str] = ()) -> str:
+    skipped = set(skip)
+    rows = "".join(
+        f"<tr><th>{_e(str(k).replace('_', ' '))}</th><td>{fmt_value(v)}</td></tr>"
+        for k, v in data.items()
+        if k not in skipped
+    )
+    if not rows:
+        return ""
+    return f'<section><h2>{_e(title)}</h2><table class="kv"><tbody>{rows}</tbody></table></section>'
+
+
+def _steps(steps: Sequence[Any]) -> str:
+    if not steps:
+        return ""
+    items = "".join(f"<li>{_e(s)}</li>" for s in steps)
+    return (
+        '<section><h2>Pre-processing steps</h2><div class="box">'
+        f'<ol class="steps">{items}</ol></div></section>'
+    )
+
+
+def _machine(machine: Mapping[str, Any]) -> str:
+    if not machine:
+        return ""
+    features = machine.get("cpu_features")
+    chips = ""
+    if isinstance(features, Mapping) and features:
+        chips = (
+            '<div class="chips">'
+            + "".join(
+                f'<span class="{"on" if on else "off"}">{_e(name)}</span>' for name, on in features.items()
+            )
+            + "</div>"
+        )
+    rows = []
+    for key, value in machine.items():
+        if key == "cpu_features":
+            rows.append(f"<tr><th>CPU features for int8</th><td>{chips}</td></tr>")
+        elif key == "memory_bytes":
+            rows.append(f"<tr><th>memory</th><td>{_e(fmt_bytes(value))}</td></tr>")
+        else:
+            rows.append(f"<tr><th>{_e(str(key).replace('_', ' '))}</th><td>{fmt_value(value)}</td></tr>")
+    return f'<section><h2>Machine</h2><table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
+
+
+def _timings(result: Mapping[str, Any]) -> str:
+    timings = result.get("timings_s")
+    rows = []
+    if isinstance(timings, Mapping):
+        for key, value in timings.items():
+            rows.append(f'<tr><th>{_e(key)}</th><td class="num">{_e(fmt_seconds(value))}</td></tr>')
+    peak = result.get("peak_memory_bytes")
+    if peak is not None:
+        rows.append(f'<tr><th>peak memory of the job</th><td class="num">{_e(fmt_bytes(peak))}</td></tr>')
+    if not rows:
+        return ""
+    return f'<section><h2>Timings</h2><table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
+
+
+def _error(job: Mapping[str, Any]) -> str:
+    err = job.get("error")
+    if not isinstance(err, Mapping):
+        return ""
+    detail = err.get("detail")
+    detail_html = (
+        "<pre>" + _e(json.dumps(detail, indent=2, sort_keys=True, default=str)) + "</pre>" if detail else ""
+    )
+    return (
+        f'<section class="box error"><h2>The job {_e(job.get("status") or "failed")}: '
+        f"{_e(err.get('code') or 'error')}</h2><p>{_e(err.get('message'))}</p>{detail_html}</section>"
+    )
+
+
+def _not_ready(job: Mapping[str, Any]) -> str:
+    status = job.get("status")
+    if status not in ("queued", "running"):
+        return ""
+    progress = _num(job.get("progress")) or 0.0
+    progress = max(0.0, min(1.0, progress))
+    stage = job.get("stage") or status
+    return (
+        f'<section class="box"><p>This job is <strong>{_e(status)}</strong> (stage {_e(stage)}, '
+        f"{progress * 100:.0f}% done). The measurements appear here when it succeeds.</p>"
+        f'<div class="progress"><div style="width:{progress * 100:.1f}%"></div></div></section>'
+    )
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def render_report_html(job: Mapping[str, Any]) -> str:
+    """The page for one job (the contract's Job JSON): a full report when it has a result, its
+    error or progress otherwise."""
+    result = job.get("result") if isinstance(job.get("result"), Mapping) else None
+    body = [_header(job), _error(job), _not_ready(job)]
+    if result is not None:
+        body.append(_warnings(result.get("warnings") or []))
+        tolerance = _num(_get(result, "evaluation", "accuracy_tolerance"))
+        if tolerance is None:
+            tolerance = _num(_get(job, "recipe", "accuracy_tolerance"))
+        body.append(_headline(result, DEFAULT_ACCURACY_TOLERANCE if tolerance is None else tolerance))
+        body.append(_latency(result))
+        body.append(_fidelity(result))
+        body.append(_size_and_accuracy(result))
+    elif job.get("status") not in ("queued", "running") and not job.get("error"):
+        body.append('<div class="box">This job has no result.</div>')
+    recipe = job.get("recipe")
+    if isinstance(recipe, Mapping):
+        body.append(_kv_table(recipe, title="Recipe"))
+    evaluation_settings = job.get("evaluation")
+    if result is not None:
+        body.append(_steps(result.get("preprocessing_steps") or []))
+        evaluation = result.get("evaluation")
+        if isinstance(evaluation, Mapping):
+            body.append(_kv_table(evaluation, title="How it was measured"))
+        elif isinstance(evaluation_settings, Mapping):
+            body.append(_kv_table(evaluation_settings, title="Evaluation settings"))
+        machine = result.get("machine")
+        body.append(_machine(machine if isinstance(machine, Mapping) else {}))
+        body.append(_timings(result))
+    elif isinstance(evaluation_settings, Mapping):
+        body.append(_kv_table(evaluation_settings, title="Evaluation settings"))
+    footer = (
+        "Generated by QaaS. Latency was measured with both models on the same machine, the same thread "
+        "count and interleaved runs after warm-up; fidelity and accuracy on the same samples for both models."
+        if result is not None
+        else "Generated by QaaS."
+    )
+    title = f"QaaS report {job.get('id') or ''}".strip()
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        # Nothing may be fetched: this page is self-contained.
+        '<meta http-equiv="Content-Security-Policy" '
+        "content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<body><main>{''.join(body)}<footer>{footer}</footer></main></body></html>\n"
+    )

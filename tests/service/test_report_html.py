@@ -1,0 +1,280 @@
+"""The HTML report: numbers a person looks for, escaping of user strings, and a real browser's view."""
+
+from __future__ import annotations
+
+import copy
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.reports import render_report_html
+
+EVIL = "<script>alert('x')</script>"
+
+
+def _result() -> dict[str, Any]:
+    return {
+        "original": {
+            "size_bytes": 4_000_000,
+            "latency_ms": {
+                "p50": 12.3456,
+                "p90": 14.0,
+                "p99": 19.5,
+                "mean": 12.9,
+                "std": 1.1,
+                "min": 11.0,
+                "max": 21.25,
+            },
+            "throughput_per_s": 77.5,
+            "accuracy": 0.7612,
+            "top5_accuracy": 0.9301,
+            "session_create_ms": 35.0,
+            "batch_size": 1,
+            "runs": 50,
+        },
+        "quantized": {
+            "size_bytes": 1_000_000,
+            "latency_ms": {
+                "p50": 4.321,
+                "p90": 5.0,
+                "p99": 7.75,
+                "mean": 4.5,
+                "std": 0.4,
+                "min": 4.0,
+                "max": 8.0,
+            },
+            "throughput_per_s": 222.2,
+            "accuracy": 0.7534,
+            "top5_accuracy": 0.9288,
+            "session_create_ms": 20.0,
+            "batch_size": 1,
+            "runs": 50,
+        },
+        "comparison": {
+            "size_ratio": 0.25,
+            "speedup_p50": 2.857,
+            "outputs": [
+                {
+                    "name": "logits",
+                    "cosine": 0.998765,
+                    "sqnr_db": 31.4,
+                    "max_abs_error": 0.25,
+                    "mean_abs_error": 0.0125,
+                    "top1_agreement": 0.9876,
+                },
+                {
+                    "name": f"aux{EVIL}",
+                    "cosine": 0.91,
+                    "sqnr_db": 9.5,
+                    "max_abs_error": 3.5,
+                    "mean_abs_error": 0.5,
+                    "top1_agreement": None,
+                },
+            ],
+            "accuracy": {
+                "metric": "top1",
+                "original": 0.7612,
+                "quantized": 0.7534,
+                "delta": -0.0078,
+                "top5_original": 0.9301,
+                "top5_quantized": 0.9288,
+                "samples": 500,
+            },
+        },
+        "warnings": [f"Output 'aux{EVIL}' is poorly reproduced by the quantized model."],
+        "timings_s": {"quantizing": 3.5, "evaluating": 12.25},
+        "peak_memory_bytes": 256 * 1024 * 1024,
+        "preprocessing_steps": ["quant_pre_process with skip_symbolic_shape=True", f"step {EVIL}"],
+        "machine": {
+            "cpu_model": f"Fake CPU {EVIL}",
+            "cpu_features": {"avx2": True, "avx512_vnni": False},
+            "onnxruntime": "1.31.1",
+            "threads": 2,
+            "memory_bytes": 8 * 1024**3,
+        },
+        "evaluation": {"inputs": "dataset", "samples": 500, "latency_runs": 50, "interleaved": True},
+    }
+
+
+def _job(**overrides: Any) -> dict[str, Any]:
+    job = {
+        "id": "0f3c-job",
+        "status": "succeeded",
+        "stage": "done",
+        "progress": 1.0,
+        "model_id": "model-42",
+        "recipe": {"mode": "static", "per_channel": True, "nodes_to_exclude": [EVIL]},
+        "created_at": "2025-01-01T00:00:00Z",
+        "finished_at": "2025-01-01T00:02:00Z",
+        "error": None,
+        "result": _result(),
+    }
+    job.update(overrides)
+    return job
+
+
+# The numbers a reader looks for, as the page prints them.
+EXPECTED = [
+    "12.35 ms",  # original p50
+    "4.32 ms",  # quantized p50
+    "2.86x",  # speedup
+    "3.81 MiB",  # original size
+    "976.56 KiB",  # quantized size
+    "4.00x smaller",
+    "76.12%",
+    "75.34%",
+    "-0.78 pts",
+    "93.01%",  # top-5
+    "0.998765",  # cosine
+    "31.4 dB",
+    "98.76%",  # top-1 agreement
+    "222.2 samples/s",
+    "256.00 MiB",  # peak memory
+    "3.50 s",  # a timing
+]
+
+
+def test_full_report_shows_the_numbers_and_escapes_user_strings() -> None:
+    page = render_report_html(_job())
+    for text in EXPECTED:
+        assert text in page, text
+    assert "<script" not in page
+    assert html.escape(EVIL) in page
+    # Warnings come before the measurements.
+    assert page.index("1 warning") < page.index("Median latency")
+    for section in (
+        "Latency",
+        "Fidelity per output",
+        "Size and accuracy",
+        "Recipe",
+        "Pre-processing steps",
+        "Machine",
+        "Timings",
+    ):
+        assert f"<h2>{section}</h2>" in page, section
+    assert page.count("<svg") >= 4
+
+
+def test_page_is_self_contained() -> None:
+    page = render_report_html(_job())
+    without_svg_ns = page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http://" not in without_svg_ns and "https://" not in without_svg_ns
+    for needle in ("<script", "<link", "<img", "@import", "url(", " src="):
+        assert needle not in page, needle
+
+
+def test_failed_job_shows_its_error() -> None:
+    job = _job(
+        status="failed",
+        result=None,
+        error={
+            "code": "quantization_failed",
+            "message": f"ONNX Runtime said {EVIL}",
+            "detail": {"node": "a&b"},
+        },
+    )
+    page = render_report_html(job)
+    assert "quantization_failed" in page
+    assert "ONNX Runtime said &lt;script&gt;" in page
+    assert "a&amp;b" in page
+    assert "<script" not in page
+    assert "Latency</h2>" not in page
+
+
+def test_running_job_shows_progress() -> None:
+    page = render_report_html(_job(status="running", stage="calibrating", progress=0.37, result=None))
+    assert "running" in page and "calibrating" in page and "37% done" in page
+    assert "Latency</h2>" not in page
+
+
+def test_sparse_result_does_not_break_the_page() -> None:
+    result = _result()
+    result["comparison"]["accuracy"] = None
+    result["comparison"]["outputs"] = [
+        {
+            "name": "y",
+            "cosine": None,
+            "sqnr_db": 200.0,
+            "max_abs_error": 0.0,
+            "mean_abs_error": 0.0,
+            "top1_agreement": None,
+        }
+    ]
+    result["quantized"]["latency_ms"] = None
+    for key in ("machine", "evaluation", "timings_s", "peak_memory_bytes", "preprocessing_steps", "warnings"):
+        del result[key]
+    page = render_report_html(_job(result=result))
+    assert "n/a" in page
+    assert "No warnings" in page
+    assert "Accuracy needs an evaluation dataset with labels" in page
+    assert "(identical)" in page
+
+
+def test_service_side_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, service.reports.html\n"
+        "heavy = [m for m in ('onnxruntime', 'numpy', 'onnx') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("QAAS_REQUIRE_SERVICES") == "1":
+            pytest.fail("chromium is not installed (apt-get install -y chromium) and QAAS_REQUIRE_SERVICES=1")
+        pytest.skip("chromium is not installed; the report is not checked in a real browser")
+    return exe
+
+
+def _run_chromium(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--hide-scrollbars",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+
+
+def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
+    exe = _chromium()
+    job = _job()
+    job["result"] = copy.deepcopy(job["result"])
+    page = tmp_path / "report.html"
+    page.write_text(render_report_html(job), encoding="utf-8")
+    dom = _run_chromium(exe, tmp_path, "--dump-dom", page.as_uri()).stdout
+    text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+    for expected in EXPECTED:
+        assert expected in text, expected
+    assert EVIL in text  # shown as text ...
+    assert "<script" not in dom  # ... never parsed as an element
+    assert dom.count("<svg") >= 4
+
+    shot = tmp_path / "report.png"
+    _run_chromium(exe, tmp_path, "--window-size=1100,1800", f"--screenshot={shot}", page.as_uri())
+    assert shot.stat().st_size > 10_000

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.database import make_engine, make_session_factory
 from service.migrate import upgrade
 from service.settings import Settings
 
@@ -101,3 +103,11 @@ def db_settings(request: pytest.FixtureRequest) -> Settings:
     name = "sqlite_settings" if request.param == "sqlite" else "postgres_settings"
     settings: Settings = request.getfixturevalue(name)
     return settings
+
+
+@pytest.fixture
+def session_factory(db_settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the migrated test database (both backends); the engine is disposed after."""
+    engine = make_engine(db_settings)
+    yield make_session_factory(engine)
+    engine.dispose()

@@ -39,7 +39,6 @@ STAGE_SPAN = {
 }
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 1.0
-LEASE_S = 120.0
 
 
 def overall_progress(stage: str, fraction: float) -> float:
@@ -82,7 +81,7 @@ class JobRunner:
 
     def run(self, job_id: str) -> None:
         with transaction(self.session_factory) as session:
-            attempt = state.claim(session, job_id, LEASE_S)
+            attempt = state.claim(session, job_id, self.settings.job_lease_s)
         if attempt is None:
             log.info("job %s is not queued (duplicate or late message, or cancelled); skipping", job_id)
             return
@@ -155,8 +154,11 @@ class JobRunner:
         reader = threading.Thread(target=lambda: [lines.put(line) for line in child.stdout or []], daemon=True)
         reader.start()
         started = time.monotonic()
-        last_progress = last_cancel_check = 0.0
-        pending: tuple[str, float] | None = None
+        last_write = last_cancel_check = 0.0
+        pending: tuple[str, float] = ("validating", 0.0)
+        written: tuple[str, float] | None = None
+        renew_s = self.settings.job_lease_s / 4
+        shown = 0.0
         try:
             while True:
                 try:
@@ -168,11 +170,13 @@ class JobRunner:
                 except (ValueError, KeyError):
                     log.debug("job %s: unparsed child output %r", job_id, line[:200])
                 now = time.monotonic()
-                if now - last_progress >= PROGRESS_INTERVAL_S or (pending is None and now - last_progress >= 30):
-                    stage, fraction = pending or ("validating", 0.0)
+                # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
+                if (pending != written and now - last_write >= PROGRESS_INTERVAL_S) or now - last_write >= renew_s:
+                    stage, fraction = pending
+                    shown = max(shown, overall_progress(stage, fraction))  # never backwards
                     with transaction(self.session_factory) as session:
-                        still_ours = state.progress(session, job_id, attempt, stage, overall_progress(stage, fraction), LEASE_S)
-                    last_progress = now
+                        still_ours = state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s)
+                    last_write, written = now, pending
                     if not still_ours:
                         self._stop(child)
                         return ChildOutcome("abandoned")

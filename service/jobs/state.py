@@ -112,3 +112,50 @@ def request_cancel(session: Session, job: Job) -> None:
             update(Job).where(Job.id == job.id, Job.status == RUNNING).values(cancel_requested=True, updated_at=now)
         )
     session.refresh(job)
+
+
+def expired_running(session: Session) -> list[tuple[str, int]]:
+    """(job id, attempt) of running jobs whose worker stopped renewing the lease."""
+    rows = session.execute(
+        select(Job.id, Job.attempts).where(Job.status == RUNNING, Job.lease_expires_at < utcnow())
+    ).tuples()
+    return list(rows.all())
+
+
+def requeue_lost(session: Session, job_id: str, attempt: int) -> bool:
+    """running (lease expired) -> queued, for another attempt."""
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt), Job.lease_expires_at < now)
+            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=now, lease_expires_at=None)
+        )
+    )
+
+
+def fail_lost(session: Session, job_id: str, attempt: int, max_attempts: int) -> bool:
+    now = utcnow()
+    error = {
+        "code": "worker_lost",
+        "message": f"The worker running this job stopped responding {attempt} times (the maximum is "
+        f"{max_attempts}); the job may be too heavy for the workers' memory. Try fewer calibration samples.",
+        "detail": {"attempts": attempt},
+    }
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt), Job.lease_expires_at < now)
+            .values(status=JobStatus.FAILED.value, error=error, finished_at=now, updated_at=now, lease_expires_at=None)
+        )
+    )
+
+
+def stale_queued(session: Session, older_than_s: float) -> list[str]:
+    """Queued jobs not touched for a while: their message may have been lost with the broker."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(session.scalars(select(Job.id).where(Job.status == QUEUED, Job.updated_at < cutoff)))
+
+
+def touch(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(updated_at=utcnow()))

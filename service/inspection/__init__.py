@@ -1,0 +1,28 @@
+"""Pure checks the API runs on uploads: ONNX models, datasets, zip archives, and their fit."""
+
+from service.inspection.archive import ArchiveLimits, check_zip, extract_flat, safe_member_name
+from service.inspection.compat import check_dataset_fits_model
+from service.inspection.dataset import (
+    DatasetInfo,
+    DatasetLimits,
+    detect_format,
+    inspect_dataset,
+    parse_preprocess,
+)
+from service.inspection.model import ModelInfo, ModelLimits, inspect_model
+
+__all__ = [
+    "ArchiveLimits",
+    "DatasetInfo",
+    "DatasetLimits",
+    "ModelInfo",
+    "ModelLimits",
+    "check_dataset_fits_model",
+    "check_zip",
+    "detect_format",
+    "extract_flat",
+    "inspect_dataset",
+    "inspect_model",
+    "parse_preprocess",
+    "safe_member_name",
+]

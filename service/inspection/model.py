@@ -1,0 +1,463 @@
+"""Validation and summary of an uploaded ONNX model, without running it or loading its weights."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections import ChainMap, Counter
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx.defs
+from onnx import AttributeProto, GraphProto, NodeProto, SparseTensorProto, TensorProto, helper, numpy_helper
+
+from service.errors import ExternalDataEscape, InvalidModel, ResourceLimit, UnsupportedOperator
+
+_DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+_ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_QOPERATOR_OPS = frozenset(
+    {
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "MatMulNBits",
+        "GatherBlockQuantized",
+    }
+)
+_MAX_SHAPE_RANK = 64
+# Types stored one element per itemsize bytes; sub-byte types are packed, strings vary.
+_WHOLE_BYTE_TYPES = frozenset(
+    getattr(TensorProto, name)
+    for name in (
+        "FLOAT",
+        "UINT8",
+        "INT8",
+        "UINT16",
+        "INT16",
+        "INT32",
+        "INT64",
+        "BOOL",
+        "FLOAT16",
+        "DOUBLE",
+        "UINT32",
+        "UINT64",
+        "COMPLEX64",
+        "COMPLEX128",
+        "BFLOAT16",
+        "FLOAT8E4M3FN",
+        "FLOAT8E4M3FNUZ",
+        "FLOAT8E5M2",
+        "FLOAT8E5M2FNUZ",
+    )
+    if hasattr(TensorProto, name)
+)
+_MAX_REPORTED = 10
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    max_nodes: int = 200_000
+    max_subgraph_depth: int = 16
+    max_tensor_bytes: int = 8 << 30
+    allowed_domains: frozenset[str] = field(default=_DEFAULT_DOMAINS)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API reports about a model.
+
+    `opset` is the default-domain (`ai.onnx`) opset, 0 when the model imports none (for example
+    a pure `ai.onnx.ml` model). A tensor `shape` is a list of int (fixed), str (symbolic) or
+    None (unnamed) dims; None as a whole only for a tensor of unknown rank, which the checker
+    refuses for graph inputs and outputs. A sequence, map or optional input is reported with
+    dtype "sequence", "map" or "optional" and shape [].
+    """
+
+    ir_version: int
+    opset: int
+    producer: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    op_counts: dict[str, int]
+    node_names: list[str]
+    quantization: str | None
+    external_data: list[str]
+
+
+def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> ModelInfo:
+    """Validate the model at `model_path` (external data files beside it) and summarise it.
+
+    Raises InvalidModel, ExternalDataEscape, UnsupportedOperator or ResourceLimit.
+    """
+    model_path = Path(model_path)
+    model = _parse(model_path)
+    walk = _Walk(model, model_path.parent, limits)
+    walk.run()
+    walk.raise_unsupported()
+    _run_checker(model_path)
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    return ModelInfo(
+        ir_version=model.ir_version,
+        opset=_default_opset(model),
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=[_value_info(v) for v in graph.input if v.name not in initializers],
+        outputs=[_value_info(v) for v in graph.output],
+        op_counts=dict(sorted(walk.op_counts.items())),
+        node_names=walk.node_names,
+        quantization=_quantization(walk.op_counts),
+        external_data=walk.external_locations,
+    )
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidModel(
+            "The model file could not be read; upload it again.", detail={"reason": exc.strerror}
+        ) from exc
+    if size == 0:
+        raise InvalidModel("The uploaded file is empty, not an ONNX model; upload the .onnx file.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError mostly; any parse failure is the upload's fault
+        raise InvalidModel(
+            f"The file is not an ONNX model, its protobuf could not be parsed ({_one_line(exc)}); "
+            "upload the complete .onnx file your framework exported.",
+            detail={"reason": _one_line(exc)},
+        ) from exc
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise InvalidModel(
+            "The file is not an ONNX model (it has no IR version or no graph); upload the .onnx file "
+            "your framework exported.",
+            detail={"reason": "missing ir_version or graph"},
+        )
+    return model
+
+
+def _run_checker(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as exc:  # the checker raises several C++-bound types
+        # Quote the checker without the server's own folder names.
+        text = str(exc).replace(str(path.parent) + os.sep, "").replace(str(path.parent), ".")
+        reason = _one_line(text)
+        raise InvalidModel(
+            f"The ONNX checker rejected the model: {reason}; fix the export and upload it again.",
+            detail={"checker": text[:2000]},
+        ) from exc
+
+
+def _one_line(exc: BaseException | str) -> str:
+    """The message on one line, short enough to quote inside a sentence."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300].rstrip(". ;:")
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def _dtype_name(elem_type: int) -> str:
+    if elem_type == TensorProto.STRING:
+        return "string"
+    try:
+        return str(helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, ValueError, TypeError):
+        return "undefined"
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    kind = value.type.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        tensor = getattr(value.type, kind)
+        shape: list[int | str | None] | None = None
+        if tensor.HasField("shape"):
+            shape = []
+            for dim in tensor.shape.dim:
+                which = dim.WhichOneof("value")
+                if which == "dim_value":
+                    shape.append(int(dim.dim_value))
+                elif which == "dim_param" and dim.dim_param:
+                    shape.append(dim.dim_param)
+                else:
+                    shape.append(None)
+        return {"name": value.name, "dtype": _dtype_name(tensor.elem_type), "shape": shape}
+    # Sequences, maps and optionals have no dtype or dims: report the kind, which matches no array.
+    return {"name": value.name, "dtype": (kind or "undefined").removesuffix("_type"), "shape": []}
+
+
+def _quantization(op_counts: Counter[str]) -> str | None:
+    if any(op.startswith("QLinear") or op in _QOPERATOR_OPS for op in op_counts):
+        return "qoperator"
+    if any(op in _QDQ_OPS for op in op_counts):
+        return "qdq"
+    return None
+
+
+def _itemsize(data_type: int) -> int:
+    if data_type == TensorProto.STRING:
+        return 0
+    try:
+        return max(int(helper.tensor_dtype_to_np_dtype(data_type).itemsize), 1)
+    except (KeyError, ValueError, TypeError):
+        return 1
+
+
+def _declared_bytes(dims: Iterable[int], data_type: int) -> int:
+    return math.prod(max(int(d), 0) for d in dims) * _itemsize(data_type)
+
+
+class _Walk:
+    """One pass over every graph, subgraph and local function of a model."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: Path, limits: ModelLimits) -> None:
+        self.model = model
+        self.base_dir = base_dir
+        self.base_real = os.path.realpath(base_dir)
+        self.limits = limits
+        self.op_counts: Counter[str] = Counter()
+        self.node_names: list[str] = []
+        self.external_locations: list[str] = []
+        self.unsupported: dict[tuple[str, str], str] = {}
+        self.nodes_seen = 0
+        self.functions = {(f.domain, f.name) for f in model.functions}
+
+    def run(self) -> None:
+        self._graph(self.model.graph, 0, ChainMap(), count=True)
+        for function in self.model.functions:
+            self._nodes(function.node, 0, ChainMap(), count=False, where=f"function {function.name!r}")
+        for info in self.model.training_info:
+            for graph in (info.initialization, info.algorithm):
+                self._graph(graph, 0, ChainMap(), count=False)
+
+    def raise_unsupported(self) -> None:
+        if not self.unsupported:
+            return
+        ops = sorted(self.unsupported)
+        listed = ", ".join(f"{op} ({domain or 'ai.onnx'})" for domain, op in ops[:_MAX_REPORTED])
+        more = f" and {len(ops) - _MAX_REPORTED} more" if len(ops) > _MAX_REPORTED else ""
+        allowed = sorted({d or "ai.onnx" for d in self.limits.allowed_domains})
+        raise UnsupportedOperator(
+            f"The model uses operators this service cannot run: {listed}{more}; export it with "
+            f"standard ONNX operators (allowed domains: {', '.join(allowed)}).",
+            detail={
+                "operators": [
+                    {"domain": d, "op_type": op, "node": self.unsupported[(d, op)]} for d, op in ops
+                ],
+                "allowed_domains": allowed,
+            },
+        )
+
+    def _graph(
+        self, graph: GraphProto, depth: int, scope: ChainMap[str, TensorProto], *, count: bool
+    ) -> None:
+        local: dict[str, TensorProto] = {}
+        for tensor in graph.initializer:
+            self._tensor(tensor, f"initializer {tensor.name!r}")
+            local[tensor.name] = tensor
+        for sparse in graph.sparse_initializer:
+            self._sparse(sparse, f"initializer {sparse.values.name!r}")
+        self._nodes(graph.node, depth, scope.new_child(local), count=count, where=f"graph {graph.name!r}")
+
+    def _nodes(
+        self,
+        nodes: Iterable[NodeProto],
+        depth: int,
+        scope: ChainMap[str, TensorProto],
+        *,
+        count: bool,
+        where: str,
+    ) -> None:
+        constants: MutableMapping[str, TensorProto] = scope.maps[0] if scope.maps else {}
+        for node in nodes:
+            self.nodes_seen += 1
+            label = _node_label(node, where)
+            if self.nodes_seen > self.limits.max_nodes:
+                raise ResourceLimit(
+                    f"The model has more than {self.limits.max_nodes} nodes (limit reached at {label}); "
+                    "upload a smaller model or ask the operator to raise the limit.",
+                    detail={"limit": self.limits.max_nodes, "node": node.name, "op_type": node.op_type},
+                )
+            if count:
+                self.op_counts[node.op_type] += 1
+                self.node_names.append(node.name)
+            self._check_domain(node)
+            for attr in node.attribute:
+                self._attribute(node, attr, depth, scope, count=count, label=label)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                value = next((a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR), None)
+                if value is not None:
+                    constants[node.output[0]] = value
+            if node.domain in ("", "ai.onnx") and node.op_type in ("ConstantOfShape", "Expand"):
+                self._check_shape_op(node, scope, label)
+
+    def _check_domain(self, node: NodeProto) -> None:
+        key = (node.domain, node.op_type)
+        if key in self.functions:
+            return
+        if node.domain not in self.limits.allowed_domains:
+            self.unsupported.setdefault(key, node.name)
+        elif node.domain in _ONNX_DOMAINS:
+            schema_domain = "" if node.domain == "ai.onnx" else node.domain
+            if not onnx.defs.has(node.op_type, schema_domain):
+                self.unsupported.setdefault(key, node.name)
+
+    def _attribute(
+        self,
+        node: NodeProto,
+        attr: AttributeProto,
+        depth: int,
+        scope: ChainMap[str, TensorProto],
+        *,
+        count: bool,
+        label: str,
+    ) -> None:
+        where = f"attribute {attr.name!r} of {label}"
+        if attr.type == AttributeProto.TENSOR:
+            self._tensor(attr.t, where)
+        elif attr.type == AttributeProto.TENSORS:
+            for tensor in attr.tensors:
+                self._tensor(tensor, where)
+        elif attr.type == AttributeProto.SPARSE_TENSOR:
+            self._sparse(attr.sparse_tensor, where)
+        elif attr.type == AttributeProto.SPARSE_TENSORS:
+            for sparse in attr.sparse_tensors:
+                self._sparse(sparse, where)
+        elif attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+            if depth + 1 > self.limits.max_subgraph_depth:
+                raise ResourceLimit(
+                    f"Subgraphs are nested more than {self.limits.max_subgraph_depth} levels deep "
+                    f"at {label}; simplify the control flow of the model.",
+                    detail={
+                        "limit": self.limits.max_subgraph_depth,
+                        "node": node.name,
+                        "op_type": node.op_type,
+                    },
+                )
+            graphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for graph in graphs:
+                self._graph(graph, depth + 1, scope, count=count)
+
+    def _sparse(self, sparse: SparseTensorProto, where: str) -> None:
+        self._tensor(sparse.values, where)
+        self._tensor(sparse.indices, where)
+        self._check_size(_declared_bytes(sparse.dims, sparse.values.data_type), where)
+
+    def _tensor(self, tensor: TensorProto, where: str) -> None:
+        declared = _declared_bytes(tensor.dims, tensor.data_type)
+        self._check_size(declared, where)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            self._external(tensor, declared, where)
+
+    def _check_size(self, declared: int, where: str) -> None:
+        if declared > self.limits.max_tensor_bytes:
+            raise ResourceLimit(
+                f"The {where} declares {declared} bytes, more than the limit of "
+                f"{self.limits.max_tensor_bytes} bytes for one tensor; upload a smaller model.",
+                detail={
+                    "tensor": where,
+                    "declared_bytes": declared,
+                    "limit_bytes": self.limits.max_tensor_bytes,
+                },
+            )
+
+    def _check_shape_op(self, node: NodeProto, scope: ChainMap[str, TensorProto], label: str) -> None:
+        """ConstantOfShape/Expand with a constant shape allocate prod(shape) elements at run time."""
+        if len(node.input) < 2 and node.op_type == "Expand":
+            return
+        shape_name = node.input[0] if node.op_type == "ConstantOfShape" else node.input[1]
+        shape_tensor = scope.get(shape_name)
+        if shape_tensor is None or shape_tensor.data_location == TensorProto.EXTERNAL:
+            return
+        if math.prod(shape_tensor.dims) > _MAX_SHAPE_RANK:
+            return
+        try:
+            dims = [int(d) for d in numpy_helper.to_array(shape_tensor).reshape(-1)]
+        except Exception:  # a malformed shape tensor is the checker's to report
+            return
+        data_type: int = TensorProto.FLOAT
+        if node.op_type == "ConstantOfShape":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                data_type = value.data_type
+        else:
+            source = scope.get(node.input[0])
+            data_type = source.data_type if source is not None else TensorProto.UINT8
+        declared = _declared_bytes(dims, data_type)
+        if declared > self.limits.max_tensor_bytes:
+            raise ResourceLimit(
+                f"The {label} would create a tensor of shape {dims} ({declared} bytes), more than the "
+                f"limit of {self.limits.max_tensor_bytes} bytes; upload a smaller model.",
+                detail={
+                    "node": node.name,
+                    "op_type": node.op_type,
+                    "shape": dims,
+                    "declared_bytes": declared,
+                    "limit_bytes": self.limits.max_tensor_bytes,
+                },
+            )
+
+    def _external(self, tensor: TensorProto, declared: int, where: str) -> None:
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
+        detail: dict[str, Any] = {"tensor": tensor.name, "location": location}
+
+        def escape(problem: str) -> ExternalDataEscape:
+            return ExternalDataEscape(
+                f"The external data of {where} {problem}; keep weight files as plain files in the "
+                "model's folder and upload them with the model.",
+                detail=detail,
+            )
+
+        if not location:
+            raise escape("has no location")
+        if "\x00" in location or "\\" in location:
+            raise escape(f"names {location!r}, which contains a NUL or backslash")
+        if os.path.isabs(location) or location.startswith("/") or (len(location) > 1 and location[1] == ":"):
+            raise escape(f"names the absolute path {location!r}")
+        normal = os.path.normpath(location)
+        if normal == ".." or normal.startswith("../") or normal == ".":
+            raise escape(f"names {location!r}, which is outside the model's folder")
+        candidate = os.path.join(self.base_real, normal)
+        if os.path.realpath(candidate) != candidate:
+            raise escape(f"names {location!r}, which is or passes through a symbolic link")
+        try:
+            info = os.lstat(candidate)
+        except OSError as exc:
+            raise escape(f"names {location!r}, which was not uploaded") from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise escape(f"names {location!r}, which is a symbolic link")
+        if not stat.S_ISREG(info.st_mode):
+            raise escape(f"names {location!r}, which is not a regular file")
+        if info.st_nlink > 1:
+            raise escape(f"names {location!r}, which is a hard link")
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else info.st_size - offset
+        except ValueError as exc:
+            raise escape("has an offset or length that is not an integer") from exc
+        if offset < 0 or length < 0 or offset + length > info.st_size:
+            raise escape(
+                f"reads bytes {offset}..{offset + length} of {location!r}, "
+                f"which has only {info.st_size} bytes"
+            )
+        if tensor.data_type in _WHOLE_BYTE_TYPES and declared > length:
+            raise escape(f"needs {declared} bytes but only {length} are available in {location!r}")
+        if location not in self.external_locations:
+            self.external_locations.append(location)
+
+
+def _node_label(node: NodeProto, where: str) -> str:
+    name = f"{node.name!r}" if node.name else "(unnamed)"
+    return f"node {name} ({node.op_type}) in {where}"

@@ -54,6 +54,14 @@ class ChildOutcome:
     artifacts: list[dict[str, Any]] | None = None
 
 
+def _child_env() -> dict[str, str]:
+    """The job process imports `worker` from the same tree as this process, installed or not."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def _error(code: str, message: str, **detail: Any) -> dict[str, Any]:
     return {"code": code, "message": message, "detail": detail}
 
@@ -148,7 +156,7 @@ class JobRunner:
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,  # its own process group, so a stop reaches its threads' children too
-            cwd=workdir,
+            env=_child_env(),
         )
         lines: queue.Queue[bytes] = queue.Queue()
         reader = threading.Thread(target=lambda: [lines.put(line) for line in child.stdout or []], daemon=True)

@@ -1,0 +1,320 @@
+"""Tiny models reproducing the pitfalls of real exported models (built in code, nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _model(graph: onnx.GraphProto, opset: int, ir_version: int = 8) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests"
+    )
+    model.ir_version = ir_version
+    return model
+
+
+def _save(model: onnx.ModelProto, path: Path, **kwargs) -> Path:
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path), **kwargs)
+    return path
+
+
+def multi_input(path: Path, *, features: int = 8, layers: int = 2, seed: int = 0) -> Path:
+    """Three inputs: `x` [batch, F] float, `step` int64 scalar, `state` [layers, batch, F] float
+    (batch on axis 1). Output `y` [batch, 4] = MatMul(Relu(x@W1 + sum(state, 0) + 0.1*step), W2)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, size=(features, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+        helper.make_node("ReduceSum", ["state", "axes0"], ["hs"], name="reduce_state", keepdims=0),
+        helper.make_node("Add", ["a", "hs"], ["b"], name="add_state"),
+        helper.make_node("Cast", ["step"], ["stepf"], name="cast_step", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["stepf", "tenth"], ["stepc"], name="scale_step"),
+        helper.make_node("Add", ["b", "stepc"], ["c"], name="add_step"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "multi_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features]),
+            helper.make_tensor_value_info("step", TensorProto.INT64, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [layers, "batch", features]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "axes0"),
+            numpy_helper.from_array(np.array(0.1, dtype=np.float32), "tenth"),
+        ],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def constant_weights(path: Path, *, features: int = 16, hidden: int = 32, seed: int = 0) -> Path:
+    """matmul_mlp with its weights as `Constant` nodes instead of initializers (as some exporters
+    write them): plain quantize_dynamic fails with "Expected ... to be an initializer"."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, size=(features, hidden)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, size=(hidden,)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, size=(hidden, features)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], name="const_w1", value=numpy_helper.from_array(w1, "w1")),
+        helper.make_node("Constant", [], ["b1"], name="const_b1", value=numpy_helper.from_array(b1, "b1")),
+        helper.make_node("Constant", [], ["w2"], name="const_w2", value=numpy_helper.from_array(w2, "w2")),
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+        helper.make_node("Relu", ["hb"], ["hr"], name="relu1"),
+        helper.make_node("MatMul", ["hr", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "constant_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def symbolic_shape_breaker(path: Path, *, features: int = 16, seed: int = 0) -> Path:
+    """`x` [batch, F] -> MatMul -> Relu -> com.microsoft ExpandDims(axis 1) -> MatMul -> `y` [batch, 1, F].
+    ExpandDims is an ONNX Runtime contrib op that ORT's symbolic shape inference has no rule for
+    and ONNX shape inference does not know: symbolic inference stops with "Incomplete symbolic
+    shape inference" (as on many real exported models)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu1"),
+        helper.make_node("ExpandDims", ["hr", "axis"], ["hx"], name="expand", domain="com.microsoft"),
+        helper.make_node("MatMul", ["hx", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "symbolic_shape_breaker",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, features])],
+        initializer=[
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(np.array(1, dtype=np.int32), "axis"),
+        ],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="qaas-tests",
+    )
+    model.ir_version = 8
+    return _save(model, path)
+
+
+def if_subgraph(path: Path, *, features: int = 8, seed: int = 0) -> Path:
+    """`x` [batch, F] -> MatMul -> If(sum > 0: MatMul(W2), else: MatMul(W3)) -> `y`.
+    The branch weights live in the outer graph (subgraphs reference them)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, size=(features, 4)).astype(np.float32)
+    w3 = rng.normal(0, 0.3, size=(features, 4)).astype(np.float32)
+    then_graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w2"], ["then_y"], name="then_mm")],
+        "then_branch",
+        [],
+        [helper.make_tensor_value_info("then_y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w3"], ["else_y"], name="else_mm")],
+        "else_branch",
+        [],
+        [helper.make_tensor_value_info("else_y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node(
+            "If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_subgraph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(w3, "w3"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def lstm(path: Path, *, features: int = 8, hidden: int = 16, seq: int = 5, seed: int = 0) -> Path:
+    """LSTM over `x` [seq, batch, F] then MatMul of the last hidden state: `y` [batch, 4]."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, size=(1, 4 * hidden, features)).astype(np.float32)
+    r = rng.normal(0, 0.3, size=(1, 4 * hidden, hidden)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=(1, 8 * hidden)).astype(np.float32)
+    fc = rng.normal(0, 0.3, size=(hidden, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Y_h"], name="lstm", hidden_size=hidden),
+        helper.make_node("Squeeze", ["Y_h", "axes0"], ["h_last"], name="squeeze"),
+        helper.make_node("MatMul", ["h_last", "fc"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, "batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(r, "R"),
+            numpy_helper.from_array(b, "B"),
+            numpy_helper.from_array(fc, "fc"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "axes0"),
+        ],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def dynamic_dims(path: Path, *, features: int = 8, seed: int = 0) -> Path:
+    """`x` [batch, seq, F] with both batch and seq symbolic: MatMul -> Softmax -> MatMul."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Softmax", ["h"], ["s"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dynamic_dims",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", features])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def external_data_mlp(path: Path, *, features: int = 64, hidden: int = 128, seed: int = 0) -> Path:
+    """matmul_mlp saved with its weights in an external data file beside the model."""
+    from tests.onnx_models import matmul_mlp
+
+    tmp = matmul_mlp(path.with_name(path.stem + "_inline.onnx"), features=features, hidden=hidden, seed=seed)
+    model = onnx.load(str(tmp))
+    tmp.unlink()
+    return _save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.stem + ".onnx.data",
+        size_threshold=0,
+    )
+
+
+def wide_intermediates(path: Path, *, channels: int = 64, size: int = 32, seed: int = 0) -> Path:
+    """A conv model whose intermediates are large compared with its weights (for the calibration
+    memory test): `input` [batch, 3, size, size] -> Conv(3->C) -> Relu -> Conv(C->C) -> Relu ->
+    GlobalAveragePool -> Flatten -> `out` [batch, C]."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, size=(channels, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.05, size=(channels, channels, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["out"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide_intermediates",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", channels])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def qat_model(path: Path, *, features: int = 16, seed: int = 0) -> Path:
+    """A QAT-style export: MatMul whose input and weight already go through QuantizeLinear/
+    DequantizeLinear pairs."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, size=(features, features)).astype(np.float32)
+    w_scale = np.float32(np.abs(w).max() / 127)
+    wq = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wdq"], name="dq_w"),
+        helper.make_node("MatMul", ["xdq", "wdq"], ["h"], name="mm"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
+        initializer=[
+            numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "x_scale"),
+            numpy_helper.from_array(np.array(0, dtype=np.uint8), "x_zp"),
+            numpy_helper.from_array(wq, "wq"),
+            numpy_helper.from_array(np.array(w_scale, dtype=np.float32), "w_scale"),
+            numpy_helper.from_array(np.array(0, dtype=np.int8), "w_zp"),
+        ],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def overflow_fp16(path: Path, *, features: int = 8) -> Path:
+    """x -> Mul(x, 1e3) -> Mul(., 1e3) -> ReduceSum... values above 65504 overflow in fp16.
+    Here `Exp` of large inputs: Exp(x*12) overflows float16 for x > ~0.93."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Exp", ["h"], ["e"], name="exp"),
+        helper.make_node("ReduceSum", ["e"], ["s"], name="sum", keepdims=1),
+        helper.make_node("Div", ["e", "s"], ["y"], name="div"),
+    ]
+    w = np.eye(features, dtype=np.float32) * 12.0
+    graph = helper.make_graph(
+        nodes,
+        "overflow_fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def embedding_mlp(path: Path, *, vocab: int = 64, dim: int = 32, seed: int = 0) -> Path:
+    """Token ids `ids` [batch, seq] int64 -> Gather(embedding [vocab, dim]) -> MatMul -> `y`
+    [batch, seq, dim]: the shape of a language model's input layers (weight-only Gather + MatMul)."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(0, 0.5, size=(vocab, dim)).astype(np.float32)
+    w = rng.normal(0, 0.3, size=(dim, dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed", axis=0),
+        helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embedding_mlp",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", dim])],
+        initializer=[numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "w")],
+    )
+    return _save(_model(graph, 13), path)

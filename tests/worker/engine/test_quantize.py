@@ -1,0 +1,644 @@
+"""quantize(): every mode on tiny models, the pitfalls of real exported models, the checks."""
+
+from __future__ import annotations
+
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from tests.onnx_models import conv_classifier, matmul_mlp
+from tests.worker.engine import pitfall_models as pm
+from worker.engine.errors import EngineError
+from worker.engine.quantize import quantize
+from worker.engine.spec import DatasetSource, QuantizationSpec, Stage
+
+RNG = np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> DatasetSource:
+    np.savez(path, **arrays)
+    return DatasetSource(path, "npz")
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def assert_close(
+    original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], min_cos: float = 0.99
+) -> None:
+    """The quantized model runs on every feed and its first output stays close to the float model's."""
+    ref, got = _session(original), _session(quantized)
+    for feed in feeds:
+        r, g = ref.run(None, feed)[0], got.run(None, feed)[0]
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert np.all(np.isfinite(g))
+        assert _cosine(r, g) > min_cos
+
+
+def ops(path: Path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def opset(path: Path) -> int:
+    return next(
+        i.version
+        for i in onnx.load(str(path), load_external_data=False).opset_import
+        if i.domain in ("", "ai.onnx")
+    )
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quant")
+
+
+@pytest.fixture(scope="module")
+def conv(d: Path) -> tuple[Path, DatasetSource, list[dict[str, np.ndarray]]]:
+    model = conv_classifier(d / "conv.onnx")
+    x = RNG.random((8, 1, 3, 8, 8), dtype=np.float32)
+    return model, _npz(d / "conv.npz", input=x), [{"input": s} for s in x]
+
+
+@pytest.fixture(scope="module")
+def mlp(d: Path) -> tuple[Path, DatasetSource, list[dict[str, np.ndarray]]]:
+    model = matmul_mlp(d / "mlp.onnx")
+    x = RNG.random((8, 2, 16), dtype=np.float32)
+    return model, _npz(d / "mlp.npz", x=x), [{"x": s} for s in x]
+
+
+# ------------------------------------------------------------------------------------------ static
+
+
+def test_static_minmax_qdq_end_to_end(conv, tmp_path: Path) -> None:
+    model, data, feeds = conv
+    seen: list[tuple[Stage, float]] = []
+    out = quantize(
+        model, QuantizationSpec(), tmp_path, calibration=data, progress=lambda s, f: seen.append((s, f))
+    )
+    assert out.model_path == tmp_path / "out" / "quantized.onnx" and out.model_path.is_file()
+    assert out.files == [out.model_path]
+    counts = ops(out.model_path)
+    assert counts.get("QuantizeLinear", 0) >= 2 and counts.get("DequantizeLinear", 0) >= 4
+    assert counts["Conv"] == 1  # QDQ keeps the float op between Q/DQ pairs
+    assert_close(model, out.model_path, feeds)
+    assert out.calibration_samples == 8
+    assert {"preprocessing", "calibrating", "quantizing", "verifying"} <= set(out.timings_s)
+    assert out.details["quantized_op_counts"]["QuantizeLinear"] == counts["QuantizeLinear"]
+    assert out.details["check"]["ran_on_sample"] and out.details["check"]["cosine_on_sample"]["logits"] > 0.99
+    assert any("quant_pre_process" in s for s in out.preprocessing_steps)
+    stages = [s for s, _ in seen]
+    assert (
+        stages.index(Stage.PREPROCESSING) < stages.index(Stage.CALIBRATING) < stages.index(Stage.QUANTIZING)
+    )
+    assert all(0.0 <= f <= 1.0 for _, f in seen)
+    assert (Stage.CALIBRATING, 1.0) in seen and seen[-1] == (Stage.QUANTIZING, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expect_ops", "min_cos"),
+    [
+        ({"format": "qoperator", "calibration_method": "entropy"}, {"QLinearConv", "QGemm"}, 0.99),
+        (
+            {"calibration_method": "percentile", "percentile": 99.9, "reduce_range": True},
+            {"QuantizeLinear"},
+            0.98,
+        ),
+        ({"calibration_method": "distribution"}, {"QuantizeLinear"}, -1.0),  # runs; accuracy is not its forte
+        ({"per_channel": True, "format": "qoperator"}, {"QLinearConv"}, 0.99),
+        (
+            {"activation_type": "int8", "symmetric_activations": True, "symmetric_weights": True},
+            {"QuantizeLinear"},
+            0.99,
+        ),
+    ],
+)
+def test_static_variants(conv, tmp_path: Path, recipe: dict, expect_ops: set[str], min_cos: float) -> None:
+    model, data, feeds = conv
+    out = quantize(model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data)
+    assert expect_ops <= set(ops(out.model_path))
+    assert_close(model, out.model_path, feeds, min_cos)
+    if recipe.get("calibration_method") == "distribution":
+        assert any("Distribution" in w for w in out.warnings)
+    if recipe.get("symmetric_activations"):
+        q = onnx.load(str(out.model_path))
+        zps = [numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_zero_point")]
+        assert zps and not any(z.any() for z in zps)  # symmetric: every zero point is 0
+
+
+@pytest.mark.parametrize(("act", "weight"), [("uint16", "uint16"), ("int16", "int8"), ("uint8", "int16")])
+def test_static_16bit_types_upgrade_opset_21(mlp, tmp_path: Path, act: str, weight: str) -> None:
+    model, data, feeds = mlp
+    out = quantize(
+        model, QuantizationSpec(activation_type=act, weight_type=weight), tmp_path, calibration=data
+    )
+    assert opset(out.model_path) >= 21
+    assert any("Upgraded the opset from 13 to 21" in s for s in out.preprocessing_steps)
+    q = onnx.load(str(out.model_path))
+    zp_types = {
+        numpy_helper.to_array(i).dtype.name for i in q.graph.initializer if i.name.endswith("_zero_point")
+    }
+    assert {act, weight} <= zp_types
+    assert_close(model, out.model_path, feeds, 0.995)
+
+
+def test_op_types_and_nodes_to_exclude(conv, tmp_path: Path) -> None:
+    model, data, feeds = conv
+    only_conv = quantize(
+        model,
+        QuantizationSpec(format="qoperator", op_types_to_quantize=["Conv"]),
+        tmp_path / "a",
+        calibration=data,
+    )
+    assert "QLinearConv" in ops(only_conv.model_path) and "Gemm" in ops(only_conv.model_path)
+    excluded = quantize(
+        model, QuantizationSpec(format="qoperator", nodes_to_exclude=["fc"]), tmp_path / "b", calibration=data
+    )
+    counts = ops(excluded.model_path)
+    assert "QLinearConv" in counts and "QGemm" not in counts and counts.get("Gemm") == 1
+    assert_close(model, excluded.model_path, feeds)
+
+
+def test_calibration_batch_size_and_max_samples(tmp_path: Path) -> None:
+    model = pm.dynamic_dims(tmp_path / "dyn.onnx")
+    x = RNG.random((10, 5, 8), dtype=np.float32)  # rank == input rank: split into batches
+    data = _npz(tmp_path / "dyn.npz", x=x)
+    out = quantize(
+        model,
+        QuantizationSpec(calibration_batch_size=4, max_calibration_samples=8),
+        tmp_path / "w",
+        calibration=data,
+    )
+    assert out.calibration_samples == 8
+    assert out.details["calibration"]["feeds"] == 2 and out.details["calibration"]["batch_size"] == 4
+    other_len = {"x": RNG.random((3, 7, 8), dtype=np.float32)}  # dynamic batch and seq
+    assert_close(model, out.model_path, [other_len])
+
+
+def test_images_dataset_calibrates(conv, tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    model, _, feeds = conv
+    path = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.fromarray(RNG.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
+            zf.writestr(f"{'ab'[i % 2]}/{i}.png", buf.getvalue())
+    data = DatasetSource(path, "images", {"size": [8, 8]})
+    out = quantize(model, QuantizationSpec(calibration_batch_size=2), tmp_path / "w", calibration=data)
+    assert out.calibration_samples == 4
+    assert_close(model, out.model_path, feeds)
+
+
+# ------------------------------------------------------------------------------------------ pitfalls
+
+
+@pytest.mark.parametrize("old_opset", [11, 12])
+def test_per_channel_on_old_opset_upgrades_first(tmp_path: Path, old_opset: int) -> None:
+    model = conv_classifier(tmp_path / "old.onnx", opset=old_opset)
+    x = RNG.random((4, 1, 3, 8, 8), dtype=np.float32)
+    data = _npz(tmp_path / "d.npz", input=x)
+    out = quantize(model, QuantizationSpec(per_channel=True), tmp_path / "w", calibration=data)
+    assert any(f"Upgraded the opset from {old_opset} to 13" in s for s in out.preprocessing_steps)
+    assert opset(out.model_path) == 13
+    q = onnx.load(str(out.model_path))
+    assert any(a.name == "axis" for n in q.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+    onnx.checker.check_model(str(out.model_path))
+    assert_close(model, out.model_path, [{"input": s} for s in x])
+    dyn = quantize(model, QuantizationSpec(mode="dynamic", per_channel=True), tmp_path / "w2")
+    assert "ConvInteger" in ops(dyn.model_path) and opset(dyn.model_path) == 13
+
+
+def test_constant_node_weights_are_folded_for_dynamic(tmp_path: Path) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    model = pm.constant_weights(tmp_path / "cw.onnx")
+    feeds = [{"x": s} for s in RNG.random((3, 2, 16), dtype=np.float32)]
+    # The pitfall: ORT on its own quantizes nothing here (or fails with "Expected ... to be an initializer").
+    try:
+        quantize_dynamic(str(model), str(tmp_path / "plain.onnx"))
+        assert "MatMulInteger" not in ops(tmp_path / "plain.onnx")
+    except Exception as exc:  # older ORT versions raise instead
+        assert "initializer" in str(exc)
+    out = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "w")
+    assert any("Folded 3 Constant" in s for s in out.preprocessing_steps)
+    assert ops(out.model_path).get("MatMulInteger") == 2
+    assert_close(model, out.model_path, feeds)
+
+
+def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path) -> None:
+    model = pm.symbolic_shape_breaker(tmp_path / "sb.onnx")
+    x = RNG.random((4, 2, 16), dtype=np.float32)
+    data = _npz(tmp_path / "d.npz", x=x)
+    for mode in ("static", "dynamic"):
+        out = quantize(model, QuantizationSpec(mode=mode), tmp_path / mode, calibration=data)
+        steps = " ".join(out.preprocessing_steps)
+        assert "Symbolic shape inference failed (" in steps
+        assert "without symbolic shape inference" in steps
+        assert out.details["quantized_op_counts"]
+        assert_close(model, out.model_path, [{"x": s} for s in x])
+
+
+def test_if_subgraph(tmp_path: Path) -> None:
+    model = pm.if_subgraph(tmp_path / "if.onnx")
+    x = RNG.random((6, 2, 8), dtype=np.float32) - 0.5
+    data = _npz(tmp_path / "d.npz", x=x)
+    feeds = [{"x": s} for s in x]
+    for recipe in ({}, {"mode": "dynamic"}, {"format": "qoperator"}):
+        out = quantize(
+            model,
+            QuantizationSpec.from_mapping(recipe),
+            tmp_path / str(len(recipe)) / str(recipe),
+            calibration=data,
+        )
+        assert "If" in ops(out.model_path)
+        assert any("inside If/Loop/Scan subgraphs stay in float" in w for w in out.warnings)
+        assert_close(model, out.model_path, feeds)
+    wo = quantize(
+        model, QuantizationSpec(mode="weight_only", weight_type="uint4", block_size=16), tmp_path / "wo"
+    )
+    assert wo.details["quantized_op_counts"]["MatMulNBits"] == 3  # the two branches too
+    assert_close(model, wo.model_path, feeds, 0.95)
+
+
+def test_lstm(tmp_path: Path) -> None:
+    model = pm.lstm(tmp_path / "lstm.onnx")
+    x = RNG.random((4, 5, 2, 8), dtype=np.float32)
+    data = _npz(tmp_path / "d.npz", x=x)
+    feeds = [{"x": s} for s in x]
+    dyn = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "dyn")
+    assert "DynamicQuantizeLSTM" in ops(dyn.model_path)
+    assert_close(model, dyn.model_path, feeds)
+    static = quantize(
+        model, QuantizationSpec(calibration_method="entropy"), tmp_path / "st", calibration=data
+    )
+    assert_close(model, static.model_path, feeds)
+
+
+def test_three_inputs_int64_scalar_and_state_on_axis1(tmp_path: Path) -> None:
+    model = pm.multi_input(tmp_path / "multi.onnx")
+    n = 6
+    arrays = {
+        "x": RNG.random((n, 3, 8), dtype=np.float32),
+        "step": np.arange(n),
+        "state": RNG.random((n, 2, 3, 8), dtype=np.float32),
+    }
+    data = _npz(tmp_path / "d.npz", **arrays)
+    feeds = [{k: np.asarray(v[i]) for k, v in arrays.items()} for i in range(n)]
+    for recipe in ({}, {"calibration_method": "percentile"}, {"format": "qoperator"}, {"mode": "dynamic"}):
+        out = quantize(
+            model,
+            QuantizationSpec.from_mapping(recipe),
+            tmp_path / f"w{len(recipe)}{sorted(recipe)}",
+            calibration=data,
+        )
+        assert out.details["quantized_op_counts"]
+        assert_close(model, out.model_path, feeds)
+
+
+def test_external_data_model_comes_back_with_external_data(tmp_path: Path) -> None:
+    model = pm.external_data_mlp(tmp_path / "src" / "ext.onnx")
+    assert (tmp_path / "src" / "ext.onnx.data").is_file()
+    x = RNG.random((4, 2, 64), dtype=np.float32)
+    data = _npz(tmp_path / "d.npz", x=x)
+    feeds = [{"x": s} for s in x]
+    for recipe in (
+        {},
+        {"calibration_method": "entropy", "per_channel": True},
+        {"mode": "dynamic"},
+        {"mode": "weight_only", "weight_type": "int4", "block_size": 32},
+        {"mode": "fp16"},
+    ):
+        out = quantize(
+            model,
+            QuantizationSpec.from_mapping(recipe),
+            tmp_path / "w" / str(sorted(recipe.items())),
+            calibration=data,
+        )
+        assert [f.name for f in out.files] == ["quantized.onnx", "quantized.onnx.data"], recipe
+        assert all(f.parent == out.model_path.parent for f in out.files)
+        assert out.details["external_data"] is True
+        assert any("external data" in s for s in out.preprocessing_steps)
+        proto = onnx.load(str(out.model_path), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), recipe
+        assert_close(model, out.model_path, feeds, 0.98)
+
+
+def test_model_too_large_for_one_protobuf_goes_external(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the protobuf limit every step keeps the tensors outside the graph (threshold lowered here:
+    nothing of 2 GB is written in a test); the opset upgrade then edits the graph without its weights."""
+    import worker.engine.preprocess as prep
+
+    monkeypatch.setattr(prep, "EXTERNAL_DATA_THRESHOLD", 1000)
+    model = conv_classifier(tmp_path / "c11.onnx", opset=11, hidden=64)
+    x = RNG.random((4, 1, 3, 8, 8), dtype=np.float32)
+    data = _npz(tmp_path / "d.npz", input=x)
+    out = quantize(model, QuantizationSpec(per_channel=True), tmp_path / "w", calibration=data)
+    assert any("too large for one protobuf" in s for s in out.preprocessing_steps)
+    assert any("Upgraded the opset from 11 to 13" in s for s in out.preprocessing_steps)
+    assert [f.name for f in out.files] == ["quantized.onnx", "quantized.onnx.data"]
+    assert not (tmp_path / "w" / "prep").exists() and not (tmp_path / "w" / "calib").exists()
+    assert_close(model, out.model_path, [{"input": s} for s in x])
+
+
+def test_qat_model_is_recognised(tmp_path: Path) -> None:
+    model = pm.qat_model(tmp_path / "qat.onnx")
+    x = RNG.random((4, 2, 16), dtype=np.float32)
+    data = _npz(tmp_path / "d.npz", x=x)
+    out = quantize(model, QuantizationSpec(), tmp_path / "w", calibration=data)
+    assert out.details["qat_qdq_nodes"] == 3
+    assert any("QuantizeLinear/DequantizeLinear" in w for w in out.warnings)
+    assert_close(model, out.model_path, [{"x": s} for s in x])
+
+
+# ------------------------------------------------------------------------------------------ other modes
+
+
+def test_dynamic_mlp(mlp, tmp_path: Path) -> None:
+    model, _, feeds = mlp
+    out = quantize(
+        model, QuantizationSpec(mode="dynamic", weight_type="uint8"), tmp_path
+    )  # no dataset needed
+    counts = ops(out.model_path)
+    assert counts.get("MatMulInteger") == 2 and "DynamicQuantizeLinear" in counts and "MatMul" not in counts
+    assert out.calibration_samples == 0
+    assert_close(model, out.model_path, feeds)
+    excluded = quantize(model, QuantizationSpec(mode="dynamic", nodes_to_exclude=["mm2"]), tmp_path / "x")
+    assert ops(excluded.model_path).get("MatMulInteger") == 1 and ops(excluded.model_path).get("MatMul") == 1
+
+
+def test_weight_only(mlp, tmp_path: Path) -> None:
+    model, _, feeds = mlp
+    out = quantize(
+        model, QuantizationSpec(mode="weight_only", weight_type="int4", block_size=16), tmp_path / "a"
+    )
+    counts = ops(out.model_path)
+    assert counts.get("MatMulNBits") == 2 and "MatMul" not in counts
+    assert out.details["weight_only"] == {
+        "bits": 4,
+        "block_size": 16,
+        "symmetric": True,
+        "op_types": ["MatMul"],
+    }
+    assert_close(model, out.model_path, feeds, 0.97)
+    eight = quantize(
+        model, QuantizationSpec(mode="weight_only", weight_type="uint8", block_size=16), tmp_path / "b"
+    )
+    assert eight.details["weight_only"]["bits"] == 8
+    assert_close(model, eight.model_path, feeds, 0.999)
+
+
+def test_weight_only_gather(tmp_path: Path) -> None:
+    model = pm.embedding_mlp(tmp_path / "emb.onnx")
+    feeds = [{"ids": RNG.integers(0, 64, (2, 5))} for _ in range(3)]
+    out = quantize(
+        model,
+        QuantizationSpec(
+            mode="weight_only", weight_type="int4", block_size=16, op_types_to_quantize=["MatMul", "Gather"]
+        ),
+        tmp_path / "w",
+    )
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= set(ops(out.model_path))
+    assert any("Upgraded the opset from 13 to 21" in s for s in out.preprocessing_steps)
+    assert_close(model, out.model_path, feeds, 0.97)
+
+
+def test_fp16(conv, tmp_path: Path) -> None:
+    model, _, feeds = conv
+    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path)
+    q = onnx.load(str(out.model_path))
+    assert q.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O kept float32
+    assert {numpy_helper.to_array(i).dtype for i in q.graph.initializer} == {np.dtype(np.float16)}
+    assert out.details["size_bytes"]["quantized"] < out.details["size_bytes"]["original"]
+    assert_close(model, out.model_path, feeds, 0.999)
+
+
+def test_fp16_keeps_overflowing_nodes_in_float32(tmp_path: Path) -> None:
+    model = pm.overflow_fp16(tmp_path / "ovf.onnx")
+    x = RNG.random((4, 2, 8), dtype=np.float32) * 0.5 + 0.5  # Exp(12 x) up to 1.6e5 > 65504
+    data = _npz(tmp_path / "d.npz", x=x)
+    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path / "w", calibration=data)
+    assert "div" in out.details["fp16"]["nodes_kept_float32"]
+    assert_close(model, out.model_path, [{"x": s} for s in x], 0.999)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("recipe", "needs_data"),
+    [
+        ({"mode": "auto"}, True),
+        ({"mode": "static"}, False),  # no calibration data
+        ({"format": "qoperator", "activation_type": "uint16"}, True),
+        ({"format": "qoperator", "weight_type": "int16"}, True),
+        ({"weight_type": "int4"}, True),
+        ({"mode": "dynamic", "weight_type": "int16"}, True),
+        ({"activation_type": "int8", "weight_type": "uint8"}, True),
+        ({"nodes_to_exclude": ["conv", "no_such_node"]}, True),
+        ({"mode": "weight_only", "weight_type": "int4"}, True),  # conv model: no MatMul
+        ({"mode": "weight_only", "weight_type": "int4", "block_size": 100}, True),
+        ({"op_types_to_quantize": ["LSTM"]}, True),
+    ],
+)
+def test_invalid_recipes(conv, tmp_path: Path, recipe: dict, needs_data: bool) -> None:
+    model, data, _ = conv
+    with pytest.raises(EngineError) as err:
+        quantize(
+            model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data if needs_data else None
+        )
+    assert err.value.code == "invalid_recipe", err.value.message
+    assert not (tmp_path / "out" / "quantized.onnx").exists()
+
+
+def test_dataset_mismatch(conv, tmp_path: Path) -> None:
+    model, _, _ = conv
+    bad = _npz(tmp_path / "bad.npz", input=np.zeros((4, 1, 3, 9, 9), np.float32))
+    with pytest.raises(EngineError) as err:
+        quantize(model, QuantizationSpec(), tmp_path, calibration=bad)
+    assert err.value.code == "dataset_model_mismatch" and err.value.detail["input"] == "input"
+
+
+@pytest.mark.parametrize("step", ["onnx_checker", "load_in_onnxruntime"])
+def test_broken_result_is_quantization_failed(
+    conv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    model, data, _ = conv
+
+    real = {"onnx_checker": onnx.checker.check_model, "load_in_onnxruntime": ort.InferenceSession}[step]
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(args[0]).endswith("quantized.onnx"):  # only the result is broken
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : boom")
+        return real(*args, **kwargs)
+
+    if step == "onnx_checker":
+        monkeypatch.setattr(onnx.checker, "check_model", boom)
+    else:
+        monkeypatch.setattr(ort, "InferenceSession", boom)
+    with pytest.raises(EngineError) as err:
+        quantize(model, QuantizationSpec(), tmp_path, calibration=data)
+    assert err.value.code == "quantization_failed"
+    assert err.value.detail["step"] == step and "boom" in err.value.message
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path) -> None:
+    """Feeding the calibrator chunk by chunk gives exactly ORT's one-shot scales, even when later
+    samples have a much wider range than the first (the histogram is seeded with the global range)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
+
+    model, _, _ = conv
+    x = (
+        RNG.random((6, 1, 3, 8, 8), dtype=np.float32)
+        * np.float32([0.01, 0.1, 1, 2, 3, 5])[:, None, None, None, None]
+    )
+    data = _npz(tmp_path / "wide.npz", input=x)
+    out = quantize(
+        model,
+        QuantizationSpec(calibration_method="entropy"),
+        tmp_path / "ours",
+        calibration=data,
+        keep_intermediates=True,
+    )
+    assert out.details["calibration"]["max_feeds_per_call"] <= 16
+    prepared = next(
+        p for p in sorted((tmp_path / "ours" / "prep").glob("model.pre*.onnx")) if "inferred" not in p.name
+    )
+
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter(x)
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return {"input": s} if (s := next(self.it, None)) is not None else None
+
+    quantize_static(
+        str(prepared),
+        str(tmp_path / "ref.onnx"),
+        Reader(),
+        calibrate_method=CalibrationMethod.Entropy,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+    def scales(p: Path) -> dict[str, np.ndarray]:
+        return {
+            i.name: numpy_helper.to_array(i)
+            for i in onnx.load(str(p)).graph.initializer
+            if i.name.endswith("_scale")
+        }
+
+    ours, ref = scales(out.model_path), scales(tmp_path / "ref.onnx")
+    assert ours.keys() == ref.keys() and ours
+    for k in ours:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, err_msg=k)
+
+
+def _peak_calibration_memory(model: Path, tmp_path: Path, n: int, method: str) -> tuple[int, dict]:
+    x = RNG.random((n, 1, 3, 32, 32), dtype=np.float32)
+    data = _npz(tmp_path / f"c{n}.npz", input=x)
+    del x
+    tracemalloc.start()
+    try:
+        out = quantize(
+            model, QuantizationSpec(calibration_method=method), tmp_path / f"w{n}", calibration=data
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, out.details["calibration"]
+
+
+@pytest.mark.parametrize("method", ["percentile", "minmax"])
+def test_calibration_memory_does_not_grow_with_samples(tmp_path: Path, method: str) -> None:
+    """Each sample's intermediates are ~0.5 MB here: holding 64 samples' worth (as plain
+    quantize_static does for histogram methods) would add ~28 MB over 8 samples."""
+    model = pm.wide_intermediates(tmp_path / "wide.onnx", channels=32, size=32)
+    _peak_calibration_memory(
+        model, tmp_path, 2, method
+    )  # warm-up: first-time imports are not the job's memory
+    peak8, cal8 = _peak_calibration_memory(model, tmp_path, 8, method)
+    peak64, cal64 = _peak_calibration_memory(model, tmp_path, 64, method)
+    assert cal64["samples"] == 64 and cal8["samples"] == 8
+    assert peak64 - peak8 < 4_000_000, (peak8, peak64)
+    assert cal64["max_feeds_per_call"] <= 16
+
+
+def test_histogram_seeding_matches_collector(tmp_path: Path) -> None:
+    """Seeded histograms merge later chunks without growing (no bin explosion after a tiny first chunk)."""
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        HistogramCollector,
+        TensorData,
+        TensorsData,
+    )
+
+    from worker.engine.calibration import seed_histograms
+
+    chunks = [np.full((4,), 1e-2, np.float32), RNG.normal(0, 10, (1000,)).astype(np.float32)]
+    lo = np.array([min(c.min() for c in chunks)], np.float32)
+    hi = np.array([max(c.max() for c in chunks)], np.float32)
+    ranges = TensorsData(CalibrationMethod.MinMax, {"t": TensorData(lowest=lo, highest=hi)})
+    for symmetric, method in ((False, "entropy"), (True, "percentile")):
+        seeded = HistogramCollector(method, symmetric, 128, 128, 99.9, "same")
+        assert seed_histograms(seeded, ranges) == 1
+        for c in chunks:
+            seeded.collect({"t": [c]})
+        assert len(seeded.histogram_dict["t"][0]) == 128
+        assert int(seeded.histogram_dict["t"][0].sum()) == sum(c.size for c in chunks)
+        unseeded = HistogramCollector(method, symmetric, 128, 128, 99.9, "same")
+        for c in chunks:
+            unseeded.collect({"t": [c]})
+        assert len(unseeded.histogram_dict["t"][0]) > 10 * 128  # what chunking without seeding does
+
+
+def test_made_up_sample_that_fits_no_model_only_warns(tmp_path: Path) -> None:
+    """Without a dataset the check runs a made-up sample (unknown dims = 1); when even the float
+    model cannot run it, the result is still checked and loaded, with a warning instead of a failure."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(RNG.normal(0, 0.3, (5, 4)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 5], np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+            helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
+        ],
+        "needs_multiple_of_5",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 4])],
+        initializer=[w, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    out = quantize(tmp_path / "m.onnx", QuantizationSpec(mode="dynamic"), tmp_path / "w")
+    assert out.details["check"]["ran_on_sample"] is False
+    assert any("made-up sample" in w for w in out.warnings)
+    assert_close(tmp_path / "m.onnx", out.model_path, [{"x": RNG.random(10, dtype=np.float32)}])

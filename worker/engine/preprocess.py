@@ -1,0 +1,312 @@
+"""Model pre-processing before quantization, each step recorded as a sentence.
+
+Steps (each optional): copy the model into the work folder with its external data gathered in one
+file, fold `Constant` nodes into initializers, upgrade the opset, then ONNX Runtime's
+`quant_pre_process` (symbolic shape inference, graph optimisation, ONNX shape inference) with
+fallbacks: without symbolic shape inference, then plain ONNX shape inference, then nothing.
+Models with external data (or too large for one protobuf) keep external data at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings as pywarnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from worker.engine.checks import ai_onnx_opset, iter_graphs
+from worker.engine.errors import EngineError
+
+# Above this a model cannot be one protobuf (2 GB limit); keep a margin.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class Prepared:
+    path: Path
+    external: bool  # the file at `path` keeps its tensors in external data beside it
+    opset: int
+    steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    """Save, with every tensor larger than 1 KB in `<name>.data` beside it when `external`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        data = path.with_name(path.name + ".data")
+        if data.exists():
+            data.unlink()
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+            convert_attribute=False,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Turn `Constant` nodes (in every graph) into initializers of the graph they live in.
+    Returns how many were folded. Constants with sparse values are left alone."""
+    folded = 0
+    for graph in iter_graphs(model.graph):
+        keep = []
+        new_inits = []
+        for node in graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+                keep.append(node)
+                continue
+            tensor = _constant_value(node)
+            if tensor is None:
+                keep.append(node)
+                continue
+            tensor.name = node.output[0]
+            new_inits.append(tensor)
+            folded += 1
+        if new_inits:
+            del graph.node[:]
+            graph.node.extend(keep)
+            graph.initializer.extend(new_inits)
+    return folded
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(attr.t)
+            return t
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
+    return None  # sparse_value, value_string(s): leave as nodes
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    converted = version_converter.convert_version(model, target)
+    min_ir = helper.find_min_ir_version_for([helper.make_opsetid("", target)])
+    if converted.ir_version < min_ir:
+        converted.ir_version = min_ir
+    return converted
+
+
+class _CaptureErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _quant_pre_process(
+    src: Path, dst: Path, *, skip_symbolic: bool, optimize: bool, external: bool
+) -> list[str]:
+    """ORT's quant_pre_process; returns the errors it only logged (a failed optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    handler = _CaptureErrors()
+    logger = logging.getLogger("onnxruntime.quantization.shape_inference")
+    logger.addHandler(handler)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    try:
+        # Symbolic shape inference writes sym_shape_infer_temp.onnx (and its data) into the current
+        # directory when it fails: keep that inside the work folder.
+        with pywarnings.catch_warnings(), contextlib.chdir(dst.parent):
+            pywarnings.simplefilter("ignore")
+            quant_pre_process(
+                str(src),
+                str(dst),
+                skip_optimization=not optimize,
+                skip_symbolic_shape=skip_symbolic,
+                auto_merge=True,
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+                external_data_location=dst.name + ".data",
+            )
+    finally:
+        logger.removeHandler(handler)
+    if not dst.is_file():
+        raise RuntimeError("quant_pre_process wrote no model")
+    return handler.messages
+
+
+def _infer_shapes(src: Path, dst: Path) -> None:
+    onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def prepare_model(
+    model_path: Path,
+    workdir: Path,
+    *,
+    target_opset: int | None = None,
+    fold: bool = True,
+    shape_inference: bool = True,
+    optimize: bool = False,
+    external: bool | None = None,
+    progress: Callable[[float], None] = lambda f: None,
+) -> Prepared:
+    """Run the pre-processing steps into `workdir` and return the model to quantize.
+
+    `target_opset`: upgrade the default-domain opset to at least this. `external`: keep tensors in
+    external data (default: when the input has external data or is too large for one protobuf)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    raw = onnx.load(str(model_path), load_external_data=False)
+    from onnx.external_data_helper import uses_external_data
+
+    had_external = any(uses_external_data(t) for g in iter_graphs(raw.graph) for t in g.initializer)
+    if external is None:
+        external = had_external or Path(model_path).stat().st_size > EXTERNAL_DATA_THRESHOLD
+    opset = ai_onnx_opset(raw)
+    result = Prepared(path=Path(model_path), external=bool(external), opset=opset)
+    del raw
+
+    # 1. Fold constants and upgrade the opset, into the work folder. With external data the
+    #    weights are first gathered in one file there; the graph is then edited without them
+    #    (so the protobuf stays small whatever the model's size) and keeps pointing at that file.
+    current = workdir / "model.onnx"
+    try:
+        model = onnx.load(str(model_path), load_external_data=True)
+        if external:
+            save_model(model, current, external=True)
+            del model
+            model = onnx.load(str(current), load_external_data=False)
+    except Exception as exc:
+        raise EngineError(
+            "quantization_failed",
+            f"Loading the model with its weights failed: {_first_line(exc)}",
+            {"step": "load"},
+        ) from exc
+    if had_external:
+        result.steps.append(
+            "Gathered the model's external data in one file and kept the tensors in external "
+            "data at every step."
+        )
+    elif external:
+        result.steps.append("The model is too large for one protobuf: moved its tensors to external data.")
+    progress(0.1)
+    if fold:
+        n = fold_constants(model)
+        if n:
+            result.steps.append(
+                f"Folded {n} Constant node(s) into initializers (weights given as Constant nodes "
+                "cannot be quantized otherwise)."
+            )
+    if target_opset is not None and 0 < opset < target_opset:
+        try:
+            with pywarnings.catch_warnings():
+                pywarnings.simplefilter("ignore")
+                model = upgrade_opset(model, target_opset)
+            result.steps.append(
+                f"Upgraded the opset from {opset} to {target_opset} (needed by the recipe: "
+                "per-channel QDQ needs 13, 16-bit types and int4 Gather need 21)."
+            )
+            result.opset = target_opset
+        except Exception as exc:
+            raise EngineError(
+                "quantization_failed",
+                f"Upgrading the opset from {opset} to {target_opset} failed: {_first_line(exc)}. "
+                "Try without per_channel or 16-bit types, or re-export the model at a newer opset.",
+                {"step": "opset_upgrade", "from": opset, "to": target_opset},
+            ) from exc
+    # With external data the tensors already point at model.onnx.data beside `current`.
+    if external:
+        onnx.save_model(model, str(current))
+    else:
+        save_model(model, current, external=False)
+    del model
+    result.path = current
+    progress(0.3)
+    result.timings_s["load_fold_upgrade"] = time.perf_counter() - t0
+
+    # 2. Shape inference (and optimisation), with fallbacks.
+    if shape_inference:
+        t1 = time.perf_counter()
+        result.path = _shape_steps(
+            current, workdir, optimize=optimize, external=bool(external), result=result
+        )
+        result.timings_s["shape_inference"] = time.perf_counter() - t1
+    progress(1.0)
+    return result
+
+
+def _shape_steps(src: Path, workdir: Path, *, optimize: bool, external: bool, result: Prepared) -> Path:
+    dst = workdir / "model.pre.onnx"
+    what = "symbolic and ONNX shape inference" + (" and ORT basic graph optimisation" if optimize else "")
+    try:
+        errors = _quant_pre_process(src, dst, skip_symbolic=False, optimize=optimize, external=external)
+        result.steps.append(f"Ran ONNX Runtime's quant_pre_process ({what}).")
+        _note_optimisation_errors(errors, result)
+        return dst
+    except Exception as exc:
+        result.steps.append(f"Symbolic shape inference failed ({_first_line(exc)}); retried without it.")
+    dst = workdir / "model.pre2.onnx"
+    try:
+        errors = _quant_pre_process(src, dst, skip_symbolic=True, optimize=optimize, external=external)
+        result.steps.append(
+            "Ran quant_pre_process without symbolic shape inference (ONNX shape inference"
+            + (" and ORT basic graph optimisation)." if optimize else ").")
+        )
+        _note_optimisation_errors(errors, result)
+        return dst
+    except Exception as exc:
+        result.steps.append(
+            f"quant_pre_process without symbolic shape inference failed too ({_first_line(exc)}); "
+            "falling back to plain ONNX shape inference."
+        )
+    dst = workdir / "model.inferred.onnx"
+    try:
+        _infer_shapes(src, dst)
+        result.steps.append("Ran plain ONNX shape inference.")
+        return dst
+    except Exception as exc:
+        result.steps.append(
+            f"ONNX shape inference failed ({_first_line(exc)}); quantizing without inferred shapes."
+        )
+        result.warnings.append(
+            "Shape inference failed on this model: tensors of unknown shape are left in float."
+        )
+        return src
+
+
+def _note_optimisation_errors(errors: list[str], result: Prepared) -> None:
+    if errors:
+        msg = next((e for e in errors if "Traceback" not in e), errors[0])
+        result.steps.append(
+            f"ORT graph optimisation failed ({msg.splitlines()[0][:200]}); continued without it."
+        )

@@ -1,0 +1,691 @@
+"""quantize(): a float ONNX model and a recipe in, a checked quantized model out.
+
+Modes: static (QDQ / QOperator, MinMax / Entropy / Percentile / Distribution, chunked calibration
+with bounded memory), dynamic, weight_only (blocked int4/uint4 or 8-bit MatMulNBits, int4
+GatherBlockQuantized) and fp16. Every file goes under `workdir`; the result is
+`workdir/out/quantized.onnx` (with `quantized.onnx.data` beside it when the model keeps external
+data). Before returning, the result passes onnx.checker, loads in ONNX Runtime and runs on one
+sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from worker.engine.calibration import calibrate, default_op_types
+from worker.engine.checks import (
+    FOUR_BIT,
+    SIXTEEN_BIT,
+    ModelFacts,
+    check_recipe,
+    check_recipe_for_model,
+    iter_graphs,
+    model_facts,
+    op_counts,
+)
+from worker.engine.data import Batch, count_batches, iter_batches, model_inputs, synthesize_batch
+from worker.engine.errors import EngineError
+from worker.engine.preprocess import Prepared, prepare_model, save_model
+from worker.engine.quiet import quiet_ort
+from worker.engine.results import QuantizationOutcome
+from worker.engine.spec import (
+    CalibrationMethod,
+    DatasetSource,
+    Mode,
+    ProgressCallback,
+    QType,
+    QuantFormat,
+    QuantizationSpec,
+    Stage,
+    TensorSpec,
+    no_progress,
+)
+
+OUTPUT_NAME = "quantized.onnx"
+
+# Op types whose outputs are quantized-domain (what a user looks for in the result).
+QUANTIZED_OP_TYPES = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearConcat",
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+    "QLinearWhere",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeLSTM",
+    "QAttention",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+    "QEmbedLayerNormalization",
+)
+
+_QTYPE_NAMES = {
+    QType.UINT8: "QUInt8",
+    QType.INT8: "QInt8",
+    QType.UINT16: "QUInt16",
+    QType.INT16: "QInt16",
+    QType.INT4: "QInt4",
+    QType.UINT4: "QUInt4",
+}
+
+
+def _ort_qtype(qtype: QType) -> Any:
+    from onnxruntime.quantization.quant_utils import QuantType
+
+    return getattr(QuantType, _QTYPE_NAMES[QType(qtype)])
+
+
+def _fail(step: str, what: str, exc: BaseException) -> EngineError:
+    text = str(exc).strip() or type(exc).__name__
+    return EngineError(
+        "quantization_failed",
+        f"{what} failed: {text.splitlines()[0][:400]}",
+        {"step": step, "error": text[:2000]},
+    )
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t, 6)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def quantize(
+    model_path: Path,
+    spec: QuantizationSpec,
+    workdir: Path,
+    *,
+    calibration: DatasetSource | None = None,
+    progress: ProgressCallback = no_progress,
+    keep_intermediates: bool = False,
+) -> QuantizationOutcome:
+    """Quantize `model_path` following `spec`. Raises EngineError (`invalid_recipe`,
+    `invalid_dataset`, `dataset_model_mismatch`, `quantization_failed`, `invalid_model`).
+
+    Intermediate files (`workdir/prep`, `workdir/calib`) are deleted on success unless
+    `keep_intermediates`; `workdir/out` holds the result."""
+    model_path = Path(model_path)
+    workdir = Path(workdir)
+    if spec.mode == Mode.AUTO:
+        raise EngineError(
+            "invalid_recipe",
+            "Mode auto is a search over several recipes and is not supported by quantize(); "
+            "pass a concrete mode (static, dynamic, weight_only or fp16).",
+            {"field": "mode"},
+        )
+    timings: dict[str, float] = {}
+    timer = _Timer(timings)
+    t_total = time.perf_counter()
+    warnings: list[str] = []
+    details: dict[str, Any] = {"mode": str(spec.mode)}
+
+    with timer("validating"):
+        check_recipe(spec)
+        facts = model_facts(model_path)
+        warnings += check_recipe_for_model(spec, facts, has_calibration=calibration is not None)
+        inputs = model_inputs(model_path)
+        if calibration is not None:
+            count_batches(calibration, inputs, batch_size=spec.calibration_batch_size)  # mismatch errors now
+    details["original"] = {
+        "opset": facts.opset,
+        "op_counts": facts.op_counts,
+        "size_bytes": facts.size_bytes,
+        "external_data": facts.has_external_data,
+    }
+    if facts.qdq_nodes:
+        details["qat_qdq_nodes"] = facts.qdq_nodes
+
+    for sub in ("prep", "calib", "out"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    out_dir = workdir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / OUTPUT_NAME
+
+    # Pre-processing
+    progress(Stage.PREPROCESSING, 0.0)
+    with timer("preprocessing"):
+        prepared = _prepare(model_path, spec, facts, workdir / "prep", progress)
+    warnings += [w for w in prepared.warnings if w not in warnings]
+    if spec.nodes_to_exclude:
+        _warn_missing_excluded(prepared.path, spec.nodes_to_exclude, warnings)
+    progress(Stage.PREPROCESSING, 1.0)
+
+    calibration_samples = 0
+    mode = Mode(spec.mode)
+    if mode == Mode.STATIC:
+        assert calibration is not None
+        if spec.calibration_method == CalibrationMethod.DISTRIBUTION:
+            warnings.append(
+                "Distribution calibration is designed for float8 types; with integer types it often keeps "
+                "less accuracy than MinMax, Entropy or Percentile."
+            )
+        progress(Stage.CALIBRATING, 0.0)
+        with timer("calibrating"):
+            cal = calibrate(
+                prepared.path,
+                spec,
+                calibration,
+                inputs,
+                workdir / "calib",
+                external=prepared.external,
+                progress=lambda f: progress(Stage.CALIBRATING, f),
+            )
+        calibration_samples = cal.samples
+        details["calibration"] = {
+            "method": str(spec.calibration_method),
+            "samples": cal.samples,
+            "feeds": cal.feeds,
+            "batch_size": spec.calibration_batch_size,
+            "collect_calls": cal.collect_calls,
+            "max_feeds_per_call": cal.max_chunk_feeds,
+            "passes": cal.passes,
+        }
+        progress(Stage.CALIBRATING, 1.0)
+        progress(Stage.QUANTIZING, 0.0)
+        with timer("quantizing"):
+            _static(prepared, spec, cal.tensors_range, out_path, warnings)
+    else:
+        progress(Stage.QUANTIZING, 0.0)
+        with timer("quantizing"):
+            if mode == Mode.DYNAMIC:
+                _dynamic(prepared, spec, out_path, warnings)
+            elif mode == Mode.WEIGHT_ONLY:
+                _weight_only(prepared, spec, out_path, warnings, details)
+            elif mode == Mode.FP16:
+                _fp16(prepared, spec, out_path, warnings, details, calibration, inputs)
+            else:  # pragma: no cover - enum exhausted
+                raise EngineError("invalid_recipe", f"Unknown mode {mode}.", {"field": "mode"})
+    progress(Stage.QUANTIZING, 0.7)
+
+    with timer("verifying"):
+        sample, synthesized = _first_sample(calibration, inputs, spec)
+        details["check"] = verify_model(out_path, model_path, sample, warnings, synthesized=synthesized)
+    progress(Stage.QUANTIZING, 1.0)
+
+    out_model = onnx.load(str(out_path), load_external_data=False)
+    counts = op_counts(out_model)
+    files = _output_files(out_path, out_model)
+    del out_model
+    details["op_counts"] = counts
+    details["quantized_op_counts"] = {k: v for k, v in counts.items() if k in QUANTIZED_OP_TYPES}
+    details["opset"] = {"original": facts.opset, "quantized": _opset_of(out_path)}
+    details["size_bytes"] = {"original": facts.size_bytes, "quantized": sum(f.stat().st_size for f in files)}
+    details["external_data"] = len(files) > 1
+    if mode != Mode.FP16 and not details["quantized_op_counts"]:
+        warnings.append("Nothing was quantized: no node of this model matched the recipe's operator types.")
+    elif (
+        mode != Mode.FP16
+        and facts.qdq_nodes
+        and sum(details["quantized_op_counts"].values()) <= facts.qdq_nodes
+    ):
+        warnings.append("No new node was quantized: the model's quantized parts were already all there was.")
+    if mode in (Mode.STATIC, Mode.DYNAMIC) and facts.has_subgraphs:
+        left = _float_ops_in_subgraphs(out_path)
+        if left:
+            warnings.append(
+                f"{left} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float: "
+                "ONNX Runtime's quantizer does not reach into subgraphs for this recipe."
+            )
+    if not keep_intermediates:
+        for sub in ("prep", "calib"):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+    timings["total"] = round(time.perf_counter() - t_total, 6)
+    return QuantizationOutcome(
+        model_path=out_path,
+        files=files,
+        preprocessing_steps=prepared.steps,
+        warnings=warnings,
+        timings_s=timings,
+        calibration_samples=calibration_samples,
+        details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-processing per mode
+
+
+def required_opset(spec: QuantizationSpec, facts: ModelFacts) -> int | None:
+    """The smallest default-domain opset the recipe needs (None: any)."""
+    mode = Mode(spec.mode)
+    target = 0
+    if mode in (Mode.STATIC, Mode.DYNAMIC):
+        target = 11 if facts.opset < 11 else 0
+        if spec.per_channel:
+            target = max(target, 13)
+        if mode == Mode.STATIC and (spec.activation_type in SIXTEEN_BIT or spec.weight_type in SIXTEEN_BIT):
+            target = max(target, 21)
+    elif (
+        mode == Mode.WEIGHT_ONLY
+        and "Gather" in (spec.op_types_to_quantize or ())
+        and facts.op_counts.get("Gather")
+        and spec.weight_type in FOUR_BIT
+    ):
+        target = 21
+    return target or None
+
+
+def _prepare(
+    model_path: Path, spec: QuantizationSpec, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
+) -> Prepared:
+    mode = Mode(spec.mode)
+    # ORT's basic optimisations fuse nodes (MatMul+Add -> Gemm, Conv+BatchNormalization), which helps
+    # static quantization but would defeat op_types_to_quantize / nodes_to_exclude and QAT graphs.
+    optimize = (
+        mode == Mode.STATIC
+        and not spec.op_types_to_quantize
+        and not spec.nodes_to_exclude
+        and not facts.qdq_nodes
+    )
+    shape_inference = mode in (Mode.STATIC, Mode.DYNAMIC)
+    try:
+        prepared = prepare_model(
+            model_path,
+            prep_dir,
+            target_opset=required_opset(spec, facts),
+            fold=True,
+            shape_inference=shape_inference,
+            optimize=optimize,
+            progress=lambda f: progress(Stage.PREPROCESSING, f),
+        )
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise _fail("preprocessing", "Pre-processing the model", exc) from exc
+    return prepared
+
+
+def _float_ops_in_subgraphs(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = list(iter_graphs(model.graph))[1:]
+    return sum(1 for g in graphs for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm"))
+
+
+def _node_names(path: Path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
+
+
+def _warn_missing_excluded(path: Path, excluded: Sequence[str], warnings: list[str]) -> None:
+    missing = sorted(set(excluded) - _node_names(path))
+    if missing:
+        warnings.append(
+            f"Pre-processing removed or fused node(s) {', '.join(missing[:10])} listed in nodes_to_exclude; "
+            "they can no longer be excluded."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The modes
+
+
+def _extra_options(spec: QuantizationSpec) -> dict[str, Any]:
+    extra: dict[str, Any] = {"ActivationSymmetric": bool(spec.symmetric_activations)}
+    if spec.symmetric_weights is not None:
+        extra["WeightSymmetric"] = bool(spec.symmetric_weights)
+    return extra
+
+
+def _static(
+    prepared: Prepared, spec: QuantizationSpec, tensors_range: Any, out_path: Path, warnings: list[str]
+) -> None:
+    """quantize_static, minus its calibration: the ranges come from our chunked calibration."""
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat as OrtFormat
+    from onnxruntime.quantization.quant_utils import (
+        QuantizationMode,
+        load_model_with_shape_infer,
+        update_opset_version,
+    )
+    from onnxruntime.quantization.quantize import check_static_quant_arguments
+
+    activation = _ort_qtype(spec.activation_type)
+    weight = _ort_qtype(spec.weight_type)
+    fmt = OrtFormat.QOperator if spec.format == QuantFormat.QOPERATOR else OrtFormat.QDQ
+    op_types = default_op_types(spec)
+    excluded = list(spec.nodes_to_exclude or [])
+    try:
+        with quiet_ort(warnings):
+            model = load_model_with_shape_infer(Path(prepared.path))
+            model = update_opset_version(model, weight)
+            check_static_quant_arguments(fmt, activation, weight)
+            if fmt == OrtFormat.QOperator:
+                quantizer = ONNXQuantizer(
+                    model,
+                    spec.per_channel,
+                    spec.reduce_range,
+                    QuantizationMode.QLinearOps,
+                    True,
+                    weight,
+                    activation,
+                    tensors_range,
+                    [],
+                    excluded,
+                    op_types,
+                    _extra_options(spec),
+                )
+            else:
+                quantizer = QDQQuantizer(
+                    model,
+                    spec.per_channel,
+                    spec.reduce_range,
+                    weight,
+                    activation,
+                    tensors_range,
+                    [],
+                    excluded,
+                    op_types,
+                    _extra_options(spec),
+                )
+            quantizer.quantize_model()
+            quantizer.model.save_model_to_file(str(out_path), prepared.external)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise _fail("quantize_static", "Static quantization (ONNX Runtime)", exc) from exc
+
+
+def _dynamic(prepared: Prepared, spec: QuantizationSpec, out_path: Path, warnings: list[str]) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    extra: dict[str, Any] = {}
+    if spec.symmetric_weights is not None:
+        extra["WeightSymmetric"] = bool(spec.symmetric_weights)
+    try:
+        with quiet_ort(warnings):
+            quantize_dynamic(
+                str(prepared.path),
+                str(out_path),
+                op_types_to_quantize=list(spec.op_types_to_quantize) if spec.op_types_to_quantize else None,
+                per_channel=spec.per_channel,
+                reduce_range=spec.reduce_range,
+                weight_type=_ort_qtype(spec.weight_type),
+                nodes_to_exclude=list(spec.nodes_to_exclude or []),
+                use_external_data_format=prepared.external,
+                extra_options=extra,
+            )
+    except Exception as exc:
+        raise _fail("quantize_dynamic", "Dynamic quantization (ONNX Runtime)", exc) from exc
+
+
+def _weight_only(
+    prepared: Prepared, spec: QuantizationSpec, out_path: Path, warnings: list[str], details: dict[str, Any]
+) -> None:
+    from onnxruntime.quantization.quant_utils import QuantFormat as OrtFormat
+
+    try:
+        DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _import_nbits()
+    except ImportError as exc:
+        raise EngineError(
+            "quantization_failed",
+            f"Weight-only quantization is not available on this worker: {exc} (ONNX Runtime's "
+            "matmul_nbits_quantizer needs the onnx-ir package).",
+            {"step": "weight_only", "error": str(exc)},
+        ) from exc
+
+    wtype = QType(spec.weight_type)
+    bits = 4 if wtype in FOUR_BIT else 8
+    symmetric = (
+        spec.symmetric_weights if spec.symmetric_weights is not None else wtype in (QType.INT4, QType.INT8)
+    )
+    op_types = tuple(spec.op_types_to_quantize or ("MatMul",))
+    if bits == 8 and "Gather" in op_types:
+        warnings.append(
+            "Gather is only quantized to 4 bits by ONNX Runtime; Gather nodes stay float at 8 bits."
+        )
+        op_types = tuple(op for op in op_types if op != "Gather") or ("MatMul",)
+    details["weight_only"] = {
+        "bits": bits,
+        "block_size": int(spec.block_size),
+        "symmetric": bool(symmetric),
+        "op_types": list(op_types),
+    }
+    try:
+        with quiet_ort(warnings):
+            model = onnx.load(str(prepared.path))
+            config = DefaultWeightOnlyQuantConfig(
+                block_size=int(spec.block_size),
+                is_symmetric=bool(symmetric),
+                accuracy_level=None,
+                quant_format=OrtFormat.QOperator,
+                op_types_to_quantize=op_types,
+                bits=bits,
+            )
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=bits,
+                block_size=int(spec.block_size),
+                is_symmetric=bool(symmetric),
+                nodes_to_exclude=list(spec.nodes_to_exclude or []),
+                op_types_to_quantize=op_types,
+                algo_config=config,
+            )
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(out_path), prepared.external)
+    except Exception as exc:
+        raise _fail("weight_only", "Weight-only quantization (ONNX Runtime MatMulNBits)", exc) from exc
+
+
+def _import_nbits() -> tuple[Any, Any]:
+    """Import ORT's MatMulNBits quantizer without letting its import-time logging.basicConfig
+    (root logger at INFO) reconfigure the worker's logging."""
+    root = logging.getLogger()
+    guard = None
+    if not root.handlers:
+        guard = logging.NullHandler()
+        root.addHandler(guard)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+    return DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+
+def _fp16(
+    prepared: Prepared,
+    spec: QuantizationSpec,
+    out_path: Path,
+    warnings: list[str],
+    details: dict[str, Any],
+    calibration: DatasetSource | None,
+    inputs: Sequence[TensorSpec],
+) -> None:
+    from worker.engine import fp16
+
+    model = onnx.load(str(prepared.path), load_external_data=False)
+    try:
+        with quiet_ort():
+            feeds: Iterator[dict[str, np.ndarray]]
+            if calibration is not None:
+                limit = min(16, spec.max_calibration_samples or 16)
+                feeds = (b.feeds for b in iter_batches(calibration, inputs, batch_size=1, limit=limit))
+            else:
+                feeds = iter([synthesize_batch(inputs).feeds])
+            ranges = fp16.tensor_ranges(
+                prepared.path, feeds, prepared.path.parent / "fp16_ranges", external=prepared.external
+            )
+        overflow_nodes = fp16.overflowing_nodes(model, ranges)
+    except Exception as exc:  # the range check is a help, not a requirement
+        overflow_nodes = []
+        warnings.append(f"Could not measure value ranges before the float16 conversion ({str(exc)[:200]}).")
+    del model
+    details["fp16"] = {
+        "op_block_list": fp16.block_op_types(),
+        "nodes_kept_float32": overflow_nodes,
+        "range_check_on": "calibration data" if calibration is not None else "a made-up sample",
+    }
+    if overflow_nodes:
+        warnings.append(
+            f"{len(overflow_nodes)} node(s) produce or read values beyond float16's range (65504) "
+            "on the data and stay in float32."
+        )
+    try:
+        with quiet_ort(warnings):
+            model = onnx.load(str(prepared.path))
+            converted = fp16.convert(
+                model, node_block_list=overflow_nodes, disable_shape_infer=prepared.external
+            )
+            save_model(converted, out_path, external=prepared.external)
+    except Exception as exc:
+        raise _fail("fp16", "Float16 conversion (onnxconverter-common)", exc) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def _first_sample(
+    calibration: DatasetSource | None, inputs: Sequence[TensorSpec], spec: QuantizationSpec
+) -> tuple[Batch, bool]:
+    """The first feed of the dataset, or a made-up one (second item True) when there is none."""
+    if calibration is not None:
+        it = iter_batches(calibration, inputs, batch_size=spec.calibration_batch_size, limit=1)
+        try:
+            first = next(iter(it), None)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        if first is not None:
+            return first, False
+    return synthesize_batch(inputs), True
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float | None:
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape or not a.size:
+        return None
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def verify_model(
+    path: Path,
+    original: Path | None,
+    sample: Batch,
+    warnings: list[str],
+    *,
+    synthesized: bool = False,
+) -> dict[str, Any]:
+    """onnx.checker (by path), an ORT session, one run on `sample`; compares with the original
+    model on the same sample when given. Raises quantization_failed naming the step. A made-up
+    sample (`synthesized`) that the original model cannot run either only gives a warning."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise _fail("onnx_checker", "The quantized model did not pass onnx.checker", exc) from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise _fail("load_in_onnxruntime", "Loading the quantized model in ONNX Runtime", exc) from exc
+    try:
+        outputs = session.run(None, sample.feeds)
+    except Exception as exc:
+        if synthesized and original is not None and not _runs(original, sample, opts):
+            warnings.append(
+                "The quantized model was checked and loaded but not run: without a dataset the made-up "
+                "sample does not fit the model (the original model cannot run it either)."
+            )
+            return {"onnx_checker": True, "ort_session": True, "ran_on_sample": False}
+        raise _fail(
+            "run_in_onnxruntime", "Running the quantized model on one sample in ONNX Runtime", exc
+        ) from exc
+    names = [o.name for o in session.get_outputs()]
+    del session
+    result: dict[str, Any] = {"onnx_checker": True, "ort_session": True, "ran_on_sample": True}
+    if original is None:
+        return result
+    try:
+        ref_session = ort.InferenceSession(str(original), opts, providers=["CPUExecutionProvider"])
+        reference = ref_session.run(None, sample.feeds)
+        del ref_session
+    except Exception:  # the float model itself may not run on a made-up sample
+        return result
+    cosines: dict[str, float | None] = {}
+    for name, got, ref in zip(names, outputs, reference, strict=False):
+        if np.asarray(ref).dtype.kind != "f":
+            continue
+        got_f = np.asarray(got, dtype=np.float64)
+        if not np.all(np.isfinite(got_f)) and np.all(np.isfinite(np.asarray(ref, dtype=np.float64))):
+            warnings.append(
+                f"Output '{name}' of the quantized model holds NaN or infinite values on the first sample."
+            )
+        cosines[name] = _cosine(got, ref)
+    result["cosine_on_sample"] = cosines
+    return result
+
+
+def _runs(model: Path, sample: Batch, opts: Any) -> bool:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"]).run(None, sample.feeds)
+        return True
+    except Exception:
+        return False
+
+
+def _output_files(out_path: Path, model: onnx.ModelProto) -> list[Path]:
+    from onnx.external_data_helper import uses_external_data
+
+    files = [out_path]
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if uses_external_data(t):
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        p = out_path.parent / kv.value
+                        if p not in files and p.is_file():
+                            files.append(p)
+    return files
+
+
+def _opset_of(path: Path) -> int:
+    from worker.engine.checks import ai_onnx_opset
+
+    return ai_onnx_opset(onnx.load(str(path), load_external_data=False))

@@ -14,7 +14,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, Stage, TensorSpec
+from worker.engine import (
+    DatasetSource,
+    EngineError,
+    EvaluationSpec,
+    QuantizationSpec,
+    Stage,
+    TensorSpec,
+    evaluate,
+    quantize,
+)
+from worker.sandbox import apply_limits, die_with_parent
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
@@ -35,23 +45,11 @@ def _source(data: dict[str, Any] | None) -> DatasetSource | None:
     return DatasetSource(path=Path(data["path"]), format=data["format"], preprocess=data.get("preprocess"))
 
 
-def _apply_limits(limits: dict[str, int]) -> None:
-    memory = int(limits.get("memory_bytes", 0))
-    if memory:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    cpu = int(limits.get("cpu_s", 0))
-    if cpu:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 30))
-
-
 def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
-    from worker.engine.evaluate import evaluate
-    from worker.engine.quantize import quantize
-
     started = time.perf_counter()
     spec = QuantizationSpec.from_mapping(job["recipe"])
     evaluation = EvaluationSpec.from_mapping(job["evaluation"])
@@ -94,7 +92,8 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
 
 def main(workdir: Path) -> int:
     job = json.loads((workdir / "job.json").read_text())
-    _apply_limits(job.get("limits", {}))
+    die_with_parent()
+    apply_limits(job.get("limits", {}))
     report = Reporter()
     try:
         outcome = run(job, workdir, report)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import RateLimiter
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
 from service.errors import ServiceError
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = make_session_factory(engine)
         app.state.storage = storage
         app.state.queue = queue
+        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         try:
             yield
         finally:

@@ -24,11 +24,23 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(None, description="Scratch space of a worker's jobs. Default: <data_dir>/work.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    auth: Literal["on", "off"] = Field(
+        "off", description="`on`: every endpoint but health, readiness and docs needs `Authorization: Bearer <key>`."
+    )
+    quota_active_jobs: int = Field(20, ge=1, description="Queued + running jobs per tenant.")
+    quota_storage_bytes: int = Field(100 << 30, ge=1024, description="Stored models, datasets and artifacts per tenant.")
+    rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per API key per minute (per API process).")
+
     worker_concurrency: int = Field(1, ge=1, le=64)
     task_soft_time_limit_s: int = Field(3600, ge=10)
     task_time_limit_s: int = Field(3900, ge=20)
     job_memory_bytes: int = Field(16 << 30, ge=64 << 20, description="Address-space limit of a job process.")
     job_timeout_s: int = Field(3600, ge=5, description="Wall-clock limit of one job attempt.")
+    job_file_bytes: int | None = Field(
+        None, ge=1 << 20, description="Largest file a job process may write (RLIMIT_FSIZE). Default: twice "
+        "the larger upload limit plus 1 GiB (a job writes models about the size of the one it read)."
+    )
+    job_open_files: int = Field(1024, ge=64, description="Open files of a job process (RLIMIT_NOFILE).")
     job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a lost job fails with worker_lost.")
     job_lease_s: float = Field(120.0, ge=2, description="A running job's lease; renewed while it makes progress.")
     sweep_interval_s: float = Field(30.0, ge=0.5, description="How often a worker looks for lost jobs.")
@@ -46,6 +58,10 @@ class Settings(BaseSettings):
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("QAAS_TASK_TIME_LIMIT_S must be larger than QAAS_TASK_SOFT_TIME_LIMIT_S")
         return self
+
+    @property
+    def resolved_job_file_bytes(self) -> int:
+        return self.job_file_bytes or 2 * max(self.max_model_bytes, self.max_dataset_bytes) + (1 << 30)
 
     @property
     def resolved_data_dir(self) -> Path:

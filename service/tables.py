@@ -28,10 +28,28 @@ class JobStatus(StrEnum):
 ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
+DEFAULT_TENANT = "default"
+
+
+class ApiKey(Base):
+    """An API key: only its sha256 is kept; `prefix` is the visible part that identifies it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class OnnxModel(Base):
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
     name: Mapped[str] = mapped_column(String(255))
     storage_prefix: Mapped[str] = mapped_column(String(255))
     file_name: Mapped[str] = mapped_column(String(255))
@@ -55,6 +73,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
     name: Mapped[str] = mapped_column(String(255))
     storage_key: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
@@ -74,6 +93,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     calibration_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
     evaluation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
@@ -119,4 +139,4 @@ class Artifact(Base):
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_id_name"),)
 
 
-__all__ = ["ACTIVE_STATUSES", "Artifact", "Dataset", "Job", "JobStatus", "OnnxModel"]
+__all__ = ["ACTIVE_STATUSES", "DEFAULT_TENANT", "ApiKey", "Artifact", "Dataset", "Job", "JobStatus", "OnnxModel"]

@@ -23,6 +23,13 @@ REQUIRE_SERVICES = os.environ.get("QAAS_REQUIRE_SERVICES") == "1"
 RUN_ID = uuid.uuid4().hex[:12]
 
 
+def clean_qaas_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without any QAAS_ setting, plus `overrides`: for child processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QAAS_")}
+    env.update(overrides)
+    return env
+
+
 def unavailable(what: str, exc: Exception) -> None:
     message = f"{what} unreachable ({type(exc).__name__}: {exc}); start it or set its QAAS_TEST_* URL"
     if REQUIRE_SERVICES:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
+from service.auth import TenantDep
 from service.datasets import service
 from service.datasets.schemas import DatasetOut
 from service.deps import SessionDep, SettingsDep, StorageDep
@@ -35,28 +36,30 @@ def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     file: Annotated[UploadFile, File(description="The .npz, .npy or .zip file.")],
     name: Annotated[str | None, Form(max_length=255)] = None,
     preprocess: Annotated[
         str | None, Form(description="JSON, for image archives only.", examples=[PREPROCESS_EXAMPLE])
     ] = None,
 ) -> DatasetOut:
-    return DatasetOut.model_validate(service.create_dataset(session, storage, settings, file, name, preprocess))
+    return DatasetOut.model_validate(service.create_dataset(session, storage, settings, tenant, file, name, preprocess))
 
 
 @router.get("", summary="List datasets, newest first")
 def list_datasets(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query()] = None,
 ) -> Page[DatasetOut]:
-    rows, next_cursor = paginate(session, service.list_datasets_query(), Dataset, limit, cursor)
+    rows, next_cursor = paginate(session, service.list_datasets_query(tenant), Dataset, limit, cursor)
     return Page[DatasetOut](items=[DatasetOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{dataset_id}", summary="Get one dataset", responses=error_responses(404))
-def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
-    return DatasetOut.model_validate(service.get_dataset(session, dataset_id))
+def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: str) -> DatasetOut:
+    return DatasetOut.model_validate(service.get_dataset(session, tenant, dataset_id))
 
 
 @router.delete(
@@ -66,6 +69,6 @@ def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
     description="Refused with 409 while a queued or running job uses the dataset.",
     responses=error_responses(404, 409),
 )
-def delete_dataset(session: SessionDep, storage: StorageDep, dataset_id: str) -> Response:
-    service.delete_dataset(session, storage, dataset_id)
+def delete_dataset(session: SessionDep, storage: StorageDep, tenant: TenantDep, dataset_id: str) -> Response:
+    service.delete_dataset(session, storage, tenant, dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from service.database import after_commit, utcnow
 from service.errors import Conflict, NotFound
 from service.inspection.dataset import DatasetLimits, detect_format, inspect_dataset, parse_preprocess
+from service.quotas import check_storage
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
@@ -21,6 +22,7 @@ def create_dataset(
     session: Session,
     storage: LocalStorage,
     settings: Settings,
+    tenant: str,
     file: UploadFile,
     name: str | None,
     preprocess_raw: str | None,
@@ -35,9 +37,11 @@ def create_dataset(
         fmt = detect_format(staged.path)
         info = inspect_dataset(staged.path, preprocess, DatasetLimits(max_total_bytes=settings.max_dataset_bytes))
         key = f"datasets/{dataset_id}/data.{EXTENSIONS[fmt]}"
+        check_storage(session, settings, tenant, staged.size_bytes)
         storage.put_file(key, staged.path, move=True)
     row = Dataset(
         id=dataset_id,
+        tenant=tenant,
         name=name or (file.filename or "dataset").rsplit(".", 1)[0] or "dataset",
         storage_key=key,
         format=info.format,
@@ -53,19 +57,20 @@ def create_dataset(
     return row
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
+def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
     row = session.get(Dataset, dataset_id)
-    if row is None or row.deleted_at is not None:
+    # Another tenant's dataset answers exactly like one that does not exist.
+    if row is None or row.deleted_at is not None or row.tenant != tenant:
         raise NotFound(f"No dataset with id {dataset_id!r} exists.", detail={"dataset_id": dataset_id})
     return row
 
 
-def list_datasets_query() -> Select[tuple[Dataset]]:
-    return select(Dataset).where(Dataset.deleted_at.is_(None))
+def list_datasets_query(tenant: str) -> Select[tuple[Dataset]]:
+    return select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
 
 
-def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str) -> None:
-    row = get_dataset(session, dataset_id)
+def delete_dataset(session: Session, storage: LocalStorage, tenant: str, dataset_id: str) -> None:
+    row = get_dataset(session, tenant, dataset_id)
     active = session.scalar(
         select(Job.id)
         .where(

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
 
-from service.deps import QueueDep, SessionDep, StorageDep
+from service.auth import TenantDep
+from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from service.errors import Conflict, Unavailable
 from service.jobs import service
 from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
@@ -34,10 +35,12 @@ def create_job(
     response: Response,
     session: SessionDep,
     storage: StorageDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
     queue: QueueDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    job, created = service.create_job(session, storage, body, idempotency_key)
+    job, created = service.create_job(session, storage, settings, tenant, body, idempotency_key)
     session.commit()
     if created:
         try:
@@ -58,18 +61,19 @@ def create_job(
 @router.get("", summary="List jobs, newest first")
 def list_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
     model_id: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query()] = None,
 ) -> Page[JobOut]:
-    rows, next_cursor = paginate(session, service.list_jobs_query(status, model_id), Job, limit, cursor)
+    rows, next_cursor = paginate(session, service.list_jobs_query(tenant, status, model_id), Job, limit, cursor)
     return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", summary="Get a job: status, stage, progress, result", responses=error_responses(404))
-def get_job(session: SessionDep, job_id: str) -> JobOut:
-    return JobOut.model_validate(service.get_job(session, job_id))
+def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    return JobOut.model_validate(service.get_job(session, tenant, job_id))
 
 
 @router.post(
@@ -78,8 +82,8 @@ def get_job(session: SessionDep, job_id: str) -> JobOut:
     description="A queued job never starts; a running job's process is stopped within seconds.",
     responses=error_responses(404, 409),
 )
-def cancel_job(session: SessionDep, job_id: str) -> JobOut:
-    return JobOut.model_validate(service.cancel_job(session, job_id))
+def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    return JobOut.model_validate(service.cancel_job(session, tenant, job_id))
 
 
 @router.get(
@@ -87,8 +91,8 @@ def cancel_job(session: SessionDep, job_id: str) -> JobOut:
     summary="The job's result: sizes, latency, fidelity, accuracy",
     responses=error_responses(404, 409),
 )
-def get_report(session: SessionDep, job_id: str) -> JobResult:
-    job = service.get_job(session, job_id)
+def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobResult:
+    job = service.get_job(session, tenant, job_id)
     if job.status != "succeeded" or job.result is None:
         raise Conflict(
             f"The job is {job.status}; its report exists once it has succeeded.",
@@ -103,14 +107,14 @@ def get_report(session: SessionDep, job_id: str) -> JobResult:
     response_class=HTMLResponse,
     responses=error_responses(404),
 )
-def get_report_html(session: SessionDep, job_id: str) -> HTMLResponse:
-    job = JobOut.model_validate(service.get_job(session, job_id))
+def get_report_html(session: SessionDep, tenant: TenantDep, job_id: str) -> HTMLResponse:
+    job = JobOut.model_validate(service.get_job(session, tenant, job_id))
     return HTMLResponse(render_report_html(job.model_dump(mode="json")))
 
 
 @router.get("/{job_id}/artifacts", summary="List the job's artifacts", responses=error_responses(404))
-def list_artifacts(session: SessionDep, job_id: str) -> list[ArtifactOut]:
-    job = service.get_job(session, job_id)
+def list_artifacts(session: SessionDep, tenant: TenantDep, job_id: str) -> list[ArtifactOut]:
+    job = service.get_job(session, tenant, job_id)
     return [
         ArtifactOut(
             name=a.name,
@@ -129,8 +133,10 @@ def list_artifacts(session: SessionDep, job_id: str) -> list[ArtifactOut]:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
 )
-def download_artifact(session: SessionDep, storage: StorageDep, job_id: str, name: str) -> StreamingResponse:
-    artifact = service.get_artifact(session, job_id, name)
+def download_artifact(
+    session: SessionDep, storage: StorageDep, tenant: TenantDep, job_id: str, name: str
+) -> StreamingResponse:
+    artifact = service.get_artifact(session, tenant, job_id, name)
     return StreamingResponse(
         storage.iter_bytes(artifact.storage_key),
         media_type=artifact.media_type,

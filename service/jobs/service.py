@@ -17,6 +17,8 @@ from service.inspection.compat import check_dataset_fits_model
 from service.jobs import state
 from service.jobs.schemas import JobCreate
 from service.models.service import get_model
+from service.quotas import check_active_jobs
+from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Dataset, Job, OnnxModel
 
@@ -28,10 +30,10 @@ def request_digest(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def find_idempotent(session: Session, key: str, digest: str) -> Job | None:
+def find_idempotent(session: Session, tenant: str, key: str, digest: str) -> Job | None:
     job = session.scalar(
         select(Job)
-        .where(Job.idempotency_key == key, Job.created_at >= utcnow() - IDEMPOTENCY_WINDOW)
+        .where(Job.tenant == tenant, Job.idempotency_key == key, Job.created_at >= utcnow() - IDEMPOTENCY_WINDOW)
         .order_by(Job.created_at.desc())
         .limit(1)
     )
@@ -45,23 +47,30 @@ def find_idempotent(session: Session, key: str, digest: str) -> Job | None:
 
 
 def create_job(
-    session: Session, storage: LocalStorage, body: JobCreate, idempotency_key: str | None
+    session: Session,
+    storage: LocalStorage,
+    settings: Settings,
+    tenant: str,
+    body: JobCreate,
+    idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). An existing job is returned for a repeated Idempotency-Key."""
     digest = request_digest(body)
     if idempotency_key:
-        existing = find_idempotent(session, idempotency_key, digest)
+        existing = find_idempotent(session, tenant, idempotency_key, digest)
         if existing is not None:
             return existing, False
-    model = get_model(session, body.model_id)
-    calibration = get_dataset(session, body.calibration_dataset_id) if body.calibration_dataset_id else None
-    evaluation = get_dataset(session, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
+    model = get_model(session, tenant, body.model_id)
+    calibration = get_dataset(session, tenant, body.calibration_dataset_id) if body.calibration_dataset_id else None
+    evaluation = get_dataset(session, tenant, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
     check_recipe(storage, body, model, calibration)
     if calibration is not None:
         check_dataset_fits_model(calibration.format, calibration.tensors, model.inputs, body.recipe.calibration_batch_size)
     if evaluation is not None and evaluation is not calibration:
         check_dataset_fits_model(evaluation.format, evaluation.tensors, model.inputs, body.evaluation.batch_size)
+    check_active_jobs(session, settings, tenant)
     job = Job(
+        tenant=tenant,
         model_id=model.id,
         calibration_dataset_id=calibration.id if calibration else None,
         evaluation_dataset_id=evaluation.id if evaluation else None,
@@ -130,15 +139,16 @@ def node_names(storage: LocalStorage, model: OnnxModel) -> set[str]:
     return names
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
-    if job is None:
+    # Another tenant's job answers exactly like one that does not exist.
+    if job is None or job.tenant != tenant:
         raise NotFound(f"No job with id {job_id!r} exists.", detail={"job_id": job_id})
     return job
 
 
-def list_jobs_query(status: str | None, model_id: str | None) -> Select[tuple[Job]]:
-    query = select(Job)
+def list_jobs_query(tenant: str, status: str | None, model_id: str | None) -> Select[tuple[Job]]:
+    query = select(Job).where(Job.tenant == tenant)
     if status:
         query = query.where(Job.status == status)
     if model_id:
@@ -146,8 +156,8 @@ def list_jobs_query(status: str | None, model_id: str | None) -> Select[tuple[Jo
     return query
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
-    job = get_job(session, job_id)
+def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = get_job(session, tenant, job_id)
     if job.status in ("succeeded", "failed", "cancelled"):
         raise Conflict(
             f"The job already ended with status {job.status!r}; only queued or running jobs can be cancelled.",
@@ -157,8 +167,8 @@ def cancel_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
-    job = get_job(session, job_id)
+def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> Artifact:
+    job = get_job(session, tenant, job_id)
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
     if artifact is None:
         raise NotFound(

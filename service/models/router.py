@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 
+from service.auth import TenantDep
 from service.deps import SessionDep, SettingsDep, StorageDep
 from service.models import service
 from service.models.schemas import ModelOut
@@ -30,6 +31,7 @@ def upload_model(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     file: Annotated[UploadFile, File(description="The .onnx file.")],
     external_data: Annotated[
         list[UploadFile] | None,
@@ -37,23 +39,24 @@ def upload_model(
     ] = None,
     name: Annotated[str | None, Form(max_length=255, description="Defaults to the file name.")] = None,
 ) -> ModelOut:
-    row = service.create_model(session, storage, settings, file, external_data or [], name)
+    row = service.create_model(session, storage, settings, tenant, file, external_data or [], name)
     return ModelOut.model_validate(row)
 
 
 @router.get("", summary="List models, newest first")
 def list_models(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query()] = None,
 ) -> Page[ModelOut]:
-    rows, next_cursor = paginate(session, service.list_models_query(), OnnxModel, limit, cursor)
+    rows, next_cursor = paginate(session, service.list_models_query(tenant), OnnxModel, limit, cursor)
     return Page[ModelOut](items=[ModelOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{model_id}", summary="Get one model", responses=error_responses(404))
-def get_model(session: SessionDep, model_id: str) -> ModelOut:
-    return ModelOut.model_validate(service.get_model(session, model_id))
+def get_model(session: SessionDep, tenant: TenantDep, model_id: str) -> ModelOut:
+    return ModelOut.model_validate(service.get_model(session, tenant, model_id))
 
 
 @router.get(
@@ -62,8 +65,8 @@ def get_model(session: SessionDep, model_id: str) -> ModelOut:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
 )
-def download_model(session: SessionDep, storage: StorageDep, model_id: str) -> StreamingResponse:
-    row = service.get_model(session, model_id)
+def download_model(session: SessionDep, storage: StorageDep, tenant: TenantDep, model_id: str) -> StreamingResponse:
+    row = service.get_model(session, tenant, model_id)
     key = f"{row.storage_prefix}/{row.file_name}"
     return StreamingResponse(
         storage.iter_bytes(key),
@@ -82,6 +85,6 @@ def download_model(session: SessionDep, storage: StorageDep, model_id: str) -> S
     description="Refused with 409 while a queued or running job uses the model.",
     responses=error_responses(404, 409),
 )
-def delete_model(session: SessionDep, storage: StorageDep, model_id: str) -> Response:
-    service.delete_model(session, storage, model_id)
+def delete_model(session: SessionDep, storage: StorageDep, tenant: TenantDep, model_id: str) -> Response:
+    service.delete_model(session, storage, tenant, model_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

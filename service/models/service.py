@@ -13,6 +13,7 @@ from service.database import after_commit, utcnow
 from service.errors import Conflict, InvalidModel, NotFound
 from service.inspection.archive import ArchiveLimits, extract_flat, safe_member_name
 from service.inspection.model import ModelInfo, ModelLimits, inspect_model
+from service.quotas import check_storage
 from service.settings import Settings
 from service.storage import LocalStorage, sha256_file
 from service.tables import ACTIVE_STATUSES, Job, OnnxModel, new_id
@@ -29,6 +30,7 @@ def create_model(
     session: Session,
     storage: LocalStorage,
     settings: Settings,
+    tenant: str,
     file: UploadFile,
     external_data: list[UploadFile],
     name: str | None,
@@ -49,10 +51,12 @@ def create_model(
             for path in sorted(folder.iterdir())
             if path.name != MODEL_FILE and path.is_file()
         ]
+        check_storage(session, settings, tenant, upload.size_bytes + sum(e["size_bytes"] for e in external))
         for path in sorted(folder.iterdir()):
             storage.put_file(f"{prefix}/{path.name}", path, move=True)
     row = OnnxModel(
         id=model_id,
+        tenant=tenant,
         name=name or Path(file.filename or "model.onnx").stem or "model",
         storage_prefix=prefix,
         file_name=MODEL_FILE,
@@ -106,19 +110,20 @@ def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget
     return staged.size_bytes
 
 
-def get_model(session: Session, model_id: str) -> OnnxModel:
+def get_model(session: Session, tenant: str, model_id: str) -> OnnxModel:
     row = session.get(OnnxModel, model_id)
-    if row is None or row.deleted_at is not None:
+    # Another tenant's model answers exactly like one that does not exist.
+    if row is None or row.deleted_at is not None or row.tenant != tenant:
         raise NotFound(f"No model with id {model_id!r} exists.", detail={"model_id": model_id})
     return row
 
 
-def list_models_query() -> Select[tuple[OnnxModel]]:
-    return select(OnnxModel).where(OnnxModel.deleted_at.is_(None))
+def list_models_query(tenant: str) -> Select[tuple[OnnxModel]]:
+    return select(OnnxModel).where(OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None))
 
 
-def delete_model(session: Session, storage: LocalStorage, model_id: str) -> None:
-    row = get_model(session, model_id)
+def delete_model(session: Session, storage: LocalStorage, tenant: str, model_id: str) -> None:
+    row = get_model(session, tenant, model_id)
     active = session.scalar(
         select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)).limit(1)
     )

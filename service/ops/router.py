@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
+from service.auth import current_tenant
 from service.tables import Dataset, Job, OnnxModel
 
 router = APIRouter(tags=["operations"])
@@ -49,7 +50,12 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(current_tenant)],
+)
 def metrics(request: Request) -> PlainTextResponse:
     lines = [
         "# HELP qaas_uptime_seconds Seconds since the API process started.",

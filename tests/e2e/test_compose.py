@@ -43,6 +43,7 @@ def test_production_shape() -> None:
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
     assert services["migrate"]["restart"] == "no"
     assert services["api"]["environment"]["QAAS_HOST"] == "0.0.0.0"
+    assert services["api"]["environment"]["QAAS_AUTH"] == "on"  # a shared deployment needs API keys
 
 
 def test_dockerfile_is_one_slim_non_root_image() -> None:

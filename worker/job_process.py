@@ -18,13 +18,15 @@ from worker.engine import (
     DatasetSource,
     EngineError,
     EvaluationSpec,
+    Mode,
     QuantizationSpec,
     Stage,
     TensorSpec,
     evaluate,
     quantize,
 )
-from worker.sandbox import apply_limits, die_with_parent
+from worker.engine.auto import auto_quantize
+from worker.sandbox import apply_limits, die_with_parent, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
@@ -59,17 +61,24 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
     eval_data = _source(job.get("evaluation_data"))
 
     report(Stage.VALIDATING, 0.0)
-    outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)
-    measured = evaluate(
-        model_path,
-        outcome.model_path,
-        evaluation,
-        data=eval_data,
-        inputs=inputs,
-        reused_calibration=bool(job.get("reused_calibration")),
-        accuracy_tolerance=spec.accuracy_tolerance,
-        progress=report,
-    )
+    reused = bool(job.get("reused_calibration"))
+    if spec.mode == Mode.AUTO:
+        outcome, measured = auto_quantize(
+            model_path, spec, workdir / "engine", evaluation, calibration=calibration, data=eval_data,
+            inputs=inputs, reused_calibration=reused, progress=report,
+        )
+    else:
+        outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)
+        measured = evaluate(
+            model_path,
+            outcome.model_path,
+            evaluation,
+            data=eval_data,
+            inputs=inputs,
+            reused_calibration=reused,
+            accuracy_tolerance=spec.accuracy_tolerance,
+            progress=report,
+        )
     report(Stage.REPORTING, 0.0)
     result = measured.to_dict()
     result["warnings"] = [*outcome.warnings, *measured.warnings]
@@ -98,17 +107,14 @@ def main(workdir: Path) -> int:
     try:
         outcome = run(job, workdir, report)
     except EngineError as exc:
-        outcome = {"status": "failed", "error": exc.to_dict()}
-    except MemoryError:
-        outcome = {"status": "failed", "error": {
-            "code": "resource_limit",
-            "message": f"The job ran out of memory during {report.stage} (limit "
-            f"{job.get('limits', {}).get('memory_bytes')} bytes); use fewer calibration samples or a smaller batch.",
-            "detail": {"stage": str(report.stage)}}}
-    except Exception as exc:
+        # ONNX Runtime's allocation failures under RLIMIT_AS arrive wrapped in an EngineError.
+        outcome = {"status": "failed", "error": limit_error(exc, job.get("limits", {}), str(report.stage))
+                   or exc.to_dict()}
+    except Exception as exc:  # MemoryError included
         traceback.print_exc()  # to the worker's log, never to the user
         code = "evaluation_failed" if report.stage == Stage.EVALUATING else "quantization_failed"
-        outcome = {"status": "failed", "error": {
+        limited = limit_error(exc, job.get("limits", {}), str(report.stage))
+        outcome = {"status": "failed", "error": limited or {
             "code": code,
             "message": f"{type(exc).__name__} during {report.stage}: {str(exc)[:1000]}",
             "detail": {"stage": str(report.stage)}}}

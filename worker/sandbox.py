@@ -1,13 +1,51 @@
-"""Limits a job process puts on itself before it touches untrusted input."""
+"""Limits a job process puts on itself before it touches untrusted input.
+
+The job process (`python -m worker.job_process`) calls `die_with_parent()` and `apply_limits()`
+first thing. The limits come from the job file the worker writes (`limits`, see
+`job_limits()`), so the worker decides and the child only obeys:
+
+- `memory_bytes` -> RLIMIT_AS: an allocation beyond it fails (MemoryError in Python,
+  bad_alloc / "Failed to allocate memory" in ONNX Runtime) instead of waking the OOM killer.
+- `cpu_s` -> RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one.
+- `file_bytes` -> RLIMIT_FSIZE: a write beyond it fails with EFBIG (Python ignores SIGXFSZ),
+  so a model that makes the engine write a huge file cannot fill the disk.
+- `open_files` -> RLIMIT_NOFILE.
+- RLIMIT_CORE is always 0: a crash of a process with gigabytes mapped must not leave a core
+  file of that size behind.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import resource
 import signal
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+CPU_GRACE_S = 30  # between SIGXCPU (soft) and SIGKILL (hard)
+
+# Native allocators report a failed allocation in these words (glibc, libstdc++, ONNX Runtime, numpy).
+OUT_OF_MEMORY_MARKERS = (
+    "bad_alloc",
+    "Failed to allocate memory",
+    "Cannot allocate memory",
+    "Unable to allocate",
+    "MemoryError",
+    "out of memory",
+)
+
+
+def job_limits(memory_bytes: int, timeout_s: int, file_bytes: int, open_files: int) -> dict[str, int]:
+    """The `limits` of a job file. CPU time gets four times the wall-clock limit: the engine uses
+    several threads, and the wall-clock limit (enforced by the worker) is the one that bites."""
+    return {
+        "memory_bytes": int(memory_bytes),
+        "cpu_s": int(timeout_s) * 4,
+        "file_bytes": int(file_bytes),
+        "open_files": int(open_files),
+    }
 
 
 def die_with_parent() -> None:
@@ -20,10 +58,148 @@ def die_with_parent() -> None:
         pass
 
 
+def _lower(which: int, value: int, hard: int | None = None) -> None:
+    """Set the soft limit to `value` and the hard one to `hard` (default `value`), never above the
+    hard limit the process already has (an unprivileged process cannot raise it)."""
+    _soft, current_hard = resource.getrlimit(which)
+
+    def cap(v: int) -> int:
+        return v if current_hard == resource.RLIM_INFINITY else min(v, current_hard)
+
+    new_hard = cap(value if hard is None else hard)
+    resource.setrlimit(which, (min(cap(value), new_hard), new_hard))
+
+
 def apply_limits(limits: dict[str, Any]) -> None:
+    """Apply the job file's `limits`; a missing or zero entry leaves that limit as inherited."""
+    _lower(resource.RLIMIT_CORE, 0)
     memory = int(limits.get("memory_bytes", 0))
     if memory:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        _lower(resource.RLIMIT_AS, memory)
     cpu = int(limits.get("cpu_s", 0))
     if cpu:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 30))
+        _lower(resource.RLIMIT_CPU, cpu, cpu + CPU_GRACE_S)
+    file_bytes = int(limits.get("file_bytes", 0))
+    if file_bytes:
+        _lower(resource.RLIMIT_FSIZE, file_bytes)
+    open_files = int(limits.get("open_files", 0))
+    if open_files:
+        _lower(resource.RLIMIT_NOFILE, open_files)
+
+
+def is_out_of_memory(text: str) -> bool:
+    return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+
+
+def _allocation_reason(text: str) -> str:
+    """The words around the allocator's complaint, short enough to quote in a sentence."""
+    for marker in OUT_OF_MEMORY_MARKERS:
+        at = text.find(marker)
+        if at >= 0:
+            return " ".join(text[at : at + 160].split()).rstrip(".\"' ")
+    return ""
+
+
+def _errno_in_chain(exc: BaseException) -> int | None:
+    """The errno of the first OSError among `exc` and its causes (the engine wraps what it catches)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def limit_error(exc: BaseException, limits: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    """The `resource_limit` error for an exception caused by one of the limits, else None."""
+    if isinstance(exc, MemoryError) or is_out_of_memory(str(exc)):
+        reason = _allocation_reason(str(exc)) or type(exc).__name__
+        return {
+            "code": "resource_limit",
+            "message": f"The job ran out of memory during {stage} ({reason}; the limit is "
+            f"{limits.get('memory_bytes')} bytes); use a smaller model, fewer calibration samples or a "
+            "smaller calibration batch, or ask the operator to raise QAAS_JOB_MEMORY_BYTES.",
+            "detail": {"stage": stage, "limit": "memory", "limit_bytes": limits.get("memory_bytes"),
+                       "reason": reason},
+        }
+    if _errno_in_chain(exc) == errno.EFBIG or os.strerror(errno.EFBIG) in str(exc):
+        return {
+            "code": "resource_limit",
+            "message": f"The job tried to write a file larger than its limit of {limits.get('file_bytes')} "
+            f"bytes during {stage}; upload a smaller model or ask the operator to raise QAAS_JOB_FILE_BYTES.",
+            "detail": {"stage": stage, "limit": "file_size", "limit_bytes": limits.get("file_bytes")},
+        }
+    if _errno_in_chain(exc) == errno.EMFILE or os.strerror(errno.EMFILE) in str(exc):
+        return {
+            "code": "resource_limit",
+            "message": f"The job opened more than its limit of {limits.get('open_files')} files during "
+            f"{stage}; ask the operator to raise QAAS_JOB_OPEN_FILES.",
+            "detail": {"stage": stage, "limit": "open_files", "limit_files": limits.get("open_files")},
+        }
+    return None
+
+
+_SIGNAL_MEANING = {
+    "SIGSEGV": "a segmentation fault",
+    "SIGBUS": "a bus error",
+    "SIGABRT": "an abort",
+    "SIGILL": "an illegal instruction",
+    "SIGFPE": "an arithmetic fault",
+}
+
+
+def exit_error(returncode: int, stderr_tail: str, limits: dict[str, Any]) -> dict[str, Any]:
+    """The job's error when its process ended without writing an outcome.
+
+    A limit the process hit (memory, CPU time, file size) is `resource_limit`; a crash (SIGSEGV and
+    friends) or an exit without a result is `internal`, saying which signal. The stderr text only
+    helps telling an out-of-memory abort from a crash; it is never quoted to the user.
+    """
+    try:
+        sig = signal.Signals(-returncode).name if returncode < 0 else None
+    except ValueError:
+        sig = f"signal {-returncode}"
+    detail: dict[str, Any] = {"exit_code": returncode} if sig is None else {"signal": sig}
+    memory = limits.get("memory_bytes")
+    if is_out_of_memory(stderr_tail) or sig == "SIGKILL":
+        how = "ran out of memory" if is_out_of_memory(stderr_tail) else "was killed by SIGKILL"
+        return {
+            "code": "resource_limit",
+            "message": f"The job process {how}, most likely for needing more than its memory limit of "
+            f"{memory} bytes; use a smaller model, fewer calibration samples or a smaller calibration batch, "
+            "or ask the operator to raise QAAS_JOB_MEMORY_BYTES.",
+            "detail": {**detail, "limit": "memory", "limit_bytes": memory},
+        }
+    if sig == "SIGXCPU":
+        return {
+            "code": "resource_limit",
+            "message": f"The job process used more than its CPU-time limit of {limits.get('cpu_s')} s and "
+            "was stopped; use fewer calibration samples or latency runs, or ask the operator to raise "
+            "QAAS_JOB_TIMEOUT_S.",
+            "detail": {**detail, "limit": "cpu_time", "limit_s": limits.get("cpu_s")},
+        }
+    if sig == "SIGXFSZ":
+        return {
+            "code": "resource_limit",
+            "message": "The job process tried to write a file larger than its limit of "
+            f"{limits.get('file_bytes')} bytes and was stopped; upload a smaller model or ask the operator "
+            "to raise QAAS_JOB_FILE_BYTES.",
+            "detail": {**detail, "limit": "file_size", "limit_bytes": limits.get("file_bytes")},
+        }
+    if sig is not None:
+        meaning = _SIGNAL_MEANING.get(sig, "a fatal signal")
+        return {
+            "code": "internal",
+            "message": f"The job process crashed with {sig} ({meaning}); the model probably triggers a bug "
+            "in ONNX Runtime. The service is unaffected; try another recipe, or report the model to the "
+            "operator.",
+            "detail": detail,
+        }
+    return {
+        "code": "internal",
+        "message": f"The job process exited with code {returncode} without a result; the worker's log has "
+        "the details.",
+        "detail": detail,
+    }

@@ -65,7 +65,7 @@ def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
     return row
 
 
-def list_datasets_query(tenant: str) -> Select[tuple[Dataset]]:
+def list_datasets_query(tenant: str) -> Select[Dataset]:
     return select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
 
 

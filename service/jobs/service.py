@@ -147,7 +147,7 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs_query(tenant: str, status: str | None, model_id: str | None) -> Select[tuple[Job]]:
+def list_jobs_query(tenant: str, status: str | None, model_id: str | None) -> Select[Job]:
     query = select(Job).where(Job.tenant == tenant)
     if status:
         query = query.where(Job.status == status)

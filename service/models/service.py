@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from fastapi import UploadFile
 from sqlalchemy import Select, select
@@ -46,7 +47,7 @@ def create_model(
         for extra in external_data:
             remaining -= _stage_external(extra, folder, settings, remaining)
         info = inspect_model(folder / MODEL_FILE, ModelLimits())
-        external = [
+        external: list[dict[str, Any]] = [
             {"name": path.name, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
             for path in sorted(folder.iterdir())
             if path.name != MODEL_FILE and path.is_file()
@@ -118,7 +119,7 @@ def get_model(session: Session, tenant: str, model_id: str) -> OnnxModel:
     return row
 
 
-def list_models_query(tenant: str) -> Select[tuple[OnnxModel]]:
+def list_models_query(tenant: str) -> Select[OnnxModel]:
     return select(OnnxModel).where(OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None))
 
 

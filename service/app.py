@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import RateLimiter
@@ -19,6 +21,7 @@ from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
 from service.errors import ServiceError
 from service.jobs.router import router as jobs_router
+from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
 from service.ops.router import router as ops_router
 from service.queue import JobQueue
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage
         app.state.queue = queue
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+        app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
         try:
             yield
         finally:
@@ -118,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.request_counts = Counter()
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # innermost: count_requests sees its 413s
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -129,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(PoolTimeout, _database_down)
     app.add_exception_handler(Exception, _internal)
     for router in (models_router, datasets_router, jobs_router, ops_router):
         app.include_router(router)

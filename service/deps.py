@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -20,21 +22,28 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _session(request: Request) -> Iterator[Session]:
+async def _session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, committed when the endpoint returns.
+
+    Commit and close run on a thread limiter of their own (`app.state.db_limiter`), never on the
+    endpoints' thread pool: a request that is done must always be able to hand its connection back,
+    even while every endpoint thread waits for a connection (with one shared pool, 64 concurrent
+    pollers deadlocked until the pool timed out)."""
     session: Session = request.app.state.session_factory()
+    limiter: anyio.CapacityLimiter = request.app.state.db_limiter
     try:
         yield session
-        session.commit()
+        await anyio.to_thread.run_sync(session.commit, limiter=limiter)
     except OperationalError as exc:
-        session.rollback()
+        await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
         raise Unavailable(
             "The database is unreachable; retry in a few seconds.", detail={"reason": str(exc.orig)[:200]}
         ) from exc
     except BaseException:
-        session.rollback()
+        await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
         raise
     finally:
-        session.close()
+        await anyio.to_thread.run_sync(session.close, limiter=limiter)
 
 
 def _storage(request: Request) -> LocalStorage:
@@ -48,6 +57,8 @@ def _queue(request: Request) -> JobQueue:
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
-SessionDep = Annotated[Session, Depends(_session)]
+# scope="function": commit before the response is sent, so a commit that fails (the database went
+# away) answers 503 instead of a success the database never recorded.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 StorageDep = Annotated[LocalStorage, Depends(_storage)]
 QueueDep = Annotated[JobQueue, Depends(_queue)]

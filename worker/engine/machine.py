@@ -59,25 +59,20 @@ def _read_proc_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, 
 
 @functools.lru_cache(maxsize=1)
 def _cpu() -> tuple[str | None, frozenset[str], str]:
-    """(model name, flags, source). py-cpuinfo takes about a second: done once per process."""
-    model: str | None = None
-    flags: set[str] = set()
-    source = "none"
-    try:
-        import cpuinfo
-
-        info = cpuinfo.get_cpu_info()
-        model = info.get("brand_raw") or None
-        flags = set(info.get("flags") or ())
-        source = "py-cpuinfo"
-    except Exception:  # any failure of the probe just means we fall back
-        pass
+    """(model name, flags, source). /proc/cpuinfo first: py-cpuinfo costs about a second, and every
+    job runs in a fresh process, so it is only the fallback (other systems, ARM without flags)."""
+    model, flags = _read_proc_cpuinfo()
+    source = "/proc/cpuinfo" if model or flags else "none"
     if not model or not flags:
-        proc_model, proc_flags = _read_proc_cpuinfo()
-        if proc_model or proc_flags:
-            source = "/proc/cpuinfo" if source == "none" else source + "+/proc/cpuinfo"
-        model = model or proc_model
-        flags = flags or proc_flags
+        try:
+            import cpuinfo
+
+            info = cpuinfo.get_cpu_info()
+            model = model or info.get("brand_raw") or None
+            flags = flags or set(info.get("flags") or ())
+            source = "py-cpuinfo" if source == "none" else source + "+py-cpuinfo"
+        except Exception:  # any failure of the probe just means fewer facts
+            pass
     return model, frozenset(_normalise(flags)), source
 
 

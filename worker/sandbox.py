@@ -121,8 +121,12 @@ def limit_error(exc: BaseException, limits: dict[str, Any], stage: str) -> dict[
             "message": f"The job ran out of memory during {stage} ({reason}; the limit is "
             f"{limits.get('memory_bytes')} bytes); use a smaller model, fewer calibration samples or a "
             "smaller calibration batch, or ask the operator to raise QAAS_JOB_MEMORY_BYTES.",
-            "detail": {"stage": stage, "limit": "memory", "limit_bytes": limits.get("memory_bytes"),
-                       "reason": reason},
+            "detail": {
+                "stage": stage,
+                "limit": "memory",
+                "limit_bytes": limits.get("memory_bytes"),
+                "reason": reason,
+            },
         }
     if _errno_in_chain(exc) == errno.EFBIG or os.strerror(errno.EFBIG) in str(exc):
         return {
@@ -163,14 +167,26 @@ def exit_error(returncode: int, stderr_tail: str, limits: dict[str, Any]) -> dic
         sig = f"signal {-returncode}"
     detail: dict[str, Any] = {"exit_code": returncode} if sig is None else {"signal": sig}
     memory = limits.get("memory_bytes")
-    if is_out_of_memory(stderr_tail) or sig == "SIGKILL":
-        how = "ran out of memory" if is_out_of_memory(stderr_tail) else "was killed by SIGKILL"
+    if is_out_of_memory(stderr_tail):
         return {
             "code": "resource_limit",
-            "message": f"The job process {how}, most likely for needing more than its memory limit of "
-            f"{memory} bytes; use a smaller model, fewer calibration samples or a smaller calibration batch, "
-            "or ask the operator to raise QAAS_JOB_MEMORY_BYTES.",
+            "message": f"The job process ran out of memory: it needed more than its limit of {memory} bytes; "
+            "use a smaller model, fewer calibration samples or a smaller calibration batch, or ask the "
+            "operator to raise QAAS_JOB_MEMORY_BYTES.",
             "detail": {**detail, "limit": "memory", "limit_bytes": memory},
+        }
+    if sig == "SIGKILL":  # the kernel's OOM killer, or RLIMIT_CPU's hard limit
+        return {
+            "code": "resource_limit",
+            "message": "The job process was killed by SIGKILL, most likely for exceeding its memory limit "
+            f"of {memory} bytes or its CPU-time limit of {limits.get('cpu_s')} s; use a smaller model or "
+            "fewer calibration samples, or ask the operator to raise QAAS_JOB_MEMORY_BYTES.",
+            "detail": {
+                **detail,
+                "limit": "memory_or_cpu_time",
+                "limit_bytes": memory,
+                "limit_s": limits.get("cpu_s"),
+            },
         }
     if sig == "SIGXCPU":
         return {

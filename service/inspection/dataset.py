@@ -132,7 +132,7 @@ def _read_header(fp: IO[bytes], what: str) -> _Header:
         else:
             raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
         offset = fp.tell()
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # numpy's header parser raises many types (TokenError, RecursionError, ...)
         raise InvalidDataset(
             f"{what} is not a valid .npy array ({str(exc).strip()[:200]}); "
             "save it with numpy.save or numpy.savez.",

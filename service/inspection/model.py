@@ -58,6 +58,7 @@ _WHOLE_BYTE_TYPES = frozenset(
     if hasattr(TensorProto, name)
 )
 _MAX_REPORTED = 10
+_KNOWN_TYPES = frozenset(TensorProto.DataType.values())
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,12 @@ class _Walk:
         self._check_size(_declared_bytes(sparse.dims, sparse.values.data_type), where)
 
     def _tensor(self, tensor: TensorProto, where: str) -> None:
+        if tensor.data_type not in _KNOWN_TYPES:  # the checker lets unknown type numbers through
+            raise InvalidModel(
+                f"The {where} has the unknown data type {tensor.data_type}; export the model with "
+                "standard ONNX tensor types.",
+                detail={"tensor": where, "data_type": tensor.data_type},
+            )
         declared = _declared_bytes(tensor.dims, tensor.data_type)
         self._check_size(declared, where)
         if tensor.data_location == TensorProto.EXTERNAL:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -88,6 +89,16 @@ async def _database_down(request: Request, exc: Exception) -> JSONResponse:
     return _error(503, "unavailable", "The database is unreachable; retry in a few seconds.")
 
 
+async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
+    """An OSError that reaches the app comes from the file storage (or the staging area beside it):
+    a volume that is unmounted, read-only, full or not answering. 503, like the database."""
+    assert isinstance(exc, OSError)
+    log.warning("file storage unavailable on %s %s", request.method, request.url.path, exc_info=exc)
+    reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    message = "The file storage is unavailable; retry in a few seconds."
+    return _error(503, "unavailable", message, {"reason": reason})
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _error(500, "internal", "Something went wrong on our side; the error was logged.")
@@ -135,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(PoolTimeout, _database_down)
+    app.add_exception_handler(OSError, _storage_down)
     app.add_exception_handler(Exception, _internal)
     for router in (models_router, datasets_router, jobs_router, ops_router):
         app.include_router(router)

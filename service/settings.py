@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(120.0, ge=2, description="A running job's lease; renewed while it makes progress.")
     sweep_interval_s: float = Field(30.0, ge=0.5, description="How often a worker looks for lost jobs.")
     queued_resend_s: float = Field(600.0, ge=1, description="A job queued this long gets its message sent again.")
+    worker_shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM a worker lets its job finish this long, then hands it back."
+    )
     evaluation_max_seconds: float = Field(300.0, gt=0, description="Bound on one job's evaluation stage.")
     evaluation_max_samples: int = Field(256, ge=1)
     max_latency_runs: int = Field(1000, ge=1)

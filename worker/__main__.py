@@ -15,6 +15,9 @@ def main() -> None:
             "worker",
             f"--loglevel={settings.log_level.upper()}",
             f"--concurrency={settings.worker_concurrency}",
+            # Prefork on purpose: each job's runner lives in a pool process that Celery can signal
+            # (SIGTERM hands the job back, see worker/tasks.py) and that dies with the worker.
+            "--pool=prefork",
             "--queues",
             QUEUE,
             "--without-gossip",

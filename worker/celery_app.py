@@ -11,6 +11,7 @@ from service.settings import get_settings
 def create_celery() -> Celery:
     app = make_celery(get_settings(), "qaas-worker")
     app.conf.include = ["worker.tasks"]
+    app.steps["consumer"].add("worker.tasks:ResendOnReconnect")
     return app
 
 

@@ -1,8 +1,22 @@
 """Runs one attempt of a job: claims it, runs the engine in a child process under limits, stores
-the artifacts and records the outcome. The database stays the source of truth throughout."""
+the artifacts and records the outcome. The database stays the source of truth throughout.
+
+Faults, and what the runner does about them (each a deliberate choice):
+- A duplicated or late task message finds the job not `queued`: the claim fails and nothing runs.
+- The database goes away mid-job: the job's process keeps going and the runner retries its writes.
+  The lease may run out meanwhile; once the database is back, whichever writes first wins: this
+  runner (the job goes on) or the sweep (the job is re-queued and this runner gives it up at its
+  next write). Either way one attempt owns the job, because every write is conditional on it.
+- A stop request (SIGTERM in the pool process: the worker is shutting down and its grace ran out,
+  or Celery cancels the task because the broker connection was lost): the job's process is
+  stopped and the job handed back to the queue (`state.release`), then re-sent.
+- The worker is SIGKILLed: the job's process dies with it (PR_SET_PDEATHSIG), the lease runs out
+  and the sweep re-queues the job; the next attempt clears what the killed one left on disk."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -13,11 +27,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import make_engine, make_session_factory, transaction
@@ -25,6 +41,7 @@ from service.jobs import state
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Dataset, Job, OnnxModel
+from worker.sandbox import exit_error, job_limits
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +56,39 @@ STAGE_SPAN = {
 }
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 1.0
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(Exception):
+    """The job could not be claimed because the database is unreachable; the task retries later."""
+
+
+def _die_with_runner() -> Callable[[], None] | None:
+    """For Popen's preexec_fn (Linux): SIGKILL the job's process when this process dies, set
+    between fork and exec so there is no window in which a killed worker leaves an orphan (the job
+    process sets it again itself, but only after its imports). The pool process that runs this
+    has no other threads at that moment, which is what makes preexec_fn safe here."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # died before the line above took effect
+            os._exit(1)
+
+    return preexec
+
+
+def transient(exc: BaseException) -> bool:
+    """A database error worth retrying: the server went away or restarts, or SQLite is busy."""
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 def overall_progress(stage: str, fraction: float) -> float:
@@ -48,7 +98,7 @@ def overall_progress(stage: str, fraction: float) -> float:
 
 @dataclass
 class ChildOutcome:
-    status: str  # succeeded | failed | cancelled
+    status: str  # succeeded | failed | cancelled | abandoned (no longer ours) | handed_back (stop requested)
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     artifacts: list[dict[str, Any]] | None = None
@@ -67,18 +117,35 @@ def _error(code: str, message: str, **detail: Any) -> dict[str, Any]:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], storage: LocalStorage) -> None:
+    """Runs one job at a time (one runner per Celery pool process).
+
+    `enqueue` sends a job's message again after a hand-back; `stop_requested` asks the attempt in
+    progress to hand its job back (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        storage: LocalStorage,
+        enqueue: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.storage = storage
+        self.enqueue = enqueue
+        self.stop_requested = threading.Event()
+        self.busy = False
+        self._db_down_since: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> JobRunner:
+    def from_settings(
+        cls, settings: Settings | None = None, enqueue: Callable[[str], None] | None = None
+    ) -> JobRunner:
         settings = settings or get_settings()
         engine = make_engine(settings)
         storage = LocalStorage(settings.resolved_storage_dir)
         storage.ensure()
-        return cls(settings, make_session_factory(engine), storage)
+        return cls(settings, make_session_factory(engine), storage, enqueue)
 
     def close(self) -> None:
         bind = self.session_factory.kw.get("bind")
@@ -88,30 +155,125 @@ class JobRunner:
     # -- the attempt ---------------------------------------------------------------------------
 
     def run(self, job_id: str) -> None:
-        with transaction(self.session_factory) as session:
-            attempt = state.claim(session, job_id, self.settings.job_lease_s)
+        """One attempt of the job if it is queued; otherwise (a duplicated or late message, a
+        cancelled job) nothing. Raises DatabaseUnavailable when the claim cannot reach the database."""
+        self.busy = True
+        self.stop_requested.clear()
+        self._db_down_since = None
+        try:
+            self._run(job_id)
+        finally:
+            self.busy = False
+
+    def _run(self, job_id: str) -> None:
+        try:
+            with transaction(self.session_factory) as session:
+                attempt = state.claim(session, job_id, self.settings.job_lease_s)
+        except DBAPIError as exc:
+            if transient(exc):
+                raise DatabaseUnavailable(f"the database is unreachable ({exc.orig})") from exc
+            raise
         if attempt is None:
             log.info("job %s is not queued (duplicate or late message, or cancelled); skipping", job_id)
             return
         log.info("job %s: attempt %d started", job_id, attempt)
-        workdir = self.settings.resolved_work_dir / job_id / str(attempt)
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
+        workdir = self._workdir(job_id, attempt)
         try:
             self._write_job_file(job_id, workdir)
             outcome = self._run_child(job_id, attempt, workdir)
             if outcome.status == "succeeded":
                 self._store_success(job_id, attempt, outcome)
+            elif outcome.status == "handed_back":
+                self._hand_back(job_id, attempt, workdir)
             elif outcome.status != "abandoned":
-                with transaction(self.session_factory) as session:
-                    state.fail(session, job_id, attempt, outcome.error or {}, status=outcome.status)
+                self._end(job_id, attempt, outcome.error or {}, outcome.status)
         except Exception as exc:
-            log.exception("job %s: attempt %d broke", job_id, attempt)
-            with transaction(self.session_factory) as session:
-                state.fail(session, job_id, attempt, _error("internal", f"The job failed unexpectedly: {exc}"))
+            if isinstance(exc, DBAPIError) and transient(exc):
+                # Not the job's fault: give it back rather than fail it.
+                log.warning("job %s: attempt %d lost the database (%s)", job_id, attempt, exc)
+                self._hand_back(job_id, attempt, workdir)
+            else:
+                log.exception("job %s: attempt %d broke", job_id, attempt)
+                message = f"The job failed unexpectedly on the worker ({type(exc).__name__}); it was logged."
+                self._end(job_id, attempt, _error("internal", message), "failed")
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            self._remove_workdir(workdir)
         log.info("job %s: attempt %d finished", job_id, attempt)
+
+    # -- scratch space and database writes that outlive an outage ------------------------------
+
+    def _workdir(self, job_id: str, attempt: int) -> Path:
+        """A fresh scratch folder for this attempt. Whatever earlier attempts of the job left on this
+        host goes first (a SIGKILLed worker cleans nothing up): they can never own the job again."""
+        parent = self.settings.resolved_work_dir / job_id
+        for tries in range(3):
+            if parent.is_dir():
+                for old in parent.iterdir():
+                    shutil.rmtree(old, ignore_errors=True)
+            workdir = parent / str(attempt)
+            try:
+                workdir.mkdir(parents=True)
+                return workdir
+            except (FileNotFoundError, FileExistsError):  # raced with the cleanup of an earlier attempt
+                if tries == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _remove_workdir(self, workdir: Path) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            workdir.parent.rmdir()  # the job's folder, once no attempt of it is left on this host
+
+    def _write(self, what: str, fn: Callable[[Session], T]) -> T | None:
+        """`fn` in one transaction, retried for up to a lease while the database is unreachable.
+        None when it never got through: the job then stays `running` until its lease runs out and
+        the sweep takes it back, which is safe because nothing was recorded."""
+        deadline = time.monotonic() + self.settings.job_lease_s
+        delay = 0.2
+        while True:
+            try:
+                with transaction(self.session_factory) as session:
+                    return fn(session)
+            except DBAPIError as exc:
+                if not transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    log.error("could not %s: the database stayed unreachable (%s)", what, exc.orig)
+                    return None
+                log.warning("could not %s yet, the database is unreachable (%s); retrying", what, exc.orig)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    def _end(self, job_id: str, attempt: int, error: dict[str, Any], status: str) -> None:
+        """Record failed/cancelled; a job that did not succeed keeps no stored files at all."""
+        if self._write(f"record job {job_id} as {status}",
+                       lambda s: state.fail(s, job_id, attempt, error, status=status)):
+            self.storage.delete_prefix(f"jobs/{job_id}")
+
+    def _hand_back(self, job_id: str, attempt: int, workdir: Path) -> None:
+        """Return the job to the queue (or end it as cancelled, if that was asked) and re-send it."""
+        self._remove_workdir(workdir)  # first: the same attempt number may be claimed again at once
+
+        def release(session: Session) -> str:
+            if state.release(session, job_id, attempt):
+                return "released"
+            if state.fail(session, job_id, attempt, state.CANCELLED_ERROR, status="cancelled"):
+                return "cancelled"
+            return "lost"
+
+        done = self._write(f"hand job {job_id} back", release)
+        if done == "cancelled":
+            self.storage.delete_prefix(f"jobs/{job_id}")
+        if done != "released":
+            return
+        log.warning("job %s: attempt %d stopped on request and handed back to the queue", job_id, attempt)
+        if self.enqueue is not None:
+            try:
+                self.enqueue(job_id)
+            except Exception as exc:  # the broker is down: mark it for the next sweep to re-send
+                log.warning("job %s: could not re-send its message (%s); the sweep will", job_id, exc)
+                self._write(f"mark job {job_id} for re-sending",
+                            lambda s: state.resend_due(s, job_id, self.settings.queued_resend_s))
 
     def _write_job_file(self, job_id: str, workdir: Path) -> None:
         with transaction(self.session_factory) as session:
@@ -139,13 +301,15 @@ class JobRunner:
                     **job.evaluation,
                     "max_seconds": self.settings.evaluation_max_seconds,
                     "max_samples": self.settings.evaluation_max_samples,
-                    "latency_runs": min(job.evaluation.get("latency_runs", 50), self.settings.max_latency_runs),
+                    "latency_runs": min(job.evaluation.get("latency_runs", 50),
+                                        self.settings.max_latency_runs),
                 },
                 "calibration": source(job.calibration_dataset_id),
                 "evaluation_data": source(job.evaluation_dataset_id),
                 "reused_calibration": job.evaluation_dataset_id is not None
                 and job.evaluation_dataset_id == job.calibration_dataset_id,
-                "limits": {"memory_bytes": self.settings.job_memory_bytes, "cpu_s": self.settings.job_timeout_s * 4},
+                "limits": job_limits(self.settings.job_memory_bytes, self.settings.job_timeout_s,
+                                     self.settings.resolved_job_file_bytes, self.settings.job_open_files),
             }
         (workdir / "job.json").write_text(json.dumps(spec))
 
@@ -157,9 +321,14 @@ class JobRunner:
             stderr=stderr,
             start_new_session=True,  # its own process group, so a stop reaches its threads' children too
             env=_child_env(),
+            preexec_fn=_die_with_runner(),
         )
         lines: queue.Queue[bytes] = queue.Queue()
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in child.stdout or []], daemon=True)
+        def read() -> None:
+            for line in child.stdout or []:
+                lines.put(line)
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         started = time.monotonic()
         last_write = last_cancel_check = 0.0
@@ -178,29 +347,35 @@ class JobRunner:
                 except (ValueError, KeyError):
                     log.debug("job %s: unparsed child output %r", job_id, line[:200])
                 now = time.monotonic()
+                if self.stop_requested.is_set() and child.poll() is None:  # a finished job is kept
+                    self._stop(child)
+                    return ChildOutcome("handed_back")
                 # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
-                if (pending != written and now - last_write >= PROGRESS_INTERVAL_S) or now - last_write >= renew_s:
+                moved = pending != written and now - last_write >= PROGRESS_INTERVAL_S
+                if moved or now - last_write >= renew_s:
                     stage, fraction = pending
                     shown = max(shown, overall_progress(stage, fraction))  # never backwards
-                    with transaction(self.session_factory) as session:
-                        still_ours = state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s)
-                    last_write, written = now, pending
-                    if not still_ours:
+                    last_write = now
+                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown)
+                    if still_ours is not None:
+                        written = pending
+                    if still_ours is False:
                         self._stop(child)
                         return ChildOutcome("abandoned")
                 if now - last_cancel_check >= CANCEL_POLL_S:
                     last_cancel_check = now
-                    with self.session_factory() as session:
-                        if state.cancel_requested(session, job_id):
-                            self._stop(child)
-                            return ChildOutcome("cancelled", error=_error("cancelled", "The job was cancelled at the user's request."))
+                    if self._unless_db_down(job_id, self._cancel_requested, job_id):
+                        self._stop(child)
+                        return ChildOutcome("cancelled", error=state.CANCELLED_ERROR)
                 if now - started > self.settings.job_timeout_s:
                     self._stop(child)
+                    limit = self.settings.job_timeout_s
                     return ChildOutcome("failed", error=_error(
                         "timeout",
-                        f"The job ran longer than the limit of {self.settings.job_timeout_s} s and was stopped; "
-                        "use fewer calibration samples or latency runs, or ask the operator to raise QAAS_JOB_TIMEOUT_S.",
-                        limit_s=self.settings.job_timeout_s))
+                        f"The job ran longer than the limit of {limit} s and was stopped; use fewer "
+                        "calibration samples or latency runs, or ask the operator to raise "
+                        "QAAS_JOB_TIMEOUT_S.",
+                        limit_s=limit))
                 if child.poll() is not None and lines.empty():
                     reader.join(timeout=5)
                     if not lines.empty():
@@ -211,6 +386,31 @@ class JobRunner:
             if child.poll() is None:
                 self._stop(child)
         return self._read_outcome(child.returncode, workdir)
+
+    def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
+        with transaction(self.session_factory) as session:
+            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self.session_factory() as session:
+            return state.cancel_requested(session, job_id)
+
+    def _unless_db_down(self, job_id: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """`fn(*args)`, or None while the database is unreachable: the job's process goes on meanwhile."""
+        try:
+            result = fn(*args)
+        except DBAPIError as exc:
+            if not transient(exc):
+                raise
+            if self._db_down_since is None:
+                self._db_down_since = time.monotonic()
+                log.warning("job %s: database unreachable (%s); the job goes on, writes are retried",
+                            job_id, exc.orig)
+            return None
+        if self._db_down_since is not None:
+            log.warning("job %s: database back after %.1f s", job_id, time.monotonic() - self._db_down_since)
+            self._db_down_since = None
+        return result
 
     def _stop(self, child: subprocess.Popen[bytes]) -> None:
         try:
@@ -227,33 +427,60 @@ class JobRunner:
         if returncode == 0 and path.exists():
             data = json.loads(path.read_text())
             return ChildOutcome(data["status"], data.get("result"), data.get("error"), data.get("artifacts"))
-        tail = (workdir / "stderr.log").read_bytes()[-2000:].decode(errors="replace").strip()
-        if returncode < 0:
-            sig = signal.Signals(-returncode).name
-            if sig in ("SIGKILL", "SIGXCPU"):
-                return ChildOutcome("failed", error=_error(
-                    "resource_limit",
-                    f"The job process was killed by {sig}, most likely for exceeding its memory or CPU limit "
-                    f"({self.settings.job_memory_bytes} bytes of memory); use fewer calibration samples or a "
-                    "smaller calibration batch.", signal=sig, stderr_tail=tail[-500:]))
-            return ChildOutcome("failed", error=_error(
-                "internal", f"The job process crashed with {sig}; the model may trigger a bug in ONNX Runtime.",
-                signal=sig, stderr_tail=tail[-500:]))
-        return ChildOutcome("failed", error=_error(
-            "internal", f"The job process exited with code {returncode} without a result.",
-            exit_code=returncode, stderr_tail=tail[-500:]))
+        tail = (workdir / "stderr.log").read_bytes()[-4000:].decode(errors="replace").strip()
+        limits = json.loads((workdir / "job.json").read_text()).get("limits", {})
+        error = exit_error(returncode, tail, limits)
+        # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
+        log.warning("job process in %s ended with %s (%s); stderr tail:\n%s",
+                    workdir, returncode, error["code"], tail[-1500:])
+        return ChildOutcome("failed", error=error)
 
     def _store_success(self, job_id: str, attempt: int, outcome: ChildOutcome) -> None:
+        """Files first (each written to a temporary name and renamed into place, under this attempt's
+        own prefix), then the artifact rows and `succeeded` in one transaction: a job is never
+        `succeeded` without its files, and a download never meets a partial one."""
         prefix = f"jobs/{job_id}/{attempt}"
-        rows = []
-        for item in outcome.artifacts or []:
-            stored = self.storage.put_file(f"{prefix}/{item['name']}", Path(item["path"]), move=True)
-            rows.append(Artifact(job_id=job_id, name=item["name"], storage_key=stored.key,
-                                 size_bytes=stored.size_bytes, sha256=stored.sha256, media_type=item["media_type"]))
-        with transaction(self.session_factory) as session:
+        stored = [
+            (item, self.storage.put_file(f"{prefix}/{item['name']}", Path(item["path"]), move=True))
+            for item in outcome.artifacts or []
+        ]
+
+        def commit(session: Session) -> str:
             session.execute(delete(Artifact).where(Artifact.job_id == job_id))
-            session.add_all(rows)
-            if not state.succeed(session, job_id, attempt, outcome.result or {}):
-                session.rollback()
-                self.storage.delete_prefix(prefix)
-                log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)
+            session.add_all(
+                Artifact(job_id=job_id, name=item["name"], storage_key=obj.key, size_bytes=obj.size_bytes,
+                         sha256=obj.sha256, media_type=item["media_type"])
+                for item, obj in stored
+            )
+            if state.succeed(session, job_id, attempt, outcome.result or {}):
+                return "succeeded"
+            session.rollback()
+            # Why not? An earlier try may have committed and lost only its answer, or a cancellation
+            # came in, or the job was taken from this attempt.
+            row = session.execute(
+                select(Job.status, Job.attempts, Job.cancel_requested).where(Job.id == job_id)
+            ).one_or_none()
+            if row is None or row.attempts != attempt:
+                return "lost"
+            if row.status == "succeeded":
+                return "succeeded"
+            return "cancel" if row.status == "running" and row.cancel_requested else "lost"
+
+        done = self._write(f"record job {job_id} as succeeded", commit)
+        if done == "succeeded":
+            self._delete_other_attempts(job_id, attempt)
+        elif done == "cancel":
+            self._end(job_id, attempt, state.CANCELLED_ERROR, "cancelled")
+        elif done == "lost":
+            self.storage.delete_prefix(prefix)
+            log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)
+        # None: the database never answered, so we cannot tell whether the commit landed. The files
+        # stay (a success may point at them); the sweep re-queues the job if it did not land.
+
+    def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
+        """Partial files of attempts that were killed while storing theirs."""
+        folder = self.storage.local_path(f"jobs/{job_id}")
+        if folder.is_dir():
+            for old in folder.iterdir():
+                if old.name != str(attempt):
+                    self.storage.delete_prefix(f"jobs/{job_id}/{old.name}")

@@ -1,22 +1,43 @@
-"""Celery tasks: thin wrappers that pass a job id to the runner."""
+"""Celery tasks: thin wrappers that pass a job id to the runner, and the worker's signal wiring
+(the sweep in the main process, the runner and its stop handler in each pool process)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery import Task, bootsteps
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from service.database import make_engine, make_session_factory
 from service.queue import QUEUE, RUN_JOB_TASK
 from service.settings import get_settings
+from service.storage import LocalStorage
 from worker.celery_app import app
 from worker.reaper import Reaper
-from worker.runner import JobRunner
+from worker.runner import DatabaseUnavailable, JobRunner
 
 log = logging.getLogger(__name__)
 _runner: JobRunner | None = None
+_runner_lock = threading.Lock()
 _reaper: Reaper | None = None
+CLAIM_RETRIES = 8  # then the sweep re-sends the job once it has been queued for QAAS_QUEUED_RESEND_S
+
+
+def enqueue(job_id: str) -> None:
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
 
 
 @worker_ready.connect
@@ -25,8 +46,26 @@ def _start_reaper(**_: Any) -> None:
     global _reaper
     settings = get_settings()
     factory = make_session_factory(make_engine(settings))
-    _reaper = Reaper(factory, lambda job_id: app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE), settings)
+    _reaper = Reaper(factory, enqueue, settings, LocalStorage(settings.resolved_storage_dir))
     _reaper.start()
+
+
+class ResendOnReconnect(bootsteps.StartStopStep):
+    """A consumer step: Celery restarts the consumer's steps each time it reconnects to the broker.
+    After a reconnect (not the first connect) the broker may have lost every message (a Redis
+    restarted without persistence), so the sweep re-sends all queued jobs at once."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.connects = 0
+
+    def start(self, parent: Any) -> None:
+        self.connects += 1
+        if self.connects > 1 and _reaper is not None:
+            log.warning("broker connection is back: re-sending every queued job")
+            _reaper.resend_all_soon()
 
 
 @worker_shutdown.connect
@@ -35,10 +74,63 @@ def _stop_reaper(**_: Any) -> None:
         _reaper.stop()
 
 
+@worker_shutting_down.connect
+def _grace_then_hand_back(**_: Any) -> None:
+    """SIGTERM (warm shutdown): Celery waits for running tasks however long they take. We wait
+    QAAS_WORKER_SHUTDOWN_GRACE_S for them to finish, then ask each to hand its job back, so the
+    worker exits promptly (before an orchestrator's SIGKILL) and no job waits for a lease to expire."""
+    threading.Thread(target=_hand_back_after_grace, name="qaas-shutdown-grace", daemon=True).start()
+
+
+def _hand_back_after_grace() -> None:
+    from celery.worker import state as worker_state
+
+    deadline = time.monotonic() + get_settings().worker_shutdown_grace_s
+    while worker_state.active_requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for request in tuple(worker_state.active_requests):
+        pid = request.worker_pid
+        log.warning("shutdown grace over: process %s hands job %s back", pid, request.args)
+        if pid == os.getpid():  # a pool without child processes (solo, threads)
+            runner().stop_requested.set()
+        elif pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # _on_sigterm in that pool process
+
+
+_previous_sigterm: Any = signal.SIG_DFL
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM in a pool process: Celery stops a task this way (the broker connection was lost, a
+    cold shutdown) and so does the shutdown grace above. A busy runner hands its job back and the
+    task returns normally; an idle process exits through billiard's own handler, as before."""
+    if _runner is not None and _runner.busy:
+        _runner.stop_requested.set()
+        return
+    if callable(_previous_sigterm):
+        _previous_sigterm(signum, frame)
+        return
+    signal.signal(signal.SIGTERM, _previous_sigterm)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_stop_handler() -> None:
+    """Billiard sets its own SIGTERM handler after worker_process_init, so ours goes in at the
+    first task, chaining to billiard's for an idle process."""
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return  # a threads pool: the shutdown grace sets stop_requested directly
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _on_sigterm:
+        _previous_sigterm = current
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 @worker_process_init.connect
 def _start(**_: Any) -> None:
     global _runner
-    _runner = JobRunner.from_settings()
+    _runner = JobRunner.from_settings(enqueue=enqueue)
 
 
 @worker_process_shutdown.connect
@@ -49,12 +141,23 @@ def _stop(**_: Any) -> None:
 
 def runner() -> JobRunner:
     global _runner
-    if _runner is None:  # solo pool or eager mode: no worker_process_init
-        _runner = JobRunner.from_settings()
-    return _runner
+    with _runner_lock:
+        if _runner is None:  # solo pool or eager mode: no worker_process_init
+            _runner = JobRunner.from_settings(enqueue=enqueue)
+        return _runner
 
 
-@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: str) -> None:
-    """Run one attempt of the job. Idempotent: a job that is not `queued` is left alone."""
-    runner().run(job_id)
+@app.task(bind=True, name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self: Task, job_id: str) -> None:
+    """Run one attempt of the job. Idempotent: a job that is not `queued` is left alone, so a
+    duplicated, late or re-sent message is harmless. When the database cannot be reached to claim
+    the job, the message is retried with backoff rather than dropped."""
+    _install_stop_handler()
+    try:
+        runner().run(job_id)
+    except DatabaseUnavailable as exc:
+        retries = self.request.retries
+        countdown = min(60, 2**retries)
+        log.warning("job %s could not be claimed: %s; retry %d of %d in %d s",
+                    job_id, exc, retries + 1, CLAIM_RETRIES, countdown)
+        raise self.retry(exc=exc, countdown=countdown, max_retries=CLAIM_RETRIES) from exc

@@ -7,7 +7,7 @@ import json
 from datetime import timedelta
 
 import onnx
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
 from service.database import utcnow
@@ -28,6 +28,18 @@ WEIGHT_ONLY_OPS = ("MatMul", "Gather")
 
 def request_digest(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def take_turns_on_key(session: Session, tenant: str, key: str) -> None:
+    """Requests carrying the same Idempotency-Key (a client retrying while its first request still
+    runs) take turns until the first one's transaction ends, so the others find its job instead of
+    each making their own. PostgreSQL: an advisory lock of the transaction; SQLite: its write lock."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        lock = text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
+        session.execute(lock, {"k": f"{tenant}\n{key}"})
+    elif dialect == "sqlite":
+        session.execute(text("UPDATE jobs SET id = id WHERE 0"))
 
 
 def find_idempotent(session: Session, tenant: str, key: str, digest: str) -> Job | None:
@@ -57,6 +69,7 @@ def create_job(
     """Returns (job, created). An existing job is returned for a repeated Idempotency-Key."""
     digest = request_digest(body)
     if idempotency_key:
+        take_turns_on_key(session, tenant, idempotency_key)
         existing = find_idempotent(session, tenant, idempotency_key, digest)
         if existing is not None:
             return existing, False

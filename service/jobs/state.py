@@ -1,7 +1,11 @@
 """The job state machine. Every transition is a conditional UPDATE (compare-and-set on status and
 attempt), so a duplicated or late task message can neither run a job twice nor rewrite a finished one.
 
-queued -> running -> succeeded | failed | cancelled;  queued -> cancelled."""
+queued -> running -> succeeded | failed | cancelled;  queued -> cancelled;
+running -> queued (lease expired: requeue_lost; or handed back by its worker: release).
+
+`attempts` is the fencing token: a worker owns a job while the row is `running` with the attempt
+number its claim returned, and every write it makes is conditional on that."""
 
 from __future__ import annotations
 
@@ -50,7 +54,9 @@ def _owned(job_id: str, attempt: int) -> Any:
     return (Job.id == job_id) & (Job.status == RUNNING) & (Job.attempts == attempt)
 
 
-def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float) -> bool:
+def progress(
+    session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float
+) -> bool:
     """Record progress and renew the lease; False when the job is no longer this attempt's."""
     now = utcnow()
     return _changed(
@@ -68,11 +74,13 @@ def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: 
 
 
 def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
+    """running -> succeeded, unless a cancellation was asked for meanwhile: the user who asked gets
+    `cancelled` (see `CANCELLED_ERROR`), never a job that went on to succeed after they cancelled it."""
     now = utcnow()
     return _changed(
         session.execute(
             update(Job)
-            .where(_owned(job_id, attempt))
+            .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
             .values(
                 status=JobStatus.SUCCEEDED.value, stage="done", progress=1.0, result=result,
                 finished_at=now, updated_at=now, lease_expires_at=None,
@@ -81,7 +89,9 @@ def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any])
     )
 
 
-def fail(session: Session, job_id: str, attempt: int, error: dict[str, Any], *, status: str = "failed") -> bool:
+def fail(
+    session: Session, job_id: str, attempt: int, error: dict[str, Any], *, status: str = "failed"
+) -> bool:
     now = utcnow()
     return _changed(
         session.execute(
@@ -92,25 +102,58 @@ def fail(session: Session, job_id: str, attempt: int, error: dict[str, Any], *, 
     )
 
 
+def release(session: Session, job_id: str, attempt: int) -> bool:
+    """running -> queued, handed back by its own worker (shutting down, or told to stop by Celery).
+
+    Deliberately un-counts the attempt: `job_max_attempts` bounds how often a job may *lose* its
+    worker, and a worker that stops on purpose has not lost it, so deploys never push a job towards
+    `worker_lost`. Reusing the number is safe because the releasing worker stops the job's process
+    and writes nothing after this update. A job whose cancellation was asked for is not released
+    (False): the caller ends it as cancelled."""
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
+            .values(
+                status=QUEUED, stage="queued", progress=0.0, attempts=Job.attempts - 1, started_at=None,
+                updated_at=now, lease_expires_at=None,
+            )
+        )
+    )
+
+
+CANCELLED_ERROR: dict[str, Any] = {
+    "code": "cancelled", "message": "The job was cancelled at the user's request.", "detail": {}
+}
+
+
 def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 def request_cancel(session: Session, job: Job) -> None:
-    """A queued job is cancelled at once; a running one is flagged and its worker stops it."""
-    now = utcnow()
-    error = {"code": "cancelled", "message": "The job was cancelled at the user's request.", "detail": {}}
-    done = _changed(
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == QUEUED)
-            .values(status=JobStatus.CANCELLED.value, cancel_requested=True, error=error, finished_at=now, updated_at=now)
+    """A queued job is cancelled at once; a running one is flagged and its worker stops it (or, if
+    that worker is gone, the sweep ends it as cancelled). Two rounds, because a job may move
+    between queued and running while we look."""
+    for _ in range(2):
+        now = utcnow()
+        done = _changed(
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == QUEUED)
+                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, error=CANCELLED_ERROR,
+                        finished_at=now, updated_at=now)
+            )
+        ) or _changed(
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == RUNNING)
+                .values(cancel_requested=True, updated_at=now)
+            )
         )
-    )
-    if not done:
-        session.execute(
-            update(Job).where(Job.id == job.id, Job.status == RUNNING).values(cancel_requested=True, updated_at=now)
-        )
+        if done:
+            break
     session.refresh(job)
 
 
@@ -122,13 +165,27 @@ def expired_running(session: Session) -> list[tuple[str, int]]:
     return list(rows.all())
 
 
-def requeue_lost(session: Session, job_id: str, attempt: int) -> bool:
-    """running (lease expired) -> queued, for another attempt."""
+def cancel_lost(session: Session, job_id: str, attempt: int) -> bool:
+    """running (lease expired, cancellation asked for) -> cancelled: nobody is left to stop it."""
     now = utcnow()
     return _changed(
         session.execute(
             update(Job)
-            .where(_owned(job_id, attempt), Job.lease_expires_at < now)
+            .where(_owned(job_id, attempt), Job.lease_expires_at < now, Job.cancel_requested.is_(True))
+            .values(status=JobStatus.CANCELLED.value, error=CANCELLED_ERROR, finished_at=now, updated_at=now,
+                    lease_expires_at=None)
+        )
+    )
+
+
+def requeue_lost(session: Session, job_id: str, attempt: int) -> bool:
+    """running (lease expired) -> queued, for another attempt. Not a job the user cancelled: that
+    would sit queued forever, since a claim never takes it (see `cancel_lost`)."""
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt), Job.lease_expires_at < now, Job.cancel_requested.is_(False))
             .values(status=QUEUED, stage="queued", progress=0.0, updated_at=now, lease_expires_at=None)
         )
     )
@@ -146,7 +203,8 @@ def fail_lost(session: Session, job_id: str, attempt: int, max_attempts: int) ->
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.lease_expires_at < now)
-            .values(status=JobStatus.FAILED.value, error=error, finished_at=now, updated_at=now, lease_expires_at=None)
+            .values(status=JobStatus.FAILED.value, error=error, finished_at=now, updated_at=now,
+                    lease_expires_at=None)
         )
     )
 
@@ -159,3 +217,16 @@ def stale_queued(session: Session, older_than_s: float) -> list[str]:
 
 def touch(session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(updated_at=utcnow()))
+
+
+def resend_due(session: Session, job_id: str, older_than_s: float) -> None:
+    """A queued job whose message could not be sent: make it stale now, so the next sweep sends it."""
+    past = utcnow() - timedelta(seconds=older_than_s + 1)
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(updated_at=past))
+
+
+def unfinished(session: Session, job_ids: list[str]) -> set[str]:
+    """Those of `job_ids` that are queued or running: a worker may still need their scratch files."""
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_((QUEUED, RUNNING)))))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import update
-
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import transaction, utcnow
@@ -26,11 +25,13 @@ def test_sweep_requeues_then_fails_a_job_whose_worker_vanished(
 
     def expire() -> None:
         with transaction(factory) as s:
-            s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+            past = utcnow() - timedelta(seconds=1)
+            s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=past))
 
     with transaction(factory) as s:
         state.claim(s, job_id, 60)
-    assert sweep(factory, sent.append, settings) == {"requeued": [], "failed": [], "resent": []}
+    nothing: dict[str, list[str]] = {k: [] for k in ("requeued", "failed", "cancelled", "resent", "unsent")}
+    assert sweep(factory, sent.append, settings) == nothing
     expire()
     assert sweep(factory, sent.append, settings)["requeued"] == [job_id]
     assert sent == [job_id]
@@ -45,7 +46,9 @@ def test_sweep_requeues_then_fails_a_job_whose_worker_vanished(
         assert job.error["code"] == "worker_lost" and job.attempts == 2
 
 
-def test_sweep_resends_jobs_queued_for_too_long(db_settings: Settings, session_factory: sessionmaker[Session]) -> None:
+def test_sweep_resends_jobs_queued_for_too_long(
+    db_settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
     settings = db_settings.model_copy(update={"queued_resend_s": 1})
     factory = session_factory
     job_id = _job(factory)

@@ -1,0 +1,305 @@
+"""The runner's and the sweep's answers to faults, on a real database: writes that outlive a
+database outage, a success whose commit answer was lost, hand-backs, a cancellation that races
+the finish, and the cleanup of what killed attempts leave behind. The real-process versions of
+these live in tests/e2e/test_faults.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.database import transaction, utcnow
+from service.jobs import state
+from service.queue import celery_config
+from service.settings import Settings
+from service.storage import LocalStorage
+from service.tables import Artifact, Job
+from tests.service.test_job_state import _job
+from worker.reaper import sweep
+from worker.runner import ChildOutcome, DatabaseUnavailable, JobRunner
+
+Factory = sessionmaker[Session]
+
+
+def _claim(factory: Factory, job_id: str) -> int:
+    with transaction(factory) as s:
+        attempt = state.claim(s, job_id, 60)
+    assert attempt is not None
+    return attempt
+
+
+def _expire(factory: Factory, job_id: str) -> None:
+    with transaction(factory) as s:
+        past = utcnow() - timedelta(seconds=1)
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=past))
+
+
+def _job_row(factory: Factory, job_id: str) -> Job:
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+class Outage:
+    """A session factory whose next `failures` sessions find the database gone."""
+
+    def __init__(self, factory: Factory, failures: int) -> None:
+        self.factory = factory
+        self.failures = failures
+
+    def __call__(self) -> Session:
+        session = self.factory()
+        if self.failures > 0:
+            self.failures -= 1
+
+            def refused(*args: Any, **kwargs: Any) -> Any:
+                raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+            session.execute = refused  # type: ignore[method-assign]
+        return session
+
+
+class LostAnswer(Session):
+    """The first COMMIT lands, but the connection drops before its answer arrives."""
+
+    dropped = False
+
+    def commit(self) -> None:
+        super().commit()
+        if not LostAnswer.dropped:
+            LostAnswer.dropped = True
+            raise OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection"))
+
+
+@pytest.fixture
+def settings(sqlite_settings: Settings) -> Settings:
+    return sqlite_settings.model_copy(update={"job_lease_s": 2.0, "queued_resend_s": 600.0})
+
+
+@pytest.fixture
+def factory(settings: Settings) -> Iterator[Factory]:
+    from service.database import make_engine, make_session_factory
+
+    engine = make_engine(settings)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _runner(settings: Settings, factory: Any, enqueue: Any = None) -> JobRunner:
+    storage = LocalStorage(settings.resolved_storage_dir)
+    storage.ensure()
+    return JobRunner(settings, factory, storage, enqueue)
+
+
+def _outcome(tmp_path: Path) -> ChildOutcome:
+    model = tmp_path / "quantized.onnx"
+    model.write_bytes(b"\x08\x01" * 1000)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"ok": True}))
+    return ChildOutcome("succeeded", result={"ok": True}, artifacts=[
+        {"name": "quantized.onnx", "path": str(model), "media_type": "application/octet-stream"},
+        {"name": "report.json", "path": str(report), "media_type": "application/json"},
+    ])
+
+
+# -- the state machine's fault transitions (both databases) ----------------------------------------
+
+
+def test_a_cancellation_that_races_the_finish_wins(session_factory: Factory) -> None:
+    job_id = _job(session_factory)
+    attempt = _claim(session_factory, job_id)
+    with transaction(session_factory) as s:
+        state.request_cancel(s, s.get(Job, job_id))  # type: ignore[arg-type]
+    with transaction(session_factory) as s:
+        assert not state.succeed(s, job_id, attempt, {"x": 1})  # the user asked first
+        assert not state.release(s, job_id, attempt)  # nor handed back to run again
+        assert state.fail(s, job_id, attempt, state.CANCELLED_ERROR, status="cancelled")
+    assert _job_row(session_factory, job_id).status == "cancelled"
+
+
+def test_a_handed_back_job_runs_again_under_the_same_attempt_number(session_factory: Factory) -> None:
+    job_id = _job(session_factory)
+    assert _claim(session_factory, job_id) == 1
+    with transaction(session_factory) as s:
+        assert state.release(s, job_id, 1)
+        assert not state.release(s, job_id, 1)  # once
+        assert not state.progress(s, job_id, 1, "evaluating", 0.7, 60)  # the released attempt is over
+    job = _job_row(session_factory, job_id)
+    assert (job.status, job.attempts, job.lease_expires_at, job.started_at) == ("queued", 0, None, None)
+    assert _claim(session_factory, job_id) == 1  # a stop on purpose does not count towards worker_lost
+
+
+def test_a_lost_job_whose_cancellation_was_asked_ends_cancelled_not_requeued(
+    session_factory: Factory, db_settings: Settings
+) -> None:
+    job_id = _job(session_factory)
+    _claim(session_factory, job_id)
+    with transaction(session_factory) as s:
+        state.request_cancel(s, s.get(Job, job_id))  # type: ignore[arg-type]
+    _expire(session_factory, job_id)
+    sent: list[str] = []
+    done = sweep(session_factory, sent.append, db_settings)
+    assert done["cancelled"] == [job_id] and done["requeued"] == [] and sent == []
+    job = _job_row(session_factory, job_id)
+    assert job.status == "cancelled" and job.error == state.CANCELLED_ERROR
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def test_the_sweep_clears_partial_files_and_scratch_of_lost_attempts(
+    settings: Settings, factory: Factory
+) -> None:
+    storage = LocalStorage(settings.resolved_storage_dir)
+    work = settings.resolved_work_dir
+    requeued, failed, queued = _job(factory), _job(factory), _job(factory)
+    for job_id in (requeued, failed):
+        attempt = _claim(factory, job_id)
+        (storage.local_path(f"jobs/{job_id}/{attempt}")).mkdir(parents=True)
+        (storage.local_path(f"jobs/{job_id}/{attempt}/quantized.onnx")).write_bytes(b"partial")
+        (work / job_id / str(attempt)).mkdir(parents=True)
+        _expire(factory, job_id)
+    (work / queued / "0").mkdir(parents=True)
+    with transaction(factory) as s:  # the second has used up its attempts
+        s.execute(update(Job).where(Job.id == failed).values(attempts=settings.job_max_attempts))
+
+    done = sweep(factory, lambda _: None, settings, storage)
+    assert done["requeued"] == [requeued] and done["failed"] == [failed]
+    assert not storage.local_path(f"jobs/{requeued}/1").exists()  # a partial set is never kept
+    assert not storage.local_path(f"jobs/{failed}").exists()
+    assert not (work / failed).exists()  # ended: its scratch goes
+    assert (work / requeued).exists() and (work / queued).exists()  # their next attempt clears them
+
+
+def test_the_sweep_resends_every_queued_job_when_asked(settings: Settings, factory: Factory) -> None:
+    job_id = _job(factory)
+    sent: list[str] = []
+    assert sweep(factory, sent.append, settings)["resent"] == []  # not stale yet
+    assert sweep(factory, sent.append, settings, resend_all=True)["resent"] == [job_id]
+
+    def broker_down(_: str) -> None:
+        raise ConnectionError("broker down")
+
+    assert sweep(factory, broker_down, settings, resend_all=True)["unsent"] == [job_id]
+    assert sent == [job_id]
+
+
+# -- the runner --------------------------------------------------------------------------------
+
+
+def test_a_success_whose_commit_answer_was_lost_keeps_its_files(
+    settings: Settings, factory: Factory, tmp_path: Path
+) -> None:
+    job_id = _job(factory)
+    attempt = _claim(factory, job_id)
+    LostAnswer.dropped = False
+    flaky = sessionmaker(factory.kw["bind"], class_=LostAnswer, expire_on_commit=False)
+    runner = _runner(settings, flaky)
+    runner._store_success(job_id, attempt, _outcome(tmp_path))
+    assert LostAnswer.dropped
+    job = _job_row(factory, job_id)
+    assert job.status == "succeeded" and job.attempts == attempt
+    with factory() as s:
+        keys = s.scalars(select(Artifact.storage_key).where(Artifact.job_id == job_id)).all()
+    assert sorted(keys) == [f"jobs/{job_id}/1/quantized.onnx", f"jobs/{job_id}/1/report.json"]
+    assert all(runner.storage.exists(key) for key in keys)  # not deleted as if the job were lost
+
+
+def test_a_success_after_losing_the_job_leaves_nothing_behind(
+    settings: Settings, factory: Factory, tmp_path: Path
+) -> None:
+    job_id = _job(factory)
+    attempt = _claim(factory, job_id)
+    _expire(factory, job_id)
+    sweep(factory, lambda _: None, settings)  # requeued: attempt 1 is no longer the owner
+    runner = _runner(settings, factory)
+    runner.storage.local_path(f"jobs/{job_id}/7").mkdir(parents=True)  # from some older attempt
+    runner._store_success(job_id, attempt, _outcome(tmp_path))
+    assert _job_row(factory, job_id).status == "queued"
+    assert not runner.storage.local_path(f"jobs/{job_id}/{attempt}").exists()
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(Artifact)) == 0
+
+
+def test_writes_are_retried_through_a_short_database_outage(settings: Settings, factory: Factory) -> None:
+    job_id = _job(factory)
+    attempt = _claim(factory, job_id)
+    runner = _runner(settings, Outage(factory, failures=2))
+    assert runner._write("record", lambda s: state.fail(s, job_id, attempt, {"code": "internal"}))
+    assert _job_row(factory, job_id).status == "failed"
+
+
+def test_a_write_gives_up_after_a_lease_and_the_job_is_left_to_the_sweep(
+    settings: Settings, factory: Factory
+) -> None:
+    job_id = _job(factory)
+    attempt = _claim(factory, job_id)
+    runner = _runner(settings, Outage(factory, failures=1000))
+    assert runner._write("record", lambda s: state.fail(s, job_id, attempt, {"code": "internal"})) is None
+    assert _job_row(factory, job_id).status == "running"
+
+
+def test_a_claim_without_a_database_is_retried_by_the_task(settings: Settings, factory: Factory) -> None:
+    job_id = _job(factory)
+    with pytest.raises(DatabaseUnavailable):
+        _runner(settings, Outage(factory, failures=1)).run(job_id)
+    assert _job_row(factory, job_id).status == "queued"
+
+
+@pytest.mark.parametrize("broker_up", [True, False])
+def test_a_hand_back_returns_the_job_and_resends_it(
+    settings: Settings, factory: Factory, broker_up: bool
+) -> None:
+    job_id = _job(factory)
+    attempt = _claim(factory, job_id)
+    sent: list[str] = []
+
+    def enqueue(job: str) -> None:
+        if not broker_up:
+            raise ConnectionError("broker down")
+        sent.append(job)
+
+    runner = _runner(settings, factory, enqueue)
+    workdir = runner._workdir(job_id, attempt)
+    runner._hand_back(job_id, attempt, workdir)
+    assert not (settings.resolved_work_dir / job_id).exists()
+    job = _job_row(factory, job_id)
+    assert (job.status, job.attempts) == ("queued", 0)
+    assert sent == ([job_id] if broker_up else [])
+    with factory() as s:  # unsent: due at the next sweep, not after QAAS_QUEUED_RESEND_S
+        assert (job_id in state.stale_queued(s, settings.queued_resend_s)) is not broker_up
+
+
+def test_an_attempt_clears_the_scratch_earlier_attempts_left_on_this_host(
+    settings: Settings, factory: Factory
+) -> None:
+    runner = _runner(settings, factory)
+    killed = settings.resolved_work_dir / "job-1" / "1"
+    killed.mkdir(parents=True)
+    (killed / "stderr.log").write_text("the worker was SIGKILLed here")
+    workdir = runner._workdir("job-1", 2)
+    assert sorted(p.name for p in workdir.parent.iterdir()) == ["2"]
+    runner._remove_workdir(workdir)
+    assert not workdir.parent.exists()
+
+
+def test_celery_settings_agree_with_the_leases(settings: Settings) -> None:
+    production = settings.model_copy(update={"broker_url": "redis://127.0.0.1:6379/0", "job_timeout_s": 7200})
+    config = celery_config(production)
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["worker_cancel_long_running_tasks_on_connection_loss"]
+    assert config["broker_connection_max_retries"] is None
+    # Celery's limits sit behind the runner's own timeout, and Redis never redelivers before them.
+    assert config["task_soft_time_limit"] > production.job_timeout_s
+    assert config["task_time_limit"] > config["task_soft_time_limit"]
+    assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]

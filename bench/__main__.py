@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (models, logs)")
-    ap.add_argument(
-        "--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)"
-    )
+    ap.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
     args = ap.parse_args(argv)
     names = list(BENCHMARKS)
     if args.only:
@@ -137,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     crashed = False
     load_start = os.getloadavg()
-    print(
-        f"QaaS benchmarks{' (quick)' if args.quick else ''}: {', '.join(names)}; scratch in {tmp}", flush=True
-    )
+    print(f"QaaS benchmarks{' (quick)' if args.quick else ''}: {', '.join(names)}; scratch in {tmp}", flush=True)
     try:
         for name in names:
             print(f"\n== {name}", flush=True)
@@ -153,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 crashed = True
                 traceback.print_exc()
-                outcome = Outcome(
-                    figures={k: None for k in BENCHMARKS[name]}, errors=[f"{name}: {exc}"[:3000]]
-                )
+                outcome = Outcome(figures={k: None for k in BENCHMARKS[name]}, errors=[f"{name}: {exc}"[:3000]])
             for key in BENCHMARKS[name]:
                 outcome.figures.setdefault(key, None)
             report.update(outcome.figures)

@@ -25,9 +25,7 @@ CLIENTS = 64
 SECONDS = 20.0
 
 
-async def _client(
-    host: str, port: int, path: str, stop_at: float, lat: list[float], stats: dict[str, Any]
-) -> None:
+async def _client(host: str, port: int, path: str, stop_at: float, lat: list[float], stats: dict[str, Any]) -> None:
     request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n\r\n".encode()
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -157,12 +155,8 @@ def run(ctx: Context) -> Outcome:
             "healthz": hello,
         },
     }
-    out.rows.append(
-        Row("API: GET /v1/jobs/{id}, 64 clients", jobs["rps"], "req/s", hello["rps"], "GET /healthz")
-    )
-    out.rows.append(
-        Row("API: GET /v1/jobs/{id} p99", jobs["p99_ms"], "ms", hello["p99_ms"], "GET /healthz p99")
-    )
+    out.rows.append(Row("API: GET /v1/jobs/{id}, 64 clients", jobs["rps"], "req/s", hello["rps"], "GET /healthz"))
+    out.rows.append(Row("API: GET /v1/jobs/{id} p99", jobs["p99_ms"], "ms", hello["p99_ms"], "GET /healthz p99"))
     return out
 
 

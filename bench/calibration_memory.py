@@ -158,8 +158,7 @@ def run(ctx: Context) -> Outcome:
                 "skipped": True,
                 "predicted_bytes": predicted,
                 "cap_bytes": cap,
-                "reason": f"predicted {mb(predicted)} MB > cap {mb(cap)} MB "
-                f"({CAP_SHARE:.0%} of the memory available)",
+                "reason": f"predicted {mb(predicted)} MB > cap {mb(cap)} MB ({CAP_SHARE:.0%} of the memory available)",
             }
             ctx.log(f"  ORT, {n} samples: skipped (predicted {mb(predicted)} MB > cap {mb(cap)} MB)")
             continue

@@ -60,9 +60,7 @@ def run_json(argv: list[str], *, timeout: float, cwd: Path = ROOT) -> tuple[dict
         raise RuntimeError(f"{' '.join(argv[:3])} exited with {proc.returncode}: {proc.stderr[-2000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise RuntimeError(
-            f"{' '.join(argv[:3])} printed no JSON: {proc.stdout[-1000:]} {proc.stderr[-1000:]}"
-        )
+        raise RuntimeError(f"{' '.join(argv[:3])} printed no JSON: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
     return json.loads(lines[-1]), wall
 
 

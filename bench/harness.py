@@ -109,9 +109,7 @@ class Service:
         self.log_path = root / "service.log"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = clean_env(
-            QAAS_DATA_DIR=str(self.data_dir), QAAS_HOST="127.0.0.1", QAAS_PORT=str(self.port), **env
-        )
+        self.env = clean_env(QAAS_DATA_DIR=str(self.data_dir), QAAS_HOST="127.0.0.1", QAAS_PORT=str(self.port), **env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.supervisor: psutil.Process | None = None
         self._seen: dict[int, psutil.Process] = {}  # every descendant ever seen, stopped at the end
@@ -244,9 +242,7 @@ def upload_model(client: httpx.Client, path: Path, external: list[Path] | None =
             ("file", (path.name, stack.enter_context(path.open("rb")), "application/octet-stream"))
         ]
         for ext in external or []:
-            files.append(
-                ("external_data", (ext.name, stack.enter_context(ext.open("rb")), "application/octet-stream"))
-            )
+            files.append(("external_data", (ext.name, stack.enter_context(ext.open("rb")), "application/octet-stream")))
         return _check(client.post("/v1/models", files=files), f"upload of {path.name}")
 
 
@@ -262,9 +258,7 @@ def create_job(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     return _check(client.post("/v1/jobs", json=body), "job creation")
 
 
-def wait_job(
-    client: httpx.Client, job_id: str, timeout: float = 900.0, interval: float = 0.1
-) -> dict[str, Any]:
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 900.0, interval: float = 0.1) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         job = _check(client.get(f"/v1/jobs/{job_id}"), "job poll")

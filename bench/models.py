@@ -141,9 +141,7 @@ def tiny_npz(path: Path, samples: int = 8) -> Path:
     return path
 
 
-def external_data_model(
-    onnx_path: Path, total_bytes: int, *, tensors: int = 16, seed: int = 2
-) -> tuple[Path, Path]:
+def external_data_model(onnx_path: Path, total_bytes: int, *, tensors: int = 16, seed: int = 2) -> tuple[Path, Path]:
     """A chain of `Add`s over `tensors` float32 initializers of equal size that together fill one
     external data file of about `total_bytes` (`<name>.bin` beside the model). Returns both paths.
 

@@ -75,8 +75,7 @@ def run(ctx: Context) -> Outcome:
         for i in range(repeats):
             r = _service_run(svc, model, data, work / f"download{i}")
             ctx.log(
-                f"  service run {i + 1}: {r['total_s']:.2f} s "
-                f"(job {r['job_s']:.2f} s, engine {r['engine_total_s']} s)"
+                f"  service run {i + 1}: {r['total_s']:.2f} s (job {r['job_s']:.2f} s, engine {r['engine_total_s']} s)"
             )
             runs["service"].append(r)
             b, wall = run_json(

@@ -127,9 +127,7 @@ def run(ctx: Context) -> Outcome:
         "cp_mb_s": round(cp_mb_s, 1),
         "upload": details,
     }
-    out.rows.append(
-        Row(f"upload of a {total / MB:.0f} MB model (external data)", upload_mb_s, "MB/s", cp_mb_s, "cp")
-    )
+    out.rows.append(Row(f"upload of a {total / MB:.0f} MB model (external data)", upload_mb_s, "MB/s", cp_mb_s, "cp"))
     out.rows.append(
         Row(
             "upload: API RSS growth (peak - before)",

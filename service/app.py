@@ -44,10 +44,17 @@ Every error answers `{"error": {"code", "message", "detail"}}`.
 """
 
 
-def _error(status: int, code: str, message: str, detail: dict[str, Any] | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    detail: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
-        {"error": {"code": code, "message": message, "detail": detail or {}}}, status_code=status, headers=headers
+        {"error": {"code": code, "message": message, "detail": detail or {}}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -80,8 +87,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         404: f"No endpoint at {request.url.path}; see /docs for the API.",
         405: f"{request.method} is not allowed on {request.url.path}; see /docs.",
     }.get(exc.status_code, str(exc.detail))
-    return _error(exc.status_code, codes.get(exc.status_code, "bad_request"), message,
-                  headers=getattr(exc, "headers", None))
+    return _error(
+        exc.status_code,
+        codes.get(exc.status_code, "bad_request"),
+        message,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def _database_down(request: Request, exc: Exception) -> JSONResponse:

@@ -121,9 +121,7 @@ def current_tenant(
         return DEFAULT_TENANT
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized(
-            "This endpoint needs an API key: send `Authorization: Bearer <key>`.", headers=challenge
-        )
+        raise Unauthorized("This endpoint needs an API key: send `Authorization: Bearer <key>`.", headers=challenge)
     with request.app.state.session_factory() as session:
         found = tenant_for_key(session, credentials.credentials)
     if found is None:

@@ -76,7 +76,10 @@ def make_engine(settings: Settings) -> Engine:
 
 
 POSTGRES_CONNECT_ARGS = {
-    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
     "keepalives_count": 3,
 }
 

@@ -15,7 +15,9 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
 
-def paginate(session: Session, query: Select[Any], entity: Any, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+def paginate(
+    session: Session, query: Select[Any], entity: Any, limit: int, cursor: str | None
+) -> tuple[list[Any], str | None]:
     if cursor:
         created_at, row_id = decode_cursor(cursor)
         query = query.where(

@@ -91,7 +91,10 @@ class JobQueue:
         """Send the job's message. Two quick retries cover a pooled connection that died with a
         Redis restart; a broker that stays down fails within about a second (the caller answers 503)."""
         self.app.send_task(
-            RUN_JOB_TASK, args=[job_id], queue=QUEUE, retry=True,
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=QUEUE,
+            retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
         )
 

@@ -25,9 +25,9 @@ def stored_bytes(session: Session, tenant: str) -> int:
         )
     )
     artifacts = session.scalar(
-        select(func.coalesce(func.sum(Artifact.size_bytes), 0)).join(Job, Job.id == Artifact.job_id).where(
-            Job.tenant == tenant
-        )
+        select(func.coalesce(func.sum(Artifact.size_bytes), 0))
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant == tenant)
     )
     return int(models or 0) + int(datasets or 0) + int(artifacts or 0)
 
@@ -39,7 +39,11 @@ def check_storage(session: Session, settings: Settings, tenant: str, incoming: i
             f"Storing {incoming} more bytes would exceed your storage quota of {settings.quota_storage_bytes} "
             f"bytes ({used} used); delete models, datasets or old jobs first.",
             code="payload_too_large",
-            detail={"quota_bytes": settings.quota_storage_bytes, "used_bytes": used, "incoming_bytes": incoming},
+            detail={
+                "quota_bytes": settings.quota_storage_bytes,
+                "used_bytes": used,
+                "incoming_bytes": incoming,
+            },
         )
 
 

@@ -36,7 +36,8 @@ class Supervisor:
         self.worker = subprocess.Popen(WORKER)
         mode = "embedded (SQLite, filesystem broker)" if settings.is_embedded else "external database and broker"
         print(
-            f"\nQaaS is starting on http://{settings.host}:{settings.port} ({mode}, data in {settings.resolved_data_dir})\n"
+            f"\nQaaS is starting on http://{settings.host}:{settings.port} "
+            f"({mode}, data in {settings.resolved_data_dir})\n"
             f"  Swagger UI: http://{settings.host}:{settings.port}/docs\n  Press Ctrl-C to stop.\n",
             flush=True,
         )
@@ -52,8 +53,11 @@ class Supervisor:
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
                 delay = min(30.0, 2.0 ** (len(restarts) - 1))
-                print(f"The worker exited with code {self.worker.returncode}; restarting it in {delay:.0f} s.",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"The worker exited with code {self.worker.returncode}; restarting it in {delay:.0f} s.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 time.sleep(delay)
                 if not self.stopping:
                     self.worker = subprocess.Popen(WORKER)

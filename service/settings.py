@@ -25,10 +25,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     auth: Literal["on", "off"] = Field(
-        "off", description="`on`: every endpoint but health, readiness and docs needs `Authorization: Bearer <key>`."
+        "off",
+        description="`on`: every endpoint but health, readiness and docs needs `Authorization: Bearer <key>`.",
     )
     quota_active_jobs: int = Field(20, ge=1, description="Queued + running jobs per tenant.")
-    quota_storage_bytes: int = Field(100 << 30, ge=1024, description="Stored models, datasets and artifacts per tenant.")
+    quota_storage_bytes: int = Field(
+        100 << 30, ge=1024, description="Stored models, datasets and artifacts per tenant."
+    )
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per API key per minute (per API process).")
 
     worker_concurrency: int = Field(1, ge=1, le=64)
@@ -37,8 +40,10 @@ class Settings(BaseSettings):
     job_memory_bytes: int = Field(16 << 30, ge=64 << 20, description="Address-space limit of a job process.")
     job_timeout_s: int = Field(3600, ge=5, description="Wall-clock limit of one job attempt.")
     job_file_bytes: int | None = Field(
-        None, ge=1 << 20, description="Largest file a job process may write (RLIMIT_FSIZE). Default: twice "
-        "the larger upload limit plus 1 GiB (a job writes models about the size of the one it read)."
+        None,
+        ge=1 << 20,
+        description="Largest file a job process may write (RLIMIT_FSIZE). Default: twice "
+        "the larger upload limit plus 1 GiB (a job writes models about the size of the one it read).",
     )
     job_open_files: int = Field(1024, ge=64, description="Open files of a job process (RLIMIT_NOFILE).")
     job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a lost job fails with worker_lost.")

@@ -61,7 +61,11 @@ class HashedWrite:
 
 
 def write_stream(
-    dest: Path, chunks: Iterable[bytes], *, max_bytes: int | None = None, on_too_large: type[Exception] | None = None
+    dest: Path,
+    chunks: Iterable[bytes],
+    *,
+    max_bytes: int | None = None,
+    on_too_large: type[Exception] | None = None,
 ) -> HashedWrite:
     """Write `chunks` to `dest` (created exclusively), hashing on the way. Over `max_bytes` the
     partial file is removed and `OverflowError` (or what `on_too_large` builds) is raised."""

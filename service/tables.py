@@ -139,4 +139,13 @@ class Artifact(Base):
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_id_name"),)
 
 
-__all__ = ["ACTIVE_STATUSES", "DEFAULT_TENANT", "ApiKey", "Artifact", "Dataset", "Job", "JobStatus", "OnnxModel"]
+__all__ = [
+    "ACTIVE_STATUSES",
+    "DEFAULT_TENANT",
+    "ApiKey",
+    "Artifact",
+    "Dataset",
+    "Job",
+    "JobStatus",
+    "OnnxModel",
+]

@@ -64,8 +64,15 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
     reused = bool(job.get("reused_calibration"))
     if spec.mode == Mode.AUTO:
         outcome, measured = auto_quantize(
-            model_path, spec, workdir / "engine", evaluation, calibration=calibration, data=eval_data,
-            inputs=inputs, reused_calibration=reused, progress=report,
+            model_path,
+            spec,
+            workdir / "engine",
+            evaluation,
+            calibration=calibration,
+            data=eval_data,
+            inputs=inputs,
+            reused_calibration=reused,
+            progress=report,
         )
     else:
         outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)
@@ -83,7 +90,11 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
     result = measured.to_dict()
     result["warnings"] = [*outcome.warnings, *measured.warnings]
     result["preprocessing_steps"] = outcome.preprocessing_steps
-    result["timings_s"] = {**outcome.timings_s, **measured.timings_s, "total": round(time.perf_counter() - started, 3)}
+    result["timings_s"] = {
+        **outcome.timings_s,
+        **measured.timings_s,
+        "total": round(time.perf_counter() - started, 3),
+    }
     result["quantization"] = {"calibration_samples": outcome.calibration_samples, **outcome.details}
     result["peak_memory_bytes"] = peak_memory_bytes()
 
@@ -108,16 +119,23 @@ def main(workdir: Path) -> int:
         outcome = run(job, workdir, report)
     except EngineError as exc:
         # ONNX Runtime's allocation failures under RLIMIT_AS arrive wrapped in an EngineError.
-        outcome = {"status": "failed", "error": limit_error(exc, job.get("limits", {}), str(report.stage))
-                   or exc.to_dict()}
+        outcome = {
+            "status": "failed",
+            "error": limit_error(exc, job.get("limits", {}), str(report.stage)) or exc.to_dict(),
+        }
     except Exception as exc:  # MemoryError included
         traceback.print_exc()  # to the worker's log, never to the user
         code = "evaluation_failed" if report.stage == Stage.EVALUATING else "quantization_failed"
         limited = limit_error(exc, job.get("limits", {}), str(report.stage))
-        outcome = {"status": "failed", "error": limited or {
-            "code": code,
-            "message": f"{type(exc).__name__} during {report.stage}: {str(exc)[:1000]}",
-            "detail": {"stage": str(report.stage)}}}
+        outcome = {
+            "status": "failed",
+            "error": limited
+            or {
+                "code": code,
+                "message": f"{type(exc).__name__} during {report.stage}: {str(exc)[:1000]}",
+                "detail": {"stage": str(report.stage)},
+            },
+        }
     tmp = workdir / "outcome.json.tmp"
     tmp.write_text(json.dumps(outcome))
     os.replace(tmp, workdir / "outcome.json")

@@ -139,8 +139,7 @@ class Reaper:
                 if resend_all:
                     self.resend_all.set()  # not done: the next sweep tries again
                 if isinstance(exc, DBAPIError):  # the database is away: one line, not a traceback
-                    log.warning("sweep failed (%s); retrying in %.0f s", exc.orig,
-                                self.settings.sweep_interval_s)
+                    log.warning("sweep failed (%s); retrying in %.0f s", exc.orig, self.settings.sweep_interval_s)
                 else:
                     log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             self.wake.wait(self.settings.sweep_interval_s)

@@ -138,9 +138,7 @@ class JobRunner:
         self._db_down_since: float | None = None
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings | None = None, enqueue: Callable[[str], None] | None = None
-    ) -> JobRunner:
+    def from_settings(cls, settings: Settings | None = None, enqueue: Callable[[str], None] | None = None) -> JobRunner:
         settings = settings or get_settings()
         engine = make_engine(settings)
         storage = LocalStorage(settings.resolved_storage_dir)
@@ -246,8 +244,9 @@ class JobRunner:
 
     def _end(self, job_id: str, attempt: int, error: dict[str, Any], status: str) -> None:
         """Record failed/cancelled; a job that did not succeed keeps no stored files at all."""
-        if self._write(f"record job {job_id} as {status}",
-                       lambda s: state.fail(s, job_id, attempt, error, status=status)):
+        if self._write(
+            f"record job {job_id} as {status}", lambda s: state.fail(s, job_id, attempt, error, status=status)
+        ):
             self.storage.delete_prefix(f"jobs/{job_id}")
 
     def _hand_back(self, job_id: str, attempt: int, workdir: Path) -> None:
@@ -272,8 +271,10 @@ class JobRunner:
                 self.enqueue(job_id)
             except Exception as exc:  # the broker is down: mark it for the next sweep to re-send
                 log.warning("job %s: could not re-send its message (%s); the sweep will", job_id, exc)
-                self._write(f"mark job {job_id} for re-sending",
-                            lambda s: state.resend_due(s, job_id, self.settings.queued_resend_s))
+                self._write(
+                    f"mark job {job_id} for re-sending",
+                    lambda s: state.resend_due(s, job_id, self.settings.queued_resend_s),
+                )
 
     def _write_job_file(self, job_id: str, workdir: Path) -> None:
         with transaction(self.session_factory) as session:
@@ -289,8 +290,11 @@ class JobRunner:
                 row = session.get(Dataset, dataset_id)
                 if row is None or row.deleted_at is not None:
                     raise RuntimeError(f"dataset {dataset_id} was deleted")
-                return {"path": str(self.storage.local_path(row.storage_key)), "format": row.format,
-                        "preprocess": row.preprocess}
+                return {
+                    "path": str(self.storage.local_path(row.storage_key)),
+                    "format": row.format,
+                    "preprocess": row.preprocess,
+                }
 
             spec = {
                 "job_id": job.id,
@@ -301,15 +305,18 @@ class JobRunner:
                     **job.evaluation,
                     "max_seconds": self.settings.evaluation_max_seconds,
                     "max_samples": self.settings.evaluation_max_samples,
-                    "latency_runs": min(job.evaluation.get("latency_runs", 50),
-                                        self.settings.max_latency_runs),
+                    "latency_runs": min(job.evaluation.get("latency_runs", 50), self.settings.max_latency_runs),
                 },
                 "calibration": source(job.calibration_dataset_id),
                 "evaluation_data": source(job.evaluation_dataset_id),
                 "reused_calibration": job.evaluation_dataset_id is not None
                 and job.evaluation_dataset_id == job.calibration_dataset_id,
-                "limits": job_limits(self.settings.job_memory_bytes, self.settings.job_timeout_s,
-                                     self.settings.resolved_job_file_bytes, self.settings.job_open_files),
+                "limits": job_limits(
+                    self.settings.job_memory_bytes,
+                    self.settings.job_timeout_s,
+                    self.settings.resolved_job_file_bytes,
+                    self.settings.job_open_files,
+                ),
             }
         (workdir / "job.json").write_text(json.dumps(spec))
 
@@ -324,6 +331,7 @@ class JobRunner:
             preexec_fn=_die_with_runner(),
         )
         lines: queue.Queue[bytes] = queue.Queue()
+
         def read() -> None:
             for line in child.stdout or []:
                 lines.put(line)
@@ -370,12 +378,16 @@ class JobRunner:
                 if now - started > self.settings.job_timeout_s:
                     self._stop(child)
                     limit = self.settings.job_timeout_s
-                    return ChildOutcome("failed", error=_error(
-                        "timeout",
-                        f"The job ran longer than the limit of {limit} s and was stopped; use fewer "
-                        "calibration samples or latency runs, or ask the operator to raise "
-                        "QAAS_JOB_TIMEOUT_S.",
-                        limit_s=limit))
+                    return ChildOutcome(
+                        "failed",
+                        error=_error(
+                            "timeout",
+                            f"The job ran longer than the limit of {limit} s and was stopped; use fewer "
+                            "calibration samples or latency runs, or ask the operator to raise "
+                            "QAAS_JOB_TIMEOUT_S.",
+                            limit_s=limit,
+                        ),
+                    )
                 if child.poll() is not None and lines.empty():
                     reader.join(timeout=5)
                     if not lines.empty():
@@ -404,8 +416,7 @@ class JobRunner:
                 raise
             if self._db_down_since is None:
                 self._db_down_since = time.monotonic()
-                log.warning("job %s: database unreachable (%s); the job goes on, writes are retried",
-                            job_id, exc.orig)
+                log.warning("job %s: database unreachable (%s); the job goes on, writes are retried", job_id, exc.orig)
             return None
         if self._db_down_since is not None:
             log.warning("job %s: database back after %.1f s", job_id, time.monotonic() - self._db_down_since)
@@ -431,8 +442,13 @@ class JobRunner:
         limits = json.loads((workdir / "job.json").read_text()).get("limits", {})
         error = exit_error(returncode, tail, limits)
         # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
-        log.warning("job process in %s ended with %s (%s); stderr tail:\n%s",
-                    workdir, returncode, error["code"], tail[-1500:])
+        log.warning(
+            "job process in %s ended with %s (%s); stderr tail:\n%s",
+            workdir,
+            returncode,
+            error["code"],
+            tail[-1500:],
+        )
         return ChildOutcome("failed", error=error)
 
     def _store_success(self, job_id: str, attempt: int, outcome: ChildOutcome) -> None:
@@ -448,8 +464,14 @@ class JobRunner:
         def commit(session: Session) -> str:
             session.execute(delete(Artifact).where(Artifact.job_id == job_id))
             session.add_all(
-                Artifact(job_id=job_id, name=item["name"], storage_key=obj.key, size_bytes=obj.size_bytes,
-                         sha256=obj.sha256, media_type=item["media_type"])
+                Artifact(
+                    job_id=job_id,
+                    name=item["name"],
+                    storage_key=obj.key,
+                    size_bytes=obj.size_bytes,
+                    sha256=obj.sha256,
+                    media_type=item["media_type"],
+                )
                 for item, obj in stored
             )
             if state.succeed(session, job_id, attempt, outcome.result or {}):

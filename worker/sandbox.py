@@ -215,7 +215,6 @@ def exit_error(returncode: int, stderr_tail: str, limits: dict[str, Any]) -> dic
         }
     return {
         "code": "internal",
-        "message": f"The job process exited with code {returncode} without a result; the worker's log has "
-        "the details.",
+        "message": f"The job process exited with code {returncode} without a result; the worker's log has the details.",
         "detail": detail,
     }

@@ -158,6 +158,12 @@ def run_job(self: Task, job_id: str) -> None:
     except DatabaseUnavailable as exc:
         retries = self.request.retries
         countdown = min(60, 2**retries)
-        log.warning("job %s could not be claimed: %s; retry %d of %d in %d s",
-                    job_id, exc, retries + 1, CLAIM_RETRIES, countdown)
+        log.warning(
+            "job %s could not be claimed: %s; retry %d of %d in %d s",
+            job_id,
+            exc,
+            retries + 1,
+            CLAIM_RETRIES,
+            countdown,
+        )
         raise self.retry(exc=exc, countdown=countdown, max_retries=CLAIM_RETRIES) from exc

@@ -31,7 +31,10 @@ def create_dataset(
     dataset_id = new_id()
     with staging_dir(settings) as folder:
         staged = stage_upload(
-            file, folder / "upload", max_bytes=settings.max_dataset_bytes, what="dataset file",
+            file,
+            folder / "upload",
+            max_bytes=settings.max_dataset_bytes,
+            what="dataset file",
             chunk_size=settings.upload_chunk_bytes,
         )
         fmt = detect_format(staged.path)

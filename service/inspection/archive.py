@@ -80,8 +80,7 @@ def check_zip(
     archive_size = path.stat().st_size
     if len(infos) > limits.max_entries:
         raise PayloadTooLarge(
-            f"The archive holds {len(infos)} entries, more than the limit of {limits.max_entries}; "
-            "upload fewer files.",
+            f"The archive holds {len(infos)} entries, more than the limit of {limits.max_entries}; upload fewer files.",
             detail={"entries": len(infos), "limit": limits.max_entries},
         )
     total = 0
@@ -113,8 +112,7 @@ def check_zip(
             )
         if info.header_offset + info.compress_size > archive_size:
             raise error_cls(
-                f"Archive entry {name!r} claims more bytes than the archive holds; "
-                "upload a complete, uncorrupted zip.",
+                f"Archive entry {name!r} claims more bytes than the archive holds; upload a complete, uncorrupted zip.",
                 detail={"entry": name},
             )
         if info.is_dir():
@@ -126,9 +124,7 @@ def check_zip(
                 detail={"entry": name},
             )
         seen.add(safe)
-        if info.file_size >= limits.ratio_min_bytes and info.file_size > limits.max_ratio * max(
-            info.compress_size, 1
-        ):
+        if info.file_size >= limits.ratio_min_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise PayloadTooLarge(
                 f"Archive entry {name!r} expands {info.file_size} bytes from {info.compress_size}, "
                 f"beyond the allowed compression ratio of {limits.max_ratio:g}; upload it less compressed.",
@@ -142,8 +138,7 @@ def check_zip(
         total += info.file_size
         if total > limits.max_total_bytes:
             raise PayloadTooLarge(
-                f"The archive expands to more than the limit of {limits.max_total_bytes} bytes; "
-                "upload less data.",
+                f"The archive expands to more than the limit of {limits.max_total_bytes} bytes; upload less data.",
                 detail={"limit_bytes": limits.max_total_bytes},
             )
     return infos
@@ -217,8 +212,7 @@ def extract_flat(
 def _check_streamed(info: zipfile.ZipInfo, entry_bytes: int, total: int, limits: ArchiveLimits) -> None:
     if total > limits.max_total_bytes:
         raise PayloadTooLarge(
-            f"The archive expands to more than the limit of {limits.max_total_bytes} bytes; "
-            "upload less data.",
+            f"The archive expands to more than the limit of {limits.max_total_bytes} bytes; upload less data.",
             detail={"limit_bytes": limits.max_total_bytes},
         )
     if entry_bytes > info.file_size:

@@ -168,8 +168,7 @@ def _check_shape(spec: dict[str, Any], given: dict[str, Any], batch_size: int) -
         spec,
         given,
         f"an array of rank {len(shape)} fits neither accepted form",
-        f"give it rank {rank + 1} (samples stacked on a new leading axis) "
-        f"or rank {rank} (split into batches)",
+        f"give it rank {rank + 1} (samples stacked on a new leading axis) or rank {rank} (split into batches)",
     )
 
 
@@ -224,9 +223,7 @@ def _check_dtype(spec: dict[str, Any], given: dict[str, Any]) -> None:
         )
 
 
-def _mismatch(
-    spec: dict[str, Any], given: dict[str, Any] | None, problem: str, fix: str
-) -> DatasetModelMismatch:
+def _mismatch(spec: dict[str, Any], given: dict[str, Any] | None, problem: str, fix: str) -> DatasetModelMismatch:
     given_text = f"{given['dtype']} {_shape_text(given['shape'])}" if given else "nothing"
     return DatasetModelMismatch(
         f"The dataset cannot feed input {spec['name']!r}: {problem} (the model expects {spec['dtype']} "

@@ -76,9 +76,7 @@ def detect_format(path: Path) -> str:
         return "npy"
     if head[:4] in _ZIP_MAGICS:
         with open_zip(path) as zf:
-            names = [
-                n for n in (safe_member_name(i.filename) for i in zf.infolist()) if n and not _ignored(n)
-            ]
+            names = [n for n in (safe_member_name(i.filename) for i in zf.infolist()) if n and not _ignored(n)]
         if names and all(n.endswith(".npy") for n in names):
             return "npz"
         return "images"
@@ -134,8 +132,7 @@ def _read_header(fp: IO[bytes], what: str) -> _Header:
         offset = fp.tell()
     except Exception as exc:  # numpy's header parser raises many types (TokenError, RecursionError, ...)
         raise InvalidDataset(
-            f"{what} is not a valid .npy array ({str(exc).strip()[:200]}); "
-            "save it with numpy.save or numpy.savez.",
+            f"{what} is not a valid .npy array ({str(exc).strip()[:200]}); save it with numpy.save or numpy.savez.",
             detail={"array": what},
         ) from exc
     dtype = np.dtype(dtype)
@@ -219,8 +216,7 @@ def _array_info(fmt: str, headers: dict[str, _Header]) -> DatasetInfo:
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{k!r} has {n}" for k, n in sorted(lengths.items()))
         raise InvalidDataset(
-            f"The arrays disagree on the length of axis 0 ({listed}); "
-            "give every array the same number of samples.",
+            f"The arrays disagree on the length of axis 0 ({listed}); give every array the same number of samples.",
             detail={"axis0": lengths},
         )
     num_samples = next(iter(lengths.values())) if lengths else 1
@@ -229,9 +225,7 @@ def _array_info(fmt: str, headers: dict[str, _Header]) -> DatasetInfo:
             "The arrays hold no samples (axis 0 has length 0); upload at least one sample.",
             detail={"axis0": lengths},
         )
-    tensors = {
-        k: {"dtype": h.dtype.name, "shape": list(h.shape)} for k, h in headers.items() if k != LABELS_KEY
-    }
+    tensors = {k: {"dtype": h.dtype.name, "shape": list(h.shape)} for k, h in headers.items() if k != LABELS_KEY}
     return DatasetInfo(fmt, num_samples, tensors, labels is not None, None)
 
 
@@ -257,8 +251,7 @@ def _inspect_images(
     height, width = preprocess["size"]
     if height * width > limits.max_image_pixels:
         raise InvalidDataset(
-            f"preprocess.size {height}x{width} is more than {limits.max_image_pixels} pixels; "
-            "use a smaller size.",
+            f"preprocess.size {height}x{width} is more than {limits.max_image_pixels} pixels; use a smaller size.",
             detail={"field": "preprocess.size"},
         )
     infos = [i for i in check_zip(path, archive, InvalidDataset) if not i.is_dir()]
@@ -353,9 +346,7 @@ def _labels_from_folders(names: list[str]) -> tuple[bool, int | None]:
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _labels_from_csv(
-    zf: zipfile.ZipFile, entry: tuple[str, zipfile.ZipInfo], images: list[str]
-) -> tuple[bool, int]:
+def _labels_from_csv(zf: zipfile.ZipFile, entry: tuple[str, zipfile.ZipInfo], images: list[str]) -> tuple[bool, int]:
     name, info = entry
     if info.file_size > _MAX_LABELS_CSV_BYTES:
         raise InvalidDataset(
@@ -365,9 +356,7 @@ def _labels_from_csv(
     try:
         text = zf.read(info).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InvalidDataset(
-            "labels.csv is not UTF-8 text; save it as UTF-8.", detail={"entry": name}
-        ) from exc
+        raise InvalidDataset("labels.csv is not UTF-8 text; save it as UTF-8.", detail={"entry": name}) from exc
     folder = PurePosixPath(name).parent
     by_path: dict[str, str] = {}
     by_base: dict[str, list[str]] = {}
@@ -386,8 +375,7 @@ def _labels_from_csv(
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise InvalidDataset(
-                f"Line {line_no} of labels.csv is not `filename,label`; "
-                "write one image and its label per line.",
+                f"Line {line_no} of labels.csv is not `filename,label`; write one image and its label per line.",
                 detail={"entry": name, "line": line_no},
             )
         key = safe_member_name(row[0].strip()) or ""

@@ -253,16 +253,12 @@ class _Walk:
             f"The model uses operators this service cannot run: {listed}{more}; export it with "
             f"standard ONNX operators (allowed domains: {', '.join(allowed)}).",
             detail={
-                "operators": [
-                    {"domain": d, "op_type": op, "node": self.unsupported[(d, op)]} for d, op in ops
-                ],
+                "operators": [{"domain": d, "op_type": op, "node": self.unsupported[(d, op)]} for d, op in ops],
                 "allowed_domains": allowed,
             },
         )
 
-    def _graph(
-        self, graph: GraphProto, depth: int, scope: ChainMap[str, TensorProto], *, count: bool
-    ) -> None:
+    def _graph(self, graph: GraphProto, depth: int, scope: ChainMap[str, TensorProto], *, count: bool) -> None:
         local: dict[str, TensorProto] = {}
         for tensor in graph.initializer:
             self._tensor(tensor, f"initializer {tensor.name!r}")
@@ -456,8 +452,7 @@ class _Walk:
             raise escape("has an offset or length that is not an integer") from exc
         if offset < 0 or length < 0 or offset + length > info.st_size:
             raise escape(
-                f"reads bytes {offset}..{offset + length} of {location!r}, "
-                f"which has only {info.st_size} bytes"
+                f"reads bytes {offset}..{offset + length} of {location!r}, which has only {info.st_size} bytes"
             )
         if tensor.data_type in _WHOLE_BYTE_TYPES and declared > length:
             raise escape(f"needs {declared} bytes but only {length} are available in {location!r}")

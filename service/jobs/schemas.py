@@ -52,8 +52,10 @@ class Recipe(BaseModel):
             raise ValueError("weight_only quantization produces MatMulNBits and needs weight_type int4 or uint4")
         if self.mode != "weight_only" and self.weight_type in FOUR_BIT:
             raise ValueError(f"weight_type {self.weight_type} is only available with mode weight_only")
-        if self.format == "qoperator" and self.mode == "static" and (
-            self.activation_type in SIXTEEN_BIT or self.weight_type in SIXTEEN_BIT
+        if (
+            self.format == "qoperator"
+            and self.mode == "static"
+            and (self.activation_type in SIXTEEN_BIT or self.weight_type in SIXTEEN_BIT)
         ):
             raise ValueError("16-bit activation or weight types need format qdq; qoperator supports 8-bit only")
         if self.mode == "dynamic" and self.weight_type not in ("int8", "uint8"):
@@ -161,7 +163,14 @@ class JobOut(OrmModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     stage: Literal[
-        "queued", "validating", "preprocessing", "calibrating", "quantizing", "evaluating", "reporting", "done"
+        "queued",
+        "validating",
+        "preprocessing",
+        "calibrating",
+        "quantizing",
+        "evaluating",
+        "reporting",
+        "done",
     ]
     progress: float = Field(ge=0, le=1)
     model_id: str

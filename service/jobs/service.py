@@ -78,7 +78,9 @@ def create_job(
     evaluation = get_dataset(session, tenant, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
     check_recipe(storage, body, model, calibration)
     if calibration is not None:
-        check_dataset_fits_model(calibration.format, calibration.tensors, model.inputs, body.recipe.calibration_batch_size)
+        check_dataset_fits_model(
+            calibration.format, calibration.tensors, model.inputs, body.recipe.calibration_batch_size
+        )
     if evaluation is not None and evaluation is not calibration:
         check_dataset_fits_model(evaluation.format, evaluation.tensors, model.inputs, body.evaluation.batch_size)
     check_active_jobs(session, settings, tenant)
@@ -124,7 +126,10 @@ def check_recipe(storage: LocalStorage, body: JobCreate, model: OnnxModel, calib
             raise InvalidRecipe(
                 "None of `op_types_to_quantize` occurs in the model, so nothing would be quantized; "
                 f"the model's operators are {sorted(model.op_counts)}.",
-                detail={"op_types_to_quantize": recipe.op_types_to_quantize, "model_ops": sorted(model.op_counts)},
+                detail={
+                    "op_types_to_quantize": recipe.op_types_to_quantize,
+                    "model_ops": sorted(model.op_counts),
+                },
             )
     if recipe.nodes_to_exclude:
         names = node_names(storage, model)

@@ -54,9 +54,7 @@ def _owned(job_id: str, attempt: int) -> Any:
     return (Job.id == job_id) & (Job.status == RUNNING) & (Job.attempts == attempt)
 
 
-def progress(
-    session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float
-) -> bool:
+def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float) -> bool:
     """Record progress and renew the lease; False when the job is no longer this attempt's."""
     now = utcnow()
     return _changed(
@@ -82,16 +80,19 @@ def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any])
             update(Job)
             .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
             .values(
-                status=JobStatus.SUCCEEDED.value, stage="done", progress=1.0, result=result,
-                finished_at=now, updated_at=now, lease_expires_at=None,
+                status=JobStatus.SUCCEEDED.value,
+                stage="done",
+                progress=1.0,
+                result=result,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
             )
         )
     )
 
 
-def fail(
-    session: Session, job_id: str, attempt: int, error: dict[str, Any], *, status: str = "failed"
-) -> bool:
+def fail(session: Session, job_id: str, attempt: int, error: dict[str, Any], *, status: str = "failed") -> bool:
     now = utcnow()
     return _changed(
         session.execute(
@@ -116,15 +117,22 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
             update(Job)
             .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
             .values(
-                status=QUEUED, stage="queued", progress=0.0, attempts=Job.attempts - 1, started_at=None,
-                updated_at=now, lease_expires_at=None,
+                status=QUEUED,
+                stage="queued",
+                progress=0.0,
+                attempts=Job.attempts - 1,
+                started_at=None,
+                updated_at=now,
+                lease_expires_at=None,
             )
         )
     )
 
 
 CANCELLED_ERROR: dict[str, Any] = {
-    "code": "cancelled", "message": "The job was cancelled at the user's request.", "detail": {}
+    "code": "cancelled",
+    "message": "The job was cancelled at the user's request.",
+    "detail": {},
 }
 
 
@@ -142,14 +150,17 @@ def request_cancel(session: Session, job: Job) -> None:
             session.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.status == QUEUED)
-                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, error=CANCELLED_ERROR,
-                        finished_at=now, updated_at=now)
+                .values(
+                    status=JobStatus.CANCELLED.value,
+                    cancel_requested=True,
+                    error=CANCELLED_ERROR,
+                    finished_at=now,
+                    updated_at=now,
+                )
             )
         ) or _changed(
             session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == RUNNING)
-                .values(cancel_requested=True, updated_at=now)
+                update(Job).where(Job.id == job.id, Job.status == RUNNING).values(cancel_requested=True, updated_at=now)
             )
         )
         if done:
@@ -172,8 +183,13 @@ def cancel_lost(session: Session, job_id: str, attempt: int) -> bool:
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.lease_expires_at < now, Job.cancel_requested.is_(True))
-            .values(status=JobStatus.CANCELLED.value, error=CANCELLED_ERROR, finished_at=now, updated_at=now,
-                    lease_expires_at=None)
+            .values(
+                status=JobStatus.CANCELLED.value,
+                error=CANCELLED_ERROR,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+            )
         )
     )
 
@@ -203,8 +219,13 @@ def fail_lost(session: Session, job_id: str, attempt: int, max_attempts: int) ->
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.lease_expires_at < now)
-            .values(status=JobStatus.FAILED.value, error=error, finished_at=now, updated_at=now,
-                    lease_expires_at=None)
+            .values(
+                status=JobStatus.FAILED.value,
+                error=error,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+            )
         )
     )
 

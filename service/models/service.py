@@ -40,7 +40,10 @@ def create_model(
     prefix = model_prefix(model_id)
     with staging_dir(settings) as folder:
         upload = stage_upload(
-            file, folder / MODEL_FILE, max_bytes=settings.max_model_bytes, what="model file",
+            file,
+            folder / MODEL_FILE,
+            max_bytes=settings.max_model_bytes,
+            what="model file",
             chunk_size=settings.upload_chunk_bytes,
         )
         remaining = settings.max_model_bytes - upload.size_bytes
@@ -97,10 +100,14 @@ def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget
     if safe.lower().endswith(".zip"):
         archive = folder.parent / f"{folder.name}.zip"
         try:
-            stage_upload(upload, archive, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
-            paths = extract_flat(
-                archive, folder, ArchiveLimits(max_total_bytes=budget), error_cls=InvalidModel
+            stage_upload(
+                upload,
+                archive,
+                max_bytes=budget,
+                what="external data",
+                chunk_size=settings.upload_chunk_bytes,
             )
+            paths = extract_flat(archive, folder, ArchiveLimits(max_total_bytes=budget), error_cls=InvalidModel)
             return sum(p.stat().st_size for p in paths)
         finally:
             archive.unlink(missing_ok=True)
@@ -125,9 +132,7 @@ def list_models_query(tenant: str) -> Select[OnnxModel]:
 
 def delete_model(session: Session, storage: LocalStorage, tenant: str, model_id: str) -> None:
     row = get_model(session, tenant, model_id)
-    active = session.scalar(
-        select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)).limit(1)
-    )
+    active = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)).limit(1))
     if active is not None:
         raise Conflict(
             "The model is used by a queued or running job; cancel the job or wait for it to finish, then delete.",

@@ -69,26 +69,27 @@ def metrics(request: Request) -> PlainTextResponse:
         lines.append(f'qaas_http_requests_total{{method="{method}",status="{code}"}} {count}')
     try:
         with request.app.state.session_factory() as session:
-            by_status = dict(
-                session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all()
-            )
-            models = session.scalar(
-                select(func.count()).select_from(OnnxModel).where(OnnxModel.deleted_at.is_(None))
-            )
-            datasets = session.scalar(
-                select(func.count()).select_from(Dataset).where(Dataset.deleted_at.is_(None))
-            )
+            by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+            models = session.scalar(select(func.count()).select_from(OnnxModel).where(OnnxModel.deleted_at.is_(None)))
+            datasets = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.deleted_at.is_(None)))
         lines += ["# HELP qaas_jobs Jobs by status.", "# TYPE qaas_jobs gauge"]
         for status in ("queued", "running", "succeeded", "failed", "cancelled"):
             lines.append(f'qaas_jobs{{status="{status}"}} {by_status.get(status, 0)}')
         lines += [
-            "# HELP qaas_models Stored models.", "# TYPE qaas_models gauge", f"qaas_models {models}",
-            "# HELP qaas_datasets Stored datasets.", "# TYPE qaas_datasets gauge",
+            "# HELP qaas_models Stored models.",
+            "# TYPE qaas_models gauge",
+            f"qaas_models {models}",
+            "# HELP qaas_datasets Stored datasets.",
+            "# TYPE qaas_datasets gauge",
             f"qaas_datasets {datasets}",
-            "# HELP qaas_database_up 1 when the database answered.", "# TYPE qaas_database_up gauge",
+            "# HELP qaas_database_up 1 when the database answered.",
+            "# TYPE qaas_database_up gauge",
             "qaas_database_up 1",
         ]
     except Exception:
-        lines += ["# HELP qaas_database_up 1 when the database answered.", "# TYPE qaas_database_up gauge",
-                  "qaas_database_up 0"]
+        lines += [
+            "# HELP qaas_database_up 1 when the database answered.",
+            "# TYPE qaas_database_up gauge",
+            "qaas_database_up 0",
+        ]
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

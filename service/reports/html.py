@@ -181,8 +181,7 @@ def fmt_value(value: Any) -> str:
     if isinstance(value, Mapping):
         if all(not isinstance(v, Mapping | list | tuple) for v in value.values()):
             return "<br>".join(
-                f'<span class="sub">{_e(str(k).replace("_", " "))}:</span> {fmt_value(v)}'
-                for k, v in value.items()
+                f'<span class="sub">{_e(str(k).replace("_", " "))}:</span> {fmt_value(v)}' for k, v in value.items()
             )
         return "<pre>" + _e(json.dumps(value, indent=2, sort_keys=True, default=str)) + "</pre>"
     return _e(value)
@@ -198,9 +197,7 @@ def _svg(width: int, height: int, body: Iterable[str], label: str) -> str:
     )
 
 
-def _line(
-    x1: float, y1: float, x2: float, y2: float, color: str, width: float = 1, dash: str | None = None
-) -> str:
+def _line(x1: float, y1: float, x2: float, y2: float, color: str, width: float = 1, dash: str | None = None) -> str:
     dashed = f' stroke-dasharray="{dash}"' if dash else ""
     return (
         f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
@@ -247,8 +244,7 @@ def hbar_chart(
             else:
                 w = max(1.0, min(value, vmax) / vmax * plot_w)
                 parts.append(
-                    f'<rect x="{label_w}" y="{y:.1f}" width="{w:.1f}" height="{bar_h}" rx="2" '
-                    f'fill="{color}"/>'
+                    f'<rect x="{label_w}" y="{y:.1f}" width="{w:.1f}" height="{bar_h}" rx="2" fill="{color}"/>'
                 )
                 parts.append(_text(label_w + w + 6, y + bar_h - 4, value_label))
             y += bar_h + gap
@@ -276,9 +272,7 @@ def latency_range_plot(models: Sequence[tuple[str, Mapping[str, Any], str]], *, 
     stats = [(name, lat, color) for name, lat, color in models if _num(_get(lat, "p50")) is not None]
     if not stats:
         return '<p class="sub">No latency was measured.</p>'
-    vmax = max(
-        _num(lat.get("max")) or _num(lat.get("p99")) or _num(lat.get("p50")) or 0.0 for _, lat, _ in stats
-    )
+    vmax = max(_num(lat.get("max")) or _num(lat.get("p99")) or _num(lat.get("p50")) or 0.0 for _, lat, _ in stats)
     vmax = _nice_ceiling(vmax if vmax > 0 else 1.0)
     plot_w = width - label_w - right_pad
 
@@ -289,9 +283,7 @@ def latency_range_plot(models: Sequence[tuple[str, Mapping[str, Any], str]], *, 
     height = top + len(stats) * row_h + axis_h
     # Axis with five ticks.
     axis_y = top + len(stats) * row_h
-    parts.append(
-        f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" stroke="#9aa3b2"/>'
-    )
+    parts.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" stroke="#9aa3b2"/>')
     for i in range(6):
         v = vmax * i / 5
         tx = x(v)
@@ -373,9 +365,7 @@ def _warnings(warnings: Sequence[Any]) -> str:
         )
     items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
     n = len(warnings)
-    return (
-        f'<section class="box warnings"><h2>{n} warning{"s" if n != 1 else ""}</h2><ul>{items}</ul></section>'
-    )
+    return f'<section class="box warnings"><h2>{n} warning{"s" if n != 1 else ""}</h2><ul>{items}</ul></section>'
 
 
 def _card(label: str, big: str, detail: str, big_cls: str = "") -> str:
@@ -493,9 +483,7 @@ def _latency(result: Mapping[str, Any]) -> str:
                 f'<tr><th>{name}</th><td class="num">{_e(fmt(orig.get(key)))}</td>'
                 f'<td class="num">{_e(fmt(quant.get(key)))}</td></tr>'
             )
-    legend = _LEGEND.replace(
-        "</p>", " · box: p50 to p90, whiskers: min to max, dashed tick: p99, diamond: mean</p>"
-    )
+    legend = _LEGEND.replace("</p>", " · box: p50 to p90, whiskers: min to max, dashed tick: p99, diamond: mean</p>")
     return (
         "<section><h2>Latency</h2>"
         + legend
@@ -528,9 +516,7 @@ def _fidelity(result: Mapping[str, Any]) -> str:
         )
         shown = None if sqnr is None else max(0.0, sqnr)
         value_label = fmt_db(sqnr) + (" (identical)" if sqnr is not None and sqnr >= 200 else "")
-        groups.append(
-            (str(o.get("name")), [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)])
-        )
+        groups.append((str(o.get("name")), [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)]))
     chart = hbar_chart(
         groups,
         label="SQNR per output",
@@ -645,10 +631,7 @@ def _steps(steps: Sequence[Any]) -> str:
     if not steps:
         return ""
     items = "".join(f"<li>{_e(s)}</li>" for s in steps)
-    return (
-        '<section><h2>Pre-processing steps</h2><div class="box">'
-        f'<ol class="steps">{items}</ol></div></section>'
-    )
+    return f'<section><h2>Pre-processing steps</h2><div class="box"><ol class="steps">{items}</ol></div></section>'
 
 
 def _machine(machine: Mapping[str, Any]) -> str:
@@ -659,9 +642,7 @@ def _machine(machine: Mapping[str, Any]) -> str:
     if isinstance(features, Mapping) and features:
         chips = (
             '<div class="chips">'
-            + "".join(
-                f'<span class="{"on" if on else "off"}">{_e(name)}</span>' for name, on in features.items()
-            )
+            + "".join(f'<span class="{"on" if on else "off"}">{_e(name)}</span>' for name, on in features.items())
             + "</div>"
         )
     rows = []
@@ -694,9 +675,7 @@ def _error(job: Mapping[str, Any]) -> str:
     if not isinstance(err, Mapping):
         return ""
     detail = err.get("detail")
-    detail_html = (
-        "<pre>" + _e(json.dumps(detail, indent=2, sort_keys=True, default=str)) + "</pre>" if detail else ""
-    )
+    detail_html = "<pre>" + _e(json.dumps(detail, indent=2, sort_keys=True, default=str)) + "</pre>" if detail else ""
     return (
         f'<section class="box error"><h2>The job {_e(job.get("status") or "failed")}: '
         f"{_e(err.get('code') or 'error')}</h2><p>{_e(err.get('message'))}</p>{detail_html}</section>"

@@ -130,7 +130,9 @@ def deployment(request: pytest.FixtureRequest) -> Deployment:
     return dep
 
 
-def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 180) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def wait_for_job(
+    client: httpx.Client, job_id: str, timeout: float = 180
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Poll until the job ends; returns the final job and every distinct state seen on the way."""
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout

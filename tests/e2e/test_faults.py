@@ -86,7 +86,8 @@ def database_url(postgres_url: str) -> Iterator[str]:
 
 def production(root: Path, database_url: str, redis: PrivateRedis, **env: str) -> Iterator[Deployment]:
     yield from deploy(
-        "production", root / "deployment",
+        "production",
+        root / "deployment",
         **{**FAST, "QAAS_DATABASE_URL": database_url, "QAAS_BROKER_URL": redis.url, **env},
     )
 
@@ -244,9 +245,7 @@ def test_sigkilled_worker_job_completes_once_and_a_cancelled_queued_job_never_st
         assert attempts_started(dep, queued_id) == []
 
 
-def test_sigterm_hands_a_long_job_back_and_the_next_worker_finishes_it(
-    dep: Deployment, tmp_path: Path
-) -> None:
+def test_sigterm_hands_a_long_job_back_and_the_next_worker_finishes_it(dep: Deployment, tmp_path: Path) -> None:
     with dep.client() as http:
         job_id = create_job(http, upload_model(http, tmp_path), LONG)
         wait_job(http, job_id, measuring(1), 60, dep)
@@ -301,9 +300,7 @@ def test_the_same_message_delivered_twice_runs_once(dep: Deployment, tmp_path: P
         wait_log(dep, f"job {job_id} is not queued", times=2)  # both copies were delivered, and skipped
 
 
-def test_cancelling_a_running_job_stops_its_process_and_leaves_nothing(
-    dep: Deployment, tmp_path: Path
-) -> None:
+def test_cancelling_a_running_job_stops_its_process_and_leaves_nothing(dep: Deployment, tmp_path: Path) -> None:
     with dep.client() as http:
         job_id = create_job(http, upload_model(http, tmp_path), LONG)
         wait_job(http, job_id, measuring(1), 60, dep)
@@ -423,9 +420,7 @@ def assert_one_job_per_key(dep: Deployment, tmp_path: Path) -> None:
     assert len({a.json()["id"] for a in answers}) == 1
 
 
-def test_one_idempotency_key_sent_at_once_by_many_clients_makes_one_job(
-    dep: Deployment, tmp_path: Path
-) -> None:
+def test_one_idempotency_key_sent_at_once_by_many_clients_makes_one_job(dep: Deployment, tmp_path: Path) -> None:
     assert_one_job_per_key(dep, tmp_path)
 
 

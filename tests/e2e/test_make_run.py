@@ -45,6 +45,7 @@ def test_supervisor_restarts_the_worker_and_stops_cleanly(tmp_path: Path) -> Non
         proc = subprocess.Popen([sys.executable, "-m", "service.run"], env=env, stdout=log, stderr=subprocess.STDOUT)
     supervisor = psutil.Process(proc.pid)
     try:
+
         def ready() -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
@@ -65,7 +66,7 @@ def test_supervisor_restarts_the_worker_and_stops_cleanly(tmp_path: Path) -> Non
         children = supervisor.children(recursive=True)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=40) == 0
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        _gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"left running: {[p.cmdline() for p in alive]}"
         assert "QaaS stopped." in (tmp_path / "run.log").read_text()
     finally:

@@ -61,8 +61,11 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
         assert http.get(f"/v1/datasets/{images_id}").json()["has_labels"] is True
         jobs = {
             "qoperator": (conv_id, npz_id, {"mode": "static", "format": "qoperator", "per_channel": True}),
-            "percentile": (conv_id, npz_id, {"calibration_method": "percentile", "per_channel": True,
-                                             "activation_type": "int8"}),
+            "percentile": (
+                conv_id,
+                npz_id,
+                {"calibration_method": "percentile", "per_channel": True, "activation_type": "int8"},
+            ),
             "int16": (conv_id, npz_id, {"activation_type": "uint16", "weight_type": "int16"}),
             "images": (conv_id, images_id, {"calibration_method": "entropy"}),
             "npy_batched": (mlp_id, npy_id, {"calibration_batch_size": 4, "reduce_range": True}),
@@ -72,14 +75,22 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
         }
         ids = {}
         for name, (model_id, data_id, recipe) in jobs.items():
-            response = http.post("/v1/jobs", json={"model_id": model_id, "calibration_dataset_id": data_id,
-                                                   "recipe": recipe, "evaluation": quick})
+            response = http.post(
+                "/v1/jobs",
+                json={
+                    "model_id": model_id,
+                    "calibration_dataset_id": data_id,
+                    "recipe": recipe,
+                    "evaluation": quick,
+                },
+            )
             assert response.status_code == 202, (name, response.text)
             ids[name] = response.json()["id"]
         done = {name: wait_for_job(http, job_id)[0] for name, job_id in ids.items()}
         models = {
             name: onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
-            for name, job in done.items() if job["status"] == "succeeded"
+            for name, job in done.items()
+            if job["status"] == "succeeded"
         }
     failed = {name: job["error"] for name, job in done.items() if job["status"] != "succeeded"}
     assert not failed, failed
@@ -97,5 +108,8 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     labelled_result = done["percentile"]["result"]
     assert labelled_result["comparison"]["accuracy"]["metric"] == "top1"
     assert done["images"]["result"]["comparison"]["accuracy"] is not None  # labels from class folders
-    assert done["weight_only"]["result"]["quantized"]["size_bytes"] < done["weight_only"]["result"]["original"]["size_bytes"]
+    assert (
+        done["weight_only"]["result"]["quantized"]["size_bytes"]
+        < done["weight_only"]["result"]["original"]["size_bytes"]
+    )
     assert any("opset" in step for step in done["int16"]["result"]["preprocessing_steps"])

@@ -57,7 +57,7 @@ def test_static_quantization_from_upload_to_download(deployment: Deployment, tmp
 
         result = job["result"]
         assert result["original"]["size_bytes"] == model_path.stat().st_size
-        assert 0 < result["quantized"]["size_bytes"]
+        assert result["quantized"]["size_bytes"] > 0
 
         artifacts = {a["name"]: a for a in http.get(f"/v1/jobs/{job['id']}/artifacts").json()}
         assert {"quantized.onnx", "report.json"} <= set(artifacts)
@@ -86,7 +86,8 @@ def test_dynamic_quantization_without_data(deployment: Deployment, tmp_path: Pat
     with deployment.client() as http:
         model = http.post("/v1/models", files={"file": ("mlp.onnx", model_path.read_bytes())}).json()
         created = http.post(
-            "/v1/jobs", json={"model_id": model["id"], "recipe": {"mode": "dynamic"}, "evaluation": {"latency_runs": 5}}
+            "/v1/jobs",
+            json={"model_id": model["id"], "recipe": {"mode": "dynamic"}, "evaluation": {"latency_runs": 5}},
         )
         assert created.status_code == 202, created.text
         job, _ = wait_for_job(http, created.json()["id"])
@@ -115,8 +116,14 @@ def test_a_failed_job_says_why_and_the_worker_goes_on(deployment: Deployment, tm
         failed = http.post("/v1/jobs", json={"model_id": model.json()["id"], "calibration_dataset_id": data["id"]})
         assert failed.status_code == 202, failed.text
         mlp = http.post("/v1/models", files={"file": ("mlp.onnx", matmul_mlp(tmp_path / "m.onnx").read_bytes())})
-        ok = http.post("/v1/jobs", json={"model_id": mlp.json()["id"], "recipe": {"mode": "dynamic"},
-                                         "evaluation": {"latency_runs": 3}}).json()
+        ok = http.post(
+            "/v1/jobs",
+            json={
+                "model_id": mlp.json()["id"],
+                "recipe": {"mode": "dynamic"},
+                "evaluation": {"latency_runs": 3},
+            },
+        ).json()
         first, _ = wait_for_job(http, failed.json()["id"])
         second, _ = wait_for_job(http, ok["id"])
         assert http.get(f"/v1/jobs/{first['id']}/artifacts").json() == []

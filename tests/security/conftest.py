@@ -84,9 +84,7 @@ def assert_contained(hostile: Hostile, before: dict[str, str]) -> None:
     deadline = time.monotonic() + 5
     while True:
         spooled = [
-            p
-            for p in open_paths(hostile.dep.procs["api"].pid)
-            if p.startswith(str(hostile.tmpdir)) or "/staging/" in p
+            p for p in open_paths(hostile.dep.procs["api"].pid) if p.startswith(str(hostile.tmpdir)) or "/staging/" in p
         ]
         if not spooled or time.monotonic() > deadline:
             break

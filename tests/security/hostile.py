@@ -82,9 +82,7 @@ def constant_of_shape_model(dims: list[int]) -> bytes:
         helper.make_node("ReduceSum", ["big"], ["total"], name="sum", keepdims=0),
         helper.make_node("Add", ["x", "total"], ["y"], name="add"),
     ]
-    graph = helper.make_graph(
-        nodes, "fill", [_io("x", ["batch", 4])], [_io("y", ["batch", 4])], initializer=[shape]
-    )
+    graph = helper.make_graph(nodes, "fill", [_io("x", ["batch", 4])], [_io("y", ["batch", 4])], initializer=[shape])
     return _model(graph)
 
 
@@ -132,9 +130,7 @@ def deep_subgraph_model(depth: int) -> bytes:
             [],
             [_io(f"out{level - 1}", [1])],
         )
-        node = helper.make_node(
-            "If", ["cond"], [f"out{level}"], name=f"if{level}", then_branch=inner, else_branch=leaf
-        )
+        node = helper.make_node("If", ["cond"], [f"out{level}"], name=f"if{level}", then_branch=inner, else_branch=leaf)
         inner = helper.make_graph([node], f"level{level}", [], [_io(f"out{level}", [1])])
     top = helper.make_graph(
         [*inner.node, helper.make_node("Identity", [f"out{depth}"], ["y"])],
@@ -166,13 +162,7 @@ def nested_beyond_parser_limit(depth: int = 500) -> bytes:
     graph = _field(1, _field(1, "x") + _field(2, "y") + _field(4, "Identity")) + _field(2, "leaf")
     for level in range(depth):
         attribute = _field(1, "then_branch") + _field(6, graph) + _varint(20 << 3) + _varint(5)
-        node = (
-            _field(1, "cond")
-            + _field(2, "y")
-            + _field(3, f"if{level}")
-            + _field(4, "If")
-            + _field(5, attribute)
-        )
+        node = _field(1, "cond") + _field(2, "y") + _field(3, f"if{level}") + _field(4, "If") + _field(5, attribute)
         graph = _field(1, node) + _field(2, f"level{level}")
     opset = _varint(2 << 3) + _varint(13)
     return _varint(1 << 3) + _varint(8) + _field(7, graph) + _field(8, opset)
@@ -204,9 +194,7 @@ def unknown_type_model() -> bytes:
 
 def short_raw_data_model() -> bytes:
     """Declares 1024 floats and holds 2 bytes: a reader trusting the dims would read past the buffer."""
-    return identity_with_initializer(
-        TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1024], raw_data=b"\0\0")
-    )
+    return identity_with_initializer(TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1024], raw_data=b"\0\0"))
 
 
 def long_loop_model(iterations: int = 10**12) -> bytes:

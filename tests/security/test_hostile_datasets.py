@@ -95,9 +95,7 @@ CASES = {
     "npy-header-deeply-nested": Case(
         lambda _s: (
             "calib.npy",
-            h.raw_npy_header(
-                "{'descr': '<f4', 'fortran_order': False, 'shape': " + "(" * 20_000 + ")" * 20_000 + "}"
-            ),
+            h.raw_npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': " + "(" * 20_000 + ")" * 20_000 + "}"),
         ),
         422,
         "invalid_dataset",
@@ -205,9 +203,7 @@ def test_client_file_name_is_metadata(service: Hostile) -> None:
     before = service.tree()
     samples = np.zeros((2, 1, 3, 8, 8), dtype=np.float32)
     with service.client() as http:
-        created = http.post(
-            "/v1/datasets", files={"file": ("../../../outside/calib.npz", npz_bytes(input=samples))}
-        )
+        created = http.post("/v1/datasets", files={"file": ("../../../outside/calib.npz", npz_bytes(input=samples))})
         assert created.status_code == 201, created.text
         assert http.delete(f"/v1/datasets/{created.json()['id']}").status_code == 204
     stored = [p.name for p in (service.dep.data_dir / "storage").rglob("*") if p.is_file()]

@@ -71,9 +71,7 @@ CASES = {
     "dotdot-after-folder": Case(
         external("sub/../../weights.bin", WEIGHTS), 422, "external_data_escape", "outside the model's folder"
     ),
-    "backslash-traversal": Case(
-        external("..\\..\\outside\\canary.txt"), 422, "external_data_escape", "backslash"
-    ),
+    "backslash-traversal": Case(external("..\\..\\outside\\canary.txt"), 422, "external_data_escape", "backslash"),
     "nul-byte": Case(external("weights.bin\x00.png", WEIGHTS), 422, "external_data_escape", "NUL"),
     "not-uploaded": Case(external("weights.bin"), 422, "external_data_escape", "not uploaded"),
     # CVE-2024-27319: offset and length outside the file.
@@ -116,9 +114,7 @@ CASES = {
         "symbolic link",
     ),
     "zip-symlinked-folder": Case(
-        lambda s: model(
-            h.external_data_model("sub/canary.txt"), ("weights.zip", h.symlink_zip("sub", str(s.outside)))
-        ),
+        lambda s: model(h.external_data_model("sub/canary.txt"), ("weights.zip", h.symlink_zip("sub", str(s.outside)))),
         422,
         "invalid_model",
         "symbolic link",
@@ -194,9 +190,7 @@ CASES = {
         "invalid_model",
         "not an ONNX model",
     ),
-    "truncated": Case(
-        lambda s: model(h.constant_of_shape_model([4])[:-25]), 422, "invalid_model", "not an ONNX model"
-    ),
+    "truncated": Case(lambda s: model(h.constant_of_shape_model([4])[:-25]), 422, "invalid_model", "not an ONNX model"),
     "empty": Case(lambda _s: model(b""), 422, "invalid_model", "empty"),
     "nested-beyond-parser-limit": Case(
         lambda _s: model(h.nested_beyond_parser_limit()), 422, "invalid_model", "could not be parsed"

@@ -118,9 +118,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_job_fails_cleanly_and_the_worker_carries_on(
-    service: Hostile, tmp_path: Path, name: str
-) -> None:
+def test_hostile_job_fails_cleanly_and_the_worker_carries_on(service: Hostile, tmp_path: Path, name: str) -> None:
     case = CASES[name]
     worker = worker_processes(service)
     with service.client() as http:

@@ -76,12 +76,8 @@ def multipart_stream(total: int, sent: list[int], file_name: str = "model.onnx")
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-@pytest.mark.parametrize(
-    ("path", "limit"), [("/v1/models", MAX_MODEL_BYTES), ("/v1/datasets", MAX_DATASET_BYTES)]
-)
-def test_declared_length_over_the_limit_is_refused_before_the_body(
-    service: Hostile, path: str, limit: int
-) -> None:
+@pytest.mark.parametrize(("path", "limit"), [("/v1/models", MAX_MODEL_BYTES), ("/v1/datasets", MAX_DATASET_BYTES)])
+def test_declared_length_over_the_limit_is_refused_before_the_body(service: Hostile, path: str, limit: int) -> None:
     before = service.tree()
     started = time.monotonic()
     status, body = raw_request(

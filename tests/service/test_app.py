@@ -10,7 +10,9 @@ def test_health_and_readiness(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert {name: c["ok"] for name, c in ready.json()["checks"].items()} == {
-        "database": True, "broker": True, "storage": True
+        "database": True,
+        "broker": True,
+        "storage": True,
     }
 
 

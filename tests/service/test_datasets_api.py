@@ -10,9 +10,7 @@ from tests.service.helpers import assert_error, npz_bytes, upload_dataset
 
 
 def test_npz_upload_describes_the_arrays(client: TestClient) -> None:
-    content = npz_bytes(
-        input=np.zeros((6, 1, 3, 8, 8), np.float32), __labels__=np.arange(6, dtype=np.int64)
-    )
+    content = npz_bytes(input=np.zeros((6, 1, 3, 8, 8), np.float32), __labels__=np.arange(6, dtype=np.int64))
     body = upload_dataset(client, content, "calib.npz")
     assert body["format"] == "npz"
     assert body["name"] == "calib"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import update
-
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import transaction, utcnow
@@ -17,8 +16,20 @@ Factory = sessionmaker[Session]
 
 def _job(factory: Factory) -> str:
     with transaction(factory) as s:
-        model = OnnxModel(name="m", storage_prefix="models/x", file_name="model.onnx", sha256="0" * 64, size_bytes=1,
-                          ir_version=8, opset=13, producer="t", inputs=[], outputs=[], op_counts={}, external_data=[])
+        model = OnnxModel(
+            name="m",
+            storage_prefix="models/x",
+            file_name="model.onnx",
+            sha256="0" * 64,
+            size_bytes=1,
+            ir_version=8,
+            opset=13,
+            producer="t",
+            inputs=[],
+            outputs=[],
+            op_counts={},
+            external_data=[],
+        )
         s.add(model)
         s.flush()
         job = Job(model_id=model.id, recipe={"mode": "dynamic"}, evaluation={})

@@ -73,7 +73,11 @@ def test_dataset_that_cannot_feed_the_model_is_refused(client: TestClient, tmp_p
     )
     assert "input" in error["message"]
     missing = upload_dataset(client, npz_bytes(other=np.zeros((4, 3), np.float32)))
-    assert_error(_job(client, model_id=model["id"], calibration_dataset_id=missing["id"]), 422, "dataset_model_mismatch")
+    assert_error(
+        _job(client, model_id=model["id"], calibration_dataset_id=missing["id"]),
+        422,
+        "dataset_model_mismatch",
+    )
 
 
 def test_unknown_ids_are_not_found(client: TestClient, tmp_path: Path) -> None:

@@ -54,22 +54,36 @@ def _as(key: str) -> dict[str, str]:
 
 def _alice_world(api: TestClient, key: str, tmp_path: Path) -> dict[str, str]:
     """A model, a dataset, a job and an artifact belonging to alice."""
-    model = api.post("/v1/models", headers=_as(key),
-                     files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())})
+    model = api.post(
+        "/v1/models",
+        headers=_as(key),
+        files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())},
+    )
     assert model.status_code == 201, model.text
     data = np.random.default_rng(0).random((4, 1, 3, 8, 8), dtype=np.float32)
     dataset = api.post("/v1/datasets", headers=_as(key), files={"file": ("d.npz", npz_bytes(input=data))})
     assert dataset.status_code == 201, dataset.text
-    job = api.post("/v1/jobs", headers=_as(key),
-                   json={"model_id": model.json()["id"], "calibration_dataset_id": dataset.json()["id"]})
+    job = api.post(
+        "/v1/jobs",
+        headers=_as(key),
+        json={"model_id": model.json()["id"], "calibration_dataset_id": dataset.json()["id"]},
+    )
     assert job.status_code == 202, job.text
     storage: LocalStorage = api.app.state.storage  # type: ignore[attr-defined]
     src = tmp_path / "report.json"
     src.write_text("{}")
     stored = storage.put_file(f"jobs/{job.json()['id']}/1/report.json", src)
     with transaction(api.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        session.add(Artifact(job_id=job.json()["id"], name="report.json", storage_key=stored.key,
-                             size_bytes=stored.size_bytes, sha256=stored.sha256, media_type="application/json"))
+        session.add(
+            Artifact(
+                job_id=job.json()["id"],
+                name="report.json",
+                storage_key=stored.key,
+                size_bytes=stored.size_bytes,
+                sha256=stored.sha256,
+                media_type="application/json",
+            )
+        )
     return {"model": model.json()["id"], "dataset": dataset.json()["id"], "job": job.json()["id"]}
 
 
@@ -91,12 +105,17 @@ def test_endpoints_need_a_valid_key(api: TestClient, keys: dict[str, str], auth_
 
 def _same_as_missing(response: Any, missing: Any, own_id: str) -> None:
     assert response.status_code == missing.status_code == 404
-    assert response.json() == {**missing.json(), "error": {
-        **missing.json()["error"],
-        "message": missing.json()["error"]["message"].replace("00000000-0000-0000-0000-000000000000", own_id),
-        "detail": {k: (own_id if v == "00000000-0000-0000-0000-000000000000" else v)
-                   for k, v in missing.json()["error"]["detail"].items()},
-    }}
+    assert response.json() == {
+        **missing.json(),
+        "error": {
+            **missing.json()["error"],
+            "message": missing.json()["error"]["message"].replace("00000000-0000-0000-0000-000000000000", own_id),
+            "detail": {
+                k: (own_id if v == "00000000-0000-0000-0000-000000000000" else v)
+                for k, v in missing.json()["error"]["detail"].items()
+            },
+        },
+    }
 
 
 def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str, str], tmp_path: Path) -> None:
@@ -104,10 +123,16 @@ def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str,
     bob = _as(keys["bob"])
     nobody = "00000000-0000-0000-0000-000000000000"
     checks = [
-        ("GET", "/v1/models/{}", "model"), ("GET", "/v1/models/{}/file", "model"), ("DELETE", "/v1/models/{}", "model"),
-        ("GET", "/v1/datasets/{}", "dataset"), ("DELETE", "/v1/datasets/{}", "dataset"),
-        ("GET", "/v1/jobs/{}", "job"), ("POST", "/v1/jobs/{}/cancel", "job"), ("GET", "/v1/jobs/{}/report", "job"),
-        ("GET", "/v1/jobs/{}/report.html", "job"), ("GET", "/v1/jobs/{}/artifacts", "job"),
+        ("GET", "/v1/models/{}", "model"),
+        ("GET", "/v1/models/{}/file", "model"),
+        ("DELETE", "/v1/models/{}", "model"),
+        ("GET", "/v1/datasets/{}", "dataset"),
+        ("DELETE", "/v1/datasets/{}", "dataset"),
+        ("GET", "/v1/jobs/{}", "job"),
+        ("POST", "/v1/jobs/{}/cancel", "job"),
+        ("GET", "/v1/jobs/{}/report", "job"),
+        ("GET", "/v1/jobs/{}/report.html", "job"),
+        ("GET", "/v1/jobs/{}/artifacts", "job"),
         ("GET", "/v1/jobs/{}/artifacts/report.json", "job"),
     ]
     covered = set()
@@ -118,8 +143,13 @@ def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str,
         _same_as_missing(theirs, missing, ids[kind])
     # Every contract route with an id is in the list above.
     routes = {
-        (m, re.sub(r"\{[a-z_]+\}", "{id}", r.path).replace("{id}/artifacts/{id}", "{id}/artifacts/report.json"))
-        for r in api.app.routes if "{" in getattr(r, "path", "") for m in getattr(r, "methods", ())
+        (
+            m,
+            re.sub(r"\{[a-z_]+\}", "{id}", r.path).replace("{id}/artifacts/{id}", "{id}/artifacts/report.json"),
+        )
+        for r in api.app.routes
+        if "{" in getattr(r, "path", "")
+        for m in getattr(r, "methods", ())
         if m != "HEAD"
     }
     assert routes <= covered, routes - covered
@@ -127,11 +157,17 @@ def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str,
         assert api.get(path, headers=bob).json()["items"] == []
         assert len(api.get(path, headers=_as(keys["alice"])).json()["items"]) == 1
     # A job cannot reference another tenant's model or dataset.
-    assert_error(api.post("/v1/jobs", headers=bob, json={"model_id": ids["model"], "recipe": {"mode": "dynamic"}}),
-                 404, "not_found")
+    assert_error(
+        api.post("/v1/jobs", headers=bob, json={"model_id": ids["model"], "recipe": {"mode": "dynamic"}}),
+        404,
+        "not_found",
+    )
     own = api.post("/v1/models", headers=bob, files={"file": ("m.onnx", (tmp_path / "m.onnx").read_bytes())}).json()
-    assert_error(api.post("/v1/jobs", headers=bob, json={"model_id": own["id"], "calibration_dataset_id": ids["dataset"]}),
-                 404, "not_found")
+    assert_error(
+        api.post("/v1/jobs", headers=bob, json={"model_id": own["id"], "calibration_dataset_id": ids["dataset"]}),
+        404,
+        "not_found",
+    )
     # Alice still has everything.
     assert api.get(f"/v1/jobs/{ids['job']}", headers=_as(keys["alice"])).json()["status"] == "queued"
     assert api.get(f"/v1/jobs/{ids['job']}/artifacts/report.json", headers=_as(keys["alice"])).content == b"{}"
@@ -142,8 +178,11 @@ def test_idempotency_keys_are_per_tenant(api: TestClient, keys: dict[str, str], 
     jobs = []
     for who in ("alice", "bob"):
         model = api.post("/v1/models", headers=_as(keys[who]), files={"file": ("m.onnx", path.read_bytes())}).json()
-        response = api.post("/v1/jobs", headers={**_as(keys[who]), "Idempotency-Key": "same"},
-                            json={"model_id": model["id"], "recipe": {"mode": "dynamic"}})
+        response = api.post(
+            "/v1/jobs",
+            headers={**_as(keys[who]), "Idempotency-Key": "same"},
+            json={"model_id": model["id"], "recipe": {"mode": "dynamic"}},
+        )
         assert response.status_code == 202, response.text
         jobs.append(response.json()["id"])
     assert jobs[0] != jobs[1]
@@ -185,9 +224,15 @@ def test_storage_quota(auth_settings: Settings, tmp_path: Path) -> None:
     with TestClient(create_app(settings), raise_server_exceptions=False) as api:
         alice = _key(api.app.state.session_factory, "alice")  # type: ignore[attr-defined]
         for _ in range(2):
-            assert api.post("/v1/models", headers=_as(alice), files={"file": ("m.onnx", path.read_bytes())}).status_code == 201
-        error = assert_error(api.post("/v1/models", headers=_as(alice), files={"file": ("m.onnx", path.read_bytes())}),
-                             413, "payload_too_large")
+            assert (
+                api.post("/v1/models", headers=_as(alice), files={"file": ("m.onnx", path.read_bytes())}).status_code
+                == 201
+            )
+        error = assert_error(
+            api.post("/v1/models", headers=_as(alice), files={"file": ("m.onnx", path.read_bytes())}),
+            413,
+            "payload_too_large",
+        )
         assert "quota" in error["message"]
         assert len(api.get("/v1/models", headers=_as(alice)).json()["items"]) == 2
         storage_dir = settings.resolved_storage_dir / "models"
@@ -210,12 +255,19 @@ def test_rate_limit_per_key(auth_settings: Settings, caplog: pytest.LogCaptureFi
 
 
 def test_key_life_cycle_through_the_admin_command(auth_settings: Settings) -> None:
-    env = clean_qaas_env(QAAS_DATA_DIR=str(auth_settings.resolved_data_dir),
-                         QAAS_DATABASE_URL=auth_settings.resolved_database_url)
+    env = clean_qaas_env(
+        QAAS_DATA_DIR=str(auth_settings.resolved_data_dir),
+        QAAS_DATABASE_URL=auth_settings.resolved_database_url,
+    )
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service.admin", *args], env=env, capture_output=True,
-                              text=True, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "service.admin", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
     created = admin("create-key", "--tenant", "acme", "--name", "ci")
     assert created.returncode == 0, created.stderr

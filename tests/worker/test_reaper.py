@@ -46,9 +46,7 @@ def test_sweep_requeues_then_fails_a_job_whose_worker_vanished(
         assert job.error["code"] == "worker_lost" and job.attempts == 2
 
 
-def test_sweep_resends_jobs_queued_for_too_long(
-    db_settings: Settings, session_factory: sessionmaker[Session]
-) -> None:
+def test_sweep_resends_jobs_queued_for_too_long(db_settings: Settings, session_factory: sessionmaker[Session]) -> None:
     settings = db_settings.model_copy(update={"queued_resend_s": 1})
     factory = session_factory
     job_id = _job(factory)

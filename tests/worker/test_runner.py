@@ -105,10 +105,14 @@ def _outcome(tmp_path: Path) -> ChildOutcome:
     model.write_bytes(b"\x08\x01" * 1000)
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"ok": True}))
-    return ChildOutcome("succeeded", result={"ok": True}, artifacts=[
-        {"name": "quantized.onnx", "path": str(model), "media_type": "application/octet-stream"},
-        {"name": "report.json", "path": str(report), "media_type": "application/json"},
-    ])
+    return ChildOutcome(
+        "succeeded",
+        result={"ok": True},
+        artifacts=[
+            {"name": "quantized.onnx", "path": str(model), "media_type": "application/octet-stream"},
+            {"name": "report.json", "path": str(report), "media_type": "application/json"},
+        ],
+    )
 
 
 # -- the state machine's fault transitions (both databases) ----------------------------------------
@@ -156,9 +160,7 @@ def test_a_lost_job_whose_cancellation_was_asked_ends_cancelled_not_requeued(
 # -- the sweep ---------------------------------------------------------------------------------
 
 
-def test_the_sweep_clears_partial_files_and_scratch_of_lost_attempts(
-    settings: Settings, factory: Factory
-) -> None:
+def test_the_sweep_clears_partial_files_and_scratch_of_lost_attempts(settings: Settings, factory: Factory) -> None:
     storage = LocalStorage(settings.resolved_storage_dir)
     work = settings.resolved_work_dir
     requeued, failed, queued = _job(factory), _job(factory), _job(factory)
@@ -238,9 +240,7 @@ def test_writes_are_retried_through_a_short_database_outage(settings: Settings, 
     assert _job_row(factory, job_id).status == "failed"
 
 
-def test_a_write_gives_up_after_a_lease_and_the_job_is_left_to_the_sweep(
-    settings: Settings, factory: Factory
-) -> None:
+def test_a_write_gives_up_after_a_lease_and_the_job_is_left_to_the_sweep(settings: Settings, factory: Factory) -> None:
     job_id = _job(factory)
     attempt = _claim(factory, job_id)
     runner = _runner(settings, Outage(factory, failures=1000))
@@ -256,9 +256,7 @@ def test_a_claim_without_a_database_is_retried_by_the_task(settings: Settings, f
 
 
 @pytest.mark.parametrize("broker_up", [True, False])
-def test_a_hand_back_returns_the_job_and_resends_it(
-    settings: Settings, factory: Factory, broker_up: bool
-) -> None:
+def test_a_hand_back_returns_the_job_and_resends_it(settings: Settings, factory: Factory, broker_up: bool) -> None:
     job_id = _job(factory)
     attempt = _claim(factory, job_id)
     sent: list[str] = []
@@ -279,9 +277,7 @@ def test_a_hand_back_returns_the_job_and_resends_it(
         assert (job_id in state.stale_queued(s, settings.queued_resend_s)) is not broker_up
 
 
-def test_an_attempt_clears_the_scratch_earlier_attempts_left_on_this_host(
-    settings: Settings, factory: Factory
-) -> None:
+def test_an_attempt_clears_the_scratch_earlier_attempts_left_on_this_host(settings: Settings, factory: Factory) -> None:
     runner = _runner(settings, factory)
     killed = settings.resolved_work_dir / "job-1" / "1"
     killed.mkdir(parents=True)

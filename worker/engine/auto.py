@@ -96,8 +96,10 @@ class Trial:
         cosine, sqnr = self.worst_fidelity() if self.measured else (None, None)
         return {
             "name": self.candidate.name,
-            "recipe": {k: (list(v) if isinstance(v, tuple) else str(v) if hasattr(v, "value") else v)
-                       for k, v in self.candidate.changes.items()},
+            "recipe": {
+                k: (list(v) if isinstance(v, tuple) else str(v) if hasattr(v, "value") else v)
+                for k, v in self.candidate.changes.items()
+            },
             "ok": self.measured is not None,
             "within_budget": self.within_budget(tolerance),
             "size_bytes": self.size or None,
@@ -155,7 +157,9 @@ def auto_quantize(
 ) -> tuple[QuantizationOutcome, EvaluationOutcome]:
     if calibration is None:
         raise EngineError(
-            "invalid_recipe", "Mode auto compares static variants and needs calibration data.", {"mode": "auto"}
+            "invalid_recipe",
+            "Mode auto compares static variants and needs calibration data.",
+            {"mode": "auto"},
         )
     search_eval = dataclasses.replace(
         evaluation,
@@ -172,8 +176,14 @@ def auto_quantize(
         try:
             trial.quantized = quantize(model_path, trial.spec, folder, calibration=calibration, progress=report)
             trial.measured = evaluate(
-                model_path, trial.quantized.model_path, search_eval, data=data, inputs=inputs,
-                reused_calibration=reused_calibration, accuracy_tolerance=spec.accuracy_tolerance, progress=report,
+                model_path,
+                trial.quantized.model_path,
+                search_eval,
+                data=data,
+                inputs=inputs,
+                reused_calibration=reused_calibration,
+                accuracy_tolerance=spec.accuracy_tolerance,
+                progress=report,
             )
         except EngineError as exc:
             trial.error = exc.to_dict()
@@ -187,8 +197,14 @@ def auto_quantize(
     assert best.quantized is not None
     progress(Stage.EVALUATING, 0.0)
     measured = evaluate(
-        model_path, best.quantized.model_path, evaluation, data=data, inputs=inputs,
-        reused_calibration=reused_calibration, accuracy_tolerance=spec.accuracy_tolerance, progress=progress,
+        model_path,
+        best.quantized.model_path,
+        evaluation,
+        data=data,
+        inputs=inputs,
+        reused_calibration=reused_calibration,
+        accuracy_tolerance=spec.accuracy_tolerance,
+        progress=progress,
     )
     outcome = best.quantized
     outcome.warnings = [*warnings, *outcome.warnings]

@@ -146,8 +146,7 @@ def calibrate(
                 except Exception as exc:
                     raise EngineError(
                         "quantization_failed",
-                        "Calibration failed while running the model on the calibration data: "
-                        f"{str(exc).strip()[:300]}",
+                        f"Calibration failed while running the model on the calibration data: {str(exc).strip()[:300]}",
                         {"step": "calibration"},
                     ) from exc
                 del reader, chunk
@@ -254,9 +253,7 @@ def seed_histograms(collector: Any, ranges: Any, tensors: Any = None) -> int:
         empty = np.zeros((0,), dtype=dtype)
         if collector.method == "percentile" and collector.symmetric:
             amax = np.array(max(abs(float(lo_v)), abs(float(hi_v))), dtype=dtype)
-            hist, edges = np.histogram(
-                empty, bins=collector.num_bins, range=(0, float(amax) if amax > 0 else 1.0)
-            )
+            hist, edges = np.histogram(empty, bins=collector.num_bins, range=(0, float(amax) if amax > 0 else 1.0))
             collector.histogram_dict[name] = (hist, edges.astype(dtype), lo_v, hi_v)
         else:
             threshold = np.array(max(abs(lo_v), abs(hi_v)), dtype=dtype)

@@ -34,15 +34,12 @@ def check_recipe(spec: QuantizationSpec) -> None:
     if spec.calibration_batch_size < 1:
         raise _invalid("calibration_batch_size must be at least 1.", field="calibration_batch_size")
     if spec.max_calibration_samples is not None and spec.max_calibration_samples < 1:
-        raise _invalid(
-            "max_calibration_samples must be at least 1 (or null for all).", field="max_calibration_samples"
-        )
+        raise _invalid("max_calibration_samples must be at least 1 (or null for all).", field="max_calibration_samples")
     if not 0.0 < float(spec.percentile) <= 100.0:
         raise _invalid("percentile must be in (0, 100].", field="percentile")
     if spec.weight_type in FOUR_BIT and mode not in (Mode.WEIGHT_ONLY, Mode.AUTO):
         raise _invalid(
-            f"weight_type {spec.weight_type} (4-bit) is only available with mode weight_only "
-            "(blocked MatMulNBits).",
+            f"weight_type {spec.weight_type} (4-bit) is only available with mode weight_only (blocked MatMulNBits).",
             field="weight_type",
             mode=str(mode),
         )
@@ -80,8 +77,7 @@ def check_recipe(spec: QuantizationSpec) -> None:
     elif mode == Mode.WEIGHT_ONLY:
         if spec.weight_type not in (*FOUR_BIT, QType.INT8, QType.UINT8):
             raise _invalid(
-                "Weight-only quantization supports int4, uint4, int8 or uint8 weights, "
-                f"not {spec.weight_type}.",
+                f"Weight-only quantization supports int4, uint4, int8 or uint8 weights, not {spec.weight_type}.",
                 field="weight_type",
             )
         bs = int(spec.block_size)
@@ -95,11 +91,7 @@ def check_recipe(spec: QuantizationSpec) -> None:
                     field="op_types_to_quantize",
                     unknown=unknown,
                 )
-    if (
-        spec.calibration_method == CalibrationMethod.PERCENTILE
-        and mode == Mode.STATIC
-        and spec.percentile < 50
-    ):
+    if spec.calibration_method == CalibrationMethod.PERCENTILE and mode == Mode.STATIC and spec.percentile < 50:
         raise _invalid("percentile below 50 would clip most values; give e.g. 99.99.", field="percentile")
 
 
@@ -219,9 +211,7 @@ def check_recipe_for_model(spec: QuantizationSpec, facts: ModelFacts, *, has_cal
             )
         missing = [op for op in spec.op_types_to_quantize if op not in present]
         if missing:
-            warnings.append(
-                f"op_types_to_quantize lists {', '.join(missing)}, which the model does not contain."
-            )
+            warnings.append(f"op_types_to_quantize lists {', '.join(missing)}, which the model does not contain.")
     if facts.qdq_nodes:
         warnings.append(
             f"The model already holds {facts.qdq_nodes} QuantizeLinear/DequantizeLinear nodes "

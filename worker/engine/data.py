@@ -67,9 +67,7 @@ def value_info_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     t = vi.type
     if t.HasField("tensor_type"):
         tt = t.tensor_type
-        shape: tuple[int | str | None, ...] = (
-            tuple(_dim(d) for d in tt.shape.dim) if tt.HasField("shape") else ()
-        )
+        shape: tuple[int | str | None, ...] = tuple(_dim(d) for d in tt.shape.dim) if tt.HasField("shape") else ()
         return TensorSpec(name=vi.name, dtype=_np_dtype_name(tt.elem_type), shape=shape)
     kind = t.WhichOneof("value") or "unknown"
     return TensorSpec(name=vi.name, dtype=kind, shape=())
@@ -80,9 +78,7 @@ def model_inputs(model_path: Path) -> list[TensorSpec]:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:
-        raise EngineError(
-            "invalid_model", f"The model could not be read: {exc}", {"path": str(model_path)}
-        ) from exc
+        raise EngineError("invalid_model", f"The model could not be read: {exc}", {"path": str(model_path)}) from exc
     initializers = {init.name for init in model.graph.initializer}
     return [value_info_spec(vi) for vi in model.graph.input if vi.name not in initializers]
 
@@ -92,9 +88,7 @@ def model_outputs(model_path: Path) -> list[TensorSpec]:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:
-        raise EngineError(
-            "invalid_model", f"The model could not be read: {exc}", {"path": str(model_path)}
-        ) from exc
+        raise EngineError("invalid_model", f"The model could not be read: {exc}", {"path": str(model_path)}) from exc
     return [value_info_spec(vi) for vi in model.graph.output]
 
 
@@ -147,9 +141,7 @@ def check_dtype(spec: TensorSpec, given: np.dtype, given_shape: Sequence[int]) -
     """The dtype to cast to; raises dataset_model_mismatch unless it is a same-kind cast."""
     expected = _expected_dtype(spec)
     if expected is None:
-        raise mismatch(
-            spec, given_shape, given.name, f"inputs of type {spec.dtype} cannot be fed from arrays"
-        )
+        raise mismatch(spec, given_shape, given.name, f"inputs of type {spec.dtype} cannot be fed from arrays")
     if _kind_group(expected) != _kind_group(given):
         raise mismatch(spec, given_shape, given.name, f"{given.name} data cannot be cast to {expected.name}")
     return expected
@@ -186,9 +178,7 @@ def _read_header(fp: IO[bytes], what: str) -> _Header:
         else:
             raise ValueError(f"unsupported .npy format version {version}")
     except Exception as exc:
-        raise EngineError(
-            "invalid_dataset", f"{what} is not a valid .npy array: {exc}", {"array": what}
-        ) from exc
+        raise EngineError("invalid_dataset", f"{what} is not a valid .npy array: {exc}", {"array": what}) from exc
     dtype = np.dtype(dtype)
     if dtype.hasobject or dtype.fields is not None:
         raise EngineError(

@@ -164,8 +164,7 @@ def evaluate(
     if missing:
         raise EngineError(
             "evaluation_failed",
-            f"The quantized model lacks the original's output(s) {', '.join(missing)}; "
-            "they cannot be compared.",
+            f"The quantized model lacks the original's output(s) {', '.join(missing)}; they cannot be compared.",
             {"missing_outputs": missing},
         )
 
@@ -208,11 +207,7 @@ def evaluate(
                 labels_seen = True
                 if accuracy_output is None and labels_unusable is None:
                     accuracy_output = next(
-                        (
-                            n
-                            for i, n in enumerate(output_names)
-                            if metrics.is_class_scores(outs["original"][i])
-                        ),
+                        (n for i, n in enumerate(output_names) if metrics.is_class_scores(outs["original"][i])),
                         None,
                     )
                     if accuracy_output is None:
@@ -221,8 +216,7 @@ def evaluate(
                     k = output_names.index(accuracy_output)
                     scores = {w: np.asarray(outs[w][k]) for w in _MODELS}
                     rows_ok = all(
-                        metrics.is_class_scores(s) and s.shape[0] == batch.labels.shape[0]
-                        for s in scores.values()
+                        metrics.is_class_scores(s) and s.shape[0] == batch.labels.shape[0] for s in scores.values()
                     )
                     if rows_ok:
                         for w in _MODELS:
@@ -275,9 +269,7 @@ def evaluate(
 
     # --- assemble -----------------------------------------------------------------------------
     sizes = {"original": size_on_disk(Path(original)), "quantized": size_on_disk(Path(quantized))}
-    model_metrics = {
-        w: _model_metrics(sizes[w], stats[w], latency_samples, create_ms[w], accuracy[w]) for w in _MODELS
-    }
+    model_metrics = {w: _model_metrics(sizes[w], stats[w], latency_samples, create_ms[w], accuracy[w]) for w in _MODELS}
     accuracy_cmp = None
     if accuracy["original"].samples:
         a0, a1 = accuracy["original"].top1_accuracy, accuracy["quantized"].top1_accuracy
@@ -322,9 +314,7 @@ def evaluate(
                 f"{list(acc.shape_mismatch[1])} in the quantized model; its fidelity could not be measured."
             )
         if acc.unsupported_dtype is not None:
-            warnings.append(
-                f"Output '{name}' holds {acc.unsupported_dtype} values; its fidelity is not measured."
-            )
+            warnings.append(f"Output '{name}' holds {acc.unsupported_dtype} values; its fidelity is not measured.")
         if acc.nonfinite:
             warnings.append(
                 f"Output '{name}' held {acc.nonfinite} NaN or infinite values in at least one model; "

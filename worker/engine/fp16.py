@@ -155,9 +155,7 @@ def restore_output_types(model: onnx.ModelProto, original_types: dict[str, int])
                     if name == out.name:
                         n.input[k] = inner
             graph.node.append(
-                helper.make_node(
-                    "Cast", [inner], [out.name], name=out.name + "_to_fp32", to=TensorProto.FLOAT
-                )
+                helper.make_node("Cast", [inner], [out.name], name=out.name + "_to_fp32", to=TensorProto.FLOAT)
             )
         tt.elem_type = TensorProto.FLOAT
         fixed += 1

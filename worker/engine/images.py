@@ -93,9 +93,7 @@ def _parse_labels_csv(text: str, members: Sequence[str], root: str) -> tuple[lis
     mapping: dict[str, str] = {}
     for i, row in enumerate(rows):
         if len(row) < 2:
-            raise EngineError(
-                "invalid_dataset", f"labels.csv line {i + 1} is not 'filename,label'.", {"line": i + 1}
-            )
+            raise EngineError("invalid_dataset", f"labels.csv line {i + 1} is not 'filename,label'.", {"line": i + 1})
         fname, label = row[0].strip().lstrip("./"), row[1].strip()
         member = by_rel.get(fname) or by_base.get(posixpath.basename(fname))
         if member is None:
@@ -139,8 +137,7 @@ def index_archive(path: Path) -> ImageIndex:
         csv_names = [
             i.filename
             for i in infos
-            if posixpath.basename(i.filename).lower() == LABELS_FILE
-            and not i.filename.startswith("__MACOSX/")
+            if posixpath.basename(i.filename).lower() == LABELS_FILE and not i.filename.startswith("__MACOSX/")
         ]
         if csv_names:
             csv_name = min(csv_names, key=lambda n: (n.count("/"), n))
@@ -183,9 +180,7 @@ def _per_channel(value: Any, channels: int, what: str) -> np.ndarray:
     if arr.size == 1:
         return np.repeat(arr, channels)
     if arr.size != channels:
-        raise _bad(
-            f"preprocess '{what}' must be one number or {channels} numbers, not {arr.size}.", field=what
-        )
+        raise _bad(f"preprocess '{what}' must be one number or {channels} numbers, not {arr.size}.", field=what)
     return arr
 
 
@@ -259,9 +254,7 @@ def resolve_preprocess(
             "float32",
             f"the preprocessed images ({layout}, {color}, {h}x{w}) do not have the input's shape",
         )
-    check_dtype(
-        spec, np.dtype("float32") if np.dtype(spec.dtype).kind == "f" else np.dtype("uint8"), given_shape
-    )
+    check_dtype(spec, np.dtype("float32") if np.dtype(spec.dtype).kind == "f" else np.dtype("uint8"), given_shape)
     scale = float(pp["scale"]) if pp.get("scale") is not None else 1.0 / 255.0
     mean = _per_channel(pp.get("mean") if pp.get("mean") is not None else 0.0, channels, "mean")
     std = _per_channel(pp.get("std") if pp.get("std") is not None else 1.0, channels, "std")
@@ -380,9 +373,7 @@ def _image_batches(
             for name in names:
                 info = zf.getinfo(name)
                 if info.file_size > MAX_IMAGE_BYTES:
-                    raise _bad(
-                        f"Image '{name}' is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB.", file=name
-                    )
+                    raise _bad(f"Image '{name}' is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB.", file=name)
                 images.append(decode_image(zf.read(name), pp, name=name, raw=raw))
             arr = np.stack(images) if rows is not None else images[0]
             labels = (
@@ -390,6 +381,4 @@ def _image_batches(
                 if index.labels is not None
                 else None
             )
-            yield Batch(
-                feeds={spec.name: arr.astype(dtype, copy=False)}, labels=labels, num_samples=len(names)
-            )
+            yield Batch(feeds={spec.name: arr.astype(dtype, copy=False)}, labels=labels, num_samples=len(names))

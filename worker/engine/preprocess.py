@@ -129,9 +129,7 @@ class _CaptureErrors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _quant_pre_process(
-    src: Path, dst: Path, *, skip_symbolic: bool, optimize: bool, external: bool
-) -> list[str]:
+def _quant_pre_process(src: Path, dst: Path, *, skip_symbolic: bool, optimize: bool, external: bool) -> list[str]:
     """ORT's quant_pre_process; returns the errors it only logged (a failed optimisation)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -214,8 +212,7 @@ def prepare_model(
         ) from exc
     if had_external:
         result.steps.append(
-            "Gathered the model's external data in one file and kept the tensors in external "
-            "data at every step."
+            "Gathered the model's external data in one file and kept the tensors in external data at every step."
         )
     elif external:
         result.steps.append("The model is too large for one protobuf: moved its tensors to external data.")
@@ -257,9 +254,7 @@ def prepare_model(
     # 2. Shape inference (and optimisation), with fallbacks.
     if shape_inference:
         t1 = time.perf_counter()
-        result.path = _shape_steps(
-            current, workdir, optimize=optimize, external=bool(external), result=result
-        )
+        result.path = _shape_steps(current, workdir, optimize=optimize, external=bool(external), result=result)
         result.timings_s["shape_inference"] = time.perf_counter() - t1
     progress(1.0)
     return result
@@ -295,18 +290,12 @@ def _shape_steps(src: Path, workdir: Path, *, optimize: bool, external: bool, re
         result.steps.append("Ran plain ONNX shape inference.")
         return dst
     except Exception as exc:
-        result.steps.append(
-            f"ONNX shape inference failed ({_first_line(exc)}); quantizing without inferred shapes."
-        )
-        result.warnings.append(
-            "Shape inference failed on this model: tensors of unknown shape are left in float."
-        )
+        result.steps.append(f"ONNX shape inference failed ({_first_line(exc)}); quantizing without inferred shapes.")
+        result.warnings.append("Shape inference failed on this model: tensors of unknown shape are left in float.")
         return src
 
 
 def _note_optimisation_errors(errors: list[str], result: Prepared) -> None:
     if errors:
         msg = next((e for e in errors if "Traceback" not in e), errors[0])
-        result.steps.append(
-            f"ORT graph optimisation failed ({msg.splitlines()[0][:200]}); continued without it."
-        )
+        result.steps.append(f"ORT graph optimisation failed ({msg.splitlines()[0][:200]}); continued without it.")

@@ -245,11 +245,7 @@ def quantize(
     details["external_data"] = len(files) > 1
     if mode != Mode.FP16 and not details["quantized_op_counts"]:
         warnings.append("Nothing was quantized: no node of this model matched the recipe's operator types.")
-    elif (
-        mode != Mode.FP16
-        and facts.qdq_nodes
-        and sum(details["quantized_op_counts"].values()) <= facts.qdq_nodes
-    ):
+    elif mode != Mode.FP16 and facts.qdq_nodes and sum(details["quantized_op_counts"].values()) <= facts.qdq_nodes:
         warnings.append("No new node was quantized: the model's quantized parts were already all there was.")
     if mode in (Mode.STATIC, Mode.DYNAMIC) and facts.has_subgraphs:
         left = _float_ops_in_subgraphs(out_path)
@@ -304,10 +300,7 @@ def _prepare(
     # ORT's basic optimisations fuse nodes (MatMul+Add -> Gemm, Conv+BatchNormalization), which helps
     # static quantization but would defeat op_types_to_quantize / nodes_to_exclude and QAT graphs.
     optimize = (
-        mode == Mode.STATIC
-        and not spec.op_types_to_quantize
-        and not spec.nodes_to_exclude
-        and not facts.qdq_nodes
+        mode == Mode.STATIC and not spec.op_types_to_quantize and not spec.nodes_to_exclude and not facts.qdq_nodes
     )
     shape_inference = mode in (Mode.STATIC, Mode.DYNAMIC)
     try:
@@ -458,14 +451,10 @@ def _weight_only(
 
     wtype = QType(spec.weight_type)
     bits = 4 if wtype in FOUR_BIT else 8
-    symmetric = (
-        spec.symmetric_weights if spec.symmetric_weights is not None else wtype in (QType.INT4, QType.INT8)
-    )
+    symmetric = spec.symmetric_weights if spec.symmetric_weights is not None else wtype in (QType.INT4, QType.INT8)
     op_types = tuple(spec.op_types_to_quantize or ("MatMul",))
     if bits == 8 and "Gather" in op_types:
-        warnings.append(
-            "Gather is only quantized to 4 bits by ONNX Runtime; Gather nodes stay float at 8 bits."
-        )
+        warnings.append("Gather is only quantized to 4 bits by ONNX Runtime; Gather nodes stay float at 8 bits.")
         op_types = tuple(op for op in op_types if op != "Gather") or ("MatMul",)
     details["weight_only"] = {
         "bits": bits,
@@ -559,9 +548,7 @@ def _fp16(
     try:
         with quiet_ort(warnings):
             model = onnx.load(str(prepared.path))
-            converted = fp16.convert(
-                model, node_block_list=overflow_nodes, disable_shape_infer=prepared.external
-            )
+            converted = fp16.convert(model, node_block_list=overflow_nodes, disable_shape_infer=prepared.external)
             save_model(converted, out_path, external=prepared.external)
     except Exception as exc:
         raise _fail("fp16", "Float16 conversion (onnxconverter-common)", exc) from exc
@@ -632,9 +619,7 @@ def verify_model(
                 "sample does not fit the model (the original model cannot run it either)."
             )
             return {"onnx_checker": True, "ort_session": True, "ran_on_sample": False}
-        raise _fail(
-            "run_in_onnxruntime", "Running the quantized model on one sample in ONNX Runtime", exc
-        ) from exc
+        raise _fail("run_in_onnxruntime", "Running the quantized model on one sample in ONNX Runtime", exc) from exc
     names = [o.name for o in session.get_outputs()]
     del session
     result: dict[str, Any] = {"onnx_checker": True, "ort_session": True, "ran_on_sample": True}
@@ -652,9 +637,7 @@ def verify_model(
             continue
         got_f = np.asarray(got, dtype=np.float64)
         if not np.all(np.isfinite(got_f)) and np.all(np.isfinite(np.asarray(ref, dtype=np.float64))):
-            warnings.append(
-                f"Output '{name}' of the quantized model holds NaN or infinite values on the first sample."
-            )
+            warnings.append(f"Output '{name}' of the quantized model holds NaN or infinite values on the first sample.")
         cosines[name] = _cosine(got, ref)
     result["cosine_on_sample"] = cosines
     return result

@@ -137,9 +137,7 @@ def test_fixed_batch_dimension_differs_from_batch_size() -> None:
     assert "fixed to 1" in err.message
 
 
-@pytest.mark.parametrize(
-    ("given", "expected"), [("int64", "float32"), ("float32", "int64"), ("bool", "int32")]
-)
+@pytest.mark.parametrize(("given", "expected"), [("int64", "float32"), ("float32", "int64"), ("bool", "int32")])
 def test_dtype_kind_differs(given: str, expected: str) -> None:
     err = _refused("npz", {"x": _t(given, [10, 4])}, [_in("x", expected, ["n", 4])])
     assert err.detail["given"]["dtype"] == given

@@ -59,10 +59,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
     )
 
 
@@ -225,9 +222,7 @@ def test_images_with_labels_csv_names(tmp_path: Path) -> None:
 
 
 def test_images_with_labels_csv_ints(tmp_path: Path) -> None:
-    path = _npz(
-        tmp_path / "imgs.zip", {"a.png": _png(), "b.png": _png(), "labels.csv": b"a.png,0\nb.png,7\n"}
-    )
+    path = _npz(tmp_path / "imgs.zip", {"a.png": _png(), "b.png": _png(), "labels.csv": b"a.png,0\nb.png,7\n"})
     info = inspect_dataset(path, PRE)
     assert (info.has_labels, info.num_classes) == (True, 8)
 

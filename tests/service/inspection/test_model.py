@@ -37,9 +37,7 @@ def _vi(name: str, elem=TensorProto.FLOAT, shape=("n", 4)):
 
 
 def _if_model() -> onnx.ModelProto:
-    then_g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["t"], name="then_relu")], "then", [], [_vi("t")]
-    )
+    then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["t"], name="then_relu")], "then", [], [_vi("t")])
     else_g = helper.make_graph(
         [
             helper.make_node("Neg", ["x"], ["e"], name="else_neg"),
@@ -278,11 +276,7 @@ def test_subgraphs_nested_too_deep(tmp_path: Path) -> None:
     inner = helper.make_graph([helper.make_node("Relu", ["x"], ["t"], name="deep")], "b", [], [_vi("t")])
     for level in range(3):
         inner = helper.make_graph(
-            [
-                helper.make_node(
-                    "If", ["cond"], [f"o{level}"], name=f"if{level}", then_branch=inner, else_branch=inner
-                )
-            ],
+            [helper.make_node("If", ["cond"], [f"o{level}"], name=f"if{level}", then_branch=inner, else_branch=inner)],
             f"l{level}",
             [],
             [_vi(f"o{level}")],

@@ -10,9 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def _model(graph: onnx.GraphProto, opset: int, ir_version: int = 8) -> onnx.ModelProto:
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests")
     model.ir_version = ir_version
     return model
 
@@ -141,9 +139,7 @@ def if_subgraph(path: Path, *, features: int = 8, seed: int = 0) -> Path:
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
         helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=0),
         helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
-        helper.make_node(
-            "If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph
-        ),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
     ]
     graph = helper.make_graph(
         nodes,

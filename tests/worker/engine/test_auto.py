@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.onnx_models import conv_classifier
 from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec
 from worker.engine.auto import CANDIDATES, Candidate, Trial, auto_quantize, choose
 from worker.engine.results import EvaluationOutcome
-from tests.onnx_models import conv_classifier
 
 
 def _trial(name: str, *, p50: float, size: int, delta: float | None = None, cosine: float = 1.0) -> Trial:
@@ -21,8 +21,9 @@ def _trial(name: str, *, p50: float, size: int, delta: float | None = None, cosi
         quantized={"size_bytes": size, "latency_ms": {"p50": p50}},
         comparison={
             "outputs": [{"name": "y", "cosine": cosine, "sqnr_db": 40.0 if cosine > 0.99 else 5.0}],
-            "accuracy": None if delta is None else {"metric": "top1", "original": 0.9, "quantized": 0.9 + delta,
-                                                    "delta": delta},
+            "accuracy": None
+            if delta is None
+            else {"metric": "top1", "original": 0.9, "quantized": 0.9 + delta, "delta": delta},
         },
     )
     return Trial(Candidate(name, {}), QuantizationSpec(), measured=measured)
@@ -65,8 +66,12 @@ def test_auto_search_on_a_classifier(tmp_path: Path) -> None:
     data = DatasetSource(tmp_path / "d.npz", "npz")
     stages: list[Any] = []
     outcome, measured = auto_quantize(
-        model, QuantizationSpec(mode="auto", accuracy_tolerance=1.0), tmp_path / "work",
-        EvaluationSpec(latency_runs=3, warmup_runs=1), calibration=data, data=data,
+        model,
+        QuantizationSpec(mode="auto", accuracy_tolerance=1.0),
+        tmp_path / "work",
+        EvaluationSpec(latency_runs=3, warmup_runs=1),
+        calibration=data,
+        data=data,
         progress=lambda stage, fraction: stages.append((stage, fraction)),
     )
     search = outcome.details["auto"]
@@ -83,6 +88,12 @@ def test_auto_search_on_a_classifier(tmp_path: Path) -> None:
 
 def test_auto_needs_calibration_data(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
-        auto_quantize(conv_classifier(tmp_path / "m.onnx"), QuantizationSpec(mode="auto"), tmp_path,
-                      EvaluationSpec(), calibration=None, data=None)
+        auto_quantize(
+            conv_classifier(tmp_path / "m.onnx"),
+            QuantizationSpec(mode="auto"),
+            tmp_path,
+            EvaluationSpec(),
+            calibration=None,
+            data=None,
+        )
     assert info.value.code == "invalid_recipe"

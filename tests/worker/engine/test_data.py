@@ -211,9 +211,7 @@ def test_object_arrays_refused_and_labels_checked(models: dict[str, Path], tmp_p
     assert err.value.code == "invalid_dataset"
 
 
-def test_npz_is_streamed_not_loaded(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_npz_is_streamed_not_loaded(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading one feed reads about one row from the zip member, not the whole array."""
     import worker.engine.data as data_mod
 
@@ -259,9 +257,7 @@ def test_images_from_class_folders(models: dict[str, Path], tmp_path: Path) -> N
         zf.writestr("data/cat/c.jpg", _jpeg((255, 0, 0)))
         zf.writestr("data/README.txt", "not an image")
         zf.writestr("__MACOSX/data/cat/._b.png", b"junk")
-    src = DatasetSource(
-        path, "images", {"input": "input", "size": [8, 8], "mean": [0.5, 0.5, 0.5], "std": 0.5}
-    )
+    src = DatasetSource(path, "images", {"input": "input", "size": [8, 8], "mean": [0.5, 0.5, 0.5], "std": 0.5})
     inputs = model_inputs(models["conv"])
     batches = list(iter_batches(src, inputs, batch_size=2))
     assert count_batches(src, inputs, batch_size=2) == 2 == len(batches)
@@ -326,9 +322,7 @@ def test_images_errors(models: dict[str, Path], tmp_path: Path) -> None:
     assert err.value.code == "invalid_dataset"
 
 
-def test_decompression_bomb_guard(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decompression_bomb_guard(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image as PILImage
 
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 50)  # the 12x10 test image is "too large"

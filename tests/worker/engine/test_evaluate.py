@@ -204,9 +204,7 @@ def test_max_samples_bounds_the_data_pass(models: dict[str, Path], labelled: dic
     assert outcome.comparison["accuracy"]["samples"] == 8
 
 
-def test_runs_of_both_models_are_interleaved(
-    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_runs_of_both_models_are_interleaved(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     real = ort.InferenceSession
 
@@ -258,9 +256,7 @@ def test_the_time_bound_is_respected_and_reported(tmp_path: Path) -> None:
     assert any("time limit" in w and f"{runs} of 1000000 timed runs" in w for w in outcome.warnings)
 
 
-def test_a_model_onnxruntime_cannot_load_fails_with_its_message(
-    models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_a_model_onnxruntime_cannot_load_fails_with_its_message(models: dict[str, Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"this is not a protobuf")
     with pytest.raises(EngineError) as info:

@@ -58,9 +58,7 @@ def test_shape_inference_fallback_chain(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(prep, "_quant_pre_process", fails)
     out = prep.prepare_model(src, tmp_path / "a")
     steps = " ".join(out.steps)
-    assert (
-        "Symbolic shape inference failed (Incomplete symbolic shape inference); retried without it." in steps
-    )
+    assert "Symbolic shape inference failed (Incomplete symbolic shape inference); retried without it." in steps
     assert "failed too" in steps and "Ran plain ONNX shape inference." in steps
     assert out.path.name == "model.inferred.onnx" and out.path.is_file()
 
@@ -97,14 +95,10 @@ def test_optimisation_failure_is_noted(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(prep, "_quant_pre_process", logs_error)
     out = prep.prepare_model(src, tmp_path / "p", optimize=True)
-    assert any(
-        "ORT graph optimisation failed (ONNX Runtime Model Optimization Failed!" in s for s in out.steps
-    )
+    assert any("ORT graph optimisation failed (ONNX Runtime Model Optimization Failed!" in s for s in out.steps)
 
 
-def test_opset_upgrade_failure_is_quantization_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_opset_upgrade_failure_is_quantization_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = conv_classifier(tmp_path / "c.onnx", opset=11)
 
     def fails(model, target):  # type: ignore[no-untyped-def]

@@ -38,9 +38,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def assert_close(
-    original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], min_cos: float = 0.99
-) -> None:
+def assert_close(original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], min_cos: float = 0.99) -> None:
     """The quantized model runs on every feed and its first output stays close to the float model's."""
     ref, got = _session(original), _session(quantized)
     for feed in feeds:
@@ -60,9 +58,7 @@ def ops(path: Path) -> dict[str, int]:
 
 def opset(path: Path) -> int:
     return next(
-        i.version
-        for i in onnx.load(str(path), load_external_data=False).opset_import
-        if i.domain in ("", "ai.onnx")
+        i.version for i in onnx.load(str(path), load_external_data=False).opset_import if i.domain in ("", "ai.onnx")
     )
 
 
@@ -91,9 +87,7 @@ def mlp(d: Path) -> tuple[Path, DatasetSource, list[dict[str, np.ndarray]]]:
 def test_static_minmax_qdq_end_to_end(conv, tmp_path: Path) -> None:
     model, data, feeds = conv
     seen: list[tuple[Stage, float]] = []
-    out = quantize(
-        model, QuantizationSpec(), tmp_path, calibration=data, progress=lambda s, f: seen.append((s, f))
-    )
+    out = quantize(model, QuantizationSpec(), tmp_path, calibration=data, progress=lambda s, f: seen.append((s, f)))
     assert out.model_path == tmp_path / "out" / "quantized.onnx" and out.model_path.is_file()
     assert out.files == [out.model_path]
     counts = ops(out.model_path)
@@ -106,9 +100,7 @@ def test_static_minmax_qdq_end_to_end(conv, tmp_path: Path) -> None:
     assert out.details["check"]["ran_on_sample"] and out.details["check"]["cosine_on_sample"]["logits"] > 0.99
     assert any("quant_pre_process" in s for s in out.preprocessing_steps)
     stages = [s for s, _ in seen]
-    assert (
-        stages.index(Stage.PREPROCESSING) < stages.index(Stage.CALIBRATING) < stages.index(Stage.QUANTIZING)
-    )
+    assert stages.index(Stage.PREPROCESSING) < stages.index(Stage.CALIBRATING) < stages.index(Stage.QUANTIZING)
     assert all(0.0 <= f <= 1.0 for _, f in seen)
     assert (Stage.CALIBRATING, 1.0) in seen and seen[-1] == (Stage.QUANTIZING, 1.0)
 
@@ -147,15 +139,11 @@ def test_static_variants(conv, tmp_path: Path, recipe: dict, expect_ops: set[str
 @pytest.mark.parametrize(("act", "weight"), [("uint16", "uint16"), ("int16", "int8"), ("uint8", "int16")])
 def test_static_16bit_types_upgrade_opset_21(mlp, tmp_path: Path, act: str, weight: str) -> None:
     model, data, feeds = mlp
-    out = quantize(
-        model, QuantizationSpec(activation_type=act, weight_type=weight), tmp_path, calibration=data
-    )
+    out = quantize(model, QuantizationSpec(activation_type=act, weight_type=weight), tmp_path, calibration=data)
     assert opset(out.model_path) >= 21
     assert any("Upgraded the opset from 13 to 21" in s for s in out.preprocessing_steps)
     q = onnx.load(str(out.model_path))
-    zp_types = {
-        numpy_helper.to_array(i).dtype.name for i in q.graph.initializer if i.name.endswith("_zero_point")
-    }
+    zp_types = {numpy_helper.to_array(i).dtype.name for i in q.graph.initializer if i.name.endswith("_zero_point")}
     assert {act, weight} <= zp_types
     assert_close(model, out.model_path, feeds, 0.995)
 
@@ -275,9 +263,7 @@ def test_if_subgraph(tmp_path: Path) -> None:
         assert "If" in ops(out.model_path)
         assert any("inside If/Loop/Scan subgraphs stay in float" in w for w in out.warnings)
         assert_close(model, out.model_path, feeds)
-    wo = quantize(
-        model, QuantizationSpec(mode="weight_only", weight_type="uint4", block_size=16), tmp_path / "wo"
-    )
+    wo = quantize(model, QuantizationSpec(mode="weight_only", weight_type="uint4", block_size=16), tmp_path / "wo")
     assert wo.details["quantized_op_counts"]["MatMulNBits"] == 3  # the two branches too
     assert_close(model, wo.model_path, feeds, 0.95)
 
@@ -290,9 +276,7 @@ def test_lstm(tmp_path: Path) -> None:
     dyn = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "dyn")
     assert "DynamicQuantizeLSTM" in ops(dyn.model_path)
     assert_close(model, dyn.model_path, feeds)
-    static = quantize(
-        model, QuantizationSpec(calibration_method="entropy"), tmp_path / "st", calibration=data
-    )
+    static = quantize(model, QuantizationSpec(calibration_method="entropy"), tmp_path / "st", calibration=data)
     assert_close(model, static.model_path, feeds)
 
 
@@ -345,9 +329,7 @@ def test_external_data_model_comes_back_with_external_data(tmp_path: Path) -> No
         assert_close(model, out.model_path, feeds, 0.98)
 
 
-def test_model_too_large_for_one_protobuf_goes_external(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_model_too_large_for_one_protobuf_goes_external(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the protobuf limit every step keeps the tensors outside the graph (threshold lowered here:
     nothing of 2 GB is written in a test); the opset upgrade then edits the graph without its weights."""
     import worker.engine.preprocess as prep
@@ -379,9 +361,7 @@ def test_qat_model_is_recognised(tmp_path: Path) -> None:
 
 def test_dynamic_mlp(mlp, tmp_path: Path) -> None:
     model, _, feeds = mlp
-    out = quantize(
-        model, QuantizationSpec(mode="dynamic", weight_type="uint8"), tmp_path
-    )  # no dataset needed
+    out = quantize(model, QuantizationSpec(mode="dynamic", weight_type="uint8"), tmp_path)  # no dataset needed
     counts = ops(out.model_path)
     assert counts.get("MatMulInteger") == 2 and "DynamicQuantizeLinear" in counts and "MatMul" not in counts
     assert out.calibration_samples == 0
@@ -392,9 +372,7 @@ def test_dynamic_mlp(mlp, tmp_path: Path) -> None:
 
 def test_weight_only(mlp, tmp_path: Path) -> None:
     model, _, feeds = mlp
-    out = quantize(
-        model, QuantizationSpec(mode="weight_only", weight_type="int4", block_size=16), tmp_path / "a"
-    )
+    out = quantize(model, QuantizationSpec(mode="weight_only", weight_type="int4", block_size=16), tmp_path / "a")
     counts = ops(out.model_path)
     assert counts.get("MatMulNBits") == 2 and "MatMul" not in counts
     assert out.details["weight_only"] == {
@@ -404,9 +382,7 @@ def test_weight_only(mlp, tmp_path: Path) -> None:
         "op_types": ["MatMul"],
     }
     assert_close(model, out.model_path, feeds, 0.97)
-    eight = quantize(
-        model, QuantizationSpec(mode="weight_only", weight_type="uint8", block_size=16), tmp_path / "b"
-    )
+    eight = quantize(model, QuantizationSpec(mode="weight_only", weight_type="uint8", block_size=16), tmp_path / "b")
     assert eight.details["weight_only"]["bits"] == 8
     assert_close(model, eight.model_path, feeds, 0.999)
 
@@ -467,9 +443,7 @@ def test_fp16_keeps_overflowing_nodes_in_float32(tmp_path: Path) -> None:
 def test_invalid_recipes(conv, tmp_path: Path, recipe: dict, needs_data: bool) -> None:
     model, data, _ = conv
     with pytest.raises(EngineError) as err:
-        quantize(
-            model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data if needs_data else None
-        )
+        quantize(model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data if needs_data else None)
     assert err.value.code == "invalid_recipe", err.value.message
     assert not (tmp_path / "out" / "quantized.onnx").exists()
 
@@ -483,9 +457,7 @@ def test_dataset_mismatch(conv, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("step", ["onnx_checker", "load_in_onnxruntime"])
-def test_broken_result_is_quantization_failed(
-    conv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
-) -> None:
+def test_broken_result_is_quantization_failed(conv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
     model, data, _ = conv
 
     real = {"onnx_checker": onnx.checker.check_model, "load_in_onnxruntime": ort.InferenceSession}[step]
@@ -514,10 +486,7 @@ def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path)
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
 
     model, _, _ = conv
-    x = (
-        RNG.random((6, 1, 3, 8, 8), dtype=np.float32)
-        * np.float32([0.01, 0.1, 1, 2, 3, 5])[:, None, None, None, None]
-    )
+    x = RNG.random((6, 1, 3, 8, 8), dtype=np.float32) * np.float32([0.01, 0.1, 1, 2, 3, 5])[:, None, None, None, None]
     data = _npz(tmp_path / "wide.npz", input=x)
     out = quantize(
         model,
@@ -527,9 +496,7 @@ def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path)
         keep_intermediates=True,
     )
     assert out.details["calibration"]["max_feeds_per_call"] <= 16
-    prepared = next(
-        p for p in sorted((tmp_path / "ours" / "prep").glob("model.pre*.onnx")) if "inferred" not in p.name
-    )
+    prepared = next(p for p in sorted((tmp_path / "ours" / "prep").glob("model.pre*.onnx")) if "inferred" not in p.name)
 
     class Reader:
         def __init__(self) -> None:
@@ -549,9 +516,7 @@ def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path)
 
     def scales(p: Path) -> dict[str, np.ndarray]:
         return {
-            i.name: numpy_helper.to_array(i)
-            for i in onnx.load(str(p)).graph.initializer
-            if i.name.endswith("_scale")
+            i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer if i.name.endswith("_scale")
         }
 
     ours, ref = scales(out.model_path), scales(tmp_path / "ref.onnx")
@@ -566,9 +531,7 @@ def _peak_calibration_memory(model: Path, tmp_path: Path, n: int, method: str) -
     del x
     tracemalloc.start()
     try:
-        out = quantize(
-            model, QuantizationSpec(calibration_method=method), tmp_path / f"w{n}", calibration=data
-        )
+        out = quantize(model, QuantizationSpec(calibration_method=method), tmp_path / f"w{n}", calibration=data)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -580,9 +543,7 @@ def test_calibration_memory_does_not_grow_with_samples(tmp_path: Path, method: s
     """Each sample's intermediates are ~0.5 MB here: holding 64 samples' worth (as plain
     quantize_static does for histogram methods) would add ~28 MB over 8 samples."""
     model = pm.wide_intermediates(tmp_path / "wide.onnx", channels=32, size=32)
-    _peak_calibration_memory(
-        model, tmp_path, 2, method
-    )  # warm-up: first-time imports are not the job's memory
+    _peak_calibration_memory(model, tmp_path, 2, method)  # warm-up: first-time imports are not the job's memory
     peak8, cal8 = _peak_calibration_memory(model, tmp_path, 8, method)
     peak64, cal64 = _peak_calibration_memory(model, tmp_path, 64, method)
     assert cal64["samples"] == 64 and cal8["samples"] == 8

@@ -132,3 +132,33 @@ def test_a_failed_job_says_why_and_the_worker_goes_on(deployment: Deployment, tm
     assert "Traceback" not in first["error"]["message"]
     assert first["result"] is None
     assert second["status"] == "succeeded", second["error"]
+
+
+def test_accuracy_over_http_matches_a_direct_onnx_runtime_run(embedded: Deployment, tmp_path: Path) -> None:
+    """Labels agree with the float model on 12 of 16 samples, so its top-1 must be exactly 0.75."""
+    model_path = conv_classifier(tmp_path / "classifier.onnx", hidden=16)
+    samples = np.random.default_rng(7).random((16, 1, 3, 8, 8), dtype=np.float32)
+    session = ort.InferenceSession(str(model_path))
+    predicted = np.array([int(np.argmax(session.run(None, {"input": s})[0])) for s in samples])
+    labels = predicted.copy()
+    labels[12:] = (labels[12:] + 1) % 4
+    with embedded.client() as http:
+        model = http.post("/v1/models", files={"file": ("c.onnx", model_path.read_bytes())}).json()
+        data = http.post("/v1/datasets", files={"file": ("d.npz", _npz(input=samples, __labels__=labels))}).json()
+        assert data["has_labels"] is True
+        created = http.post(
+            "/v1/jobs",
+            json={"model_id": model["id"], "calibration_dataset_id": data["id"], "evaluation": {"latency_runs": 5}},
+        ).json()
+        job, _ = wait_for_job(http, created["id"])
+        page = http.get(f"/v1/jobs/{job['id']}/report.html").text
+    assert job["status"] == "succeeded", job["error"]
+    result = job["result"]
+    assert result["original"]["accuracy"] == 0.75
+    accuracy = result["comparison"]["accuracy"]
+    assert accuracy["metric"] == "top1" and accuracy["original"] == 0.75
+    assert accuracy["delta"] == accuracy["quantized"] - accuracy["original"]
+    assert any("calibration" in w for w in result["warnings"])  # evaluation reused the calibration samples
+    assert {o["name"] for o in result["comparison"]["outputs"]} == {"logits"}
+    assert result["machine"]["onnxruntime"] and result["peak_memory_bytes"] > 0
+    assert "75.0" in page or "0.75" in page

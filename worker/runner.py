@@ -55,6 +55,7 @@ STAGE_SPAN = {
     "reporting": (0.95, 1.0),
 }
 PROGRESS_INTERVAL_S = 0.5
+EOF = b""  # the reader thread's last item; a real line always ends with a newline
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
 
@@ -335,6 +336,7 @@ class JobRunner:
         def read() -> None:
             for line in child.stdout or []:
                 lines.put(line)
+            lines.put(EOF)  # wakes the loop at once when the job process ends
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -348,6 +350,12 @@ class JobRunner:
             while True:
                 try:
                     line = lines.get(timeout=0.2)
+                    if line is EOF:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            child.wait(timeout=5)
+                        if child.poll() is not None:
+                            break
+                        continue
                     message = json.loads(line)
                     pending = (str(message["stage"]), float(message["fraction"]))
                 except queue.Empty:

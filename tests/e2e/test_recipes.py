@@ -113,3 +113,4 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
         < done["weight_only"]["result"]["original"]["size_bytes"]
     )
     assert any("opset" in step for step in done["int16"]["result"]["preprocessing_steps"])
+    assert not any("not smaller" in w for w in done["weight_only"]["result"]["warnings"])

@@ -329,6 +329,13 @@ def evaluate(
             f"{latency_samples} with {threads} thread(s)"
             + (f"; a difference under {SLOWER_NOISE:.0%} may be measurement noise." if noise else ".")
         )
+    if sizes["original"] and sizes["quantized"] >= sizes["original"]:
+        warnings.append(
+            f"The quantized model is not smaller than the original: {sizes['quantized']} bytes against "
+            f"{sizes['original']} ({sizes['quantized'] / sizes['original']:.2f}x); the quantization parameters "
+            "and added nodes outweigh the savings, which happens on very small models or when few weights "
+            "were quantized."
+        )
     if labels_seen and labels_unusable is not None:
         warnings.append(f"The dataset has labels but accuracy was not measured: {labels_unusable}.")
     if reused_calibration:

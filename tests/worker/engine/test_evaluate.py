@@ -152,6 +152,7 @@ def test_identical_models_give_perfect_fidelity_and_contract_shaped_json(
     ]
     assert comparison["accuracy"]["delta"] == 0.0
     assert not any("poorly" in w or "accuracy dropped" in w for w in result["warnings"])
+    assert any("not smaller than the original" in w for w in result["warnings"])  # the same file twice
     machine = result["machine"]
     assert machine["onnxruntime"] == ort.__version__
     assert machine["execution_provider"] == "CPUExecutionProvider"

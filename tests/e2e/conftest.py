@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from service.run import API, MIGRATE, WORKER
-from tests.conftest import redis_prefix
+from tests.conftest import clean_qaas_env, redis_prefix
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -28,10 +27,7 @@ def free_port() -> int:
         return port
 
 
-def clean_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QAAS_")}
-    env.update(overrides)
-    return env
+clean_env = clean_qaas_env
 
 
 @dataclass

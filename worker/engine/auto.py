@@ -168,6 +168,19 @@ def auto_quantize(
         max_seconds=evaluation.max_seconds / (len(CANDIDATES) + 1),
     )
     base = dataclasses.replace(spec, mode=Mode.STATIC)
+
+    def measure(quantized: Path, how: EvaluationSpec, report: ProgressCallback) -> EvaluationOutcome:
+        return evaluate(
+            model_path,
+            quantized,
+            how,
+            data=data,
+            inputs=inputs,
+            reused_calibration=reused_calibration,
+            accuracy_tolerance=spec.accuracy_tolerance,
+            progress=report,
+        )
+
     trials: list[Trial] = []
     for index, candidate in enumerate(CANDIDATES):
         trial = Trial(candidate, dataclasses.replace(base, **candidate.changes))
@@ -175,37 +188,19 @@ def auto_quantize(
         report = _scaled(progress, index, len(CANDIDATES))
         try:
             trial.quantized = quantize(model_path, trial.spec, folder, calibration=calibration, progress=report)
-            trial.measured = evaluate(
-                model_path,
-                trial.quantized.model_path,
-                search_eval,
-                data=data,
-                inputs=inputs,
-                reused_calibration=reused_calibration,
-                accuracy_tolerance=spec.accuracy_tolerance,
-                progress=report,
-            )
+            trial.measured = measure(trial.quantized.model_path, search_eval, report)
         except EngineError as exc:
             trial.error = exc.to_dict()
         trials.append(trial)
 
     best, warnings = choose(trials, spec.accuracy_tolerance)
-    for trial in trials:
+    for index, trial in enumerate(trials):
         if trial is not best:
-            shutil.rmtree(workdir / f"candidate-{trials.index(trial)}", ignore_errors=True)
+            shutil.rmtree(workdir / f"candidate-{index}", ignore_errors=True)
 
     assert best.quantized is not None
     progress(Stage.EVALUATING, 0.0)
-    measured = evaluate(
-        model_path,
-        best.quantized.model_path,
-        evaluation,
-        data=data,
-        inputs=inputs,
-        reused_calibration=reused_calibration,
-        accuracy_tolerance=spec.accuracy_tolerance,
-        progress=progress,
-    )
+    measured = measure(best.quantized.model_path, evaluation, progress)
     outcome = best.quantized
     outcome.warnings = [*warnings, *outcome.warnings]
     outcome.details["auto"] = {

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.onnx_models import matmul_mlp
+
 
 def _model(graph: onnx.GraphProto, opset: int, ir_version: int = 8) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests")
@@ -60,26 +62,17 @@ def multi_input(path: Path, *, features: int = 8, layers: int = 2, seed: int = 0
 def constant_weights(path: Path, *, features: int = 16, hidden: int = 32, seed: int = 0) -> Path:
     """matmul_mlp with its weights as `Constant` nodes instead of initializers (as some exporters
     write them): plain quantize_dynamic fails with "Expected ... to be an initializer"."""
-    rng = np.random.default_rng(seed)
-    w1 = rng.normal(0, 0.3, size=(features, hidden)).astype(np.float32)
-    b1 = rng.normal(0, 0.1, size=(hidden,)).astype(np.float32)
-    w2 = rng.normal(0, 0.3, size=(hidden, features)).astype(np.float32)
-    nodes = [
-        helper.make_node("Constant", [], ["w1"], name="const_w1", value=numpy_helper.from_array(w1, "w1")),
-        helper.make_node("Constant", [], ["b1"], name="const_b1", value=numpy_helper.from_array(b1, "b1")),
-        helper.make_node("Constant", [], ["w2"], name="const_w2", value=numpy_helper.from_array(w2, "w2")),
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-        helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
-        helper.make_node("Relu", ["hb"], ["hr"], name="relu1"),
-        helper.make_node("MatMul", ["hr", "w2"], ["y"], name="mm2"),
+    model = onnx.load(str(matmul_mlp(path, features=features, hidden=hidden, seed=seed)))
+    constants = [
+        helper.make_node("Constant", [], [init.name], name=f"const_{init.name}", value=init)
+        for init in model.graph.initializer
     ]
-    graph = helper.make_graph(
-        nodes,
-        "constant_weights",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
-    )
-    return _save(_model(graph, 13), path)
+    del model.graph.initializer[:]
+    nodes = [*constants, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.name = "constant_weights"
+    return _save(model, path)
 
 
 def symbolic_shape_breaker(path: Path, *, features: int = 16, seed: int = 0) -> Path:

@@ -14,14 +14,9 @@ from PIL import Image
 
 from tests.e2e.conftest import Deployment, wait_for_job
 from tests.onnx_models import conv_classifier, matmul_mlp
+from tests.service.helpers import npz_bytes
 
 pytestmark = pytest.mark.e2e
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _images_zip() -> bytes:
@@ -47,7 +42,7 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     conv = conv_classifier(tmp_path / "conv.onnx", hidden=16, size=8)
     mlp = matmul_mlp(tmp_path / "mlp.onnx", features=32, hidden=64)
     samples = np.random.default_rng(0).random((8, 1, 3, 8, 8), dtype=np.float32)
-    labelled = _npz(input=samples, __labels__=np.arange(8) % 4)
+    labelled = npz_bytes(input=samples, __labels__=np.arange(8) % 4)
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(1).random((8, 32), dtype=np.float32))  # batched rows for a one-input model
     preprocess = '{"input": "input", "size": [8, 8], "layout": "NCHW", "color": "RGB"}'

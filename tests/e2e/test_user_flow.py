@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,9 @@ import pytest
 
 from tests.e2e.conftest import Deployment, wait_for_job
 from tests.onnx_models import conv_classifier, matmul_mlp
+from tests.service.helpers import npz_bytes
 
 pytestmark = pytest.mark.e2e
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,7 +27,7 @@ def test_static_quantization_from_upload_to_download(deployment: Deployment, tmp
     with deployment.client() as http:
         model = http.post("/v1/models", files={"file": ("classifier.onnx", model_path.read_bytes())})
         assert model.status_code == 201, model.text
-        dataset = http.post("/v1/datasets", files={"file": ("calib.npz", _npz(input=samples))})
+        dataset = http.post("/v1/datasets", files={"file": ("calib.npz", npz_bytes(input=samples))})
         assert dataset.status_code == 201, dataset.text
         created = http.post(
             "/v1/jobs",
@@ -112,7 +106,7 @@ def test_a_failed_job_says_why_and_the_worker_goes_on(deployment: Deployment, tm
     with deployment.client() as http:
         model = http.post("/v1/models", files={"file": ("broken.onnx", broken_path.read_bytes())})
         assert model.status_code == 201, model.text
-        data = http.post("/v1/datasets", files={"file": ("d.npz", _npz(input=samples))}).json()
+        data = http.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(input=samples))}).json()
         failed = http.post("/v1/jobs", json={"model_id": model.json()["id"], "calibration_dataset_id": data["id"]})
         assert failed.status_code == 202, failed.text
         mlp = http.post("/v1/models", files={"file": ("mlp.onnx", matmul_mlp(tmp_path / "m.onnx").read_bytes())})
@@ -144,7 +138,7 @@ def test_accuracy_over_http_matches_a_direct_onnx_runtime_run(embedded: Deployme
     labels[12:] = (labels[12:] + 1) % 4
     with embedded.client() as http:
         model = http.post("/v1/models", files={"file": ("c.onnx", model_path.read_bytes())}).json()
-        data = http.post("/v1/datasets", files={"file": ("d.npz", _npz(input=samples, __labels__=labels))}).json()
+        data = http.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(input=samples, __labels__=labels))}).json()
         assert data["has_labels"] is True
         created = http.post(
             "/v1/jobs",

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from service.errors import Unavailable
 from service.queue import JobQueue
 from service.settings import Settings
-from service.storage import LocalStorage
+from service.storage import Storage
 
 
 def _settings(request: Request) -> Settings:
@@ -46,8 +46,8 @@ async def _session(request: Request) -> AsyncIterator[Session]:
         await anyio.to_thread.run_sync(session.close, limiter=limiter)
 
 
-def _storage(request: Request) -> LocalStorage:
-    storage: LocalStorage = request.app.state.storage
+def _storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
     return storage
 
 
@@ -60,5 +60,5 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 # scope="function": commit before the response is sent, so a commit that fails (the database went
 # away) answers 503 instead of a success the database never recorded.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
-StorageDep = Annotated[LocalStorage, Depends(_storage)]
+StorageDep = Annotated[Storage, Depends(_storage)]
 QueueDep = Annotated[JobQueue, Depends(_queue)]

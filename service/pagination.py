@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
 from service.schemas import decode_cursor, encode_cursor
-
-Row = TypeVar("Row")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

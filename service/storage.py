@@ -25,11 +25,10 @@ class StoredObject:
 
 
 class Storage(Protocol):
-    def put_file(self, key: str, src: Path, *, move: bool = False) -> StoredObject: ...
+    def put_file(self, key: str, src: Path, *, move: bool = False, sha256: str | None = None) -> StoredObject: ...
     def open(self, key: str) -> BinaryIO: ...
     def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
-    def exists(self, key: str) -> bool: ...
     def local_path(self, key: str) -> Path: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
@@ -101,7 +100,9 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*_checked_key(key).parts)
 
-    def put_file(self, key: str, src: Path, *, move: bool = False) -> StoredObject:
+    def put_file(self, key: str, src: Path, *, move: bool = False, sha256: str | None = None) -> StoredObject:
+        """Store `src` under `key`. `sha256`: the caller hashed the bytes while writing them, so they
+        are not read again (a moved multi-GB upload would otherwise be re-read just to hash it)."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
@@ -115,7 +116,7 @@ class LocalStorage:
                 src.unlink()
         else:
             shutil.copyfile(src, tmp)
-        digest = sha256_file(tmp)
+        digest = sha256 or sha256_file(tmp)
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -130,9 +131,6 @@ class LocalStorage:
 
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
 
     def local_path(self, key: str) -> Path:
         return self._path(key)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.database import transaction
 from service.jobs import state
 from service.settings import Settings
-from service.storage import LocalStorage
+from service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def sweep(
     factory: sessionmaker[Session],
     send: Callable[[str], None],
     settings: Settings,
-    storage: LocalStorage | None = None,
+    storage: Storage | None = None,
     *,
     resend_all: bool = False,
 ) -> dict[str, list[str]]:
@@ -104,7 +104,7 @@ class Reaper:
         factory: sessionmaker[Session],
         send: Callable[[str], None],
         settings: Settings,
-        storage: LocalStorage | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.factory = factory
         self.send = send

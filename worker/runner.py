@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.database import make_engine, make_session_factory, transaction
 from service.jobs import state
 from service.settings import Settings, get_settings
-from service.storage import LocalStorage
+from service.storage import LocalStorage, Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
 from worker.sandbox import exit_error, job_limits
 
@@ -127,7 +127,7 @@ class JobRunner:
         self,
         settings: Settings,
         session_factory: sessionmaker[Session],
-        storage: LocalStorage,
+        storage: Storage,
         enqueue: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings

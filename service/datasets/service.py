@@ -11,7 +11,7 @@ from service.errors import Conflict, NotFound
 from service.inspection.dataset import DatasetLimits, detect_format, inspect_dataset, parse_preprocess
 from service.quotas import check_storage
 from service.settings import Settings
-from service.storage import LocalStorage
+from service.storage import Storage
 from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 from service.uploads import stage_upload, staging_dir
 
@@ -20,7 +20,7 @@ EXTENSIONS = {"npz": "npz", "npy": "npy", "images": "zip"}
 
 def create_dataset(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: str,
     file: UploadFile,
@@ -41,7 +41,7 @@ def create_dataset(
         info = inspect_dataset(staged.path, preprocess, DatasetLimits(max_total_bytes=settings.max_dataset_bytes))
         key = f"datasets/{dataset_id}/data.{EXTENSIONS[fmt]}"
         check_storage(session, settings, tenant, staged.size_bytes)
-        storage.put_file(key, staged.path, move=True)
+        storage.put_file(key, staged.path, move=True, sha256=staged.sha256)
     row = Dataset(
         id=dataset_id,
         tenant=tenant,
@@ -72,7 +72,7 @@ def list_datasets_query(tenant: str) -> Select[Dataset]:
     return select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
 
 
-def delete_dataset(session: Session, storage: LocalStorage, tenant: str, dataset_id: str) -> None:
+def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: str) -> None:
     row = get_dataset(session, tenant, dataset_id)
     active = session.scalar(
         select(Job.id)

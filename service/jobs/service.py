@@ -19,7 +19,7 @@ from service.jobs.schemas import JobCreate
 from service.models.service import get_model
 from service.quotas import check_active_jobs
 from service.settings import Settings
-from service.storage import LocalStorage
+from service.storage import Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -60,7 +60,7 @@ def find_idempotent(session: Session, tenant: str, key: str, digest: str) -> Job
 
 def create_job(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: str,
     body: JobCreate,
@@ -99,7 +99,7 @@ def create_job(
     return job, True
 
 
-def check_recipe(storage: LocalStorage, body: JobCreate, model: OnnxModel, calibration: Dataset | None) -> None:
+def check_recipe(storage: Storage, body: JobCreate, model: OnnxModel, calibration: Dataset | None) -> None:
     """Model-dependent recipe rules (the model-independent ones live on the Recipe schema)."""
     recipe = body.recipe
     if recipe.mode == "static" and calibration is None:
@@ -142,7 +142,7 @@ def check_recipe(storage: LocalStorage, body: JobCreate, model: OnnxModel, calib
             )
 
 
-def node_names(storage: LocalStorage, model: OnnxModel) -> set[str]:
+def node_names(storage: Storage, model: OnnxModel) -> set[str]:
     proto = onnx.load(str(storage.local_path(f"{model.storage_prefix}/{model.file_name}")), load_external_data=False)
     names: set[str] = set()
     graphs = [proto.graph]

@@ -16,7 +16,7 @@ from service.inspection.archive import ArchiveLimits, extract_flat, safe_member_
 from service.inspection.model import ModelInfo, ModelLimits, inspect_model
 from service.quotas import check_storage
 from service.settings import Settings
-from service.storage import LocalStorage, sha256_file
+from service.storage import Storage, sha256_file
 from service.tables import ACTIVE_STATUSES, Job, OnnxModel, new_id
 from service.uploads import stage_upload, staging_dir
 
@@ -29,7 +29,7 @@ def model_prefix(model_id: str) -> str:
 
 def create_model(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: str,
     file: UploadFile,
@@ -47,17 +47,19 @@ def create_model(
             chunk_size=settings.upload_chunk_bytes,
         )
         remaining = settings.max_model_bytes - upload.size_bytes
+        hashes = {MODEL_FILE: upload.sha256}  # filled while staging, so no file is read twice
         for extra in external_data:
-            remaining -= _stage_external(extra, folder, settings, remaining)
+            remaining -= _stage_external(extra, folder, settings, remaining, hashes)
         info = inspect_model(folder / MODEL_FILE, ModelLimits())
         external: list[dict[str, Any]] = [
-            {"name": path.name, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            {"name": path.name, "size_bytes": path.stat().st_size, "sha256": hashes.get(path.name) or sha256_file(path)}
             for path in sorted(folder.iterdir())
             if path.name != MODEL_FILE and path.is_file()
         ]
         check_storage(session, settings, tenant, upload.size_bytes + sum(e["size_bytes"] for e in external))
+        hashes.update({e["name"]: e["sha256"] for e in external})
         for path in sorted(folder.iterdir()):
-            storage.put_file(f"{prefix}/{path.name}", path, move=True)
+            storage.put_file(f"{prefix}/{path.name}", path, move=True, sha256=hashes[path.name])
     row = OnnxModel(
         id=model_id,
         tenant=tenant,
@@ -87,8 +89,9 @@ def _info_columns(info: ModelInfo) -> dict[str, object]:
     }
 
 
-def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget: int) -> int:
-    """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes."""
+def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:
+    """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
+    A plain file's sha256, computed while it is written, goes into `hashes`."""
     client_name = upload.filename or ""
     safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
     if not safe or safe == MODEL_FILE:
@@ -115,6 +118,7 @@ def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget
     if dest.exists():
         raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
     staged = stage_upload(upload, dest, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
+    hashes[safe] = staged.sha256
     return staged.size_bytes
 
 
@@ -130,7 +134,7 @@ def list_models_query(tenant: str) -> Select[OnnxModel]:
     return select(OnnxModel).where(OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None))
 
 
-def delete_model(session: Session, storage: LocalStorage, tenant: str, model_id: str) -> None:
+def delete_model(session: Session, storage: Storage, tenant: str, model_id: str) -> None:
     row = get_model(session, tenant, model_id)
     active = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)).limit(1))
     if active is not None:

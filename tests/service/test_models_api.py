@@ -84,3 +84,32 @@ def test_delete_is_refused_while_a_job_is_queued(client: TestClient, tmp_path: P
 def test_unknown_model_is_not_found(client: TestClient) -> None:
     error = assert_error(client.get("/v1/models/nope"), 404, "not_found")
     assert "nope" in error["message"]
+
+
+def test_external_data_is_stored_beside_the_model_with_its_hash(client: TestClient, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from tests.worker.engine.pitfall_models import external_data_mlp
+
+    path = external_data_mlp(tmp_path / "big.onnx")
+    weights = tmp_path / "big.onnx.data"
+    expected = {
+        "name": weights.name,
+        "size_bytes": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(weights, weights.name)
+    storage_dir = client.app.state.settings.resolved_storage_dir  # type: ignore[attr-defined]
+    for extra in [(weights.name, weights.read_bytes()), ("weights.zip", archive.getvalue())]:
+        response = client.post("/v1/models", files=[("file", (path.name, path.read_bytes())), ("external_data", extra)])
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["external_data"] == [expected]
+        assert body["size_bytes"] == path.stat().st_size + expected["size_bytes"]
+        stored = storage_dir / "models" / body["id"] / weights.name
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == expected["sha256"]
+    missing = client.post("/v1/models", files={"file": (path.name, path.read_bytes())})
+    assert missing.status_code == 422 and missing.json()["error"]["code"] in ("external_data_escape", "invalid_model")

@@ -213,7 +213,7 @@ def test_a_success_whose_commit_answer_was_lost_keeps_its_files(
     with factory() as s:
         keys = s.scalars(select(Artifact.storage_key).where(Artifact.job_id == job_id)).all()
     assert sorted(keys) == [f"jobs/{job_id}/1/quantized.onnx", f"jobs/{job_id}/1/report.json"]
-    assert all(runner.storage.exists(key) for key in keys)  # not deleted as if the job were lost
+    assert all(runner.storage.local_path(key).is_file() for key in keys)  # not deleted as if the job were lost
 
 
 def test_a_success_after_losing_the_job_leaves_nothing_behind(

@@ -320,25 +320,10 @@ def image_rows_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, 
     return _rows_per_feed(spec, batch_size) or 1
 
 
-def count_image_batches(
-    source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
-) -> int:
-    _, spec = resolve_preprocess(source.preprocess, inputs)
-    index = index_archive(Path(source.path))
-    n = _feed_count(index.num_samples, spec, batch_size)
-    if n == 0:
-        raise mismatch(
-            spec,
-            (index.num_samples,),
-            "image",
-            f"{index.num_samples} image(s) cannot fill one batch of the input's fixed size",
-        )
-    return n if limit is None else min(n, max(0, limit))
-
-
-def iter_image_batches(
-    source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
-) -> Iterator[Batch]:
+def _indexed(
+    source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int
+) -> tuple[ImagePreprocess, TensorSpec, ImageIndex, int]:
+    """(preprocess, the input it feeds, the archive's index, number of feeds); at least one feed."""
     pp, spec = resolve_preprocess(source.preprocess, inputs)
     index = index_archive(Path(source.path))
     total = _feed_count(index.num_samples, spec, batch_size)
@@ -349,6 +334,20 @@ def iter_image_batches(
             "image",
             f"{index.num_samples} image(s) cannot fill one batch of the input's fixed size",
         )
+    return pp, spec, index, total
+
+
+def count_image_batches(
+    source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
+) -> int:
+    n = _indexed(source, inputs, batch_size)[3]
+    return n if limit is None else min(n, max(0, limit))
+
+
+def iter_image_batches(
+    source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
+) -> Iterator[Batch]:
+    pp, spec, index, total = _indexed(source, inputs, batch_size)
     if limit is not None:
         total = min(total, max(0, limit))
     return _image_batches(source, pp, spec, index, total, batch_size)

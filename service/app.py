@@ -18,9 +18,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import RateLimiter
+from service.contract.errors import RuleError
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
-from service.errors import ServiceError
+from service.errors import ServiceError, from_rule
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
@@ -64,15 +65,28 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": _location(tuple(e.get("loc", ()))), "message": str(e.get("msg", "")), "type": e.get("type")}
-        for e in exc.errors()
-    ]
+    errors = []
+    for e in exc.errors():
+        field = _location(tuple(e.get("loc", ())))
+        rule = (e.get("ctx") or {}).get("error")
+        if isinstance(rule, RuleError):  # a recipe rule: its own sentence and the field it names
+            field = ".".join(p for p in (field, rule.detail.get("field")) if p)
+            errors.append({"field": field, "message": rule.message, "type": rule.code})
+        else:
+            errors.append({"field": field, "message": str(e.get("msg", "")), "type": e.get("type")})
     in_recipe = bool(errors) and all(e["field"].startswith("recipe") for e in errors)
-    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    first = errors[0] if errors else {"field": "body", "message": "invalid request", "type": None}
     code = "invalid_recipe" if in_recipe else "invalid_request"
-    message = f"Invalid value for `{first['field']}`: {first['message']}."
-    return _error(422, code, message, {"errors": errors})
+    if first["type"] == "invalid_recipe":
+        message = str(first["message"])
+    else:
+        message = f"Invalid value for `{first['field']}`: {first['message']}."
+    return _error(422, code, message, {"field": first["field"], "errors": errors})
+
+
+async def _rule_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RuleError)
+    return await _service_error(request, from_rule(exc))
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -154,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RuleError, _rule_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(PoolTimeout, _database_down)

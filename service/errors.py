@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
+
+from service.contract.errors import RuleError
 
 
 class ServiceError(Exception):
@@ -86,3 +90,32 @@ class ResourceLimit(ServiceError):
 class Unavailable(ServiceError):
     status = 503
     code = "unavailable"
+
+
+def from_rule(error: RuleError) -> ServiceError:
+    """The ServiceError (and so the HTTP status) for a shared rule's error, by its code."""
+    cls = next((c for c in _RULE_ERRORS if c.code == error.code), ServiceError)
+    return cls(error.message, code=error.code, status=None if cls is not ServiceError else 422, detail=error.detail)
+
+
+@contextlib.contextmanager
+def service_errors() -> Iterator[None]:
+    """Raise a shared rule's error as the matching ServiceError inside the block."""
+    try:
+        yield
+    except RuleError as exc:
+        raise from_rule(exc) from exc
+
+
+_RULE_ERRORS: tuple[type[ServiceError], ...] = (
+    NotFound,
+    Conflict,
+    InvalidModel,
+    UnsupportedOperator,
+    ExternalDataEscape,
+    InvalidDataset,
+    DatasetModelMismatch,
+    InvalidRecipe,
+    PayloadTooLarge,
+    ResourceLimit,
+)

@@ -5,64 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.contract.recipe import Recipe, parse_recipe, unchecked_recipe
 from service.schemas import ErrorInfo, OrmModel
 
-Mode = Literal["static", "dynamic", "weight_only", "fp16", "auto"]
-SIXTEEN_BIT = ("uint16", "int16")
-FOUR_BIT = ("int4", "uint4")
-
-
-class Recipe(BaseModel):
-    """How to quantize. Defaults give static MinMax QDQ, uint8 activations, int8 weights."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"mode": "static", "calibration_method": "minmax", "per_channel": True}]},
-    )
-
-    mode: Mode = "static"
-    format: Literal["qdq", "qoperator"] = Field("qdq", description="Static only.")
-    activation_type: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
-    weight_type: Literal["int8", "uint8", "int16", "uint16", "int4", "uint4"] | None = Field(
-        None, description="Default int8; int4 for `weight_only`."
-    )
-    calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
-    percentile: float = Field(99.999, gt=0, le=100, description="For `percentile` calibration.")
-    per_channel: bool = False
-    reduce_range: bool = False
-    symmetric_activations: bool = False
-    symmetric_weights: bool | None = Field(None, description="Default: symmetric for signed weight types.")
-    op_types_to_quantize: list[str] | None = Field(None, examples=[["Conv", "MatMul", "Gemm"]])
-    nodes_to_exclude: list[str] | None = None
-    calibration_batch_size: int = Field(1, ge=1, le=4096)
-    max_calibration_samples: int | None = Field(None, ge=1)
-    block_size: int = Field(128, ge=16, le=4096, description="`weight_only`: weights per quantization block.")
-    accuracy_tolerance: float = Field(
-        0.01, ge=0, le=1, description="Largest allowed top-1 drop as a fraction (0.01 = one point)."
-    )
-
-    @model_validator(mode="after")
-    def _rules(self) -> Recipe:
-        """Combinations ONNX Runtime cannot honour, refused before anything is queued."""
-        if self.weight_type is None:
-            self.weight_type = "int4" if self.mode == "weight_only" else "int8"
-        if self.mode == "weight_only" and self.weight_type not in FOUR_BIT:
-            raise ValueError("weight_only quantization produces MatMulNBits and needs weight_type int4 or uint4")
-        if self.mode != "weight_only" and self.weight_type in FOUR_BIT:
-            raise ValueError(f"weight_type {self.weight_type} is only available with mode weight_only")
-        if (
-            self.format == "qoperator"
-            and self.mode == "static"
-            and (self.activation_type in SIXTEEN_BIT or self.weight_type in SIXTEEN_BIT)
-        ):
-            raise ValueError("16-bit activation or weight types need format qdq; qoperator supports 8-bit only")
-        if self.mode == "dynamic" and self.weight_type not in ("int8", "uint8"):
-            raise ValueError("dynamic quantization supports weight_type int8 or uint8 only")
-        if self.mode == "weight_only" and self.block_size & (self.block_size - 1):
-            raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
-        return self
+__all__ = ["Recipe"]
 
 
 class EvaluationSettings(BaseModel):
@@ -94,7 +42,7 @@ class JobCreate(BaseModel):
     model_id: str
     calibration_dataset_id: str | None = Field(None, description="Required for static quantization.")
     evaluation_dataset_id: str | None = Field(None, description="Defaults to the calibration dataset.")
-    recipe: Recipe = Field(default_factory=lambda: Recipe())
+    recipe: Recipe = Field(default_factory=Recipe)
     evaluation: EvaluationSettings = Field(default_factory=lambda: EvaluationSettings())
 
 
@@ -184,6 +132,17 @@ class JobOut(OrmModel):
     finished_at: datetime | None
     error: ErrorInfo | None
     result: JobResult | None
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _stored_recipe(cls, value: Any) -> Any:
+        """A recipe stored before a rule existed is shown as it was stored, not refused."""
+        if isinstance(value, dict):
+            try:
+                return parse_recipe(value)
+            except (ValueError, ValidationError):
+                return unchecked_recipe(value)
+        return value
 
 
 class ArtifactOut(OrmModel):

@@ -1,4 +1,7 @@
-"""Typed inputs of the engine: what to quantize, how to evaluate, where the data is."""
+"""Typed inputs of the engine: what to quantize, how to evaluate, where the data is.
+
+The recipe (`QuantizationSpec`) and tensor specs are the shared contract's own types
+(`service.contract`), so the API and the engine validate with the same code."""
 
 from __future__ import annotations
 
@@ -9,36 +12,32 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from service.contract.formats import TensorSpec
+from service.contract.recipe import (
+    ActivationType,
+    CalibrationMethod,
+    Mode,
+    QType,
+    QuantFormat,
+)
+from service.contract.recipe import Recipe as QuantizationSpec
+
+__all__ = [
+    "ActivationType",
+    "CalibrationMethod",
+    "DatasetSource",
+    "EvaluationSpec",
+    "Mode",
+    "ProgressCallback",
+    "QType",
+    "QuantFormat",
+    "QuantizationSpec",
+    "Stage",
+    "TensorSpec",
+    "no_progress",
+]
+
 T = TypeVar("T")
-
-
-class Mode(StrEnum):
-    STATIC = "static"
-    DYNAMIC = "dynamic"
-    WEIGHT_ONLY = "weight_only"
-    FP16 = "fp16"
-    AUTO = "auto"
-
-
-class QuantFormat(StrEnum):
-    QDQ = "qdq"
-    QOPERATOR = "qoperator"
-
-
-class CalibrationMethod(StrEnum):
-    MINMAX = "minmax"
-    ENTROPY = "entropy"
-    PERCENTILE = "percentile"
-    DISTRIBUTION = "distribution"
-
-
-class QType(StrEnum):
-    INT8 = "int8"
-    UINT8 = "uint8"
-    INT16 = "int16"
-    UINT16 = "uint16"
-    INT4 = "int4"
-    UINT4 = "uint4"
 
 
 class Stage(StrEnum):
@@ -78,42 +77,6 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
 
 
 @dataclass(frozen=True)
-class QuantizationSpec:
-    """The contract's `recipe`, as the engine understands it. Field names match the HTTP contract."""
-
-    mode: Mode = Mode.STATIC
-    format: QuantFormat = QuantFormat.QDQ
-    activation_type: QType = QType.UINT8
-    weight_type: QType = QType.INT8
-    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
-    percentile: float = 99.999
-    per_channel: bool = False
-    reduce_range: bool = False
-    symmetric_activations: bool = False
-    # None: ONNX Runtime's default (symmetric for signed weight types).
-    symmetric_weights: bool | None = None
-    op_types_to_quantize: tuple[str, ...] | None = None
-    nodes_to_exclude: tuple[str, ...] | None = None
-    calibration_batch_size: int = 1
-    max_calibration_samples: int | None = None
-    block_size: int = 128
-    # Largest allowed drop of top-1 accuracy, as a fraction (0.01 is one percentage point).
-    accuracy_tolerance: float = 0.01
-
-    def __post_init__(self) -> None:
-        # Accept plain strings (from JSON) and normalise them to the enums.
-        object.__setattr__(self, "mode", Mode(self.mode))
-        object.__setattr__(self, "format", QuantFormat(self.format))
-        object.__setattr__(self, "activation_type", QType(self.activation_type))
-        object.__setattr__(self, "weight_type", QType(self.weight_type))
-        object.__setattr__(self, "calibration_method", CalibrationMethod(self.calibration_method))
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
-        return _from_mapping(cls, data)
-
-
-@dataclass(frozen=True)
 class EvaluationSpec:
     """The contract's `evaluation`, plus the bounds the operator sets."""
 
@@ -127,19 +90,6 @@ class EvaluationSpec:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:
         return _from_mapping(cls, data)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output: numpy dtype name and shape (int, symbolic name, or None)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
-        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,325 @@
+"""The recipe: the one specification of how to quantize, and every rule about it.
+
+`Recipe` is a frozen dataclass that pydantic validates: the API takes it as the `recipe` of a
+job (a broken rule answers 422 `invalid_recipe` at the door) and the engine reads the stored
+recipe back through `parse_recipe`, so both run the same field bounds (the `Field` metadata) and
+the same combination rules (`check_recipe`, run by `__post_init__`). Rules that need the model
+(`check_recipe_for_model`) read `ModelFacts`, which the API stores at upload and the engine
+reads from the file, so job creation never parses the model again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter, ValidationError
+
+from service.contract.errors import RuleError
+from service.contract.formats import ModelFacts
+
+
+class Mode(StrEnum):
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    WEIGHT_ONLY = "weight_only"
+    FP16 = "fp16"
+    AUTO = "auto"
+
+
+class QuantFormat(StrEnum):
+    QDQ = "qdq"
+    QOPERATOR = "qoperator"
+
+
+class CalibrationMethod(StrEnum):
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+    DISTRIBUTION = "distribution"
+
+
+class QType(StrEnum):
+    """Weight types. Activations take the 8- and 16-bit ones only (`ActivationType`)."""
+
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT16 = "int16"
+    UINT16 = "uint16"
+    INT4 = "int4"
+    UINT4 = "uint4"
+
+
+class ActivationType(StrEnum):
+    UINT8 = "uint8"
+    INT8 = "int8"
+    UINT16 = "uint16"
+    INT16 = "int16"
+
+
+SIXTEEN_BIT = (QType.INT16, QType.UINT16)
+FOUR_BIT = (QType.INT4, QType.UINT4)
+EIGHT_BIT = (QType.INT8, QType.UINT8)
+WEIGHT_ONLY_OP_TYPES = ("MatMul", "Gather")
+QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
+# Modes that run calibration data through the float model.
+CALIBRATED_MODES = (Mode.STATIC, Mode.AUTO)
+MIN_PERCENTILE = 50.0
+MAX_LISTED = 10_000  # nodes_to_exclude entries
+MAX_OP_TYPES = 256
+MAX_NAME_CHARS = 1024  # one node name or op type
+
+NodeName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+RECIPE_EXAMPLES: list[JsonValue] = [
+    {"mode": "static", "calibration_method": "minmax", "per_channel": True},
+    {"mode": "dynamic", "op_types_to_quantize": ["MatMul", "Gemm"]},
+    {"mode": "weight_only", "weight_type": "int4", "block_size": 32},
+    {"mode": "auto", "accuracy_tolerance": 0.01},
+]
+
+
+class RecipeError(RuleError, ValueError):
+    """A broken recipe rule: code `invalid_recipe`, `detail.field` names the field to change.
+    A ValueError too, so that pydantic reports it as a validation error of the recipe."""
+
+    def __init__(self, message: str, field: str, **detail: Any) -> None:
+        super().__init__("invalid_recipe", message, {"field": field, **detail})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to quantize. Defaults give static MinMax QDQ, uint8 activations, int8 weights
+    (int4 for `weight_only`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", json_schema_extra={"examples": RECIPE_EXAMPLES})
+
+    mode: Mode = Mode.STATIC
+    format: Annotated[QuantFormat, Field(description="Static only: QDQ pairs, or QLinear* operators.")] = (
+        QuantFormat.QDQ
+    )
+    activation_type: Annotated[ActivationType, Field(description="Static only; dynamic computes uint8.")] = (
+        ActivationType.UINT8
+    )
+    weight_type: Annotated[QType | None, Field(description="Default int8; int4 for `weight_only`.")] = None
+    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: Annotated[
+        float, Field(gt=0, le=100, description=f"For `percentile` calibration; at least {MIN_PERCENTILE:g}.")
+    ] = 99.999
+    per_channel: bool = False
+    reduce_range: bool = False
+    symmetric_activations: bool = False
+    symmetric_weights: Annotated[bool | None, Field(description="Default: symmetric for signed weight types.")] = None
+    op_types_to_quantize: Annotated[
+        tuple[NodeName, ...] | None,
+        Field(max_length=MAX_OP_TYPES, examples=[["Conv", "MatMul", "Gemm"]]),
+    ] = None
+    nodes_to_exclude: Annotated[
+        tuple[NodeName, ...] | None,
+        Field(max_length=MAX_LISTED, description="Node names (as Netron shows them) to keep in float."),
+    ] = None
+    calibration_batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
+    max_calibration_samples: Annotated[int | None, Field(ge=1)] = None
+    block_size: Annotated[
+        int, Field(ge=16, le=4096, description="`weight_only`: weights per block, a power of two.")
+    ] = 128
+    accuracy_tolerance: Annotated[
+        float, Field(ge=0, le=1, description="Largest allowed top-1 drop as a fraction (0.01 = one point).")
+    ] = 0.01
+
+    def __post_init__(self) -> None:
+        # Plain strings and lists (direct construction, JSON) become the enums and tuples.
+        normalise = object.__setattr__
+        normalise(self, "mode", Mode(self.mode))
+        normalise(self, "format", QuantFormat(self.format))
+        normalise(self, "activation_type", ActivationType(self.activation_type))
+        normalise(self, "calibration_method", CalibrationMethod(self.calibration_method))
+        if self.weight_type is None:
+            normalise(self, "weight_type", QType.INT4 if self.mode == Mode.WEIGHT_ONLY else QType.INT8)
+        else:
+            normalise(self, "weight_type", QType(self.weight_type))
+        for name in ("op_types_to_quantize", "nodes_to_exclude"):
+            value = getattr(self, name)
+            if value is not None:
+                normalise(self, name, tuple(value))
+        check_recipe(self)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        """A stored or sent recipe, through the same validation as the API's."""
+        return parse_recipe(data)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(_ADAPTER.dump_python(self, mode="json"))
+
+    @property
+    def weight(self) -> QType:
+        """`weight_type`, resolved (never None after construction)."""
+        assert self.weight_type is not None
+        return QType(self.weight_type)
+
+
+_ADAPTER: TypeAdapter[Recipe] = TypeAdapter(Recipe)
+
+
+def parse_recipe(data: Mapping[str, Any]) -> Recipe:
+    """Validate a recipe mapping. Raises RuleError `invalid_recipe` naming the field."""
+    try:
+        return _ADAPTER.validate_python(dict(data))
+    except ValidationError as exc:
+        raise recipe_error_from(exc) from exc
+
+
+def unchecked_recipe(data: Mapping[str, Any]) -> Recipe:
+    """A stored recipe as it was stored, without the rules: for showing jobs whose recipe was
+    accepted before a rule existed (such jobs failed in the worker). Never for running one."""
+    recipe = object.__new__(Recipe)
+    for name, default in Recipe.__dataclass_fields__.items():
+        value = data.get(name, default.default)
+        object.__setattr__(recipe, name, tuple(value) if isinstance(value, list) else value)
+    return recipe
+
+
+def recipe_error_from(exc: ValidationError, prefix: tuple[str, ...] = ()) -> RuleError:
+    """The RuleError for a pydantic validation error of a recipe (the first error)."""
+    first = exc.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, RecipeError):
+        return cause
+    field = ".".join(str(p) for p in (*prefix, *first.get("loc", ()))) or "recipe"
+    return RecipeError(f"Invalid value for `{field}`: {first.get('msg', 'invalid')}.", field)
+
+
+# --------------------------------------------------------------------------------------------
+# The rules
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Combinations ONNX Runtime cannot honour, whatever the model. Raises RecipeError."""
+    mode = recipe.mode
+    weight = recipe.weight
+    if weight in FOUR_BIT and mode != Mode.WEIGHT_ONLY:
+        raise RecipeError(
+            f"weight_type {weight} (4-bit) is only available with mode weight_only (blocked MatMulNBits); "
+            "use int8 weights or mode weight_only.",
+            "weight_type",
+            mode=str(mode),
+        )
+    clipping = recipe.calibration_method == CalibrationMethod.PERCENTILE and recipe.percentile < MIN_PERCENTILE
+    if clipping and mode in CALIBRATED_MODES:
+        raise RecipeError(
+            f"percentile {recipe.percentile:g} would clip most values; give at least {MIN_PERCENTILE:g}, "
+            "typically 99.99 or 99.999.",
+            "percentile",
+        )
+    if mode == Mode.STATIC:
+        _check_static(recipe, weight)
+    elif mode == Mode.DYNAMIC:
+        if weight not in EIGHT_BIT:
+            raise RecipeError(f"Dynamic quantization supports int8 or uint8 weights, not {weight}.", "weight_type")
+        if recipe.activation_type != ActivationType.UINT8:
+            raise RecipeError(
+                "Dynamic quantization computes activations as uint8 at run time; activation_type "
+                f"{recipe.activation_type} needs mode static.",
+                "activation_type",
+            )
+    elif mode == Mode.WEIGHT_ONLY:
+        if weight not in (*FOUR_BIT, *EIGHT_BIT):
+            raise RecipeError(
+                f"Weight-only quantization supports int4, uint4, int8 or uint8 weights, not {weight}.",
+                "weight_type",
+            )
+        if recipe.block_size & (recipe.block_size - 1):
+            raise RecipeError(
+                f"block_size must be a power of two (16, 32, 64, 128, ...), not {recipe.block_size}.", "block_size"
+            )
+        unknown = sorted(set(recipe.op_types_to_quantize or ()) - set(WEIGHT_ONLY_OP_TYPES))
+        if unknown:
+            raise RecipeError(
+                f"Weight-only quantization handles MatMul and Gather only, not {', '.join(unknown[:10])}.",
+                "op_types_to_quantize",
+                unknown=unknown[:100],
+            )
+    elif mode == Mode.FP16 and recipe.op_types_to_quantize:
+        raise RecipeError(
+            "op_types_to_quantize does not apply to fp16, which converts the whole model (keeping "
+            "overflowing nodes in float32); drop it, or list nodes in nodes_to_exclude.",
+            "op_types_to_quantize",
+        )
+
+
+def _check_static(recipe: Recipe, weight: QType) -> None:
+    if recipe.format == QuantFormat.QOPERATOR and (recipe.activation_type in SIXTEEN_BIT or weight in SIXTEEN_BIT):
+        raise RecipeError(
+            "16-bit activation or weight types need format qdq: ONNX Runtime's QOperator format "
+            "(QLinearConv, QLinearMatMul) has 8-bit kernels only.",
+            "format",
+            activation_type=str(recipe.activation_type),
+            weight_type=str(weight),
+        )
+    if recipe.activation_type == ActivationType.INT8 and weight == QType.UINT8:
+        raise RecipeError(
+            "ONNX Runtime has no kernels for int8 activations with uint8 weights; use int8 weights "
+            "(or uint8 activations).",
+            "weight_type",
+            activation_type="int8",
+            weight_type="uint8",
+        )
+
+
+def weight_only_op_types(recipe: Recipe) -> tuple[str, ...]:
+    """The op types a weight-only recipe rewrites."""
+    return tuple(recipe.op_types_to_quantize or ("MatMul",))
+
+
+def check_recipe_for_model(recipe: Recipe, facts: ModelFacts, *, has_calibration: bool) -> list[str]:
+    """Rules that need the model (from facts stored at upload). Raises RecipeError; returns
+    warnings (things that work but deserve a word)."""
+    warnings: list[str] = []
+    mode = recipe.mode
+    if mode in CALIBRATED_MODES and not has_calibration:
+        what = "Static quantization" if mode == Mode.STATIC else "Mode auto (it compares static variants)"
+        raise RecipeError(
+            f"{what} needs calibration data: upload a dataset and pass its id as calibration_dataset_id"
+            + (", or use mode dynamic." if mode == Mode.STATIC else "."),
+            "calibration_dataset_id",
+        )
+    if recipe.nodes_to_exclude:
+        unknown = sorted(set(recipe.nodes_to_exclude) - set(facts.node_names))
+        if unknown:
+            raise RecipeError(
+                f"nodes_to_exclude names node(s) the model does not have: {', '.join(unknown[:10])}; "
+                "use node names as they appear in the model (Netron shows them).",
+                "nodes_to_exclude",
+                unknown=unknown[:100],
+            )
+    if mode == Mode.WEIGHT_ONLY:
+        wanted = weight_only_op_types(recipe)
+        if not any(facts.op_counts.get(op, 0) for op in wanted):
+            raise RecipeError(
+                f"Weight-only quantization rewrites {' and '.join(wanted)} nodes and the model has none; "
+                "use mode static or dynamic.",
+                "mode",
+                op_types=list(wanted),
+            )
+    if recipe.op_types_to_quantize and mode in (Mode.STATIC, Mode.DYNAMIC, Mode.WEIGHT_ONLY):
+        present = [op for op in recipe.op_types_to_quantize if facts.op_counts.get(op, 0)]
+        if not present:
+            raise RecipeError(
+                f"None of op_types_to_quantize ({', '.join(recipe.op_types_to_quantize[:10])}) occurs in the "
+                f"model, so nothing would be quantized; the model's operators are "
+                f"{', '.join(sorted(facts.op_counts)[:40])}.",
+                "op_types_to_quantize",
+                model_ops=sorted(facts.op_counts),
+            )
+        missing = [op for op in recipe.op_types_to_quantize if op not in present]
+        if missing:
+            warnings.append(f"op_types_to_quantize lists {', '.join(missing[:10])}, which the model does not contain.")
+    qdq = facts.qdq_nodes
+    if qdq:
+        warnings.append(
+            f"The model already holds {qdq} QuantizeLinear/DequantizeLinear nodes "
+            "(a quantization-aware trained or already quantized export); those parts are kept as they are."
+        )
+    return warnings

@@ -82,10 +82,11 @@ def make_celery(settings: Settings, main: str = "qaas") -> Celery:
 
 
 class JobQueue:
-    """What the API needs of the broker: send a job id, and say whether the broker answers."""
+    """The one client of the job queue, for the API and the worker alike: send a job id, and say
+    whether the broker answers. The worker passes its own Celery app."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.app = make_celery(settings, "qaas-api")
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.app = app if app is not None else make_celery(settings, "qaas-api")
 
     def enqueue(self, job_id: str) -> None:
         """Send the job's message. Two quick retries cover a pooled connection that died with a

@@ -61,6 +61,8 @@ class OnnxModel(Base):
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     op_counts: Mapped[dict[str, int]] = mapped_column(JSON)
+    # Names of every node, subgraphs included (None: uploaded before they were recorded).
+    node_names: Mapped[list[str] | None] = mapped_column(JSON)
     quantization: Mapped[str | None] = mapped_column(String(32))
     external_data: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

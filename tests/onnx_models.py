@@ -25,9 +25,11 @@ def conv_classifier(
     num_classes: int = 4,
     hidden: int = 8,
     seed: int = 0,
+    input_shape: list[int | str | None] | None = None,
 ) -> Path:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: input `input` [batch,C,H,W] float32,
-    output `logits` [batch, num_classes]. The batch dimension is symbolic ("batch")."""
+    output `logits` [batch, num_classes]. The batch dimension is symbolic ("batch") unless
+    `input_shape` declares the input otherwise (pooling takes any height and width)."""
     rng = np.random.default_rng(seed)
     w = rng.normal(0, 0.5, size=(hidden, channels, 3, 3)).astype(np.float32)
     b = rng.normal(0, 0.1, size=(hidden,)).astype(np.float32)
@@ -43,7 +45,7 @@ def conv_classifier(
     graph = helper.make_graph(
         nodes,
         "conv_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape or ["batch", channels, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
         initializer=[
             numpy_helper.from_array(w, "conv_w"),
@@ -55,6 +57,12 @@ def conv_classifier(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests")
     model.ir_version = 8
     return _save(model, path)
+
+
+def paddle_classifier(path: Path, *, seed: int = 0) -> Path:
+    """The classifier as Paddle2ONNX exports it: unknown dims written as dim_value -1 and 0
+    (input [-1, 3, 0, -1]), which ONNX Runtime treats as unknown."""
+    return conv_classifier(path, seed=seed, input_shape=[-1, 3, 0, -1])
 
 
 def matmul_mlp(path: Path, *, opset: int = 13, features: int = 16, hidden: int = 32, seed: int = 0) -> Path:

@@ -26,6 +26,8 @@ from worker.engine import (
     quantize,
 )
 from worker.engine.auto import auto_quantize
+from worker.engine.checks import validate_job
+from worker.engine.preprocess import runnable_original
 from worker.sandbox import apply_limits, die_with_parent, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
@@ -61,6 +63,14 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
     eval_data = _source(job.get("evaluation_data"))
 
     report(Stage.VALIDATING, 0.0)
+    model_path, declared = runnable_original(model_path, workdir / "original")
+    validate_job(
+        model_path,
+        spec,
+        calibration=calibration,
+        evaluation_data=eval_data,
+        evaluation_batch_size=evaluation.batch_size,
+    )
     reused = bool(job.get("reused_calibration"))
     if spec.mode == Mode.AUTO:
         outcome, measured = auto_quantize(
@@ -89,7 +99,7 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
     report(Stage.REPORTING, 0.0)
     result = measured.to_dict()
     result["warnings"] = [*outcome.warnings, *measured.warnings]
-    result["preprocessing_steps"] = outcome.preprocessing_steps
+    result["preprocessing_steps"] = [*declared, *outcome.preprocessing_steps]
     result["timings_s"] = {
         **outcome.timings_s,
         **measured.timings_s,

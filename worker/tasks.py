@@ -22,7 +22,7 @@ from celery.signals import (
 )
 
 from service.database import make_engine, make_session_factory
-from service.queue import QUEUE, RUN_JOB_TASK
+from service.queue import RUN_JOB_TASK, JobQueue
 from service.settings import get_settings
 from service.storage import LocalStorage
 from worker.celery_app import app
@@ -37,7 +37,7 @@ CLAIM_RETRIES = 8  # then the sweep re-sends the job once it has been queued for
 
 
 def enqueue(job_id: str) -> None:
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
+    JobQueue(get_settings(), app).enqueue(job_id)
 
 
 @worker_ready.connect

@@ -1,7 +1,7 @@
-"""Pure checks the API runs on uploads: ONNX models, datasets, zip archives, and their fit."""
+"""Pure checks the API runs on uploads: ONNX models, datasets and zip archives (their fit to a
+model is a shared rule: `service.contract.formats`)."""
 
 from service.inspection.archive import ArchiveLimits, check_zip, extract_flat, safe_member_name
-from service.inspection.compat import check_dataset_fits_model
 from service.inspection.dataset import (
     DatasetInfo,
     DatasetLimits,
@@ -17,7 +17,6 @@ __all__ = [
     "DatasetLimits",
     "ModelInfo",
     "ModelLimits",
-    "check_dataset_fits_model",
     "check_zip",
     "detect_format",
     "extract_flat",

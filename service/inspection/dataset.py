@@ -15,34 +15,27 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
-from numpy.lib import format as npformat
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit
+from service.contract import formats
+from service.contract.formats import LABELS_KEY, SINGLE_INPUT_KEY, NpyHeader, check_labels, read_npy_header
+from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit, service_errors
 from service.inspection.archive import ArchiveLimits, check_zip, open_zip, safe_member_name
 
-LABELS_KEY = "__labels__"
-SINGLE_INPUT_KEY = "*"
 LABELS_CSV = "labels.csv"
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_MAX_HEADER_SIZE = 1 << 16
 _MAX_LABELS_CSV_BYTES = 64 << 20
-_MAX_IMAGE_SIDE = 16_384
-_ALLOWED_KINDS = "biufc"  # bool, ints, floats, complex: what ONNX tensors can hold
-_PREPROCESS_KEYS = ("input", "size", "layout", "color", "scale", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -90,6 +83,11 @@ def inspect_dataset(
     path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits = DatasetLimits()
 ) -> DatasetInfo:
     """Validate the dataset at `path` and summarise it. `preprocess` is only used for images."""
+    with service_errors():
+        return _inspect(Path(path), preprocess, limits)
+
+
+def _inspect(path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits) -> DatasetInfo:
     path = Path(path)
     size = path.stat().st_size
     if size > limits.max_total_bytes:
@@ -109,47 +107,7 @@ def inspect_dataset(
 # Arrays
 
 
-@dataclass(frozen=True)
-class _Header:
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    data_offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _read_header(fp: IO[bytes], what: str) -> _Header:
-    try:
-        version = npformat.read_magic(fp)
-        if version == (1, 0):
-            shape, _fortran, dtype = npformat.read_array_header_1_0(fp, max_header_size=_MAX_HEADER_SIZE)
-        elif version == (2, 0):
-            shape, _fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=_MAX_HEADER_SIZE)
-        else:
-            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
-        offset = fp.tell()
-    except Exception as exc:  # numpy's header parser raises many types (TokenError, RecursionError, ...)
-        raise InvalidDataset(
-            f"{what} is not a valid .npy array ({str(exc).strip()[:200]}); save it with numpy.save or numpy.savez.",
-            detail={"array": what},
-        ) from exc
-    dtype = np.dtype(dtype)
-    if dtype.hasobject or dtype.fields is not None or dtype.kind not in _ALLOWED_KINDS:
-        raise InvalidDataset(
-            f"{what} has dtype {dtype}, which needs pickling or is not numeric; save plain numeric arrays.",
-            detail={"array": what, "dtype": str(dtype)},
-        )
-    if any(d < 0 for d in shape):
-        raise InvalidDataset(
-            f"{what} declares the negative shape {list(shape)}; save it again.",
-            detail={"array": what, "shape": list(shape)},
-        )
-    return _Header(tuple(int(d) for d in shape), dtype, int(offset))
-
-
-def _check_data_size(header: _Header, stored: int, what: str) -> None:
+def _check_data_size(header: NpyHeader, stored: int, what: str) -> None:
     if stored != header.nbytes:
         raise InvalidDataset(
             f"{what} declares {header.dtype.name} {list(header.shape)} ({header.nbytes} bytes) but holds "
@@ -167,7 +125,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 def _inspect_npy(path: Path, limits: DatasetLimits) -> DatasetInfo:
     with open(path, "rb") as fp:
-        header = _read_header(fp, "The .npy file")
+        header = read_npy_header(fp, "The .npy file")
     _check_data_size(header, path.stat().st_size - header.data_offset, "The .npy file")
     if header.nbytes > limits.max_total_bytes:
         raise _too_large(limits.max_total_bytes)
@@ -183,14 +141,14 @@ def _inspect_npz(path: Path, limits: DatasetLimits, archive: ArchiveLimits) -> D
             "keep one array per model input.",
             detail={"arrays": len(members), "limit": limits.max_members},
         )
-    headers: dict[str, _Header] = {}
+    headers: dict[str, NpyHeader] = {}
     total = 0
     with open_zip(path) as zf:
         for name, info in members:
             key = name.removesuffix(".npy")
             what = f"Array {key!r}"
             with zf.open(info) as fp:
-                header = _read_header(fp, what)
+                header = read_npy_header(fp, what)
             _check_data_size(header, info.file_size - header.data_offset, what)
             total += header.nbytes
             if total > limits.max_total_bytes:
@@ -199,14 +157,10 @@ def _inspect_npz(path: Path, limits: DatasetLimits, archive: ArchiveLimits) -> D
     return _array_info("npz", headers)
 
 
-def _array_info(fmt: str, headers: dict[str, _Header]) -> DatasetInfo:
+def _array_info(fmt: str, headers: dict[str, NpyHeader]) -> DatasetInfo:
     labels = headers.get(LABELS_KEY)
-    if labels is not None and (len(labels.shape) != 1 or labels.dtype.kind not in "iu"):
-        raise InvalidDataset(
-            f"{LABELS_KEY!r} is {labels.dtype.name} {list(labels.shape)} but must be a 1-D integer array "
-            "of class ids; save it as numpy int64 of shape (N,).",
-            detail={"array": LABELS_KEY, "dtype": labels.dtype.name, "shape": list(labels.shape)},
-        )
+    if labels is not None:
+        check_labels(labels.shape, labels.dtype.name)
     if not [k for k in headers if k != LABELS_KEY]:
         raise InvalidDataset(
             "The dataset holds no input arrays; save one array per model input, keyed by the input's name.",
@@ -248,7 +202,8 @@ def _inspect_images(
             "send it with the upload.",
             detail={"field": "preprocess"},
         )
-    height, width = preprocess["size"]
+    pp = formats.parse_preprocess(preprocess)
+    height, width = pp.size
     if height * width > limits.max_image_pixels:
         raise InvalidDataset(
             f"preprocess.size {height}x{width} is more than {limits.max_image_pixels} pixels; use a smaller size.",
@@ -280,12 +235,10 @@ def _inspect_images(
         else:
             labels, num_classes = _labels_from_folders([n for n, _ in images])
     n = len(images)
-    layout = preprocess["layout"]
-    shape = [n, 3, height, width] if layout == "NCHW" else [n, height, width, 3]
     return DatasetInfo(
         format="images",
         num_samples=n,
-        tensors={preprocess["input"]: {"dtype": "float32", "shape": shape}},
+        tensors={pp.input: {"dtype": "float32", "shape": pp.tensor_shape(n)}},
         has_labels=labels,
         num_classes=num_classes,
     )
@@ -417,64 +370,21 @@ def _labels_from_csv(zf: zipfile.ZipFile, entry: tuple[str, zipfile.ZipInfo], im
 
 
 def parse_preprocess(raw: str | dict[str, Any] | None) -> dict[str, Any] | None:
-    """The images `preprocess` JSON, validated and with defaults filled in; None when absent."""
+    """The images `preprocess` JSON (a string from the form, or an object), validated by the shared
+    rules and with defaults filled in; None when absent."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise _bad("preprocess", f"is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+            raise InvalidDataset(
+                f"The field preprocess is not valid JSON ({exc.msg} at position {exc.pos}); fix it and upload again.",
+                detail={"field": "preprocess"},
+            ) from exc
     if not isinstance(raw, dict):
-        raise _bad("preprocess", "must be a JSON object")
-    unknown = sorted(set(raw) - set(_PREPROCESS_KEYS))
-    if unknown:
-        raise _bad(f"preprocess.{unknown[0]}", f"is not a known field (known: {', '.join(_PREPROCESS_KEYS)})")
-    name = raw.get("input")
-    if not isinstance(name, str) or not name:
-        raise _bad("preprocess.input", "must be the name of the model input the images feed")
-    size = raw.get("size")
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = [size, size]
-    if (
-        not isinstance(size, list | tuple)
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= _MAX_IMAGE_SIDE for s in size)
-    ):
-        raise _bad("preprocess.size", f"must be [height, width], two integers from 1 to {_MAX_IMAGE_SIDE}")
-    layout = str(raw.get("layout", "NCHW")).upper()
-    if layout not in ("NCHW", "NHWC"):
-        raise _bad("preprocess.layout", "must be NCHW or NHWC")
-    color = str(raw.get("color", "RGB")).upper()
-    if color not in ("RGB", "BGR"):
-        raise _bad("preprocess.color", "must be RGB or BGR")
-    scale = raw.get("scale", 1.0 / 255.0)
-    if not _is_number(scale) or not scale > 0:
-        raise _bad("preprocess.scale", "must be a positive number such as 0.00392 (1/255)")
-    mean = _triple(raw.get("mean", [0.0, 0.0, 0.0]), "preprocess.mean", positive=False)
-    std = _triple(raw.get("std", [1.0, 1.0, 1.0]), "preprocess.std", positive=True)
-    return {
-        "input": name,
-        "size": [int(size[0]), int(size[1])],
-        "layout": layout,
-        "color": color,
-        "scale": float(scale),
-        "mean": mean,
-        "std": std,
-    }
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _triple(value: object, field: str, *, positive: bool) -> list[float]:
-    if not isinstance(value, list | tuple) or len(value) != 3 or not all(_is_number(v) for v in value):
-        raise _bad(field, "must be a list of three numbers, one per colour channel")
-    if positive and not all(v > 0 for v in value):
-        raise _bad(field, "must hold three positive numbers")
-    return [float(v) for v in value]
-
-
-def _bad(field: str, problem: str) -> InvalidDataset:
-    return InvalidDataset(f"The field {field} {problem}; fix it and upload again.", detail={"field": field})
+        raise InvalidDataset(
+            "The field preprocess must be a JSON object; fix it and upload again.", detail={"field": "preprocess"}
+        )
+    with service_errors():
+        return formats.parse_preprocess(raw).to_dict()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections import ChainMap, Counter
-from collections.abc import Iterable, MutableMapping
+from collections import ChainMap
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import onnx
 import onnx.defs
 from onnx import AttributeProto, GraphProto, NodeProto, SparseTensorProto, TensorProto, helper, numpy_helper
 
+from service.contract.formats import model_facts
 from service.errors import ExternalDataEscape, InvalidModel, ResourceLimit, UnsupportedOperator
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -102,17 +103,16 @@ def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> Mode
     walk.run()
     walk.raise_unsupported()
     _run_checker(model_path)
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    facts = model_facts(model)
     return ModelInfo(
         ir_version=model.ir_version,
-        opset=_default_opset(model),
+        opset=facts.opset,
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
-        inputs=[_value_info(v) for v in graph.input if v.name not in initializers],
-        outputs=[_value_info(v) for v in graph.output],
-        op_counts=dict(sorted(walk.op_counts.items())),
-        node_names=walk.node_names,
-        quantization=_quantization(walk.op_counts),
+        inputs=[spec.to_dict() for spec in facts.inputs],
+        outputs=[spec.to_dict() for spec in facts.outputs],
+        op_counts=dict(facts.op_counts),
+        node_names=list(facts.node_names),
+        quantization=_quantization(facts.op_counts),
         external_data=walk.external_locations,
     )
 
@@ -162,43 +162,7 @@ def _one_line(exc: BaseException | str) -> str:
     return text[:300].rstrip(". ;:")
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 0
-
-
-def _dtype_name(elem_type: int) -> str:
-    if elem_type == TensorProto.STRING:
-        return "string"
-    try:
-        return str(helper.tensor_dtype_to_np_dtype(elem_type).name)
-    except (KeyError, ValueError, TypeError):
-        return "undefined"
-
-
-def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    kind = value.type.WhichOneof("value")
-    if kind in ("tensor_type", "sparse_tensor_type"):
-        tensor = getattr(value.type, kind)
-        shape: list[int | str | None] | None = None
-        if tensor.HasField("shape"):
-            shape = []
-            for dim in tensor.shape.dim:
-                which = dim.WhichOneof("value")
-                if which == "dim_value":
-                    shape.append(int(dim.dim_value))
-                elif which == "dim_param" and dim.dim_param:
-                    shape.append(dim.dim_param)
-                else:
-                    shape.append(None)
-        return {"name": value.name, "dtype": _dtype_name(tensor.elem_type), "shape": shape}
-    # Sequences, maps and optionals have no dtype or dims: report the kind, which matches no array.
-    return {"name": value.name, "dtype": (kind or "undefined").removesuffix("_type"), "shape": []}
-
-
-def _quantization(op_counts: Counter[str]) -> str | None:
+def _quantization(op_counts: Mapping[str, int]) -> str | None:
     if any(op.startswith("QLinear") or op in _QOPERATOR_OPS for op in op_counts):
         return "qoperator"
     if any(op in _QDQ_OPS for op in op_counts):
@@ -227,20 +191,18 @@ class _Walk:
         self.base_dir = base_dir
         self.base_real = os.path.realpath(base_dir)
         self.limits = limits
-        self.op_counts: Counter[str] = Counter()
-        self.node_names: list[str] = []
         self.external_locations: list[str] = []
         self.unsupported: dict[tuple[str, str], str] = {}
         self.nodes_seen = 0
         self.functions = {(f.domain, f.name) for f in model.functions}
 
     def run(self) -> None:
-        self._graph(self.model.graph, 0, ChainMap(), count=True)
+        self._graph(self.model.graph, 0, ChainMap())
         for function in self.model.functions:
-            self._nodes(function.node, 0, ChainMap(), count=False, where=f"function {function.name!r}")
+            self._nodes(function.node, 0, ChainMap(), where=f"function {function.name!r}")
         for info in self.model.training_info:
             for graph in (info.initialization, info.algorithm):
-                self._graph(graph, 0, ChainMap(), count=False)
+                self._graph(graph, 0, ChainMap())
 
     def raise_unsupported(self) -> None:
         if not self.unsupported:
@@ -258,14 +220,14 @@ class _Walk:
             },
         )
 
-    def _graph(self, graph: GraphProto, depth: int, scope: ChainMap[str, TensorProto], *, count: bool) -> None:
+    def _graph(self, graph: GraphProto, depth: int, scope: ChainMap[str, TensorProto]) -> None:
         local: dict[str, TensorProto] = {}
         for tensor in graph.initializer:
             self._tensor(tensor, f"initializer {tensor.name!r}")
             local[tensor.name] = tensor
         for sparse in graph.sparse_initializer:
             self._sparse(sparse, f"initializer {sparse.values.name!r}")
-        self._nodes(graph.node, depth, scope.new_child(local), count=count, where=f"graph {graph.name!r}")
+        self._nodes(graph.node, depth, scope.new_child(local), where=f"graph {graph.name!r}")
 
     def _nodes(
         self,
@@ -273,7 +235,6 @@ class _Walk:
         depth: int,
         scope: ChainMap[str, TensorProto],
         *,
-        count: bool,
         where: str,
     ) -> None:
         constants: MutableMapping[str, TensorProto] = scope.maps[0] if scope.maps else {}
@@ -286,12 +247,9 @@ class _Walk:
                     "upload a smaller model or ask the operator to raise the limit.",
                     detail={"limit": self.limits.max_nodes, "node": node.name, "op_type": node.op_type},
                 )
-            if count:
-                self.op_counts[node.op_type] += 1
-                self.node_names.append(node.name)
             self._check_domain(node)
             for attr in node.attribute:
-                self._attribute(node, attr, depth, scope, count=count, label=label)
+                self._attribute(node, attr, depth, scope, label=label)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
                 value = next((a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR), None)
                 if value is not None:
@@ -317,7 +275,6 @@ class _Walk:
         depth: int,
         scope: ChainMap[str, TensorProto],
         *,
-        count: bool,
         label: str,
     ) -> None:
         where = f"attribute {attr.name!r} of {label}"
@@ -344,7 +301,7 @@ class _Walk:
                 )
             graphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
             for graph in graphs:
-                self._graph(graph, depth + 1, scope, count=count)
+                self._graph(graph, depth + 1, scope)
 
     def _sparse(self, sparse: SparseTensorProto, where: str) -> None:
         self._tensor(sparse.values, where)

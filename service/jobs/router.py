@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from service.auth import TenantDep
 from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
-from service.errors import Conflict, Unavailable
+from service.errors import Conflict
 from service.jobs import service
 from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
@@ -40,20 +40,7 @@ def create_job(
     queue: QueueDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    job, created = service.create_job(session, storage, settings, tenant, body, idempotency_key)
-    session.commit()
-    if created:
-        try:
-            queue.enqueue(job.id)
-        except Exception as exc:
-            # Nothing may stay "created but never enqueued": undo the job and let the client retry.
-            log.warning("broker unavailable, job %s withdrawn: %s", job.id, exc)
-            service.delete_job_row(session, job.id)
-            session.commit()
-            raise Unavailable(
-                "The job queue is unreachable, so no job was created; retry in a few seconds.",
-                detail={"reason": type(exc).__name__},
-            ) from exc
+    job = service.submit_job(session, storage, queue, settings, tenant, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobOut.model_validate(job)
 

@@ -1,29 +1,31 @@
-"""Jobs: create (with the checks that need the model and datasets), read, cancel, artifacts."""
+"""Jobs: submit (the shared rules, then commit and send), read, cancel, artifacts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import timedelta
 
-import onnx
 from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
+from service.contract.formats import DatasetPlan, ModelFacts, plan_dataset
+from service.contract.recipe import check_recipe_for_model
 from service.database import utcnow
 from service.datasets.service import get_dataset
-from service.errors import Conflict, InvalidRecipe, NotFound
-from service.inspection.compat import check_dataset_fits_model
+from service.errors import Conflict, NotFound, Unavailable
 from service.jobs import state
 from service.jobs.schemas import JobCreate
-from service.models.service import get_model
+from service.models.service import get_model, stored_facts
+from service.queue import JobQueue
 from service.quotas import check_active_jobs
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Artifact, Dataset, Job, OnnxModel
+from service.tables import Artifact, Dataset, Job
 
+log = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
-WEIGHT_ONLY_OPS = ("MatMul", "Gather")
 
 
 def request_digest(body: JobCreate) -> str:
@@ -58,6 +60,34 @@ def find_idempotent(session: Session, tenant: str, key: str, digest: str) -> Job
     return job
 
 
+def submit_job(
+    session: Session,
+    storage: Storage,
+    queue: JobQueue,
+    settings: Settings,
+    tenant: str,
+    body: JobCreate,
+    idempotency_key: str | None,
+) -> Job:
+    """Create the job (or find the one this Idempotency-Key made), commit, then send its message.
+    A job is never left created but not sent: when the broker refuses, the job is deleted again
+    and the client is told to retry (503)."""
+    job, created = create_job(session, storage, settings, tenant, body, idempotency_key)
+    session.commit()
+    if created:
+        try:
+            queue.enqueue(job.id)
+        except Exception as exc:
+            log.warning("broker unavailable, job %s withdrawn: %s", job.id, exc)
+            delete_job_row(session, job.id)
+            session.commit()
+            raise Unavailable(
+                "The job queue is unreachable, so no job was created; retry in a few seconds.",
+                detail={"reason": type(exc).__name__},
+            ) from exc
+    return job
+
+
 def create_job(
     session: Session,
     storage: Storage,
@@ -66,7 +96,9 @@ def create_job(
     body: JobCreate,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Returns (job, created). An existing job is returned for a repeated Idempotency-Key."""
+    """Returns (job, created). An existing job is returned for a repeated Idempotency-Key. Every
+    rule the engine would apply to the recipe and the datasets runs here first, from the facts
+    stored at upload, so a job that is accepted cannot fail on them later."""
     digest = request_digest(body)
     if idempotency_key:
         take_turns_on_key(session, tenant, idempotency_key)
@@ -76,20 +108,19 @@ def create_job(
     model = get_model(session, tenant, body.model_id)
     calibration = get_dataset(session, tenant, body.calibration_dataset_id) if body.calibration_dataset_id else None
     evaluation = get_dataset(session, tenant, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
-    check_recipe(storage, body, model, calibration)
+    facts = stored_facts(model, storage)
+    check_recipe_for_model(body.recipe, facts, has_calibration=calibration is not None)
     if calibration is not None:
-        check_dataset_fits_model(
-            calibration.format, calibration.tensors, model.inputs, body.recipe.calibration_batch_size
-        )
-    if evaluation is not None and evaluation is not calibration:
-        check_dataset_fits_model(evaluation.format, evaluation.tensors, model.inputs, body.evaluation.batch_size)
+        plan_stored_dataset(calibration, facts, body.recipe.calibration_batch_size)
+    if evaluation is not None:
+        plan_stored_dataset(evaluation, facts, body.evaluation.batch_size)
     check_active_jobs(session, settings, tenant)
     job = Job(
         tenant=tenant,
         model_id=model.id,
         calibration_dataset_id=calibration.id if calibration else None,
         evaluation_dataset_id=evaluation.id if evaluation else None,
-        recipe=body.recipe.model_dump(mode="json"),
+        recipe=body.recipe.to_dict(),
         evaluation=body.evaluation.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         request_sha256=digest,
@@ -99,62 +130,17 @@ def create_job(
     return job, True
 
 
-def check_recipe(storage: Storage, body: JobCreate, model: OnnxModel, calibration: Dataset | None) -> None:
-    """Model-dependent recipe rules (the model-independent ones live on the Recipe schema)."""
-    recipe = body.recipe
-    if recipe.mode == "static" and calibration is None:
-        raise InvalidRecipe(
-            "Static quantization needs calibration data; upload a dataset and pass its id as "
-            "`calibration_dataset_id`, or use mode `dynamic`.",
-            detail={"field": "calibration_dataset_id"},
-        )
-    if recipe.mode == "auto" and calibration is None:
-        raise InvalidRecipe(
-            "Mode `auto` compares static and dynamic variants and needs calibration data; "
-            "pass `calibration_dataset_id`.",
-            detail={"field": "calibration_dataset_id"},
-        )
-    if recipe.mode == "weight_only" and not any(model.op_counts.get(op) for op in WEIGHT_ONLY_OPS):
-        raise InvalidRecipe(
-            "Weight-only quantization rewrites MatMul (and Gather) weights, and this model has none; "
-            "use mode `static` or `dynamic`.",
-            detail={"op_counts": model.op_counts},
-        )
-    if recipe.op_types_to_quantize is not None:
-        present = [op for op in recipe.op_types_to_quantize if model.op_counts.get(op)]
-        if not present:
-            raise InvalidRecipe(
-                "None of `op_types_to_quantize` occurs in the model, so nothing would be quantized; "
-                f"the model's operators are {sorted(model.op_counts)}.",
-                detail={
-                    "op_types_to_quantize": recipe.op_types_to_quantize,
-                    "model_ops": sorted(model.op_counts),
-                },
-            )
-    if recipe.nodes_to_exclude:
-        names = node_names(storage, model)
-        unknown = [n for n in recipe.nodes_to_exclude if n not in names]
-        if unknown:
-            raise InvalidRecipe(
-                f"`nodes_to_exclude` names nodes the model does not have: {unknown[:10]}; "
-                "use node names as they appear in the model (Netron shows them).",
-                detail={"unknown_nodes": unknown},
-            )
-
-
-def node_names(storage: Storage, model: OnnxModel) -> set[str]:
-    proto = onnx.load(str(storage.local_path(f"{model.storage_prefix}/{model.file_name}")), load_external_data=False)
-    names: set[str] = set()
-    graphs = [proto.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
-            names.add(node.name)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                graphs.extend(attr.graphs)
-    return names
+def plan_stored_dataset(dataset: Dataset, facts: ModelFacts, batch_size: int) -> DatasetPlan:
+    """The shared fit rules, on the shapes recorded at upload (raises dataset_model_mismatch)."""
+    return plan_dataset(
+        dataset.format,
+        dataset.tensors,
+        facts.inputs,
+        batch_size,
+        num_samples=dataset.num_samples,
+        has_labels=dataset.has_labels,
+        preprocess=dataset.preprocess,
+    )
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:

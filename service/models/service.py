@@ -6,10 +6,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import onnx
 from fastapi import UploadFile
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from service.contract.formats import ModelFacts, TensorSpec, model_facts
 from service.database import after_commit, utcnow
 from service.errors import Conflict, InvalidModel, NotFound
 from service.inspection.archive import ArchiveLimits, extract_flat, safe_member_name
@@ -85,8 +87,25 @@ def _info_columns(info: ModelInfo) -> dict[str, object]:
         "inputs": data["inputs"],
         "outputs": data["outputs"],
         "op_counts": data["op_counts"],
+        "node_names": data["node_names"],
         "quantization": data["quantization"],
     }
+
+
+def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
+    """The facts the recipe and dataset rules need, as recorded at upload. A model uploaded before
+    node names were recorded has them read from its file once, and recorded."""
+    if model.node_names is None:
+        with storage.open(f"{model.storage_prefix}/{model.file_name}") as fp:
+            model.node_names = list(model_facts(onnx.load(fp, load_external_data=False)).node_names)
+    return ModelFacts(
+        opset=model.opset,
+        op_counts=model.op_counts,
+        node_names=tuple(model.node_names),
+        inputs=tuple(TensorSpec.from_mapping(i) for i in model.inputs),
+        outputs=tuple(TensorSpec.from_mapping(o) for o in model.outputs),
+        ir_version=model.ir_version,
+    )
 
 
 def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:

@@ -19,18 +19,24 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
-import onnx
 from numpy.lib import format as npformat
 
+from service.contract.formats import (
+    LABELS_KEY,
+    SINGLE_INPUT_KEY,
+    Form,
+    NpyHeader,
+    check_labels,
+    is_fixed,
+    plan_arrays,
+    read_npy_header,
+)
+from worker.engine.checks import model_facts
 from worker.engine.errors import EngineError
 from worker.engine.spec import DatasetSource, TensorSpec
-
-LABELS_KEY = "__labels__"
-# A .npy header is tiny; refuse absurd ones instead of parsing them.
-_MAX_HEADER_SIZE = 1 << 16
 
 
 @dataclass
@@ -47,152 +53,24 @@ class Batch:
 # Model inputs
 
 
-def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    if d.HasField("dim_value"):
-        return int(d.dim_value)
-    if d.HasField("dim_param") and d.dim_param:
-        return d.dim_param
-    return None
-
-
-def _np_dtype_name(elem_type: int) -> str:
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
-    except Exception:  # unknown or exotic element type
-        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
-
-
-def value_info_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
-    """A graph input/output as a TensorSpec (dtype as numpy name, shape entries int | str | None)."""
-    t = vi.type
-    if t.HasField("tensor_type"):
-        tt = t.tensor_type
-        shape: tuple[int | str | None, ...] = tuple(_dim(d) for d in tt.shape.dim) if tt.HasField("shape") else ()
-        return TensorSpec(name=vi.name, dtype=_np_dtype_name(tt.elem_type), shape=shape)
-    kind = t.WhichOneof("value") or "unknown"
-    return TensorSpec(name=vi.name, dtype=kind, shape=())
-
-
 def model_inputs(model_path: Path) -> list[TensorSpec]:
     """The graph inputs that are not initializers, in graph order."""
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
-        raise EngineError("invalid_model", f"The model could not be read: {exc}", {"path": str(model_path)}) from exc
-    initializers = {init.name for init in model.graph.initializer}
-    return [value_info_spec(vi) for vi in model.graph.input if vi.name not in initializers]
+    return list(model_facts(model_path).inputs)
 
 
 def model_outputs(model_path: Path) -> list[TensorSpec]:
     """The graph outputs, in graph order."""
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
-        raise EngineError("invalid_model", f"The model could not be read: {exc}", {"path": str(model_path)}) from exc
-    return [value_info_spec(vi) for vi in model.graph.output]
-
-
-# --------------------------------------------------------------------------------------------
-# dtype and shape rules
-
-
-def _kind_group(dtype: np.dtype) -> str:
-    if dtype.kind == "f":
-        return "float"
-    if dtype.kind in "iu":
-        return "int"
-    if dtype.kind == "b":
-        return "bool"
-    if dtype.kind in "USO":
-        return "string"
-    if dtype.kind == "c":
-        return "complex"
-    return dtype.kind
-
-
-def _expected_dtype(spec: TensorSpec) -> np.dtype | None:
-    try:
-        return np.dtype(spec.dtype)
-    except TypeError:
-        return None
-
-
-def _shape_str(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def mismatch(spec: TensorSpec, given_shape: Sequence[int], given_dtype: str, why: str) -> EngineError:
-    """A `dataset_model_mismatch` error naming the input, expected and given shape/dtype."""
-    return EngineError(
-        "dataset_model_mismatch",
-        f"The dataset cannot feed input '{spec.name}': {why} (the model expects {spec.dtype} "
-        f"{_shape_str(spec.shape)}, the dataset gives {given_dtype} {_shape_str(given_shape)}).",
-        {
-            "input": spec.name,
-            "expected_shape": list(spec.shape),
-            "expected_dtype": spec.dtype,
-            "given_shape": [int(d) for d in given_shape],
-            "given_dtype": given_dtype,
-        },
-    )
-
-
-def check_dtype(spec: TensorSpec, given: np.dtype, given_shape: Sequence[int]) -> np.dtype:
-    """The dtype to cast to; raises dataset_model_mismatch unless it is a same-kind cast."""
-    expected = _expected_dtype(spec)
-    if expected is None:
-        raise mismatch(spec, given_shape, given.name, f"inputs of type {spec.dtype} cannot be fed from arrays")
-    if _kind_group(expected) != _kind_group(given):
-        raise mismatch(spec, given_shape, given.name, f"{given.name} data cannot be cast to {expected.name}")
-    return expected
-
-
-def _dims_fit(expected: Sequence[int | str | None], given: Sequence[int]) -> bool:
-    if len(expected) != len(given):
-        return False
-    return all(not isinstance(e, int) or e == g for e, g in zip(expected, given, strict=True))
+    return list(model_facts(model_path).outputs)
 
 
 # --------------------------------------------------------------------------------------------
 # Array readers (header first, rows streamed)
 
 
-@dataclass
-class _Header:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran_order: bool
-
-
-def _read_header(fp: IO[bytes], what: str) -> _Header:
-    try:
-        version = npformat.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = npformat.read_array_header_1_0(fp, max_header_size=_MAX_HEADER_SIZE)
-        elif version in ((2, 0), (3, 0)):
-            reader = getattr(npformat, "_read_array_header", None)
-            if reader is not None:
-                shape, fortran, dtype = reader(fp, version, max_header_size=_MAX_HEADER_SIZE)
-            else:  # pragma: no cover - older numpy
-                shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=_MAX_HEADER_SIZE)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-    except Exception as exc:
-        raise EngineError("invalid_dataset", f"{what} is not a valid .npy array: {exc}", {"array": what}) from exc
-    dtype = np.dtype(dtype)
-    if dtype.hasobject or dtype.fields is not None:
-        raise EngineError(
-            "invalid_dataset",
-            f"{what} holds Python objects or records ({dtype}); only plain numeric arrays are accepted.",
-            {"array": what, "dtype": str(dtype)},
-        )
-    return _Header(tuple(int(d) for d in shape), dtype, bool(fortran))
-
-
 class _ArrayReader:
     """Sequential access to the rows (axis 0) of one stored array."""
 
-    header: _Header
+    header: NpyHeader
 
     def rows(self, start: int, count: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -212,7 +90,7 @@ class _ZipMemberReader(_ArrayReader):
         self._member = member
         self._what = what
         self._fp: IO[bytes] | None = zf.open(member)
-        self.header = _read_header(self._fp, what)
+        self.header = read_npy_header(self._fp, what)
         self._pos = 0  # next row in the stream
         self._row_shape = self.header.shape[1:]
         self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * self.header.dtype.itemsize
@@ -238,7 +116,7 @@ class _ZipMemberReader(_ArrayReader):
         if start < self._pos:  # rewind (not used by iter_batches, kept correct anyway)
             self._fp.close()
             self._fp = self._zf.open(self._member)
-            _read_header(self._fp, self._what)
+            read_npy_header(self._fp, self._what)
             self._pos = 0
         if start > self._pos:
             self._skip((start - self._pos) * self._row_bytes)
@@ -271,7 +149,7 @@ class _NpyReader(_ArrayReader):
     def __init__(self, path: Path, what: str) -> None:
         try:
             with open(path, "rb") as fp:
-                self.header = _read_header(fp, what)
+                self.header = read_npy_header(fp, what)
         except OSError as exc:
             raise EngineError("invalid_dataset", f"{what} could not be read: {exc}", {"array": what}) from exc
         try:
@@ -290,173 +168,37 @@ class _NpyReader(_ArrayReader):
 
 
 # --------------------------------------------------------------------------------------------
-# Planning: which form each array has and how many feeds the dataset gives
-
-
-@dataclass
-class _Plan:
-    spec: TensorSpec
-    form: str  # "stacked" | "batched" | "constant"
-    header: _Header
-    cast_to: np.dtype
-    rows_per_feed: int  # stacked: 1, batched: batch rows, constant: 0
-    num_feeds: int | None  # None for constants
-
-
-def _plan_array(spec: TensorSpec, header: _Header, batch_size: int) -> _Plan:
-    shape = header.shape
-    rank = len(spec.shape)
-    cast_to = check_dtype(spec, header.dtype, shape)
-    if len(shape) == 0:
-        if rank != 0:
-            raise mismatch(spec, shape, header.dtype.name, "a rank-0 array only fits a scalar input")
-        return _Plan(spec, "constant", header, cast_to, 0, None)
-    if len(shape) == rank + 1:
-        if not _dims_fit(spec.shape, shape[1:]):
-            raise mismatch(
-                spec,
-                shape,
-                header.dtype.name,
-                "the samples stacked on the leading axis do not have the input's shape",
-            )
-        if shape[0] == 0:
-            raise EngineError(
-                "invalid_dataset",
-                f"The array for input '{spec.name}' holds no samples.",
-                {"input": spec.name},
-            )
-        return _Plan(spec, "stacked", header, cast_to, 1, shape[0])
-    if len(shape) == rank:
-        if not _dims_fit(spec.shape[1:], shape[1:]):
-            raise mismatch(spec, shape, header.dtype.name, "the dimensions after the batch axis differ")
-        lead = spec.shape[0]
-        rows = int(lead) if isinstance(lead, int) else max(1, int(batch_size))
-        if shape[0] == 0:
-            raise EngineError(
-                "invalid_dataset",
-                f"The array for input '{spec.name}' holds no samples.",
-                {"input": spec.name},
-            )
-        if isinstance(lead, int) and shape[0] % lead != 0:
-            raise mismatch(
-                spec,
-                shape,
-                header.dtype.name,
-                f"the input's leading dimension is fixed to {lead} and {shape[0]} rows do not split into "
-                f"batches of {lead}",
-            )
-        return _Plan(spec, "batched", header, cast_to, rows, math.ceil(shape[0] / rows))
-    raise mismatch(
-        spec,
-        shape,
-        header.dtype.name,
-        f"an array of rank {len(shape)} fits neither form (rank {rank} split into batches, "
-        f"or rank {rank + 1} with samples stacked on a new leading axis)",
-    )
-
-
-def _num_feeds(plans: Sequence[_Plan]) -> int:
-    counts = {p.spec.name: p.num_feeds for p in plans if p.num_feeds is not None}
-    if not counts:
-        return 1  # every input is a constant: one feed
-    distinct = set(counts.values())
-    if len(distinct) > 1:
-        listed = ", ".join(f"'{k}' gives {v}" for k, v in counts.items())
-        raise EngineError(
-            "dataset_model_mismatch",
-            f"The dataset's arrays do not give the same number of feeds ({listed}); give every input "
-            "the same number of samples, in the same form.",
-            {"feeds_per_input": counts},
-        )
-    return distinct.pop()
-
-
-@dataclass
-class _LabelPlan:
-    per_feed: int  # labels per feed
-    total: int
-
-
-def _plan_labels(header: _Header, plans: Sequence[_Plan], num_feeds: int) -> _LabelPlan:
-    if len(header.shape) != 1 or _kind_group(header.dtype) not in ("int", "bool"):
-        raise EngineError(
-            "invalid_dataset",
-            f"'{LABELS_KEY}' must be a 1-D array of integer class ids, not {header.dtype.name} "
-            f"{_shape_str(header.shape)}.",
-            {"given_shape": list(header.shape), "given_dtype": header.dtype.name},
-        )
-    n = header.shape[0]
-    batched = [p for p in plans if p.form == "batched"]
-    stacked = [p for p in plans if p.form == "stacked"]
-    if batched:
-        rows = batched[0].header.shape[0]
-        if n == rows:
-            return _LabelPlan(batched[0].rows_per_feed, n)
-        raise EngineError(
-            "invalid_dataset",
-            f"'{LABELS_KEY}' has {n} labels but the data has {rows} samples.",
-            {"labels": n, "samples": rows},
-        )
-    if n == num_feeds:
-        return _LabelPlan(1, n)
-    if stacked and len(stacked[0].header.shape) >= 2:
-        per = stacked[0].header.shape[1]
-        if n == num_feeds * per:
-            return _LabelPlan(per, n)
-    raise EngineError(
-        "invalid_dataset",
-        f"'{LABELS_KEY}' has {n} labels but the data has {num_feeds} samples.",
-        {"labels": n, "samples": num_feeds},
-    )
-
-
-def _check_inputs_present(inputs: Sequence[TensorSpec], available: Sequence[str]) -> None:
-    for spec in inputs:
-        if spec.name not in available:
-            raise EngineError(
-                "dataset_model_mismatch",
-                f"The dataset has no array for input '{spec.name}' (it has: "
-                f"{', '.join(sorted(available)) or 'nothing'}).",
-                {
-                    "input": spec.name,
-                    "expected_shape": list(spec.shape),
-                    "expected_dtype": spec.dtype,
-                    "available": sorted(available),
-                },
-            )
+# An opened array dataset, planned by the shared rules
 
 
 class _Opened:
-    """An opened array dataset: per-input readers, plans, labels."""
+    """An opened array dataset: a reader per array, planned against the inputs by the shared rules."""
 
     def __init__(self, source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int) -> None:
-        self.readers: dict[str, _ArrayReader] = {}
+        self.readers: dict[str, _ArrayReader] = {}  # by array name
         self.labels_reader: _ArrayReader | None = None
         self._zf: zipfile.ZipFile | None = None
         try:
-            self._open(source, inputs)
-            self.plans = [_plan_array(s, self.readers[s.name].header, batch_size) for s in inputs]
-            self.num_feeds = _num_feeds(self.plans)
-            self.label_plan = (
-                _plan_labels(self.labels_reader.header, self.plans, self.num_feeds)
-                if self.labels_reader is not None
-                else None
-            )
+            self._open(source)
+            labels = self.labels_reader = self.readers.pop(LABELS_KEY, None)
+            if labels is not None:
+                check_labels(labels.header.shape, labels.header.dtype.name)
+            arrays = {k: (r.header.shape, r.header.dtype.name) for k, r in self.readers.items()}
+            self.plan = plan_arrays(arrays, inputs, batch_size, labels.header.shape[0] if labels else None)
+            if SINGLE_INPUT_KEY in self.readers:
+                self.readers = {inputs[0].name: self.readers[SINGLE_INPUT_KEY]}
         except BaseException:
             self.close()
             raise
 
-    def _open(self, source: DatasetSource, inputs: Sequence[TensorSpec]) -> None:
+    @property
+    def num_feeds(self) -> int:
+        return self.plan.num_feeds
+
+    def _open(self, source: DatasetSource) -> None:
         path = Path(source.path)
         if source.format == "npy":
-            if len(inputs) != 1:
-                raise EngineError(
-                    "dataset_model_mismatch",
-                    f"A .npy dataset holds one array but the model has {len(inputs)} inputs "
-                    f"({', '.join(s.name for s in inputs)}); use a .npz keyed by input name.",
-                    {"inputs": [s.name for s in inputs]},
-                )
-            self.readers[inputs[0].name] = _NpyReader(path, f"The array for input '{inputs[0].name}'")
+            self.readers[SINGLE_INPUT_KEY] = _NpyReader(path, "The .npy array")
             return
         if source.format != "npz":
             raise EngineError(
@@ -466,14 +208,11 @@ class _Opened:
             self._zf = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as exc:
             raise EngineError("invalid_dataset", f"The .npz file could not be opened: {exc}", {}) from exc
-        members = {n[: -len(".npy")]: n for n in self._zf.namelist() if n.endswith(".npy")}
-        _check_inputs_present(inputs, [k for k in members if k != LABELS_KEY])
-        for spec in inputs:
-            self.readers[spec.name] = _ZipMemberReader(
-                self._zf, members[spec.name], f"The array for input '{spec.name}'"
-            )
-        if LABELS_KEY in members:
-            self.labels_reader = _ZipMemberReader(self._zf, members[LABELS_KEY], f"'{LABELS_KEY}'")
+        for member in self._zf.namelist():
+            if member.endswith(".npy"):
+                key = member.removesuffix(".npy")
+                what = f"'{LABELS_KEY}'" if key == LABELS_KEY else f"Array {key!r}"
+                self.readers[key] = _ZipMemberReader(self._zf, member, what)
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -485,36 +224,33 @@ class _Opened:
             self._zf = None
 
     def batches(self, limit: int | None) -> Iterator[Batch]:
+        plans = self.plan.arrays
         total = self.num_feeds if limit is None else min(self.num_feeds, max(0, limit))
         constants = {
-            p.spec.name: np.asarray(self.readers[p.spec.name].whole()).astype(p.cast_to, copy=False)
-            for p in self.plans
-            if p.form == "constant"
+            p.input.name: np.asarray(self.readers[p.input.name].whole()).astype(p.cast_to, copy=False)
+            for p in plans
+            if p.form == Form.CONSTANT
         }
+        batched = next((p for p in plans if p.form == Form.BATCHED), None)
+        per_label = self.plan.labels_per_feed
         for i in range(total):
             feeds: dict[str, np.ndarray] = {}
-            for p in self.plans:
-                if p.form == "constant":
-                    feeds[p.spec.name] = constants[p.spec.name]
+            for p in plans:
+                if p.form == Form.CONSTANT:
+                    feeds[p.input.name] = constants[p.input.name]
                     continue
-                reader = self.readers[p.spec.name]
-                if p.form == "stacked":
+                reader = self.readers[p.input.name]
+                if p.form == Form.STACKED:
                     arr = reader.rows(i, 1)[0]
                 else:
-                    n_rows = p.header.shape[0]
                     start = i * p.rows_per_feed
-                    arr = reader.rows(start, min(p.rows_per_feed, n_rows - start))
-                feeds[p.spec.name] = np.array(arr, dtype=p.cast_to, order="C")  # writable copy
-            batched = [p for p in self.plans if p.form == "batched"]
-            n_samples = (
-                min(batched[0].rows_per_feed, batched[0].header.shape[0] - i * batched[0].rows_per_feed)
-                if batched
-                else 1
-            )
+                    arr = reader.rows(start, min(p.rows_per_feed, p.shape[0] - start))
+                feeds[p.input.name] = np.array(arr, dtype=p.cast_to, order="C")  # writable copy
+            n_samples = min(batched.rows_per_feed, batched.shape[0] - i * batched.rows_per_feed) if batched else 1
             labels = None
-            if self.labels_reader is not None and self.label_plan is not None:
-                start = i * self.label_plan.per_feed
-                count = min(self.label_plan.per_feed, self.label_plan.total - start)
+            if self.labels_reader is not None and per_label is not None:
+                start = i * per_label
+                count = min(per_label, self.labels_reader.header.shape[0] - start)
                 labels = self.labels_reader.rows(start, count).astype(np.int64)
             yield Batch(feeds=feeds, labels=labels, num_samples=n_samples)
 
@@ -577,8 +313,7 @@ def samples_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, bat
         return image_rows_per_feed(source, inputs, batch_size=batch_size)
     opened = _Opened(source, inputs, batch_size)
     try:
-        batched = [p for p in opened.plans if p.form == "batched"]
-        return batched[0].rows_per_feed if batched else 1
+        return opened.plan.samples_per_feed
     finally:
         opened.close()
 
@@ -602,10 +337,11 @@ def synthesize_batch(inputs: Sequence[TensorSpec], *, seed: int = 0, batch: int 
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in inputs:
-        shape = tuple(
-            d if isinstance(d, int) and d >= 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape)
-        )
-        dtype = _expected_dtype(spec) or np.dtype("float32")
+        shape = tuple(int(d) if is_fixed(d) else (batch if i == 0 else 1) for i, d in enumerate(spec.shape or ()))
+        try:
+            dtype = np.dtype(spec.dtype)
+        except TypeError:
+            dtype = np.dtype("float32")
         if dtype.kind == "f":
             feeds[spec.name] = rng.random(shape).astype(dtype)
         elif dtype.kind in "US" or dtype.kind == "O":

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from worker.engine.checks import iter_graphs
+from service.contract.formats import iter_graphs
 
 FP16_MAX = 65504.0
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import posixpath
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from worker.engine.data import Batch, check_dtype, mismatch
+from service.contract.formats import ImagePlan, Preprocess, parse_preprocess, plan_images
+from worker.engine.data import Batch
 from worker.engine.errors import EngineError
 from worker.engine.spec import DatasetSource, TensorSpec
 
@@ -160,110 +160,11 @@ def index_archive(path: Path) -> ImageIndex:
 # Preprocessing
 
 
-@dataclass(frozen=True)
-class ImagePreprocess:
-    input: str
-    size: tuple[int, int]  # H, W
-    layout: str  # NCHW | NHWC
-    color: str  # RGB | BGR | L
-    scale: float
-    mean: np.ndarray  # (C,)
-    std: np.ndarray  # (C,)
-
-
 def _bad(message: str, **detail: Any) -> EngineError:
     return EngineError("invalid_dataset", message, detail)
 
 
-def _per_channel(value: Any, channels: int, what: str) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float32).reshape(-1)
-    if arr.size == 1:
-        return np.repeat(arr, channels)
-    if arr.size != channels:
-        raise _bad(f"preprocess '{what}' must be one number or {channels} numbers, not {arr.size}.", field=what)
-    return arr
-
-
-def resolve_preprocess(
-    preprocess: Mapping[str, Any] | None, inputs: Sequence[TensorSpec]
-) -> tuple[ImagePreprocess, TensorSpec]:
-    """Validate the preprocess spec against the model input it feeds."""
-    pp = dict(preprocess or {})
-    name = pp.get("input")
-    if name is None:
-        if len(inputs) != 1:
-            raise _bad(
-                "preprocess must name the 'input' the images feed (the model has several inputs).",
-                inputs=[s.name for s in inputs],
-            )
-        name = inputs[0].name
-    specs = {s.name: s for s in inputs}
-    if name not in specs:
-        raise EngineError(
-            "dataset_model_mismatch",
-            f"The images feed input '{name}', which the model does not have.",
-            {"input": name, "inputs": sorted(specs)},
-        )
-    others = [s.name for s in inputs if s.name != name]
-    if others:
-        raise EngineError(
-            "dataset_model_mismatch",
-            f"An image dataset feeds one input but the model also needs {', '.join(others)}; use a .npz.",
-            {"input": name, "missing": others},
-        )
-    spec = specs[name]
-    layout = str(pp.get("layout") or "NCHW").upper()
-    if layout not in ("NCHW", "NHWC"):
-        raise _bad(f"preprocess 'layout' must be NCHW or NHWC, not {layout}.", field="layout")
-    color = str(pp.get("color") or "RGB").upper()
-    if color in ("GRAY", "GREY", "GRAYSCALE"):
-        color = "L"
-    if color not in ("RGB", "BGR", "L"):
-        raise _bad(f"preprocess 'color' must be RGB, BGR or L, not {color}.", field="color")
-    channels = 1 if color == "L" else 3
-    rank = len(spec.shape)
-    if rank not in (3, 4):
-        raise mismatch(spec, (), "image", f"images need an input of rank 4 ({layout}) or 3")
-    dims = spec.shape[1:] if rank == 4 else spec.shape
-    c_dim, h_dim, w_dim = (dims[0], dims[1], dims[2]) if layout == "NCHW" else (dims[2], dims[0], dims[1])
-    size = pp.get("size")
-    if size is None:
-        if isinstance(h_dim, int) and isinstance(w_dim, int):
-            size = (h_dim, w_dim)
-        else:
-            raise _bad(
-                "preprocess needs 'size' [H, W]: the model's input has no fixed height and width.",
-                field="size",
-            )
-    try:
-        h, w = (int(size[0]), int(size[1]))
-    except (TypeError, ValueError, IndexError) as exc:
-        raise _bad("preprocess 'size' must be [H, W].", field="size") from exc
-    if h <= 0 or w <= 0 or h * w > MAX_IMAGE_PIXELS:
-        raise _bad(f"preprocess 'size' {h}x{w} is out of range.", field="size")
-    given = (channels, h, w) if layout == "NCHW" else (h, w, channels)
-    given_shape = ((1,) if rank == 4 else ()) + given
-    if (
-        (isinstance(c_dim, int) and c_dim != channels)
-        or (isinstance(h_dim, int) and h_dim != h)
-        or (isinstance(w_dim, int) and w_dim != w)
-    ):
-        raise mismatch(
-            spec,
-            given_shape,
-            "float32",
-            f"the preprocessed images ({layout}, {color}, {h}x{w}) do not have the input's shape",
-        )
-    check_dtype(spec, np.dtype("float32") if np.dtype(spec.dtype).kind == "f" else np.dtype("uint8"), given_shape)
-    scale = float(pp["scale"]) if pp.get("scale") is not None else 1.0 / 255.0
-    mean = _per_channel(pp.get("mean") if pp.get("mean") is not None else 0.0, channels, "mean")
-    std = _per_channel(pp.get("std") if pp.get("std") is not None else 1.0, channels, "std")
-    if np.any(std == 0):
-        raise _bad("preprocess 'std' must not be 0.", field="std")
-    return ImagePreprocess(name, (h, w), layout, color, scale, mean, std), spec
-
-
-def decode_image(data: bytes, pp: ImagePreprocess, *, name: str = "image", raw: bool = False) -> np.ndarray:
+def decode_image(data: bytes, pp: Preprocess, *, name: str = "image", raw: bool = False) -> np.ndarray:
     """One encoded image -> (C,H,W) or (H,W,C) float32 (uint8 when `raw`)."""
     try:
         with warnings.catch_warnings():
@@ -288,7 +189,9 @@ def decode_image(data: bytes, pp: ImagePreprocess, *, name: str = "image", raw: 
     if raw:
         out: np.ndarray = pixels
     else:
-        out = (pixels.astype(np.float32) * np.float32(pp.scale) - pp.mean) / pp.std
+        mean = np.asarray(pp.mean, dtype=np.float32)
+        std = np.asarray(pp.std, dtype=np.float32)
+        out = (pixels.astype(np.float32) * np.float32(pp.scale) - mean) / std
     if pp.layout == "NCHW":
         out = out.transpose(2, 0, 1)
     return np.ascontiguousarray(out)
@@ -298,72 +201,39 @@ def decode_image(data: bytes, pp: ImagePreprocess, *, name: str = "image", raw: 
 # Feeds
 
 
-def _rows_per_feed(spec: TensorSpec, batch_size: int) -> int | None:
-    """Images per feed; None when the input has no batch axis (rank 3: one image per feed)."""
-    if len(spec.shape) == 3:
-        return None
-    lead = spec.shape[0]
-    return int(lead) if isinstance(lead, int) and lead > 0 else max(1, int(batch_size))
-
-
-def _feed_count(n_images: int, spec: TensorSpec, batch_size: int) -> int:
-    rows = _rows_per_feed(spec, batch_size)
-    if rows is None:
-        return n_images
-    if isinstance(spec.shape[0], int):  # fixed batch: the remainder cannot be fed
-        return n_images // rows
-    return math.ceil(n_images / rows)
+def _planned(source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int) -> tuple[ImagePlan, ImageIndex]:
+    """The archive's index and its plan against the inputs (the API's rules, on the real file)."""
+    if source.preprocess is None:
+        raise _bad("An image dataset needs its preprocess JSON; upload it again with one.", field="preprocess")
+    pp = parse_preprocess(source.preprocess)
+    index = index_archive(Path(source.path))
+    plan = plan_images(pp, index.num_samples, inputs, batch_size).images
+    assert plan is not None
+    return plan, index
 
 
 def image_rows_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1) -> int:
-    _, spec = resolve_preprocess(source.preprocess, inputs)
-    return _rows_per_feed(spec, batch_size) or 1
-
-
-def _indexed(
-    source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int
-) -> tuple[ImagePreprocess, TensorSpec, ImageIndex, int]:
-    """(preprocess, the input it feeds, the archive's index, number of feeds); at least one feed."""
-    pp, spec = resolve_preprocess(source.preprocess, inputs)
-    index = index_archive(Path(source.path))
-    total = _feed_count(index.num_samples, spec, batch_size)
-    if total == 0:
-        raise mismatch(
-            spec,
-            (index.num_samples,),
-            "image",
-            f"{index.num_samples} image(s) cannot fill one batch of the input's fixed size",
-        )
-    return pp, spec, index, total
+    return _planned(source, inputs, batch_size)[0].rows_per_feed or 1
 
 
 def count_image_batches(
     source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
 ) -> int:
-    n = _indexed(source, inputs, batch_size)[3]
+    n = _planned(source, inputs, batch_size)[0].num_feeds
     return n if limit is None else min(n, max(0, limit))
 
 
 def iter_image_batches(
     source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
 ) -> Iterator[Batch]:
-    pp, spec, index, total = _indexed(source, inputs, batch_size)
-    if limit is not None:
-        total = min(total, max(0, limit))
-    return _image_batches(source, pp, spec, index, total, batch_size)
+    plan, index = _planned(source, inputs, batch_size)
+    total = plan.num_feeds if limit is None else min(plan.num_feeds, max(0, limit))
+    return _image_batches(source, plan, index, total)
 
 
-def _image_batches(
-    source: DatasetSource,
-    pp: ImagePreprocess,
-    spec: TensorSpec,
-    index: ImageIndex,
-    total: int,
-    batch_size: int,
-) -> Iterator[Batch]:
-    dtype = np.dtype(spec.dtype)
-    raw = dtype.kind != "f"
-    rows = _rows_per_feed(spec, batch_size)
+def _image_batches(source: DatasetSource, plan: ImagePlan, index: ImageIndex, total: int) -> Iterator[Batch]:
+    dtype = np.dtype(plan.input.dtype)
+    rows = plan.rows_per_feed
     with zipfile.ZipFile(Path(source.path)) as zf:
         for i in range(total):
             start = i * (rows or 1)
@@ -373,11 +243,11 @@ def _image_batches(
                 info = zf.getinfo(name)
                 if info.file_size > MAX_IMAGE_BYTES:
                     raise _bad(f"Image '{name}' is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB.", file=name)
-                images.append(decode_image(zf.read(name), pp, name=name, raw=raw))
+                images.append(decode_image(zf.read(name), plan.preprocess, name=name, raw=plan.raw))
             arr = np.stack(images) if rows is not None else images[0]
             labels = (
                 np.asarray(index.labels[start : start + len(names)], dtype=np.int64)
                 if index.labels is not None
                 else None
             )
-            yield Batch(feeds={spec.name: arr.astype(dtype, copy=False)}, labels=labels, num_samples=len(names))
+            yield Batch(feeds={plan.input.name: arr.astype(dtype, copy=False)}, labels=labels, num_samples=len(names))

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.engine.checks import ai_onnx_opset, iter_graphs
+from service.contract.formats import default_opset, external_locations, iter_graphs
 from worker.engine.errors import EngineError
 
 # Above this a model cannot be one protobuf (2 GB limit); keep a margin.
@@ -190,7 +190,7 @@ def prepare_model(
     had_external = any(uses_external_data(t) for g in iter_graphs(raw.graph) for t in g.initializer)
     if external is None:
         external = had_external or Path(model_path).stat().st_size > EXTERNAL_DATA_THRESHOLD
-    opset = ai_onnx_opset(raw)
+    opset = default_opset(raw)
     result = Prepared(path=Path(model_path), external=bool(external), opset=opset)
     del raw
 
@@ -299,3 +299,29 @@ def _note_optimisation_errors(errors: list[str], result: Prepared) -> None:
     if errors:
         msg = next((e for e in errors if "Traceback" not in e), errors[0])
         result.steps.append(f"ORT graph optimisation failed ({msg.splitlines()[0][:200]}); continued without it.")
+
+
+def runnable_original(model_path: Path, workdir: Path) -> tuple[Path, list[str]]:
+    """The model as ONNX Runtime will run it, and the steps that took. Exporters (Paddle2ONNX)
+    declare unknown dims as `dim_value` -1 or 0; ONNX Runtime takes -1 as unknown but refuses
+    any data for a 0. Such dims become symbolic in a copy under `workdir` (external data files
+    linked, not copied); the weights and graph are untouched. Other models are used as they are."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    changed = 0
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.WhichOneof("value") != "tensor_type":
+            continue
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.WhichOneof("value") == "dim_value" and dim.dim_value <= 0:
+                dim.dim_param = f"{value.name}_dim{i}"
+                changed += 1
+    if not changed:
+        return Path(model_path), []
+    workdir.mkdir(parents=True, exist_ok=True)
+    for location in external_locations(model):
+        link = workdir / location
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((Path(model_path).parent / location).resolve())
+    out = workdir / Path(model_path).name
+    onnx.save(model, str(out))
+    return out, [f"Declared {changed} input/output dimension(s) written as -1 or 0 as unknown (symbolic)."]

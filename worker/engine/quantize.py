@@ -21,18 +21,18 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.contract.formats import iter_graphs
+from service.contract.formats import model_facts as facts_of
 from worker.engine.calibration import calibrate, default_op_types
 from worker.engine.checks import (
     FOUR_BIT,
     SIXTEEN_BIT,
     ModelFacts,
-    check_recipe,
     check_recipe_for_model,
-    iter_graphs,
     model_facts,
-    op_counts,
+    model_size,
 )
-from worker.engine.data import Batch, count_batches, iter_batches, model_inputs, synthesize_batch
+from worker.engine.data import Batch, count_batches, iter_batches, synthesize_batch
 from worker.engine.errors import EngineError
 from worker.engine.preprocess import Prepared, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
@@ -90,7 +90,7 @@ _QTYPE_NAMES = {
 }
 
 
-def _ort_qtype(qtype: QType) -> Any:
+def _ort_qtype(qtype: str) -> Any:
     from onnxruntime.quantization.quant_utils import QuantType
 
     return getattr(QuantType, _QTYPE_NAMES[QType(qtype)])
@@ -152,17 +152,17 @@ def quantize(
     details: dict[str, Any] = {"mode": str(spec.mode)}
 
     with timer("validating"):
-        check_recipe(spec)
         facts = model_facts(model_path)
         warnings += check_recipe_for_model(spec, facts, has_calibration=calibration is not None)
-        inputs = model_inputs(model_path)
+        inputs = list(facts.inputs)
         if calibration is not None:
             count_batches(calibration, inputs, batch_size=spec.calibration_batch_size)  # mismatch errors now
+    original_size = model_size(model_path, facts)
     details["original"] = {
         "opset": facts.opset,
-        "op_counts": facts.op_counts,
-        "size_bytes": facts.size_bytes,
-        "external_data": facts.has_external_data,
+        "op_counts": dict(facts.op_counts),
+        "size_bytes": original_size,
+        "external_data": bool(facts.external_files),
     }
     if facts.qdq_nodes:
         details["qat_qdq_nodes"] = facts.qdq_nodes
@@ -235,13 +235,14 @@ def quantize(
     progress(Stage.QUANTIZING, 1.0)
 
     out_model = onnx.load(str(out_path), load_external_data=False)
-    counts = op_counts(out_model)
+    out_facts = facts_of(out_model)
+    counts = dict(out_facts.op_counts)
     files = _output_files(out_path, out_model)
     del out_model
     details["op_counts"] = counts
     details["quantized_op_counts"] = {k: v for k, v in counts.items() if k in QUANTIZED_OP_TYPES}
-    details["opset"] = {"original": facts.opset, "quantized": _opset_of(out_path)}
-    details["size_bytes"] = {"original": facts.size_bytes, "quantized": sum(f.stat().st_size for f in files)}
+    details["opset"] = {"original": facts.opset, "quantized": out_facts.opset}
+    details["size_bytes"] = {"original": original_size, "quantized": sum(f.stat().st_size for f in files)}
     details["external_data"] = len(files) > 1
     if mode != Mode.FP16 and not details["quantized_op_counts"]:
         warnings.append("Nothing was quantized: no node of this model matched the recipe's operator types.")
@@ -366,7 +367,7 @@ def _static(
     from onnxruntime.quantization.quantize import check_static_quant_arguments
 
     activation = _ort_qtype(spec.activation_type)
-    weight = _ort_qtype(spec.weight_type)
+    weight = _ort_qtype(spec.weight)
     fmt = OrtFormat.QOperator if spec.format == QuantFormat.QOPERATOR else OrtFormat.QDQ
     op_types = default_op_types(spec)
     excluded = list(spec.nodes_to_exclude or [])
@@ -425,7 +426,7 @@ def _dynamic(prepared: Prepared, spec: QuantizationSpec, out_path: Path, warning
                 op_types_to_quantize=list(spec.op_types_to_quantize) if spec.op_types_to_quantize else None,
                 per_channel=spec.per_channel,
                 reduce_range=spec.reduce_range,
-                weight_type=_ort_qtype(spec.weight_type),
+                weight_type=_ort_qtype(spec.weight),
                 nodes_to_exclude=list(spec.nodes_to_exclude or []),
                 use_external_data_format=prepared.external,
                 extra_options=extra,
@@ -449,7 +450,7 @@ def _weight_only(
             {"step": "weight_only", "error": str(exc)},
         ) from exc
 
-    wtype = QType(spec.weight_type)
+    wtype = spec.weight
     bits = 4 if wtype in FOUR_BIT else 8
     symmetric = spec.symmetric_weights if spec.symmetric_weights is not None else wtype in (QType.INT4, QType.INT8)
     op_types = tuple(spec.op_types_to_quantize or ("MatMul",))
@@ -666,9 +667,3 @@ def _output_files(out_path: Path, model: onnx.ModelProto) -> list[Path]:
                         if p not in files and p.is_file():
                             files.append(p)
     return files
-
-
-def _opset_of(path: Path) -> int:
-    from worker.engine.checks import ai_onnx_opset
-
-    return ai_onnx_opset(onnx.load(str(path), load_external_data=False))

@@ -1,4 +1,5 @@
-"""check_dataset_fits_model: every accepted form and every mismatch."""
+"""The shared fit rules (service.contract.formats): every accepted form and every mismatch, as the
+API applies them at job creation to the shapes it stored at upload."""
 
 from __future__ import annotations
 
@@ -6,8 +7,31 @@ from typing import Any
 
 import pytest
 
-from service.errors import DatasetModelMismatch
-from service.inspection.compat import check_dataset_fits_model
+from service.contract.errors import RuleError
+from service.contract.formats import DatasetPlan, TensorSpec, plan_dataset
+
+
+def check_dataset_fits_model(
+    fmt: str, tensors: dict[str, Any], inputs: list[dict[str, Any]], batch_size: int, **preprocess: Any
+) -> DatasetPlan:
+    """Plan a stored dataset; image datasets are described by their preprocess (their one tensor's
+    name and layout give it here)."""
+    pp = None
+    num_samples = next((t["shape"][0] for t in tensors.values() if t["shape"]), 1)
+    if fmt == "images":
+        ((name, tensor),) = tensors.items()
+        nhwc = tensor["shape"][-1] == 3
+        size = tensor["shape"][1:3] if nhwc else tensor["shape"][2:4]
+        pp = {"input": name, "size": size, "layout": "NHWC" if nhwc else "NCHW", **preprocess}
+    return plan_dataset(
+        fmt,
+        {k: v for k, v in tensors.items() if k != "__labels__"},
+        [TensorSpec.from_mapping(i) for i in inputs],
+        batch_size,
+        num_samples=num_samples,
+        has_labels="__labels__" in tensors,
+        preprocess=pp,
+    )
 
 
 def _in(name: str, dtype: str, shape: list[Any] | None) -> dict[str, Any]:
@@ -85,10 +109,9 @@ def test_images_fit() -> None:
 # -- mismatches --------------------------------------------------------------------------------
 
 
-def _refused(fmt: str, tensors: dict[str, Any], inputs: list[dict[str, Any]], batch_size: int = 8):
-    with pytest.raises(DatasetModelMismatch) as err:
+def _refused(fmt: str, tensors: dict[str, Any], inputs: list[dict[str, Any]], batch_size: int = 8) -> RuleError:
+    with pytest.raises(RuleError) as err:
         check_dataset_fits_model(fmt, tensors, inputs, batch_size)
-    assert err.value.status == 422
     assert err.value.code == "dataset_model_mismatch"
     return err.value
 
@@ -132,9 +155,12 @@ def test_rank0_array_for_non_scalar_input() -> None:
     assert "rank-0" in err.message
 
 
-def test_fixed_batch_dimension_differs_from_batch_size() -> None:
-    err = _refused("npz", {"x": _t("float32", [10, 4])}, [_in("x", "float32", [1, 4])], 8)
-    assert "fixed to 1" in err.message
+def test_fixed_batch_dimension_wins_over_batch_size() -> None:
+    """The model cannot take another batch size, so a fixed leading dim sets the rows per feed."""
+    plan = check_dataset_fits_model("npz", {"x": _t("float32", [10, 4])}, [_in("x", "float32", [2, 4])], 8)
+    assert (plan.num_feeds, plan.samples_per_feed) == (5, 2)
+    err = _refused("npz", {"x": _t("float32", [9, 4])}, [_in("x", "float32", [2, 4])], 8)
+    assert "fixed to 2" in err.message and "9 rows" in err.message
 
 
 @pytest.mark.parametrize(("given", "expected"), [("int64", "float32"), ("float32", "int64"), ("bool", "int32")])
@@ -148,7 +174,7 @@ def test_stacked_and_batched_mixed_with_batches() -> None:
     inputs = [_in("a", "float32", ["n", 4]), _in("b", "float32", ["n", 4])]
     tensors = {"a": _t("float32", [10, 1, 4]), "b": _t("float32", [10, 4])}
     err = _refused("npz", tensors, inputs, 8)
-    assert err.detail["input"] == "b"
+    assert err.detail["feeds_per_input"] == {"a": 10, "b": 2}
     check_dataset_fits_model("npz", tensors, inputs, 1)  # with batches of one, both forms agree
 
 
@@ -157,9 +183,19 @@ def test_images_input_missing() -> None:
     assert err.detail["input"] == "pixels"
 
 
-def test_images_input_not_float_or_not_rank4() -> None:
-    _refused("images", {"ids": _t("float32", [20, 3, 8, 8])}, [_in("ids", "int64", ["n", 3, 8, 8])])
+def test_images_input_of_another_kind_or_rank() -> None:
+    _refused("images", {"s": _t("float32", [20, 3, 8, 8])}, [_in("s", "string", ["n", 3, 8, 8])])
     _refused("images", {"x": _t("float32", [20, 3, 8, 8])}, [_in("x", "float32", ["n", 192])])
+
+
+def test_images_feed_integer_and_rank3_inputs() -> None:
+    """Raw pixels for an integer input; one image per feed for an input without a batch axis."""
+    plan = check_dataset_fits_model(
+        "images", {"ids": _t("float32", [20, 3, 8, 8])}, [_in("ids", "uint8", ["n", 3, 8, 8])], 4
+    )
+    assert plan.images is not None and plan.images.raw and plan.num_feeds == 5
+    plan = check_dataset_fits_model("images", {"x": _t("float32", [20, 3, 8, 8])}, [_in("x", "float32", [3, 8, 8])], 4)
+    assert plan.images is not None and plan.images.rows_per_feed is None and plan.num_feeds == 20
 
 
 def test_images_size_or_layout_differs() -> None:
@@ -167,11 +203,46 @@ def test_images_size_or_layout_differs() -> None:
     assert "preprocess" in err.message
 
 
-def test_images_fixed_batch_differs() -> None:
-    _refused("images", {"input": _t("float32", [20, 3, 8, 8])}, [_in("input", "float32", [1, 3, 8, 8])], 4)
+def test_images_fixed_batch() -> None:
+    """A fixed batch sets the images per feed; a remainder that cannot fill a batch is left out."""
+    plan = check_dataset_fits_model(
+        "images", {"input": _t("float32", [20, 3, 8, 8])}, [_in("input", "float32", [3, 3, 8, 8])], 4
+    )
+    assert plan.num_feeds == 6
+    err = _refused("images", {"input": _t("float32", [2, 3, 8, 8])}, [_in("input", "float32", [3, 3, 8, 8])], 4)
+    assert "fixed size 3" in err.message
 
 
 def test_images_cannot_feed_a_second_input() -> None:
     inputs = [*IMAGE, _in("scale", "float32", [])]
     err = _refused("images", {"input": _t("float32", [20, 3, 8, 8])}, inputs)
     assert err.detail["input"] == "scale"
+
+
+# -- unknown dims as exporters write them ------------------------------------------------------
+
+
+@pytest.mark.parametrize("unknown", [-1, 0, None, "batch"])
+def test_non_positive_dims_are_unknown(unknown: Any) -> None:
+    """Paddle2ONNX writes an unknown batch as dim_value -1 (sometimes 0): any non-positive value
+    is an unknown dimension, for stacked, batched and image datasets, with and without labels."""
+    inputs = [_in("x", "float32", [unknown, 3, unknown, -1])]
+    stacked = {"x": _t("float32", [32, 1, 3, 48, 192]), "__labels__": _t("int64", [32])}
+    plan = check_dataset_fits_model("npz", stacked, inputs, 8)
+    assert (plan.num_feeds, plan.labels_per_feed) == (32, 1)
+    plan = check_dataset_fits_model("npz", {"x": _t("float32", [32, 3, 48, 192])}, inputs, 8)
+    assert (plan.num_feeds, plan.samples_per_feed) == (4, 8)
+    plan = check_dataset_fits_model("images", {"x": _t("float32", [32, 3, 48, 192])}, inputs, 8)
+    assert plan.num_feeds == 4
+    _refused("npz", {"x": _t("float32", [32, 1, 4, 48, 192])}, inputs)  # 3 channels stay fixed
+
+
+def test_value_info_reads_non_positive_dims_as_unknown() -> None:
+    from onnx import TensorProto, helper
+
+    from service.contract.formats import value_info_spec
+
+    vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 0, "w"])
+    assert value_info_spec(vi) == TensorSpec("x", "float32", (None, 3, None, "w"))
+    no_shape = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    assert value_info_spec(no_shape).shape is None

@@ -314,7 +314,7 @@ def test_preprocess_defaults_and_json() -> None:
         ({"input": "x", "size": [8]}, "preprocess.size"),
         ({"input": "x", "size": [8, True]}, "preprocess.size"),
         ({"input": "x", "size": [8, 8], "layout": "CHW"}, "preprocess.layout"),
-        ({"input": "x", "size": [8, 8], "color": "GRAY"}, "preprocess.color"),
+        ({"input": "x", "size": [8, 8], "color": "CMYK"}, "preprocess.color"),
         ({"input": "x", "size": [8, 8], "scale": 0}, "preprocess.scale"),
         ({"input": "x", "size": [8, 8], "mean": [0, 0]}, "preprocess.mean"),
         ({"input": "x", "size": [8, 8], "std": [1, 0, 1]}, "preprocess.std"),

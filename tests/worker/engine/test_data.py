@@ -168,8 +168,8 @@ def test_mismatch_errors_name_the_input(models: dict[str, Path], tmp_path: Path)
         assert err.value.code == "dataset_model_mismatch", name
         assert "'input'" in err.value.message
         assert err.value.detail["input"] == "input"
-        assert err.value.detail["given_shape"] == list(arr.shape)
-        assert err.value.detail["expected_shape"] == ["batch", 3, 8, 8]
+        assert err.value.detail["given"]["shape"] == list(arr.shape)
+        assert err.value.detail["expected"]["shape"] == ["batch", 3, 8, 8]
     src = _npz(tmp_path / "missing.npz", other=np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(EngineError) as err:
         list(iter_batches(src, inputs))
@@ -286,7 +286,7 @@ def test_images_labels_csv_bgr_nhwc(tmp_path: Path) -> None:
         zf.writestr("labels.csv", "filename,label\nb.png,3\na.png,1\n")
         zf.writestr("a.png", _png((255, 0, 0)))
         zf.writestr("b.png", _png((0, 0, 255)))
-    src = DatasetSource(path, "images", {"layout": "NHWC", "color": "BGR"})  # size from the model
+    src = DatasetSource(path, "images", {"input": "img", "size": [4, 4], "layout": "NHWC", "color": "BGR"})
     inputs = model_inputs(model)
     batches = list(iter_batches(src, inputs, batch_size=8))  # fixed batch 1 wins
     assert len(batches) == 2
@@ -303,13 +303,13 @@ def test_images_errors(models: dict[str, Path], tmp_path: Path) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("a.png", b"\x89PNG broken")
     with pytest.raises(EngineError) as err:
-        list(iter_batches(DatasetSource(path, "images", {"size": [8, 8]}), inputs))
+        list(iter_batches(DatasetSource(path, "images", {"input": "input", "size": [8, 8]}), inputs))
     assert err.value.code == "invalid_dataset" and "a.png" in err.value.message
     good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w") as zf:
         zf.writestr("a.png", _png((1, 2, 3)))
     with pytest.raises(EngineError) as err:
-        count_batches(DatasetSource(good, "images", {"size": [16, 16]}), inputs)  # model wants 8x8
+        count_batches(DatasetSource(good, "images", {"input": "input", "size": [16, 16]}), inputs)  # model wants 8x8
     assert err.value.code == "dataset_model_mismatch" and err.value.detail["input"] == "input"
     with pytest.raises(EngineError) as err:
         count_batches(DatasetSource(good, "images", {"input": "nope", "size": [8, 8]}), inputs)
@@ -318,7 +318,7 @@ def test_images_errors(models: dict[str, Path], tmp_path: Path) -> None:
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("notes.txt", "x")
     with pytest.raises(EngineError) as err:
-        count_batches(DatasetSource(empty, "images", {"size": [8, 8]}), inputs)
+        count_batches(DatasetSource(empty, "images", {"input": "input", "size": [8, 8]}), inputs)
     assert err.value.code == "invalid_dataset"
 
 
@@ -330,5 +330,9 @@ def test_decompression_bomb_guard(models: dict[str, Path], tmp_path: Path, monke
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("a.png", _png((1, 2, 3)))
     with pytest.raises(EngineError) as err:
-        list(iter_batches(DatasetSource(path, "images", {"size": [8, 8]}), model_inputs(models["conv"])))
+        list(
+            iter_batches(
+                DatasetSource(path, "images", {"input": "input", "size": [8, 8]}), model_inputs(models["conv"])
+            )
+        )
     assert err.value.code == "invalid_dataset" and "too large" in err.value.message

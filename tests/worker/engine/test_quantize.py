@@ -193,7 +193,7 @@ def test_images_dataset_calibrates(conv, tmp_path: Path) -> None:
             buf = io.BytesIO()
             Image.fromarray(RNG.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
             zf.writestr(f"{'ab'[i % 2]}/{i}.png", buf.getvalue())
-    data = DatasetSource(path, "images", {"size": [8, 8]})
+    data = DatasetSource(path, "images", {"input": "input", "size": [8, 8]})
     out = quantize(model, QuantizationSpec(calibration_batch_size=2), tmp_path / "w", calibration=data)
     assert out.calibration_samples == 4
     assert_close(model, out.model_path, feeds)

@@ -8,6 +8,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from service.contract.formats import member_name as safe_member_name
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge, ServiceError
 
 _CHUNK = 1 << 20
@@ -24,24 +25,6 @@ class ArchiveLimits:
     max_total_bytes: int = 4 << 30
     max_ratio: float = 200.0
     ratio_min_bytes: int = _RATIO_MIN_BYTES
-
-
-def safe_member_name(name: str) -> str | None:
-    """The name as a normalised relative POSIX path, or None when it is a directory or unsafe.
-
-    Unsafe: empty, absolute, a drive letter, a `..` component, a backslash, a NUL or another
-    control character. `check_zip` tells directories from unsafe names with `ZipInfo.is_dir()`.
-    """
-    if not name or name.endswith("/"):
-        return None
-    if "\\" in name or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return None
-    if name.startswith("/") or (len(name) >= 2 and name[1] == ":"):
-        return None
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    return str(PurePosixPath(*parts))
 
 
 def is_symlink_entry(info: zipfile.ZipInfo) -> bool:

@@ -11,25 +11,28 @@ of rows. A dataset of rank-0 arrays only has one sample. In `tensors`, a `.npy` 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from service.contract import formats
-from service.contract.formats import LABELS_KEY, SINGLE_INPUT_KEY, NpyHeader, check_labels, read_npy_header
+from service.contract.formats import (
+    LABELS_KEY,
+    SINGLE_INPUT_KEY,
+    NpyHeader,
+    check_labels,
+    is_litter,
+    member_name,
+    read_npy_header,
+)
 from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit, service_errors
-from service.inspection.archive import ArchiveLimits, check_zip, open_zip, safe_member_name
-
-LABELS_CSV = "labels.csv"
+from service.inspection.archive import ArchiveLimits, check_zip, open_zip
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -69,7 +72,7 @@ def detect_format(path: Path) -> str:
         return "npy"
     if head[:4] in _ZIP_MAGICS:
         with open_zip(path) as zf:
-            names = [n for n in (safe_member_name(i.filename) for i in zf.infolist()) if n and not _ignored(n)]
+            names = [n for n in (member_name(i.filename) for i in zf.infolist()) if n and not is_litter(n)]
         if names and all(n.endswith(".npy") for n in names):
             return "npz"
         return "images"
@@ -134,7 +137,7 @@ def _inspect_npy(path: Path, limits: DatasetLimits) -> DatasetInfo:
 
 def _inspect_npz(path: Path, limits: DatasetLimits, archive: ArchiveLimits) -> DatasetInfo:
     infos = [i for i in check_zip(path, archive, InvalidDataset) if not i.is_dir()]
-    members = [(name, i) for i in infos if (name := safe_member_name(i.filename)) and not _ignored(name)]
+    members = [(name, i) for i in infos if (name := member_name(i.filename)) and not is_litter(name)]
     if len(members) > limits.max_members:
         raise ResourceLimit(
             f"The .npz holds {len(members)} arrays, more than the limit of {limits.max_members}; "
@@ -183,12 +186,6 @@ def _array_info(fmt: str, headers: dict[str, NpyHeader]) -> DatasetInfo:
     return DatasetInfo(fmt, num_samples, tensors, labels is not None, None)
 
 
-def _ignored(name: str) -> bool:
-    """macOS and editor litter that archivers add: __MACOSX/, .DS_Store, ._resource forks."""
-    parts = PurePosixPath(name).parts
-    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # Images
 
@@ -209,39 +206,44 @@ def _inspect_images(
             f"preprocess.size {height}x{width} is more than {limits.max_image_pixels} pixels; use a smaller size.",
             detail={"field": "preprocess.size"},
         )
-    infos = [i for i in check_zip(path, archive, InvalidDataset) if not i.is_dir()]
-    files = [(name, i) for i in infos if (name := safe_member_name(i.filename)) and not _ignored(name)]
-    csvs = [(n, i) for n, i in files if PurePosixPath(n).name == LABELS_CSV]
-    images = [(n, i) for n, i in files if PurePosixPath(n).name != LABELS_CSV]
-    if len(csvs) > 1:
-        raise InvalidDataset(
-            f"The zip holds {len(csvs)} labels.csv files; keep one.", detail={"entries": [n for n, _ in csvs]}
-        )
-    if not images:
-        raise InvalidDataset("The zip holds no images; add JPEG or PNG files.")
-    if len(images) > limits.max_images:
-        raise ResourceLimit(
-            f"The zip holds {len(images)} images, more than the limit of {limits.max_images}; upload fewer.",
-            detail={"images": len(images), "limit": limits.max_images},
-        )
-    if Image.MAX_IMAGE_PIXELS is None:  # keep Pillow's decompression-bomb guard on
-        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
-    num_classes: int | None
+    infos = {
+        name: i
+        for i in check_zip(path, archive, InvalidDataset)
+        if not i.is_dir() and (name := member_name(i.filename))
+    }
     with open_zip(path) as zf:
-        for name, info in images:
-            _check_image(zf, info, name, limits)
-        if csvs:
-            labels, num_classes = _labels_from_csv(zf, csvs[0], [n for n, _ in images])
-        else:
-            labels, num_classes = _labels_from_folders([n for n, _ in images])
-    n = len(images)
+        index = formats.index_images(list(infos), lambda entry: _labels_text(zf, infos[entry]))
+        if index.num_samples > limits.max_images:
+            raise ResourceLimit(
+                f"The zip holds {index.num_samples} images, more than the limit of {limits.max_images}; upload fewer.",
+                detail={"images": index.num_samples, "limit": limits.max_images},
+            )
+        if Image.MAX_IMAGE_PIXELS is None:  # keep Pillow's decompression-bomb guard on
+            Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+        for name in index.members:
+            _check_image(zf, infos[name], name, limits)
+    n = index.num_samples
     return DatasetInfo(
         format="images",
         num_samples=n,
         tensors={pp.input: {"dtype": "float32", "shape": pp.tensor_shape(n)}},
-        has_labels=labels,
-        num_classes=num_classes,
+        has_labels=index.labels is not None,
+        num_classes=index.num_classes,
     )
+
+
+def _labels_text(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    if info.file_size > _MAX_LABELS_CSV_BYTES:
+        raise InvalidDataset(
+            f"labels.csv is larger than {_MAX_LABELS_CSV_BYTES} bytes; keep one short line per image.",
+            detail={"entry": info.filename},
+        )
+    try:
+        return zf.read(info).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidDataset(
+            "labels.csv is not UTF-8 text; save it as UTF-8.", detail={"entry": info.filename}
+        ) from exc
 
 
 def _check_image(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limits: DatasetLimits) -> None:
@@ -275,94 +277,6 @@ def _too_many_pixels(name: str, limits: DatasetLimits, size: str) -> ResourceLim
         f"Image {name!r} declares more than {limits.max_image_pixels} pixels ({size}); resize it.",
         detail={"entry": name, "limit_pixels": limits.max_image_pixels},
     )
-
-
-def _labels_from_folders(names: list[str]) -> tuple[bool, int | None]:
-    """ImageFolder-style: the first folder level below any common wrapper folder is the class."""
-    parts = [PurePosixPath(n).parts for n in names]
-    depth = 0
-    while all(len(p) > depth + 1 for p in parts) and len({p[depth] for p in parts}) == 1:
-        depth += 1
-    relative = [p[depth:] for p in parts]
-    if all(len(r) == 1 for r in relative):
-        return False, None
-    loose = next((n for n, r in zip(names, relative, strict=True) if len(r) == 1), None)
-    if loose is not None:
-        raise InvalidDataset(
-            f"Image {loose!r} is outside any class folder while other images are in class folders; "
-            "put every image in a class folder, or none and add labels.csv.",
-            detail={"entry": loose},
-        )
-    return True, len({r[0] for r in relative})
-
-
-_INT = re.compile(r"[+-]?\d+")
-
-
-def _labels_from_csv(zf: zipfile.ZipFile, entry: tuple[str, zipfile.ZipInfo], images: list[str]) -> tuple[bool, int]:
-    name, info = entry
-    if info.file_size > _MAX_LABELS_CSV_BYTES:
-        raise InvalidDataset(
-            f"labels.csv is larger than {_MAX_LABELS_CSV_BYTES} bytes; keep one short line per image.",
-            detail={"entry": name},
-        )
-    try:
-        text = zf.read(info).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidDataset("labels.csv is not UTF-8 text; save it as UTF-8.", detail={"entry": name}) from exc
-    folder = PurePosixPath(name).parent
-    by_path: dict[str, str] = {}
-    by_base: dict[str, list[str]] = {}
-    for image in images:
-        path = PurePosixPath(image)
-        if folder != PurePosixPath(".") and folder in path.parents:
-            by_path[str(path.relative_to(folder))] = image
-        elif folder == PurePosixPath("."):
-            by_path[image] = image
-        by_base.setdefault(path.name, []).append(image)
-    labels: dict[str, str] = {}
-    for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if line_no == 1 and row[0].strip().lower() in ("filename", "file", "image", "path", "name"):
-            continue
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise InvalidDataset(
-                f"Line {line_no} of labels.csv is not `filename,label`; write one image and its label per line.",
-                detail={"entry": name, "line": line_no},
-            )
-        key = safe_member_name(row[0].strip()) or ""
-        match = by_path.get(key)
-        if match is None and len(by_base.get(key, [])) == 1:
-            match = by_base[key][0]
-        if match is None:
-            raise InvalidDataset(
-                f"Line {line_no} of labels.csv names {row[0].strip()!r}, which is not an image in the zip; "
-                "fix the file name.",
-                detail={"entry": name, "line": line_no, "file_name": row[0].strip()},
-            )
-        if match in labels:
-            raise InvalidDataset(
-                f"labels.csv labels {match!r} twice (line {line_no}); keep one line per image.",
-                detail={"entry": name, "line": line_no, "file_name": match},
-            )
-        labels[match] = row[1].strip()
-    missing = [i for i in images if i not in labels]
-    if missing:
-        raise InvalidDataset(
-            f"Image {missing[0]!r} has no line in labels.csv ({len(missing)} of {len(images)} images "
-            "lack one); label every image.",
-            detail={"entry": missing[0], "unlabelled": len(missing)},
-        )
-    values = list(labels.values())
-    if all(_INT.fullmatch(v) for v in values):
-        ids = [int(v) for v in values]
-        if min(ids) < 0:
-            raise InvalidDataset(
-                "labels.csv has a negative class id; use ids from 0 or class names.", detail={"entry": name}
-            )
-        return True, max(ids) + 1
-    return True, len(set(values))
 
 
 # ----------------------------------------------------------------------------------------------

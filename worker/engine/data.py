@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -34,20 +33,11 @@ from service.contract.formats import (
     plan_arrays,
     read_npy_header,
 )
+from worker.engine.batch import Batch
 from worker.engine.checks import model_facts
 from worker.engine.errors import EngineError
+from worker.engine.images import count_image_batches, image_rows_per_feed, iter_image_batches
 from worker.engine.spec import DatasetSource, TensorSpec
-
-
-@dataclass
-class Batch:
-    """One `session.run` feed and the class ids of the samples in it (or None)."""
-
-    feeds: dict[str, np.ndarray]
-    labels: np.ndarray | None
-    # How many dataset samples this feed holds (rows of a batched array, 1 for a stacked sample).
-    num_samples: int = 1
-
 
 # --------------------------------------------------------------------------------------------
 # Model inputs
@@ -269,8 +259,6 @@ def iter_batches(
     """Yield the dataset's feeds one at a time (at most `limit`). Raises EngineError
     (`invalid_dataset`, `dataset_model_mismatch`) before the first feed when the data cannot fit."""
     if source.format == "images":
-        from worker.engine.images import iter_image_batches
-
         return iter_image_batches(source, inputs, batch_size=batch_size, limit=limit)
     opened = _Opened(source, inputs, batch_size)  # validate eagerly, before the caller iterates
     return _closing(opened, limit)
@@ -293,8 +281,6 @@ def count_batches(
     """How many feeds `iter_batches` gives with the same arguments (reads headers only).
     Also validates the dataset against the inputs (same errors as iter_batches)."""
     if source.format == "images":
-        from worker.engine.images import count_image_batches
-
         return count_image_batches(source, inputs, batch_size=batch_size, limit=limit)
     opened = _Opened(source, inputs, batch_size)
     try:
@@ -308,8 +294,6 @@ def samples_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, bat
     """How many dataset samples one (full) feed holds: the batch rows when arrays are split into
     batches, 1 when samples are stacked."""
     if source.format == "images":
-        from worker.engine.images import image_rows_per_feed
-
         return image_rows_per_feed(source, inputs, batch_size=batch_size)
     opened = _Opened(source, inputs, batch_size)
     try:

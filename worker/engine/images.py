@@ -10,26 +10,30 @@ names give the class ids).
 
 from __future__ import annotations
 
-import csv
 import io
-import posixpath
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.contract.formats import ImagePlan, Preprocess, parse_preprocess, plan_images
-from worker.engine.data import Batch
+from service.contract.formats import (
+    ImageIndex,
+    ImagePlan,
+    Preprocess,
+    index_images,
+    member_name,
+    parse_preprocess,
+    plan_images,
+)
+from worker.engine.batch import Batch
 from worker.engine.errors import EngineError
 from worker.engine.spec import DatasetSource, TensorSpec
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-LABELS_FILE = "labels.csv"
+MAX_LABELS_CSV_BYTES = 64 * 1024 * 1024
 # Decompression-bomb guard: PIL warns above this many pixels (an error here) and raises at 2x.
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # one member, uncompressed
@@ -42,118 +46,24 @@ if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > MAX_IMAGE_PIXELS:
 # Index of the archive
 
 
-@dataclass
-class ImageIndex:
-    """The images of an archive, in feed order, and their class ids (None when unlabelled)."""
-
-    members: list[str]
-    labels: list[int] | None
-    class_names: list[str] = field(default_factory=list)
-    label_source: str | None = None  # "folders" | "labels.csv" | None
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.members)
-
-    @property
-    def has_labels(self) -> bool:
-        return self.labels is not None
-
-
-def _is_image(name: str) -> bool:
-    base = posixpath.basename(name)
-    if not base or base.startswith(".") or name.startswith("__MACOSX/") or "/__MACOSX/" in name:
-        return False
-    return base.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _common_dir(paths: Sequence[str]) -> str:
-    dirs = [posixpath.dirname(p).split("/") if posixpath.dirname(p) else [] for p in paths]
-    if not dirs:
-        return ""
-    common: list[str] = []
-    for parts in zip(*dirs, strict=False):
-        if all(p == parts[0] for p in parts):
-            common.append(parts[0])
-        else:
-            break
-    return "/".join(common)
-
-
-def _rel(name: str, root: str) -> str:
-    return name[len(root) + 1 :] if root else name
-
-
-def _parse_labels_csv(text: str, members: Sequence[str], root: str) -> tuple[list[int], list[str]]:
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
-    by_rel = {_rel(m, root): m for m in members}
-    by_base: dict[str, str] = {}
-    for m in members:
-        by_base.setdefault(posixpath.basename(m), m)
-    mapping: dict[str, str] = {}
-    for i, row in enumerate(rows):
-        if len(row) < 2:
-            raise EngineError("invalid_dataset", f"labels.csv line {i + 1} is not 'filename,label'.", {"line": i + 1})
-        fname, label = row[0].strip().lstrip("./"), row[1].strip()
-        member = by_rel.get(fname) or by_base.get(posixpath.basename(fname))
-        if member is None:
-            if i == 0:  # a header row such as "filename,label"
-                continue
-            raise EngineError(
-                "invalid_dataset",
-                f"labels.csv names '{fname}', which is not an image in the archive.",
-                {"file": fname},
-            )
-        mapping[member] = label
-    missing = [m for m in members if m not in mapping]
-    if missing:
-        raise EngineError(
-            "invalid_dataset",
-            f"labels.csv gives no label for {len(missing)} image(s), e.g. '{missing[0]}'.",
-            {"missing": missing[:20]},
-        )
-    values = [mapping[m] for m in members]
-    try:
-        ids = [int(v) for v in values]
-        return ids, []
-    except ValueError:
-        names = sorted(set(values))
-        index = {n: i for i, n in enumerate(names)}
-        return [index[v] for v in values], names
-
-
-def index_archive(path: Path) -> ImageIndex:
-    """List the images of a .zip (sorted by path) and work out their labels."""
+def index_archive(path: Path) -> tuple[ImageIndex, dict[str, zipfile.ZipInfo]]:
+    """The images of a .zip in feed order with their labels (the rules the API applied at upload),
+    and each image's zip entry."""
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise EngineError("invalid_dataset", f"The image archive could not be opened: {exc}", {}) from exc
     with zf:
-        infos = zf.infolist()
-        members = sorted(i.filename for i in infos if not i.is_dir() and _is_image(i.filename))
-        if not members:
-            raise EngineError("invalid_dataset", "The archive holds no JPEG or PNG image.", {})
-        root = _common_dir(members)
-        csv_names = [
-            i.filename
-            for i in infos
-            if posixpath.basename(i.filename).lower() == LABELS_FILE and not i.filename.startswith("__MACOSX/")
-        ]
-        if csv_names:
-            csv_name = min(csv_names, key=lambda n: (n.count("/"), n))
-            info = zf.getinfo(csv_name)
-            if info.file_size > 64 * 1024 * 1024:
-                raise EngineError("invalid_dataset", "labels.csv is too large.", {})
-            text = zf.read(csv_name).decode("utf-8-sig", errors="replace")
-            labels, names = _parse_labels_csv(text, members, root)
-            return ImageIndex(members, labels, names, "labels.csv")
-        rels = [_rel(m, root) for m in members]
-        if all("/" in r for r in rels):
-            classes = [r.split("/", 1)[0] for r in rels]
-            names = sorted(set(classes))
-            index = {n: i for i, n in enumerate(names)}
-            return ImageIndex(members, [index[c] for c in classes], names, "folders")
-        return ImageIndex(members, None, [], None)
+        infos = {name: i for i in zf.infolist() if not i.is_dir() and (name := member_name(i.filename))}
+
+        def read_text(entry: str) -> str:
+            info = infos[entry]
+            if info.file_size > MAX_LABELS_CSV_BYTES:
+                raise _bad("labels.csv is too large.", entry=entry)
+            return zf.read(info).decode("utf-8-sig", errors="replace")
+
+        index = index_images(list(infos), read_text)
+    return index, infos
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,15 +111,17 @@ def decode_image(data: bytes, pp: Preprocess, *, name: str = "image", raw: bool 
 # Feeds
 
 
-def _planned(source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int) -> tuple[ImagePlan, ImageIndex]:
+def _planned(
+    source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int
+) -> tuple[ImagePlan, ImageIndex, dict[str, zipfile.ZipInfo]]:
     """The archive's index and its plan against the inputs (the API's rules, on the real file)."""
     if source.preprocess is None:
         raise _bad("An image dataset needs its preprocess JSON; upload it again with one.", field="preprocess")
     pp = parse_preprocess(source.preprocess)
-    index = index_archive(Path(source.path))
+    index, infos = index_archive(Path(source.path))
     plan = plan_images(pp, index.num_samples, inputs, batch_size).images
     assert plan is not None
-    return plan, index
+    return plan, index, infos
 
 
 def image_rows_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1) -> int:
@@ -226,12 +138,14 @@ def count_image_batches(
 def iter_image_batches(
     source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1, limit: int | None = None
 ) -> Iterator[Batch]:
-    plan, index = _planned(source, inputs, batch_size)
+    plan, index, infos = _planned(source, inputs, batch_size)
     total = plan.num_feeds if limit is None else min(plan.num_feeds, max(0, limit))
-    return _image_batches(source, plan, index, total)
+    return _image_batches(source, plan, index, infos, total)
 
 
-def _image_batches(source: DatasetSource, plan: ImagePlan, index: ImageIndex, total: int) -> Iterator[Batch]:
+def _image_batches(
+    source: DatasetSource, plan: ImagePlan, index: ImageIndex, infos: dict[str, zipfile.ZipInfo], total: int
+) -> Iterator[Batch]:
     dtype = np.dtype(plan.input.dtype)
     rows = plan.rows_per_feed
     with zipfile.ZipFile(Path(source.path)) as zf:
@@ -240,10 +154,10 @@ def _image_batches(source: DatasetSource, plan: ImagePlan, index: ImageIndex, to
             names = index.members[start : start + (rows or 1)]
             images = []
             for name in names:
-                info = zf.getinfo(name)
+                info = infos[name]
                 if info.file_size > MAX_IMAGE_BYTES:
                     raise _bad(f"Image '{name}' is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB.", file=name)
-                images.append(decode_image(zf.read(name), plan.preprocess, name=name, raw=plan.raw))
+                images.append(decode_image(zf.read(info), plan.preprocess, name=name, raw=plan.raw))
             arr = np.stack(images) if rows is not None else images[0]
             labels = (
                 np.asarray(index.labels[start : start + len(names)], dtype=np.int64)

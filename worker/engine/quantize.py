@@ -237,7 +237,7 @@ def quantize(
     out_model = onnx.load(str(out_path), load_external_data=False)
     out_facts = facts_of(out_model)
     counts = dict(out_facts.op_counts)
-    files = _output_files(out_path, out_model)
+    files = _output_files(out_path, out_facts)
     del out_model
     details["op_counts"] = counts
     details["quantized_op_counts"] = {k: v for k, v in counts.items() if k in QUANTIZED_OP_TYPES}
@@ -654,16 +654,6 @@ def _runs(model: Path, sample: Batch, opts: Any) -> bool:
         return False
 
 
-def _output_files(out_path: Path, model: onnx.ModelProto) -> list[Path]:
-    from onnx.external_data_helper import uses_external_data
-
-    files = [out_path]
-    for g in iter_graphs(model.graph):
-        for t in g.initializer:
-            if uses_external_data(t):
-                for kv in t.external_data:
-                    if kv.key == "location":
-                        p = out_path.parent / kv.value
-                        if p not in files and p.is_file():
-                            files.append(p)
-    return files
+def _output_files(out_path: Path, facts: ModelFacts) -> list[Path]:
+    """The quantized model and the external data files it names."""
+    return [out_path, *(p for loc in facts.external_files if (p := out_path.parent / loc).is_file())]

@@ -255,7 +255,6 @@ def test_images_from_class_folders(models: dict[str, Path], tmp_path: Path) -> N
         zf.writestr("data/dog/a.png", _png((0, 0, 255)))
         zf.writestr("data/cat/b.png", _png((255, 0, 0)))
         zf.writestr("data/cat/c.jpg", _jpeg((255, 0, 0)))
-        zf.writestr("data/README.txt", "not an image")
         zf.writestr("__MACOSX/data/cat/._b.png", b"junk")
     src = DatasetSource(path, "images", {"input": "input", "size": [8, 8], "mean": [0.5, 0.5, 0.5], "std": 0.5})
     inputs = model_inputs(models["conv"])
@@ -316,7 +315,7 @@ def test_images_errors(models: dict[str, Path], tmp_path: Path) -> None:
     assert err.value.code == "dataset_model_mismatch"
     empty = tmp_path / "empty.zip"
     with zipfile.ZipFile(empty, "w") as zf:
-        zf.writestr("notes.txt", "x")
+        zf.writestr("__MACOSX/._a.png", "x")  # litter only: no image
     with pytest.raises(EngineError) as err:
         count_batches(DatasetSource(empty, "images", {"input": "input", "size": [8, 8]}), inputs)
     assert err.value.code == "invalid_dataset"

@@ -448,3 +448,26 @@ def loop_body(path: Path, *, features: int = 8, trips: int = 3, seed: int = 0) -
         ],
     )
     return _save(_model(graph, 15), path)
+
+
+def fp16_truncated_weights(path: Path, *, tensors: int = 6, features: int = 8) -> Path:
+    """`x` [batch, F] -> Mul by each of `tensors` weight vectors -> Concat -> `y` [batch, tensors*F].
+    Every vector holds float32 values that float16 conversion truncates: beyond ±1e4 (largest
+    magnitude 1.1e4 + 1000 * (tensors - 1)) and nearer zero than 1e-7 (smallest magnitude 2e-10).
+    onnxconverter-common warns once per tensor and sign, 4 * `tensors` times in all. The products
+    stay below half of float16's range, so the range check keeps no node in float32."""
+    inits, nodes = [], []
+    for i in range(tensors):
+        w = np.full(features, 0.5, np.float32)
+        w[:4] = [11000.0 + 1000.0 * i, -10500.0, 1e-9 * (i + 1), -2e-10]
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Mul", ["x", f"w{i}"], [f"m{i}"], name=f"mul{i}"))
+    nodes.append(helper.make_node("Concat", [f"m{i}" for i in range(tensors)], ["y"], name="concat", axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "fp16_truncated_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", tensors * features])],
+        initializer=inits,
+    )
+    return _save(_model(graph, 13), path)

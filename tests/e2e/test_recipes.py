@@ -109,3 +109,62 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     )
     assert any("opset" in step for step in done["int16"]["result"]["preprocessing_steps"])
     assert not any("not smaller" in w for w in done["weight_only"]["result"]["warnings"])
+
+
+def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -> None:
+    """A streaming audio export whose body sits in If branches (three inputs: audio, a state with
+    batch on axis 1, an int64 sample rate) and a Loop model: every mode succeeds, each served model
+    passes onnx.checker, and the result names the subgraph nodes left in float."""
+    from tests.worker.engine import pitfall_models as pm
+
+    rng = np.random.default_rng(1)
+    audio = npz_bytes(
+        audio=rng.normal(0, 0.3, (6, 2, 64)).astype(np.float32),
+        state=rng.normal(0, 0.3, (6, 2, 2, 16)).astype(np.float32),
+        sr=np.array([16000, 8000] * 3, np.int64),
+    )
+    loop = npz_bytes(x=rng.normal(0, 1, (6, 2, 8)).astype(np.float32))
+    recipes = {
+        "static": {},
+        "qoperator": {"format": "qoperator"},
+        "dynamic": {"mode": "dynamic"},
+        "weight_only": {"mode": "weight_only", "block_size": 16},
+        "fp16": {"mode": "fp16"},
+    }
+    with embedded.client() as http:
+        cases = {
+            "if": (
+                _upload(http, "/v1/models", "audio.onnx", pm.streaming_audio(tmp_path / "a.onnx").read_bytes()),
+                _upload(http, "/v1/datasets", "audio.npz", audio),
+            ),
+            "loop": (
+                _upload(http, "/v1/models", "loop.onnx", pm.loop_body(tmp_path / "l.onnx").read_bytes()),
+                _upload(http, "/v1/datasets", "loop.npz", loop),
+            ),
+        }
+        ids = {}
+        for model_name, (model_id, data_id) in cases.items():
+            for recipe_name, recipe in recipes.items():
+                response = http.post(
+                    "/v1/jobs",
+                    json={
+                        "model_id": model_id,
+                        "calibration_dataset_id": data_id,
+                        "recipe": recipe,
+                        "evaluation": {"latency_runs": 1, "warmup_runs": 0},
+                    },
+                )
+                assert response.status_code == 202, (model_name, recipe_name, response.text)
+                ids[model_name, recipe_name] = response.json()["id"]
+        done = {key: wait_for_job(http, job_id)[0] for key, job_id in ids.items()}
+        failed = {key: job["error"] for key, job in done.items() if job["status"] != "succeeded"}
+        assert not failed, failed
+        for job in done.values():
+            onnx.checker.check_model(
+                onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
+            )
+    left = done["if", "dynamic"]["result"]["quantization"]["float_in_subgraphs"]
+    assert {(n["name"], n["subgraph"]) for n in left} >= {("/_model/sr16k/Conv", "/If.then_branch")}
+    assert any(
+        "/_model/sr8k/MatMul (MatMul in /If.else_branch)" in w for w in done["if", "static"]["result"]["warnings"]
+    )

@@ -38,6 +38,19 @@ def _upload(http: Any, path: str, name: str, content: bytes, **data: str) -> str
     return str(response.json()["id"])
 
 
+def _run_jobs(http: Any, jobs: dict[Any, tuple[str, str | None, dict[str, Any]]], **evaluation: int) -> dict[Any, Any]:
+    """Send every (model, calibration dataset, recipe) job, then wait for them all; the jobs by key."""
+    ids = {}
+    for key, (model_id, data_id, recipe) in jobs.items():
+        response = http.post(
+            "/v1/jobs",
+            json={"model_id": model_id, "calibration_dataset_id": data_id, "recipe": recipe, "evaluation": evaluation},
+        )
+        assert response.status_code == 202, (key, response.text)
+        ids[key] = response.json()["id"]
+    return {key: wait_for_job(http, job_id)[0] for key, job_id in ids.items()}
+
+
 def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     conv = conv_classifier(tmp_path / "conv.onnx", hidden=16, size=8)
     mlp = matmul_mlp(tmp_path / "mlp.onnx", features=32, hidden=64)
@@ -46,7 +59,6 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(1).random((8, 32), dtype=np.float32))  # batched rows for a one-input model
     preprocess = '{"input": "input", "size": [8, 8], "layout": "NCHW", "color": "RGB"}'
-    quick = {"latency_runs": 3, "warmup_runs": 1}
     with embedded.client() as http:
         conv_id = _upload(http, "/v1/models", "conv.onnx", conv.read_bytes())
         mlp_id = _upload(http, "/v1/models", "mlp.onnx", mlp.read_bytes())
@@ -68,20 +80,7 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
             "fp16": (mlp_id, None, {"mode": "fp16"}),
             "auto": (conv_id, npz_id, {"mode": "auto", "accuracy_tolerance": 0.5}),
         }
-        ids = {}
-        for name, (model_id, data_id, recipe) in jobs.items():
-            response = http.post(
-                "/v1/jobs",
-                json={
-                    "model_id": model_id,
-                    "calibration_dataset_id": data_id,
-                    "recipe": recipe,
-                    "evaluation": quick,
-                },
-            )
-            assert response.status_code == 202, (name, response.text)
-            ids[name] = response.json()["id"]
-        done = {name: wait_for_job(http, job_id)[0] for name, job_id in ids.items()}
+        done = _run_jobs(http, jobs, latency_runs=3, warmup_runs=1)
         models = {
             name: onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
             for name, job in done.items()
@@ -142,21 +141,12 @@ def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -
                 _upload(http, "/v1/datasets", "loop.npz", loop),
             ),
         }
-        ids = {}
-        for model_name, (model_id, data_id) in cases.items():
-            for recipe_name, recipe in recipes.items():
-                response = http.post(
-                    "/v1/jobs",
-                    json={
-                        "model_id": model_id,
-                        "calibration_dataset_id": data_id,
-                        "recipe": recipe,
-                        "evaluation": {"latency_runs": 1, "warmup_runs": 0},
-                    },
-                )
-                assert response.status_code == 202, (model_name, recipe_name, response.text)
-                ids[model_name, recipe_name] = response.json()["id"]
-        done = {key: wait_for_job(http, job_id)[0] for key, job_id in ids.items()}
+        jobs = {
+            (model, name): (model_id, data_id, recipe)
+            for model, (model_id, data_id) in cases.items()
+            for name, recipe in recipes.items()
+        }
+        done = _run_jobs(http, jobs, latency_runs=1, warmup_runs=0)
         failed = {key: job["error"] for key, job in done.items() if job["status"] != "succeeded"}
         assert not failed, failed
         for job in done.values():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import queue
@@ -28,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,9 +36,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import make_engine, make_session_factory, transaction
 from service.jobs import state
+from service.jobs.schemas import EvaluationSettings as WireEvaluation
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage, Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
+from worker.contracts import (
+    OUTCOME_FILE,
+    ChildOutcome,
+    DataSource,
+    EvaluationSettings,
+    JobError,
+    JobFile,
+    Progress,
+    TensorInfo,
+)
 from worker.sandbox import exit_error, job_limits
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,7 @@ PROGRESS_INTERVAL_S = 0.5
 EOF = b""  # the reader thread's last item; a real line always ends with a newline
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
+CANCELLED = JobError.from_dict(state.CANCELLED_ERROR)
 
 
 class DatabaseUnavailable(Exception):
@@ -97,14 +107,6 @@ def overall_progress(stage: str, fraction: float) -> float:
     return start + (end - start) * max(0.0, min(1.0, fraction))
 
 
-@dataclass
-class ChildOutcome:
-    status: str  # succeeded | failed | cancelled | abandoned (no longer ours) | handed_back (stop requested)
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    artifacts: list[dict[str, Any]] | None = None
-
-
 def _child_env() -> dict[str, str]:
     """The job process imports `worker` from the same tree as this process, installed or not."""
     root = str(Path(__file__).resolve().parent.parent)
@@ -113,8 +115,8 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _error(code: str, message: str, **detail: Any) -> dict[str, Any]:
-    return {"code": code, "message": message, "detail": detail}
+def _error(code: str, message: str, **detail: Any) -> JobError:
+    return JobError(code, message, detail)
 
 
 class JobRunner:
@@ -185,7 +187,8 @@ class JobRunner:
             elif outcome.status == "handed_back":
                 self._hand_back(job_id, attempt, workdir)
             elif outcome.status != "abandoned":
-                self._end(job_id, attempt, outcome.error or {}, outcome.status)
+                assert outcome.error is not None
+                self._end(job_id, attempt, outcome.error, outcome.status)
         except Exception as exc:
             if isinstance(exc, DBAPIError) and transient(exc):
                 # Not the job's fault: give it back rather than fail it.
@@ -243,10 +246,11 @@ class JobRunner:
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
-    def _end(self, job_id: str, attempt: int, error: dict[str, Any], status: str) -> None:
+    def _end(self, job_id: str, attempt: int, error: JobError, status: str) -> None:
         """Record failed/cancelled; a job that did not succeed keeps no stored files at all."""
         if self._write(
-            f"record job {job_id} as {status}", lambda s: state.fail(s, job_id, attempt, error, status=status)
+            f"record job {job_id} as {status}",
+            lambda s: state.fail(s, job_id, attempt, error.to_dict(), status=status),
         ):
             self.storage.delete_prefix(f"jobs/{job_id}")
 
@@ -285,41 +289,40 @@ class JobRunner:
             if model is None or model.deleted_at is not None:
                 raise RuntimeError("the job's model was deleted")
 
-            def source(dataset_id: str | None) -> dict[str, Any] | None:
+            def source(dataset_id: str | None) -> DataSource | None:
                 if dataset_id is None:
                     return None
                 row = session.get(Dataset, dataset_id)
                 if row is None or row.deleted_at is not None:
                     raise RuntimeError(f"dataset {dataset_id} was deleted")
-                return {
-                    "path": str(self.storage.local_path(row.storage_key)),
-                    "format": row.format,
-                    "preprocess": row.preprocess,
-                }
+                return DataSource(str(self.storage.local_path(row.storage_key)), row.format, row.preprocess)
 
-            spec = {
-                "job_id": job.id,
-                "model_path": str(self.storage.local_path(f"{model.storage_prefix}/{model.file_name}")),
-                "inputs": model.inputs,
-                "recipe": job.recipe,
-                "evaluation": {
-                    **job.evaluation,
-                    "max_seconds": self.settings.evaluation_max_seconds,
-                    "max_samples": self.settings.evaluation_max_samples,
-                    "latency_runs": min(job.evaluation.get("latency_runs", 50), self.settings.max_latency_runs),
-                },
-                "calibration": source(job.calibration_dataset_id),
-                "evaluation_data": source(job.evaluation_dataset_id),
-                "reused_calibration": job.evaluation_dataset_id is not None
+            asked = WireEvaluation.model_validate(job.evaluation)
+            spec = JobFile(
+                job_id=job.id,
+                model_path=str(self.storage.local_path(f"{model.storage_prefix}/{model.file_name}")),
+                inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
+                recipe=job.recipe,
+                evaluation=EvaluationSettings(
+                    latency_runs=min(asked.latency_runs, self.settings.max_latency_runs),
+                    warmup_runs=asked.warmup_runs,
+                    threads=asked.threads,
+                    batch_size=asked.batch_size,
+                    max_samples=self.settings.evaluation_max_samples,
+                    max_seconds=self.settings.evaluation_max_seconds,
+                ),
+                calibration=source(job.calibration_dataset_id),
+                evaluation_data=source(job.evaluation_dataset_id),
+                reused_calibration=job.evaluation_dataset_id is not None
                 and job.evaluation_dataset_id == job.calibration_dataset_id,
-                "limits": job_limits(
+                limits=job_limits(
                     self.settings.job_memory_bytes,
                     self.settings.job_timeout_s,
                     self.settings.resolved_job_file_bytes,
                     self.settings.job_open_files,
                 ),
-            }
-        (workdir / "job.json").write_text(json.dumps(spec))
+            )
+        spec.write(workdir)
 
     def _run_child(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:
         stderr = (workdir / "stderr.log").open("wb")
@@ -356,11 +359,11 @@ class JobRunner:
                         if child.poll() is not None:
                             break
                         continue
-                    message = json.loads(line)
-                    pending = (str(message["stage"]), float(message["fraction"]))
+                    message = Progress.parse(line)
+                    pending = (message.stage, message.fraction)
                 except queue.Empty:
                     pass
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     log.debug("job %s: unparsed child output %r", job_id, line[:200])
                 now = time.monotonic()
                 if self.stop_requested.is_set() and child.poll() is None:  # a finished job is kept
@@ -382,7 +385,7 @@ class JobRunner:
                     last_cancel_check = now
                     if self._unless_db_down(job_id, self._cancel_requested, job_id):
                         self._stop(child)
-                        return ChildOutcome("cancelled", error=state.CANCELLED_ERROR)
+                        return ChildOutcome("cancelled", error=CANCELLED)
                 if now - started > self.settings.job_timeout_s:
                     self._stop(child)
                     limit = self.settings.job_timeout_s
@@ -442,19 +445,16 @@ class JobRunner:
             pass
 
     def _read_outcome(self, returncode: int, workdir: Path) -> ChildOutcome:
-        path = workdir / "outcome.json"
-        if returncode == 0 and path.exists():
-            data = json.loads(path.read_text())
-            return ChildOutcome(data["status"], data.get("result"), data.get("error"), data.get("artifacts"))
+        if returncode == 0 and (workdir / OUTCOME_FILE).exists():
+            return ChildOutcome.read(workdir)
         tail = (workdir / "stderr.log").read_bytes()[-4000:].decode(errors="replace").strip()
-        limits = json.loads((workdir / "job.json").read_text()).get("limits", {})
-        error = exit_error(returncode, tail, limits)
+        error = exit_error(returncode, tail, JobFile.read(workdir).limits)
         # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
         log.warning(
             "job process in %s ended with %s (%s); stderr tail:\n%s",
             workdir,
             returncode,
-            error["code"],
+            error.code,
             tail[-1500:],
         )
         return ChildOutcome("failed", error=error)
@@ -465,8 +465,8 @@ class JobRunner:
         `succeeded` without its files, and a download never meets a partial one."""
         prefix = f"jobs/{job_id}/{attempt}"
         stored = [
-            (item, self.storage.put_file(f"{prefix}/{item['name']}", Path(item["path"]), move=True))
-            for item in outcome.artifacts or []
+            (item, self.storage.put_file(f"{prefix}/{item.name}", Path(item.path), move=True))
+            for item in outcome.artifacts
         ]
 
         def commit(session: Session) -> str:
@@ -474,15 +474,16 @@ class JobRunner:
             session.add_all(
                 Artifact(
                     job_id=job_id,
-                    name=item["name"],
+                    name=item.name,
                     storage_key=obj.key,
                     size_bytes=obj.size_bytes,
                     sha256=obj.sha256,
-                    media_type=item["media_type"],
+                    media_type=item.media_type,
                 )
                 for item, obj in stored
             )
-            if state.succeed(session, job_id, attempt, outcome.result or {}):
+            assert outcome.result is not None
+            if state.succeed(session, job_id, attempt, outcome.result.to_dict()):
                 return "succeeded"
             session.rollback()
             # Why not? An earlier try may have committed and lost only its answer, or a cancellation
@@ -500,7 +501,7 @@ class JobRunner:
         if done == "succeeded":
             self._delete_other_attempts(job_id, attempt)
         elif done == "cancel":
-            self._end(job_id, attempt, state.CANCELLED_ERROR, "cancelled")
+            self._end(job_id, attempt, CANCELLED, "cancelled")
         elif done == "lost":
             self.storage.delete_prefix(prefix)
             log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)

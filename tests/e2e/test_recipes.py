@@ -129,6 +129,7 @@ def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -
         "dynamic": {"mode": "dynamic"},
         "weight_only": {"mode": "weight_only", "block_size": 16},
         "fp16": {"mode": "fp16"},
+        "auto": {"mode": "auto"},
     }
     with embedded.client() as http:
         cases = {
@@ -158,3 +159,56 @@ def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -
     assert any(
         "/_model/sr8k/MatMul (MatMul in /If.else_branch)" in w for w in done["if", "static"]["result"]["warnings"]
     )
+
+
+def test_unknown_dims_through_http(embedded: Deployment, tmp_path: Path) -> None:
+    """A Paddle2ONNX-style classifier whose input is [-1, 3, 0, -1], fed by stacked, batched and
+    image datasets, for calibration and for labelled evaluation: every mode succeeds, each served
+    model passes onnx.checker and runs in ONNX Runtime on real data, and accuracy is measured."""
+    import onnxruntime as ort
+
+    from tests.onnx_models import paddle_classifier
+
+    rng = np.random.default_rng(2)
+    labels = np.arange(6) % 4
+    stacked = npz_bytes(input=rng.random((6, 1, 3, 10, 12), dtype=np.float32), __labels__=labels)
+    batched = npz_bytes(input=rng.random((6, 3, 10, 12), dtype=np.float32), __labels__=labels)
+    preprocess = '{"input": "input", "size": [10, 12]}'
+    with embedded.client() as http:
+        model_id = _upload(http, "/v1/models", "paddle.onnx", paddle_classifier(tmp_path / "p.onnx").read_bytes())
+        assert http.get(f"/v1/models/{model_id}").json()["inputs"][0]["shape"] == [None, 3, None, None]
+        data = {
+            "stacked": _upload(http, "/v1/datasets", "s.npz", stacked),
+            "batched": _upload(http, "/v1/datasets", "b.npz", batched),
+            "images": _upload(http, "/v1/datasets", "i.zip", _images_zip(), preprocess=preprocess),
+        }
+        jobs = {
+            **{f"static-{form}": (data[form], None, {}) for form in data},
+            "dynamic": (data["stacked"], data["images"], {"mode": "dynamic"}),
+            "weight_only": (None, data["batched"], {"mode": "weight_only", "weight_type": "int8", "block_size": 16}),
+            "fp16": (None, data["stacked"], {"mode": "fp16"}),
+            "auto": (data["batched"], data["images"], {"mode": "auto"}),
+        }
+        ids = {}
+        for key, (calibration, evaluation, recipe) in jobs.items():
+            body = {
+                "model_id": model_id,
+                "calibration_dataset_id": calibration,
+                "evaluation_dataset_id": evaluation,
+                "recipe": recipe,
+                "evaluation": {"latency_runs": 1, "warmup_runs": 0, "batch_size": 2},
+            }
+            response = http.post("/v1/jobs", json=body)
+            assert response.status_code == 202, (key, response.text)
+            ids[key] = response.json()["id"]
+        done = {key: wait_for_job(http, job_id)[0] for key, job_id in ids.items()}
+        failed = {key: job["error"] for key, job in done.items() if job["status"] != "succeeded"}
+        assert not failed, failed
+        feed = {"input": rng.random((2, 3, 10, 12), dtype=np.float32)}
+        for key, job in done.items():
+            served = http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content
+            onnx.checker.check_model(onnx.load_from_string(served))
+            logits = ort.InferenceSession(served, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            assert logits.shape == (2, 4), key
+            assert job["result"]["comparison"]["accuracy"] is not None, key  # labelled evaluation
+            assert any("-1 or 0" in step for step in job["result"]["preprocessing_steps"]), key

@@ -17,7 +17,7 @@ from service.inspection.compat import check_dataset_fits_model
 from service.jobs import state
 from service.jobs.schemas import JobCreate
 from service.models.service import get_model
-from service.quotas import check_active_jobs
+from service.quotas import check_active_jobs, check_job_storage
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
@@ -84,6 +84,7 @@ def create_job(
     if evaluation is not None and evaluation is not calibration:
         check_dataset_fits_model(evaluation.format, evaluation.tensors, model.inputs, body.evaluation.batch_size)
     check_active_jobs(session, settings, tenant)
+    check_job_storage(session, settings, tenant, model.size_bytes)
     job = Job(
         tenant=tenant,
         model_id=model.id,

@@ -26,7 +26,7 @@ from worker.engine import (
     quantize,
 )
 from worker.engine.auto import auto_quantize
-from worker.sandbox import apply_limits, die_with_parent, limit_error
+from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
@@ -111,6 +111,7 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
 
 
 def main(workdir: Path) -> int:
+    exit_on_sigterm()
     job = json.loads((workdir / "job.json").read_text())
     die_with_parent()
     apply_limits(job.get("limits", {}))

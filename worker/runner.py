@@ -37,11 +37,13 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import make_engine, make_session_factory, transaction
+from service.errors import QuotaExceeded
 from service.jobs import state
+from service.quotas import charge, check_storage
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage, Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
-from worker.sandbox import exit_error, job_limits
+from worker.sandbox import ArtifactRefused, accept_artifacts, child_env, exit_error, job_limits
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +105,6 @@ class ChildOutcome:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     artifacts: list[dict[str, Any]] | None = None
-
-
-def _child_env() -> dict[str, str]:
-    """The job process imports `worker` from the same tree as this process, installed or not."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _error(code: str, message: str, **detail: Any) -> dict[str, Any]:
@@ -328,7 +322,7 @@ class JobRunner:
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,  # its own process group, so a stop reaches its threads' children too
-            env=_child_env(),
+            env=child_env(workdir),
             preexec_fn=_die_with_runner(),
         )
         lines: queue.Queue[bytes] = queue.Queue()
@@ -405,6 +399,9 @@ class JobRunner:
             stderr.close()
             if child.poll() is None:
                 self._stop(child)
+            reader.join(timeout=5)
+            if child.stdout is not None:
+                child.stdout.close()
         return self._read_outcome(child.returncode, workdir)
 
     def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
@@ -445,17 +442,24 @@ class JobRunner:
         path = workdir / "outcome.json"
         if returncode == 0 and path.exists():
             data = json.loads(path.read_text())
-            return ChildOutcome(data["status"], data.get("result"), data.get("error"), data.get("artifacts"))
+            try:
+                artifacts = accept_artifacts(data.get("artifacts") or [], workdir)
+            except ArtifactRefused as exc:
+                log.error("job process in %s handed back a refused artifact: %s", workdir, exc)
+                message = "The job process returned files the worker does not accept; the worker's log has the details."
+                return ChildOutcome("failed", error=_error("internal", message))
+            return ChildOutcome(data["status"], data.get("result"), data.get("error"), artifacts)
         tail = (workdir / "stderr.log").read_bytes()[-4000:].decode(errors="replace").strip()
         limits = json.loads((workdir / "job.json").read_text()).get("limits", {})
         error = exit_error(returncode, tail, limits)
         # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
+        # Escaped onto one line: the job's own output must not be able to forge log lines.
         log.warning(
-            "job process in %s ended with %s (%s); stderr tail:\n%s",
+            "job process in %s ended with %s (%s); stderr tail: %s",
             workdir,
             returncode,
             error["code"],
-            tail[-1500:],
+            tail[-1500:].encode("unicode_escape").decode("ascii"),
         )
         return ChildOutcome("failed", error=error)
 
@@ -464,6 +468,10 @@ class JobRunner:
         own prefix), then the artifact rows and `succeeded` in one transaction: a job is never
         `succeeded` without its files, and a download never meets a partial one."""
         prefix = f"jobs/{job_id}/{attempt}"
+        over_quota = self._write(f"check job {job_id}'s storage quota", lambda s: self._quota_error(s, job_id, outcome))
+        if over_quota:
+            self._end(job_id, attempt, over_quota, "failed")
+            return
         stored = [
             (item, self.storage.put_file(f"{prefix}/{item['name']}", Path(item["path"]), move=True))
             for item in outcome.artifacts or []
@@ -506,6 +514,19 @@ class JobRunner:
             log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)
         # None: the database never answered, so we cannot tell whether the commit landed. The files
         # stay (a success may point at them); the sweep re-queues the job if it did not land.
+
+    def _quota_error(self, session: Session, job_id: str, outcome: ChildOutcome) -> dict[str, Any]:
+        """The job's `quota_exceeded` error when its artifacts do not fit its tenant's quota, else {}."""
+        paths = [Path(item["path"]) for item in outcome.artifacts or []]
+        incoming = charge(sum(p.stat().st_size for p in paths), len(paths))
+        tenant = session.scalar(select(Job.tenant).where(Job.id == job_id))
+        try:
+            check_storage(session, self.settings, tenant or "", incoming)
+        except QuotaExceeded as exc:
+            error: dict[str, Any] = exc.to_dict()["error"]
+            error["message"] = f"The job's results were not stored: {exc.message[0].lower()}{exc.message[1:]}"
+            return error
+        return {}
 
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
         """Partial files of attempts that were killed while storing theirs."""

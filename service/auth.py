@@ -24,7 +24,7 @@ import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import Headers
@@ -47,8 +47,6 @@ UPLOAD_PATHS = frozenset({"/v1/models", "/v1/datasets"})
 UPLOAD_RETRY_AFTER_S = 5
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 NO_KEY = "This endpoint needs an API key: send `Authorization: Bearer <key>`."
-
-__all__ = ["RateLimited", "Unauthorized"]  # raised by other modules, defined with the other errors
 
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
 
@@ -213,7 +211,7 @@ class AuthMiddleware:
             factory: sessionmaker[Session] = scope["app"].state.session_factory
             try:
                 found = await anyio.to_thread.run_sync(_lookup, factory, token)
-            except (OperationalError, PoolTimeout) as exc:
+            except (DBAPIError, PoolTimeout) as exc:  # any failure of one SELECT: unreachable
                 log.warning("API key check: database unavailable: %s", exc)
                 raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
         if found is None:

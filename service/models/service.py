@@ -84,9 +84,8 @@ def create_model(
         session.add(row)
         session.flush()
         on_rollback(session, lambda: storage.delete_prefix(prefix))
-        hashes.update({e["name"]: e["sha256"] for e in external})
-        for stored in [MODEL_FILE, *(e["name"] for e in external)]:
-            storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=hashes[stored])
+        for stored, digest in [(MODEL_FILE, upload.sha256), *((e["name"], e["sha256"]) for e in external)]:
+            storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
     return row
 
 
@@ -127,14 +126,14 @@ def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget
                 chunk_size=settings.upload_chunk_bytes,
             )
             if read_directory(archive, InvalidModel).entries > files_left:
-                raise too_many_files()
+                raise _too_many_files()
             limits = ArchiveLimits(max_entries=max(files_left, 0), max_total_bytes=budget)
             paths = extract_flat(archive, folder, limits, error_cls=InvalidModel)
             return sum(p.stat().st_size for p in paths)
         finally:
             archive.unlink(missing_ok=True)
     if files_left <= 0:
-        raise too_many_files()
+        raise _too_many_files()
     dest = folder / safe
     if dest.exists():
         raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
@@ -143,7 +142,7 @@ def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget
     return staged.size_bytes
 
 
-def too_many_files() -> PayloadTooLarge:
+def _too_many_files() -> PayloadTooLarge:
     return PayloadTooLarge(
         f"The upload holds more than {MAX_FILES_PER_UPLOAD} files (the model and its external data); "
         "keep the model's weights in fewer files.",

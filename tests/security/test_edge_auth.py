@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.run import API, MIGRATE
-from tests.e2e.conftest import Deployment, clean_env, free_port
+from tests.e2e.conftest import Deployment, deploy
 from tests.onnx_models import conv_classifier
 
 pytestmark = pytest.mark.e2e
@@ -30,31 +29,15 @@ BOUNDARY = "qaas-edge-boundary"
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """The API alone (no worker is needed to refuse or accept an upload), with auth on."""
-    root = tmp_path_factory.mktemp("edge-auth")
-    (root / "logs").mkdir()
-    port = free_port()
-    dep = Deployment(
+    yield from deploy(
         "edge-auth",
-        f"http://127.0.0.1:{port}",
-        clean_env(
-            QAAS_DATA_DIR=str(root / "var"),
-            QAAS_HOST="127.0.0.1",
-            QAAS_PORT=str(port),
-            QAAS_AUTH="on",
-            QAAS_UPLOADS_IN_FLIGHT_PER_KEY="1",
-            QAAS_UPLOADS_IN_FLIGHT="2",
-            QAAS_RATE_LIMIT_PER_MINUTE="30",
-        ),
-        root / "var",
-        root / "logs",
+        tmp_path_factory.mktemp("edge-auth"),
+        worker=False,
+        QAAS_AUTH="on",
+        QAAS_UPLOADS_IN_FLIGHT_PER_KEY="1",
+        QAAS_UPLOADS_IN_FLIGHT="2",
+        QAAS_RATE_LIMIT_PER_MINUTE="30",
     )
-    subprocess.run(MIGRATE, env=dep.env, check=True, capture_output=True)
-    dep.start("api", API)
-    try:
-        dep.wait_ready()
-        yield dep
-    finally:
-        dep.stop()
 
 
 def create_key(dep: Deployment, tenant: str) -> str:

@@ -8,7 +8,6 @@ import base64
 import logging
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -114,20 +113,14 @@ def test_the_operator_may_insist(tmp_path: Path) -> None:
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
 
 
-@pytest.fixture
-def api(sqlite_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(sqlite_settings), raise_server_exceptions=False) as client:
-        yield client
-
-
-def test_report_page_and_downloads_carry_real_headers(api: TestClient, tmp_path: Path) -> None:
-    model = api.post("/v1/models", files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())})
-    job = api.post("/v1/jobs", json={"model_id": model.json()["id"], "recipe": {"mode": "dynamic"}}).json()
-    storage: LocalStorage = api.app.state.storage  # type: ignore[attr-defined]
+def test_report_page_and_downloads_carry_real_headers(client: TestClient, tmp_path: Path) -> None:
+    model = client.post("/v1/models", files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())})
+    job = client.post("/v1/jobs", json={"model_id": model.json()["id"], "recipe": {"mode": "dynamic"}}).json()
+    storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
     src = tmp_path / "quantized.onnx"
     src.write_bytes(b"<html><script>alert(1)</script></html>")  # what a sniffing browser would render
     stored = storage.put_file(f"jobs/{job['id']}/1/quantized.onnx", src)
-    with transaction(api.app.state.session_factory) as session:  # type: ignore[attr-defined]
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
         session.add(
             Artifact(
                 job_id=job["id"],
@@ -138,12 +131,12 @@ def test_report_page_and_downloads_carry_real_headers(api: TestClient, tmp_path:
                 media_type="application/octet-stream",
             )
         )
-    report = api.get(f"/v1/jobs/{job['id']}/report.html")
+    report = client.get(f"/v1/jobs/{job['id']}/report.html")
     assert report.status_code == 200
     assert report.headers["content-security-policy"] == CSP
     assert report.headers["x-content-type-options"] == "nosniff"
     for path in (f"/v1/jobs/{job['id']}/artifacts/quantized.onnx", f"/v1/models/{model.json()['id']}/file"):
-        download = api.get(path)
+        download = client.get(path)
         assert download.status_code == 200, path
         assert download.headers["content-disposition"].startswith("attachment;"), path
         assert download.headers["x-content-type-options"] == "nosniff", path

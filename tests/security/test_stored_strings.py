@@ -4,7 +4,6 @@ it. On PostgreSQL, whose String(255) columns refuse longer text (SQLite would st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from service.app import create_app
 from service.settings import Settings
 from tests.onnx_models import conv_classifier
 from tests.security import hostile as h
@@ -25,14 +23,8 @@ LONG = "n" * 3000
 
 
 @pytest.fixture
-def settings(postgres_settings: Settings) -> Settings:
+def app_settings(postgres_settings: Settings) -> Settings:
     return postgres_settings
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def stored(settings: Settings) -> list[Path]:
@@ -58,7 +50,7 @@ def data_bytes() -> bytes:
 
 @pytest.mark.parametrize("where", ["model file name", "model producer", "dataset file name"])
 def test_3000_character_names_are_trimmed_not_a_500(
-    client: TestClient, settings: Settings, tmp_path: Path, where: str
+    client: TestClient, app_settings: Settings, tmp_path: Path, where: str
 ) -> None:
     if where == "model file name":
         response = client.post("/v1/models", files={"file": (f"{LONG}.onnx", model_bytes(tmp_path))})
@@ -70,11 +62,11 @@ def test_3000_character_names_are_trimmed_not_a_500(
     body = response.json()
     field = "producer" if where == "model producer" else "name"
     assert body[field] == LONG[:255]
-    assert len(stored(settings)) == 1
+    assert len(stored(app_settings)) == 1
 
 
 def test_a_3000_character_external_data_name_is_refused_and_nothing_is_stored(
-    client: TestClient, settings: Settings
+    client: TestClient, app_settings: Settings
 ) -> None:
     response = client.post(
         "/v1/models",
@@ -82,12 +74,12 @@ def test_a_3000_character_external_data_name_is_refused_and_nothing_is_stored(
     )
     error = assert_error(response, 422, "invalid_model")
     assert "255 bytes" in error["message"]
-    assert_nothing_left(settings)
+    assert_nothing_left(app_settings)
 
 
 @pytest.mark.parametrize("upload", ["model", "dataset"])
 def test_stored_files_go_when_the_transaction_rolls_back(
-    client: TestClient, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upload: str
+    client: TestClient, app_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upload: str
 ) -> None:
     """The files are stored, then the commit fails (the database went away): 503, and no orphans."""
 
@@ -100,4 +92,4 @@ def test_stored_files_go_when_the_transaction_rolls_back(
     else:
         response = client.post("/v1/datasets", files={"file": ("d.npz", data_bytes())})
     assert_error(response, 503, "unavailable")
-    assert_nothing_left(settings)
+    assert_nothing_left(app_settings)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,6 @@ from tests.service.helpers import assert_error
 
 MODEL = h.external_data_model("w.bin")
 WEIGHTS = h.weights()
-
-
-@pytest.fixture
-def settings(sqlite_settings: Settings) -> Settings:
-    return sqlite_settings
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def weights_zip(extra_files: int) -> bytes:
@@ -47,16 +35,16 @@ def stored_files(settings: Settings) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def test_a_zip_of_thousands_of_empty_files_is_refused(client: TestClient, settings: Settings) -> None:
+def test_a_zip_of_thousands_of_empty_files_is_refused(client: TestClient, app_settings: Settings) -> None:
     archive = weights_zip(5000)
     assert len(archive) < 1 << 20  # a few hundred KB that used to become 5,001 stored files
     response = client.post("/v1/models", files=[("file", ("m.onnx", MODEL)), ("external_data", ("w.zip", archive))])
     error = assert_error(response, 413, "payload_too_large")
     assert "1000" in error["message"]
-    assert stored_files(settings) == []
+    assert stored_files(app_settings) == []
 
 
-def test_only_the_referenced_external_data_is_stored(client: TestClient, settings: Settings) -> None:
+def test_only_the_referenced_external_data_is_stored(client: TestClient, app_settings: Settings) -> None:
     response = client.post(
         "/v1/models",
         files=[
@@ -69,7 +57,7 @@ def test_only_the_referenced_external_data_is_stored(client: TestClient, setting
     body = response.json()
     assert [e["name"] for e in body["external_data"]] == ["w.bin"]
     assert body["size_bytes"] == len(MODEL) + len(WEIGHTS)
-    assert stored_files(settings) == [f"{body['id']}/model.onnx", f"{body['id']}/w.bin"]
+    assert stored_files(app_settings) == [f"{body['id']}/model.onnx", f"{body['id']}/w.bin"]
 
 
 @pytest.mark.parametrize(("room", "status"), [(2 * FILE_OVERHEAD_BYTES - 1, 413), (2 * FILE_OVERHEAD_BYTES, 201)])
@@ -85,7 +73,7 @@ def test_each_stored_file_is_charged_a_per_file_overhead(sqlite_settings: Settin
         assert stored_files(settings) == []
 
 
-def test_file_count_cap_holds_across_several_parts(client: TestClient, settings: Settings, tmp_path: Path) -> None:
+def test_file_count_cap_holds_across_several_parts(client: TestClient, app_settings: Settings, tmp_path: Path) -> None:
     """999 files in a zip plus the model is the cap: one more plain part is refused."""
     response = client.post(
         "/v1/models",
@@ -96,4 +84,4 @@ def test_file_count_cap_holds_across_several_parts(client: TestClient, settings:
         ],
     )
     assert_error(response, 413, "payload_too_large")
-    assert stored_files(settings) == []
+    assert stored_files(app_settings) == []

@@ -9,7 +9,7 @@ import io
 import struct
 import tracemalloc
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.errors import PayloadTooLarge
 from service.inspection.archive import ArchiveLimits, check_zip
-from service.settings import Settings
 from tests.security import hostile as h
 from tests.service.helpers import npz_bytes
 
@@ -110,12 +108,6 @@ def test_an_oversized_central_directory_is_refused_before_it_is_parsed(tmp_path:
     with pytest.raises(PayloadTooLarge, match=r"central directory is \d+ bytes, more than the limit of 65536"):
         check_zip(path, ArchiveLimits(max_directory_bytes=64 << 10))
     assert parses == []
-
-
-@pytest.fixture
-def client(sqlite_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(sqlite_settings), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def image_zip() -> bytes:

@@ -127,6 +127,11 @@ class JobError:
         return asdict(self)
 
     @classmethod
+    def empty(cls) -> Self:
+        """A result with nothing measured (for tests and scripted job processes)."""
+        return cls({}, {}, {}, [], {}, 0, [], {}, {}, {})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
         return cls(code=data["code"], message=data["message"], detail=dict(data.get("detail") or {}))
 
@@ -160,6 +165,11 @@ class JobResultData:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def empty(cls) -> Self:
+        """A result with nothing measured (for tests and scripted job processes)."""
+        return cls({}, {}, {}, [], {}, 0, [], {}, {}, {})
+
 
 @dataclass(frozen=True)
 class ChildOutcome:
@@ -184,7 +194,7 @@ class ChildOutcome:
             raise ValueError(f"unknown outcome status {data['status']!r}")
         return cls(
             status=cast(Status, data["status"]),
-            result=None if data["result"] is None else JobResultData(**data["result"]),
-            error=None if data["error"] is None else JobError.from_dict(data["error"]),
-            artifacts=[ArtifactItem(**a) for a in data["artifacts"]],
+            result=None if data.get("result") is None else JobResultData(**data["result"]),
+            error=None if data.get("error") is None else JobError.from_dict(data["error"]),
+            artifacts=[ArtifactItem(**a) for a in data.get("artifacts") or []],
         )

@@ -29,7 +29,7 @@ from worker.engine import (
 from worker.engine.auto import auto_quantize
 from worker.engine.checks import validate_job
 from worker.engine.preprocess import runnable_original
-from worker.sandbox import apply_limits, die_with_parent, limit_error
+from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
@@ -122,6 +122,7 @@ def run(job: JobFile, workdir: Path, report: Reporter) -> ChildOutcome:
 
 
 def main(workdir: Path) -> int:
+    exit_on_sigterm()
     job = JobFile.read(workdir)
     die_with_parent()
     apply_limits(job.limits)

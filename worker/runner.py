@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import queue
@@ -35,8 +36,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import make_engine, make_session_factory, transaction
+from service.errors import QuotaExceeded
 from service.jobs import state
 from service.jobs.schemas import EvaluationSettings as WireEvaluation
+from service.quotas import charge, check_storage
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage, Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
@@ -50,7 +53,7 @@ from worker.contracts import (
     Progress,
     TensorInfo,
 )
-from worker.sandbox import exit_error, job_limits
+from worker.sandbox import ArtifactRefused, accept_artifacts, child_env, exit_error, job_limits
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +108,6 @@ def transient(exc: BaseException) -> bool:
 def overall_progress(stage: str, fraction: float) -> float:
     start, end = STAGE_SPAN.get(stage, (0.0, 1.0))
     return start + (end - start) * max(0.0, min(1.0, fraction))
-
-
-def _child_env() -> dict[str, str]:
-    """The job process imports `worker` from the same tree as this process, installed or not."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _error(code: str, message: str, **detail: Any) -> JobError:
@@ -331,7 +326,7 @@ class JobRunner:
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,  # its own process group, so a stop reaches its threads' children too
-            env=_child_env(),
+            env=child_env(workdir),
             preexec_fn=_die_with_runner(),
         )
         lines: queue.Queue[bytes] = queue.Queue()
@@ -408,6 +403,9 @@ class JobRunner:
             stderr.close()
             if child.poll() is None:
                 self._stop(child)
+            reader.join(timeout=5)
+            if child.stdout is not None:
+                child.stdout.close()
         return self._read_outcome(child.returncode, workdir)
 
     def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
@@ -446,16 +444,24 @@ class JobRunner:
 
     def _read_outcome(self, returncode: int, workdir: Path) -> ChildOutcome:
         if returncode == 0 and (workdir / OUTCOME_FILE).exists():
-            return ChildOutcome.read(workdir)
+            outcome = ChildOutcome.read(workdir)
+            try:
+                outcome = dataclasses.replace(outcome, artifacts=accept_artifacts(outcome.artifacts, workdir))
+            except ArtifactRefused as exc:
+                log.error("job process in %s handed back a refused artifact: %s", workdir, exc)
+                message = "The job process returned files the worker does not accept; the worker's log has the details."
+                return ChildOutcome("failed", error=_error("internal", message))
+            return outcome
         tail = (workdir / "stderr.log").read_bytes()[-4000:].decode(errors="replace").strip()
         error = exit_error(returncode, tail, JobFile.read(workdir).limits)
         # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
+        # Escaped onto one line: the job's own output must not be able to forge log lines.
         log.warning(
-            "job process in %s ended with %s (%s); stderr tail:\n%s",
+            "job process in %s ended with %s (%s); stderr tail: %s",
             workdir,
             returncode,
             error.code,
-            tail[-1500:],
+            tail[-1500:].encode("unicode_escape").decode("ascii"),
         )
         return ChildOutcome("failed", error=error)
 
@@ -464,6 +470,10 @@ class JobRunner:
         own prefix), then the artifact rows and `succeeded` in one transaction: a job is never
         `succeeded` without its files, and a download never meets a partial one."""
         prefix = f"jobs/{job_id}/{attempt}"
+        over_quota = self._write(f"check job {job_id}'s storage quota", lambda s: self._quota_error(s, job_id, outcome))
+        if over_quota:
+            self._end(job_id, attempt, over_quota, "failed")
+            return
         stored = [
             (item, self.storage.put_file(f"{prefix}/{item.name}", Path(item.path), move=True))
             for item in outcome.artifacts
@@ -507,6 +517,18 @@ class JobRunner:
             log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)
         # None: the database never answered, so we cannot tell whether the commit landed. The files
         # stay (a success may point at them); the sweep re-queues the job if it did not land.
+
+    def _quota_error(self, session: Session, job_id: str, outcome: ChildOutcome) -> JobError | None:
+        """The job's `quota_exceeded` error when its artifacts do not fit its tenant's quota, else None."""
+        paths = [Path(item.path) for item in outcome.artifacts]
+        incoming = charge(sum(p.stat().st_size for p in paths), len(paths))
+        tenant = session.scalar(select(Job.tenant).where(Job.id == job_id))
+        try:
+            check_storage(session, self.settings, tenant or "", incoming)
+        except QuotaExceeded as exc:
+            message = f"The job's results were not stored: {exc.message[0].lower()}{exc.message[1:]}"
+            return JobError(exc.code, message, exc.detail)
+        return None
 
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
         """Partial files of attempts that were killed while storing theirs."""

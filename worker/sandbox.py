@@ -12,6 +12,10 @@ first thing. The limits come from the job file the worker writes (`JobFile.limit
 - `open_files` -> RLIMIT_NOFILE.
 - RLIMIT_CORE is always 0: a crash of a process with gigabytes mapped must not leave a core
   file of that size behind.
+
+What crosses the boundary is minimal both ways: the job process starts with `child_env()` (none of
+the worker's secrets, its temporary files inside the work dir), and the worker takes back only the
+files `accept_artifacts()` lets through. `exit_on_sigterm()` makes a stop an orderly exit.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ import errno
 import os
 import resource
 import signal
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from worker.contracts import JobError, Limits
+from worker.contracts import ArtifactItem, JobError, Limits
 
 PR_SET_PDEATHSIG = 1
 CPU_GRACE_S = 30  # between SIGXCPU (soft) and SIGKILL (hard)
@@ -48,6 +56,66 @@ def job_limits(memory_bytes: int, timeout_s: int, file_bytes: int, open_files: i
         file_bytes=int(file_bytes),
         open_files=int(open_files),
     )
+
+
+# The job process's whole environment, besides TMPDIR and PYTHONPATH: no QAAS_ setting (the database
+# and broker URLs carry passwords; the job's limits travel in its job file), no cloud credentials.
+CHILD_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
+# What a job may hand back, and the media type each is served with: the runner decides, not the job.
+ARTIFACT_MEDIA_TYPES = {
+    "quantized.onnx": "application/octet-stream",
+    "quantized.onnx.data": "application/octet-stream",
+    "report.json": "application/json",
+    "sensitivity.json": "application/json",
+}
+_ROOT = Path(__file__).resolve().parent.parent  # the tree `worker` is imported from, installed or not
+
+
+def child_env(workdir: Path, parent: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of the job process in `workdir`: PATH, HOME and locale from `parent`, and
+    TMPDIR in the work dir, so model-sized temporaries (quant_pre_process writes some) go when it goes."""
+    env = {k: v for k, v in parent.items() if k in CHILD_ENV_NAMES or k.startswith("LC_")}
+    env.setdefault("PATH", os.defpath)
+    tmp = workdir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = env["TMP"] = env["TEMP"] = str(tmp)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), parent.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class ArtifactRefused(Exception):
+    """The job process handed back a file the worker does not take."""
+
+
+def accept_artifacts(items: list[ArtifactItem], workdir: Path) -> list[ArtifactItem]:
+    """The job's artifacts as the worker stores them: each a regular file inside `workdir` (not a
+    link, not reached through one), named from ARTIFACT_MEDIA_TYPES, with the media type set here.
+    Raises ArtifactRefused for anything else: a job that names other files is not trusted at all."""
+    root = os.path.realpath(workdir)
+    accepted: list[ArtifactItem] = []
+    for item in items:
+        name = str(item.name)
+        if name not in ARTIFACT_MEDIA_TYPES or any(a.name == name for a in accepted):
+            raise ArtifactRefused(f"artifact name {name[:100]!r} is not allowed, or repeated")
+        path = os.path.abspath(os.path.join(workdir, str(item.path)))
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise ArtifactRefused(f"artifact {name!r} is outside the work dir")
+        info = os.lstat(real)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise ArtifactRefused(f"artifact {name!r} is not a regular file of its own")
+        accepted.append(ArtifactItem(name, real, ARTIFACT_MEDIA_TYPES[name]))
+    return accepted
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a cancel, a timeout, a worker handing the job back) becomes SystemExit, so `finally`
+    blocks and context managers (ONNX Runtime's temporary folders among them) clean up on the way out."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def die_with_parent() -> None:

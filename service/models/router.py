@@ -12,7 +12,7 @@ from service.deps import SessionDep, SettingsDep, StorageDep
 from service.models import service
 from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
-from service.schemas import Page, error_responses
+from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.tables import OnnxModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     description="Multipart upload of a `.onnx` file, with optional external-data files (or one `.zip` of "
     "them) for models that keep weights outside the protobuf. The model is checked and inspected; "
     "the answer lists its inputs, outputs and operators.",
-    responses=error_responses(413, 422),
+    responses=error_responses(413, 422, 429),
 )
 def upload_model(
     session: SessionDep,
@@ -72,6 +72,7 @@ def download_model(session: SessionDep, storage: StorageDep, tenant: TenantDep, 
         storage.iter_bytes(key),
         media_type="application/octet-stream",
         headers={
+            **LOCKED_DOWN_HEADERS,
             "Content-Disposition": f'attachment; filename="{row.id}.onnx"',
             "Content-Length": str(storage.size(key)),
         },

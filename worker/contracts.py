@@ -127,11 +127,6 @@ class JobError:
         return asdict(self)
 
     @classmethod
-    def empty(cls) -> Self:
-        """A result with nothing measured (for tests and scripted job processes)."""
-        return cls({}, {}, {}, [], {}, 0, [], {}, {}, {})
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
         return cls(code=data["code"], message=data["message"], detail=dict(data.get("detail") or {}))
 

@@ -18,6 +18,21 @@ class Mode(StrEnum):
     WEIGHT_ONLY = "weight_only"
     FP16 = "fp16"
     AUTO = "auto"
+    COMPARE = "compare"  # evaluate an already quantized model against its float reference
+
+
+class Objective(StrEnum):
+    """What mode auto optimises within the fidelity budget."""
+
+    LATENCY = "latency"
+    SIZE = "size"
+
+
+class FidelityMetric(StrEnum):
+    AUTO = "auto"  # by output kind: agreement for class/sequence scores, cosine otherwise
+    COSINE = "cosine"
+    SQNR = "sqnr"
+    AGREEMENT = "agreement"
 
 
 class QuantFormat(StrEnum):
@@ -78,6 +93,22 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
 
 
 @dataclass(frozen=True)
+class FidelitySpec:
+    """The recipe's `fidelity`: which outputs matter, how they are compared, and the floor."""
+
+    outputs: tuple[str, ...] | None = None  # None: every output
+    metric: FidelityMetric = FidelityMetric.AUTO
+    min: float | None = None  # None: 0.99 (20 dB for sqnr)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", FidelityMetric(self.metric))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        return _from_mapping(cls, data)
+
+
+@dataclass(frozen=True)
 class QuantizationSpec:
     """The contract's `recipe`, as the engine understands it. Field names match the HTTP contract."""
 
@@ -99,6 +130,12 @@ class QuantizationSpec:
     block_size: int = 128
     # Largest allowed drop of top-1 accuracy, as a fraction (0.01 is one percentage point).
     accuracy_tolerance: float = 0.01
+    # Static QDQ: activation tensors quantized to 16 bits (the type's 16-bit sibling) instead.
+    sixteen_bit_tensors: tuple[str, ...] | None = None
+    # Mode auto (and compare, for `fidelity`).
+    objective: Objective = Objective.LATENCY
+    fidelity: FidelitySpec | None = None
+    max_search_seconds: float = 900.0
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON) and normalise them to the enums.
@@ -107,6 +144,9 @@ class QuantizationSpec:
         object.__setattr__(self, "activation_type", QType(self.activation_type))
         object.__setattr__(self, "weight_type", QType(self.weight_type))
         object.__setattr__(self, "calibration_method", CalibrationMethod(self.calibration_method))
+        object.__setattr__(self, "objective", Objective(self.objective))
+        if isinstance(self.fidelity, Mapping):
+            object.__setattr__(self, "fidelity", FidelitySpec.from_mapping(self.fidelity))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:

@@ -26,6 +26,7 @@ from worker.engine import (
     quantize,
 )
 from worker.engine.auto import auto_quantize
+from worker.engine.compare import compare_models
 from worker.sandbox import apply_limits, die_with_parent, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
@@ -34,10 +35,18 @@ ONNX_MEDIA_TYPE = "application/octet-stream"
 class Reporter:
     def __init__(self) -> None:
         self.stage = Stage.VALIDATING
+        self.fraction = 0.0
 
     def __call__(self, stage: Stage, fraction: float) -> None:
         self.stage = stage
-        sys.stdout.write(json.dumps({"stage": str(stage), "fraction": round(float(fraction), 4)}) + "\n")
+        self.fraction = round(float(fraction), 4)
+        sys.stdout.write(json.dumps({"stage": str(stage), "fraction": self.fraction}) + "\n")
+        sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        """A line saying what the engine does now (mode auto: "candidate 2 of 6", "search step 3")."""
+        line = {"stage": str(self.stage), "fraction": self.fraction, "note": text[:200]}
+        sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
 
 
@@ -73,6 +82,18 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
             inputs=inputs,
             reused_calibration=reused,
             progress=report,
+            note=report.note,
+        )
+    elif spec.mode == Mode.COMPARE:
+        report(Stage.EVALUATING, 0.0)
+        outcome, measured = compare_models(
+            Path(job["reference_model_path"]),
+            model_path,
+            spec,
+            evaluation,
+            data=eval_data,
+            inputs=inputs,
+            progress=report,
         )
     else:
         outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)
@@ -103,6 +124,8 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
     artifacts = []
     for path in outcome.files:
         artifacts.append({"name": path.name, "path": str(path), "media_type": ONNX_MEDIA_TYPE})
+    for name, path in outcome.artifacts.items():
+        artifacts.append({"name": name, "path": str(path), "media_type": "application/json"})
     report_path = out / "report.json"
     report_path.write_text(json.dumps(result, indent=2))
     artifacts.append({"name": "report.json", "path": str(report_path), "media_type": "application/json"})

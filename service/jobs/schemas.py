@@ -9,9 +9,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.schemas import ErrorInfo, OrmModel
 
-Mode = Literal["static", "dynamic", "weight_only", "fp16", "auto"]
+Mode = Literal["static", "dynamic", "weight_only", "fp16", "auto", "compare"]
 SIXTEEN_BIT = ("uint16", "int16")
 FOUR_BIT = ("int4", "uint4")
+
+
+class FidelityBudget(BaseModel):
+    """Which outputs must stay faithful, compared how, and the floor (mode auto and compare)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: list[str] | None = Field(None, max_length=1000, description="Output names; null: all outputs.")
+    metric: Literal["auto", "cosine", "sqnr", "agreement"] = Field(
+        "auto",
+        description="auto: top-1 agreement for class scores [B, C], per-position argmax agreement for "
+        "sequence scores [B, T, C], mean cosine otherwise.",
+    )
+    min: float | None = Field(None, description="Floor of the metric; default 0.99 (20 dB for sqnr).")
 
 
 class Recipe(BaseModel):
@@ -42,10 +56,33 @@ class Recipe(BaseModel):
     accuracy_tolerance: float = Field(
         0.01, ge=0, le=1, description="Largest allowed top-1 drop as a fraction (0.01 = one point)."
     )
+    sixteen_bit_tensors: list[str] | None = Field(
+        None, max_length=10_000, description="Static QDQ: activation tensors quantized to 16 bits instead of 8."
+    )
+    objective: Literal["latency", "size"] = Field(
+        "latency", description="Mode auto: the fastest model within budget (never slower than float), or the smallest."
+    )
+    fidelity: FidelityBudget | None = Field(None, description="Mode auto and compare: the fidelity budget.")
+    max_search_seconds: float = Field(900, ge=1, le=86_400, description="Mode auto: time budget of the search.")
+    reference_model_id: str | None = Field(
+        None, description="Mode compare: the float model the uploaded (already quantized) model is compared with."
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> Recipe:
         """Combinations ONNX Runtime cannot honour, refused before anything is queued."""
+        if self.mode == "compare" and not self.reference_model_id:
+            raise ValueError("mode compare needs reference_model_id: the id of the float model to compare with")
+        if self.mode != "compare" and self.reference_model_id:
+            raise ValueError("reference_model_id is only used by mode compare")
+        if self.sixteen_bit_tensors and (self.mode not in ("static", "auto") or self.format != "qdq"):
+            raise ValueError("sixteen_bit_tensors needs mode static with format qdq")
+        if self.fidelity is not None and self.fidelity.min is not None:
+            bound = 200.0 if self.fidelity.metric == "sqnr" else 1.0
+            if not -bound <= self.fidelity.min <= bound:
+                raise ValueError(
+                    f"fidelity.min for metric {self.fidelity.metric} must be between {-bound:g} and {bound:g}"
+                )
         if self.weight_type is None:
             self.weight_type = "int4" if self.mode == "weight_only" else "int8"
         if self.mode == "weight_only" and self.weight_type not in FOUR_BIT:
@@ -146,9 +183,58 @@ class Comparison(BaseModel):
     accuracy: AccuracyComparison | None = None
 
 
+class AutoTrial(BaseModel):
+    """One model mode auto measured: a whole-model candidate or a mixed-precision search step."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    stage: Literal["candidate", "step"] = "candidate"
+    parent: str | None = Field(None, description="Steps: the candidate the search started from.")
+    recipe: dict[str, Any]
+    p50_ms: float | None = None
+    float_p50_ms: float | None = None
+    speedup: float | None = None
+    latency_runs: int = 0
+    size_bytes: int | None = None
+    metric: str | None = None
+    fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
+    accuracy_drop: float | None = None
+    within_budget: bool = False
+    error: dict[str, Any] | None = None
+
+
+class AutoSearch(BaseModel):
+    """`result.quantization.auto`: what mode auto measured and why it chose what it chose."""
+
+    model_config = ConfigDict(extra="allow")
+
+    verdict: Literal["quantized", "keep_float"]
+    headline: str = ""
+    objective: Literal["latency", "size"] = "latency"
+    chosen: str
+    effective_recipe: dict[str, Any] | None = Field(
+        None, description="A plain static/dynamic/... recipe that reproduces the artifact (null: the float model)."
+    )
+    fidelity: dict[str, Any] | None = None
+    candidates: list[AutoTrial] = Field(default_factory=list)
+    steps: list[AutoTrial] = Field(default_factory=list)
+    search_seconds: float | None = None
+    time_budget_exhausted: bool = False
+
+
+class QuantizationFacts(BaseModel):
+    """`result.quantization`: what the engine did (free-form facts, plus mode auto's typed search)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    auto: AutoSearch | None = None
+
+
 class JobResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    quantization: QuantizationFacts | None = None
     original: ModelMetrics
     quantized: ModelMetrics
     comparison: Comparison
@@ -173,6 +259,9 @@ class JobOut(OrmModel):
         "done",
     ]
     progress: float = Field(ge=0, le=1)
+    progress_note: str | None = Field(
+        None, description='What the running job does now, e.g. mode auto\'s "candidate 2 of 6" or "search step 3".'
+    )
     model_id: str
     calibration_dataset_id: str | None
     evaluation_dataset_id: str | None

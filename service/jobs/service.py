@@ -74,6 +74,8 @@ def create_job(
         if existing is not None:
             return existing, False
     model = get_model(session, tenant, body.model_id)
+    if body.recipe.reference_model_id is not None:
+        check_reference(session, tenant, body.recipe.reference_model_id, model)
     calibration = get_dataset(session, tenant, body.calibration_dataset_id) if body.calibration_dataset_id else None
     evaluation = get_dataset(session, tenant, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
     check_recipe(storage, body, model, calibration)
@@ -97,6 +99,32 @@ def create_job(
     session.add(job)
     session.flush()
     return job, True
+
+
+def check_reference(session: Session, tenant: str, reference_id: str, model: OnnxModel) -> None:
+    """Mode compare: the float reference must be the tenant's, and have the model's inputs and outputs."""
+    try:
+        reference = get_model(session, tenant, reference_id)
+    except NotFound as exc:
+        raise InvalidRecipe(
+            f"recipe.reference_model_id {reference_id!r} names no model of yours; upload the float model "
+            "first and pass its id.",
+            detail={"field": "reference_model_id", "reference_model_id": reference_id},
+        ) from exc
+    if reference.id == model.id:
+        raise InvalidRecipe(
+            "recipe.reference_model_id is the model itself; pass the float model the quantized one came from.",
+            detail={"field": "reference_model_id"},
+        )
+    for what in ("inputs", "outputs"):
+        mine = sorted(t["name"] for t in getattr(model, what))
+        theirs = sorted(t["name"] for t in getattr(reference, what))
+        if mine != theirs:
+            raise InvalidRecipe(
+                f"The reference model's {what} ({', '.join(theirs)}) differ from the model's ({', '.join(mine)}); "
+                "they cannot be compared on the same data.",
+                detail={"field": "reference_model_id", what: mine, f"reference_{what}": theirs},
+            )
 
 
 def check_recipe(storage: Storage, body: JobCreate, model: OnnxModel, calibration: Dataset | None) -> None:

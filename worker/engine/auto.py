@@ -217,7 +217,9 @@ class Search:
 
     # -- one measured model ----------------------------------------------------------------
 
-    def run(self, name: str, stage: str, spec: QuantizationSpec, *, searchable: bool = False, parent: str | None = None) -> Trial:
+    def run(
+        self, name: str, stage: str, spec: QuantizationSpec, *, searchable: bool = False, parent: str | None = None
+    ) -> Trial:
         trial = Trial(name, stage, spec, self.workdir / f"trial-{len(self.trials)}", searchable, parent)
         self.trials.append(trial)
         try:
@@ -459,7 +461,9 @@ def auto_quantize(
     )
     if meter is None:
         first = next(iter(evaluator.batches()))
-        meter = LatencyMeter(model_path, first.feeds, threads=evaluation.threads, warmup_runs=min(3, evaluation.warmup_runs))
+        meter = LatencyMeter(
+            model_path, first.feeds, threads=evaluation.threads, warmup_runs=min(3, evaluation.warmup_runs)
+        )
     int8 = int8 or int8_kernels()
     search = Search(
         model_path=model_path,
@@ -476,7 +480,9 @@ def auto_quantize(
         progress=progress,
         note=note,
     )
-    candidates = candidates_for(facts.op_counts, token_inputs=is_token_model(inputs), int8=int8, objective=spec.objective)
+    candidates = candidates_for(
+        facts.op_counts, token_inputs=is_token_model(inputs), int8=int8, objective=spec.objective
+    )
     base = dataclasses.replace(spec, mode=Mode.STATIC)
     progress(Stage.QUANTIZING, 0.0)
     for k, candidate in enumerate(candidates, start=1):
@@ -506,7 +512,9 @@ def auto_quantize(
             search.discard(trial)
     for path in [*(workdir / f"prep-{i}" for i in range(len(search.prepared))), *workdir.glob("calib-*")]:
         shutil.rmtree(path, ignore_errors=True)
-    outcome = chosen.outcome if chosen is not None and chosen.outcome is not None else _float_copy(model_path, facts, workdir)
+    outcome = (
+        chosen.outcome if chosen is not None and chosen.outcome is not None else _float_copy(model_path, facts, workdir)
+    )
 
     progress(Stage.EVALUATING, 0.0)
     measured = evaluate(

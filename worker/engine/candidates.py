@@ -38,7 +38,7 @@ def int8_settings(int8: str) -> dict[str, Any]:
 
 
 def model_family(op_counts: Mapping[str, int], token_inputs: bool) -> str:
-    """"cnn", "transformer" or "mlp" (anything else with MatMul/Gemm), or "other"."""
+    """ "cnn", "transformer" or "mlp" (anything else with MatMul/Gemm), or "other"."""
     convs = op_counts.get("Conv", 0)
     matmuls = op_counts.get("MatMul", 0) + op_counts.get("Gemm", 0)
     if convs and convs >= matmuls:

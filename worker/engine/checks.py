@@ -16,7 +16,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from worker.engine.errors import EngineError
-from worker.engine.spec import CalibrationMethod, Mode, QType, QuantFormat, QuantizationSpec
+from worker.engine.spec import CalibrationMethod, FidelityMetric, Mode, QType, QuantFormat, QuantizationSpec
 
 SIXTEEN_BIT = (QType.INT16, QType.UINT16)
 FOUR_BIT = (QType.INT4, QType.UINT4)
@@ -93,6 +93,35 @@ def check_recipe(spec: QuantizationSpec) -> None:
                 )
     if spec.calibration_method == CalibrationMethod.PERCENTILE and mode == Mode.STATIC and spec.percentile < 50:
         raise _invalid("percentile below 50 would clip most values; give e.g. 99.99.", field="percentile")
+    _check_search_fields(spec)
+
+
+def _check_search_fields(spec: QuantizationSpec) -> None:
+    """The v2 fields: 16-bit tensors, mode auto's budget and time, mode compare."""
+    if spec.sixteen_bit_tensors and (spec.mode not in (Mode.STATIC, Mode.AUTO) or spec.format != QuantFormat.QDQ):
+        raise _invalid(
+            "sixteen_bit_tensors needs static quantization in format qdq (16-bit activations are Q/DQ pairs).",
+            field="sixteen_bit_tensors",
+            mode=str(spec.mode),
+        )
+    if spec.sixteen_bit_tensors and spec.activation_type in SIXTEEN_BIT:
+        raise _invalid(
+            "sixteen_bit_tensors widens chosen tensors of an 8-bit recipe; activation_type is already 16-bit.",
+            field="sixteen_bit_tensors",
+        )
+    if not 1.0 <= float(spec.max_search_seconds) <= 86_400:
+        raise _invalid("max_search_seconds must be between 1 and 86400.", field="max_search_seconds")
+    fidelity = spec.fidelity
+    if fidelity is not None and fidelity.min is not None:
+        low, high = (-200.0, 200.0) if fidelity.metric == FidelityMetric.SQNR else (-1.0, 1.0)
+        if not low <= float(fidelity.min) <= high:
+            raise _invalid(
+                f"fidelity.min for metric {fidelity.metric} must be between {low:g} and {high:g} "
+                "(cosine and agreement are fractions, e.g. 0.99; sqnr is in dB, e.g. 20).",
+                field="fidelity.min",
+            )
+    if fidelity is not None and fidelity.outputs is not None and not fidelity.outputs:
+        raise _invalid("fidelity.outputs must name at least one output (or be null for all).", field="fidelity.outputs")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -464,8 +464,12 @@ class LatencyMeter:
             self._reference = self._session(self.reference, "original")
         sessions = [self._reference, self._session(candidate, "candidate")]
         names = [[o.name for o in s.get_outputs()] for s in sessions]
+
+        def runner(i: int) -> Callable[[], object]:
+            return lambda: sessions[i].run(names[i], self.feed)
+
         timings = time_interleaved(
-            [lambda i=i: sessions[i].run(names[i], self.feed) for i in range(2)],
+            [runner(0), runner(1)],
             runs=max(1, runs),
             warmup_runs=self.warmup_runs,
         )

@@ -29,7 +29,6 @@ from worker.engine.metrics import SQNR_CAP_DB, AccuracyAccumulator, finite_or_no
 from worker.engine.spec import DatasetSource, FidelityMetric, FidelitySpec, TensorSpec
 
 
-
 class OutputKind(StrEnum):
     CLASS_SCORES = "class_scores"
     SEQUENCE_SCORES = "sequence_scores"

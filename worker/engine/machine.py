@@ -90,7 +90,7 @@ def int8_acceleration(flags: set[str] | frozenset[str]) -> str:
 
 
 def int8_kernels(flags: set[str] | frozenset[str] | None = None) -> str:
-    """"vnni" (int8 dot products: VNNI, AMX or ARM dot product), "avx2" (x86 without them, where
+    """ "vnni" (int8 dot products: VNNI, AMX or ARM dot product), "avx2" (x86 without them, where
     U8S8 products can saturate) or "other"."""
     flags = _cpu()[1] if flags is None else flags
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}:

@@ -189,7 +189,9 @@ def quantize(
     # Pre-processing
     progress(Stage.PREPROCESSING, 0.0)
     with timer("preprocessing"):
-        prepared = reuse.prepared if reuse is not None else prepare_for(model_path, spec, facts, workdir / "prep", progress)
+        prepared = (
+            reuse.prepared if reuse is not None else prepare_for(model_path, spec, facts, workdir / "prep", progress)
+        )
     warnings += [w for w in prepared.warnings if w not in warnings]
     if spec.nodes_to_exclude:
         _warn_missing_excluded(prepared.path, spec.nodes_to_exclude, warnings)

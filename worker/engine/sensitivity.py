@@ -91,7 +91,7 @@ class ChannelError:
             self.signal, self.error = sig_c, err_c
         else:
             self.signal = self.signal + sig_c
-            self.error = self.error + err_c  # type: ignore[operator]
+            self.error = self.error + err_c
 
     @property
     def nsr(self) -> float | None:
@@ -297,7 +297,7 @@ class _Pair:
 def _qdq_pairs(model: onnx.ModelProto) -> list[_Pair]:
     graph = model.graph
     inits = {i.name for i in graph.initializer}
-    producer, consumers = _nodes_by_tensor(graph)
+    producer, _ = _nodes_by_tensor(graph)
     pairs: list[_Pair] = []
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
@@ -516,8 +516,8 @@ def dynamic_sensitivity(
     tensors = []
     for node, ts in act_inputs.items():
         input_scores = [errors[(node, t)].nsr or 0.0 for t in ts]
-        w = weight_err.get(node)
-        score = max(input_scores, default=0.0) + ((w.nsr or 0.0) if w is not None else 0.0)
+        w_err = weight_err.get(node)
+        score = max(input_scores, default=0.0) + ((w_err.nsr or 0.0) if w_err is not None else 0.0)
         nodes.append(NodeSensitivity(node, op_of[node], score, [node], list(ts)))
         for t, s in zip(ts, input_scores, strict=True):
             tensors.append(TensorSensitivity(t, "activation", None, None, [node], [node], s))

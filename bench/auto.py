@@ -198,7 +198,7 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
             chosen=search["chosen"],
             metric=str(fidelity.get("metric") or evaluator.score(plain).metric),
             auto_speedup=measured.comparison.get("speedup_p50"),
-            auto_fidelity=fidelity.get("fidelity") if search["verdict"] == "quantized" else 1.0,
+            auto_fidelity=fidelity.get("fidelity") if fidelity else 1.0,  # no fidelity: the float model itself
             auto_seconds=round(auto_seconds, 1),
             best_whole=best["name"] if best else None,
             best_whole_speedup=best["speedup"] if best else None,

@@ -191,7 +191,7 @@ class AutoTrial(BaseModel):
     name: str
     stage: Literal["candidate", "step"] = "candidate"
     parent: str | None = Field(None, description="Steps: the candidate the search started from.")
-    recipe: dict[str, Any]
+    recipe: dict[str, Any] = Field(default_factory=dict)
     p50_ms: float | None = None
     float_p50_ms: float | None = None
     speedup: float | None = None
@@ -209,7 +209,9 @@ class AutoSearch(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    verdict: Literal["quantized", "keep_float"]
+    verdict: Literal["quantized", "keep_float"] | None = Field(
+        None, description="Null only in results of searches made before verdicts existed."
+    )
     headline: str = ""
     objective: Literal["latency", "size"] = "latency"
     chosen: str

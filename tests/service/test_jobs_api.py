@@ -158,3 +158,19 @@ def test_compare_needs_a_reference_with_the_same_inputs_and_outputs(client: Test
     reference, _ = conv_model_and_data(client, tmp_path)
     job = _job(client, **base, recipe={"mode": "compare", "reference_model_id": reference["id"]})
     assert job.status_code == 202 and job.json()["recipe"]["reference_model_id"] == reference["id"]
+
+
+def test_results_of_earlier_auto_searches_still_read() -> None:
+    from service.jobs.schemas import JobResult
+
+    metrics = {"size_bytes": 10, "latency_ms": None}
+    old = {
+        "chosen": "dynamic int8",
+        "recipe": {"mode": "dynamic"},
+        "candidates": [{"name": "dynamic int8", "ok": True}],
+    }
+    result = JobResult.model_validate(
+        {"original": metrics, "quantized": metrics, "comparison": {"size_ratio": 1.0}, "quantization": {"auto": old}}
+    )
+    assert result.quantization is not None and result.quantization.auto is not None
+    assert result.quantization.auto.verdict is None and result.quantization.auto.candidates[0].name == "dynamic int8"

@@ -293,7 +293,7 @@ def _start_points(search: Search) -> list[Trial]:
 def _sensitivity(search: Search, start: Trial) -> Sensitivity:
     assert start.outcome is not None
     reuse = search.reuse_for(start.spec)
-    batches = _limited(search.evaluator, SENSITIVITY_SAMPLES)
+    batches = list(search.evaluator.subset(SENSITIVITY_SAMPLES).batches())
     if start.spec.mode == Mode.DYNAMIC:
         return dynamic_sensitivity(
             reuse.prepared.path,
@@ -327,17 +327,6 @@ def _sensitivity(search: Search, start: Trial) -> Sensitivity:
         sens, reuse.prepared.path, start.outcome.model_path, closeness, deadline=search.deadline, clock=search.clock
     )
     return sens
-
-
-def _limited(evaluator: FidelityEvaluator, samples: int) -> list[Any]:
-    out = []
-    seen = 0
-    for batch in evaluator.batches():
-        out.append(batch)
-        seen += batch.num_samples
-        if seen >= samples:
-            break
-    return out
 
 
 def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequence[str]) -> list[list[str]]:

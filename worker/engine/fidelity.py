@@ -25,7 +25,7 @@ import numpy as np
 
 from worker.engine.data import Batch, iter_batches, synthesize_batch
 from worker.engine.errors import EngineError
-from worker.engine.metrics import SQNR_CAP_DB, AccuracyAccumulator, finite_or_none, is_class_scores
+from worker.engine.metrics import AccuracyAccumulator, finite_or_none, is_class_scores, sqnr_from_energies
 from worker.engine.spec import DatasetSource, FidelityMetric, FidelitySpec, TensorSpec
 
 
@@ -143,11 +143,7 @@ class OutputAccumulator:
     def sqnr_db(self) -> float | None:
         if self.problem is not None or not self.cos_rows:
             return None
-        if self.ee == 0.0:
-            return SQNR_CAP_DB
-        if self.xx == 0.0:
-            return -SQNR_CAP_DB
-        return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, 10.0 * math.log10(self.xx / self.ee)))
+        return sqnr_from_energies(self.xx, self.ee)
 
     @property
     def agreement(self) -> float | None:

@@ -28,7 +28,7 @@ sits in the activations of one kind of elementwise op.
 
 from __future__ import annotations
 
-import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine.data import Batch
 from worker.engine.errors import EngineError
+from worker.engine.metrics import sqnr_from_energies
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 DYNAMIC_OPS = ("MatMul", "Gemm")
@@ -108,17 +109,12 @@ class ChannelError:
         """The whole tensor's SQNR, for the record."""
         if self.signal is None or self.error is None:
             return None
-        s, e = float(self.signal.sum()), float(self.error.sum())
-        if e == 0:
-            return 200.0
-        return 10.0 * math.log10(s / e) if s > 0 else -200.0
+        return sqnr_from_energies(float(self.signal.sum()), float(self.error.sum()))
 
 
 def nsr_db(nsr: float | None) -> float | None:
     """A noise-to-signal ratio as a per-channel SQNR in dB (higher is better)."""
-    if nsr is None:
-        return None
-    return 200.0 if nsr <= 0 else -10.0 * math.log10(nsr)
+    return None if nsr is None else sqnr_from_energies(1.0, nsr)
 
 
 @dataclass
@@ -338,8 +334,6 @@ def static_sensitivity(
     clock: Callable[[], float] | None = None,
 ) -> Sensitivity:
     """Rank the quantized tensors of a static QDQ model (see the module docstring)."""
-    import time
-
     clock = clock or time.perf_counter
     started = clock()
     qmodel = onnx.load(str(quantized_model), load_external_data=False)
@@ -468,8 +462,6 @@ def dynamic_sensitivity(
     clock: Callable[[], float] | None = None,
 ) -> Sensitivity:
     """Rank the nodes dynamic quantization would rewrite by the rounding of their inputs and weights."""
-    import time
-
     clock = clock or time.perf_counter
     started = clock()
     model = onnx.load(str(float_model))
@@ -601,8 +593,6 @@ def confirm_by_ablation(
     """Fill `gain` for the most suspicious activation tensors (the top `top` by local error and by
     accumulated error) and re-rank. `score(path)` is the fidelity of a model on a few samples
     (higher is better). Returns how many tensors were ablated."""
-    import time
-
     clock = clock or time.perf_counter
     acts = [t for t in sensitivity.tensors if t.kind == "activation" and t.group]
     by_local = sorted(acts, key=lambda t: -t.score)[:top]

@@ -79,7 +79,7 @@ def _models(ctx: Context) -> list[BenchModel]:
     )
     np.savez(work / "encoder.npz", **encoder_inputs(samples, seq=seq, vocab=1000))
     cnn = spiky_cnn(work / "cnn.onnx", size=32 if quick else 64, hidden=32 if quick else 64)
-    np.savez(work / "cnn.npz", input=spiky_images(samples, size=32 if quick else 64))
+    np.savez(work / "cnn.npz", input=spiky_images(samples, size=32 if quick else 64, spike=4000.0))
     mlp = matmul_mlp(work / "tiny_mlp.onnx")
     np.savez(work / "tiny_mlp.npz", x=np.random.default_rng(0).random((samples, 1, 16), dtype=np.float32))
     return [

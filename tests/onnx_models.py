@@ -229,9 +229,10 @@ def spiky_cnn(path: Path, *, size: int = 16, hidden: int = 16, classes: int = 10
     return _save(model, path)
 
 
-def spiky_images(n: int, *, size: int = 16, seed: int = 0) -> np.ndarray:
-    """N samples [1, 4, size, size]: three channels of N(0, 1) pixels and a fourth spanning +-400."""
+def spiky_images(n: int, *, size: int = 16, spike: float = 400.0, seed: int = 0) -> np.ndarray:
+    """N samples [1, 4, size, size]: three channels of N(0, 1) pixels and a fourth spanning +-spike
+    (bigger images average more of the rounding away, so they need a bigger spike to show it)."""
     rng = np.random.default_rng(seed)
     images = rng.normal(0, 1, (n, 1, 4, size, size)).astype(np.float32)
-    images[:, :, 3] = rng.uniform(-400, 400, (n, 1, size, size))
+    images[:, :, 3] = rng.uniform(-spike, spike, (n, 1, size, size))
     return images

@@ -56,7 +56,7 @@ from worker.engine.spec import (
 
 SEARCH_LATENCY_RUNS = 10  # per candidate and step; finalists get the job's full count
 FINALISTS = 3
-MAX_STARTS = 2  # candidates the mixed-precision search starts from, at most
+MAX_STARTS = 4  # candidates the mixed-precision search starts from, at most (time permitting)
 # Faster than float means a p50 at least this much lower (interleaved runs): less is noise.
 FASTER_MARGIN = 0.05
 SEARCH_SAMPLES = 64  # evaluation samples each candidate and step is scored on

@@ -59,6 +59,11 @@ class Recipe(BaseModel):
     sixteen_bit_tensors: list[str] | None = Field(
         None, max_length=10_000, description="Static QDQ: activation tensors quantized to 16 bits instead of 8."
     )
+    transformer_fusion: bool = Field(
+        False,
+        description="Static/dynamic: run ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, "
+        "Gelu) before quantizing.",
+    )
     objective: Literal["latency", "size"] = Field(
         "latency", description="Mode auto: the fastest model within budget (never slower than float), or the smallest."
     )
@@ -75,6 +80,8 @@ class Recipe(BaseModel):
             raise ValueError("mode compare needs reference_model_id: the id of the float model to compare with")
         if self.mode != "compare" and self.reference_model_id:
             raise ValueError("reference_model_id is only used by mode compare")
+        if self.transformer_fusion and self.mode not in ("static", "dynamic", "auto"):
+            raise ValueError("transformer_fusion is a pre-processing step of static and dynamic quantization")
         if self.sixteen_bit_tensors and (self.mode not in ("static", "auto") or self.format != "qdq"):
             raise ValueError("sixteen_bit_tensors needs mode static with format qdq")
         if self.fidelity is not None and self.fidelity.min is not None:

@@ -223,9 +223,12 @@ class Search:
         trial = Trial(name, stage, spec, self.workdir / f"trial-{len(self.trials)}", searchable, parent)
         self.trials.append(trial)
         try:
-            trial.outcome = quantize(
-                self.model_path, spec, trial.folder, calibration=self.calibration, reuse=self.reuse_for(spec)
-            )
+            reuse = self.reuse_for(spec)
+            if spec.transformer_fusion and not reuse.prepared.fused_ops:
+                raise EngineError(
+                    "not_applicable", "ONNX Runtime's transformer fusion found nothing to fuse in this model.", {}
+                )
+            trial.outcome = quantize(self.model_path, spec, trial.folder, calibration=self.calibration, reuse=reuse)
             trial.size = size_on_disk(trial.outcome.model_path)
             trial.score = self.evaluator.score(trial.outcome.model_path)
             trial.float_p50, trial.p50 = self.meter.compare(trial.outcome.model_path, self.search_runs)

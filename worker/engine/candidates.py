@@ -6,7 +6,8 @@
 - CNNs (Conv): static QDQ with per-channel weights, whole graph and Conv/MatMul/Gemm only. Dynamic
   quantization is left out: ConvInteger is many times slower than float on CPUs.
 - MatMul models (transformers, MLPs): static QDQ, dynamic int8, and MatMul/Gemm-only variants of
-  both (quantizing LayerNorm, Softmax or the attention mask wrecks transformers).
+  both (quantizing LayerNorm, Softmax or the attention mask wrecks transformers); transformers also
+  dynamic int8 after ONNX Runtime's transformer fusions, where they find something to fuse.
 - float16 always (a size option; it must measure faster to win on latency), and with objective
   `size` weight-only int4 for MatMul models.
 """
@@ -82,6 +83,8 @@ def candidates_for(
         found.append(
             Candidate(f"dynamic int8, {'/'.join(matmuls)} only", {**dynamic, "op_types_to_quantize": matmuls}, True)
         )
+    if family == "transformer":
+        found.append(Candidate("transformer fusion + dynamic int8", {**dynamic, "transformer_fusion": True}, True))
     found.append(Candidate("float16", {"mode": Mode.FP16}))
     if objective == Objective.SIZE and op_counts.get("MatMul"):
         found.append(Candidate("weight-only int4", {"mode": Mode.WEIGHT_ONLY, "weight_type": QType.INT4}))

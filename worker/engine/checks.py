@@ -109,6 +109,12 @@ def _check_search_fields(spec: QuantizationSpec) -> None:
             "sixteen_bit_tensors widens chosen tensors of an 8-bit recipe; activation_type is already 16-bit.",
             field="sixteen_bit_tensors",
         )
+    if spec.transformer_fusion and spec.mode not in (Mode.STATIC, Mode.DYNAMIC, Mode.AUTO):
+        raise _invalid(
+            "transformer_fusion is a pre-processing step of static and dynamic quantization.",
+            field="transformer_fusion",
+            mode=str(spec.mode),
+        )
     if not 1.0 <= float(spec.max_search_seconds) <= 86_400:
         raise _invalid("max_search_seconds must be between 1 and 86400.", field="max_search_seconds")
     fidelity = spec.fidelity

@@ -35,7 +35,7 @@ from worker.engine.checks import (
 )
 from worker.engine.data import Batch, count_batches, iter_batches, model_inputs, synthesize_batch
 from worker.engine.errors import EngineError
-from worker.engine.preprocess import Prepared, prepare_model, save_model
+from worker.engine.preprocess import Prepared, fuse_transformer, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
 from worker.engine.results import QuantizationOutcome
 from worker.engine.spec import (
@@ -312,9 +312,10 @@ def required_opset(spec: QuantizationSpec, facts: ModelFacts) -> int | None:
     return target or None
 
 
-def preparation(spec: QuantizationSpec, facts: ModelFacts) -> tuple[int | None, bool, bool]:
-    """How a recipe pre-processes the model: (target opset, shape inference, optimise). Recipes with
-    equal preparation quantize the very same prepared graph (mode auto shares it between them)."""
+def preparation(spec: QuantizationSpec, facts: ModelFacts) -> tuple[int | None, bool, bool, bool]:
+    """How a recipe pre-processes the model: (target opset, shape inference, optimise, transformer
+    fusion). Recipes with equal preparation quantize the very same prepared graph (mode auto shares
+    it between them)."""
     mode = Mode(spec.mode)
     # ORT's basic optimisations fuse nodes (MatMul+Add -> Gemm, Conv+BatchNormalization), which helps
     # static quantization but would defeat an op_types_to_quantize that quantizes MatMul and not Gemm,
@@ -322,13 +323,14 @@ def preparation(spec: QuantizationSpec, facts: ModelFacts) -> tuple[int | None, 
     op_types = spec.op_types_to_quantize
     fusion_safe = not op_types or "Gemm" in op_types or "MatMul" not in op_types
     optimize = mode == Mode.STATIC and fusion_safe and not facts.qdq_nodes
-    return required_opset(spec, facts), mode in (Mode.STATIC, Mode.DYNAMIC), optimize
+    fusion = spec.transformer_fusion and mode in (Mode.STATIC, Mode.DYNAMIC)
+    return required_opset(spec, facts), mode in (Mode.STATIC, Mode.DYNAMIC), optimize, fusion
 
 
 def prepare_for(
     model_path: Path, spec: QuantizationSpec, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
 ) -> Prepared:
-    target_opset, shape_inference, optimize = preparation(spec, facts)
+    target_opset, shape_inference, optimize, fusion = preparation(spec, facts)
 
     def run(optimize: bool) -> Prepared:
         try:
@@ -353,6 +355,8 @@ def prepare_for(
         shutil.rmtree(prep_dir, ignore_errors=True)
         prepared = run(False)
         prepared.steps.append("Skipped graph fusions so that every node in nodes_to_exclude keeps its name.")
+    if fusion:
+        prepared = fuse_transformer(prepared, prep_dir)
     return prepared
 
 

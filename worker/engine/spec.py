@@ -132,6 +132,9 @@ class QuantizationSpec:
     accuracy_tolerance: float = 0.01
     # Static QDQ: activation tensors quantized to 16 bits (the type's 16-bit sibling) instead.
     sixteen_bit_tensors: tuple[str, ...] | None = None
+    # Static/dynamic: ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, Gelu...)
+    # before quantizing.
+    transformer_fusion: bool = False
     # Mode auto (and compare, for `fidelity`).
     objective: Objective = Objective.LATENCY
     fidelity: FidelitySpec | None = None

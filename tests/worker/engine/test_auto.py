@@ -277,3 +277,18 @@ def test_auto_needs_calibration_data(tmp_path: Path) -> None:
             data=None,
         )
     assert info.value.code == "invalid_recipe"
+
+
+def test_transformers_get_a_fused_candidate(encoder_search: tuple[QuantizationOutcome, dict[str, Any], Path]) -> None:
+    _, search, _ = encoder_search
+    fused = next(c for c in search["candidates"] if c["recipe"]["transformer_fusion"])
+    assert fused["error"] is None and fused["recipe"]["mode"] == "dynamic"
+
+
+def test_transformer_fusion_as_a_plain_recipe(tmp_path: Path) -> None:
+    model = outlier_encoder(tmp_path / "encoder.onnx")
+    out = quantize(model, QuantizationSpec(mode="dynamic", transformer_fusion=True), tmp_path / "q")
+    ops = op_counts(onnx.load(str(out.model_path)))
+    assert ops.get("SkipLayerNormalization") == 2
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert any(step.startswith("Transformer fusion") for step in out.preprocessing_steps)

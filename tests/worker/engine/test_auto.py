@@ -292,3 +292,36 @@ def test_transformer_fusion_as_a_plain_recipe(tmp_path: Path) -> None:
     assert ops.get("SkipLayerNormalization") == 2
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     assert any(step.startswith("Transformer fusion") for step in out.preprocessing_steps)
+
+
+def test_sixteen_bit_tensors_as_a_plain_recipe(tmp_path: Path) -> None:
+    model = spiky_cnn(tmp_path / "cnn.onnx")
+    np.savez(tmp_path / "d.npz", input=spiky_images(8))
+    out = quantize(
+        model,
+        QuantizationSpec(mode="static", per_channel=True, sixteen_bit_tensors=("input",)),
+        tmp_path / "q",
+        calibration=DatasetSource(tmp_path / "d.npz", "npz"),
+    )
+    graph = onnx.load(str(out.model_path)).graph
+    wide = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input"]
+    zero_points = {i.name: i for i in graph.initializer}
+    assert len(wide) == 1 and wide[0].domain == "com.microsoft"
+    assert zero_points[wide[0].input[2]].data_type == onnx.TensorProto.UINT16
+
+
+@pytest.mark.parametrize(
+    ("recipe", "field"),
+    [
+        ({"mode": "dynamic", "sixteen_bit_tensors": ("x",)}, "sixteen_bit_tensors"),
+        ({"mode": "fp16", "transformer_fusion": True}, "transformer_fusion"),
+        ({"mode": "auto", "max_search_seconds": 0}, "max_search_seconds"),
+        ({"mode": "auto", "fidelity": {"metric": "sqnr", "min": 500}}, "fidelity.min"),
+    ],
+)
+def test_the_new_recipe_fields_are_checked(recipe: dict[str, Any], field: str) -> None:
+    from worker.engine import check_recipe
+
+    with pytest.raises(EngineError) as info:
+        check_recipe(QuantizationSpec.from_mapping(recipe))
+    assert info.value.code == "invalid_recipe" and info.value.detail["field"] == field

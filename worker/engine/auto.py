@@ -497,7 +497,7 @@ def auto_quantize(
     full_runs = max(1, evaluation.latency_runs)
     winner = _finalists(search, full_runs)
     verdict = Verdict.QUANTIZED if winner is not None else Verdict.KEEP_FLOAT
-    chosen = winner if winner is not None else _keep_float_artifact(search)
+    chosen = winner if winner is not None else _keep_float_artifact(search, full_runs)
     search_seconds = clock() - started
     for trial in search.trials:
         if trial is not chosen:
@@ -557,12 +557,19 @@ def _finalists(search: Search, full_runs: int) -> Trial | None:
     return best
 
 
-def _keep_float_artifact(search: Search) -> Trial | None:
-    """The smallest in-budget model that is not slower than float (None: the float model itself)."""
-    fits = [t for t in search.trials if t.within and t.not_slower() and (t.size or 0) < search.facts.size_bytes]
+def _keep_float_artifact(search: Search, full_runs: int) -> Trial | None:
+    """The smallest in-budget model that is not slower than float, re-timed with the full run count
+    (None: the float model itself; always so with objective size, where nothing smaller fits)."""
     if search.spec.objective == Objective.SIZE:
         return None
-    return min(fits, key=lambda t: (t.size or 0, t.p50 or 0.0), default=None)
+    fits = [t for t in search.trials if t.within and t.not_slower() and (t.size or 0) < search.facts.size_bytes]
+    for trial in sorted(fits, key=lambda t: (t.size or 0, t.p50 or 0.0))[:FINALISTS]:
+        assert trial.outcome is not None
+        trial.float_p50, trial.p50 = search.meter.compare(trial.outcome.model_path, full_runs)
+        trial.runs = full_runs
+        if trial.not_slower():
+            return trial
+    return None
 
 
 def _float_copy(model_path: Path, facts: ModelFacts, workdir: Path) -> QuantizationOutcome:

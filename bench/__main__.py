@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "calibration_memory": ("calibration_peak_mb", "ort_calibration_peak_mb", "calibration_flatness"),
     "api_load": ("api_rps", "api_p99_ms", "api_hello_rps"),
     "upload": ("upload_mb_s", "upload_rss_growth_mb"),
+    "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup", "auto_details"),
 }
 ALIASES = {
     "calibration": "calibration_memory",

@@ -293,11 +293,19 @@ class JobRunner:
                 return DataSource(str(self.storage.local_path(row.storage_key)), row.format, row.preprocess)
 
             asked = WireEvaluation.model_validate(job.evaluation)
+            reference_path = None
+            reference_id = (job.recipe or {}).get("reference_model_id")
+            if reference_id:  # mode compare
+                reference = session.get(OnnxModel, reference_id)
+                if reference is None or reference.deleted_at is not None:
+                    raise RuntimeError("the job's reference model was deleted")
+                reference_path = str(self.storage.local_path(f"{reference.storage_prefix}/{reference.file_name}"))
             spec = JobFile(
                 job_id=job.id,
                 model_path=str(self.storage.local_path(f"{model.storage_prefix}/{model.file_name}")),
                 inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
                 recipe=job.recipe,
+                reference_model_path=reference_path,
                 evaluation=EvaluationSettings(
                     latency_runs=min(asked.latency_runs, self.settings.max_latency_runs),
                     warmup_runs=asked.warmup_runs,
@@ -341,6 +349,8 @@ class JobRunner:
         started = time.monotonic()
         last_write = last_cancel_check = 0.0
         pending: tuple[str, float] = ("validating", 0.0)
+        pending_note: str | None = None
+        written_note: str | None = None
         written: tuple[str, float] | None = None
         renew_s = self.settings.job_lease_s / 4
         shown = 0.0
@@ -356,6 +366,8 @@ class JobRunner:
                         continue
                     message = Progress.parse(line)
                     pending = (message.stage, message.fraction)
+                    if message.note:
+                        pending_note = message.note
                 except queue.Empty:
                     pass
                 except (ValueError, KeyError, TypeError):
@@ -365,14 +377,14 @@ class JobRunner:
                     self._stop(child)
                     return ChildOutcome("handed_back")
                 # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
-                moved = pending != written and now - last_write >= PROGRESS_INTERVAL_S
+                moved = (pending != written or pending_note != written_note) and now - last_write >= PROGRESS_INTERVAL_S
                 if moved or now - last_write >= renew_s:
                     stage, fraction = pending
                     shown = max(shown, overall_progress(stage, fraction))  # never backwards
                     last_write = now
-                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown)
+                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown, pending_note)
                     if still_ours is not None:
-                        written = pending
+                        written, written_note = pending, pending_note
                     if still_ours is False:
                         self._stop(child)
                         return ChildOutcome("abandoned")
@@ -408,9 +420,9 @@ class JobRunner:
                 child.stdout.close()
         return self._read_outcome(child.returncode, workdir)
 
-    def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
+    def _renew(self, job_id: str, attempt: int, stage: str, shown: float, note: str | None = None) -> bool:
         with transaction(self.session_factory) as session:
-            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s)
+            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s, note)
 
     def _cancel_requested(self, job_id: str) -> bool:
         with self.session_factory() as session:

@@ -99,6 +99,27 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     assert models["fp16"].graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
     auto = done["auto"]["result"]["quantization"]["auto"]
     assert auto["chosen"] and len(auto["candidates"]) >= 4
+    assert auto["verdict"] in ("quantized", "keep_float") and auto["fidelity"]["metric"] == "top1_drop"
+    with embedded.client() as http:
+        names = {a["name"] for a in http.get(f"/v1/jobs/{done['auto']['id']}/artifacts").json()}
+        assert {"quantized.onnx", "report.json", "sensitivity.json"} <= names
+        # A model quantized elsewhere, compared with its float reference: nothing is quantized.
+        qdq_id = _upload(http, "/v1/models", "qdq.onnx", models["percentile"].SerializeToString())
+        response = http.post(
+            "/v1/jobs",
+            json={
+                "model_id": qdq_id,
+                "calibration_dataset_id": npz_id,
+                "recipe": {"mode": "compare", "reference_model_id": conv_id},
+                "evaluation": {"latency_runs": 3, "warmup_runs": 1},
+            },
+        )
+        assert response.status_code == 202, response.text
+        compared, _ = wait_for_job(http, response.json()["id"])
+        assert compared["status"] == "succeeded", compared["error"]
+        assert compared["result"]["quantization"]["compare"]["fidelity"]["samples"] == 8
+        assert [a["name"] for a in http.get(f"/v1/jobs/{compared['id']}/artifacts").json()] == ["report.json"]
+        assert 'id="verdict"' in http.get(f"/v1/jobs/{compared['id']}/report.html").text
     labelled_result = done["percentile"]["result"]
     assert labelled_result["comparison"]["accuracy"]["metric"] == "top1"
     assert done["images"]["result"]["comparison"]["accuracy"] is not None  # labels from class folders

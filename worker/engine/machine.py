@@ -97,6 +97,17 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def int8_kernels(flags: set[str] | frozenset[str] | None = None) -> str:
+    """ "vnni" (int8 dot products: VNNI, AMX or ARM dot product), "avx2" (x86 without them, where
+    U8S8 products can saturate) or "other"."""
+    flags = _cpu()[1] if flags is None else flags
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}:
+        return "vnni"
+    if flags & {"avx2", "avx512f"}:
+        return "avx2"
+    return "other"
+
+
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """What a reader of a latency number needs to know about where it was measured."""
     model, flags, source = _cpu()

@@ -114,7 +114,7 @@ def dep(shared: Deployment) -> Deployment:
 
 
 def upload_model(http: httpx.Client, tmp_path: Path) -> str:
-    """An 8 MB MLP: about 0.1 ms a run, so LONG jobs measure until QAAS_EVALUATION_MAX_SECONDS on
+    """An 8 MB MLP: quick enough a run that LONG jobs measure until QAAS_EVALUATION_MAX_SECONDS on
     any machine, rather than finishing their runs early on a fast one."""
     path = matmul_mlp(tmp_path / f"mlp-{uuid.uuid4().hex[:6]}.onnx", features=512, hidden=2048)
     response = http.post("/v1/models", files={"file": ("mlp.onnx", path.read_bytes())})

@@ -120,7 +120,7 @@ def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redi
     )
 
 
-@pytest.fixture(params=["embedded", "production"])
+@pytest.fixture(params=["embedded", pytest.param("production", marks=pytest.mark.services)])
 def deployment(request: pytest.FixtureRequest) -> Deployment:
     dep: Deployment = request.getfixturevalue(request.param)
     return dep

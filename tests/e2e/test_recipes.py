@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import Deployment, wait_for_job
-from tests.onnx_models import conv_classifier, matmul_mlp
+from tests.onnx_models import (
+    INTEGER_QUANTIZED_OPS,
+    cancelling_matmuls,
+    conv_classifier,
+    labelled_by_the_model,
+    matmul_mlp,
+)
 from tests.service.helpers import npz_bytes
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +46,8 @@ def _upload(http: Any, path: str, name: str, content: bytes, **data: str) -> str
 
 def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     conv = conv_classifier(tmp_path / "conv.onnx", hidden=16, size=8)
+    cancelling = cancelling_matmuls(tmp_path / "cancelling.onnx")
+    rows = np.random.default_rng(2).normal(0, 1, (32, 1, 64)).astype(np.float32)
     mlp = matmul_mlp(tmp_path / "mlp.onnx", features=32, hidden=64)
     samples = np.random.default_rng(0).random((8, 1, 3, 8, 8), dtype=np.float32)
     labelled = npz_bytes(input=samples, __labels__=np.arange(8) % 4)
@@ -53,6 +61,9 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
         npz_id = _upload(http, "/v1/datasets", "calib.npz", labelled)
         npy_id = _upload(http, "/v1/datasets", "rows.npy", buf.getvalue())
         images_id = _upload(http, "/v1/datasets", "images.zip", _images_zip(), preprocess=preprocess)
+        cancelling_id = _upload(http, "/v1/models", "cancelling.onnx", cancelling.read_bytes())
+        labelled_rows = npz_bytes(x=rows, __labels__=labelled_by_the_model(cancelling, rows, "x"))
+        rows_id = _upload(http, "/v1/datasets", "rows.npz", labelled_rows)
         assert http.get(f"/v1/datasets/{images_id}").json()["has_labels"] is True
         jobs = {
             "qoperator": (conv_id, npz_id, {"mode": "static", "format": "qoperator", "per_channel": True}),
@@ -66,7 +77,8 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
             "npy_batched": (mlp_id, npy_id, {"calibration_batch_size": 4, "reduce_range": True}),
             "weight_only": (mlp_id, None, {"mode": "weight_only", "block_size": 16}),
             "fp16": (mlp_id, None, {"mode": "fp16"}),
-            "auto": (conv_id, npz_id, {"mode": "auto", "accuracy_tolerance": 0.5}),
+            # int8 cannot stay within 5 points on this model: see tests/worker/engine/test_auto.py.
+            "auto": (cancelling_id, rows_id, {"mode": "auto", "accuracy_tolerance": 0.05}),
         }
         ids = {}
         for name, (model_id, data_id, recipe) in jobs.items():
@@ -98,8 +110,9 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     assert "MatMulNBits" in ops("weight_only")
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in models["fp16"].graph.initializer)
     assert models["fp16"].graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
-    auto = done["auto"]["result"]["quantization"]["auto"]
-    assert auto["chosen"] and len(auto["candidates"]) >= 4
+    assert not ops("auto") & INTEGER_QUANTIZED_OPS, ops("auto")  # the weights stay in float
+    auto_accuracy = done["auto"]["result"]["comparison"]["accuracy"]
+    assert auto_accuracy["original"] == 1.0 and auto_accuracy["delta"] >= -0.05, auto_accuracy
     labelled_result = done["percentile"]["result"]
     assert labelled_result["comparison"]["accuracy"]["metric"] == "top1"
     assert done["images"]["result"]["comparison"]["accuracy"] is not None  # labels from class folders

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.e2e.conftest import Deployment, deploy, wait_for_job
 from tests.onnx_models import matmul_mlp
@@ -211,3 +212,16 @@ def test_a_revoked_key_is_refused_at_once(world: World) -> None:
     assert carol[:13] in _admin(world.dep, "revoke-key", carol[:13])
     refused = httpx.get(f"{world.dep.base_url}/v1/models", headers=_as(carol), timeout=30)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+
+
+def test_keys_are_stored_only_as_their_sha256(world: World) -> None:
+    url = world.dep.env.get("QAAS_DATABASE_URL") or f"sqlite:///{world.dep.data_dir / 'qaas.db'}"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = [dict(row._mapping) for row in conn.execute(text("SELECT * FROM api_keys"))]
+    finally:
+        engine.dispose()
+    for key in (world.alice, world.bob):
+        assert [r["key_sha256"] for r in rows].count(hashlib.sha256(key.encode()).hexdigest()) == 1
+        assert key[14:] not in str(rows)  # the secret part is in no column of any row

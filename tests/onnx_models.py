@@ -9,6 +9,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def _save_graph(graph: onnx.GraphProto, path: Path, opset: int = 13) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests")
+    model.ir_version = 8
+    return _save(model, path)
+
+
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,9 +58,7 @@ def conv_classifier(
             numpy_helper.from_array(fc_b, "fc_b"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests")
-    model.ir_version = 8
-    return _save(model, path)
+    return _save_graph(graph, path, opset)
 
 
 def matmul_mlp(path: Path, *, opset: int = 13, features: int = 16, hidden: int = 32, seed: int = 0) -> Path:
@@ -80,9 +84,7 @@ def matmul_mlp(path: Path, *, opset: int = 13, features: int = 16, hidden: int =
             numpy_helper.from_array(w2, "w2"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qaas-tests")
-    model.ir_version = 8
-    return _save(model, path)
+    return _save_graph(graph, path, opset)
 
 
 def cancelling_matmuls(
@@ -109,9 +111,7 @@ def cancelling_matmuls(
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
         initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="qaas-tests")
-    model.ir_version = 8
-    return _save(model, path)
+    return _save_graph(graph, path)
 
 
 def labelled_by_the_model(model: Path, inputs: np.ndarray, input_name: str) -> np.ndarray:

@@ -69,15 +69,21 @@ def _fake_benchmark(monkeypatch: pytest.MonkeyPatch, name: str, figures: dict[st
     monkeypatch.setitem(cli.BENCHMARKS, name, tuple(figures))
 
 
+def _first_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **benchmarks: dict[str, float]) -> Path:
+    """`python -m bench` with only these fake benchmarks, writing to a results file of the test's own."""
+    output = tmp_path / "figures.json"
+    monkeypatch.setattr(cli, "BENCHMARKS", {})
+    for name, figures in benchmarks.items():
+        _fake_benchmark(monkeypatch, name, figures)
+    assert cli.main(["--output", str(output)]) == 0
+    return output
+
+
 def test_a_partial_run_replaces_its_figures_and_keeps_the_others_with_their_own_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    output = tmp_path / "figures.json"
-    monkeypatch.setattr(cli, "BENCHMARKS", {})
-    _fake_benchmark(monkeypatch, "first", {"a": 1.0})
-    _fake_benchmark(monkeypatch, "second", {"b": 3.0, "c": 4.0})
     monkeypatch.setattr(cli, "ORDER", ["a", "b", "c"])
-    assert cli.main(["--output", str(output)]) == 0
+    output = _first_run(monkeypatch, tmp_path, first={"a": 1.0}, second={"b": 3.0, "c": 4.0})
     before = Results.load(output)
     assert list(before.figures) == ["a", "b", "c"]
     assert before.figures["a"].run.benchmark == "first" and before.figures["b"].run.benchmark == "second"
@@ -99,10 +105,7 @@ def test_a_partial_run_replaces_its_figures_and_keeps_the_others_with_their_own_
 def test_a_crashed_benchmark_records_its_figures_without_a_value(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    output = tmp_path / "figures.json"
-    monkeypatch.setattr(cli, "BENCHMARKS", {})
-    _fake_benchmark(monkeypatch, "first", {"a": 1.0})
-    assert cli.main(["--output", str(output)]) == 0
+    output = _first_run(monkeypatch, tmp_path, first={"a": 1.0})
     _fake_benchmark(monkeypatch, "first", {"a": 1.0}, fail=True)
     assert cli.main(["--output", str(output)]) == 1
     figure = Results.load(output).figures["a"]
@@ -112,10 +115,7 @@ def test_a_crashed_benchmark_records_its_figures_without_a_value(
 
 
 def test_the_readme_block_is_rewritten_from_the_results(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    output = tmp_path / "figures.json"
-    monkeypatch.setattr(cli, "BENCHMARKS", {})
-    _fake_benchmark(monkeypatch, "first", {"a": 1234.5})
-    assert cli.main(["--output", str(output)]) == 0
+    output = _first_run(monkeypatch, tmp_path, first={"a": 1234.5})
     text = f"# Title\n\n## Performance\n\nprose\n\n{BEGIN}\nstale table\n{END}\n\nmore prose\n"
     written = readme_with(text, Results.load(output))
     assert written.startswith("# Title\n\n## Performance\n\nprose\n\n") and written.endswith("\n\nmore prose\n")

@@ -126,6 +126,13 @@ def deployment(request: pytest.FixtureRequest) -> Deployment:
     return dep
 
 
+def upload(http: httpx.Client, path: str, name: str, content: bytes, **data: str) -> str:
+    """POST a file to /v1/models or /v1/datasets; returns the new id."""
+    response = http.post(path, files={"file": (name, content)}, data=data)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
 def wait_for_job(
     client: httpx.Client, job_id: str, timeout: float = 180
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:

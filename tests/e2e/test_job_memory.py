@@ -7,12 +7,11 @@ sees only Python's). The benchmark (`make bench`) keeps the full-size figures.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import Deployment, wait_for_job
+from tests.e2e.conftest import Deployment, upload, wait_for_job
 from tests.service.helpers import npz_bytes
 from tests.worker.engine.pitfall_models import wide_intermediates
 
@@ -24,23 +23,17 @@ PER_SAMPLE_BYTES = 4 * CHANNELS * SIZE * SIZE * 4
 FEW, MANY = 16, 128
 
 
-def _upload(http: Any, path: str, name: str, content: bytes) -> str:
-    response = http.post(path, files={"file": (name, content)})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
 def test_job_peak_rss_does_not_grow_with_calibration_samples(embedded: Deployment, tmp_path: Path) -> None:
     """Plain `quantize_static` with Percentile keeps every sample's intermediates until the end:
-    here (MANY - FEW) x PER_SAMPLE_BYTES, about 260 MB more at MANY samples than at FEW. Fed in
-    chunks, the job's peak stays where it was. Evaluation runs on the same two samples in both jobs,
+    here (MANY - FEW) x PER_SAMPLE_BYTES more at MANY samples than at FEW. Fed in chunks, the job's
+    peak stays where it was. Evaluation runs on the same two samples in both jobs,
     so only calibration differs."""
     model = wide_intermediates(tmp_path / "wide.onnx", channels=CHANNELS, size=SIZE)
     rng = np.random.default_rng(0)
     peaks = {}
     with embedded.client() as http:
-        model_id = _upload(http, "/v1/models", "wide.onnx", model.read_bytes())
-        eval_id = _upload(
+        model_id = upload(http, "/v1/models", "wide.onnx", model.read_bytes())
+        eval_id = upload(
             http, "/v1/datasets", "eval.npz", npz_bytes(input=rng.random((2, 1, 3, SIZE, SIZE), np.float32))
         )
         for n in (FEW, MANY):
@@ -49,7 +42,7 @@ def test_job_peak_rss_does_not_grow_with_calibration_samples(embedded: Deploymen
                 "/v1/jobs",
                 json={
                     "model_id": model_id,
-                    "calibration_dataset_id": _upload(http, "/v1/datasets", f"calib{n}.npz", data),
+                    "calibration_dataset_id": upload(http, "/v1/datasets", f"calib{n}.npz", data),
                     "evaluation_dataset_id": eval_id,
                     "recipe": {"mode": "static", "calibration_method": "percentile", "per_channel": True},
                     "evaluation": {"latency_runs": 2, "warmup_runs": 1},

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Deployment, wait_for_job
+from tests.e2e.conftest import Deployment, upload, wait_for_job
 from tests.onnx_models import (
     INTEGER_QUANTIZED_OPS,
     cancelling_matmuls,
@@ -38,12 +37,6 @@ def _images_zip() -> bytes:
     return buf.getvalue()
 
 
-def _upload(http: Any, path: str, name: str, content: bytes, **data: str) -> str:
-    response = http.post(path, files={"file": (name, content)}, data=data)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
 def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     conv = conv_classifier(tmp_path / "conv.onnx", hidden=16, size=8)
     cancelling = cancelling_matmuls(tmp_path / "cancelling.onnx")
@@ -56,14 +49,14 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     preprocess = '{"input": "input", "size": [8, 8], "layout": "NCHW", "color": "RGB"}'
     quick = {"latency_runs": 3, "warmup_runs": 1}
     with embedded.client() as http:
-        conv_id = _upload(http, "/v1/models", "conv.onnx", conv.read_bytes())
-        mlp_id = _upload(http, "/v1/models", "mlp.onnx", mlp.read_bytes())
-        npz_id = _upload(http, "/v1/datasets", "calib.npz", labelled)
-        npy_id = _upload(http, "/v1/datasets", "rows.npy", buf.getvalue())
-        images_id = _upload(http, "/v1/datasets", "images.zip", _images_zip(), preprocess=preprocess)
-        cancelling_id = _upload(http, "/v1/models", "cancelling.onnx", cancelling.read_bytes())
+        conv_id = upload(http, "/v1/models", "conv.onnx", conv.read_bytes())
+        mlp_id = upload(http, "/v1/models", "mlp.onnx", mlp.read_bytes())
+        npz_id = upload(http, "/v1/datasets", "calib.npz", labelled)
+        npy_id = upload(http, "/v1/datasets", "rows.npy", buf.getvalue())
+        images_id = upload(http, "/v1/datasets", "images.zip", _images_zip(), preprocess=preprocess)
+        cancelling_id = upload(http, "/v1/models", "cancelling.onnx", cancelling.read_bytes())
         labelled_rows = npz_bytes(x=rows, __labels__=labelled_by_the_model(cancelling, rows, "x"))
-        rows_id = _upload(http, "/v1/datasets", "rows.npz", labelled_rows)
+        rows_id = upload(http, "/v1/datasets", "rows.npz", labelled_rows)
         assert http.get(f"/v1/datasets/{images_id}").json()["has_labels"] is True
         jobs = {
             "qoperator": (conv_id, npz_id, {"mode": "static", "format": "qoperator", "per_channel": True}),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import Deployment, deploy, wait_for_job
+from tests.e2e.conftest import Deployment, deploy, upload, wait_for_job
 from tests.onnx_models import matmul_mlp
 from tests.service.helpers import npz_bytes
 
@@ -71,20 +71,12 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         listed = _admin(dep, "list-keys", "--tenant", f"alice-{run}")
         assert alice[:13] in listed and alice not in listed  # the key itself is never shown again
         with httpx.Client(base_url=dep.base_url, timeout=60, headers=_as(alice)) as http:
-            model = http.post("/v1/models", files={"file": ("m.onnx", matmul_mlp(root / "m.onnx").read_bytes())})
-            assert model.status_code == 201, model.text
+            model_id = upload(http, "/v1/models", "m.onnx", matmul_mlp(root / "m.onnx").read_bytes())
             samples = np.random.default_rng(0).random((4, 1, 16), dtype=np.float32)
-            dataset = http.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=samples))})
-            assert dataset.status_code == 201, dataset.text
-            created = http.post(
-                "/v1/jobs",
-                json={
-                    "model_id": model.json()["id"],
-                    "calibration_dataset_id": dataset.json()["id"],
-                    "recipe": {"mode": "static"},
-                    "evaluation": {"latency_runs": 3, "warmup_runs": 1},
-                },
-            )
+            dataset_id = upload(http, "/v1/datasets", "d.npz", npz_bytes(x=samples))
+            quick = {"latency_runs": 3, "warmup_runs": 1}
+            body = {"model_id": model_id, "calibration_dataset_id": dataset_id, "evaluation": quick}
+            created = http.post("/v1/jobs", json=body)
             assert created.status_code == 202, created.text
             job, _ = wait_for_job(http, created.json()["id"])
             assert job["status"] == "succeeded", (job["error"], dep.log_tail())
@@ -96,8 +88,8 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             alice,
             bob,
             {
-                "model_id": model.json()["id"],
-                "dataset_id": dataset.json()["id"],
+                "model_id": model_id,
+                "dataset_id": dataset_id,
                 "job_id": job["id"],
                 "name": "quantized.onnx",
             },

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Context, Outcome, Row
+from bench.common import Context
+from bench.results import Baseline, Measurement
 from tests.onnx_models import encoder_inputs, matmul_mlp, outlier_encoder, spiky_cnn, spiky_images
 from worker.engine import DatasetSource, EvaluationSpec, QuantizationSpec
 from worker.engine.auto import auto_quantize
@@ -224,50 +225,43 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
     return results
 
 
-def figures_of(results: dict[str, ModelFigures]) -> dict[str, Any]:
-    """The keys of latest.json: per model, and NNCF's only where it ran."""
+def run(ctx: Context) -> dict[str, Measurement]:
+    """The figures, per model: auto's speedup against the best whole-model candidate, its
+    fidelity against the plain ORT script's, and NNCF's speedup where the `bench` extra is installed."""
+    results = measure(ctx)
+    details = {m: asdict(f) for m, f in results.items()}
+    nncf = {m: f.nncf_speedup for m, f in results.items() if f.nncf_speedup is not None}
+    nncf_errors = [f"NNCF on {m}: {f.nncf_error}" for m, f in results.items() if f.nncf_error]
     return {
-        "auto_speedup": {m: f.auto_speedup for m, f in results.items()},
-        "auto_fidelity": {m: f.auto_fidelity for m, f in results.items()},
-        "nncf_speedup": {m: f.nncf_speedup for m, f in results.items() if f.nncf_speedup is not None} or None,
-        "auto_details": {m: asdict(f) for m, f in results.items()},
+        "auto_speedup": Measurement(
+            what="Mode auto: speedup of its pick over float (p50), per model",
+            unit="x",
+            value={m: _round(f.auto_speedup) for m, f in results.items()},
+            baseline=Baseline(
+                what="the best whole-model candidate",
+                value={m: _round(f.best_whole_speedup) for m, f in results.items()},
+            ),
+            details=details,
+        ),
+        "auto_fidelity": Measurement(
+            what="Mode auto: fidelity of its pick (the budget's metric), per model",
+            unit="",
+            value={m: _round(f.auto_fidelity) for m, f in results.items()},
+            baseline=Baseline(
+                what="a plain quantize_dynamic/quantize_static script",
+                value={m: _round(f.plain_fidelity) for m, f in results.items()},
+            ),
+            target=">= 0.99",
+            met=all(f.auto_fidelity is not None and f.auto_fidelity >= 0.99 - 1e-9 for f in results.values()),
+        ),
+        "nncf_speedup": Measurement(
+            what="NNCF quantize_with_accuracy_control: speedup over float, per model",
+            unit="x",
+            value={m: _round(v) for m, v in nncf.items()} or None,
+            errors=nncf_errors if nncf or nncf_errors else ["nncf is not installed (pip install -e '.[bench]')"],
+        ),
     }
 
 
-def run(ctx: Context) -> Outcome:
-    results = measure(ctx)
-    out = Outcome(figures=figures_of(results))
-    for name, f in results.items():
-        out.rows.append(
-            Row(
-                f"auto speedup, {name} ({f.verdict})",
-                f.auto_speedup,
-                "x",
-                baseline=f.best_whole_speedup,
-                baseline_name=f"best whole-model: {f.best_whole}",
-            )
-        )
-        out.rows.append(Row(f"auto fidelity, {name} ({f.metric})", f.auto_fidelity, "", target=">= 0.99"))
-        out.rows[-1].met = f.auto_fidelity is not None and f.auto_fidelity >= 0.99 - 1e-9
-        out.rows.append(
-            Row(
-                f"plain {f.plain_recipe}, {name}",
-                f.plain_speedup,
-                "x",
-                baseline=f.plain_fidelity,
-                baseline_name="fidelity",
-            )
-        )
-        if f.nncf_speedup is not None or f.nncf_error:
-            out.rows.append(
-                Row(
-                    f"NNCF accuracy control, {name} ({f.nncf_seconds} s)",
-                    f.nncf_speedup,
-                    "x",
-                    baseline=f.nncf_fidelity,
-                    baseline_name="fidelity" if not f.nncf_error else f"failed: {f.nncf_error[:60]}",
-                )
-            )
-        if f.nncf_error:
-            out.errors.append(f"auto: NNCF on {name}: {f.nncf_error}")
-    return out
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -121,10 +121,17 @@ def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redi
     )
 
 
-@pytest.fixture(params=["embedded", "production"])
+@pytest.fixture(params=["embedded", pytest.param("production", marks=pytest.mark.services)])
 def deployment(request: pytest.FixtureRequest) -> Deployment:
     dep: Deployment = request.getfixturevalue(request.param)
     return dep
+
+
+def upload(http: httpx.Client, path: str, name: str, content: bytes, **data: str) -> str:
+    """POST a file to /v1/models or /v1/datasets; returns the new id."""
+    response = http.post(path, files={"file": (name, content)}, data=data)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
 
 
 def wait_for_job(

@@ -4,8 +4,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 from fastapi.testclient import TestClient
 
+from service.queue import QUEUE
+from service.settings import Settings
 from tests.service.helpers import assert_error, conv_model_and_data, mlp_model, npz_bytes, upload_dataset
 
 
@@ -31,13 +34,23 @@ def test_static_job_is_queued_with_defaults(client: TestClient, tmp_path: Path) 
     assert client.get("/v1/jobs", params={"status": "failed"}).json()["items"] == []
 
 
+def _queued_messages(settings: Settings) -> list[str]:
+    if settings.is_embedded:
+        return [path.read_text() for path in (settings.broker_dir / "queue").iterdir()]
+    client = redis.Redis.from_url(settings.resolved_broker_url)
+    try:
+        return [m.decode() for m in client.lrange(f"{settings.broker_key_prefix}{QUEUE}", 0, -1)]
+    finally:
+        client.close()
+
+
 def test_the_job_message_reaches_the_broker(client: TestClient, tmp_path: Path) -> None:
     settings = client.app.state.settings  # type: ignore[attr-defined]
     model, dataset = conv_model_and_data(client, tmp_path)
     job = _job(client, model_id=model["id"], calibration_dataset_id=dataset["id"]).json()
-    messages = list((settings.broker_dir / "queue").iterdir())
+    messages = _queued_messages(settings)
     assert len(messages) == 1
-    assert job["id"] in messages[0].read_text()
+    assert job["id"] in messages[0]
 
 
 def test_static_without_calibration_data_is_refused(client: TestClient, tmp_path: Path) -> None:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import copy
 import html
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from service.reports import render_report_html
+from tests.browser import chromium, rendered_dom, run_chromium, visible_text
 
 EVIL = "<script>alert('x')</script>"
 
@@ -260,46 +257,14 @@ def test_service_side_imports_nothing_heavy() -> None:
 # ----------------------------------------------------------------------------- a real browser
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("QAAS_REQUIRE_SERVICES") == "1":
-            pytest.fail("chromium is not installed (apt-get install -y chromium) and QAAS_REQUIRE_SERVICES=1")
-        pytest.skip("chromium is not installed; the report is not checked in a real browser")
-    return exe
-
-
-def _run_chromium(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--hide-scrollbars",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=True,
-    )
-
-
 def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
-    exe = _chromium()
+    exe = chromium()
     job = _job()
     job["result"] = copy.deepcopy(job["result"])
     page = tmp_path / "report.html"
     page.write_text(render_report_html(job), encoding="utf-8")
-    dom = _run_chromium(exe, tmp_path, "--dump-dom", page.as_uri()).stdout
-    text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+    dom = rendered_dom(exe, page, tmp_path)
+    text = visible_text(dom)
     for expected in EXPECTED:
         assert expected in text, expected
     assert EVIL in text  # shown as text ...
@@ -307,7 +272,7 @@ def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
     assert dom.count("<svg") >= 4
 
     shot = tmp_path / "report.png"
-    _run_chromium(exe, tmp_path, "--window-size=1100,1800", f"--screenshot={shot}", page.as_uri())
+    run_chromium(exe, tmp_path, "--window-size=1100,1800", f"--screenshot={shot}", page.as_uri())
     assert shot.stat().st_size > 10_000
 
 

@@ -33,8 +33,8 @@ def _key(factory: sessionmaker[Session], tenant: str) -> str:
 
 
 @pytest.fixture
-def auth_settings(db_settings: Settings) -> Settings:
-    return db_settings.model_copy(update={"auth": "on"})
+def auth_settings(app_settings: Settings) -> Settings:
+    return app_settings.model_copy(update={"auth": "on"})
 
 
 @pytest.fixture

@@ -59,8 +59,9 @@ def _read_proc_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, 
 
 @functools.lru_cache(maxsize=1)
 def _cpu() -> tuple[str | None, frozenset[str], str]:
-    """(model name, flags, source). /proc/cpuinfo first: py-cpuinfo costs about a second, and every
-    job runs in a fresh process, so it is only the fallback (other systems, ARM without flags)."""
+    """(model name, flags, source). /proc/cpuinfo first: py-cpuinfo starts a Python interpreter of its
+    own to probe, and every job runs in a fresh process, so it is only the fallback (other systems, ARM
+    without flags)."""
     model, flags = _read_proc_cpuinfo()
     source = "/proc/cpuinfo" if model or flags else "none"
     if not model or not flags:

@@ -12,10 +12,20 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from service.contract.formats import model_facts
-from tests.onnx_models import encoder_inputs, matmul_mlp, outlier_encoder, spiky_cnn, spiky_images
+from tests.onnx_models import (
+    INTEGER_QUANTIZED_OPS,
+    cancelling_matmuls,
+    encoder_inputs,
+    labelled_by_the_model,
+    matmul_mlp,
+    outlier_encoder,
+    spiky_cnn,
+    spiky_images,
+)
 from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, quantize
 from worker.engine.auto import FASTER_MARGIN, auto_quantize
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
@@ -323,3 +333,39 @@ def test_the_new_recipe_fields_are_checked(recipe: dict[str, Any], field: str) -
     with pytest.raises(EngineError) as info:
         QuantizationSpec.from_mapping(recipe)
     assert info.value.code == "invalid_recipe" and info.value.detail["field"] == field
+
+
+def _top1(model: Path, samples: np.ndarray, labels: np.ndarray) -> float:
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return float(
+        np.mean([np.argmax(session.run(None, {"x": x})[0]) == y for x, y in zip(samples, labels, strict=True)])
+    )
+
+
+def test_auto_keeps_the_weights_in_float_where_every_int8_recipe_breaks_the_budget(tmp_path: Path) -> None:
+    """A model where the right answer is known by construction (see `cancelling_matmuls`): int8
+    recipes lose about a third of top-1, float16 loses nothing. With a budget of 5 points, a search
+    that honours the budget must hand back a model without integer quantization, and that model must
+    measure within the budget, whether the search picks float16 or keeps the float model."""
+    model = cancelling_matmuls(tmp_path / "m.onnx")
+    samples = np.random.default_rng(0).normal(0, 1, (64, 1, 64)).astype(np.float32)
+    labels = labelled_by_the_model(model, samples, "x")
+    np.savez(tmp_path / "d.npz", x=samples, __labels__=labels)
+    data = DatasetSource(tmp_path / "d.npz", "npz")
+    # The premise, measured apart from the search: int8 breaks a 5-point budget on this model.
+    int8 = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "int8").model_path
+    assert _top1(int8, samples, labels) < 0.9, "the model no longer defeats int8; the test proves nothing"
+    outcome, measured = auto_quantize(
+        model,
+        QuantizationSpec(mode="auto", accuracy_tolerance=0.05),
+        tmp_path / "work",
+        FEW_RUNS,
+        calibration=data,
+        data=data,
+    )
+    chosen_ops = {n.op_type for n in onnx.load(str(outcome.model_path)).graph.node}
+    assert not chosen_ops & INTEGER_QUANTIZED_OPS, chosen_ops
+    accuracy = measured.comparison["accuracy"]
+    assert accuracy["original"] == 1.0 and accuracy["delta"] >= -0.05, accuracy
+    onnx.checker.check_model(str(outcome.model_path))

@@ -112,7 +112,7 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     with embedded.client() as http:
         names = {a["name"] for a in http.get(f"/v1/jobs/{done['auto']['id']}/artifacts").json()}
         assert {"quantized.onnx", "report.json"} <= names
-        assert ("sensitivity.json" in names) == bool(auto["steps"])  # written when the search ran
+        assert "sensitivity.json" in names or not auto["steps"]  # the ranking behind every search step
         # A model quantized elsewhere, compared with its float reference: nothing is quantized.
         qdq_id = upload(http, "/v1/models", "qdq.onnx", models["percentile"].SerializeToString())
         response = http.post(

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import openapi
 from service.auth import RateLimiter
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
     )
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # inner: its 413s are counted and carry a request id
+    app.add_middleware(openapi.DocsPolicyMiddleware)
     app.add_middleware(RequestContextMiddleware)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -168,4 +170,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (models_router, datasets_router, jobs_router, usage_router, ops_router):
         document_errors(router.routes)
         app.include_router(router)
+    openapi.install(app)
     return app

@@ -23,6 +23,7 @@ def main() -> None:
 
     app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line is JSON
             "worker",
             f"--loglevel={settings.log_level.upper()}",
             f"--concurrency={settings.worker_concurrency}",

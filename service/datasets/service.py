@@ -53,7 +53,7 @@ def create_dataset(
         sha256=staged.sha256,
         tensors=info.tensors,
         has_labels=info.has_labels,
-        preprocess=preprocess,
+        preprocess=preprocess if info.format == "images" else None,  # arrays are fed as they are
     )
     session.add(row)
     session.flush()

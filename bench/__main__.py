@@ -36,12 +36,14 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "calibration_memory": ("calibration_peak_mb", "ort_calibration_peak_mb", "calibration_flatness"),
     "api_load": ("api_rps", "api_p99_ms", "api_hello_rps"),
     "upload": ("upload_mb_s", "upload_rss_growth_mb"),
+    "sse": ("sse_get_slowdown", "sse_get_p50_ratio", "sse"),
 }
 ALIASES = {
     "calibration": "calibration_memory",
     "memory": "calibration_memory",
     "api": "api_load",
     "load": "api_load",
+    "events": "sse",
 }
 
 

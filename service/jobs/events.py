@@ -49,6 +49,8 @@ class Snapshot:
 
     event: JobEvent
     updated_at: datetime
+    # Encoded events by kind: made once, sent to every stream of the job (200 streams, one encoding).
+    encoded: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def stamp(self) -> int:
@@ -145,7 +147,7 @@ class EventHub:
 
     async def stream(
         self, first: JobOut, updated_at: datetime, last_seen: tuple[int, int] | None
-    ) -> AsyncIterator[ServerSentEvent]:
+    ) -> AsyncIterator[bytes]:
         """The events of one client's stream, from the state read when it opened."""
         snapshot = Snapshot.of(first, updated_at)
         sent, after = _resume(snapshot, last_seen)
@@ -242,19 +244,23 @@ def _resume(snapshot: Snapshot, last_seen: tuple[int, int] | None) -> tuple[Snap
     return snapshot, -1  # the client is ahead of this read: nothing to repeat
 
 
-def _events(sent: Snapshot | None, current: Snapshot, after: int) -> Iterator[ServerSentEvent]:
+def _events(sent: Snapshot | None, current: Snapshot, after: int) -> Iterator[bytes]:
     """`status` and `progress` events for what changed from `sent` to `current`, minus kinds <= `after`."""
     if (sent is None or sent.event.status != current.event.status) and after < STATUS:
-        yield _sse(STATUS, current, current.event.model_dump(mode="json"))
+        yield _sse(STATUS, current)
     if (sent is None or sent.progress_key() != current.progress_key()) and after < PROGRESS:
-        yield _sse(PROGRESS, current, current.event.model_dump(mode="json"))
+        yield _sse(PROGRESS, current)
 
 
-def _sse(kind: int, snapshot: Snapshot, data: dict[str, Any]) -> ServerSentEvent:
-    name = ("status", "progress", "end")[kind]
-    return ServerSentEvent(
-        data=json.dumps(data, separators=(",", ":")),
-        event=name,
-        id=f"{snapshot.stamp}.{kind}",
-        retry=RETRY_MS,
-    )
+def _sse(kind: int, snapshot: Snapshot, data: dict[str, Any] | None = None) -> bytes:
+    """The encoded event (`data` for `end`: the whole job; else the snapshot's JobEvent), cached on the snapshot."""
+    found = snapshot.encoded.get(kind)
+    if found is None:
+        payload = data if data is not None else snapshot.event.model_dump(mode="json")
+        found = snapshot.encoded[kind] = ServerSentEvent(
+            data=json.dumps(payload, separators=(",", ":")),
+            event=("status", "progress", "end")[kind],
+            id=f"{snapshot.stamp}.{kind}",
+            retry=RETRY_MS,
+        ).encode()
+    return found

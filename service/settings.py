@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("QAAS_TASK_TIME_LIMIT_S must be larger than QAAS_TASK_SOFT_TIME_LIMIT_S")
+        if self.metrics_token is not None and not self.metrics_token.get_secret_value():
+            self.metrics_token = None  # an empty token (compose's default) is no token
+        elif self.metrics_token is not None and len(self.metrics_token.get_secret_value()) < 16:
+            raise ValueError("QAAS_METRICS_TOKEN must be at least 16 characters (or unset)")
         return self
 
     @property

@@ -6,11 +6,17 @@ from pydantic import BaseModel, Field
 
 
 class StorageUsage(BaseModel):
-    total_bytes: int = Field(description="Models + datasets + job artifacts; what the storage quota counts.")
+    total_bytes: int = Field(description="Models + datasets + job artifacts.")
     models_bytes: int
     datasets_bytes: int
     artifacts_bytes: int
-    quota_bytes: int = Field(description="`QAAS_QUOTA_STORAGE_BYTES`: uploads beyond it are refused with 413.")
+    files: int = Field(description="Stored files (external-data files and artifacts included).")
+    quota_used_bytes: int = Field(
+        description="What the storage quota counts: `total_bytes` plus a fixed overhead per file (4096 bytes)."
+    )
+    quota_bytes: int = Field(
+        description="`QAAS_QUOTA_STORAGE_BYTES`: uploads beyond it are refused (413 `quota_exceeded`)."
+    )
 
 
 class JobCounts(BaseModel):

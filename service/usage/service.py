@@ -31,6 +31,8 @@ def usage(session: Session, settings: Settings, tenant: str) -> Usage:
             models_bytes=stored.models,
             datasets_bytes=stored.datasets,
             artifacts_bytes=stored.artifacts,
+            files=stored.files,
+            quota_used_bytes=stored.charged,
             quota_bytes=settings.quota_storage_bytes,
         ),
         jobs=JobCounts(**by_status, active_quota=settings.quota_active_jobs),

@@ -12,6 +12,7 @@ from sqlalchemy import case, update
 from service import retention
 from service.database import transaction, utcnow
 from service.jobs import state
+from service.quotas import FILE_OVERHEAD_BYTES
 from service.storage import LocalStorage
 from service.tables import Artifact, Dataset, Job, OnnxModel
 from tests.service.helpers import assert_error, conv_model_and_data
@@ -89,6 +90,8 @@ def test_usage_counts_what_the_tenant_stores_and_runs(client: TestClient, tmp_pa
     assert storage["datasets_bytes"] == done["dataset"]["size_bytes"]
     assert storage["artifacts_bytes"] == 1234
     assert storage["total_bytes"] == storage["models_bytes"] + storage["datasets_bytes"] + 1234
+    # What the quota counts: each of the three files (model, dataset, artifact) costs its size plus the overhead.
+    assert storage["files"] == 3 and storage["quota_used_bytes"] == storage["total_bytes"] + 3 * FILE_OVERHEAD_BYTES
     assert storage["quota_bytes"] == settings.quota_storage_bytes
     assert usage["jobs"] == {
         "queued": 1,

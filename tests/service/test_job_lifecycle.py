@@ -13,9 +13,8 @@ from service import retention
 from service.database import transaction, utcnow
 from service.jobs import state
 from service.quotas import FILE_OVERHEAD_BYTES
-from service.storage import LocalStorage
-from service.tables import Artifact, Dataset, Job, OnnxModel
-from tests.service.helpers import assert_error, conv_model_and_data
+from service.tables import Dataset, Job, OnnxModel
+from tests.service.helpers import assert_error, conv_model_and_data, store_artifact
 
 RESULT = {"original": {"size_bytes": 100}, "quantized": {"size_bytes": 30}, "comparison": {"size_ratio": 0.3}}
 
@@ -24,25 +23,13 @@ def finished_job(client: TestClient, tmp_path: Path, *, artifact: bytes = b"x" *
     """A job that ran and succeeded, with one stored artifact, as a worker would leave it."""
     model, dataset = conv_model_and_data(client, tmp_path)
     job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
-    storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
-    src = tmp_path / f"{job['id']}.onnx"
-    src.write_bytes(artifact)
-    stored = storage.put_file(f"jobs/{job['id']}/1/quantized.onnx", src)
     with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
         attempt = state.claim(session, job["id"], 60)
         assert attempt == 1
-        session.add(
-            Artifact(
-                job_id=job["id"],
-                name="quantized.onnx",
-                storage_key=stored.key,
-                size_bytes=stored.size_bytes,
-                sha256=stored.sha256,
-                media_type="application/octet-stream",
-            )
-        )
+    path = store_artifact(client, job["id"], artifact, tmp_path)
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
         assert state.succeed(session, job["id"], attempt, RESULT)
-    return {"job": job, "model": model, "dataset": dataset, "path": storage.local_path(stored.key)}
+    return {"job": job, "model": model, "dataset": dataset, "path": path}
 
 
 def test_delete_removes_an_ended_job_and_its_files(client: TestClient, tmp_path: Path) -> None:

@@ -113,7 +113,9 @@ def deploy(name: str, root: Path, *, worker: bool = True, **env: str) -> Iterato
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    yield from deploy("embedded", tmp_path_factory.mktemp("embedded"))
+    # Event streams poll every 50 ms (default 500): mode auto's search on the tests' tiny models spends a
+    # few hundred ms on its first candidate and far less on the others, and a stream shows what a poll sees.
+    yield from deploy("embedded", tmp_path_factory.mktemp("embedded"), QAAS_EVENTS_POLL_S="0.05")
 
 
 @pytest.fixture(scope="module")

@@ -533,11 +533,12 @@ def auto_quantize(
     warnings = _verdict_warnings(search, verdict, chosen)
     outcome.warnings = [*warnings, *outcome.warnings]
     outcome.details["auto"] = summary
-    sensitivity_path = workdir / "sensitivity.json"
-    sensitivity_path.write_text(
-        json.dumps({"sensitivities": [s.to_dict() for s in search.sensitivities]}, indent=2, default=str)
-    )
-    outcome.artifacts["sensitivity.json"] = sensitivity_path
+    if search.sensitivities:  # the ranking, when the mixed-precision search made one
+        sensitivity_path = workdir / "sensitivity.json"
+        sensitivity_path.write_text(
+            json.dumps({"sensitivities": [s.to_dict() for s in search.sensitivities]}, indent=2, default=str)
+        )
+        outcome.artifacts["sensitivity.json"] = sensitivity_path
     outcome.preprocessing_steps = [f"auto: {summary['headline']}", *outcome.preprocessing_steps]
     return outcome, measured
 

@@ -185,6 +185,8 @@ def test_nothing_faster_than_float_keeps_float(tmp_path: Path) -> None:
     )
     assert search["verdict"] == "keep_float" and search["effective_recipe"] is None
     assert outcome.warnings[0].startswith("Keep float")
+    # No mixed-precision search started (nothing would win), so there is no ranking to hand back.
+    assert search["sensitivity"] == [] and "sensitivity.json" not in outcome.artifacts
     # Nothing is not slower, so the artifact is the float model itself.
     assert outcome.model_path.read_bytes() == model.read_bytes()
     assert measured.comparison["size_ratio"] == pytest.approx(1.0)

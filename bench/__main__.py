@@ -45,12 +45,14 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "api_load": ("api_job_poll_rps", "api_job_poll_p99_ms"),
     "upload": ("upload_mb_s", "upload_api_rss_growth_mb"),
     "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup"),
+    "sse": ("sse_job_poll_rps", "sse_job_poll_p50_ms"),
 }
 ALIASES = {
     "calibration": "calibration_memory",
     "memory": "calibration_memory",
     "api": "api_load",
     "load": "api_load",
+    "events": "sse",
 }
 ORDER = [figure for names in BENCHMARKS.values() for figure in names]
 

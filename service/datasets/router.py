@@ -38,9 +38,10 @@ def upload_dataset(
     settings: SettingsDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="The .npz, .npy or .zip file.")],
-    name: Annotated[str | None, Form(max_length=255)] = None,
+    name: Annotated[str, Form(max_length=255, description="Empty: the file name.")] = "",
     preprocess: Annotated[
-        str | None, Form(description="JSON, for image archives only.", examples=[PREPROCESS_EXAMPLE])
+        str | None,
+        Form(description="JSON, for image archives only (ignored for arrays).", examples=[PREPROCESS_EXAMPLE]),
     ] = None,
 ) -> DatasetOut:
     return DatasetOut.model_validate(service.create_dataset(session, storage, settings, tenant, file, name, preprocess))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from service.auth import TenantDep
 from service.deps import SessionDep, SettingsDep, StorageDep
@@ -16,6 +17,13 @@ from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.tables import OnnxModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _only_files(value: Any) -> Any:
+    """Keep the file parts of `external_data`. A text part carries no file: it is what a form tool sends
+    for a file field left empty (Swagger UI sends the word `string`), so it is dropped, not refused."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if v is not None and not isinstance(v, str)]
 
 
 @router.post(
@@ -34,12 +42,16 @@ def upload_model(
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="The .onnx file.")],
     external_data: Annotated[
-        list[UploadFile] | None,
-        File(description="External data files named as the model refers to them, or one .zip of them."),
-    ] = None,
-    name: Annotated[str | None, Form(max_length=255, description="Defaults to the file name.")] = None,
+        list[UploadFile],
+        File(
+            default_factory=list,
+            description="External data files named as the model refers to them, or one .zip of them.",
+        ),
+        BeforeValidator(_only_files),
+    ],
+    name: Annotated[str, Form(max_length=255, description="Empty: the file name.")] = "",
 ) -> ModelOut:
-    row = service.create_model(session, storage, settings, tenant, file, external_data or [], name)
+    row = service.create_model(session, storage, settings, tenant, file, external_data, name)
     return ModelOut.model_validate(row)
 
 

@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 from fastapi.testclient import TestClient
 
+from service.database import transaction
+from service.storage import LocalStorage
+from service.tables import Artifact
 from tests.onnx_models import conv_classifier, matmul_mlp
 
 
@@ -31,6 +34,26 @@ def upload_dataset(client: TestClient, content: bytes, filename: str = "calib.np
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+def store_artifact(client: TestClient, job_id: str, content: bytes, tmp_path: Path) -> Path:
+    """Store `content` as the job's (attempt 1) quantized.onnx with its row, as a worker would; its stored path."""
+    storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
+    src = tmp_path / f"{job_id}.onnx"
+    src.write_bytes(content)
+    stored = storage.put_file(f"jobs/{job_id}/1/quantized.onnx", src)
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        session.add(
+            Artifact(
+                job_id=job_id,
+                name="quantized.onnx",
+                storage_key=stored.key,
+                size_bytes=stored.size_bytes,
+                sha256=stored.sha256,
+                media_type="application/octet-stream",
+            )
+        )
+    return storage.local_path(stored.key)
 
 
 def conv_model_and_data(client: TestClient, tmp_path: Path, n: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:

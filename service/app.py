@@ -28,6 +28,7 @@ from service.ops.router import router as ops_router
 from service.queue import JobQueue
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage
+from service.usage.router import router as usage_router
 
 log = logging.getLogger("service")
 
@@ -159,6 +160,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(PoolTimeout, _database_down)
     app.add_exception_handler(OSError, _storage_down)
     app.add_exception_handler(Exception, _internal)
-    for router in (models_router, datasets_router, jobs_router, ops_router):
+    for router in (models_router, datasets_router, jobs_router, usage_router, ops_router):
         app.include_router(router)
     return app

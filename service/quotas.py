@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -13,7 +15,18 @@ from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
 JOB_RETRY_AFTER_S = 30
 
 
-def stored_bytes(session: Session, tenant: str) -> int:
+@dataclass(frozen=True)
+class StoredBytes:
+    models: int
+    datasets: int
+    artifacts: int
+
+    @property
+    def total(self) -> int:
+        return self.models + self.datasets + self.artifacts
+
+
+def stored_bytes_by_kind(session: Session, tenant: str) -> StoredBytes:
     models = session.scalar(
         select(func.coalesce(func.sum(OnnxModel.size_bytes), 0)).where(
             OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None)
@@ -29,7 +42,11 @@ def stored_bytes(session: Session, tenant: str) -> int:
         .join(Job, Job.id == Artifact.job_id)
         .where(Job.tenant == tenant)
     )
-    return int(models or 0) + int(datasets or 0) + int(artifacts or 0)
+    return StoredBytes(int(models or 0), int(datasets or 0), int(artifacts or 0))
+
+
+def stored_bytes(session: Session, tenant: str) -> int:
+    return stored_bytes_by_kind(session, tenant).total
 
 
 def check_storage(session: Session, settings: Settings, tenant: str, incoming: int) -> None:

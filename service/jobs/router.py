@@ -86,6 +86,19 @@ def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
     return JobOut.model_validate(service.cancel_job(session, tenant, job_id))
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an ended job and its artifacts",
+    description="Removes the job, its report and every artifact (the quantized model included). Refused with "
+    "409 `conflict` while the job is queued or running: cancel it first.",
+    responses=error_responses(404, 409),
+)
+def delete_job(session: SessionDep, storage: StorageDep, tenant: TenantDep, job_id: str) -> Response:
+    service.delete_job(session, storage, tenant, job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get(
     "/{job_id}/report",
     summary="The job's result: sizes, latency, fidelity, accuracy",

@@ -7,10 +7,10 @@ import json
 from datetime import timedelta
 
 import onnx
-from sqlalchemy import Select, select, text
+from sqlalchemy import CursorResult, Select, delete, exists, select, text
 from sqlalchemy.orm import Session
 
-from service.database import utcnow
+from service.database import after_commit, utcnow
 from service.datasets.service import get_dataset
 from service.errors import Conflict, InvalidRecipe, NotFound
 from service.inspection.compat import check_dataset_fits_model
@@ -20,7 +20,7 @@ from service.models.service import get_model
 from service.quotas import check_active_jobs
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Artifact, Dataset, Job, OnnxModel
+from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 WEIGHT_ONLY_OPS = ("MatMul", "Gather")
@@ -194,6 +194,22 @@ def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> Artif
             detail={"job_id": job_id, "name": name},
         )
     return artifact
+
+
+def delete_job(session: Session, storage: Storage, tenant: str, job_id: str) -> None:
+    """Remove an ended job, its artifact rows and (once committed) its stored files. A queued or
+    running job is refused: its worker may still be writing them."""
+    job = get_job(session, tenant, job_id)
+    ended = Job.status.notin_(ACTIVE_STATUSES)
+    session.execute(delete(Artifact).where(Artifact.job_id == job.id, exists().where(Job.id == job.id, ended)))
+    gone = session.execute(delete(Job).where(Job.id == job.id, ended))
+    if not isinstance(gone, CursorResult) or gone.rowcount != 1:
+        raise Conflict(
+            f"The job is {job.status}; cancel it first (POST /v1/jobs/{job_id}/cancel), then delete it.",
+            detail={"job_id": job_id, "status": job.status},
+        )
+    session.expunge(job)
+    after_commit(session, lambda: storage.delete_prefix(f"jobs/{job_id}"))
 
 
 def delete_job_row(session: Session, job_id: str) -> None:

@@ -130,6 +130,7 @@ def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str,
         ("DELETE", "/v1/datasets/{}", "dataset"),
         ("GET", "/v1/jobs/{}", "job"),
         ("POST", "/v1/jobs/{}/cancel", "job"),
+        ("DELETE", "/v1/jobs/{}", "job"),
         ("GET", "/v1/jobs/{}/report", "job"),
         ("GET", "/v1/jobs/{}/report.html", "job"),
         ("GET", "/v1/jobs/{}/artifacts", "job"),
@@ -156,6 +157,9 @@ def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str,
     for path in ("/v1/models", "/v1/datasets", "/v1/jobs"):
         assert api.get(path, headers=bob).json()["items"] == []
         assert len(api.get(path, headers=_as(keys["alice"])).json()["items"]) == 1
+    usage = api.get("/v1/usage", headers=bob).json()
+    assert (usage["tenant"], usage["models"], usage["storage"]["total_bytes"], usage["jobs"]["queued"]) == ("bob", 0, 0, 0)
+    assert api.get("/v1/usage", headers=_as(keys["alice"])).json()["jobs"]["queued"] == 1
     # A job cannot reference another tenant's model or dataset.
     assert_error(
         api.post("/v1/jobs", headers=bob, json={"model_id": ids["model"], "recipe": {"mode": "dynamic"}}),

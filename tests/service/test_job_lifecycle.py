@@ -1,0 +1,101 @@
+"""Ending a job's life: DELETE /v1/jobs/{id}, the retention sweep, and GET /v1/usage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from service.database import transaction
+from service.jobs import state
+from service.storage import LocalStorage
+from service.tables import Artifact
+from tests.service.helpers import assert_error, conv_model_and_data
+
+
+def finished_job(client: TestClient, tmp_path: Path, *, artifact: bytes = b"x" * 1000) -> dict[str, Any]:
+    """A job that ran and succeeded, with one stored artifact, as a worker would leave it."""
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
+    storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
+    src = tmp_path / f"{job['id']}.onnx"
+    src.write_bytes(artifact)
+    stored = storage.put_file(f"jobs/{job['id']}/1/quantized.onnx", src)
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        attempt = state.claim(session, job["id"], 60)
+        assert attempt == 1
+        session.add(
+            Artifact(
+                job_id=job["id"],
+                name="quantized.onnx",
+                storage_key=stored.key,
+                size_bytes=stored.size_bytes,
+                sha256=stored.sha256,
+                media_type="application/octet-stream",
+            )
+        )
+        assert state.succeed(session, job["id"], attempt, {})
+    return {"job": job, "model": model, "dataset": dataset, "path": storage.local_path(stored.key)}
+
+
+def test_delete_removes_an_ended_job_and_its_files(client: TestClient, tmp_path: Path) -> None:
+    done = finished_job(client, tmp_path)
+    job_id = done["job"]["id"]
+    assert done["path"].exists()
+    response = client.delete(f"/v1/jobs/{job_id}")
+    assert response.status_code == 204, response.text
+    assert not done["path"].exists() and not done["path"].parent.parent.exists()
+    assert_error(client.get(f"/v1/jobs/{job_id}"), 404, "not_found")
+    assert_error(client.get(f"/v1/jobs/{job_id}/artifacts/quantized.onnx"), 404, "not_found")
+    assert_error(client.delete(f"/v1/jobs/{job_id}"), 404, "not_found")
+    assert client.get("/v1/jobs").json()["items"] == []
+    # The model and dataset it used are untouched.
+    assert client.get(f"/v1/models/{done['model']['id']}").status_code == 200
+
+
+def test_delete_of_a_queued_or_running_job_is_a_conflict(client: TestClient, tmp_path: Path) -> None:
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
+    error = assert_error(client.delete(f"/v1/jobs/{job['id']}"), 409, "conflict")
+    assert "cancel" in error["message"] and error["detail"]["status"] == "queued"
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        assert state.claim(session, job["id"], 60) == 1
+    assert assert_error(client.delete(f"/v1/jobs/{job['id']}"), 409, "conflict")["detail"]["status"] == "running"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        assert state.fail(session, job["id"], 1, state.CANCELLED_ERROR, status="cancelled")
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+
+
+def test_usage_counts_what_the_tenant_stores_and_runs(client: TestClient, tmp_path: Path) -> None:
+    empty = client.get("/v1/usage")
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["storage"]["total_bytes"] == 0 and empty.json()["jobs"]["queued"] == 0
+    done = finished_job(client, tmp_path, artifact=b"y" * 1234)
+    queued = client.post(
+        "/v1/jobs", json={"model_id": done["model"]["id"], "calibration_dataset_id": done["dataset"]["id"]}
+    ).json()
+    usage = client.get("/v1/usage").json()
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    storage = usage["storage"]
+    assert storage["models_bytes"] == done["model"]["size_bytes"]
+    assert storage["datasets_bytes"] == done["dataset"]["size_bytes"]
+    assert storage["artifacts_bytes"] == 1234
+    assert storage["total_bytes"] == storage["models_bytes"] + storage["datasets_bytes"] + 1234
+    assert storage["quota_bytes"] == settings.quota_storage_bytes
+    assert usage["jobs"] == {
+        "queued": 1,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 0,
+        "cancelled": 0,
+        "active_quota": settings.quota_active_jobs,
+    }
+    assert usage["models"] == 1 and usage["datasets"] == 1 and usage["tenant"] == "default"
+    client.post(f"/v1/jobs/{queued['id']}/cancel")
+    client.delete(f"/v1/jobs/{done['job']['id']}")
+    after = client.get("/v1/usage").json()
+    assert after["storage"]["artifacts_bytes"] == 0
+    assert after["jobs"]["succeeded"] == 0 and after["jobs"]["cancelled"] == 1

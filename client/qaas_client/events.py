@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -53,9 +52,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def follow(
-    http: Http, job_id: str, *, stream: bool = True, sleep: Callable[[float], None] = time.sleep
-) -> Iterator[JobUpdate]:
+def follow(http: Http, job_id: str, *, stream: bool = True) -> Iterator[JobUpdate]:
     """Yields the job's updates until it ends; the last one is terminal."""
     if stream:
         try:
@@ -63,7 +60,7 @@ def follow(
             return
         except _NoStream:
             log.info("the service has no event stream for jobs; polling instead")
-    yield from _poll(http, job_id, sleep)
+    yield from _poll(http, job_id)
 
 
 class _NoStream(Exception):
@@ -93,6 +90,7 @@ def _stream(http: Http, job_id: str) -> Iterator[JobUpdate]:
             response.close()
             yield update_from_job(http.json("GET", f"/v1/jobs/{job_id}"))
             return
+        log.info("following job %s through its event stream (after event %s)", job_id, last_id)
         try:
             for event in EventSource(response).iter_sse():
                 if event.id:
@@ -123,7 +121,7 @@ def _stream(http: Http, job_id: str) -> Iterator[JobUpdate]:
             raise _NoStream
 
 
-def _poll(http: Http, job_id: str, sleep: Callable[[float], None]) -> Iterator[JobUpdate]:
+def _poll(http: Http, job_id: str) -> Iterator[JobUpdate]:
     current: JobUpdate | None = None
     interval = POLL_START_S
     while True:
@@ -134,5 +132,5 @@ def _poll(http: Http, job_id: str, sleep: Callable[[float], None]) -> Iterator[J
             interval = POLL_START_S
         if update.done:
             return
-        sleep(interval)
+        http.sleep(interval)
         interval = min(POLL_MAX_S, interval * 1.25)

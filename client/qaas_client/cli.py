@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import webbrowser
@@ -54,11 +55,15 @@ def _echo_json(data: Any) -> None:
 @click.group(cls=QaasGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--url", metavar="URL", help="The service (default: $QAAS_URL, then `qaas login`'s, then local).")
 @click.option("--api-key", metavar="KEY", help="API key (default: $QAAS_API_KEY, then `qaas login`'s).")
+@click.option("-v", "--verbose", is_flag=True, help="Say how jobs are followed and requests retried.")
 @click.version_option(package_name="qaas-client", prog_name="qaas")
 @click.pass_context
-def cli(ctx: click.Context, url: str | None, api_key: str | None) -> None:
+def cli(ctx: click.Context, url: str | None, api_key: str | None, verbose: bool) -> None:
     """QaaS: quantize ONNX models on a QaaS service and read what it cost."""
     ctx.ensure_object(dict).update(url=url, api_key=api_key)
+    if verbose:
+        logging.basicConfig(format="qaas: %(message)s")
+        logging.getLogger("qaas_client").setLevel(logging.INFO)
 
 
 # login
@@ -115,10 +120,12 @@ def _recipe_from_file(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
     return data, {}
 
 
-def _follow(job: Job) -> None:
+def _follow(job: Job, announce: str | None = None) -> None:
     """Shows the job's progress until it ends. Ctrl-C asks whether to cancel it; either way the
     command then stops with status 130."""
     try:
+        if announce:
+            err.print(announce)
         with ProgressView(job.id, err) as view:
             for update in job.updates():
                 view.update(update)
@@ -208,11 +215,12 @@ def quantize(
         evaluation_settings=evaluation_settings or None,
         preprocess=preprocess,
     )
-    err.print(f"Job {job.id} created (mode {job.recipe.get('mode')}).")
+    created = f"Job {job.id} created (mode {job.recipe.get('mode')})."
     if detach:
+        err.print(created)
         click.echo(job.id)
         return
-    _follow(job)
+    _follow(job, announce=created)
     if job.status != "succeeded":
         job.raise_for_status()
     target = output or Path(f"{Path(model).stem}_quantized.onnx")
@@ -412,6 +420,19 @@ def datasets_delete(ctx: click.Context, dataset_ids: tuple[str, ...]) -> None:
     for dataset_id in dataset_ids:
         client.delete_dataset(dataset_id)
         out.print(f"Deleted dataset {dataset_id}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON.")
+@click.pass_context
+def usage(ctx: click.Context, as_json: bool) -> None:
+    """Your stored bytes, job counts and quotas."""
+    found = _client(ctx).usage()
+    if as_json:
+        _echo_json(found)
+        return
+    storage, jobs_by_status = found["storage"], found["jobs"]
+    out.print(render.usage_grid(found["tenant"], storage, jobs_by_status, found["models"], found["datasets"]))
 
 
 def main() -> None:

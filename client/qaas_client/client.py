@@ -185,6 +185,11 @@ class Client:
         params = {k: v for k, v in {"status": status, "model_id": model_id}.items() if v}
         return (Job(self, j) for j in self._pages("/v1/jobs", limit, params))
 
+    def usage(self) -> dict[str, Any]:
+        """The tenant's stored bytes, job counts and quotas (`GET /v1/usage`)."""
+        usage: dict[str, Any] = self.http.json("GET", "/v1/usage")
+        return usage
+
     def quantize(
         self,
         model: PathLike | Model,

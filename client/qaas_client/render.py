@@ -114,3 +114,16 @@ def jobs_table(jobs: Iterable[Job]) -> Table:
             for j in jobs
         ),
     )
+
+
+def usage_grid(tenant: str, storage: dict[str, int], jobs: dict[str, int], models: int, datasets: int) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("tenant", tenant)
+    grid.add_row("storage", f"{size(storage['total_bytes'])} of {size(storage['quota_bytes'])}")
+    grid.add_row("stored", f"{models} models, {datasets} datasets")
+    active = jobs.get("queued", 0) + jobs.get("running", 0)
+    counts = ", ".join(f"{jobs.get(s, 0)} {s}" for s in ("queued", "running", "succeeded", "failed", "cancelled"))
+    grid.add_row("jobs", f"{counts} ({active} of {jobs.get('active_quota', '-')} active allowed)")
+    return grid

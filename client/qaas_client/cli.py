@@ -21,7 +21,7 @@ from qaas_client.progress import ProgressView
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _notify_retry(why: str, wait_s: float, retry: int) -> None:

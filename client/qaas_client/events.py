@@ -90,7 +90,7 @@ def _stream(http: Http, job_id: str) -> Iterator[JobUpdate]:
             response.close()
             yield update_from_job(http.json("GET", f"/v1/jobs/{job_id}"))
             return
-        log.info("following job %s through its event stream (after event %s)", job_id, last_id)
+        log.info("following job %s through its event stream%s", job_id, f" from event {last_id}" if last_id else "")
         try:
             for event in EventSource(response).iter_sse():
                 if event.id:

@@ -53,7 +53,8 @@ def summary(report: Report) -> Table:
     else:
         grid.add_row("accuracy", "- (no labels in the evaluation data)")
     if report.auto_verdict or report.auto_chosen:
-        grid.add_row("auto", f"{report.auto_verdict or '-'}; chose {report.auto_chosen or '-'}")
+        verdict = f"{report.auto_verdict}; " if report.auto_verdict else ""
+        grid.add_row("auto", f"{verdict}chose {report.auto_chosen or '-'}")
     grid.add_row("warnings", "\n".join(f"- {w}" for w in report.warnings) if report.warnings else "none")
     return grid
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from qaas_client import config, render
 from qaas_client.client import Client, Job
-from qaas_client.errors import AuthenticationError, QaasError
+from qaas_client.errors import AuthenticationError, ConflictError, QaasError
 from qaas_client.progress import ProgressView
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
@@ -140,12 +141,11 @@ def _interrupted(job: Job) -> NoReturn:
     except (click.Abort, KeyboardInterrupt, EOFError):
         cancel = False
     if cancel:
-        job.cancel()
-        try:
+        with contextlib.suppress(ConflictError):  # it ended meanwhile
+            job.cancel()
+        with contextlib.suppress(KeyboardInterrupt):
             for _ in job.updates(stream=False):
                 pass
-        except KeyboardInterrupt:
-            pass
         err.print(f"Job {job.id} {job.refresh().status}.")
     else:
         err.print(f"Job {job.id} goes on; follow it with `qaas jobs wait {job.id}`.")

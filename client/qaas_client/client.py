@@ -28,6 +28,7 @@ MODEL_FILE = "quantized.onnx"
 MODEL_MEDIA_TYPE = "application/octet-stream"
 DATA_SUFFIXES = (".onnx", ".npz", ".npy", ".zip", ".data", ".bin")
 PAGE = 200
+UPLOAD_READ_TIMEOUT_S = 900.0  # the service checks a large model or dataset before it answers
 
 
 def _local_file(value: PathLike) -> Path | None:
@@ -115,7 +116,9 @@ class Client:
             return parts
 
         data = {"name": name} if name else None
-        return Model.from_json(self.http.json("POST", "/v1/models", open_files=files, data=data))
+        return Model.from_json(
+            self.http.json("POST", "/v1/models", open_files=files, data=data, read_timeout=UPLOAD_READ_TIMEOUT_S)
+        )
 
     def get_model(self, model_id: str) -> Model:
         return Model.from_json(self.http.json("GET", f"/v1/models/{model_id}"))
@@ -142,7 +145,11 @@ class Client:
         def files(stack: ExitStack) -> dict[str, Any]:
             return {"file": (data_path.name, stack.enter_context(data_path.open("rb")))}
 
-        return Dataset.from_json(self.http.json("POST", "/v1/datasets", open_files=files, data=form or None))
+        return Dataset.from_json(
+            self.http.json(
+                "POST", "/v1/datasets", open_files=files, data=form or None, read_timeout=UPLOAD_READ_TIMEOUT_S
+            )
+        )
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         return Dataset.from_json(self.http.json("GET", f"/v1/datasets/{dataset_id}"))

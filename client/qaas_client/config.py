@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from qaas_client.errors import QaasError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "QAAS_URL"
 KEY_ENV = "QAAS_API_KEY"
@@ -33,7 +35,7 @@ def load_saved() -> Connection | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise click.ClickException(f"Cannot read {path}: {exc}; run `qaas login` again.") from exc
+        raise QaasError("invalid_config", f"Cannot read {path}: {exc}; run `qaas login` again.") from exc
     return Connection(str(data.get("url") or DEFAULT_URL), data.get("api_key") or None)
 
 

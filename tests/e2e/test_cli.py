@@ -18,6 +18,9 @@ import numpy as np
 import onnx
 import pytest
 
+from service import auth
+from service.database import make_engine, make_session_factory, transaction
+from service.settings import Settings
 from tests.conftest import clean_qaas_env, redis_prefix
 from tests.e2e.conftest import Deployment, deploy
 from tests.onnx_models import conv_classifier, matmul_mlp
@@ -47,14 +50,14 @@ def cli_deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def create_key(dep: Deployment, tenant: str) -> str:
-    made = subprocess.run(
-        [sys.executable, "-m", "service.admin", "create-key", "--tenant", tenant],
-        env=dep.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return made.stdout.strip().splitlines()[-1]
+    """A key made in the deployment's database, as `python -m service.admin create-key` makes them."""
+    settings = Settings(data_dir=dep.data_dir, database_url=dep.env.get("QAAS_DATABASE_URL"))
+    engine = make_engine(settings)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            return auth.create_key(session, tenant).key
+    finally:
+        engine.dispose()
 
 
 @dataclass

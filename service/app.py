@@ -21,6 +21,7 @@ from service.auth import RateLimiter
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
 from service.errors import ServiceError
+from service.jobs.events import EventHub
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
@@ -132,9 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.queue = queue
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
+        app.state.event_hub = EventHub(app.state.session_factory, settings.events_poll_s)
         try:
             yield
         finally:
+            await app.state.event_hub.close()
             queue.close()
             engine.dispose()
 

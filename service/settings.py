@@ -33,6 +33,16 @@ class Settings(BaseSettings):
     )
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per API key per minute (per API process).")
 
+    events_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="How often an API process reads the jobs that have open event streams.",
+    )
+    events_heartbeat_s: float = Field(
+        15.0, gt=0, description="A comment line on every open event stream this often, so proxies keep it open."
+    )
+
     worker_concurrency: int = Field(1, ge=1, le=64)
     task_soft_time_limit_s: int = Field(3600, ge=10)
     task_time_limit_s: int = Field(3900, ge=20)

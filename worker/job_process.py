@@ -26,19 +26,35 @@ from worker.engine import (
     quantize,
 )
 from worker.engine.auto import auto_quantize
+from worker.engine.spec import CandidateProgress
 from worker.sandbox import apply_limits, die_with_parent, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
 
 class Reporter:
+    """Progress as JSON lines on stdout: `{"stage", "fraction", "detail"}`; `detail` names auto's
+    candidate (`{"candidate": {"index", "total", "name"}}`) while one is being tried, else null."""
+
     def __init__(self) -> None:
         self.stage = Stage.VALIDATING
+        self.fraction = 0.0
+        self.detail: dict[str, Any] | None = None
 
     def __call__(self, stage: Stage, fraction: float) -> None:
         self.stage = stage
-        sys.stdout.write(json.dumps({"stage": str(stage), "fraction": round(float(fraction), 4)}) + "\n")
+        self.fraction = round(float(fraction), 4)
+        line = {"stage": str(stage), "fraction": self.fraction, "detail": self.detail}
+        sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
+
+    def candidate(self, candidate: CandidateProgress | None) -> None:
+        self.detail = (
+            None
+            if candidate is None
+            else {"candidate": {"index": candidate.index, "total": candidate.total, "name": candidate.name}}
+        )
+        self(self.stage, self.fraction)
 
 
 def _source(data: dict[str, Any] | None) -> DatasetSource | None:
@@ -73,6 +89,7 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
             inputs=inputs,
             reused_calibration=reused,
             progress=report,
+            on_candidate=report.candidate,
         )
     else:
         outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)

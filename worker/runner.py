@@ -342,8 +342,8 @@ class JobRunner:
         reader.start()
         started = time.monotonic()
         last_write = last_cancel_check = 0.0
-        pending: tuple[str, float] = ("validating", 0.0)
-        written: tuple[str, float] | None = None
+        pending: tuple[str, float, dict[str, Any] | None] = ("validating", 0.0, None)
+        written: tuple[str, float, dict[str, Any] | None] | None = None
         renew_s = self.settings.job_lease_s / 4
         shown = 0.0
         try:
@@ -357,7 +357,12 @@ class JobRunner:
                             break
                         continue
                     message = json.loads(line)
-                    pending = (str(message["stage"]), float(message["fraction"]))
+                    detail = message.get("detail")
+                    pending = (
+                        str(message["stage"]),
+                        float(message["fraction"]),
+                        detail if isinstance(detail, dict) else None,
+                    )
                 except queue.Empty:
                     pass
                 except (ValueError, KeyError):
@@ -367,12 +372,15 @@ class JobRunner:
                     self._stop(child)
                     return ChildOutcome("handed_back")
                 # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
-                moved = pending != written and now - last_write >= PROGRESS_INTERVAL_S
+                # A new candidate of mode auto is written at once: there are few, and each is worth showing.
+                moved = pending != written and (
+                    now - last_write >= PROGRESS_INTERVAL_S or pending[2] != (written[2] if written else None)
+                )
                 if moved or now - last_write >= renew_s:
-                    stage, fraction = pending
+                    stage, fraction, detail = pending
                     shown = max(shown, overall_progress(stage, fraction))  # never backwards
                     last_write = now
-                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown)
+                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown, detail)
                     if still_ours is not None:
                         written = pending
                     if still_ours is False:
@@ -407,9 +415,9 @@ class JobRunner:
                 self._stop(child)
         return self._read_outcome(child.returncode, workdir)
 
-    def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
+    def _renew(self, job_id: str, attempt: int, stage: str, shown: float, detail: dict[str, Any] | None) -> bool:
         with transaction(self.session_factory) as session:
-            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s)
+            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s, detail)
 
     def _cancel_requested(self, job_id: str) -> bool:
         with self.session_factory() as session:

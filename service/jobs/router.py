@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from service.auth import TenantDep
 from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from service.errors import Conflict, Unavailable
-from service.jobs import service
+from service.jobs import events, service
 from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.reports.html import render_report_html
@@ -19,6 +20,14 @@ from service.schemas import Page, error_responses
 from service.tables import Job
 
 log = logging.getLogger(__name__)
+EVENTS_EXAMPLE = (
+    'event: status\nid: 1764470000123456.0\ndata: {"job_id":"3f0e...","status":"running","stage":"calibrating",'
+    '"progress":0.31,"attempts":1,"candidate":null}\n\n'
+    'event: progress\nid: 1764470000123456.1\ndata: {"job_id":"3f0e...","status":"running","stage":"calibrating",'
+    '"progress":0.31,"attempts":1,"candidate":null}\n\n'
+    ": ping\n\n"
+    'event: end\nid: 1764470004000000.2\ndata: {"id":"3f0e...","status":"succeeded", ...}\n\n'
+)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
@@ -84,6 +93,47 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
 )
 def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
     return JobOut.model_validate(service.cancel_job(session, tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job live (Server-Sent Events)",
+    description="A `text/event-stream` of `status` events (each status change), `progress` events (stage, "
+    "progress and, in mode auto, the candidate recipe k of n) and one `end` event whose data is the whole Job "
+    "(result or error included), after which the stream closes. The first events give the current state. "
+    "Each event carries an `id`: reconnect with `Last-Event-ID` to resume without repeats; a stream whose "
+    "`end` was already delivered answers 204. A comment line is sent every `QAAS_EVENTS_HEARTBEAT_S` seconds "
+    "so proxies keep the connection open.",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "The event stream. `status` and `progress` data: a JobEvent; `end` data: a Job.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": EVENTS_EXAMPLE,
+                }
+            },
+        },
+        204: {"description": "The stream's `end` event was already delivered (`Last-Event-ID`): nothing is left."},
+        **error_responses(404),
+    },
+)
+def job_events(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> Response:
+    job = service.get_job(session, tenant, job_id)
+    first, updated_at = JobOut.model_validate(job), job.updated_at
+    last_seen = events.parse_last_event_id(last_event_id)
+    if first.status in events.TERMINAL and events.already_ended(events.Snapshot.of(first, updated_at).stamp, last_seen):
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    hub: events.EventHub = request.app.state.event_hub
+    return EventSourceResponse(hub.stream(first, updated_at, last_seen), ping=settings.events_heartbeat_s)
 
 
 @router.delete(

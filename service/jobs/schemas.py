@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from service.schemas import ErrorInfo, OrmModel
 
@@ -159,20 +159,44 @@ class JobResult(BaseModel):
     machine: dict[str, Any] = Field(default_factory=dict)
 
 
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStage = Literal[
+    "queued",
+    "validating",
+    "preprocessing",
+    "calibrating",
+    "quantizing",
+    "evaluating",
+    "reporting",
+    "done",
+]
+
+
+class CandidateProgress(BaseModel):
+    """Mode auto: the candidate recipe being tried now, `index` of `total` (from 1)."""
+
+    index: int = Field(ge=1, examples=[2])
+    total: int = Field(ge=1, examples=[5])
+    name: str = Field(examples=["static QDQ, per-channel, Percentile"])
+
+
+class JobEvent(BaseModel):
+    """The `data` of a `status` or `progress` event on `GET /v1/jobs/{id}/events`."""
+
+    job_id: str
+    status: JobStatusName
+    stage: JobStage
+    progress: float = Field(ge=0, le=1)
+    attempts: int
+    candidate: CandidateProgress | None = None
+
+
 class JobOut(OrmModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    stage: Literal[
-        "queued",
-        "validating",
-        "preprocessing",
-        "calibrating",
-        "quantizing",
-        "evaluating",
-        "reporting",
-        "done",
-    ]
+    status: JobStatusName
+    stage: JobStage
     progress: float = Field(ge=0, le=1)
+    progress_detail: dict[str, Any] | None = Field(None, exclude=True)
     model_id: str
     calibration_dataset_id: str | None
     evaluation_dataset_id: str | None
@@ -184,6 +208,13 @@ class JobOut(OrmModel):
     finished_at: datetime | None
     error: ErrorInfo | None
     result: JobResult | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def candidate(self) -> CandidateProgress | None:
+        """Mode auto, while it tries candidate recipes: which one, of how many."""
+        found = (self.progress_detail or {}).get("candidate")
+        return CandidateProgress.model_validate(found) if isinstance(found, dict) else None
 
 
 class ArtifactOut(OrmModel):

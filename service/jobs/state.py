@@ -37,6 +37,7 @@ def claim(session: Session, job_id: str, lease_s: float) -> int | None:
             status=RUNNING,
             stage="validating",
             progress=0.0,
+            progress_detail=None,
             attempts=Job.attempts + 1,
             started_at=now,
             updated_at=now,
@@ -54,8 +55,17 @@ def _owned(job_id: str, attempt: int) -> Any:
     return (Job.id == job_id) & (Job.status == RUNNING) & (Job.attempts == attempt)
 
 
-def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float) -> bool:
-    """Record progress and renew the lease; False when the job is no longer this attempt's."""
+def progress(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    stage: str,
+    fraction: float,
+    lease_s: float,
+    detail: dict[str, Any] | None = None,
+) -> bool:
+    """Record progress (and its detail, e.g. auto's candidate k of n) and renew the lease; False when
+    the job is no longer this attempt's."""
     now = utcnow()
     return _changed(
         session.execute(
@@ -64,6 +74,7 @@ def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: 
             .values(
                 stage=stage,
                 progress=max(0.0, min(1.0, fraction)),
+                progress_detail=detail,
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_s),
             )
@@ -83,6 +94,7 @@ def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any])
                 status=JobStatus.SUCCEEDED.value,
                 stage="done",
                 progress=1.0,
+                progress_detail=None,
                 result=result,
                 finished_at=now,
                 updated_at=now,
@@ -120,6 +132,7 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
                 status=QUEUED,
                 stage="queued",
                 progress=0.0,
+                progress_detail=None,
                 attempts=Job.attempts - 1,
                 started_at=None,
                 updated_at=now,
@@ -202,7 +215,9 @@ def requeue_lost(session: Session, job_id: str, attempt: int) -> bool:
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.lease_expires_at < now, Job.cancel_requested.is_(False))
-            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=now, lease_expires_at=None)
+            .values(
+                status=QUEUED, stage="queued", progress=0.0, progress_detail=None, updated_at=now, lease_expires_at=None
+            )
         )
     )
 

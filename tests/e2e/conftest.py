@@ -16,6 +16,7 @@ import pytest
 
 from service.run import API, MIGRATE, WORKER
 from tests.conftest import clean_qaas_env, redis_prefix
+from tests.sse import Event, EventReader
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -141,3 +142,12 @@ def wait_for_job(
             return job, seen
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s; states seen: {seen}")
+
+
+def follow_job(client: httpx.Client, job_id: str) -> tuple[dict[str, Any], list[Event]]:
+    """Follow the job's event stream to its end; returns the final job (the `end` event) and every event."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        events = EventReader(response).until_end()
+    assert events and events[-1].event == "end", [e.event for e in events]
+    job: dict[str, Any] = events[-1].data
+    return job, events

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Deployment, wait_for_job
+from tests.e2e.conftest import Deployment, follow_job, wait_for_job
 from tests.onnx_models import conv_classifier, matmul_mlp
 from tests.service.helpers import npz_bytes
 
@@ -81,7 +81,8 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
             )
             assert response.status_code == 202, (name, response.text)
             ids[name] = response.json()["id"]
-        done = {name: wait_for_job(http, job_id)[0] for name, job_id in ids.items()}
+        done = {name: wait_for_job(http, job_id)[0] for name, job_id in ids.items() if name != "auto"}
+        done["auto"], auto_events = follow_job(http, ids["auto"])  # queued last, so followed from its start
         models = {
             name: onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
             for name, job in done.items()
@@ -100,6 +101,12 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     assert models["fp16"].graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
     auto = done["auto"]["result"]["quantization"]["auto"]
     assert auto["chosen"] and len(auto["candidates"]) >= 4
+    # The event stream named the candidates as the search tried them (a quick one may pass between polls).
+    tried = [e.data["candidate"] for e in auto_events if e.event == "progress" and e.data["candidate"]]
+    assert tried, [e.data for e in auto_events]
+    assert [c["index"] for c in tried] == sorted(c["index"] for c in tried)
+    names = [c["name"] for c in auto["candidates"]]
+    assert all(c["total"] == len(names) and c["name"] == names[c["index"] - 1] for c in tried), tried
     labelled_result = done["percentile"]["result"]
     assert labelled_result["comparison"]["accuracy"]["metric"] == "top1"
     assert done["images"]["result"]["comparison"]["accuracy"] is not None  # labels from class folders

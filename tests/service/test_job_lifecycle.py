@@ -13,6 +13,8 @@ from service.storage import LocalStorage
 from service.tables import Artifact
 from tests.service.helpers import assert_error, conv_model_and_data
 
+RESULT = {"original": {"size_bytes": 100}, "quantized": {"size_bytes": 30}, "comparison": {"size_ratio": 0.3}}
+
 
 def finished_job(client: TestClient, tmp_path: Path, *, artifact: bytes = b"x" * 1000) -> dict[str, Any]:
     """A job that ran and succeeded, with one stored artifact, as a worker would leave it."""
@@ -35,7 +37,7 @@ def finished_job(client: TestClient, tmp_path: Path, *, artifact: bytes = b"x" *
                 media_type="application/octet-stream",
             )
         )
-        assert state.succeed(session, job["id"], attempt, {})
+        assert state.succeed(session, job["id"], attempt, RESULT)
     return {"job": job, "model": model, "dataset": dataset, "path": storage.local_path(stored.key)}
 
 

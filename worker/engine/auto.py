@@ -21,6 +21,8 @@ from worker.engine.quantize import quantize
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
 from worker.engine.spec import (
     CalibrationMethod,
+    CandidateCallback,
+    CandidateProgress,
     DatasetSource,
     EvaluationSpec,
     Mode,
@@ -28,6 +30,7 @@ from worker.engine.spec import (
     QuantizationSpec,
     Stage,
     TensorSpec,
+    no_candidate,
     no_progress,
 )
 
@@ -154,6 +157,7 @@ def auto_quantize(
     inputs: Sequence[TensorSpec] | None = None,
     reused_calibration: bool = False,
     progress: ProgressCallback = no_progress,
+    on_candidate: CandidateCallback = no_candidate,
 ) -> tuple[QuantizationOutcome, EvaluationOutcome]:
     if calibration is None:
         raise EngineError(
@@ -186,6 +190,7 @@ def auto_quantize(
         trial = Trial(candidate, dataclasses.replace(base, **candidate.changes))
         folder = workdir / f"candidate-{index}"
         report = _scaled(progress, index, len(CANDIDATES))
+        on_candidate(CandidateProgress(index + 1, len(CANDIDATES), candidate.name))
         try:
             trial.quantized = quantize(model_path, trial.spec, folder, calibration=calibration, progress=report)
             trial.measured = measure(trial.quantized.model_path, search_eval, report)
@@ -199,6 +204,7 @@ def auto_quantize(
             shutil.rmtree(workdir / f"candidate-{index}", ignore_errors=True)
 
     assert best.quantized is not None
+    on_candidate(None)
     progress(Stage.EVALUATING, 0.0)
     measured = measure(best.quantized.model_path, evaluation, progress)
     outcome = best.quantized

@@ -62,6 +62,23 @@ def no_progress(stage: Stage, fraction: float) -> None:
     """A ProgressCallback that ignores everything (engine used on its own)."""
 
 
+@dataclass(frozen=True)
+class CandidateProgress:
+    """Mode auto: the candidate recipe being tried now, `index` of `total` (from 1)."""
+
+    index: int
+    total: int
+    name: str
+
+
+# Called as a search moves to its next candidate, and with None once it is past the candidates.
+CandidateCallback = Callable[[CandidateProgress | None], None]
+
+
+def no_candidate(candidate: CandidateProgress | None) -> None:
+    """A CandidateCallback that ignores everything."""
+
+
 def _from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
     """Build a dataclass from a mapping, ignoring unknown keys and None for defaulted fields."""
     kwargs: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from tests.onnx_models import conv_classifier
 from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec
 from worker.engine.auto import CANDIDATES, Candidate, Trial, auto_quantize, choose
 from worker.engine.results import EvaluationOutcome
+from worker.engine.spec import CandidateProgress
 
 
 def _trial(name: str, *, p50: float, size: int, delta: float | None = None, cosine: float = 1.0) -> Trial:
@@ -73,8 +74,13 @@ def test_auto_search_on_a_classifier(tmp_path: Path) -> None:
         calibration=data,
         data=data,
         progress=lambda stage, fraction: stages.append((stage, fraction)),
+        on_candidate=lambda candidate: stages.append(candidate),
     )
     search = outcome.details["auto"]
+    tried = [s for s in stages if not isinstance(s, tuple)]
+    n = len(CANDIDATES)
+    assert tried == [CandidateProgress(i + 1, n, c.name) for i, c in enumerate(CANDIDATES)] + [None]
+    stages = [s for s in stages if isinstance(s, tuple)]
     assert [c["name"] for c in search["candidates"]] == [c.name for c in CANDIDATES]
     assert search["chosen"] in [c["name"] for c in search["candidates"] if c["within_budget"]]
     assert outcome.preprocessing_steps[0] == f"auto: chose {search['chosen']}"

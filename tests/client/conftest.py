@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from qaas_client import Client
 
+from qaas_client import Client
 from service.app import create_app
 from service.settings import Settings
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+
 from qaas_client import (
     AuthenticationError,
     Client,
@@ -17,7 +18,6 @@ from qaas_client import (
     NotFoundError,
     RateLimitedError,
 )
-
 from service.app import create_app
 from service.auth import create_key
 from service.database import transaction

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from qaas_client import QaasError
 
+from qaas_client import QaasError
 from tests.client.conftest import scripted
 
 FILES = {"quantized.onnx": b"model bytes", "quantized.onnx.data": b"weights " * 100, "report.json": b"{}"}

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from qaas_client import Job, JobCancelledError, JobFailedError, JobUpdate, NotFoundError
 
+from qaas_client import Job, JobCancelledError, JobFailedError, JobUpdate, NotFoundError
 from tests.client.conftest import scripted
 
 

@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
-from qaas_client import RateLimitedError, ServerError, UnavailableError
 
+from qaas_client import RateLimitedError, ServerError, UnavailableError
 from tests.client.conftest import scripted
 
 JOB = {"id": "j1", "status": "queued", "stage": "queued", "progress": 0.0, "recipe": {"mode": "dynamic"}}

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from qaas_client import config, render
 from qaas_client.client import Client, Job
@@ -20,9 +21,11 @@ from qaas_client.errors import AuthenticationError, ConflictError, QaasError
 from qaas_client.progress import ProgressView
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+TABLE_WIDTH_PIPED = 240
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+wide = Console(highlight=False, width=TABLE_WIDTH_PIPED)
 
 
 def _notify_retry(why: str, wait_s: float, retry: int) -> None:
@@ -47,6 +50,11 @@ def _client(ctx: click.Context) -> Client:
         obj["client"] = ctx.with_resource(Client(obj.get("url"), obj.get("api_key"), on_retry=_notify_retry))
     client: Client = obj["client"]
     return client
+
+
+def _print_table(table: Table) -> None:
+    """On a terminal, fitted to its width; piped, one line per row however wide."""
+    (out if out.is_terminal else wide).print(table)
 
 
 def _echo_json(data: Any) -> None:
@@ -248,7 +256,7 @@ def jobs_list(ctx: click.Context, status: str | None, model_id: str | None, limi
     if as_json:
         _echo_json([j.raw for j in found])
     else:
-        out.print(render.jobs_table(found))
+        _print_table(render.jobs_table(found))
 
 
 @jobs.command("show")
@@ -261,7 +269,7 @@ def jobs_show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     if as_json:
         _echo_json(job.raw)
         return
-    out.print(render.jobs_table([job]))
+    _print_table(render.jobs_table([job]))
     if job.error:
         out.print(f"error: {job.error.get('message')} [{job.error.get('code')}]")
     if job.status == "succeeded":
@@ -353,7 +361,7 @@ def models_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     if as_json:
         _echo_json([m.raw for m in found])
     else:
-        out.print(render.models_table(found))
+        _print_table(render.models_table(found))
 
 
 @models.command("upload")
@@ -398,7 +406,7 @@ def datasets_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     if as_json:
         _echo_json([d.raw for d in found])
     else:
-        out.print(render.datasets_table(found))
+        _print_table(render.datasets_table(found))
 
 
 @datasets.command("upload")

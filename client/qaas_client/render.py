@@ -22,6 +22,11 @@ def size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _when(stamp: str) -> str:
+    """`2026-11-30T03:04:05.123Z` as `2026-11-30 03:04` (UTC, as the service gives it)."""
+    return stamp[:16].replace("T", " ")
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -60,7 +65,13 @@ def summary(report: Report) -> Table:
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    out = Table(*columns, box=None, header_style="bold", pad_edge=False)
+    """Ids are never cut or wrapped, however narrow the terminal: they are what users copy."""
+    out = Table(box=None, header_style="bold", pad_edge=False)
+    for name in columns:
+        if name == "ID":
+            out.add_column(name, no_wrap=True, min_width=36)
+        else:  # a narrow terminal folds cells rather than hide their ends
+            out.add_column(name, min_width=min(len(name), 8), overflow="fold")
     for row in rows:
         out.add_row(*("-" if v is None else str(v) for v in row))
     return out
@@ -70,7 +81,7 @@ def models_table(models: Iterable[Model]) -> Table:
     return table(
         ("ID", "NAME", "SIZE", "OPSET", "INPUTS", "CREATED"),
         (
-            (m.id, m.name, size(m.size_bytes), m.opset, ", ".join(i.name for i in m.inputs), m.created_at[:19])
+            (m.id, m.name, size(m.size_bytes), m.opset, ", ".join(i.name for i in m.inputs), _when(m.created_at))
             for m in models
         ),
     )
@@ -87,7 +98,7 @@ def datasets_table(datasets: Iterable[Dataset]) -> Table:
                 d.num_samples,
                 size(d.size_bytes),
                 "yes" if d.has_labels else "no",
-                d.created_at[:19],
+                _when(d.created_at),
             )
             for d in datasets
         ),
@@ -95,25 +106,16 @@ def datasets_table(datasets: Iterable[Dataset]) -> Table:
 
 
 def jobs_table(jobs: Iterable[Job]) -> Table:
-    def figures(job: Job) -> tuple[str | None, str | None]:
-        comparison = (job.raw.get("result") or {}).get("comparison") or {}
-        speedup, ratio = comparison.get("speedup_p50"), comparison.get("size_ratio")
-        return (f"{speedup:.2f}x" if speedup else None, f"{ratio:.2f}x" if ratio else None)
+    def status(job: Job) -> str:
+        return job.status if job.done else f"{job.status} {job.stage} {job.progress:.0%}"
+
+    def speedup(job: Job) -> str | None:
+        value = ((job.raw.get("result") or {}).get("comparison") or {}).get("speedup_p50")
+        return f"{value:.2f}x" if value else None
 
     return table(
-        ("ID", "STATUS", "STAGE", "PROGRESS", "MODE", "SPEEDUP", "SIZE", "CREATED"),
-        (
-            (
-                j.id,
-                j.status,
-                j.stage,
-                f"{j.progress:.0%}",
-                j.recipe.get("mode"),
-                *figures(j),
-                str(j.raw["created_at"])[:19],
-            )
-            for j in jobs
-        ),
+        ("ID", "STATUS", "MODE", "SPEEDUP", "CREATED"),
+        ((j.id, status(j), j.recipe.get("mode"), speedup(j), _when(str(j.raw["created_at"]))) for j in jobs),
     )
 
 

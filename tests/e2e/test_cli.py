@@ -163,6 +163,7 @@ def test_jobs_models_and_datasets_are_listed_followed_and_deleted(qaas: Qaas) ->
     assert [d["id"] for d in json.loads(qaas("datasets", "list", "--json").stdout)] == [dataset_id]
     usage = json.loads(qaas("usage", "--json").stdout)
     assert (usage["models"], usage["datasets"], usage["jobs"]["succeeded"]) == (1, 1, 1)
+    assert "1 models, 1 datasets" in qaas("usage").stdout
 
     assert qaas("jobs", "delete", job_id).returncode == 0
     assert qaas("models", "delete", model_id).returncode == 0

@@ -8,8 +8,9 @@ import logging
 import sys
 import tempfile
 import webbrowser
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -19,6 +20,7 @@ from qaas_client import config, render
 from qaas_client.client import Client, Job
 from qaas_client.errors import AuthenticationError, ConflictError, QaasError
 from qaas_client.progress import ProgressView
+from qaas_client.types import Dataset, Model
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 TABLE_WIDTH_PIPED = 240
@@ -59,6 +61,28 @@ def _print_table(table: Table) -> None:
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def list_options(command: F) -> F:
+    """`--limit` and `--json`, shared by the list commands."""
+    command = click.option("--json", "as_json", is_flag=True, help="Print the JSON.")(command)
+    return click.option("--limit", type=click.IntRange(1), default=50, show_default=True)(command)
+
+
+def _show(found: Sequence[Model | Dataset | Job], as_json: bool, table: Callable[[Any], Table]) -> None:
+    if as_json:
+        _echo_json([item.raw for item in found])
+    else:
+        _print_table(table(found))
+
+
+def _delete_each(ids: Sequence[str], delete: Callable[[str], None], noun: str) -> None:
+    for item_id in ids:
+        delete(item_id)
+        out.print(f"Deleted {noun} {item_id}")
 
 
 @click.group(cls=QaasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -247,16 +271,11 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]))
 @click.option("--model", "model_id", metavar="MODEL_ID", help="Only jobs of this model.")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON.")
+@list_options
 @click.pass_context
 def jobs_list(ctx: click.Context, status: str | None, model_id: str | None, limit: int, as_json: bool) -> None:
     """Jobs, newest first."""
-    found = list(_client(ctx).list_jobs(status=status, model_id=model_id, limit=limit))
-    if as_json:
-        _echo_json([j.raw for j in found])
-    else:
-        _print_table(render.jobs_table(found))
+    _show(list(_client(ctx).list_jobs(status=status, model_id=model_id, limit=limit)), as_json, render.jobs_table)
 
 
 @jobs.command("show")
@@ -312,9 +331,7 @@ def jobs_cancel(ctx: click.Context, job_id: str) -> None:
 def jobs_delete(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
     """Delete ended jobs and their artifacts (cancel running ones first)."""
     client = _client(ctx)
-    for job_id in job_ids:
-        client.get_job(job_id).delete()
-        out.print(f"Deleted job {job_id}")
+    _delete_each(job_ids, lambda job_id: client.get_job(job_id).delete(), "job")
 
 
 # report
@@ -352,16 +369,11 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON.")
+@list_options
 @click.pass_context
 def models_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Models, newest first."""
-    found = list(_client(ctx).list_models(limit=limit))
-    if as_json:
-        _echo_json([m.raw for m in found])
-    else:
-        _print_table(render.models_table(found))
+    _show(list(_client(ctx).list_models(limit=limit)), as_json, render.models_table)
 
 
 @models.command("upload")
@@ -385,10 +397,7 @@ def models_upload(ctx: click.Context, path: Path, name: str | None, external_dat
 @click.pass_context
 def models_delete(ctx: click.Context, model_ids: tuple[str, ...]) -> None:
     """Delete models and their files (refused while a queued or running job uses one)."""
-    client = _client(ctx)
-    for model_id in model_ids:
-        client.delete_model(model_id)
-        out.print(f"Deleted model {model_id}")
+    _delete_each(model_ids, _client(ctx).delete_model, "model")
 
 
 @cli.group()
@@ -397,16 +406,11 @@ def datasets() -> None:
 
 
 @datasets.command("list")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON.")
+@list_options
 @click.pass_context
 def datasets_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Datasets, newest first."""
-    found = list(_client(ctx).list_datasets(limit=limit))
-    if as_json:
-        _echo_json([d.raw for d in found])
-    else:
-        _print_table(render.datasets_table(found))
+    _show(list(_client(ctx).list_datasets(limit=limit)), as_json, render.datasets_table)
 
 
 @datasets.command("upload")
@@ -424,10 +428,7 @@ def datasets_upload(ctx: click.Context, path: Path, name: str | None, preprocess
 @click.pass_context
 def datasets_delete(ctx: click.Context, dataset_ids: tuple[str, ...]) -> None:
     """Delete datasets (refused while a queued or running job uses one)."""
-    client = _client(ctx)
-    for dataset_id in dataset_ids:
-        client.delete_dataset(dataset_id)
-        out.print(f"Deleted dataset {dataset_id}")
+    _delete_each(dataset_ids, _client(ctx).delete_dataset, "dataset")
 
 
 @cli.command()

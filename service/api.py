@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
+from service import logs
 from service.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -20,6 +19,7 @@ def main() -> None:
         log_level=settings.log_level,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        log_config=None,  # uvicorn's loggers propagate to the root handler set up above
     )
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +25,9 @@ from service.jobs.events import EventHub
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
+from service.openapi import document_errors, operation_id
+from service.ops.metrics import ApiMetrics
+from service.ops.middleware import RequestContextMiddleware
 from service.ops.router import router as ops_router
 from service.queue import JobQueue
 from service.settings import Settings, get_settings
@@ -134,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
         app.state.event_hub = EventHub(app.state.session_factory, settings.events_poll_s)
+        app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
         try:
             yield
         finally:
@@ -141,20 +145,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue.close()
             engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) with their JS and CSS served from the installed
+    # fastapi-offline package: the pages work on a machine without internet access.
+    app = FastAPIOffline(
         title="QaaS: ONNX quantization as a service",
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
     )
-    app.state.request_counts = Counter()
-    app.add_middleware(BodyLimitMiddleware, settings=settings)  # innermost: count_requests sees its 413s
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        app.state.request_counts[(request.method, response.status_code)] += 1
-        return response
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # inner: its 413s are counted and carry a request id
+    app.add_middleware(RequestContextMiddleware)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
@@ -164,5 +166,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OSError, _storage_down)
     app.add_exception_handler(Exception, _internal)
     for router in (models_router, datasets_router, jobs_router, usage_router, ops_router):
+        document_errors(router.routes)
         app.include_router(router)
     return app

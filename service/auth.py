@@ -19,8 +19,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import logs
 from service.database import utcnow
-from service.errors import NotFound, ServiceError
+from service.errors import Forbidden, NotFound, ServiceError
 from service.settings import Settings
 from service.tables import DEFAULT_TENANT, ApiKey
 
@@ -127,6 +128,7 @@ def current_tenant(
     if found is None:
         raise Unauthorized("The API key is unknown or revoked; ask your operator for a valid key.", headers=challenge)
     tenant, prefix = found
+    logs.current().tenant = tenant
     wait = request.app.state.rate_limiter.acquire(prefix)
     if wait:
         raise RateLimited(
@@ -139,3 +141,27 @@ def current_tenant(
 
 
 TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+def operator(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """Endpoints that span tenants (/metrics): the operator token `QAAS_METRICS_TOKEN`, never a tenant's key.
+    Open only while auth is off and no token is set."""
+    settings: Settings = request.app.state.settings
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if token is None and settings.auth == "off":
+        return
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized(
+            "This endpoint needs the operator token: send `Authorization: Bearer <token>`.", headers=challenge
+        )
+    if token is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+        return
+    with request.app.state.session_factory() as session:
+        tenant_key = tenant_for_key(session, credentials.credentials) is not None
+    if tenant_key:
+        raise Forbidden(
+            "Metrics span every tenant, so a tenant's API key cannot read them; use the operator token "
+            + ("(QAAS_METRICS_TOKEN)." if token else "(the operator must set QAAS_METRICS_TOKEN first)."),
+        )
+    raise Unauthorized("The operator token is wrong.", headers=challenge)

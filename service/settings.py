@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,17 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(None, description="Default: <data_dir>/storage (shared by API and workers).")
     work_dir: Path | None = Field(None, description="Scratch space of a worker's jobs. Default: <data_dir>/work.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per line, with request id, tenant, job id and attempt."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Operator token for GET /metrics (`Authorization: Bearer <token>`); needed when auth is on."
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Models, datasets and ended jobs older than this many days are removed; off if unset.",
+    )
 
     auth: Literal["on", "off"] = Field(
         "off",

@@ -36,6 +36,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import logs
 from service.database import make_engine, make_session_factory, transaction
 from service.jobs import state
 from service.settings import Settings, get_settings
@@ -168,6 +169,7 @@ class JobRunner:
         try:
             with transaction(self.session_factory) as session:
                 attempt = state.claim(session, job_id, self.settings.job_lease_s)
+                origin = session.execute(select(Job.tenant, Job.request_id).where(Job.id == job_id)).one_or_none()
         except DBAPIError as exc:
             if transient(exc):
                 raise DatabaseUnavailable(f"the database is unreachable ({exc.orig})") from exc
@@ -175,6 +177,12 @@ class JobRunner:
         if attempt is None:
             log.info("job %s is not queued (duplicate or late message, or cancelled); skipping", job_id)
             return
+        tenant, request_id = origin if origin is not None else (None, None)
+        # Every log line of this attempt names the job, the attempt, the tenant and the request that made it.
+        with logs.bound(job_id=job_id, attempt=attempt, tenant=tenant, request_id=request_id):
+            self._attempt(job_id, attempt)
+
+    def _attempt(self, job_id: str, attempt: int) -> None:
         log.info("job %s: attempt %d started", job_id, attempt)
         workdir = self._workdir(job_id, attempt)
         try:

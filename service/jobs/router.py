@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
+from service import logs
 from service.auth import TenantDep
 from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from service.errors import Conflict, Unavailable
 from service.jobs import events, service
-from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
+from service.jobs.schemas import JOB_EXAMPLES, ArtifactOut, JobCreate, JobOut, JobResult
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.reports.html import render_report_html
 from service.schemas import Page, error_responses
@@ -40,7 +41,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     responses=error_responses(404, 409, 422, 503),
 )
 def create_job(
-    body: JobCreate,
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     response: Response,
     session: SessionDep,
     storage: StorageDep,
@@ -49,7 +50,8 @@ def create_job(
     queue: QueueDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    job, created = service.create_job(session, storage, settings, tenant, body, idempotency_key)
+    request_id = logs.current().request_id
+    job, created = service.create_job(session, storage, settings, tenant, body, idempotency_key, request_id)
     session.commit()
     if created:
         try:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from service.jobs.results import JobResult
 from service.schemas import ErrorInfo, OrmModel
 
 Mode = Literal["static", "dynamic", "weight_only", "fp16", "auto"]
@@ -98,65 +99,43 @@ class JobCreate(BaseModel):
     evaluation: EvaluationSettings = Field(default_factory=lambda: EvaluationSettings())
 
 
-class LatencyStats(BaseModel):
-    p50: float
-    p90: float
-    p99: float
-    mean: float
-    std: float
-    min: float
-    max: float
-
-
-class ModelMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    size_bytes: int
-    latency_ms: LatencyStats | None = None
-    throughput_per_s: float | None = None
-    accuracy: float | None = None
-
-
-class OutputFidelity(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    cosine: float | None = None
-    sqnr_db: float | None = None
-    max_abs_error: float | None = None
-    mean_abs_error: float | None = None
-    top1_agreement: float | None = None
-
-
-class AccuracyComparison(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    metric: str
-    original: float
-    quantized: float
-    delta: float
-
-
-class Comparison(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    size_ratio: float
-    speedup_p50: float | None = None
-    outputs: list[OutputFidelity] = Field(default_factory=list)
-    accuracy: AccuracyComparison | None = None
-
-
-class JobResult(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    original: ModelMetrics
-    quantized: ModelMetrics
-    comparison: Comparison
-    warnings: list[str] = Field(default_factory=list)
-    timings_s: dict[str, float] = Field(default_factory=dict)
-    peak_memory_bytes: int | None = None
-    preprocessing_steps: list[str] = Field(default_factory=list)
-    machine: dict[str, Any] = Field(default_factory=dict)
+_IDS = {"model_id": "<id from POST /v1/models>", "calibration_dataset_id": "<id from POST /v1/datasets>"}
+JOB_EXAMPLES: dict[str, Any] = {
+    "static": {
+        "summary": "Static int8 (QDQ, per-channel MinMax): needs calibration data",
+        "value": {
+            **_IDS,
+            "recipe": {"mode": "static", "calibration_method": "minmax", "per_channel": True},
+            "evaluation": {"latency_runs": 50, "warmup_runs": 5},
+        },
+    },
+    "auto": {
+        "summary": "Auto: try several recipes, keep the fastest within 1 point of top-1",
+        "value": {**_IDS, "recipe": {"mode": "auto", "accuracy_tolerance": 0.01}},
+    },
+    "transformer": {
+        "summary": "Static on MatMul/Gemm only, Percentile calibration (transformers)",
+        "value": {
+            **_IDS,
+            "recipe": {
+                "mode": "static",
+                "calibration_method": "percentile",
+                "percentile": 99.99,
+                "per_channel": True,
+                "op_types_to_quantize": ["MatMul", "Gemm"],
+            },
+        },
+    },
+    "dynamic": {
+        "summary": "Dynamic int8: no data needed",
+        "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "dynamic"}},
+    },
+    "weight_only": {
+        "summary": "Weight-only int4 (MatMulNBits) for large MatMul models",
+        "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "weight_only", "block_size": 128}},
+    },
+    "fp16": {"summary": "Float16: half the size", "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "fp16"}}},
+}
 
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]

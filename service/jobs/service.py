@@ -65,6 +65,7 @@ def create_job(
     tenant: str,
     body: JobCreate,
     idempotency_key: str | None,
+    request_id: str | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). An existing job is returned for a repeated Idempotency-Key."""
     digest = request_digest(body)
@@ -93,6 +94,7 @@ def create_job(
         evaluation=body.evaluation.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         request_sha256=digest,
+        request_id=request_id,  # the worker's log lines for this job carry it
     )
     session.add(job)
     session.flush()

@@ -16,6 +16,7 @@ import pytest
 
 from service.run import API, MIGRATE, WORKER
 from tests.conftest import clean_qaas_env, redis_prefix
+from tests.openapi_check import ResponseChecker
 from tests.sse import Event, EventReader
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -39,9 +40,13 @@ class Deployment:
     data_dir: Path
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    checker: ResponseChecker | None = None
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=60)
+        """Every response it receives is checked against the deployment's own OpenAPI document."""
+        if self.checker is None:
+            self.checker = ResponseChecker.of(self.base_url)
+        return httpx.Client(base_url=self.base_url, timeout=60, event_hooks={"response": [self.checker]})
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:

@@ -23,6 +23,11 @@ def client(db_settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture
+def auth_settings(db_settings: Settings) -> Settings:
+    return db_settings.model_copy(update={"auth": "on"})
+
+
 @dataclass
 class LiveServer:
     """The real app served by uvicorn on a loopback port, in a thread of the test process."""

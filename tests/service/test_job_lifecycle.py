@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import case, update
 
-from service.database import transaction
+from service import retention
+from service.database import transaction, utcnow
 from service.jobs import state
 from service.storage import LocalStorage
-from service.tables import Artifact
+from service.tables import Artifact, Dataset, Job, OnnxModel
 from tests.service.helpers import assert_error, conv_model_and_data
 
 RESULT = {"original": {"size_bytes": 100}, "quantized": {"size_bytes": 30}, "comparison": {"size_ratio": 0.3}}
@@ -101,3 +104,32 @@ def test_usage_counts_what_the_tenant_stores_and_runs(client: TestClient, tmp_pa
     after = client.get("/v1/usage").json()
     assert after["storage"]["artifacts_bytes"] == 0
     assert after["jobs"]["succeeded"] == 0 and after["jobs"]["cancelled"] == 1
+
+
+def test_retention_removes_what_is_old_and_spares_what_a_job_needs(client: TestClient, tmp_path: Path) -> None:
+    app_state = client.app.state  # type: ignore[attr-defined]
+    old = finished_job(client, tmp_path / "old")
+    busy_model, busy_data = conv_model_and_data(client, tmp_path / "busy")
+    busy = client.post("/v1/jobs", json={"model_id": busy_model["id"], "calibration_dataset_id": busy_data["id"]})
+    assert busy.status_code == 202
+    long_ago = utcnow() - timedelta(days=40)
+    with transaction(app_state.session_factory) as session:
+        ended_long_ago = case((Job.finished_at.is_(None), None), else_=long_ago)
+        session.execute(update(Job).values(created_at=long_ago, finished_at=ended_long_ago))
+        session.execute(update(OnnxModel).values(created_at=long_ago))
+        session.execute(update(Dataset).values(created_at=long_ago))
+    recent = conv_model_and_data(client, tmp_path / "recent")[0]
+    assert retention.sweep(app_state.session_factory, app_state.storage, 365) == retention.Removed(0, 0, 0)
+    removed = retention.sweep(app_state.session_factory, app_state.storage, 30)
+    assert removed == retention.Removed(jobs=1, models=1, datasets=1)
+    assert_error(client.get(f"/v1/jobs/{old['job']['id']}"), 404, "not_found")
+    assert not old["path"].exists()
+    assert_error(client.get(f"/v1/models/{old['model']['id']}"), 404, "not_found")
+    assert_error(client.get(f"/v1/datasets/{old['dataset']['id']}"), 404, "not_found")
+    storage_dir = app_state.settings.resolved_storage_dir
+    assert not (storage_dir / "models" / old["model"]["id"]).exists()
+    # The queued job and what it uses stay, however old; so does anything recent.
+    assert client.get(f"/v1/jobs/{busy.json()['id']}").status_code == 200
+    assert client.get(f"/v1/models/{busy_model['id']}").status_code == 200
+    assert client.get(f"/v1/datasets/{busy_data['id']}").status_code == 200
+    assert client.get(f"/v1/models/{recent['id']}").status_code == 200

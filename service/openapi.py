@@ -1,0 +1,67 @@
+"""What the OpenAPI document says beyond what each route declares: operation ids named after the
+route functions (`create_job`, `get_job`), and the error answers every route of a kind can give,
+all in the contract's `{"error": {code, message, detail}}` shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+
+from service.auth import current_tenant
+from service.deps import _session
+from service.schemas import ErrorBody, error_responses
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route function's name: `create_job`, `get_job`, `upload_model`..."""
+    return route.name
+
+
+def _calls(dependant: Dependant) -> set[Any]:
+    found = {dependant.call}
+    for sub in dependant.dependencies:
+        found |= _calls(sub)
+    return found
+
+
+def document_errors(routes: Iterable[Any]) -> None:
+    """Add to each route the errors that come from what it depends on, not from its own code:
+    401 and 429 (an API key and its rate limit), 503 (the database), 422 (parameters and bodies that do
+    not validate) and 413 (bodies over the limit). Statuses a route declares itself are kept. Give it
+    a router's routes before the router is included."""
+    for route in routes:
+        if not isinstance(route, APIRoute):
+            continue
+        calls = _calls(route.dependant)
+        statuses: list[int] = []
+        if current_tenant in calls:
+            statuses += [401, 429]
+        if _session in calls:
+            statuses.append(503)
+        if route.dependant.path_params or route.dependant.query_params or route.dependant.header_params:
+            statuses.append(422)
+        if route.body_field is not None:
+            statuses += [413, 422]
+        for status, response in error_responses(*statuses).items():
+            route.responses.setdefault(status, response)
+        _errors_as_json(route)
+
+
+def _errors_as_json(route: APIRoute) -> None:
+    """FastAPI files an error `model` under the route's own media type; a route that answers HTML,
+    a file or an event stream still answers its errors in JSON, so say so."""
+    response_class = route.response_class
+    media = None if isinstance(response_class, DefaultPlaceholder) else getattr(response_class, "media_type", None)
+    if media in (None, "application/json"):
+        return
+    for status, response in route.responses.items():
+        if response.get("model") is ErrorBody:
+            route.responses[status] = {
+                "description": response.get("description", "Error"),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            }
+            route.response_fields.pop(status, None)

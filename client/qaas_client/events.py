@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Longer than any heartbeat interval a service would use, so a silent stream means a dead connection.
 STREAM_READ_TIMEOUT_S = 60.0
 MAX_RECONNECTS = 5
+DEFAULT_RETRY_S = 1.0
 POLL_START_S = 0.5
 POLL_MAX_S = 2.0
 
@@ -71,6 +72,7 @@ def _stream(http: Http, job_id: str) -> Iterator[JobUpdate]:
     last_id: str | None = None
     current: JobUpdate | None = None
     fruitless = 0  # connections in a row that ended without news
+    retry_s = DEFAULT_RETRY_S
     while True:
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
         if last_id:
@@ -95,6 +97,8 @@ def _stream(http: Http, job_id: str) -> Iterator[JobUpdate]:
             for event in EventSource(response).iter_sse():
                 if event.id:
                     last_id = event.id
+                if event.retry is not None:
+                    retry_s = event.retry / 1000
                 try:
                     data = json.loads(event.data) if event.data else None
                 except ValueError:
@@ -119,6 +123,7 @@ def _stream(http: Http, job_id: str) -> Iterator[JobUpdate]:
             return
         if fruitless > MAX_RECONNECTS:
             raise _NoStream
+        http.sleep(retry_s)  # what the stream's `retry:` asked for, as a browser's EventSource would
 
 
 def _poll(http: Http, job_id: str) -> Iterator[JobUpdate]:

@@ -19,7 +19,9 @@ def job(status: str, stage: str, progress: float, **extra: Any) -> dict[str, Any
 
 def sse(*events: tuple[str, str, dict[str, Any]]) -> httpx.Response:
     body = "".join(f"event: {name}\nid: {id_}\ndata: {json.dumps(data)}\n\n" for name, id_, data in events)
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=(": ping\n\n" + body).encode())
+    return httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=(": ping\nretry: 2000\n\n" + body).encode()
+    )
 
 
 def event(status: str, stage: str, progress: float, candidate: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -89,10 +91,12 @@ def test_a_dropped_stream_resumes_after_the_last_event_it_delivered() -> None:
         ],
         [job("running", "calibrating", 0.2)],
     )
-    with scripted(service) as client:
+    sleeps: list[float] = []
+    with scripted(service, sleeps) as client:
         updates = list(client.get_job("j1").updates())
     assert [u.stage for u in updates] == ["calibrating", "evaluating", "done"] and updates[-1].status == "failed"
     assert service.last_event_ids == [None, "10.0"]
+    assert sleeps == [2.0]  # the stream's `retry: 2000` before reconnecting
 
 
 def test_a_stream_whose_end_was_already_delivered_answers_204_and_the_job_is_read() -> None:

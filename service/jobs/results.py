@@ -85,19 +85,46 @@ class Machine(_Open):
     cpu_info_source: str | None = None
 
 
+class FidelityThresholds(_Open):
+    """What the engine judged fidelity by, as it recorded it: the report has no thresholds of its own."""
+
+    cosine: float | None = Field(None, description="An output is poor below this cosine ...", examples=[0.99])
+    sqnr_db: float | None = Field(None, description="... or below this SQNR.", examples=[20.0])
+    sqnr_cap_db: float | None = Field(None, description="The SQNR reported for identical outputs.", examples=[200.0])
+
+
 class EvaluationFacts(_Open):
-    """How the measurement was made."""
+    """How the measurement was made, and the thresholds the result was judged by (in the engine's order)."""
 
     inputs: Literal["dataset", "random"] | None = None
     samples: int | None = None
+    feeds: int | None = Field(None, description="Batches run through both models for fidelity and accuracy.")
     batch_size: int | None = None
+    batch_size_requested: int | None = None
     threads: int | None = None
+    threads_requested: int | None = None
+    threads_clamped: bool | None = None
+    execution_provider: str | None = None
     warmup_runs: int | None = None
-    latency_runs: int | None = None
     latency_runs_requested: int | None = None
+    latency_runs: int | None = None
     interleaved: bool | None = None
     stopped_early: bool | None = None
+    max_seconds: float | None = None
+    max_samples: int | None = None
     reused_calibration: bool | None = Field(None, description="Evaluated on the calibration data itself.")
+    accuracy_output: str | None = Field(None, description="The output read as class scores.")
+    accuracy_tolerance: float | None = Field(
+        None, description="A larger top-1 drop (a fraction) is beyond what the recipe accepts."
+    )
+    session_options: dict[str, Any] | None = None
+    fidelity_thresholds: FidelityThresholds | None = None
+
+
+class TrialError(_Open):
+    code: str | None = None
+    message: str
+    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 class AutoTrial(_Open):
@@ -116,7 +143,49 @@ class AutoTrial(_Open):
     fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
     accuracy_drop: float | None = None
     within_budget: bool = False
-    error: dict[str, Any] | None = Field(None, description="Why the trial could not be produced or measured.")
+    error: TrialError | None = Field(None, description="Why the trial could not be produced or measured.")
+
+
+class OutputBudget(_Open):
+    """One output's fidelity against the fidelity budget."""
+
+    name: str
+    kind: str | None = None
+    metric: str | None = None
+    value: float | None = None
+    min: float | None = Field(None, description="The budget's floor for `metric`.")
+    budgeted: bool = Field(False, description="Whether this output counts toward the budget.")
+    mean_cosine: float | None = None
+    sqnr_db: float | None = None
+    agreement: float | None = None
+    problem: str | None = None
+
+
+class FidelityScore(_Open):
+    """A model's fidelity against its float reference, and whether it is within the budget."""
+
+    metric: str | None = None
+    fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
+    within_budget: bool | None = None
+    accuracy_drop: float | None = None
+    accuracy_tolerance: float | None = None
+    samples: int | None = None
+    outputs: list[OutputBudget] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class SensitiveNode(_Open):
+    node: str
+    op_type: str | None = None
+    score: float | None = Field(None, description="Share of the signal quantizing the node's input loses (0-1).")
+
+
+class Sensitivity(_Open):
+    """The nodes of one candidate that lose the most to quantization, most sensitive first."""
+
+    candidate: str
+    method: str | None = None
+    top: list[SensitiveNode] = Field(default_factory=list)
 
 
 class AutoSearch(_Open):
@@ -133,11 +202,19 @@ class AutoSearch(_Open):
     effective_recipe: dict[str, Any] | None = Field(
         None, description="A plain static/dynamic/... recipe that reproduces the artifact (null: the float model)."
     )
-    fidelity: dict[str, Any] | None = None
+    fidelity: FidelityScore | None = Field(None, description="The chosen model's fidelity.")
     candidates: list[AutoTrial] = Field(default_factory=list, description="The whole-model candidates, in order.")
     steps: list[AutoTrial] = Field(default_factory=list, description="The mixed-precision search's steps.")
     search_seconds: float | None = None
     time_budget_exhausted: bool = False
+    sensitivity: list[Sensitivity] = Field(default_factory=list)
+
+
+class CompareFacts(_Open):
+    """`result.quantization.compare`: mode compare's verdict on the uploaded model against its reference."""
+
+    within_budget: bool = False
+    fidelity: FidelityScore | None = None
 
 
 class QuantizationFacts(_Open):
@@ -147,6 +224,7 @@ class QuantizationFacts(_Open):
     op_counts: dict[str, int] = Field(default_factory=dict, description="Operators of the quantized model.")
     quantized_op_counts: dict[str, int] = Field(default_factory=dict)
     auto: AutoSearch | None = Field(None, description="Mode auto only.")
+    compare: CompareFacts | None = Field(None, description="Mode compare only.")
 
 
 class JobResult(_Open):

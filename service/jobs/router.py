@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from service import logs
@@ -160,8 +161,13 @@ def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobResult
     responses=error_responses(404),
 )
 def get_report_html(session: SessionDep, tenant: TenantDep, job_id: str) -> HTMLResponse:
-    job = JobOut.model_validate(service.get_job(session, tenant, job_id))
-    return HTMLResponse(render_report_html(job.model_dump(mode="json")), headers=LOCKED_DOWN_HEADERS)
+    row = service.get_job(session, tenant, job_id)
+    try:
+        job: JobOut | dict[str, Any] = JobOut.model_validate(row)
+    except ValidationError:  # a result stored by an older version: the page shows it as stored
+        fields = {name: getattr(row, name) for name in JobOut.model_fields} | {"result": None}
+        job = JobOut.model_validate(fields).model_dump(mode="json") | {"result": row.result}
+    return HTMLResponse(render_report_html(job), headers=LOCKED_DOWN_HEADERS)
 
 
 @router.get("/{job_id}/artifacts", summary="List the job's artifacts", responses=error_responses(404))

@@ -10,9 +10,25 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from service.jobs.results import (
+    AccuracyComparison,
+    AutoSearch,
+    AutoTrial,
+    FidelityThresholds,
+    JobResult,
+    LatencyStats,
+    Machine,
+    ModelMetrics,
+)
+
+if TYPE_CHECKING:  # the schemas pull in the model checks (onnx); the page needs only the result's types
+    from service.jobs.schemas import JobOut
 
 ORIGINAL_COLOR = "#3b6fb6"
 QUANTIZED_COLOR = "#e07b00"
@@ -111,24 +127,34 @@ NA = "n/a"
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What the result is judged by, as the engine recorded it (`result.evaluation`), the job's
-    recipe giving the accuracy tolerance of results that lack it. None: not recorded, not judged."""
+    """What the result is judged by: the engine's thresholds as the result carries them
+    (`result.evaluation`), the job's recipe giving the accuracy tolerance of results that lack
+    it. None: not recorded, not judged."""
 
-    cosine: float | None  # fidelity is poor below this cosine ...
-    sqnr_db: float | None  # ... or below this SQNR
-    sqnr_cap_db: float | None  # the SQNR reported for identical outputs
+    fidelity: FidelityThresholds  # poor below its cosine or its SQNR; its cap: identical outputs
     accuracy_tolerance: float | None  # a larger top-1 drop (fraction) is shown in red
 
     @classmethod
-    def of(cls, job: Mapping[str, Any], result: Mapping[str, Any]) -> Thresholds:
-        fidelity = _get(result, "evaluation", "fidelity_thresholds")
-        tolerance = _num(_get(result, "evaluation", "accuracy_tolerance"))
+    def of(cls, job: Mapping[str, Any], result: JobResult) -> Thresholds:
+        evaluation = result.evaluation
+        tolerance = None if evaluation is None else _num(evaluation.accuracy_tolerance)
+        recorded = None if evaluation is None else evaluation.fidelity_thresholds
         return cls(
-            cosine=_num(_get(fidelity, "cosine")),
-            sqnr_db=_num(_get(fidelity, "sqnr_db")),
-            sqnr_cap_db=_num(_get(fidelity, "sqnr_cap_db")),
+            fidelity=recorded or FidelityThresholds(),
             accuracy_tolerance=_num(_get(job, "recipe", "accuracy_tolerance")) if tolerance is None else tolerance,
         )
+
+    @property
+    def cosine(self) -> float | None:
+        return _num(self.fidelity.cosine)
+
+    @property
+    def sqnr_db(self) -> float | None:
+        return _num(self.fidelity.sqnr_db)
+
+    @property
+    def sqnr_cap_db(self) -> float | None:
+        return _num(self.fidelity.sqnr_cap_db)
 
     def poor(self, cosine: float | None, sqnr_db: float | None) -> bool:
         return (cosine is not None and self.cosine is not None and cosine < self.cosine) or (
@@ -237,8 +263,12 @@ def _text(x: float, y: float, content: str, *, anchor: str = "start", cls: str =
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{attrs}>{_e(content)}</text>'
 
 
+# A group of horizontal bars: (title, [(series name, value, value label, color)]).
+Bars = tuple[str, Sequence[tuple[str, float | None, str, str]]]
+
+
 def hbar_chart(
-    groups: Sequence[tuple[str, Sequence[tuple[str, float | None, str, str]]]],
+    groups: Sequence[Bars],
     *,
     label: str,
     scale_max: float | None = None,
@@ -291,14 +321,14 @@ def hbar_chart(
     return _svg(width, height, parts, label)
 
 
-def latency_range_plot(models: Sequence[tuple[str, Mapping[str, Any], str]], *, width: int = 900) -> str:
+def latency_range_plot(models: Sequence[tuple[str, LatencyStats | None, str]], *, width: int = 900) -> str:
     """One row per model on a shared ms axis: a min-max whisker, a box from p50 to p90, a tick at
     p99 and a diamond at the mean."""
     label_w, right_pad, row_h, top, axis_h = 110, 30, 44, 10, 30
-    stats = [(name, lat, color) for name, lat, color in models if _num(_get(lat, "p50")) is not None]
+    stats = [(name, lat, color) for name, lat, color in models if lat is not None and _num(lat.p50) is not None]
     if not stats:
         return '<p class="sub">No latency was measured.</p>'
-    vmax = max(_num(lat.get("max")) or _num(lat.get("p99")) or _num(lat.get("p50")) or 0.0 for _, lat, _ in stats)
+    vmax = max(_num(lat.max) or _num(lat.p99) or _num(lat.p50) or 0.0 for _, lat, _ in stats)
     vmax = _nice_ceiling(vmax if vmax > 0 else 1.0)
     plot_w = width - label_w - right_pad
 
@@ -317,8 +347,8 @@ def latency_range_plot(models: Sequence[tuple[str, Mapping[str, Any], str]], *, 
         parts.append(_text(tx, axis_y + 17, fmt_ms(v), anchor="middle", cls="muted"))
     for i, (name, lat, color) in enumerate(stats):
         cy = top + i * row_h + row_h / 2
-        lo, hi = _num(lat.get("min")), _num(lat.get("max"))
-        p50, p90, p99, mean = (_num(lat.get(k)) for k in ("p50", "p90", "p99", "mean"))
+        lo, hi = _num(lat.min), _num(lat.max)
+        p50, p90, p99, mean = _num(lat.p50), _num(lat.p90), _num(lat.p99), _num(lat.mean)
         parts.append(_text(label_w - 10, cy + 4, name, anchor="end", weight="600"))
         if lo is not None and hi is not None:
             parts.append(_line(x(lo), cy, x(hi), cy, color, 2))
@@ -402,14 +432,10 @@ def _card(label: str, big: str, detail: str, big_cls: str = "") -> str:
     )
 
 
-def _headline(result: Mapping[str, Any], limits: Thresholds) -> str:
-    orig, quant, cmp_ = (
-        result.get("original") or {},
-        result.get("quantized") or {},
-        result.get("comparison") or {},
-    )
+def _headline(result: JobResult, limits: Thresholds) -> str:
+    orig, quant, cmp_ = result.original, result.quantized, result.comparison
     cards = []
-    ratio = _num(cmp_.get("size_ratio"))
+    ratio = _num(cmp_.size_ratio)
     smaller = ""
     if ratio is not None and ratio > 0:
         if ratio < 0.995:
@@ -421,30 +447,30 @@ def _headline(result: Mapping[str, Any], limits: Thresholds) -> str:
     cards.append(
         _card(
             "Size on disk",
-            _e(fmt_bytes(quant.get("size_bytes"))),
-            f"from {_e(fmt_bytes(orig.get('size_bytes')))} · ratio {_e(fmt_float(ratio, 3))}"
+            _e(fmt_bytes(quant.size_bytes)),
+            f"from {_e(fmt_bytes(orig.size_bytes))} · ratio {_e(fmt_float(ratio, 3))}"
             + (f" · {_e(smaller)}" if smaller else ""),
             "good" if ratio is not None and ratio < 1 else "",
         )
     )
-    speedup = _num(cmp_.get("speedup_p50"))
+    speedup = _num(cmp_.speedup_p50)
     cards.append(
         _card(
             "Median latency (p50)",
-            _e(fmt_ms(_get(quant, "latency_ms", "p50"))),
-            f"from {_e(fmt_ms(_get(orig, 'latency_ms', 'p50')))} · speedup {_e(fmt_x(speedup))}",
+            _e(fmt_ms(_p50(quant))),
+            f"from {_e(fmt_ms(_p50(orig)))} · speedup {_e(fmt_x(speedup))}",
             "" if speedup is None else ("good" if speedup >= 1 else "bad"),
         )
     )
-    acc = cmp_.get("accuracy")
-    if isinstance(acc, Mapping):
-        delta = _num(acc.get("delta"))
+    acc = cmp_.accuracy
+    if acc is not None:
+        delta = _num(acc.delta)
         tolerance = limits.accuracy_tolerance
         cards.append(
             _card(
-                f"Accuracy ({acc.get('metric') or 'top1'})",
-                _e(fmt_pct(acc.get("quantized"), 2)),
-                f"from {_e(fmt_pct(acc.get('original'), 2))} · delta {_e(fmt_points(delta))}",
+                f"Accuracy ({acc.metric or 'top1'})",
+                _e(fmt_pct(acc.quantized, 2)),
+                f"from {_e(fmt_pct(acc.original, 2))} · delta {_e(fmt_points(delta))}",
                 ""
                 if delta is None
                 else "bad"
@@ -456,11 +482,11 @@ def _headline(result: Mapping[str, Any], limits: Thresholds) -> str:
         )
     else:
         cards.append(_card("Accuracy", NA, "no labelled evaluation data"))
-    outputs = [o for o in cmp_.get("outputs") or [] if isinstance(o, Mapping)]
-    cosines = [c for c in (_num(o.get("cosine")) for o in outputs) if c is not None]
+    outputs = cmp_.outputs
+    cosines = [c for c in (_num(o.cosine) for o in outputs) if c is not None]
     if cosines:
         worst = min(cosines)
-        sqnrs = [s for s in (_num(o.get("sqnr_db")) for o in outputs) if s is not None]
+        sqnrs = [s for s in (_num(o.sqnr_db) for o in outputs) if s is not None]
         cards.append(
             _card(
                 "Fidelity (worst output)",
@@ -472,49 +498,71 @@ def _headline(result: Mapping[str, Any], limits: Thresholds) -> str:
     return f'<section class="cards">{"".join(cards)}</section>'
 
 
-def _latency(result: Mapping[str, Any]) -> str:
-    orig, quant = result.get("original") or {}, result.get("quantized") or {}
-    lat_o, lat_q = orig.get("latency_ms") or {}, quant.get("latency_ms") or {}
+def _p50(metrics: ModelMetrics) -> float | None:
+    return None if metrics.latency_ms is None else metrics.latency_ms.p50
+
+
+_PERCENTILES: tuple[tuple[str, Callable[[LatencyStats], float]], ...] = (
+    ("p50", lambda s: s.p50),
+    ("p90", lambda s: s.p90),
+    ("p99", lambda s: s.p99),
+    ("mean", lambda s: s.mean),
+)
+_SPREAD: tuple[tuple[str, Callable[[LatencyStats], float]], ...] = (
+    ("std", lambda s: s.std),
+    ("min", lambda s: s.min),
+    ("max", lambda s: s.max),
+)
+# Rows of the latency table beside the percentiles: shown when the engine recorded the fact for
+# either model (field name, label, value, format).
+_RUN_FACTS: tuple[tuple[str, str, Callable[[ModelMetrics], Any], Callable[[Any], str]], ...] = (
+    (
+        "throughput_per_s",
+        "throughput",
+        lambda m: m.throughput_per_s,
+        lambda v: NA if _num(v) is None else f"{_num(v):,.1f} samples/s",
+    ),
+    ("batch_size", "batch size", lambda m: m.batch_size, lambda v: NA if v is None else str(v)),
+    ("runs", "timed runs", lambda m: m.runs, lambda v: NA if v is None else str(v)),
+    ("session_create_ms", "session creation", lambda m: m.session_create_ms, fmt_ms),
+)
+
+
+def _latency(result: JobResult) -> str:
+    orig, quant = result.original, result.quantized
+    lat_o, lat_q = orig.latency_ms, quant.latency_ms
+
+    def stat(lat: LatencyStats | None, of: Callable[[LatencyStats], float]) -> float | None:
+        return None if lat is None else of(lat)
+
     plot = latency_range_plot([("original", lat_o, ORIGINAL_COLOR), ("quantized", lat_q, QUANTIZED_COLOR)])
     bars = hbar_chart(
         [
             (
                 key,
                 [
-                    ("original", _num(lat_o.get(key)), fmt_ms(lat_o.get(key)), ORIGINAL_COLOR),
-                    ("quantized", _num(lat_q.get(key)), fmt_ms(lat_q.get(key)), QUANTIZED_COLOR),
+                    ("original", _num(stat(lat_o, of)), fmt_ms(stat(lat_o, of)), ORIGINAL_COLOR),
+                    ("quantized", _num(stat(lat_q, of)), fmt_ms(stat(lat_q, of)), QUANTIZED_COLOR),
                 ],
             )
-            for key in ("p50", "p90", "p99", "mean")
+            for key, of in _PERCENTILES
         ],
         label="Latency percentiles of both models",
         width=480,
         label_w=60,
     )
     rows = []
-    for key, name in (
-        ("p50", "p50 (median)"),
-        ("p90", "p90"),
-        ("p99", "p99"),
-        ("mean", "mean"),
-        ("std", "std"),
-        ("min", "min"),
-        ("max", "max"),
-    ):
+    for key, of in (*_PERCENTILES, *_SPREAD):
+        name = "p50 (median)" if key == "p50" else key
         rows.append(
-            f'<tr><th>{name}</th><td class="num">{_e(fmt_ms(lat_o.get(key)))}</td>'
-            f'<td class="num">{_e(fmt_ms(lat_q.get(key)))}</td></tr>'
+            f'<tr><th>{name}</th><td class="num">{_e(fmt_ms(stat(lat_o, of)))}</td>'
+            f'<td class="num">{_e(fmt_ms(stat(lat_q, of)))}</td></tr>'
         )
-    for key, name, fmt in (
-        ("throughput_per_s", "throughput", lambda v: NA if _num(v) is None else f"{_num(v):,.1f} samples/s"),
-        ("batch_size", "batch size", lambda v: NA if v is None else str(v)),
-        ("runs", "timed runs", lambda v: NA if v is None else str(v)),
-        ("session_create_ms", "session creation", fmt_ms),
-    ):
-        if key in orig or key in quant:
+    for field, name, value, fmt in _RUN_FACTS:
+        if field in orig.model_fields_set or field in quant.model_fields_set:
             rows.append(
-                f'<tr><th>{name}</th><td class="num">{_e(fmt(orig.get(key)))}</td>'
-                f'<td class="num">{_e(fmt(quant.get(key)))}</td></tr>'
+                f'<tr><th>{name}</th><td class="num">{_e(fmt(value(orig)))}</td>'
+                f'<td class="num">{_e(fmt(value(quant)))}</td></tr>'
             )
     legend = _LEGEND.replace("</p>", " · box: p50 to p90, whiskers: min to max, dashed tick: p99, diamond: mean</p>")
     return (
@@ -529,28 +577,28 @@ def _latency(result: Mapping[str, Any]) -> str:
     )
 
 
-def _fidelity(result: Mapping[str, Any], limits: Thresholds) -> str:
-    outputs = [o for o in _get(result, "comparison", "outputs") or [] if isinstance(o, Mapping)]
+def _fidelity(result: JobResult, limits: Thresholds) -> str:
+    outputs = result.comparison.outputs
     if not outputs:
         return '<section><h2>Fidelity per output</h2><p class="sub">No output was compared.</p></section>'
     rows = []
     groups = []
     for o in outputs:
-        cos, sqnr = _num(o.get("cosine")), _num(o.get("sqnr_db"))
+        cos, sqnr = _num(o.cosine), _num(o.sqnr_db)
         poor = limits.poor(cos, sqnr)
         flag = ' <strong class="bad">poor</strong>' if poor else ""
         rows.append(
-            f"<tr><td>{_e(o.get('name'))}{flag}</td>"
+            f"<tr><td>{_e(o.name)}{flag}</td>"
             f'<td class="num">{_e(fmt_float(cos, 6))}</td>'
             f'<td class="num">{_e(fmt_db(sqnr))}</td>'
-            f'<td class="num">{_e(fmt_float(o.get("max_abs_error")))}</td>'
-            f'<td class="num">{_e(fmt_float(o.get("mean_abs_error")))}</td>'
-            f'<td class="num">{_e(fmt_pct(o.get("top1_agreement"), 2))}</td></tr>'
+            f'<td class="num">{_e(fmt_float(o.max_abs_error))}</td>'
+            f'<td class="num">{_e(fmt_float(o.mean_abs_error))}</td>'
+            f'<td class="num">{_e(fmt_pct(o.top1_agreement, 2))}</td></tr>'
         )
         shown = None if sqnr is None else max(0.0, sqnr)
         identical = sqnr is not None and limits.sqnr_cap_db is not None and sqnr >= limits.sqnr_cap_db
         value_label = fmt_db(sqnr) + (" (identical)" if identical else "")
-        groups.append((str(o.get("name")), [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)]))
+        groups.append((o.name, [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)]))
     good_sqnr = limits.sqnr_db
     chart = hbar_chart(
         groups,
@@ -576,72 +624,34 @@ def _fidelity(result: Mapping[str, Any], limits: Thresholds) -> str:
     )
 
 
-def _size_and_accuracy(result: Mapping[str, Any]) -> str:
-    orig, quant = result.get("original") or {}, result.get("quantized") or {}
-    size_chart = hbar_chart(
+def _pair(name: str, original: float | None, quantized: float | None, fmt: Callable[[Any], str]) -> Bars:
+    """One group of an original/quantized bar chart."""
+    return (
+        name,
         [
-            (
-                "size",
-                [
-                    (
-                        "original",
-                        _num(orig.get("size_bytes")),
-                        fmt_bytes(orig.get("size_bytes")),
-                        ORIGINAL_COLOR,
-                    ),
-                    (
-                        "quantized",
-                        _num(quant.get("size_bytes")),
-                        fmt_bytes(quant.get("size_bytes")),
-                        QUANTIZED_COLOR,
-                    ),
-                ],
-            )
+            ("original", _num(original), fmt(original), ORIGINAL_COLOR),
+            ("quantized", _num(quantized), fmt(quantized), QUANTIZED_COLOR),
         ],
+    )
+
+
+def _size_and_accuracy(result: JobResult) -> str:
+    orig, quant = result.original, result.quantized
+    size_chart = hbar_chart(
+        [_pair("size", orig.size_bytes, quant.size_bytes, fmt_bytes)],
         label="Size on disk",
         width=480,
         label_w=80,
     )
-    acc = _get(result, "comparison", "accuracy")
-    if isinstance(acc, Mapping):
-        groups = [
-            (
-                "top-1",
-                [
-                    ("original", _num(acc.get("original")), fmt_pct(acc.get("original"), 2), ORIGINAL_COLOR),
-                    (
-                        "quantized",
-                        _num(acc.get("quantized")),
-                        fmt_pct(acc.get("quantized"), 2),
-                        QUANTIZED_COLOR,
-                    ),
-                ],
-            )
-        ]
-        if _num(acc.get("top5_original")) is not None:
-            groups.append(
-                (
-                    "top-5",
-                    [
-                        (
-                            "original",
-                            _num(acc.get("top5_original")),
-                            fmt_pct(acc.get("top5_original"), 2),
-                            ORIGINAL_COLOR,
-                        ),
-                        (
-                            "quantized",
-                            _num(acc.get("top5_quantized")),
-                            fmt_pct(acc.get("top5_quantized"), 2),
-                            QUANTIZED_COLOR,
-                        ),
-                    ],
-                )
-            )
-        samples = acc.get("samples")
+    acc: AccuracyComparison | None = result.comparison.accuracy
+    if acc is not None:
+        groups = [_pair("top-1", acc.original, acc.quantized, _pct2)]
+        if _num(acc.top5_original) is not None:
+            groups.append(_pair("top-5", acc.top5_original, acc.top5_quantized, _pct2))
+        samples = acc.samples
         acc_html = (
             hbar_chart(groups, label="Accuracy", scale_max=1.0, width=480, label_w=80)
-            + f'<p class="sub">Delta {_e(fmt_points(acc.get("delta")))}'
+            + f'<p class="sub">Delta {_e(fmt_points(acc.delta))}'
             + (f" on {_e(samples)} labelled samples" if samples is not None else "")
             + "</p>"
         )
@@ -652,6 +662,10 @@ def _size_and_accuracy(result: Mapping[str, Any]) -> str:
         f'<div><h3 class="sub">Size on disk</h3>{size_chart}</div>'
         f'<div><h3 class="sub">Accuracy</h3>{acc_html}</div></div></section>'
     )
+
+
+def _pct2(value: Any) -> str:
+    return fmt_pct(value, 2)
 
 
 def _kv_table(data: Mapping[str, Any], *, title: str, skip: Iterable[str] = ()) -> str:
@@ -673,19 +687,21 @@ def _steps(steps: Sequence[Any]) -> str:
     return f'<section><h2>Pre-processing steps</h2><div class="box"><ol class="steps">{items}</ol></div></section>'
 
 
-def _machine(machine: Mapping[str, Any]) -> str:
-    if not machine:
+def _machine(machine: Machine) -> str:
+    facts = machine.model_dump(exclude_unset=True)
+    if not facts:
         return ""
-    features = machine.get("cpu_features")
     chips = ""
-    if isinstance(features, Mapping) and features:
+    if machine.cpu_features:
         chips = (
             '<div class="chips">'
-            + "".join(f'<span class="{"on" if on else "off"}">{_e(name)}</span>' for name, on in features.items())
+            + "".join(
+                f'<span class="{"on" if on else "off"}">{_e(name)}</span>' for name, on in machine.cpu_features.items()
+            )
             + "</div>"
         )
     rows = []
-    for key, value in machine.items():
+    for key, value in facts.items():
         if key == "cpu_features":
             rows.append(f"<tr><th>CPU features for int8</th><td>{chips}</td></tr>")
         elif key == "memory_bytes":
@@ -695,15 +711,15 @@ def _machine(machine: Mapping[str, Any]) -> str:
     return f'<section><h2>Machine</h2><table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
 
 
-def _timings(result: Mapping[str, Any]) -> str:
-    timings = result.get("timings_s")
-    rows = []
-    if isinstance(timings, Mapping):
-        for key, value in timings.items():
-            rows.append(f'<tr><th>{_e(key)}</th><td class="num">{_e(fmt_seconds(value))}</td></tr>')
-    peak = result.get("peak_memory_bytes")
-    if peak is not None:
-        rows.append(f'<tr><th>peak memory of the job</th><td class="num">{_e(fmt_bytes(peak))}</td></tr>')
+def _timings(result: JobResult) -> str:
+    rows = [
+        f'<tr><th>{_e(key)}</th><td class="num">{_e(fmt_seconds(value))}</td></tr>'
+        for key, value in result.timings_s.items()
+    ]
+    if result.peak_memory_bytes is not None:
+        rows.append(
+            f'<tr><th>peak memory of the job</th><td class="num">{_e(fmt_bytes(result.peak_memory_bytes))}</td></tr>'
+        )
     if not rows:
         return ""
     return f'<section><h2>Timings</h2><table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
@@ -741,49 +757,44 @@ GOOD_COLOR = "#2f855a"
 MUTED_COLOR = "#9aa3b2"
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _verdict(result: Mapping[str, Any]) -> str:
+def _verdict(result: JobResult) -> str:
     """The first line of an auto or compare report: what was decided, in one sentence."""
-    auto = _get(result, "quantization", "auto")
-    if isinstance(auto, Mapping):
-        speedup = _num(_get(result, "comparison", "speedup_p50"))
-        fidelity = _mapping(auto.get("fidelity"))
-        value = _num(fidelity.get("fidelity"))
-        metric = fidelity.get("metric") or "fidelity"
+    quantization = result.quantization
+    auto = None if quantization is None else quantization.auto
+    if auto is not None:
+        speedup = _num(result.comparison.speedup_p50)
+        value = None if auto.fidelity is None else _num(auto.fidelity.fidelity)
+        metric = (None if auto.fidelity is None else auto.fidelity.metric) or "fidelity"
         measured = f"{fmt_x(speedup)} vs float" + (f", {metric} {fmt_float(value)}" if value is not None else "")
-        if auto.get("verdict") == "keep_float":
+        if auto.verdict == "keep_float":
             text = (
                 f"<strong>Keep float.</strong> No model within your fidelity budget beats the float model on "
-                f"{_e(auto.get('objective') or 'latency')} on this CPU. The artifact is {_e(auto.get('chosen'))} "
+                f"{_e(auto.objective or 'latency')} on this CPU. The artifact is {_e(auto.chosen)} "
                 f"({_e(measured)})."
             )
             return f'<section class="box verdict keep" id="verdict"><p>{text}</p></section>'
-        text = f"<strong>Quantized.</strong> Chose {_e(auto.get('chosen'))}: {_e(measured)}, within budget."
+        text = f"<strong>Quantized.</strong> Chose {_e(auto.chosen)}: {_e(measured)}, within budget."
         return f'<section class="box verdict good" id="verdict"><p>{text}</p></section>'
-    compare = _get(result, "quantization", "compare")
-    if isinstance(compare, Mapping):
-        fidelity = _mapping(compare.get("fidelity"))
-        within = bool(compare.get("within_budget"))
+    compare = None if quantization is None else quantization.compare
+    if compare is not None:
+        fidelity = compare.fidelity
+        within = compare.within_budget
         text = (
             f"<strong>{'Within' if within else 'Outside'} the fidelity budget.</strong> The uploaded model against "
-            f"its float reference: {_e(fidelity.get('metric'))} {_e(fmt_float(fidelity.get('fidelity')))}."
+            f"its float reference: {_e(None if fidelity is None else fidelity.metric)} "
+            f"{_e(fmt_float(None if fidelity is None else fidelity.fidelity))}."
         )
         return f'<section class="box verdict {"good" if within else "keep"}" id="verdict"><p>{text}</p></section>'
     return ""
 
 
-def pareto_plot(
-    trials: Sequence[Mapping[str, Any]], *, chosen: str | None, floor: float | None, width: int = 900
-) -> str:
+def pareto_plot(trials: Sequence[AutoTrial], *, chosen: str | None, floor: float | None, width: int = 900) -> str:
     """Latency (x) against fidelity (y), one point per measured model, labelled with its size; in-budget
     points green, the chosen one ringed, the Pareto front (faster and more faithful) joined."""
     points = [
-        (t, _num(t.get("p50_ms")), _num(t.get("fidelity")))
+        (t, p50, fidelity)
         for t in trials
-        if _num(t.get("p50_ms")) is not None and _num(t.get("fidelity")) is not None
+        if (p50 := _num(t.p50_ms)) is not None and (fidelity := _num(t.fidelity)) is not None
     ]
     if not points:
         return '<p class="sub">No candidate was measured.</p>'
@@ -827,57 +838,53 @@ def pareto_plot(
         parts.append(f'<path d="{path}" fill="none" stroke="{MUTED_COLOR}" stroke-dasharray="3 3"/>')
     for t, px, py in points:
         assert px is not None and py is not None
-        color = GOOD_COLOR if t.get("within_budget") else POOR_COLOR
+        color = GOOD_COLOR if t.within_budget else POOR_COLOR
         cx, cy = x(px), y(py)
-        label = f"{t.get('name')}: {fmt_ms(px)}, {fmt_float(py)}, {fmt_bytes(t.get('size_bytes'))}"
+        label = f"{t.name}: {fmt_ms(px)}, {fmt_float(py)}, {fmt_bytes(t.size_bytes)}"
         parts.append(
             f'<g><title>{_e(label)}</title><circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{color}" '
             f'fill-opacity="0.8"/></g>'
         )
-        if t.get("name") == chosen:
+        if t.name == chosen:
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" stroke="#1d2330" stroke-width="2"/>')
-        parts.append(_text(cx + 8, cy - 6, fmt_bytes(t.get("size_bytes")), cls="muted"))
+        parts.append(_text(cx + 8, cy - 6, fmt_bytes(t.size_bytes), cls="muted"))
     return _svg(width, height, parts, "Latency against fidelity of every model the search measured")
 
 
-def _auto(result: Mapping[str, Any]) -> str:
-    auto = _get(result, "quantization", "auto")
-    if not isinstance(auto, Mapping):
+def _auto(result: JobResult) -> str:
+    auto = None if result.quantization is None else result.quantization.auto
+    if auto is None:
         return ""
-    trials = [t for t in [*(auto.get("candidates") or []), *(auto.get("steps") or [])] if isinstance(t, Mapping)]
-    floor = None
-    fidelity = auto.get("fidelity")
-    if isinstance(fidelity, Mapping):
-        outputs = [o for o in fidelity.get("outputs") or [] if isinstance(o, Mapping) and o.get("budgeted")]
-        floor = _num(outputs[0].get("min")) if outputs else None
+    trials = [*auto.candidates, *auto.steps]
+    budgeted = [] if auto.fidelity is None else [o for o in auto.fidelity.outputs if o.budgeted]
+    floor = _num(budgeted[0].min) if budgeted else None
     rows = []
     for t in trials:
-        err = t.get("error")
         status = (
-            f'<span class="bad">failed: {_e(_get(err, "message"))}</span>'
-            if isinstance(err, Mapping)
-            else ('<span class="good">within</span>' if t.get("within_budget") else '<span class="bad">outside</span>')
+            f'<span class="bad">failed: {_e(t.error.message)}</span>'
+            if t.error is not None
+            else ('<span class="good">within</span>' if t.within_budget else '<span class="bad">outside</span>')
         )
-        mark = " ★" if t.get("name") == auto.get("chosen") else ""
+        mark = " ★" if t.name == auto.chosen else ""
         rows.append(
-            f"<tr><td>{_e(t.get('name'))}{mark}</td><td>{_e(t.get('stage'))}</td>"
-            f'<td class="num">{_e(fmt_ms(t.get("p50_ms")))}</td><td class="num">{_e(fmt_x(t.get("speedup")))}</td>'
-            f'<td class="num">{_e(fmt_bytes(t.get("size_bytes")))}</td>'
-            f'<td class="num">{_e(t.get("metric") or "")} {_e(fmt_float(t.get("fidelity")))}</td>'
-            f'<td class="num">{_e(t.get("latency_runs"))}</td><td>{status}</td></tr>'
+            f"<tr><td>{_e(t.name)}{mark}</td><td>{_e(t.stage)}</td>"
+            f'<td class="num">{_e(fmt_ms(t.p50_ms))}</td><td class="num">{_e(fmt_x(t.speedup))}</td>'
+            f'<td class="num">{_e(fmt_bytes(t.size_bytes))}</td>'
+            f'<td class="num">{_e(t.metric or "")} {_e(fmt_float(t.fidelity))}</td>'
+            f'<td class="num">{_e(t.latency_runs)}</td><td>{status}</td></tr>'
         )
-    recipe = auto.get("effective_recipe")
+    recipe = auto.effective_recipe
     recipe_html = (
         "<pre>" + _e(json.dumps(recipe, indent=2, sort_keys=True)) + "</pre>"
-        if isinstance(recipe, Mapping)
+        if recipe is not None
         else '<p class="sub">The artifact is the float model itself.</p>'
     )
     return (
         "<section><h2>The search</h2>"
-        f'<p class="sub">{len(trials)} model(s) measured in {_e(fmt_seconds(auto.get("search_seconds")))} '
-        f"(objective {_e(auto.get('objective'))}). Green: within the fidelity budget; the ringed point was chosen; "
+        f'<p class="sub">{len(trials)} model(s) measured in {_e(fmt_seconds(auto.search_seconds))} '
+        f"(objective {_e(auto.objective)}). Green: within the fidelity budget; the ringed point was chosen; "
         "dashed: the Pareto front. Labels: size on disk.</p>"
-        + pareto_plot(trials, chosen=str(auto.get("chosen")), floor=floor)
+        + pareto_plot(trials, chosen=auto.chosen, floor=floor)
         + '<table style="margin-top:12px"><thead><tr><th>model</th><th>stage</th><th class="num">p50</th>'
         '<th class="num">speedup</th><th class="num">size</th><th class="num">fidelity</th>'
         f'<th class="num">runs</th><th>budget</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
@@ -888,24 +895,22 @@ def _auto(result: Mapping[str, Any]) -> str:
     )
 
 
-def _sensitivity(auto: Mapping[str, Any]) -> str:
+def _sensitivity(auto: AutoSearch) -> str:
     charts = []
-    for entry in auto.get("sensitivity") or []:
-        if not isinstance(entry, Mapping):
-            continue
-        top = [n for n in entry.get("top") or [] if isinstance(n, Mapping)][:10]
+    for entry in auto.sensitivity:
+        top = entry.top[:10]
         if not top:
             continue
         groups = [
             (
-                f"{n.get('node')} ({n.get('op_type')})",
-                [("score", _num(n.get("score")), fmt_float(n.get("score"), 3), QUANTIZED_COLOR)],
+                f"{n.node} ({n.op_type})",
+                [("score", _num(n.score), fmt_float(n.score, 3), QUANTIZED_COLOR)],
             )
             for n in top
         ]
         charts.append(
-            f'<h3 class="sub" style="margin-top:14px">Most sensitive nodes of {_e(entry.get("candidate"))} '
-            f"({_e(entry.get('method'))})</h3>"
+            f'<h3 class="sub" style="margin-top:14px">Most sensitive nodes of {_e(entry.candidate)} '
+            f"({_e(entry.method)})</h3>"
             + hbar_chart(groups, label="Sensitivity of the top nodes", scale_max=None, label_w=260)
         )
     if not charts:
@@ -920,35 +925,62 @@ def _sensitivity(auto: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- page
 
 
-def render_report_html(job: Mapping[str, Any]) -> str:
-    """The page for one job (the contract's Job JSON): a full report when it has a result, its
-    error or progress otherwise."""
-    result = job.get("result") if isinstance(job.get("result"), Mapping) else None
-    body = [_header(job), _error(job), _not_ready(job)]
+def _typed(job: JobOut | Mapping[str, Any]) -> tuple[Mapping[str, Any], JobResult | None, str]:
+    """The job's own fields as the API serves them, its result validated once as the typed
+    JobResult, and, for a stored result that does not validate, the page's note about it (with
+    the result as stored): such a result came from an older version and is shown, not refused."""
+    if not isinstance(job, Mapping):  # a JobOut: its result is typed already
+        return job.model_dump(mode="json", exclude={"result"}), job.result, ""
+    stored = job.get("result")
+    if stored is None:
+        return job, None, ""
+    try:
+        return job, JobResult.model_validate(stored), ""
+    except ValidationError as exc:
+        return job, None, _stored_as_is(stored, exc)
+
+
+def _stored_as_is(stored: Any, exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "result"
+    return (
+        '<section class="box warnings" id="stored-result"><h2>The result, as stored</h2>'
+        "<p>This result does not have the shape this version of QaaS reports on (it was probably stored by an "
+        f"older version: <code>{_e(where)}</code>: {_e(first.get('msg'))}), so it is shown as it was "
+        "recorded rather than laid out.</p>"
+        "<pre>" + _e(json.dumps(stored, indent=2, sort_keys=True, default=str)) + "</pre></section>"
+    )
+
+
+def render_report_html(job: JobOut | Mapping[str, Any]) -> str:
+    """The page for one job (a JobOut, or the contract's Job JSON): a full report when it has a
+    result, its error or progress otherwise."""
+    fields, result, stored_note = _typed(job)
+    body = [_header(fields), _error(fields), _not_ready(fields)]
     if result is not None:
         body.append(_verdict(result))
-        body.append(_warnings(result.get("warnings") or []))
-        limits = Thresholds.of(job, result)
+        body.append(_warnings(result.warnings))
+        limits = Thresholds.of(fields, result)
         body.append(_headline(result, limits))
         body.append(_latency(result))
         body.append(_fidelity(result, limits))
         body.append(_size_and_accuracy(result))
         body.append(_auto(result))
-    elif job.get("status") not in ("queued", "running") and not job.get("error"):
+    elif stored_note:
+        body.append(stored_note)
+    elif fields.get("status") not in ("queued", "running") and not fields.get("error"):
         body.append('<div class="box">This job has no result.</div>')
-    recipe = job.get("recipe")
+    recipe = fields.get("recipe")
     if isinstance(recipe, Mapping):
         body.append(_kv_table(recipe, title="Recipe"))
-    evaluation_settings = job.get("evaluation")
+    evaluation_settings = fields.get("evaluation")
     if result is not None:
-        body.append(_steps(result.get("preprocessing_steps") or []))
-        evaluation = result.get("evaluation")
-        if isinstance(evaluation, Mapping):
-            body.append(_kv_table(evaluation, title="How it was measured"))
+        body.append(_steps(result.preprocessing_steps))
+        if result.evaluation is not None:
+            body.append(_kv_table(result.evaluation.model_dump(exclude_unset=True), title="How it was measured"))
         elif isinstance(evaluation_settings, Mapping):
             body.append(_kv_table(evaluation_settings, title="Evaluation settings"))
-        machine = result.get("machine")
-        body.append(_machine(machine if isinstance(machine, Mapping) else {}))
+        body.append(_machine(result.machine))
         body.append(_timings(result))
     elif isinstance(evaluation_settings, Mapping):
         body.append(_kv_table(evaluation_settings, title="Evaluation settings"))
@@ -958,7 +990,7 @@ def render_report_html(job: Mapping[str, Any]) -> str:
         if result is not None
         else "Generated by QaaS."
     )
-    title = f"QaaS report {job.get('id') or ''}".strip()
+    title = f"QaaS report {fields.get('id') or ''}".strip()
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

@@ -7,6 +7,8 @@ import numpy as np
 import redis
 from fastapi.testclient import TestClient
 
+from service.database import transaction
+from service.jobs import state
 from service.queue import QUEUE
 from service.settings import Settings
 from tests.service.helpers import assert_error, conv_model_and_data, mlp_model, npz_bytes, upload_dataset
@@ -135,6 +137,19 @@ def test_report_waits_for_success(client: TestClient, tmp_path: Path) -> None:
     assert job["id"] in page.text
     assert client.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
     assert_error(client.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx"), 404, "not_found")
+
+
+def test_report_html_of_a_result_from_an_older_version_is_not_a_500(client: TestClient, tmp_path: Path) -> None:
+    """A stored result that no longer validates as JobResult is shown as stored, not refused."""
+    model = mlp_model(client, tmp_path)
+    job = _job(client, model_id=model["id"], recipe={"mode": "dynamic"}).json()
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        attempt = state.claim(session, job["id"], 60)
+        assert attempt is not None and state.succeed(session, job["id"], attempt, {"original": {"size": 123456}})
+    page = client.get(f"/v1/jobs/{job['id']}/report.html")
+    assert page.status_code == 200, page.text
+    assert "The result, as stored" in page.text and "&quot;size&quot;: 123456" in page.text
+    assert job["id"] in page.text and "dynamic" in page.text
 
 
 def test_auto_and_compare_fields_are_validated_at_submission(client: TestClient, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.jobs.schemas import JobOut
 from service.reports import render_report_html
 from tests.browser import chromium, rendered_dom, run_chromium, visible_text
 
@@ -243,6 +244,34 @@ def test_fidelity_and_accuracy_are_judged_by_the_thresholds_the_result_carries()
     page = render_report_html(_job(result=result, recipe={"accuracy_tolerance": 0.05}))
     assert _poor_flags(page) == 0 and "Good:" not in page  # nothing recorded: nothing judged
     assert '<div class="big">75.34%</div>' in page  # within the recipe's 5 points, not better either
+
+
+def test_a_result_stored_by_an_older_version_is_shown_as_stored() -> None:
+    """A result that is not today's JobResult (here: sizes under an old key, no comparison) still
+    gives a page: the raw result, escaped, with a note saying why it is not laid out."""
+    old = {"original": {"size": 4_000_000}, "quantized": {"size": 1_000_000}, "note": EVIL}
+    page = render_report_html(_job(result=old))
+    assert "The result, as stored" in page and "older version" in page
+    assert "&quot;size&quot;: 4000000" in page and html.escape(EVIL) in page and "<script" not in page
+    assert "<h2>Latency</h2>" not in page and "This job has no result" not in page
+    assert "<h2>Recipe</h2>" in page  # the job's own fields are still shown
+
+
+def test_a_typed_job_and_its_json_give_the_same_page() -> None:
+    """The API hands the report a JobOut; it reads the same as the job's JSON with the result as stored."""
+    job = JobOut.model_validate(
+        _job(
+            calibration_dataset_id=None,
+            evaluation_dataset_id=None,
+            evaluation={"latency_runs": 50, "warmup_runs": 5, "threads": None, "batch_size": 1},
+            attempts=1,
+            started_at="2025-01-01T00:00:01Z",
+        )
+    )
+    page = render_report_html(job)
+    assert page == render_report_html(job.model_dump(mode="json", exclude_unset=True))
+    for text in EXPECTED:
+        assert text in page, text
 
 
 def test_service_side_imports_nothing_heavy() -> None:

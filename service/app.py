@@ -28,7 +28,7 @@ from service.models.router import router as models_router
 from service.ops.router import router as ops_router
 from service.queue import JobQueue
 from service.settings import Settings, get_settings
-from service.storage import LocalStorage
+from service.storage import open_storage
 
 log = logging.getLogger("service")
 
@@ -135,8 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings)
-        storage = LocalStorage(settings.resolved_storage_dir)
-        storage.ensure()
+        storage = open_storage(settings)
         queue = JobQueue(settings)
         app.state.settings = settings
         app.state.engine = engine

@@ -39,8 +39,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.database import make_engine, make_session_factory, transaction
 from service.jobs import state
 from service.settings import Settings, get_settings
-from service.storage import LocalStorage, Storage
+from service.storage import Storage, open_storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
+from worker.inputs import InputCache
 from worker.sandbox import exit_error, job_limits
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class JobRunner:
         self.settings = settings
         self.session_factory = session_factory
         self.storage = storage
+        self.inputs = InputCache(storage, settings.cache_dir, settings.worker_cache_bytes)
         self.enqueue = enqueue
         self.stop_requested = threading.Event()
         self.busy = False
@@ -142,9 +144,7 @@ class JobRunner:
     def from_settings(cls, settings: Settings | None = None, enqueue: Callable[[str], None] | None = None) -> JobRunner:
         settings = settings or get_settings()
         engine = make_engine(settings)
-        storage = LocalStorage(settings.resolved_storage_dir)
-        storage.ensure()
-        return cls(settings, make_session_factory(engine), storage, enqueue)
+        return cls(settings, make_session_factory(engine), open_storage(settings), enqueue)
 
     def close(self) -> None:
         bind = self.session_factory.kw.get("bind")
@@ -278,6 +278,10 @@ class JobRunner:
                 )
 
     def _write_job_file(self, job_id: str, workdir: Path) -> None:
+        """The job's inputs are fetched into `workdir/inputs` (through this worker's cache) once the
+        rows are read, and job.json points the job's process at them."""
+        inputs = workdir / "inputs"
+        fetches: list[tuple[str, str, int, Path]] = []  # key, sha256, size, local copy
         with transaction(self.session_factory) as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -291,15 +295,22 @@ class JobRunner:
                 row = session.get(Dataset, dataset_id)
                 if row is None or row.deleted_at is not None:
                     raise RuntimeError(f"dataset {dataset_id} was deleted")
+                local = inputs / dataset_id / row.storage_key.rsplit("/", 1)[-1]
+                fetches.append((row.storage_key, row.sha256, row.size_bytes, local))
                 return {
-                    "path": str(self.storage.local_path(row.storage_key)),
+                    "path": str(local),
                     "format": row.format,
                     "preprocess": row.preprocess,
                 }
 
+            model_dir = inputs / "model"  # external data files beside the model, as they were uploaded
+            external = [(e["name"], e["sha256"], e["size_bytes"]) for e in model.external_data or []]
+            model_size = model.size_bytes - sum(size for _, _, size in external)
+            for name, sha256, size in [(model.file_name, model.sha256, model_size), *external]:
+                fetches.append((f"{model.storage_prefix}/{name}", sha256, size, model_dir / name))
             spec = {
                 "job_id": job.id,
-                "model_path": str(self.storage.local_path(f"{model.storage_prefix}/{model.file_name}")),
+                "model_path": str(model_dir / model.file_name),
                 "inputs": model.inputs,
                 "recipe": job.recipe,
                 "evaluation": {
@@ -319,6 +330,9 @@ class JobRunner:
                     self.settings.job_open_files,
                 ),
             }
+        for key, sha256, size, local in fetches:
+            if not local.exists():  # the same dataset for calibration and evaluation
+                self.inputs.fetch(key, sha256, size, local)
         (workdir / "job.json").write_text(json.dumps(spec))
 
     def _run_child(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:
@@ -509,8 +523,6 @@ class JobRunner:
 
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
         """Partial files of attempts that were killed while storing theirs."""
-        folder = self.storage.local_path(f"jobs/{job_id}")
-        if folder.is_dir():
-            for old in folder.iterdir():
-                if old.name != str(attempt):
-                    self.storage.delete_prefix(f"jobs/{job_id}/{old.name}")
+        prefix = f"jobs/{job_id}/"
+        for old in {key[len(prefix) :].split("/", 1)[0] for key in self.storage.keys(prefix)} - {str(attempt)}:
+            self.storage.delete_prefix(f"{prefix}{old}")

@@ -97,20 +97,25 @@ def sqlite_settings(data_dir: Path) -> Settings:
     return settings
 
 
-@pytest.fixture
-def postgres_settings(data_dir: Path, postgres_url: str) -> Iterator[Settings]:
-    """Settings on a fresh schema: each test gets its own PostgreSQL schema via a new database."""
+def fresh_database(postgres_url: str) -> Iterator[str]:
+    """A database of the caller's own on the real PostgreSQL, dropped after."""
     admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     name = f"qaas_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    settings = Settings(data_dir=data_dir, database_url=url)
-    upgrade(settings)
-    yield settings
+    yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def postgres_settings(data_dir: Path, postgres_url: str) -> Iterator[Settings]:
+    """Settings on a fresh schema: each test gets its own PostgreSQL schema via a new database."""
+    for url in fresh_database(postgres_url):
+        settings = Settings(data_dir=data_dir, database_url=url)
+        upgrade(settings)
+        yield settings
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

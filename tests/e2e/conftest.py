@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from service.run import API, MIGRATE, WORKER
-from tests.conftest import clean_qaas_env, free_port, redis_prefix
+from tests.conftest import clean_qaas_env, free_port, fresh_database, redis_prefix
 from tests.s3 import S3Server
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -139,15 +139,17 @@ def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redi
 def on_s3(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, s3_server: S3Server
 ) -> Iterator[Deployment]:
-    """PostgreSQL + Redis + a real S3 server, with the API and the worker on separate data dirs."""
-    yield from deploy_scaled_out(
-        "s3",
-        tmp_path_factory.mktemp("s3"),
-        s3_server.env(s3_server.new_bucket()),
-        QAAS_DATABASE_URL=postgres_url,
-        QAAS_BROKER_URL=redis_url,
-        QAAS_BROKER_KEY_PREFIX=redis_prefix() + "s3:",
-    )
+    """PostgreSQL + Redis + a real S3 server, with the API and the worker on separate data dirs
+    (a database of its own: another deployment's sweep must not take its jobs)."""
+    for database_url in fresh_database(postgres_url):
+        yield from deploy_scaled_out(
+            "s3",
+            tmp_path_factory.mktemp("s3"),
+            s3_server.env(s3_server.new_bucket()),
+            QAAS_DATABASE_URL=database_url,
+            QAAS_BROKER_URL=redis_url,
+            QAAS_BROKER_KEY_PREFIX=redis_prefix() + "s3:",
+        )
 
 
 @pytest.fixture(params=["embedded", "production", "on_s3"])

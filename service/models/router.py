@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 
 from service.auth import TenantDep
 from service.deps import SessionDep, SettingsDep, StorageDep
+from service.downloads import DOWNLOAD_RESPONSES, download
 from service.models import service
 from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
@@ -62,19 +63,23 @@ def get_model(session: SessionDep, tenant: TenantDep, model_id: str) -> ModelOut
 @router.get(
     "/{model_id}/file",
     summary="Download the uploaded .onnx file",
+    description="Supports `Range` (206) and `If-None-Match` with the model's ETag, its sha256 (304).",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
+    responses=DOWNLOAD_RESPONSES,
 )
-def download_model(session: SessionDep, storage: StorageDep, tenant: TenantDep, model_id: str) -> StreamingResponse:
+def download_model(
+    request: Request, session: SessionDep, storage: StorageDep, tenant: TenantDep, model_id: str
+) -> Response:
     row = service.get_model(session, tenant, model_id)
     key = f"{row.storage_prefix}/{row.file_name}"
-    return StreamingResponse(
-        storage.iter_bytes(key),
+    return download(
+        request,
+        storage,
+        key,
+        size=storage.size(key),
+        sha256=row.sha256,
         media_type="application/octet-stream",
-        headers={
-            "Content-Disposition": f'attachment; filename="{row.id}.onnx"',
-            "Content-Length": str(storage.size(key)),
-        },
+        filename=f"{row.id}.onnx",
     )
 
 

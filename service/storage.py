@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -95,34 +95,6 @@ class HashedWrite:
     path: Path
     size_bytes: int = 0
     sha256: str = ""
-
-
-def write_stream(
-    dest: Path,
-    chunks: Iterable[bytes],
-    *,
-    max_bytes: int | None = None,
-    on_too_large: type[Exception] | None = None,
-) -> HashedWrite:
-    """Write `chunks` to `dest` (created exclusively), hashing on the way. Over `max_bytes` the
-    partial file is removed and `OverflowError` (or what `on_too_large` builds) is raised."""
-    digest = hashlib.sha256()
-    size = 0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with dest.open("xb") as f:
-            for chunk in chunks:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise OverflowError(f"more than {max_bytes} bytes")
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return HashedWrite(dest, size, digest.hexdigest())
 
 
 class LocalStorage:

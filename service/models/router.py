@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import TenantDep
 from service.deps import SessionDep, SettingsDep, StorageDep
@@ -15,6 +16,8 @@ from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import Page, error_responses
 from service.tables import OnnxModel
+from service.upload_stream import binary, multipart_body, read_form
+from service.uploads import staging_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -27,21 +30,45 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     "them) for models that keep weights outside the protobuf. The model is checked and inspected; "
     "the answer lists its inputs, outputs and operators.",
     responses=error_responses(413, 422),
+    openapi_extra=multipart_body(
+        "Body_upload_model_v1_models_post",
+        {
+            "file": binary("The .onnx file."),
+            "external_data": {
+                "anyOf": [{"type": "array", "items": binary("One external data file.")}, {"type": "null"}],
+                "description": "External data files named as the model refers to them, or one .zip of them.",
+            },
+            "name": {
+                "anyOf": [{"type": "string", "maxLength": 255}, {"type": "null"}],
+                "description": "Defaults to the file name.",
+            },
+        },
+        ["file"],
+    ),
 )
-def upload_model(
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="The .onnx file.")],
-    external_data: Annotated[
-        list[UploadFile] | None,
-        File(description="External data files named as the model refers to them, or one .zip of them."),
-    ] = None,
-    name: Annotated[str | None, Form(max_length=255, description="Defaults to the file name.")] = None,
+async def upload_model(
+    request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> ModelOut:
-    row = service.create_model(session, storage, settings, tenant, file, external_data or [], name)
-    return ModelOut.model_validate(row)
+    # The body is parsed here, in one pass into staging, not by FastAPI (see service.upload_stream).
+    with staging_dir(settings) as folder:
+        form = await read_form(
+            request,
+            folder,
+            max_file_bytes=settings.max_model_bytes,
+            what={"file": "model file", "external_data": "external data"},
+            max_lengths={"name": 255},
+        )
+        row = await run_in_threadpool(
+            service.create_model,
+            session,
+            storage,
+            settings,
+            tenant,
+            form.file("file"),
+            form.files.get("external_data", []),
+            form.field("name"),
+        )
+        return ModelOut.model_validate(row)
 
 
 @router.get("", summary="List models, newest first")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from fastapi import UploadFile
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
@@ -20,6 +19,7 @@ from service.quotas import check_storage
 from service.settings import Settings
 from service.storage import Storage, sha256_file
 from service.tables import ACTIVE_STATUSES, Job, OnnxModel, new_id
+from service.upload_stream import StagedPart
 from service.uploads import stage_upload, staging_dir
 
 MODEL_FILE = "model.onnx"
@@ -34,8 +34,8 @@ def create_model(
     storage: Storage,
     settings: Settings,
     tenant: str,
-    file: UploadFile,
-    external_data: list[UploadFile],
+    file: StagedPart,
+    external_data: list[StagedPart],
     name: str | None,
 ) -> OnnxModel:
     model_id = new_id()
@@ -108,7 +108,7 @@ def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
     )
 
 
-def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:
+def _stage_external(upload: StagedPart, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:
     """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
     A plain file's sha256, computed while it is written, goes into `hashes`."""
     client_name = upload.filename or ""

@@ -1,0 +1,196 @@
+"""Multipart uploads read in one pass: python-multipart's streaming parser writes each file part
+straight into the request's staging folder, counting and hashing it on the way.
+
+Starlette's own form parsing spools every file part to a temporary file first, which the service
+then copied into staging: every upload was written twice, and a 1 GB upload briefly took 2 GB of
+`/tmp`. Here the body is written once. Parsing and writing run on a worker thread, fed in batches
+of about a megabyte, so the event loop never blocks on the disk.
+
+The routes that use it declare their form in OpenAPI with `multipart_body` (FastAPI would otherwise
+parse the body itself before the route runs), and missing or malformed fields answer 422 exactly
+as FastAPI's own validation does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.errors import PayloadTooLarge
+
+BATCH_BYTES = 1 << 20
+MAX_FIELD_BYTES = 64 << 10
+
+
+@dataclass
+class StagedPart:
+    """One uploaded file, already in the staging folder."""
+
+    filename: str
+    path: Path
+    size_bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class Form:
+    files: dict[str, list[StagedPart]] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def file(self, name: str) -> StagedPart:
+        return self.files[name][0]
+
+    def field(self, name: str) -> str | None:
+        return self.fields.get(name)
+
+
+def _invalid(name: str, kind: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("body", name), "msg": message, "input": None}])
+
+
+class _Parts:
+    """python-multipart's callbacks: headers collected per part, file data written as it comes."""
+
+    def __init__(self, folder: Path, max_file_bytes: int, what: dict[str, str]) -> None:
+        self.folder = folder
+        self.max_file_bytes = max_file_bytes
+        self.what = what
+        self.form = Form()
+        self.total = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header = [b"", b""]
+        self._name = ""
+        self._text: bytearray | None = None
+        self._file: BinaryIO | None = None
+        self._part: StagedPart | None = None
+        self._digest: Any = None
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self.part_begin,
+            "on_header_field": lambda d, s, e: self._header.__setitem__(0, self._header[0] + d[s:e]),
+            "on_header_value": lambda d, s, e: self._header.__setitem__(1, self._header[1] + d[s:e]),
+            "on_header_end": self.header_end,
+            "on_headers_finished": self.headers_finished,
+            "on_part_data": self.part_data,
+            "on_part_end": self.part_end,
+        }
+
+    @property
+    def open_part(self) -> bool:
+        return self._file is not None or self._text is not None
+
+    def part_begin(self) -> None:
+        self._headers = []
+
+    def header_end(self) -> None:
+        self._headers.append((self._header[0].lower(), self._header[1]))
+        self._header = [b"", b""]
+
+    def headers_finished(self) -> None:
+        disposition = next((v for k, v in self._headers if k == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
+        if b"name" not in options:
+            raise _invalid("body", "value_error", 'every part needs a Content-Disposition with a "name"')
+        self._name = options[b"name"].decode("utf-8", "replace")
+        if b"filename" in options:
+            filename = options[b"filename"].decode("utf-8", "replace")
+            count = sum(len(v) for v in self.form.files.values())
+            part = StagedPart(filename, self.folder / f"part-{count}")
+            self._part, self._file, self._digest = part, part.path.open("xb"), hashlib.sha256()
+            self.form.files.setdefault(self._name, []).append(part)
+        else:
+            self._part, self._text = None, bytearray()
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = memoryview(data)[start:end]
+        if self._part is not None and self._file is not None:
+            self.total += len(chunk)
+            if self.total > self.max_file_bytes:
+                what = self.what.get(self._name, self._name)
+                raise PayloadTooLarge(
+                    f"The {what} is larger than the limit of {self.max_file_bytes} bytes; upload a "
+                    "smaller file or ask the operator to raise the limit.",
+                    detail={"limit_bytes": self.max_file_bytes},
+                    headers={"Connection": "close"},  # the rest of the body is not worth reading
+                )
+            self._digest.update(chunk)
+            self._file.write(chunk)
+            self._part.size_bytes += len(chunk)
+        elif self._text is not None:
+            if len(self._text) + len(chunk) > MAX_FIELD_BYTES:
+                raise _invalid(self._name, "string_too_long", f"at most {MAX_FIELD_BYTES} bytes")
+            self._text += chunk
+
+    def part_end(self) -> None:
+        if self._part is not None and self._file is not None:
+            self._file.close()
+            self._file = None
+            self._part.sha256 = self._digest.hexdigest()
+        elif self._text is not None:
+            self.form.fields[self._name] = self._text.decode("utf-8", "replace")
+            self._text = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+async def read_form(
+    request: Request,
+    folder: Path,
+    *,
+    max_file_bytes: int,
+    what: dict[str, str],
+    required: tuple[str, ...] = ("file",),
+    max_lengths: dict[str, int] | None = None,
+) -> Form:
+    """Parse the request's multipart body, its files into `folder` (which the caller removes).
+    The files together may hold `max_file_bytes`; `what` names each file field in messages."""
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise _invalid(required[0], "missing", "Field required (send the body as multipart/form-data)")
+    parts = _Parts(folder, max_file_bytes, what)
+    parser = MultipartParser(params[b"boundary"], parts.callbacks())  # type: ignore[arg-type]
+    batch = bytearray()
+    try:
+        async for chunk in request.stream():
+            batch += chunk
+            if len(batch) >= BATCH_BYTES:
+                await anyio.to_thread.run_sync(parser.write, bytes(batch))
+                batch.clear()
+        await anyio.to_thread.run_sync(parser.write, bytes(batch))
+        await anyio.to_thread.run_sync(parser.finalize)
+        if parts.open_part:
+            raise FormParserError("the body ends inside a part")
+    except FormParserError as exc:
+        raise _invalid("body", "value_error", f"the multipart body is malformed ({exc})") from exc
+    finally:
+        parts.close()
+    form = parts.form
+    for name in required:
+        if name not in form.files:
+            raise _invalid(name, "missing", "Field required")
+    for name, limit in (max_lengths or {}).items():
+        value = form.fields.get(name)
+        if value is not None and len(value) > limit:
+            raise _invalid(name, "string_too_long", f"String should have at most {limit} characters")
+    return form
+
+
+def multipart_body(title: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its multipart form with `read_form`."""
+    schema = {"title": title, "type": "object", "properties": properties, "required": required}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def binary(description: str) -> dict[str, Any]:
+    return {"type": "string", "contentMediaType": "application/octet-stream", "description": description}

@@ -14,6 +14,7 @@ as FastAPI's own validation does.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,7 +28,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from service.errors import PayloadTooLarge
 
 BATCH_BYTES = 1 << 20
+QUEUED = 4
 MAX_FIELD_BYTES = 64 << 10
+HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qaas-upload-hash")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class _Parts:
         self._file: BinaryIO | None = None
         self._part: StagedPart | None = None
         self._digest: Any = None
+        self._hashing: Future[None] | None = None
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -122,7 +126,9 @@ class _Parts:
                     detail={"limit_bytes": self.max_file_bytes},
                     headers={"Connection": "close"},  # the rest of the body is not worth reading
                 )
-            self._digest.update(chunk)
+            if self._hashing is not None:
+                self._hashing.result()  # in order, and at most one chunk behind
+            self._hashing = HASHER.submit(self._digest.update, chunk)  # beside the write: both drop the GIL
             self._file.write(chunk)
             self._part.size_bytes += len(chunk)
         elif self._text is not None:
@@ -134,12 +140,17 @@ class _Parts:
         if self._part is not None and self._file is not None:
             self._file.close()
             self._file = None
+            if self._hashing is not None:
+                self._hashing.result()
+                self._hashing = None
             self._part.sha256 = self._digest.hexdigest()
         elif self._text is not None:
             self.form.fields[self._name] = self._text.decode("utf-8", "replace")
             self._text = None
 
     def close(self) -> None:
+        if self._hashing is not None:
+            self._hashing.cancel()
         if self._file is not None:
             self._file.close()
 
@@ -160,15 +171,8 @@ async def read_form(
         raise _invalid(required[0], "missing", "Field required (send the body as multipart/form-data)")
     parts = _Parts(folder, max_file_bytes, what)
     parser = MultipartParser(params[b"boundary"], parts.callbacks())  # type: ignore[arg-type]
-    batch = bytearray()
     try:
-        async for chunk in request.stream():
-            batch += chunk
-            if len(batch) >= BATCH_BYTES:
-                await anyio.to_thread.run_sync(parser.write, bytes(batch))
-                batch.clear()
-        await anyio.to_thread.run_sync(parser.write, bytes(batch))
-        await anyio.to_thread.run_sync(parser.finalize)
+        await _pipe(request, parser)
         if parts.open_part:
             raise FormParserError("the body ends inside a part")
     except FormParserError as exc:
@@ -184,6 +188,51 @@ async def read_form(
         if value is not None and len(value) > limit:
             raise _invalid(name, "string_too_long", f"String should have at most {limit} characters")
     return form
+
+
+async def _pipe(request: Request, parser: MultipartParser) -> None:
+    """Receive the body on the event loop while a worker thread parses and writes what came
+    before: the network and the disk overlap. Batches of BATCH_BYTES, at most QUEUED of them
+    waiting, so memory stays bounded whatever the client sends."""
+    send, receive = anyio.create_memory_object_stream[list[bytes]](QUEUED)
+    producer_failed: list[BaseException] = []
+
+    async def produce() -> None:
+        async with send:
+            batch: list[bytes] = []
+            size = 0
+            try:
+                async for chunk in request.stream():
+                    batch.append(chunk)  # no copies: the parser reads each chunk where it is
+                    size += len(chunk)
+                    if size >= BATCH_BYTES:
+                        await send.send(batch)
+                        batch, size = [], 0
+            except BaseException as exc:
+                producer_failed.append(exc)
+                raise
+            await send.send(batch)
+
+    def consume() -> None:
+        while True:
+            try:
+                batch = anyio.from_thread.run(receive.receive)
+            except anyio.EndOfStream:
+                break
+            for chunk in batch:
+                parser.write(chunk)
+        if not producer_failed:
+            parser.finalize()
+
+    try:
+        async with anyio.create_task_group() as group, receive:
+            group.start_soon(produce)
+            await anyio.to_thread.run_sync(consume)
+    except BaseExceptionGroup as errors:
+        first: BaseException = errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def multipart_body(title: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A worker's local copies of the stored inputs its jobs read (models, their external data,
-datasets): downloaded once into a cache keyed by sha256, bounded in bytes, and hard-linked into each
-job's work dir, so a job never reads from storage through a path and a busy worker does not fetch the
-same model for every job.
+datasets): downloaded once into a cache keyed by sha256, bounded in bytes, and hard-linked (model
+files: copied) into each job's work dir, so a job never reads from storage through a path and a
+busy worker does not fetch the same model for every job.
 
 The cache holds whole files only: a download goes to a temporary name and is renamed into place.
 Least recently used files go first when a new one would pass the bound; a file a running job has
@@ -24,8 +24,10 @@ class InputCache:
         self.folder = folder
         self.max_bytes = max_bytes
 
-    def fetch(self, key: str, sha256: str, size: int, dest: Path) -> Path:
-        """The stored object `key` (whose content hashes to `sha256`) as the new file `dest`."""
+    def fetch(self, key: str, sha256: str, size: int, dest: Path, *, copy: bool = False) -> Path:
+        """The stored object `key` (whose content hashes to `sha256`) as the new file `dest`:
+        a hard link to the cached file, or with `copy` a file of its own (ONNX refuses to read
+        external data from a file with several links, a guard against hard-link attacks)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         if size > self.max_bytes:  # would never fit: straight into the job's folder
             self.storage.download(key, dest)
@@ -42,6 +44,9 @@ class InputCache:
                 tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             os.utime(cached)  # most recently used
+        if copy:
+            shutil.copyfile(cached, dest)  # copy_file_range: in the kernel, no network
+            return dest
         try:
             os.link(cached, dest)
         except OSError:  # the work dir is on another file system

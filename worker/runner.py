@@ -281,7 +281,7 @@ class JobRunner:
         """The job's inputs are fetched into `workdir/inputs` (through this worker's cache) once the
         rows are read, and job.json points the job's process at them."""
         inputs = workdir / "inputs"
-        fetches: list[tuple[str, str, int, Path]] = []  # key, sha256, size, local copy
+        fetches: list[tuple[str, str, int, Path, bool]] = []  # key, sha256, size, local copy, a file of its own
         with transaction(self.session_factory) as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -296,7 +296,7 @@ class JobRunner:
                 if row is None or row.deleted_at is not None:
                     raise RuntimeError(f"dataset {dataset_id} was deleted")
                 local = inputs / dataset_id / row.storage_key.rsplit("/", 1)[-1]
-                fetches.append((row.storage_key, row.sha256, row.size_bytes, local))
+                fetches.append((row.storage_key, row.sha256, row.size_bytes, local, False))
                 return {
                     "path": str(local),
                     "format": row.format,
@@ -307,7 +307,7 @@ class JobRunner:
             external = [(e["name"], e["sha256"], e["size_bytes"]) for e in model.external_data or []]
             model_size = model.size_bytes - sum(size for _, _, size in external)
             for name, sha256, size in [(model.file_name, model.sha256, model_size), *external]:
-                fetches.append((f"{model.storage_prefix}/{name}", sha256, size, model_dir / name))
+                fetches.append((f"{model.storage_prefix}/{name}", sha256, size, model_dir / name, True))
             spec = {
                 "job_id": job.id,
                 "model_path": str(model_dir / model.file_name),
@@ -330,9 +330,9 @@ class JobRunner:
                     self.settings.job_open_files,
                 ),
             }
-        for key, sha256, size, local in fetches:
+        for key, sha256, size, local, copy in fetches:
             if not local.exists():  # the same dataset for calibration and evaluation
-                self.inputs.fetch(key, sha256, size, local)
+                self.inputs.fetch(key, sha256, size, local, copy=copy)
         (workdir / "job.json").write_text(json.dumps(spec))
 
     def _run_child(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:

@@ -98,7 +98,12 @@ def deploy(name: str, root: Path, **env: str) -> Iterator[Deployment]:
 
 
 def deploy_scaled_out(
-    name: str, root: Path, s3_env: dict[str, str], workers: int = 1, **env: str
+    name: str,
+    root: Path,
+    s3_env: dict[str, str],
+    workers: int = 1,
+    worker_env: dict[str, str] | None = None,
+    **env: str,
 ) -> Iterator[Deployment]:
     """The API and `workers` worker processes, each with an empty data dir of its own, as if on
     machines of their own: only the database, the broker and the S3 server connect them."""
@@ -111,7 +116,8 @@ def deploy_scaled_out(
     subprocess.run(MIGRATE, env=dep.env, check=True, capture_output=True)
     dep.start("api", API)
     for n in range(1, workers + 1):
-        dep.start(f"worker-{n}", WORKER, clean_env(QAAS_DATA_DIR=str(root / f"worker-{n}"), **common))
+        own = clean_env(QAAS_DATA_DIR=str(root / f"worker-{n}"), **common, **(worker_env or {}))
+        dep.start(f"worker-{n}", WORKER, own)
     try:
         dep.wait_ready()
         yield dep

@@ -36,12 +36,14 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "calibration_memory": ("calibration_peak_mb", "ort_calibration_peak_mb", "calibration_flatness"),
     "api_load": ("api_rps", "api_p99_ms", "api_hello_rps"),
     "upload": ("upload_mb_s", "upload_rss_growth_mb"),
+    "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),
 }
 ALIASES = {
     "calibration": "calibration_memory",
     "memory": "calibration_memory",
     "api": "api_load",
     "load": "api_load",
+    "s3": "scale_out",
 }
 
 

@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="Default: SQLite at <data_dir>/qaas.db.")
     broker_url: str | None = Field(None, description="Default: kombu filesystem transport under <data_dir>.")
     broker_key_prefix: str = Field("", description="Redis key prefix, so deployments can share one Redis.")
-    storage_dir: Path | None = Field(None, description="Default: <data_dir>/storage (shared by API and workers).")
+    storage_dir: Path | None = Field(
+        None, description="Local storage (unless QAAS_STORAGE_URL is set). Default: <data_dir>/storage."
+    )
     work_dir: Path | None = Field(None, description="Scratch space of a worker's jobs. Default: <data_dir>/work.")
     storage_url: str | None = Field(
         None,

@@ -7,11 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
 from service.settings import Settings
 from service.storage import LocalStorage, Storage, StorageUnavailable, open_storage
 from service.storage_s3 import S3Storage
-from tests.s3 import S3Server
+from tests.conftest import free_port
+from tests.onnx_models import matmul_mlp
+from tests.s3 import CREDENTIALS, S3Server
+from tests.service.helpers import assert_error
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -95,3 +100,22 @@ def test_an_unreachable_store_is_storage_unavailable(tmp_path: Path, monkeypatch
 
 def test_local_presigned_is_none(tmp_path: Path) -> None:
     assert LocalStorage(tmp_path).presigned_url("a", expires_s=60, filename="a") is None
+
+
+def test_the_api_answers_503_while_the_object_store_is_unreachable(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    settings = sqlite_settings.model_copy(
+        update={"storage_url": "s3://gone/qaas", "s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+        ready = api.get("/readyz")
+        assert ready.status_code == 503 and "storage" in ready.text, ready.text
+        model = matmul_mlp(tmp_path / "m.onnx")
+        answer = api.post("/v1/models", files={"file": ("m.onnx", model.read_bytes())})
+        assert_error(answer, 503, "unavailable")
+        assert api.get("/v1/models").json()["items"] == []  # nothing was recorded
+        staging = settings.resolved_data_dir / "staging"
+        assert not staging.exists() or not any(staging.iterdir())

@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 from fastapi.testclient import TestClient
 
+from service.database import transaction
+from service.storage import Storage
+from service.tables import Artifact
 from tests.onnx_models import conv_classifier, matmul_mlp
 
 
@@ -54,3 +57,20 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert isinstance(body["error"]["detail"], dict)
     error: dict[str, Any] = body["error"]
     return error
+
+
+def add_artifact(client: TestClient, job_id: str, src: Path, media_type: str) -> Artifact:
+    """Store `src` as an artifact of attempt 1 of the job and record it, as a worker would."""
+    storage: Storage = client.app.state.storage  # type: ignore[attr-defined]
+    stored = storage.put_file(f"jobs/{job_id}/1/{src.name}", src)
+    row = Artifact(
+        job_id=job_id,
+        name=src.name,
+        storage_key=stored.key,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        media_type=media_type,
+    )
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        session.add(row)
+    return row

@@ -12,12 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.database import transaction
 from service.settings import Settings
-from service.storage import Storage
-from service.tables import Artifact
 from tests.onnx_models import matmul_mlp
-from tests.service.helpers import assert_error, upload_model
+from tests.service.helpers import add_artifact, assert_error, upload_model
 from tests.service.test_tenants import _as, _key
 
 
@@ -77,19 +74,7 @@ def _artifact(api: TestClient, key: str, tmp_path: Path) -> tuple[str, bytes]:
     content = b"quantized bytes " * 1000
     src = tmp_path / "quantized.onnx"
     src.write_bytes(content)
-    storage: Storage = api.app.state.storage  # type: ignore[attr-defined]
-    stored = storage.put_file(f"jobs/{job.json()['id']}/1/quantized.onnx", src)
-    with transaction(api.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        session.add(
-            Artifact(
-                job_id=job.json()["id"],
-                name="quantized.onnx",
-                storage_key=stored.key,
-                size_bytes=stored.size_bytes,
-                sha256=stored.sha256,
-                media_type="application/octet-stream",
-            )
-        )
+    add_artifact(api, job.json()["id"], src, "application/octet-stream")
     return job.json()["id"], content
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
@@ -12,6 +13,10 @@ from service.settings import get_settings
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = settings.insecure_listen_problem
+    if problem:
+        logging.getLogger("service").error("refusing to start: %s", problem)
+        sys.exit(2)
     uvicorn.run(
         "service.app:create_app",
         factory=True,

@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import RateLimiter
+from service.auth import AuthMiddleware
 from service.contract.errors import RuleError
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
@@ -27,6 +27,7 @@ from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
 from service.ops.router import router as ops_router
 from service.queue import JobQueue
+from service.schemas import error_response
 from service.settings import Settings, get_settings
 from service.storage import open_storage
 
@@ -43,20 +44,6 @@ Upload an ONNX model and calibration data, start a quantization job, poll it, do
 
 Every error answers `{"error": {"code", "message", "detail"}}`.
 """
-
-
-def _error(
-    status: int,
-    code: str,
-    message: str,
-    detail: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "detail": detail or {}}},
-        status_code=status,
-        headers=headers,
-    )
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -81,7 +68,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         message = str(first["message"])
     else:
         message = f"Invalid value for `{first['field']}`: {first['message']}."
-    return _error(422, code, message, {"field": first["field"], "errors": errors})
+    return error_response(422, code, message, {"field": first["field"], "errors": errors})
 
 
 async def _rule_error(request: Request, exc: Exception) -> JSONResponse:
@@ -91,7 +78,7 @@ async def _rule_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return _error(exc.status, exc.code, exc.message, exc.detail, exc.headers or None)
+    return error_response(exc.status, exc.code, exc.message, exc.detail, exc.headers or None)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -101,7 +88,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         404: f"No endpoint at {request.url.path}; see /docs for the API.",
         405: f"{request.method} is not allowed on {request.url.path}; see /docs.",
     }.get(exc.status_code, str(exc.detail))
-    return _error(
+    return error_response(
         exc.status_code,
         codes.get(exc.status_code, "bad_request"),
         message,
@@ -111,7 +98,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _database_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
-    return _error(503, "unavailable", "The database is unreachable; retry in a few seconds.")
+    return error_response(503, "unavailable", "The database is unreachable; retry in a few seconds.")
 
 
 async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
@@ -121,12 +108,12 @@ async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("file storage unavailable on %s %s", request.method, request.url.path, exc_info=exc)
     reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
     message = "The file storage is unavailable; retry in a few seconds."
-    return _error(503, "unavailable", message, {"reason": reason})
+    return error_response(503, "unavailable", message, {"reason": reason})
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _error(500, "internal", "Something went wrong on our side; the error was logged.")
+    return error_response(500, "internal", "Something went wrong on our side; the error was logged.")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -142,7 +129,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = make_session_factory(engine)
         app.state.storage = storage
         app.state.queue = queue
-        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
         try:
             yield
@@ -157,7 +143,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.request_counts = Counter()
-    app.add_middleware(BodyLimitMiddleware, settings=settings)  # innermost: count_requests sees its 413s
+    # Innermost first. Both answer from the request head, before any body byte is read: the caller's
+    # key, rate and upload slots (AuthMiddleware), then the body's declared or counted size.
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(AuthMiddleware, settings=settings)  # inside count_requests, which sees its 401s
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -1,42 +1,52 @@
-"""API keys, the caller's tenant, and the per-key request rate limit.
+"""API keys, the caller's tenant, the per-key request rate limit and the cap on uploads in flight.
 
 A key looks like `qaas_<8 hex>_<43 url-safe chars>`; `qaas_<8 hex>` is its visible prefix (shown in
 lists and logs), and only the sha256 of the whole key is stored. Keys carry 256 random bits, so a
-fast hash is enough; the comparison is constant-time."""
+fast hash is enough; the comparison is constant-time.
+
+`AuthMiddleware` decides from the request head alone, before a byte of the body is read: a client
+without a valid key, over its rate, or with too many uploads in flight costs one small answer, never
+a parsed multipart body. Routes read the tenant it found through `TenantDep`."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.database import utcnow
-from service.errors import NotFound, ServiceError
+from service.errors import NotFound, RateLimited, ServiceError, Unauthorized, Unavailable
+from service.limits import route_path
+from service.schemas import error_response
 from service.settings import Settings
 from service.tables import DEFAULT_TENANT, ApiKey
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "qaas_"
 bearer = HTTPBearer(auto_error=False, description="An API key made with `python -m service.admin create-key`.")
-
-
-class Unauthorized(ServiceError):
-    status = 401
-    code = "unauthorized"
-
-
-class RateLimited(ServiceError):
-    status = 429
-    code = "rate_limited"
-
+# Served to anybody, with auth on or off: liveness, readiness and the API's own description.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+UPLOAD_PATHS = frozenset({"/v1/models", "/v1/datasets"})
+UPLOAD_RETRY_AFTER_S = 5
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+NO_KEY = "This endpoint needs an API key: send `Authorization: Bearer <key>`."
 
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
 
@@ -113,28 +123,140 @@ class RateLimiter:
             return (1 - tokens) / self.rate
 
 
+class UploadSlots:
+    """Uploads in flight in this API process: at most `per_key` for one key and `per_process` in all.
+    Each upload holds a slot from its request head to its answer, spooled parts and staging included."""
+
+    def __init__(self, per_key: int, per_process: int) -> None:
+        self.per_key = per_key
+        self.per_process = per_process
+        self.by_key: Counter[str] = Counter()
+        self.total = 0
+        self.lock = threading.Lock()
+
+    def take(self, key: str | None) -> str | None:
+        """None when a slot was taken, else which cap refused it ("key" or "process")."""
+        with self.lock:
+            if self.total >= self.per_process:
+                return "process"
+            if key is not None and self.by_key[key] >= self.per_key:
+                return "key"
+            self.total += 1
+            if key is not None:
+                self.by_key[key] += 1
+            return None
+
+    def give(self, key: str | None) -> None:
+        with self.lock:
+            self.total -= 1
+            if key is not None:
+                self.by_key[key] -= 1
+                if self.by_key[key] <= 0:
+                    del self.by_key[key]
+
+
+def _lookup(factory: sessionmaker[Session], key: str) -> tuple[str, str] | None:
+    with factory() as session:
+        return tenant_for_key(session, key)
+
+
+class AuthMiddleware:
+    """Pure ASGI middleware: `app.add_middleware(AuthMiddleware, settings=settings)`.
+
+    Every refusal is sent before the body is read, with `Connection: close` when the request has a
+    body, so the server stops reading it too."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.uploads = UploadSlots(settings.uploads_in_flight_per_key, settings.uploads_in_flight)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if path in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            tenant, prefix = await self._caller(scope)
+        except ServiceError as exc:
+            await self._refuse(scope, receive, send, exc)
+            return
+        scope.setdefault("state", {})["tenant"] = tenant
+        if scope.get("method") != "POST" or path not in UPLOAD_PATHS:
+            await self.app(scope, receive, send)
+            return
+        refused = self.uploads.take(prefix)
+        if refused is not None:
+            await self._refuse(scope, receive, send, self._too_many_uploads(refused))
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.uploads.give(prefix)
+
+    async def _caller(self, scope: Scope) -> tuple[str, str | None]:
+        """(tenant, key prefix); the prefix is None with auth off. Raises the refusal."""
+        if self.settings.auth == "off":
+            return DEFAULT_TENANT, None
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized(NO_KEY, headers=CHALLENGE)
+        found = None
+        if key_prefix(token) is not None:
+            factory: sessionmaker[Session] = scope["app"].state.session_factory
+            try:
+                found = await anyio.to_thread.run_sync(_lookup, factory, token)
+            except (DBAPIError, PoolTimeout) as exc:  # any failure of one SELECT: unreachable
+                log.warning("API key check: database unavailable: %s", exc)
+                raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
+        if found is None:
+            raise Unauthorized(
+                "The API key is unknown or revoked; ask your operator for a valid key.", headers=CHALLENGE
+            )
+        tenant, prefix = found
+        wait = self.rate_limiter.acquire(prefix)
+        if wait:
+            raise RateLimited(
+                f"Too many requests for this API key (limit {self.settings.rate_limit_per_minute} per minute); "
+                f"retry in {wait:.1f} s.",
+                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+                detail={"retry_after_s": round(wait, 2)},
+            )
+        return tenant, prefix
+
+    def _too_many_uploads(self, which: str) -> RateLimited:
+        if which == "key":
+            limit, setting, whose = self.uploads.per_key, "QAAS_UPLOADS_IN_FLIGHT_PER_KEY", "for this API key"
+        else:
+            limit, setting, whose = self.uploads.per_process, "QAAS_UPLOADS_IN_FLIGHT", "on this server"
+        return RateLimited(
+            f"{limit} uploads are already in progress {whose}, the most allowed; wait for one to finish and "
+            f"retry in {UPLOAD_RETRY_AFTER_S} s (the operator sets the limit with {setting}).",
+            headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S)},
+            detail={"uploads_in_flight_limit": limit, "scope": which},
+        )
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError) -> None:
+        headers = dict(exc.headers)
+        request_headers = Headers(scope=scope)
+        if request_headers.get("content-length", "0") != "0" or "transfer-encoding" in request_headers:
+            headers["Connection"] = "close"  # the body stays unread, and the server stops reading it
+        await error_response(exc.status, exc.code, exc.message, exc.detail, headers)(scope, receive, send)
+
+
 def current_tenant(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
-    settings: Settings = request.app.state.settings
-    if settings.auth == "off":
-        return DEFAULT_TENANT
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("This endpoint needs an API key: send `Authorization: Bearer <key>`.", headers=challenge)
-    with request.app.state.session_factory() as session:
-        found = tenant_for_key(session, credentials.credentials)
-    if found is None:
-        raise Unauthorized("The API key is unknown or revoked; ask your operator for a valid key.", headers=challenge)
-    tenant, prefix = found
-    wait = request.app.state.rate_limiter.acquire(prefix)
-    if wait:
-        raise RateLimited(
-            f"Too many requests for this API key (limit {settings.rate_limit_per_minute} per minute); "
-            f"retry in {wait:.1f} s.",
-            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-            detail={"retry_after_s": round(wait, 2)},
-        )
+    """The tenant `AuthMiddleware` found. `credentials` only puts the bearer scheme into OpenAPI
+    (Swagger's Authorize button); the key was checked before the body was read."""
+    tenant: str | None = getattr(request.state, "tenant", None)
+    if tenant is None:  # fail closed: only reachable if the middleware is missing
+        raise Unauthorized(NO_KEY, headers=CHALLENGE)
     return tenant
 
 

@@ -109,12 +109,25 @@ def after_commit(session: Session, callback: Any) -> None:
     session.info.setdefault("after_commit", []).append(callback)
 
 
+def on_rollback(session: Session, callback: Any) -> None:
+    """Run `callback()` if the session's transaction rolls back (never on commit).
+
+    For undoing side effects outside the database, like files stored for a row that never landed."""
+    session.info.setdefault("on_rollback", []).append(callback)
+
+
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
+    session.info.pop("on_rollback", None)
     for callback in session.info.pop("after_commit", []):
         callback()
 
 
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
+@event.listens_for(Session, "after_soft_rollback")
+def _run_on_rollback(session: Session, previous_transaction: Any) -> None:
+    # Every rollback of the outermost transaction, also one that found the connection already gone.
+    if previous_transaction.parent is not None:
+        return
     session.info.pop("after_commit", None)
+    for callback in session.info.pop("on_rollback", []):
+        callback()

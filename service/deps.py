@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,6 +16,8 @@ from service.errors import Unavailable
 from service.queue import JobQueue
 from service.settings import Settings
 from service.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def _settings(request: Request) -> Settings:
@@ -36,9 +39,9 @@ async def _session(request: Request) -> AsyncIterator[Session]:
         await anyio.to_thread.run_sync(session.commit, limiter=limiter)
     except OperationalError as exc:
         await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
-        raise Unavailable(
-            "The database is unreachable; retry in a few seconds.", detail={"reason": str(exc.orig)[:200]}
-        ) from exc
+        # The driver's text names the database host and user: the log has it, the caller does not.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
+        raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
     except BaseException:
         await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
         raise

@@ -82,6 +82,23 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class QuotaExceeded(ServiceError):
+    """A tenant's standing allowance (stored bytes) is used up; `payload_too_large` is one request's size."""
+
+    status = 413
+    code = "quota_exceeded"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
 class ResourceLimit(ServiceError):
     status = 422
     code = "resource_limit"

@@ -68,12 +68,8 @@ class BodyLimitMiddleware:
         self.other = BodyLimit(OTHER_BODY_LIMIT, OTHER_BODY_LIMIT, "this request", None)
 
     def limit_for(self, scope: Scope) -> BodyLimit:
-        path: str = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
         if scope.get("method") == "POST":
-            return self.uploads.get(path.rstrip("/"), self.other)
+            return self.uploads.get(route_path(scope), self.other)
         return self.other
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,6 +114,15 @@ class BodyLimitMiddleware:
         if progress.exceeded and not progress.refused and not progress.response_started:
             progress.refused = True
             await _refuse(send, limit, None)
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's root, without a trailing slash."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.rstrip("/") or "/"
 
 
 def _content_length(scope: Scope) -> int | None:

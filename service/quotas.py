@@ -1,50 +1,101 @@
-"""Per-tenant quotas: stored bytes and active (queued + running) jobs."""
+"""Per-tenant quotas: stored bytes and active (queued + running) jobs.
+
+Every stored file is charged `FILE_OVERHEAD_BYTES` on top of its size: an inode and a block cost the
+operator's disk whatever the file holds, so a zip of empty files is not free."""
 
 from __future__ import annotations
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.auth import RateLimited
-from service.errors import PayloadTooLarge
+from service.errors import QuotaExceeded, RateLimited
 from service.settings import Settings
 from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
 
 JOB_RETRY_AFTER_S = 30
+FILE_OVERHEAD_BYTES = 4096
+# A job stores at most about its model's size again (the quantized model is smaller; fp16 halves it),
+# in up to three files (model, external data, report), plus the report's bytes.
+JOB_FILES = 3
+REPORT_ALLOWANCE_BYTES = 1 << 20
+
+
+def charge(size_bytes: int, files: int) -> int:
+    """What storing `files` files of `size_bytes` in all costs against the quota."""
+    return size_bytes + files * FILE_OVERHEAD_BYTES
+
+
+def job_estimate(model_bytes: int) -> int:
+    """What a job on a model of `model_bytes` is expected to store, charged as `charge` does."""
+    return charge(model_bytes + REPORT_ALLOWANCE_BYTES, JOB_FILES)
 
 
 def stored_bytes(session: Session, tenant: str) -> int:
-    models = session.scalar(
-        select(func.coalesce(func.sum(OnnxModel.size_bytes), 0)).where(
-            OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None)
-        )
-    )
-    datasets = session.scalar(
-        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+    live_model = (OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None))
+    models = session.execute(
+        select(
+            func.coalesce(func.sum(OnnxModel.size_bytes), 0),
+            func.count(),
+            func.coalesce(func.sum(func.json_array_length(OnnxModel.external_data)), 0),
+        ).where(*live_model)
+    ).one()
+    datasets = session.execute(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0), func.count()).where(
             Dataset.tenant == tenant, Dataset.deleted_at.is_(None)
         )
-    )
-    artifacts = session.scalar(
-        select(func.coalesce(func.sum(Artifact.size_bytes), 0))
+    ).one()
+    artifacts = session.execute(
+        select(func.coalesce(func.sum(Artifact.size_bytes), 0), func.count())
         .join(Job, Job.id == Artifact.job_id)
         .where(Job.tenant == tenant)
+    ).one()
+    return (
+        charge(int(models[0]), int(models[1]) + int(models[2]))
+        + charge(int(datasets[0]), int(datasets[1]))
+        + charge(int(artifacts[0]), int(artifacts[1]))
     )
-    return int(models or 0) + int(datasets or 0) + int(artifacts or 0)
+
+
+def reserved_bytes(session: Session, tenant: str) -> int:
+    """What the tenant's queued and running jobs are expected to store once they succeed."""
+    total, jobs = session.execute(
+        select(func.coalesce(func.sum(OnnxModel.size_bytes), 0), func.count())
+        .select_from(Job)
+        .join(OnnxModel, OnnxModel.id == Job.model_id)
+        .where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    ).one()
+    return int(total) + int(jobs) * job_estimate(0)
 
 
 def check_storage(session: Session, settings: Settings, tenant: str, incoming: int) -> None:
+    """Raise QuotaExceeded unless `incoming` more charged bytes (see `charge`) fit the tenant's quota."""
     used = stored_bytes(session, tenant)
     if used + incoming > settings.quota_storage_bytes:
-        raise PayloadTooLarge(
-            f"Storing {incoming} more bytes would exceed your storage quota of {settings.quota_storage_bytes} "
-            f"bytes ({used} used); delete models, datasets or old jobs first.",
-            code="payload_too_large",
-            detail={
-                "quota_bytes": settings.quota_storage_bytes,
-                "used_bytes": used,
-                "incoming_bytes": incoming,
-            },
+        raise _over_quota(settings, used, incoming, f"Storing {incoming} more bytes")
+
+
+def check_job_storage(session: Session, settings: Settings, tenant: str, model_bytes: int) -> None:
+    """At job creation: the job's estimate must fit beside what is stored and what active jobs will store."""
+    used = stored_bytes(session, tenant) + reserved_bytes(session, tenant)
+    incoming = job_estimate(model_bytes)
+    if used + incoming > settings.quota_storage_bytes:
+        raise _over_quota(
+            settings, used, incoming, f"This job's results (estimated at {incoming} bytes from the model's size)"
         )
+
+
+def _over_quota(settings: Settings, used: int, incoming: int, what: str) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"{what} would exceed your storage quota of {settings.quota_storage_bytes} bytes ({used} already "
+        f"counted, each stored file charged its size plus {FILE_OVERHEAD_BYTES} bytes); delete models, datasets or "
+        "old jobs first.",
+        detail={
+            "quota_bytes": settings.quota_storage_bytes,
+            "used_bytes": used,
+            "incoming_bytes": incoming,
+            "file_overhead_bytes": FILE_OVERHEAD_BYTES,
+        },
+    )
 
 
 def check_active_jobs(session: Session, settings: Settings, tenant: str) -> None:

@@ -8,10 +8,18 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 from service.errors import ServiceError
 
 T = TypeVar("T")
+
+# For the report page and every download: nothing is fetched, run or framed, and no browser guesses a
+# type other than the one sent (a stored file is never rendered as HTML from our origin).
+LOCKED_DOWN_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 class ErrorInfo(BaseModel):
@@ -43,7 +51,8 @@ _DESCRIPTIONS = {
     401: "Missing or invalid API key",
     404: "No such resource",
     409: "Conflicts with the resource's state",
-    413: "Upload too large",
+    413: "Upload too large (`payload_too_large`), or the storage quota is used up (`quota_exceeded`)",
+    429: "Too many requests, uploads in progress or active jobs (`rate_limited`, with `Retry-After`)",
     422: "Invalid input",
     503: "A dependency (database, broker, storage) is unavailable",
 }
@@ -57,7 +66,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, row_id = raw.split("|", 1)
-        return datetime.fromisoformat(stamp), row_id
+        created_at = datetime.fromisoformat(stamp)
+        if created_at.tzinfo is None:  # every cursor this API writes carries its UTC offset
+            raise ValueError("naive timestamp")
+        return created_at, row_id
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
         raise ServiceError(
             "The cursor is not one this API returned; pass `next_cursor` from the previous page unchanged.",
@@ -65,3 +77,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             status=400,
             detail={"cursor": cursor},
         ) from exc
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    detail: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The contract's error body; also an ASGI app, for middleware that answers before the router."""
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "detail": detail or {}}},
+        status_code=status,
+        headers=headers,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
         100 << 30, ge=1024, description="Stored models, datasets and artifacts per tenant."
     )
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per API key per minute (per API process).")
+    uploads_in_flight_per_key: int = Field(2, ge=1, description="Uploads one API key may have in progress at once.")
+    uploads_in_flight: int = Field(8, ge=1, description="Uploads in progress at once in one API process.")
+    allow_insecure: bool = Field(
+        False, description="Let the API listen on a non-loopback address with auth off (never in production)."
+    )
 
     worker_concurrency: int = Field(1, ge=1, le=64)
     task_soft_time_limit_s: int = Field(3600, ge=10)
@@ -82,6 +88,17 @@ class Settings(BaseSettings):
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("QAAS_TASK_TIME_LIMIT_S must be larger than QAAS_TASK_SOFT_TIME_LIMIT_S")
         return self
+
+    @property
+    def insecure_listen_problem(self) -> str | None:
+        """Why the API must not start with these settings, or None."""
+        if self.auth == "on" or self.allow_insecure or is_loopback(self.host):
+            return None
+        return (
+            f"QAAS_AUTH is off and QAAS_HOST={self.host} is not a loopback address: anybody who can reach it "
+            "could use the API without a key. Set QAAS_AUTH=on (and create keys with `python -m service.admin "
+            "create-key`), listen on 127.0.0.1, or set QAAS_ALLOW_INSECURE=1 if this is really intended."
+        )
 
     @property
     def resolved_job_file_bytes(self) -> int:
@@ -119,6 +136,15 @@ class Settings(BaseSettings):
     @property
     def is_embedded(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 @lru_cache

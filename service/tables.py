@@ -12,9 +12,16 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.database import Base, UTCDateTime, utcnow
 
+NAME_LENGTH = 255  # of every String(255) column a client's text can reach
+
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def clip(text: str, length: int = NAME_LENGTH) -> str:
+    """A client's (or a model's) text cut to fit its column, so the insert cannot fail on it."""
+    return text[:length]
 
 
 class JobStatus(StrEnum):

@@ -26,10 +26,12 @@ def conv_classifier(
     hidden: int = 8,
     seed: int = 0,
     input_shape: list[int | str | None] | None = None,
+    matmul_head: bool = False,
 ) -> Path:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: input `input` [batch,C,H,W] float32,
     output `logits` [batch, num_classes]. The batch dimension is symbolic ("batch") unless
-    `input_shape` declares the input otherwise (pooling takes any height and width)."""
+    `input_shape` declares the input otherwise (pooling takes any height and width); `matmul_head`
+    ends in MatMul + Add instead of Gemm, as many exporters write it."""
     rng = np.random.default_rng(seed)
     w = rng.normal(0, 0.5, size=(hidden, channels, 3, 3)).astype(np.float32)
     b = rng.normal(0, 0.1, size=(hidden,)).astype(np.float32)
@@ -42,6 +44,12 @@ def conv_classifier(
         helper.make_node("Flatten", ["pool_out"], ["flat"], name="flatten", axis=1),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
+    if matmul_head:
+        fc_w = fc_w.T.copy()
+        nodes[-1:] = [
+            helper.make_node("MatMul", ["flat", "fc_w"], ["fc_mm"], name="fc"),
+            helper.make_node("Add", ["fc_mm", "fc_b"], ["logits"], name="fc_bias"),
+        ]
     graph = helper.make_graph(
         nodes,
         "conv_classifier",
@@ -60,9 +68,9 @@ def conv_classifier(
 
 
 def paddle_classifier(path: Path, *, seed: int = 0) -> Path:
-    """The classifier as Paddle2ONNX exports it: unknown dims written as dim_value -1 and 0
-    (input [-1, 3, 0, -1]), which ONNX Runtime treats as unknown."""
-    return conv_classifier(path, seed=seed, input_shape=[-1, 3, 0, -1])
+    """The classifier as Paddle2ONNX exports it: unknown dims written as dim_value -1 and 0 (input
+    [-1, 3, 0, -1]; ONNX Runtime takes -1 as unknown and refuses data for 0), MatMul + Add head."""
+    return conv_classifier(path, seed=seed, input_shape=[-1, 3, 0, -1], matmul_head=True)
 
 
 def matmul_mlp(path: Path, *, opset: int = 13, features: int = 16, hidden: int = 32, seed: int = 0) -> Path:

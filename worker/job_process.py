@@ -1,19 +1,20 @@
 """The child process that does a job's heavy work: `python -m worker.job_process WORKDIR`.
 
-Reads WORKDIR/job.json, runs the engine under resource limits, prints progress as JSON lines on
-stdout and writes WORKDIR/outcome.json. It never touches the database."""
+Reads WORKDIR/job.json, runs the engine under resource limits, prints progress lines on stdout
+and writes WORKDIR/outcome.json (all three typed in worker/contracts.py). It never touches the
+database."""
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+from worker.contracts import ArtifactItem, ChildOutcome, DataSource, JobError, JobFile, JobResultData, Progress
 from worker.engine import (
     DatasetSource,
     EngineError,
@@ -28,7 +29,7 @@ from worker.engine import (
 from worker.engine.auto import auto_quantize
 from worker.engine.checks import validate_job
 from worker.engine.preprocess import runnable_original
-from worker.sandbox import apply_limits, die_with_parent, limit_error
+from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
@@ -39,28 +40,28 @@ class Reporter:
 
     def __call__(self, stage: Stage, fraction: float) -> None:
         self.stage = stage
-        sys.stdout.write(json.dumps({"stage": str(stage), "fraction": round(float(fraction), 4)}) + "\n")
+        sys.stdout.write(Progress(str(stage), round(float(fraction), 4)).line())
         sys.stdout.flush()
 
 
-def _source(data: dict[str, Any] | None) -> DatasetSource | None:
+def _source(data: DataSource | None) -> DatasetSource | None:
     if data is None:
         return None
-    return DatasetSource(path=Path(data["path"]), format=data["format"], preprocess=data.get("preprocess"))
+    return DatasetSource(path=Path(data.path), format=data.format, preprocess=data.preprocess)
 
 
 def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
+def run(job: JobFile, workdir: Path, report: Reporter) -> ChildOutcome:
     started = time.perf_counter()
-    spec = QuantizationSpec.from_mapping(job["recipe"])
-    evaluation = EvaluationSpec.from_mapping(job["evaluation"])
-    model_path = Path(job["model_path"])
-    inputs = [TensorSpec.from_mapping(i) for i in job["inputs"]]
-    calibration = _source(job.get("calibration"))
-    eval_data = _source(job.get("evaluation_data"))
+    spec = QuantizationSpec.from_mapping(job.recipe)
+    evaluation = EvaluationSpec(**asdict(job.evaluation))
+    model_path = Path(job.model_path)
+    inputs = [TensorSpec(i.name, i.dtype, None if i.shape is None else tuple(i.shape)) for i in job.inputs]
+    calibration = _source(job.calibration)
+    eval_data = _source(job.evaluation_data)
 
     report(Stage.VALIDATING, 0.0)
     model_path, declared = runnable_original(model_path, workdir / "original")
@@ -71,7 +72,7 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
         evaluation_data=eval_data,
         evaluation_batch_size=evaluation.batch_size,
     )
-    reused = bool(job.get("reused_calibration"))
+    reused = job.reused_calibration
     if spec.mode == Mode.AUTO:
         outcome, measured = auto_quantize(
             model_path,
@@ -97,58 +98,49 @@ def run(job: dict[str, Any], workdir: Path, report: Reporter) -> dict[str, Any]:
             progress=report,
         )
     report(Stage.REPORTING, 0.0)
-    result = measured.to_dict()
-    result["warnings"] = [*outcome.warnings, *measured.warnings]
-    result["preprocessing_steps"] = [*declared, *outcome.preprocessing_steps]
-    result["timings_s"] = {
-        **outcome.timings_s,
-        **measured.timings_s,
-        "total": round(time.perf_counter() - started, 3),
-    }
-    result["quantization"] = {"calibration_samples": outcome.calibration_samples, **outcome.details}
-    result["peak_memory_bytes"] = peak_memory_bytes()
+    result = JobResultData(
+        original=measured.original,
+        quantized=measured.quantized,
+        comparison=measured.comparison,
+        warnings=[*outcome.warnings, *measured.warnings],
+        timings_s={**outcome.timings_s, **measured.timings_s, "total": round(time.perf_counter() - started, 3)},
+        peak_memory_bytes=peak_memory_bytes(),
+        preprocessing_steps=[*declared, *outcome.preprocessing_steps],
+        machine=measured.machine,
+        evaluation=measured.evaluation,
+        quantization={"calibration_samples": outcome.calibration_samples, **outcome.details},
+    )
 
     out = workdir / "artifacts"
     out.mkdir()
-    artifacts = []
-    for path in outcome.files:
-        artifacts.append({"name": path.name, "path": str(path), "media_type": ONNX_MEDIA_TYPE})
+    artifacts = [ArtifactItem(path.name, str(path), ONNX_MEDIA_TYPE) for path in outcome.files]
     report_path = out / "report.json"
-    report_path.write_text(json.dumps(result, indent=2))
-    artifacts.append({"name": "report.json", "path": str(report_path), "media_type": "application/json"})
+    report_path.write_text(json.dumps(result.to_dict(), indent=2))
+    artifacts.append(ArtifactItem("report.json", str(report_path), "application/json"))
     report(Stage.REPORTING, 1.0)
-    return {"status": "succeeded", "result": result, "artifacts": artifacts}
+    return ChildOutcome("succeeded", result=result, artifacts=artifacts)
 
 
 def main(workdir: Path) -> int:
-    job = json.loads((workdir / "job.json").read_text())
+    exit_on_sigterm()
+    job = JobFile.read(workdir)
     die_with_parent()
-    apply_limits(job.get("limits", {}))
+    apply_limits(job.limits)
     report = Reporter()
     try:
         outcome = run(job, workdir, report)
     except EngineError as exc:
         # ONNX Runtime's allocation failures under RLIMIT_AS arrive wrapped in an EngineError.
-        outcome = {
-            "status": "failed",
-            "error": limit_error(exc, job.get("limits", {}), str(report.stage)) or exc.to_dict(),
-        }
+        error = limit_error(exc, job.limits, str(report.stage)) or JobError(exc.code, exc.message, exc.detail)
+        outcome = ChildOutcome("failed", error=error)
     except Exception as exc:  # MemoryError included
         traceback.print_exc()  # to the worker's log, never to the user
         code = "evaluation_failed" if report.stage == Stage.EVALUATING else "quantization_failed"
-        limited = limit_error(exc, job.get("limits", {}), str(report.stage))
-        outcome = {
-            "status": "failed",
-            "error": limited
-            or {
-                "code": code,
-                "message": f"{type(exc).__name__} during {report.stage}: {str(exc)[:1000]}",
-                "detail": {"stage": str(report.stage)},
-            },
-        }
-    tmp = workdir / "outcome.json.tmp"
-    tmp.write_text(json.dumps(outcome))
-    os.replace(tmp, workdir / "outcome.json")
+        error = limit_error(exc, job.limits, str(report.stage)) or JobError(
+            code, f"{type(exc).__name__} during {report.stage}: {str(exc)[:1000]}", {"stage": str(report.stage)}
+        )
+        outcome = ChildOutcome("failed", error=error)
+    outcome.write(workdir)
     return 0
 
 

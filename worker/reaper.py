@@ -73,20 +73,39 @@ def sweep(
 
 
 def clean_scratch(factory: sessionmaker[Session], work_dir: Path) -> list[str]:
-    """Remove this host's scratch folders of jobs that ended or no longer exist. A SIGKILLed worker
-    leaves its attempt's folder behind, and the next attempt (which clears it) may run elsewhere.
-    Folders of queued and running jobs stay: their next attempt, on this host, clears them."""
+    """Remove this host's scratch of jobs that ended or no longer exist, and every temporary file in
+    it (a job's TMPDIR is inside its attempt's folder). A SIGKILLed worker leaves its attempt's folder
+    behind, and the next attempt (which clears it) may run elsewhere. Folders of queued jobs, and the
+    current attempt's folder of a running job, stay: a worker may be using them. Returns what went."""
     if not work_dir.is_dir():
         return []
+    removed: list[str] = []
+    for loose in [p for p in work_dir.iterdir() if p.is_symlink() or not p.is_dir()]:
+        _remove(loose)  # nothing the runner writes lives here
+        removed.append(loose.name)
     names = [p.name for p in work_dir.iterdir() if p.is_dir()]
     if not names:
-        return []
+        return removed
     with factory() as session:
         keep = state.unfinished(session, names)
-    removed = [name for name in names if name not in keep]
-    for name in removed:
-        shutil.rmtree(work_dir / name, ignore_errors=True)
+        running = state.running_attempts(session, names)
+    for name in names:
+        if name not in keep:
+            _remove(work_dir / name)
+            removed.append(name)
+        elif name in running:
+            for old in (work_dir / name).iterdir():
+                if not (old.name.isdigit() and int(old.name) >= running[name]):
+                    _remove(old)
+                    removed.append(f"{name}/{old.name}")
     return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _send(send: Callable[[str], None], job_id: str) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
+import dataclasses
 import logging
 import os
 import queue
@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,12 +36,25 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.database import make_engine, make_session_factory, transaction
+from service.errors import QuotaExceeded
 from service.jobs import state
+from service.jobs.schemas import EvaluationSettings as WireEvaluation
+from service.quotas import charge, check_storage
 from service.settings import Settings, get_settings
 from service.storage import Storage, open_storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
+from worker.contracts import (
+    OUTCOME_FILE,
+    ChildOutcome,
+    DataSource,
+    EvaluationSettings,
+    JobError,
+    JobFile,
+    Progress,
+    TensorInfo,
+)
 from worker.inputs import InputCache
-from worker.sandbox import exit_error, job_limits
+from worker.sandbox import ArtifactRefused, accept_artifacts, child_env, exit_error, job_limits
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,7 @@ PROGRESS_INTERVAL_S = 0.5
 EOF = b""  # the reader thread's last item; a real line always ends with a newline
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
+CANCELLED = JobError.from_dict(state.CANCELLED_ERROR)
 
 
 class DatabaseUnavailable(Exception):
@@ -98,24 +111,8 @@ def overall_progress(stage: str, fraction: float) -> float:
     return start + (end - start) * max(0.0, min(1.0, fraction))
 
 
-@dataclass
-class ChildOutcome:
-    status: str  # succeeded | failed | cancelled | abandoned (no longer ours) | handed_back (stop requested)
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    artifacts: list[dict[str, Any]] | None = None
-
-
-def _child_env() -> dict[str, str]:
-    """The job process imports `worker` from the same tree as this process, installed or not."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def _error(code: str, message: str, **detail: Any) -> dict[str, Any]:
-    return {"code": code, "message": message, "detail": detail}
+def _error(code: str, message: str, **detail: Any) -> JobError:
+    return JobError(code, message, detail)
 
 
 class JobRunner:
@@ -185,7 +182,8 @@ class JobRunner:
             elif outcome.status == "handed_back":
                 self._hand_back(job_id, attempt, workdir)
             elif outcome.status != "abandoned":
-                self._end(job_id, attempt, outcome.error or {}, outcome.status)
+                assert outcome.error is not None
+                self._end(job_id, attempt, outcome.error, outcome.status)
         except Exception as exc:
             if isinstance(exc, DBAPIError) and transient(exc):
                 # Not the job's fault: give it back rather than fail it.
@@ -243,10 +241,11 @@ class JobRunner:
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
-    def _end(self, job_id: str, attempt: int, error: dict[str, Any], status: str) -> None:
+    def _end(self, job_id: str, attempt: int, error: JobError, status: str) -> None:
         """Record failed/cancelled; a job that did not succeed keeps no stored files at all."""
         if self._write(
-            f"record job {job_id} as {status}", lambda s: state.fail(s, job_id, attempt, error, status=status)
+            f"record job {job_id} as {status}",
+            lambda s: state.fail(s, job_id, attempt, error.to_dict(), status=status),
         ):
             self.storage.delete_prefix(f"jobs/{job_id}")
 
@@ -289,7 +288,7 @@ class JobRunner:
             if model is None or model.deleted_at is not None:
                 raise RuntimeError("the job's model was deleted")
 
-            def source(dataset_id: str | None) -> dict[str, Any] | None:
+            def source(dataset_id: str | None) -> DataSource | None:
                 if dataset_id is None:
                     return None
                 row = session.get(Dataset, dataset_id)
@@ -297,43 +296,42 @@ class JobRunner:
                     raise RuntimeError(f"dataset {dataset_id} was deleted")
                 local = inputs / dataset_id / row.storage_key.rsplit("/", 1)[-1]
                 fetches.append((row.storage_key, row.sha256, row.size_bytes, local, False))
-                return {
-                    "path": str(local),
-                    "format": row.format,
-                    "preprocess": row.preprocess,
-                }
+                return DataSource(str(local), row.format, row.preprocess)
 
             model_dir = inputs / "model"  # external data files beside the model, as they were uploaded
             external = [(e["name"], e["sha256"], e["size_bytes"]) for e in model.external_data or []]
             model_size = model.size_bytes - sum(size for _, _, size in external)
             for name, sha256, size in [(model.file_name, model.sha256, model_size), *external]:
                 fetches.append((f"{model.storage_prefix}/{name}", sha256, size, model_dir / name, True))
-            spec = {
-                "job_id": job.id,
-                "model_path": str(model_dir / model.file_name),
-                "inputs": model.inputs,
-                "recipe": job.recipe,
-                "evaluation": {
-                    **job.evaluation,
-                    "max_seconds": self.settings.evaluation_max_seconds,
-                    "max_samples": self.settings.evaluation_max_samples,
-                    "latency_runs": min(job.evaluation.get("latency_runs", 50), self.settings.max_latency_runs),
-                },
-                "calibration": source(job.calibration_dataset_id),
-                "evaluation_data": source(job.evaluation_dataset_id),
-                "reused_calibration": job.evaluation_dataset_id is not None
+            asked = WireEvaluation.model_validate(job.evaluation)
+            spec = JobFile(
+                job_id=job.id,
+                model_path=str(model_dir / model.file_name),
+                inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
+                recipe=job.recipe,
+                evaluation=EvaluationSettings(
+                    latency_runs=min(asked.latency_runs, self.settings.max_latency_runs),
+                    warmup_runs=asked.warmup_runs,
+                    threads=asked.threads,
+                    batch_size=asked.batch_size,
+                    max_samples=self.settings.evaluation_max_samples,
+                    max_seconds=self.settings.evaluation_max_seconds,
+                ),
+                calibration=source(job.calibration_dataset_id),
+                evaluation_data=source(job.evaluation_dataset_id),
+                reused_calibration=job.evaluation_dataset_id is not None
                 and job.evaluation_dataset_id == job.calibration_dataset_id,
-                "limits": job_limits(
+                limits=job_limits(
                     self.settings.job_memory_bytes,
                     self.settings.job_timeout_s,
                     self.settings.resolved_job_file_bytes,
                     self.settings.job_open_files,
                 ),
-            }
+            )
         for key, sha256, size, local, copy in fetches:
             if not local.exists():  # the same dataset for calibration and evaluation
                 self.inputs.fetch(key, sha256, size, local, copy=copy)
-        (workdir / "job.json").write_text(json.dumps(spec))
+        spec.write(workdir)
 
     def _run_child(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:
         stderr = (workdir / "stderr.log").open("wb")
@@ -342,7 +340,7 @@ class JobRunner:
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,  # its own process group, so a stop reaches its threads' children too
-            env=_child_env(),
+            env=child_env(workdir),
             preexec_fn=_die_with_runner(),
         )
         lines: queue.Queue[bytes] = queue.Queue()
@@ -370,11 +368,11 @@ class JobRunner:
                         if child.poll() is not None:
                             break
                         continue
-                    message = json.loads(line)
-                    pending = (str(message["stage"]), float(message["fraction"]))
+                    message = Progress.parse(line)
+                    pending = (message.stage, message.fraction)
                 except queue.Empty:
                     pass
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     log.debug("job %s: unparsed child output %r", job_id, line[:200])
                 now = time.monotonic()
                 if self.stop_requested.is_set() and child.poll() is None:  # a finished job is kept
@@ -396,7 +394,7 @@ class JobRunner:
                     last_cancel_check = now
                     if self._unless_db_down(job_id, self._cancel_requested, job_id):
                         self._stop(child)
-                        return ChildOutcome("cancelled", error=state.CANCELLED_ERROR)
+                        return ChildOutcome("cancelled", error=CANCELLED)
                 if now - started > self.settings.job_timeout_s:
                     self._stop(child)
                     limit = self.settings.job_timeout_s
@@ -419,6 +417,9 @@ class JobRunner:
             stderr.close()
             if child.poll() is None:
                 self._stop(child)
+            reader.join(timeout=5)
+            if child.stdout is not None:
+                child.stdout.close()
         return self._read_outcome(child.returncode, workdir)
 
     def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
@@ -456,20 +457,25 @@ class JobRunner:
             pass
 
     def _read_outcome(self, returncode: int, workdir: Path) -> ChildOutcome:
-        path = workdir / "outcome.json"
-        if returncode == 0 and path.exists():
-            data = json.loads(path.read_text())
-            return ChildOutcome(data["status"], data.get("result"), data.get("error"), data.get("artifacts"))
+        if returncode == 0 and (workdir / OUTCOME_FILE).exists():
+            outcome = ChildOutcome.read(workdir)
+            try:
+                outcome = dataclasses.replace(outcome, artifacts=accept_artifacts(outcome.artifacts, workdir))
+            except ArtifactRefused as exc:
+                log.error("job process in %s handed back a refused artifact: %s", workdir, exc)
+                message = "The job process returned files the worker does not accept; the worker's log has the details."
+                return ChildOutcome("failed", error=_error("internal", message))
+            return outcome
         tail = (workdir / "stderr.log").read_bytes()[-4000:].decode(errors="replace").strip()
-        limits = json.loads((workdir / "job.json").read_text()).get("limits", {})
-        error = exit_error(returncode, tail, limits)
+        error = exit_error(returncode, tail, JobFile.read(workdir).limits)
         # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
+        # Escaped onto one line: the job's own output must not be able to forge log lines.
         log.warning(
-            "job process in %s ended with %s (%s); stderr tail:\n%s",
+            "job process in %s ended with %s (%s); stderr tail: %s",
             workdir,
             returncode,
-            error["code"],
-            tail[-1500:],
+            error.code,
+            tail[-1500:].encode("unicode_escape").decode("ascii"),
         )
         return ChildOutcome("failed", error=error)
 
@@ -478,9 +484,13 @@ class JobRunner:
         own prefix), then the artifact rows and `succeeded` in one transaction: a job is never
         `succeeded` without its files, and a download never meets a partial one."""
         prefix = f"jobs/{job_id}/{attempt}"
+        over_quota = self._write(f"check job {job_id}'s storage quota", lambda s: self._quota_error(s, job_id, outcome))
+        if over_quota:
+            self._end(job_id, attempt, over_quota, "failed")
+            return
         stored = [
-            (item, self.storage.put_file(f"{prefix}/{item['name']}", Path(item["path"]), move=True))
-            for item in outcome.artifacts or []
+            (item, self.storage.put_file(f"{prefix}/{item.name}", Path(item.path), move=True))
+            for item in outcome.artifacts
         ]
 
         def commit(session: Session) -> str:
@@ -488,15 +498,16 @@ class JobRunner:
             session.add_all(
                 Artifact(
                     job_id=job_id,
-                    name=item["name"],
+                    name=item.name,
                     storage_key=obj.key,
                     size_bytes=obj.size_bytes,
                     sha256=obj.sha256,
-                    media_type=item["media_type"],
+                    media_type=item.media_type,
                 )
                 for item, obj in stored
             )
-            if state.succeed(session, job_id, attempt, outcome.result or {}):
+            assert outcome.result is not None
+            if state.succeed(session, job_id, attempt, outcome.result.to_dict()):
                 return "succeeded"
             session.rollback()
             # Why not? An earlier try may have committed and lost only its answer, or a cancellation
@@ -514,12 +525,24 @@ class JobRunner:
         if done == "succeeded":
             self._delete_other_attempts(job_id, attempt)
         elif done == "cancel":
-            self._end(job_id, attempt, state.CANCELLED_ERROR, "cancelled")
+            self._end(job_id, attempt, CANCELLED, "cancelled")
         elif done == "lost":
             self.storage.delete_prefix(prefix)
             log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)
         # None: the database never answered, so we cannot tell whether the commit landed. The files
         # stay (a success may point at them); the sweep re-queues the job if it did not land.
+
+    def _quota_error(self, session: Session, job_id: str, outcome: ChildOutcome) -> JobError | None:
+        """The job's `quota_exceeded` error when its artifacts do not fit its tenant's quota, else None."""
+        paths = [Path(item.path) for item in outcome.artifacts]
+        incoming = charge(sum(p.stat().st_size for p in paths), len(paths))
+        tenant = session.scalar(select(Job.tenant).where(Job.id == job_id))
+        try:
+            check_storage(session, self.settings, tenant or "", incoming)
+        except QuotaExceeded as exc:
+            message = f"The job's results were not stored: {exc.message[0].lower()}{exc.message[1:]}"
+            return JobError(exc.code, message, exc.detail)
+        return None
 
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
         """Partial files of attempts that were killed while storing theirs."""

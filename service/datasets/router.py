@@ -33,7 +33,7 @@ PREPROCESS_EXAMPLE = (
     "`.npy` for one-input models, or a `.zip` of JPEG/PNG images with a `preprocess` spec. "
     "Arrays of rank = input rank + 1 hold samples stacked on a new axis 0; arrays of the input's "
     "rank are split into batches; rank-0 arrays are fed with every sample.",
-    responses=error_responses(413, 422),
+    responses=error_responses(413, 422, 429),
     openapi_extra=multipart_body(
         "Body_upload_dataset_v1_datasets_post",
         {

@@ -5,13 +5,13 @@ from __future__ import annotations
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
-from service.database import after_commit, utcnow
+from service.database import after_commit, on_rollback, utcnow
 from service.errors import Conflict, NotFound
-from service.inspection.dataset import DatasetLimits, detect_format, inspect_dataset, parse_preprocess
-from service.quotas import check_storage
+from service.inspection.dataset import DatasetLimits, inspect_dataset, parse_preprocess
+from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import ACTIVE_STATUSES, Dataset, Job, new_id
+from service.tables import ACTIVE_STATUSES, Dataset, Job, clip, new_id
 from service.upload_stream import StagedPart
 from service.uploads import stage_upload, staging_dir
 
@@ -37,26 +37,27 @@ def create_dataset(
             what="dataset file",
             chunk_size=settings.upload_chunk_bytes,
         )
-        fmt = detect_format(staged.path)
         info = inspect_dataset(staged.path, preprocess, DatasetLimits(max_total_bytes=settings.max_dataset_bytes))
-        key = f"datasets/{dataset_id}/data.{EXTENSIONS[fmt]}"
-        check_storage(session, settings, tenant, staged.size_bytes)
+        key = f"datasets/{dataset_id}/data.{EXTENSIONS[info.format]}"
+        check_storage(session, settings, tenant, charge(staged.size_bytes, 1))
+        row = Dataset(
+            id=dataset_id,
+            tenant=tenant,
+            name=clip(name or (file.filename or "dataset").rsplit(".", 1)[0] or "dataset"),
+            storage_key=key,
+            format=info.format,
+            num_samples=info.num_samples,
+            size_bytes=staged.size_bytes,
+            sha256=staged.sha256,
+            tensors=info.tensors,
+            has_labels=info.has_labels,
+            preprocess=preprocess,
+        )
+        # The row first, as for models: a refused insert stores nothing, a rollback removes the file.
+        session.add(row)
+        session.flush()
+        on_rollback(session, lambda: storage.delete_prefix(f"datasets/{dataset_id}"))
         storage.put_file(key, staged.path, move=True, sha256=staged.sha256)
-    row = Dataset(
-        id=dataset_id,
-        tenant=tenant,
-        name=name or (file.filename or "dataset").rsplit(".", 1)[0] or "dataset",
-        storage_key=key,
-        format=info.format,
-        num_samples=info.num_samples,
-        size_bytes=staged.size_bytes,
-        sha256=staged.sha256,
-        tensors=info.tensors,
-        has_labels=info.has_labels,
-        preprocess=preprocess,
-    )
-    session.add(row)
-    session.flush()
     return row
 
 

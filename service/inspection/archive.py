@@ -1,10 +1,18 @@
-"""Safe reading of uploaded zip archives: limits, member names, and flat extraction."""
+"""Safe reading of uploaded zip archives: limits, member names, and flat extraction.
+
+The central directory's entry count and size are read from the end-of-central-directory record
+(zip64 included) and checked before `zipfile` parses the directory: parsing builds one object per
+entry, so a small archive of many tiny entries would otherwise cost far more memory than its size
+before any limit is checked. Each archive is then parsed once (`checked_zip`)."""
 
 from __future__ import annotations
 
 import os
 import stat
+import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -17,11 +25,23 @@ _CHUNK = 1 << 20
 _RATIO_MIN_BYTES = 1 << 20
 _SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _UNIX = 3
+MAX_FILE_NAME_BYTES = 255  # one path component, on the filesystems storage runs on
+
+# The end-of-central-directory record, the zip64 locator before it and the zip64 record before that.
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
+_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
+_CENTRAL_SIGNATURE = b"PK\x01\x02"
 
 
 @dataclass(frozen=True)
 class ArchiveLimits:
     max_entries: int = 100_000
+    max_directory_bytes: int = 16 << 20
     max_total_bytes: int = 4 << 30
     max_ratio: float = 200.0
     ratio_min_bytes: int = _RATIO_MIN_BYTES
@@ -50,6 +70,99 @@ def open_zip(path: Path, error_cls: type[ServiceError] = InvalidDataset) -> zipf
         ) from exc
 
 
+@dataclass(frozen=True)
+class ZipDirectory:
+    """Where the central directory is and what its end record declares."""
+
+    entries: int
+    offset: int
+    size_bytes: int
+
+
+def read_directory(path: Path, error_cls: type[ServiceError] = InvalidDataset) -> ZipDirectory:
+    """The central directory as the end records describe it (zip64 included), found as `zipfile`
+    finds it: the last end record in the file's tail, and the zip64 record just before it."""
+
+    def broken(reason: str) -> ServiceError:
+        return error_cls(
+            f"The archive is not a readable zip file ({reason}); upload a zip created by a standard tool.",
+            detail={"reason": reason},
+        )
+
+    try:
+        with path.open("rb") as f:
+            file_size = f.seek(0, os.SEEK_END)
+            tail_start = max(0, file_size - _EOCD.size - 0xFFFF)  # the record plus the longest comment
+            f.seek(tail_start)
+            tail = f.read()
+            at = len(tail) - _EOCD.size
+            if at < 0 or tail[at : at + 4] != _EOCD_SIGNATURE:
+                at = tail.rfind(_EOCD_SIGNATURE)
+            if at < 0 or at + _EOCD.size > len(tail):
+                raise broken("no end-of-central-directory record")
+            _, _, _, _, entries, size, _, _ = _EOCD.unpack_from(tail, at)
+            end = tail_start + at  # where the directory (or the zip64 records after it) ends
+            record64 = end - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+            if record64 >= 0:
+                f.seek(record64)
+                head = f.read(_ZIP64_EOCD.size + _ZIP64_LOCATOR.size)
+                locator = head[_ZIP64_EOCD.size : _ZIP64_EOCD.size + 4] == _ZIP64_LOCATOR_SIGNATURE
+                if locator and head[:4] == _ZIP64_EOCD_SIGNATURE:  # else zipfile, too, uses the plain record
+                    fields = _ZIP64_EOCD.unpack_from(head)
+                    entries, size = fields[7], fields[8]
+                    end = record64
+    except OSError as exc:
+        raise broken(exc.strerror or type(exc).__name__) from exc
+    if size > end:
+        raise broken("the central directory claims more bytes than the archive holds")
+    return ZipDirectory(entries=entries, offset=end - size, size_bytes=size)
+
+
+def _too_many_entries(entries: int, limits: ArchiveLimits) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The archive holds {entries} entries, more than the limit of {limits.max_entries}; upload fewer files.",
+        detail={"entries": entries, "limit": limits.max_entries},
+    )
+
+
+def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceError] = InvalidDataset) -> None:
+    """Refuse an archive over the entry or directory-size limits before anything parses its directory.
+
+    The end record's count is checked first; then the directory's records are counted, a few bytes
+    each, so an end record that understates the count cannot sneak more entries past the limit."""
+    directory = read_directory(path, error_cls)
+    if directory.entries > limits.max_entries:
+        raise _too_many_entries(directory.entries, limits)
+    if directory.size_bytes > limits.max_directory_bytes:
+        raise PayloadTooLarge(
+            f"The archive's central directory is {directory.size_bytes} bytes, more than the limit of "
+            f"{limits.max_directory_bytes}; upload fewer files or shorter file names.",
+            detail={"directory_bytes": directory.size_bytes, "limit_bytes": limits.max_directory_bytes},
+        )
+    with path.open("rb") as f:
+        f.seek(directory.offset)
+        data = f.read(directory.size_bytes)
+    counted = at = 0
+    while at + _CENTRAL_HEADER.size <= len(data) and data[at : at + 4] == _CENTRAL_SIGNATURE:
+        counted += 1
+        if counted > limits.max_entries:
+            raise _too_many_entries(counted, limits)
+        fields = _CENTRAL_HEADER.unpack_from(data, at)
+        at += _CENTRAL_HEADER.size + fields[12] + fields[13] + fields[14]  # name, extra, comment
+
+
+@contextmanager
+def checked_zip(
+    path: Path, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
+) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
+    """The open archive and its entries, its directory parsed once and every entry checked (see `check_zip`)."""
+    check_directory(path, limits, error_cls)
+    with open_zip(path, error_cls) as zf:
+        infos = zf.infolist()
+        _check_entries(infos, path.stat().st_size, limits, error_cls)
+        yield zf, infos
+
+
 def check_zip(
     path: Path, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
 ) -> list[zipfile.ZipInfo]:
@@ -58,14 +171,15 @@ def check_zip(
     Sizes, counts and compression ratios raise PayloadTooLarge; malformed, encrypted, symlink or
     badly named entries raise `error_cls`. Nothing is decompressed here.
     """
-    with open_zip(path, error_cls) as zf:
-        infos = zf.infolist()
-    archive_size = path.stat().st_size
+    with checked_zip(path, limits, error_cls) as (_, infos):
+        return infos
+
+
+def _check_entries(
+    infos: list[zipfile.ZipInfo], archive_size: int, limits: ArchiveLimits, error_cls: type[ServiceError]
+) -> None:
     if len(infos) > limits.max_entries:
-        raise PayloadTooLarge(
-            f"The archive holds {len(infos)} entries, more than the limit of {limits.max_entries}; upload fewer files.",
-            detail={"entries": len(infos), "limit": limits.max_entries},
-        )
+        raise _too_many_entries(len(infos), limits)
     total = 0
     seen: set[str] = set()
     for info in infos:
@@ -92,6 +206,12 @@ def check_zip(
                 f"Archive entry name {name!r} is unsafe (absolute, '..', backslash or control "
                 "character); use plain relative paths.",
                 detail={"entry": name},
+            )
+        if safe is not None and any(len(part.encode()) > MAX_FILE_NAME_BYTES for part in safe.split("/")):
+            raise error_cls(
+                f"Archive entry name {name[:100]!r} has a part longer than {MAX_FILE_NAME_BYTES} bytes; "
+                "use shorter file names.",
+                detail={"entry": name[:MAX_FILE_NAME_BYTES]},
             )
         if info.header_offset + info.compress_size > archive_size:
             raise error_cls(
@@ -124,7 +244,6 @@ def check_zip(
                 f"The archive expands to more than the limit of {limits.max_total_bytes} bytes; upload less data.",
                 detail={"limit_bytes": limits.max_total_bytes},
             )
-    return infos
 
 
 def extract_flat(
@@ -139,7 +258,17 @@ def extract_flat(
     limits; files are created exclusively (never overwritten, never through a symlink).
     On failure the files written so far are removed.
     """
-    infos = [i for i in check_zip(zip_path, limits, error_cls) if not i.is_dir()]
+    with checked_zip(zip_path, limits, error_cls) as (zf, all_infos):
+        return _extract(zf, [i for i in all_infos if not i.is_dir()], dest_dir, limits, error_cls)
+
+
+def _extract(
+    zf: zipfile.ZipFile,
+    infos: list[zipfile.ZipInfo],
+    dest_dir: Path,
+    limits: ArchiveLimits,
+    error_cls: type[ServiceError],
+) -> list[Path]:
     names: dict[str, str] = {}
     for info in infos:
         safe = safe_member_name(info.filename)
@@ -158,28 +287,27 @@ def extract_flat(
     total = 0
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with open_zip(zip_path, error_cls) as zf:
-            for info in infos:
-                flat_name = names.get(info.filename)
-                if flat_name is None:
-                    continue
-                target = dest_dir / flat_name
-                try:
-                    fd = os.open(target, flags, 0o600)
-                except FileExistsError as exc:
-                    raise error_cls(
-                        f"Archive entry {info.filename!r} would overwrite the existing file {flat_name!r}; "
-                        "upload each file once.",
-                        detail={"entry": info.filename, "file_name": flat_name},
-                    ) from exc
-                written.append(target)
-                entry_bytes = 0
-                with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-                    while chunk := src.read(_CHUNK):
-                        entry_bytes += len(chunk)
-                        total += len(chunk)
-                        _check_streamed(info, entry_bytes, total, limits)
-                        out.write(chunk)
+        for info in infos:
+            flat_name = names.get(info.filename)
+            if flat_name is None:
+                continue
+            target = dest_dir / flat_name
+            try:
+                fd = os.open(target, flags, 0o600)
+            except FileExistsError as exc:
+                raise error_cls(
+                    f"Archive entry {info.filename!r} would overwrite the existing file {flat_name!r}; "
+                    "upload each file once.",
+                    detail={"entry": info.filename, "file_name": flat_name},
+                ) from exc
+            written.append(target)
+            entry_bytes = 0
+            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                while chunk := src.read(_CHUNK):
+                    entry_bytes += len(chunk)
+                    total += len(chunk)
+                    _check_streamed(info, entry_bytes, total, limits)
+                    out.write(chunk)
     except zipfile.BadZipFile as exc:
         _remove(written)
         raise error_cls(

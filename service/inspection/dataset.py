@@ -32,7 +32,7 @@ from service.contract.formats import (
     read_npy_header,
 )
 from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit, service_errors
-from service.inspection.archive import ArchiveLimits, check_zip, open_zip
+from service.inspection.archive import ArchiveLimits, checked_zip
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -61,8 +61,16 @@ class DatasetInfo:
     num_classes: int | None
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, archive: ArchiveLimits = ArchiveLimits()) -> str:
     """Return "npy", "npz" or "images", by magic bytes (and, for zips, by member names)."""
+    if _magic(path) == "npy":
+        return "npy"
+    with checked_zip(path, archive, InvalidDataset) as (_, infos):
+        return _zip_format(infos)
+
+
+def _magic(path: Path) -> str:
+    """ "npy" or "zip" by the file's first bytes; anything else is refused."""
     try:
         with open(path, "rb") as fp:
             head = fp.read(8)
@@ -71,39 +79,40 @@ def detect_format(path: Path) -> str:
     if head.startswith(_NPY_MAGIC):
         return "npy"
     if head[:4] in _ZIP_MAGICS:
-        with open_zip(path) as zf:
-            names = [n for n in (member_name(i.filename) for i in zf.infolist()) if n and not is_litter(n)]
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-        return "images"
+        return "zip"
     raise InvalidDataset(
         "The dataset is neither a .npy array nor a zip (.npz or images); upload a .npz, .npy or .zip file.",
         detail={"magic": head.hex()},
     )
 
 
+def _zip_format(infos: list[zipfile.ZipInfo]) -> str:
+    names = [n for n in (member_name(i.filename) for i in infos) if n and not is_litter(n)]
+    return "npz" if names and all(n.endswith(".npy") for n in names) else "images"
+
+
 def inspect_dataset(
     path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits = DatasetLimits()
 ) -> DatasetInfo:
-    """Validate the dataset at `path` and summarise it. `preprocess` is only used for images."""
+    """Validate the dataset at `path` and summarise it. `preprocess` is only used for images.
+    A zip's central directory is checked against the limits, then parsed once."""
     with service_errors():
         return _inspect(Path(path), preprocess, limits)
 
 
 def _inspect(path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits) -> DatasetInfo:
-    path = Path(path)
     size = path.stat().st_size
     if size > limits.max_total_bytes:
         raise _too_large(limits.max_total_bytes)
-    fmt = detect_format(path)
-    if fmt == "npy":
+    if _magic(path) == "npy":
         return _inspect_npy(path, limits)
     archive = dataclasses.replace(
         limits.archive, max_total_bytes=min(limits.archive.max_total_bytes, limits.max_total_bytes)
     )
-    if fmt == "npz":
-        return _inspect_npz(path, limits, archive)
-    return _inspect_images(path, parse_preprocess(preprocess), limits, archive)
+    with checked_zip(path, archive, InvalidDataset) as (zf, infos):
+        if _zip_format(infos) == "npz":
+            return _inspect_npz(zf, infos, limits)
+        return _inspect_images(zf, infos, parse_preprocess(preprocess), limits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,9 +144,8 @@ def _inspect_npy(path: Path, limits: DatasetLimits) -> DatasetInfo:
     return _array_info("npy", {SINGLE_INPUT_KEY: header})
 
 
-def _inspect_npz(path: Path, limits: DatasetLimits, archive: ArchiveLimits) -> DatasetInfo:
-    infos = [i for i in check_zip(path, archive, InvalidDataset) if not i.is_dir()]
-    members = [(name, i) for i in infos if (name := member_name(i.filename)) and not is_litter(name)]
+def _inspect_npz(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: DatasetLimits) -> DatasetInfo:
+    members = [(name, i) for i in infos if not i.is_dir() and (name := member_name(i.filename)) and not is_litter(name)]
     if len(members) > limits.max_members:
         raise ResourceLimit(
             f"The .npz holds {len(members)} arrays, more than the limit of {limits.max_members}; "
@@ -146,17 +154,16 @@ def _inspect_npz(path: Path, limits: DatasetLimits, archive: ArchiveLimits) -> D
         )
     headers: dict[str, NpyHeader] = {}
     total = 0
-    with open_zip(path) as zf:
-        for name, info in members:
-            key = name.removesuffix(".npy")
-            what = f"Array {key!r}"
-            with zf.open(info) as fp:
-                header = read_npy_header(fp, what)
-            _check_data_size(header, info.file_size - header.data_offset, what)
-            total += header.nbytes
-            if total > limits.max_total_bytes:
-                raise _too_large(limits.max_total_bytes)
-            headers[key] = header
+    for name, info in members:
+        key = name.removesuffix(".npy")
+        what = f"Array {key!r}"
+        with zf.open(info) as fp:
+            header = read_npy_header(fp, what)
+        _check_data_size(header, info.file_size - header.data_offset, what)
+        total += header.nbytes
+        if total > limits.max_total_bytes:
+            raise _too_large(limits.max_total_bytes)
+        headers[key] = header
     return _array_info("npz", headers)
 
 
@@ -191,7 +198,7 @@ def _array_info(fmt: str, headers: dict[str, NpyHeader]) -> DatasetInfo:
 
 
 def _inspect_images(
-    path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits, archive: ArchiveLimits
+    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], preprocess: dict[str, Any] | None, limits: DatasetLimits
 ) -> DatasetInfo:
     if preprocess is None:
         raise InvalidDataset(
@@ -206,22 +213,17 @@ def _inspect_images(
             f"preprocess.size {height}x{width} is more than {limits.max_image_pixels} pixels; use a smaller size.",
             detail={"field": "preprocess.size"},
         )
-    infos = {
-        name: i
-        for i in check_zip(path, archive, InvalidDataset)
-        if not i.is_dir() and (name := member_name(i.filename))
-    }
-    with open_zip(path) as zf:
-        index = formats.index_images(list(infos), lambda entry: _labels_text(zf, infos[entry]))
-        if index.num_samples > limits.max_images:
-            raise ResourceLimit(
-                f"The zip holds {index.num_samples} images, more than the limit of {limits.max_images}; upload fewer.",
-                detail={"images": index.num_samples, "limit": limits.max_images},
-            )
-        if Image.MAX_IMAGE_PIXELS is None:  # keep Pillow's decompression-bomb guard on
-            Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
-        for name in index.members:
-            _check_image(zf, infos[name], name, limits)
+    files = {name: i for i in infos if not i.is_dir() and (name := member_name(i.filename))}
+    index = formats.index_images(list(files), lambda entry: _labels_text(zf, files[entry]))
+    if index.num_samples > limits.max_images:
+        raise ResourceLimit(
+            f"The zip holds {index.num_samples} images, more than the limit of {limits.max_images}; upload fewer.",
+            detail={"images": index.num_samples, "limit": limits.max_images},
+        )
+    if Image.MAX_IMAGE_PIXELS is None:  # keep Pillow's decompression-bomb guard on
+        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+    for name in index.members:
+        _check_image(zf, files[name], name, limits)
     n = index.num_samples
     return DatasetInfo(
         format="images",

@@ -16,7 +16,7 @@ from service.jobs import service
 from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.reports.html import render_report_html
-from service.schemas import Page, error_responses
+from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.tables import Job
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     summary="Start a quantization job",
     description="Checks the recipe against the model and the datasets, then queues the job. Poll the "
     "`Location` it answers with. The same `Idempotency-Key` and body within 24 h return the same job.",
-    responses=error_responses(404, 409, 422, 503),
+    responses=error_responses(404, 409, 413, 422, 429, 503),
 )
 def create_job(
     body: JobCreate,
@@ -97,7 +97,7 @@ def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobResult
 )
 def get_report_html(session: SessionDep, tenant: TenantDep, job_id: str) -> HTMLResponse:
     job = JobOut.model_validate(service.get_job(session, tenant, job_id))
-    return HTMLResponse(render_report_html(job.model_dump(mode="json")))
+    return HTMLResponse(render_report_html(job.model_dump(mode="json")), headers=LOCKED_DOWN_HEADERS)
 
 
 @router.get("/{job_id}/artifacts", summary="List the job's artifacts", responses=error_responses(404))
@@ -141,5 +141,6 @@ def download_artifact(
         sha256=artifact.sha256,
         media_type=artifact.media_type,
         filename=artifact.name,
+        headers=LOCKED_DOWN_HEADERS,
         presign_s=settings.s3_presign_expires_s if settings.s3_presigned_downloads else None,
     )

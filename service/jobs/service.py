@@ -19,7 +19,7 @@ from service.jobs import state
 from service.jobs.schemas import JobCreate
 from service.models.service import get_model, stored_facts
 from service.queue import JobQueue
-from service.quotas import check_active_jobs
+from service.quotas import check_active_jobs, check_job_storage
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Artifact, Dataset, Job
@@ -115,6 +115,7 @@ def create_job(
     if evaluation is not None:
         plan_stored_dataset(evaluation, facts, body.evaluation.batch_size)
     check_active_jobs(session, settings, tenant)
+    check_job_storage(session, settings, tenant, model.size_bytes)
     job = Job(
         tenant=tenant,
         model_id=model.id,

@@ -251,3 +251,11 @@ def unfinished(session: Session, job_ids: list[str]) -> set[str]:
     if not job_ids:
         return set()
     return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_((QUEUED, RUNNING)))))
+
+
+def running_attempts(session: Session, job_ids: list[str]) -> dict[str, int]:
+    """The current attempt of those of `job_ids` that are running: older attempts can never own them again."""
+    if not job_ids:
+        return {}
+    rows = session.execute(select(Job.id, Job.attempts).where(Job.id.in_(job_ids), Job.status == RUNNING))
+    return {job_id: attempts for job_id, attempts in rows.tuples()}

@@ -14,7 +14,7 @@ from service.downloads import DOWNLOAD_RESPONSES, download
 from service.models import service
 from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
-from service.schemas import Page, error_responses
+from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.tables import OnnxModel
 from service.upload_stream import binary, multipart_body, read_form
 from service.uploads import staging_dir
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     description="Multipart upload of a `.onnx` file, with optional external-data files (or one `.zip` of "
     "them) for models that keep weights outside the protobuf. The model is checked and inspected; "
     "the answer lists its inputs, outputs and operators.",
-    responses=error_responses(413, 422),
+    responses=error_responses(413, 422, 429),
     openapi_extra=multipart_body(
         "Body_upload_model_v1_models_post",
         {
@@ -107,6 +107,7 @@ def download_model(
         sha256=row.sha256,
         media_type="application/octet-stream",
         filename=f"{row.id}.onnx",
+        headers=LOCKED_DOWN_HEADERS,
     )
 
 

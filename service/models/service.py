@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,25 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from service.contract.formats import ModelFacts, TensorSpec, model_facts
-from service.database import after_commit, utcnow
-from service.errors import Conflict, InvalidModel, NotFound
-from service.inspection.archive import ArchiveLimits, extract_flat, safe_member_name
+from service.database import after_commit, on_rollback, utcnow
+from service.errors import Conflict, InvalidModel, NotFound, PayloadTooLarge
+from service.inspection.archive import (
+    MAX_FILE_NAME_BYTES,
+    ArchiveLimits,
+    extract_flat,
+    read_directory,
+    safe_member_name,
+)
 from service.inspection.model import ModelInfo, ModelLimits, inspect_model
-from service.quotas import check_storage
+from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage, sha256_file
-from service.tables import ACTIVE_STATUSES, Job, OnnxModel, new_id
+from service.tables import ACTIVE_STATUSES, Job, OnnxModel, clip, new_id
 from service.upload_stream import StagedPart
 from service.uploads import stage_upload, staging_dir
 
 MODEL_FILE = "model.onnx"
+MAX_FILES_PER_UPLOAD = 1000
 
 
 def model_prefix(model_id: str) -> str:
@@ -53,28 +61,33 @@ def create_model(
         for extra in external_data:
             remaining -= _stage_external(extra, folder, settings, remaining, hashes)
         info = inspect_model(folder / MODEL_FILE, ModelLimits())
+        # Only what the model reads is kept: other files would cost inodes and bytes for nothing.
+        referenced = {os.path.normpath(location) for location in info.external_data}
         external: list[dict[str, Any]] = [
             {"name": path.name, "size_bytes": path.stat().st_size, "sha256": hashes.get(path.name) or sha256_file(path)}
             for path in sorted(folder.iterdir())
-            if path.name != MODEL_FILE and path.is_file()
+            if path.name in referenced and path.is_file()
         ]
-        check_storage(session, settings, tenant, upload.size_bytes + sum(e["size_bytes"] for e in external))
-        hashes.update({e["name"]: e["sha256"] for e in external})
-        for path in sorted(folder.iterdir()):
-            storage.put_file(f"{prefix}/{path.name}", path, move=True, sha256=hashes[path.name])
-    row = OnnxModel(
-        id=model_id,
-        tenant=tenant,
-        name=name or Path(file.filename or "model.onnx").stem or "model",
-        storage_prefix=prefix,
-        file_name=MODEL_FILE,
-        sha256=upload.sha256,
-        size_bytes=upload.size_bytes + sum(e["size_bytes"] for e in external),
-        external_data=external,
-        **_info_columns(info),
-    )
-    session.add(row)
-    session.flush()
+        size_bytes = upload.size_bytes + sum(e["size_bytes"] for e in external)
+        check_storage(session, settings, tenant, charge(size_bytes, 1 + len(external)))
+        row = OnnxModel(
+            id=model_id,
+            tenant=tenant,
+            name=clip(name or Path(file.filename or MODEL_FILE).stem or "model"),
+            storage_prefix=prefix,
+            file_name=MODEL_FILE,
+            sha256=upload.sha256,
+            size_bytes=size_bytes,
+            external_data=external,
+            **_info_columns(info),
+        )
+        # The row first: whatever the database refuses, it refuses before a file is stored, and a
+        # transaction that rolls back later takes the stored files with it.
+        session.add(row)
+        session.flush()
+        on_rollback(session, lambda: storage.delete_prefix(prefix))
+        for stored, digest in [(MODEL_FILE, upload.sha256), *((e["name"], e["sha256"]) for e in external)]:
+            storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
     return row
 
 
@@ -83,7 +96,7 @@ def _info_columns(info: ModelInfo) -> dict[str, object]:
     return {
         "ir_version": data["ir_version"],
         "opset": data["opset"],
-        "producer": data["producer"],
+        "producer": clip(data["producer"]),
         "inputs": data["inputs"],
         "outputs": data["outputs"],
         "op_counts": data["op_counts"],
@@ -110,15 +123,17 @@ def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
 
 def _stage_external(upload: StagedPart, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:
     """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
-    A plain file's sha256, computed while it is written, goes into `hashes`."""
+    A plain file's sha256, computed while it is written, goes into `hashes`. At most
+    MAX_FILES_PER_UPLOAD files in all, counting the model."""
     client_name = upload.filename or ""
     safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
-    if not safe or safe == MODEL_FILE:
+    if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
         raise InvalidModel(
-            f"External data file name {client_name!r} is not usable; name each file exactly as the "
-            "model's external-data `location` refers to it.",
-            detail={"file_name": client_name},
+            f"External data file name {client_name[:100]!r} is not usable; name each file exactly as the "
+            f"model's external-data `location` refers to it (at most {MAX_FILE_NAME_BYTES} bytes).",
+            detail={"file_name": client_name[:MAX_FILE_NAME_BYTES]},
         )
+    files_left = MAX_FILES_PER_UPLOAD - sum(1 for _ in folder.iterdir())
     if safe.lower().endswith(".zip"):
         archive = folder.parent / f"{folder.name}.zip"
         try:
@@ -129,16 +144,29 @@ def _stage_external(upload: StagedPart, folder: Path, settings: Settings, budget
                 what="external data",
                 chunk_size=settings.upload_chunk_bytes,
             )
-            paths = extract_flat(archive, folder, ArchiveLimits(max_total_bytes=budget), error_cls=InvalidModel)
+            if read_directory(archive, InvalidModel).entries > files_left:
+                raise _too_many_files()
+            limits = ArchiveLimits(max_entries=max(files_left, 0), max_total_bytes=budget)
+            paths = extract_flat(archive, folder, limits, error_cls=InvalidModel)
             return sum(p.stat().st_size for p in paths)
         finally:
             archive.unlink(missing_ok=True)
+    if files_left <= 0:
+        raise _too_many_files()
     dest = folder / safe
     if dest.exists():
         raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
     staged = stage_upload(upload, dest, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
     hashes[safe] = staged.sha256
     return staged.size_bytes
+
+
+def _too_many_files() -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The upload holds more than {MAX_FILES_PER_UPLOAD} files (the model and its external data); "
+        "keep the model's weights in fewer files.",
+        detail={"limit_files": MAX_FILES_PER_UPLOAD},
+    )
 
 
 def get_model(session: Session, tenant: str, model_id: str) -> OnnxModel:

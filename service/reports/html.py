@@ -11,17 +11,13 @@ import html
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 ORIGINAL_COLOR = "#3b6fb6"
 QUANTIZED_COLOR = "#e07b00"
 POOR_COLOR = "#c0392b"
-# Drawn as a dashed line on the SQNR plot; matches the engine's "poor fidelity" warning.
-SQNR_GOOD_DB = 20.0
-COSINE_GOOD = 0.99
-# An accuracy drop larger than this (fraction) is shown in red, as the engine's warning does.
-DEFAULT_ACCURACY_TOLERANCE = 0.01
-SQNR_PLOT_MAX_DB = 80.0  # SQNR bars are clipped here (identical outputs are reported as 200 dB)
+SQNR_PLOT_MAX_DB = 80.0  # SQNR bars are clipped here (identical outputs are reported at the result's cap)
 
 _CSS = (
     """
@@ -108,6 +104,33 @@ def _get(data: Any, *keys: str) -> Any:
 
 
 NA = "n/a"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What the result is judged by, as the engine recorded it (`result.evaluation`), the job's
+    recipe giving the accuracy tolerance of results that lack it. None: not recorded, not judged."""
+
+    cosine: float | None  # fidelity is poor below this cosine ...
+    sqnr_db: float | None  # ... or below this SQNR
+    sqnr_cap_db: float | None  # the SQNR reported for identical outputs
+    accuracy_tolerance: float | None  # a larger top-1 drop (fraction) is shown in red
+
+    @classmethod
+    def of(cls, job: Mapping[str, Any], result: Mapping[str, Any]) -> Thresholds:
+        fidelity = _get(result, "evaluation", "fidelity_thresholds")
+        tolerance = _num(_get(result, "evaluation", "accuracy_tolerance"))
+        return cls(
+            cosine=_num(_get(fidelity, "cosine")),
+            sqnr_db=_num(_get(fidelity, "sqnr_db")),
+            sqnr_cap_db=_num(_get(fidelity, "sqnr_cap_db")),
+            accuracy_tolerance=_num(_get(job, "recipe", "accuracy_tolerance")) if tolerance is None else tolerance,
+        )
+
+    def poor(self, cosine: float | None, sqnr_db: float | None) -> bool:
+        return (cosine is not None and self.cosine is not None and cosine < self.cosine) or (
+            sqnr_db is not None and self.sqnr_db is not None and sqnr_db < self.sqnr_db
+        )
 
 
 def fmt_bytes(value: Any) -> str:
@@ -376,7 +399,7 @@ def _card(label: str, big: str, detail: str, big_cls: str = "") -> str:
     )
 
 
-def _headline(result: Mapping[str, Any], tolerance: float) -> str:
+def _headline(result: Mapping[str, Any], limits: Thresholds) -> str:
     orig, quant, cmp_ = (
         result.get("original") or {},
         result.get("quantized") or {},
@@ -413,12 +436,19 @@ def _headline(result: Mapping[str, Any], tolerance: float) -> str:
     acc = cmp_.get("accuracy")
     if isinstance(acc, Mapping):
         delta = _num(acc.get("delta"))
+        tolerance = limits.accuracy_tolerance
         cards.append(
             _card(
                 f"Accuracy ({acc.get('metric') or 'top1'})",
                 _e(fmt_pct(acc.get("quantized"), 2)),
                 f"from {_e(fmt_pct(acc.get('original'), 2))} · delta {_e(fmt_points(delta))}",
-                "" if delta is None else ("bad" if -delta > tolerance else "good" if delta >= 0 else ""),
+                ""
+                if delta is None
+                else "bad"
+                if tolerance is not None and -delta > tolerance
+                else "good"
+                if delta >= 0
+                else "",
             )
         )
     else:
@@ -433,7 +463,7 @@ def _headline(result: Mapping[str, Any], tolerance: float) -> str:
                 "Fidelity (worst output)",
                 _e(f"cos {worst:.4f}"),
                 f"SQNR {_e(fmt_db(min(sqnrs)) if sqnrs else NA)} over {len(outputs)} output(s)",
-                "good" if worst >= COSINE_GOOD else "bad",
+                "" if limits.cosine is None else "good" if worst >= limits.cosine else "bad",
             )
         )
     return f'<section class="cards">{"".join(cards)}</section>'
@@ -496,7 +526,7 @@ def _latency(result: Mapping[str, Any]) -> str:
     )
 
 
-def _fidelity(result: Mapping[str, Any]) -> str:
+def _fidelity(result: Mapping[str, Any], limits: Thresholds) -> str:
     outputs = [o for o in _get(result, "comparison", "outputs") or [] if isinstance(o, Mapping)]
     if not outputs:
         return '<section><h2>Fidelity per output</h2><p class="sub">No output was compared.</p></section>'
@@ -504,7 +534,7 @@ def _fidelity(result: Mapping[str, Any]) -> str:
     groups = []
     for o in outputs:
         cos, sqnr = _num(o.get("cosine")), _num(o.get("sqnr_db"))
-        poor = (cos is not None and cos < COSINE_GOOD) or (sqnr is not None and sqnr < SQNR_GOOD_DB)
+        poor = limits.poor(cos, sqnr)
         flag = ' <strong class="bad">poor</strong>' if poor else ""
         rows.append(
             f"<tr><td>{_e(o.get('name'))}{flag}</td>"
@@ -515,25 +545,31 @@ def _fidelity(result: Mapping[str, Any]) -> str:
             f'<td class="num">{_e(fmt_pct(o.get("top1_agreement"), 2))}</td></tr>'
         )
         shown = None if sqnr is None else max(0.0, sqnr)
-        value_label = fmt_db(sqnr) + (" (identical)" if sqnr is not None and sqnr >= 200 else "")
+        identical = sqnr is not None and limits.sqnr_cap_db is not None and sqnr >= limits.sqnr_cap_db
+        value_label = fmt_db(sqnr) + (" (identical)" if identical else "")
         groups.append((str(o.get("name")), [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)]))
+    good_sqnr = limits.sqnr_db
     chart = hbar_chart(
         groups,
         label="SQNR per output",
         scale_max=SQNR_PLOT_MAX_DB,
-        threshold=(SQNR_GOOD_DB, f"{SQNR_GOOD_DB:.0f} dB"),
+        threshold=None if good_sqnr is None else (good_sqnr, f"{good_sqnr:.0f} dB"),
     )
+    good = [f"cosine ≥ {limits.cosine:g}"] if limits.cosine is not None else []
+    good += [f"SQNR ≥ {good_sqnr:.0f} dB"] if good_sqnr is not None else []
+    cap = "" if limits.sqnr_cap_db is None else f"; identical outputs show {limits.sqnr_cap_db:.0f} dB"
     return (
         "<section><h2>Fidelity per output</h2>"
         '<p class="sub">How closely the quantized model reproduces the original\'s outputs on the same '
         "inputs. "
-        f"Good: cosine ≥ {COSINE_GOOD}, SQNR ≥ {SQNR_GOOD_DB:.0f} dB (higher is better; identical outputs "
-        "show 200 dB). Top-1 agreement: how often both pick the same class.</p>"
+        + (f"Good: {', '.join(good)} " if good else "")
+        + f"(higher is better{cap}). Top-1 agreement: how often both pick the same class.</p>"
         '<table><thead><tr><th>output</th><th class="num">cosine</th><th class="num">SQNR</th>'
         '<th class="num">max abs error</th><th class="num">mean abs error</th>'
         f'<th class="num">top-1 agreement</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
-        f'<p class="legend">SQNR per output (bars clipped at {SQNR_PLOT_MAX_DB:.0f} dB; dashed line: '
-        f"{SQNR_GOOD_DB:.0f} dB)</p>{chart}</section>"
+        f'<p class="legend">SQNR per output (bars clipped at {SQNR_PLOT_MAX_DB:.0f} dB'
+        + ("" if good_sqnr is None else f"; dashed line: {good_sqnr:.0f} dB")
+        + f")</p>{chart}</section>"
     )
 
 
@@ -706,12 +742,10 @@ def render_report_html(job: Mapping[str, Any]) -> str:
     body = [_header(job), _error(job), _not_ready(job)]
     if result is not None:
         body.append(_warnings(result.get("warnings") or []))
-        tolerance = _num(_get(result, "evaluation", "accuracy_tolerance"))
-        if tolerance is None:
-            tolerance = _num(_get(job, "recipe", "accuracy_tolerance"))
-        body.append(_headline(result, DEFAULT_ACCURACY_TOLERANCE if tolerance is None else tolerance))
+        limits = Thresholds.of(job, result)
+        body.append(_headline(result, limits))
         body.append(_latency(result))
-        body.append(_fidelity(result))
+        body.append(_fidelity(result, limits))
         body.append(_size_and_accuracy(result))
     elif job.get("status") not in ("queued", "running") and not job.get("error"):
         body.append('<div class="box">This job has no result.</div>')

@@ -75,7 +75,7 @@ class Deployment:
                 proc.wait()
 
 
-def deploy(name: str, root: Path, **env: str) -> Iterator[Deployment]:
+def deploy(name: str, root: Path, *, worker: bool = True, **env: str) -> Iterator[Deployment]:
     data_dir = root / "var"
     logs = root / "logs"
     logs.mkdir(parents=True)
@@ -89,7 +89,8 @@ def deploy(name: str, root: Path, **env: str) -> Iterator[Deployment]:
     )
     subprocess.run(MIGRATE, env=dep.env, check=True, capture_output=True)
     dep.start("api", API)
-    dep.start("worker", WORKER)
+    if worker:
+        dep.start("worker", WORKER)
     try:
         dep.wait_ready()
         yield dep

@@ -38,6 +38,19 @@ def _upload(http: Any, path: str, name: str, content: bytes, **data: str) -> str
     return str(response.json()["id"])
 
 
+def _run_jobs(http: Any, jobs: dict[Any, tuple[str, str | None, dict[str, Any]]], **evaluation: int) -> dict[Any, Any]:
+    """Send every (model, calibration dataset, recipe) job, then wait for them all; the jobs by key."""
+    ids = {}
+    for key, (model_id, data_id, recipe) in jobs.items():
+        response = http.post(
+            "/v1/jobs",
+            json={"model_id": model_id, "calibration_dataset_id": data_id, "recipe": recipe, "evaluation": evaluation},
+        )
+        assert response.status_code == 202, (key, response.text)
+        ids[key] = response.json()["id"]
+    return {key: wait_for_job(http, job_id)[0] for key, job_id in ids.items()}
+
+
 def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     conv = conv_classifier(tmp_path / "conv.onnx", hidden=16, size=8)
     mlp = matmul_mlp(tmp_path / "mlp.onnx", features=32, hidden=64)
@@ -46,7 +59,6 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(1).random((8, 32), dtype=np.float32))  # batched rows for a one-input model
     preprocess = '{"input": "input", "size": [8, 8], "layout": "NCHW", "color": "RGB"}'
-    quick = {"latency_runs": 3, "warmup_runs": 1}
     with embedded.client() as http:
         conv_id = _upload(http, "/v1/models", "conv.onnx", conv.read_bytes())
         mlp_id = _upload(http, "/v1/models", "mlp.onnx", mlp.read_bytes())
@@ -68,20 +80,7 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
             "fp16": (mlp_id, None, {"mode": "fp16"}),
             "auto": (conv_id, npz_id, {"mode": "auto", "accuracy_tolerance": 0.5}),
         }
-        ids = {}
-        for name, (model_id, data_id, recipe) in jobs.items():
-            response = http.post(
-                "/v1/jobs",
-                json={
-                    "model_id": model_id,
-                    "calibration_dataset_id": data_id,
-                    "recipe": recipe,
-                    "evaluation": quick,
-                },
-            )
-            assert response.status_code == 202, (name, response.text)
-            ids[name] = response.json()["id"]
-        done = {name: wait_for_job(http, job_id)[0] for name, job_id in ids.items()}
+        done = _run_jobs(http, jobs, latency_runs=3, warmup_runs=1)
         models = {
             name: onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
             for name, job in done.items()
@@ -109,3 +108,107 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     )
     assert any("opset" in step for step in done["int16"]["result"]["preprocessing_steps"])
     assert not any("not smaller" in w for w in done["weight_only"]["result"]["warnings"])
+
+
+def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -> None:
+    """A streaming audio export whose body sits in If branches (three inputs: audio, a state with
+    batch on axis 1, an int64 sample rate) and a Loop model: every mode succeeds, each served model
+    passes onnx.checker, and the result names the subgraph nodes left in float."""
+    from tests.worker.engine import pitfall_models as pm
+
+    rng = np.random.default_rng(1)
+    audio = npz_bytes(
+        audio=rng.normal(0, 0.3, (6, 2, 64)).astype(np.float32),
+        state=rng.normal(0, 0.3, (6, 2, 2, 16)).astype(np.float32),
+        sr=np.array([16000, 8000] * 3, np.int64),
+    )
+    loop = npz_bytes(x=rng.normal(0, 1, (6, 2, 8)).astype(np.float32))
+    recipes = {
+        "static": {},
+        "qoperator": {"format": "qoperator"},
+        "dynamic": {"mode": "dynamic"},
+        "weight_only": {"mode": "weight_only", "block_size": 16},
+        "fp16": {"mode": "fp16"},
+        "auto": {"mode": "auto"},
+    }
+    with embedded.client() as http:
+        cases = {
+            "if": (
+                _upload(http, "/v1/models", "audio.onnx", pm.streaming_audio(tmp_path / "a.onnx").read_bytes()),
+                _upload(http, "/v1/datasets", "audio.npz", audio),
+            ),
+            "loop": (
+                _upload(http, "/v1/models", "loop.onnx", pm.loop_body(tmp_path / "l.onnx").read_bytes()),
+                _upload(http, "/v1/datasets", "loop.npz", loop),
+            ),
+        }
+        jobs = {
+            (model, name): (model_id, data_id, recipe)
+            for model, (model_id, data_id) in cases.items()
+            for name, recipe in recipes.items()
+        }
+        done = _run_jobs(http, jobs, latency_runs=1, warmup_runs=0)
+        failed = {key: job["error"] for key, job in done.items() if job["status"] != "succeeded"}
+        assert not failed, failed
+        for job in done.values():
+            onnx.checker.check_model(
+                onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
+            )
+    left = done["if", "dynamic"]["result"]["quantization"]["float_in_subgraphs"]
+    assert {(n["name"], n["subgraph"]) for n in left} >= {("/_model/sr16k/Conv", "/If.then_branch")}
+    assert any(
+        "/_model/sr8k/MatMul (MatMul in /If.else_branch)" in w for w in done["if", "static"]["result"]["warnings"]
+    )
+
+
+def test_unknown_dims_through_http(embedded: Deployment, tmp_path: Path) -> None:
+    """A Paddle2ONNX-style classifier whose input is [-1, 3, 0, -1], fed by stacked, batched and
+    image datasets, for calibration and for labelled evaluation: every mode succeeds, each served
+    model passes onnx.checker and runs in ONNX Runtime on real data, and accuracy is measured."""
+    import onnxruntime as ort
+
+    from tests.onnx_models import paddle_classifier
+
+    rng = np.random.default_rng(2)
+    labels = np.arange(6) % 4
+    stacked = npz_bytes(input=rng.random((6, 1, 3, 10, 12), dtype=np.float32), __labels__=labels)
+    batched = npz_bytes(input=rng.random((6, 3, 10, 12), dtype=np.float32), __labels__=labels)
+    preprocess = '{"input": "input", "size": [10, 12]}'
+    with embedded.client() as http:
+        model_id = _upload(http, "/v1/models", "paddle.onnx", paddle_classifier(tmp_path / "p.onnx").read_bytes())
+        assert http.get(f"/v1/models/{model_id}").json()["inputs"][0]["shape"] == [None, 3, None, None]
+        data = {
+            "stacked": _upload(http, "/v1/datasets", "s.npz", stacked),
+            "batched": _upload(http, "/v1/datasets", "b.npz", batched),
+            "images": _upload(http, "/v1/datasets", "i.zip", _images_zip(), preprocess=preprocess),
+        }
+        jobs = {
+            **{f"static-{form}": (data[form], None, {}) for form in data},
+            "dynamic": (data["stacked"], data["images"], {"mode": "dynamic"}),
+            "weight_only": (None, data["batched"], {"mode": "weight_only", "weight_type": "int8", "block_size": 16}),
+            "fp16": (None, data["stacked"], {"mode": "fp16"}),
+            "auto": (data["batched"], data["images"], {"mode": "auto"}),
+        }
+        ids = {}
+        for key, (calibration, evaluation, recipe) in jobs.items():
+            body = {
+                "model_id": model_id,
+                "calibration_dataset_id": calibration,
+                "evaluation_dataset_id": evaluation,
+                "recipe": recipe,
+                "evaluation": {"latency_runs": 1, "warmup_runs": 0, "batch_size": 2},
+            }
+            response = http.post("/v1/jobs", json=body)
+            assert response.status_code == 202, (key, response.text)
+            ids[key] = response.json()["id"]
+        done = {key: wait_for_job(http, job_id)[0] for key, job_id in ids.items()}
+        failed = {key: job["error"] for key, job in done.items() if job["status"] != "succeeded"}
+        assert not failed, failed
+        feed = {"input": rng.random((2, 3, 10, 12), dtype=np.float32)}
+        for key, job in done.items():
+            served = http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content
+            onnx.checker.check_model(onnx.load_from_string(served))
+            logits = ort.InferenceSession(served, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            assert logits.shape == (2, 4), key
+            assert job["result"]["comparison"]["accuracy"] is not None, key  # labelled evaluation
+            assert any("-1 or 0" in step for step in job["result"]["preprocessing_steps"]), key

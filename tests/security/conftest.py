@@ -25,12 +25,28 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.settings import Settings
 from tests.e2e.conftest import Deployment, deploy, wait_for_job
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import npz_bytes
 
 CANARY_TEXT = b"canary: nothing may read or write me\n"
+
+
+@pytest.fixture
+def app_settings(sqlite_settings: Settings) -> Settings:
+    """The settings of `client`; a module overrides this fixture for another database."""
+    return sqlite_settings
+
+
+@pytest.fixture
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    """The real app in this process (no server, no worker) on a migrated database."""
+    with TestClient(create_app(app_settings), raise_server_exceptions=False) as test_client:
+        yield test_client
 
 
 @dataclass

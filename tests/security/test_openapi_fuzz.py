@@ -1,5 +1,6 @@
 """Property-based fuzzing of every operation in /openapi.json (schemathesis): whatever the input,
-the API answers without a 5xx, and every error body has the contract's shape."""
+the API answers without a 5xx, and every error body has the contract's shape. Twice: with auth off,
+and with auth on and a valid key (so the inputs reach the routes, not just the key check)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
+from service.auth import create_key
+from service.database import make_engine, make_session_factory, transaction
 from service.migrate import upgrade
 from service.settings import Settings
 
@@ -30,19 +33,33 @@ class _App:
         await self.target(scope, receive, send)
 
 
-APP = _App()
-schema = schemathesis.openapi.from_dict(create_app(Settings(data_dir=Path("unused"))).openapi())
+APP, APP_WITH_AUTH = _App(), _App()
+SPEC = create_app(Settings(data_dir=Path("unused"))).openapi()
+schema = schemathesis.openapi.from_dict(SPEC)
 schema.app = APP
+schema_with_auth = schemathesis.openapi.from_dict(SPEC)
+schema_with_auth.app = APP_WITH_AUTH
+KEY: dict[str, str] = {}
+
+
+def _fuzz_settings(tmp_path_factory: pytest.TempPathFactory, name: str, **update: Any) -> Settings:
+    data_dir: Path = tmp_path_factory.mktemp(name) / "var"
+    data_dir.mkdir()
+    # Small upload limits, so generated bodies can reach the 413 paths too.
+    app_settings = Settings(data_dir=data_dir, max_model_bytes=1 << 20, max_dataset_bytes=1 << 20, **update)
+    upgrade(app_settings)
+    return app_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    data_dir: Path = tmp_path_factory.mktemp("fuzz") / "var"
-    data_dir.mkdir()
-    # Small upload limits, so generated bodies can reach the 413 paths too.
-    app_settings = Settings(data_dir=data_dir, max_model_bytes=1 << 20, max_dataset_bytes=1 << 20)
-    upgrade(app_settings)
-    APP.target = create_app(app_settings)  # kept: schemathesis shuts the lifespan down at exit
+    APP.target = create_app(_fuzz_settings(tmp_path_factory, "fuzz"))  # kept: schemathesis shuts the lifespan down
+    with_auth = _fuzz_settings(tmp_path_factory, "fuzz-auth", auth="on")
+    engine = make_engine(with_auth)
+    with transaction(make_session_factory(engine)) as session:
+        KEY["Authorization"] = f"Bearer {create_key(session, 'fuzz').key}"
+    engine.dispose()
+    APP_WITH_AUTH.target = create_app(with_auth)
     yield
 
 
@@ -60,13 +77,22 @@ def error_shape(ctx: Any, response: schemathesis.Response, case: schemathesis.Ca
     assert isinstance(error["detail"], dict), error
 
 
-@schema.parametrize()
-@settings(
+FUZZ = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
     database=None,
     derandomize=True,
     suppress_health_check=list(HealthCheck),
 )
+
+
+@schema.parametrize()
+@FUZZ
 def test_no_input_makes_a_server_error(case: schemathesis.Case) -> None:
     case.call_and_validate(checks=[not_a_server_error, error_shape])
+
+
+@schema_with_auth.parametrize()
+@FUZZ
+def test_no_input_makes_a_server_error_with_auth_on(case: schemathesis.Case) -> None:
+    case.call_and_validate(headers=KEY, checks=[not_a_server_error, error_shape])

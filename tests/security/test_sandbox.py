@@ -22,6 +22,7 @@ LIMITS = job_limits(memory_bytes=1 << 30, timeout_s=60, file_bytes=2 << 20, open
 def run_limited(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(f"""
         import json, resource, sys
+        from worker.contracts import Limits
         from worker.sandbox import apply_limits
         apply_limits({LIMITS!r})
         {textwrap.indent(textwrap.dedent(code), "        ").strip()}
@@ -106,9 +107,9 @@ def test_a_big_allocation_fails_instead_of_waking_the_oom_killer(tmp_path: Path)
 def test_exceptions_from_a_limit_become_resource_limit(exc: BaseException, limit: str) -> None:
     error = limit_error(exc, LIMITS, "calibrating")
     assert error is not None
-    assert error["code"] == "resource_limit"
-    assert error["detail"]["limit"] == limit
-    assert "during calibrating" in error["message"]
+    assert error.code == "resource_limit"
+    assert error.detail["limit"] == limit
+    assert "during calibrating" in error.message
 
 
 def test_other_exceptions_are_left_alone() -> None:
@@ -135,7 +136,7 @@ def test_other_exceptions_are_left_alone() -> None:
 )
 def test_how_a_job_process_ended_is_reported(returncode: int, stderr: str, code: str, says: str) -> None:
     error = exit_error(returncode, stderr, LIMITS)
-    assert error["code"] == code
-    assert says in error["message"]
+    assert error.code == code
+    assert says in error.message
     if stderr:
-        assert stderr not in json.dumps(error), "stderr is for the worker's log, not the user"
+        assert stderr not in json.dumps(error.to_dict()), "stderr is for the worker's log, not the user"

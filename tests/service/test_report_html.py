@@ -99,7 +99,14 @@ def _result() -> dict[str, Any]:
             "threads": 2,
             "memory_bytes": 8 * 1024**3,
         },
-        "evaluation": {"inputs": "dataset", "samples": 500, "latency_runs": 50, "interleaved": True},
+        "evaluation": {
+            "inputs": "dataset",
+            "samples": 500,
+            "latency_runs": 50,
+            "interleaved": True,
+            "accuracy_tolerance": 0.01,
+            "fidelity_thresholds": {"cosine": 0.99, "sqnr_db": 20.0, "sqnr_cap_db": 200.0},
+        },
     }
 
 
@@ -208,13 +215,37 @@ def test_sparse_result_does_not_break_the_page() -> None:
         }
     ]
     result["quantized"]["latency_ms"] = None
-    for key in ("machine", "evaluation", "timings_s", "peak_memory_bytes", "preprocessing_steps", "warnings"):
+    for key in ("machine", "timings_s", "peak_memory_bytes", "preprocessing_steps", "warnings"):
         del result[key]
+    result["evaluation"] = {"fidelity_thresholds": {"sqnr_cap_db": 200.0}}
     page = render_report_html(_job(result=result))
     assert "n/a" in page
     assert "No warnings" in page
     assert "Accuracy needs an evaluation dataset with labels" in page
     assert "(identical)" in page
+    del result["evaluation"]
+    assert "(identical)" not in render_report_html(_job(result=result))  # no cap recorded, no claim
+
+
+def _poor_flags(page: str) -> int:
+    return page.count('<strong class="bad">poor</strong>')
+
+
+def test_fidelity_and_accuracy_are_judged_by_the_thresholds_the_result_carries() -> None:
+    """The report has no thresholds of its own: the engine's, recorded in the result, decide what
+    is poor (the aux output has cosine 0.91 and SQNR 9.5 dB; the accuracy drop is 0.78 points)."""
+    page = render_report_html(_job())
+    assert _poor_flags(page) == 1 and "cosine ≥ 0.99, SQNR ≥ 20 dB" in page
+    result = _result()
+    result["evaluation"]["fidelity_thresholds"] = {"cosine": 0.9, "sqnr_db": 5.0, "sqnr_cap_db": 200.0}
+    result["evaluation"]["accuracy_tolerance"] = 0.005
+    page = render_report_html(_job(result=result))
+    assert _poor_flags(page) == 0 and "cosine ≥ 0.9, SQNR ≥ 5 dB" in page
+    assert '<div class="big bad">75.34%</div>' in page  # a 0.78-point drop is beyond 0.5 points
+    result["evaluation"] = {}
+    page = render_report_html(_job(result=result, recipe={"accuracy_tolerance": 0.05}))
+    assert _poor_flags(page) == 0 and "Good:" not in page  # nothing recorded: nothing judged
+    assert '<div class="big">75.34%</div>' in page  # within the recipe's 5 points, not better either
 
 
 def test_service_side_imports_nothing_heavy() -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.app import create_app
 from service.auth import create_key
 from service.database import transaction
+from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
 from tests.conftest import clean_qaas_env
 from tests.onnx_models import conv_classifier
@@ -205,7 +206,7 @@ def test_active_job_quota(auth_settings: Settings, tmp_path: Path) -> None:
 
 def test_storage_quota(auth_settings: Settings, tmp_path: Path) -> None:
     path = conv_classifier(tmp_path / "m.onnx")
-    size = path.stat().st_size
+    size = path.stat().st_size + FILE_OVERHEAD_BYTES  # one file
     settings = auth_settings.model_copy(update={"quota_storage_bytes": size * 2 + 10})
     with TestClient(create_app(settings), raise_server_exceptions=False) as api:
         alice = _key(api.app.state.session_factory, "alice")  # type: ignore[attr-defined]
@@ -217,7 +218,7 @@ def test_storage_quota(auth_settings: Settings, tmp_path: Path) -> None:
         error = assert_error(
             api.post("/v1/models", headers=_as(alice), files={"file": ("m.onnx", path.read_bytes())}),
             413,
-            "payload_too_large",
+            "quota_exceeded",
         )
         assert "quota" in error["message"]
         assert len(api.get("/v1/models", headers=_as(alice)).json()["items"]) == 2

@@ -23,8 +23,9 @@ from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Job
 from tests.service.test_job_state import _job
+from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
-from worker.runner import ChildOutcome, DatabaseUnavailable, JobRunner
+from worker.runner import DatabaseUnavailable, JobRunner
 
 Factory = sessionmaker[Session]
 
@@ -105,12 +106,24 @@ def _outcome(tmp_path: Path) -> ChildOutcome:
     model.write_bytes(b"\x08\x01" * 1000)
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"ok": True}))
+    result = JobResultData(
+        original={"size_bytes": 2000},
+        quantized={"size_bytes": 2000},
+        comparison={"size_ratio": 1.0},
+        warnings=[],
+        timings_s={},
+        peak_memory_bytes=0,
+        preprocessing_steps=[],
+        machine={},
+        evaluation={},
+        quantization={},
+    )
     return ChildOutcome(
         "succeeded",
-        result={"ok": True},
+        result=result,
         artifacts=[
-            {"name": "quantized.onnx", "path": str(model), "media_type": "application/octet-stream"},
-            {"name": "report.json", "path": str(report), "media_type": "application/json"},
+            ArtifactItem("quantized.onnx", str(model), "application/octet-stream"),
+            ArtifactItem("report.json", str(report), "application/json"),
         ],
     )
 

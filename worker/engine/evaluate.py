@@ -10,7 +10,6 @@ latency the rest; what was cut short is said in a warning.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from worker.engine import metrics
 from worker.engine.data import Batch, count_batches, iter_batches, model_inputs, synthesize_batch
 from worker.engine.errors import EngineError
 from worker.engine.latency import LatencyStats, time_interleaved
-from worker.engine.machine import machine_info
+from worker.engine.machine import machine_info, usable_cores
 from worker.engine.results import EvaluationOutcome
 from worker.engine.spec import DatasetSource, EvaluationSpec, ProgressCallback, Stage, TensorSpec, no_progress
 
@@ -136,7 +135,10 @@ def evaluate(
     started = time.perf_counter()
     deadline = started + spec.max_seconds
     data_deadline = started + DATA_PASS_SHARE * spec.max_seconds
-    threads = spec.threads or os.cpu_count() or 1
+    # More threads than cores only makes the two models' runs fight over them (and a client could ask
+    # for 256): clamp, and say so in the result.
+    cores = usable_cores()
+    threads = min(spec.threads or cores, cores)
     batch_size = max(1, int(spec.batch_size))
     warnings: list[str] = []
     progress(Stage.EVALUATING, 0.0)
@@ -336,6 +338,11 @@ def evaluate(
             "and added nodes outweigh the savings, which happens on very small models or when few weights "
             "were quantized."
         )
+    if spec.threads is not None and spec.threads > threads:
+        warnings.append(
+            f"The evaluation asked for {spec.threads} threads; the worker has {cores} usable cores, so latency "
+            f"was measured with {threads}."
+        )
     if labels_seen and labels_unusable is not None:
         warnings.append(f"The dataset has labels but accuracy was not measured: {labels_unusable}.")
     if reused_calibration:
@@ -366,6 +373,8 @@ def evaluate(
         "batch_size": latency_samples,
         "batch_size_requested": batch_size,
         "threads": threads,
+        "threads_requested": spec.threads,
+        "threads_clamped": spec.threads is not None and spec.threads > threads,
         "execution_provider": "CPUExecutionProvider",
         "warmup_runs": timings.warmup_rounds,
         "latency_runs_requested": runs_requested,

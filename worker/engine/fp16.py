@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from service.contract.formats import iter_graphs
+from worker.engine.graph_order import subgraph_reads, subgraphs
 
 FP16_MAX = 65504.0
 
@@ -65,22 +65,34 @@ def _cast_to(node: onnx.NodeProto) -> int | None:
     return None
 
 
-def _names_used_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    used: set[str] = set()
+def feed_subgraphs_through_identity(model: onnx.ModelProto) -> int:
+    """Let If/Loop/Scan bodies read float32 graph inputs through a top-level Identity. With
+    keep_io_types the converter casts a graph input to float16 only for the nodes that list it as
+    an input, so a body reading it from the outer scope would get float32 among float16 values
+    (and ONNX Runtime refuses the model). Returns how many inputs were routed."""
+    graph = model.graph
+    floats = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    renamed = {name: f"{name}_for_subgraphs" for name in sorted(floats & subgraph_reads(graph))}
+    if not renamed:
+        return 0
+
+    def rename(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                node.input[k] = renamed.get(name, name)
+            for _, sub in subgraphs(node):
+                rename(sub)
+        for out in g.output:
+            out.name = renamed.get(out.name, out.name)
+
     for node in graph.node:
-        for attr in node.attribute:
-            subs: Iterable[onnx.GraphProto] = (
-                [attr.g]
-                if attr.type == onnx.AttributeProto.GRAPH
-                else attr.graphs
-                if attr.type == onnx.AttributeProto.GRAPHS
-                else []
-            )
-            for sub in subs:
-                for g in iter_graphs(sub):
-                    for n in g.node:
-                        used.update(n.input)
-    return used
+        for _, sub in subgraphs(node):
+            rename(sub)
+    identities = [helper.make_node("Identity", [n], [r], name=r) for n, r in renamed.items()]
+    nodes = [*identities, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(renamed)
 
 
 def remove_cast_round_trips(model: onnx.ModelProto, blocked_names: set[str], blocked_types: set[str]) -> int:
@@ -93,7 +105,7 @@ def remove_cast_round_trips(model: onnx.ModelProto, blocked_names: set[str], blo
         for i in n.input:
             consumers[i].append(n)
     outputs = {o.name for o in graph.output}
-    in_subgraphs = _names_used_in_subgraphs(graph)
+    in_subgraphs = subgraph_reads(graph)
 
     def is_blocked(node: onnx.NodeProto | None) -> bool:
         return node is not None and (node.name in blocked_names or node.op_type in blocked_types)
@@ -173,6 +185,7 @@ def convert(
 
     original_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
     op_types = block_op_types()
+    feed_subgraphs_through_identity(model)
     converted = float16.convert_float_to_float16(
         model,
         keep_io_types=True,

@@ -89,6 +89,14 @@ def int8_acceleration(flags: set[str] | frozenset[str]) -> str:
     return "no int8 acceleration found: int8 may be slower than float32"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """What a reader of a latency number needs to know about where it was measured."""
     model, flags, source = _cpu()

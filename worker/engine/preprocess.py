@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from service.contract.formats import default_opset, external_locations, iter_graphs
 from worker.engine.errors import EngineError
+from worker.engine.graph_order import sort_model_file
 
 # Above this a model cannot be one protobuf (2 GB limit); keep a margin.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -156,6 +157,7 @@ def _quant_pre_process(src: Path, dst: Path, *, skip_symbolic: bool, optimize: b
         logger.removeHandler(handler)
     if not dst.is_file():
         raise RuntimeError("quant_pre_process wrote no model")
+    sort_model_file(dst)
     return handler.messages
 
 

@@ -34,6 +34,7 @@ from worker.engine.checks import (
 )
 from worker.engine.data import Batch, count_batches, iter_batches, synthesize_batch
 from worker.engine.errors import EngineError
+from worker.engine.graph_order import outer_read_producers, sort_model_file, subgraph_nodes
 from worker.engine.preprocess import Prepared, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
 from worker.engine.results import QuantizationOutcome
@@ -249,11 +250,14 @@ def quantize(
     elif mode != Mode.FP16 and facts.qdq_nodes and sum(details["quantized_op_counts"].values()) <= facts.qdq_nodes:
         warnings.append("No new node was quantized: the model's quantized parts were already all there was.")
     if mode in (Mode.STATIC, Mode.DYNAMIC) and facts.has_subgraphs:
-        left = _float_ops_in_subgraphs(out_path)
+        left = float_nodes_in_subgraphs(out_path, spec)
         if left:
+            details["float_in_subgraphs"] = left
+            named = ", ".join(f"{n['name']} ({n['op_type']} in {n['subgraph']})" for n in left[:10])
+            more = f" and {len(left) - 10} more" if len(left) > 10 else ""
             warnings.append(
-                f"{left} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float: "
-                "ONNX Runtime's quantizer does not reach into subgraphs for this recipe."
+                f"{len(left)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float "
+                f"(ONNX Runtime's quantizer does not reach into subgraphs for this recipe): {named}{more}."
             )
     if not keep_intermediates:
         for sub in ("prep", "calib"):
@@ -321,10 +325,43 @@ def _prepare(
     return prepared
 
 
-def _float_ops_in_subgraphs(path: Path) -> int:
+SUBGRAPH_COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def float_nodes_in_subgraphs(path: Path, spec: QuantizationSpec) -> list[dict[str, str]]:
+    """The Conv/MatMul/Gemm nodes inside subgraphs that the recipe asked for and that stayed float:
+    name, op type and the subgraph they sit in (see graph_order.subgraph_nodes)."""
     model = onnx.load(str(path), load_external_data=False)
-    graphs = list(iter_graphs(model.graph))[1:]
-    return sum(1 for g in graphs for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm"))
+    wanted = set(spec.op_types_to_quantize or SUBGRAPH_COMPUTE_OPS) & set(SUBGRAPH_COMPUTE_OPS)
+    excluded = set(spec.nodes_to_exclude or ())
+    return [
+        {"name": n.name, "op_type": n.op_type, "subgraph": where}
+        for where, n in subgraph_nodes(model.graph)
+        if n.op_type in wanted and n.name not in excluded
+    ]
+
+
+# Activations ONNX Runtime's QDQ quantizer removes, folding them into the range of the node before.
+QDQ_REMOVED_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _keep_outer_reads_float(model: onnx.ModelProto, qoperator: bool, warnings: list[str]) -> list[str]:
+    """The static quantizers rewire only the inputs that nodes list, not the names If/Loop/Scan
+    bodies read from the outer scope. QOperator renames a quantized node's output, so a body would
+    read a name nothing makes; QDQ drops a Relu/Clip, so a body would read the value unclipped.
+    Keep those producers in float (named, if need be); returns their names."""
+    nodes = outer_read_producers(model.graph)
+    if not qoperator:
+        nodes = [n for n in nodes if n.op_type in QDQ_REMOVED_ACTIVATIONS]
+    for i, node in enumerate(nodes):
+        if not node.name:
+            node.name = f"{node.op_type}_read_by_subgraph_{i}"
+    if nodes:
+        warnings.append(
+            f"{len(nodes)} node(s) whose outputs If/Loop/Scan bodies read stay in float (ONNX Runtime's "
+            f"static quantizer would change what the bodies read): {', '.join(n.name for n in nodes[:10])}."
+        )
+    return [n.name for n in nodes]
 
 
 def _node_names(path: Path) -> set[str]:
@@ -376,6 +413,7 @@ def _static(
             model = load_model_with_shape_infer(Path(prepared.path))
             model = update_opset_version(model, weight)
             check_static_quant_arguments(fmt, activation, weight)
+            excluded += _keep_outer_reads_float(model, fmt == OrtFormat.QOperator, warnings)
             if fmt == OrtFormat.QOperator:
                 quantizer = ONNXQuantizer(
                     model,
@@ -406,6 +444,7 @@ def _static(
                 )
             quantizer.quantize_model()
             quantizer.model.save_model_to_file(str(out_path), prepared.external)
+        sort_model_file(out_path)
     except EngineError:
         raise
     except Exception as exc:
@@ -431,6 +470,7 @@ def _dynamic(prepared: Prepared, spec: QuantizationSpec, out_path: Path, warning
                 use_external_data_format=prepared.external,
                 extra_options=extra,
             )
+        sort_model_file(out_path)
     except Exception as exc:
         raise _fail("quantize_dynamic", "Dynamic quantization (ONNX Runtime)", exc) from exc
 
@@ -485,6 +525,7 @@ def _weight_only(
             )
             quantizer.process()
             quantizer.model.save_model_to_file(str(out_path), prepared.external)
+        sort_model_file(out_path)
     except Exception as exc:
         raise _fail("weight_only", "Weight-only quantization (ONNX Runtime MatMulNBits)", exc) from exc
 
@@ -551,6 +592,7 @@ def _fp16(
             model = onnx.load(str(prepared.path))
             converted = fp16.convert(model, node_block_list=overflow_nodes, disable_shape_infer=prepared.external)
             save_model(converted, out_path, external=prepared.external)
+        sort_model_file(out_path)
     except Exception as exc:
         raise _fail("fp16", "Float16 conversion (onnxconverter-common)", exc) from exc
 

@@ -307,3 +307,167 @@ def embedding_mlp(path: Path, *, vocab: int = 64, dim: int = 32, seed: int = 0) 
         initializer=[numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "w")],
     )
     return _save(_model(graph, 13), path)
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    """A `Constant` node the way PyTorch writes weights inside `If` branches."""
+    return helper.make_node("Constant", [], [name], name=name + "/Constant", value=numpy_helper.from_array(value))
+
+
+def streaming_audio(path: Path, *, hidden: int = 16, channels: int = 8, layers: int = 2, seed: int = 0) -> Path:
+    """A streaming audio model exported by PyTorch at opset 15 (the shape of a voice-activity
+    detector): inputs `audio` [batch, samples] float, `state` [layers, batch, hidden] float (batch
+    on axis 1) and `sr` int64 scalar. The body sits in the branches of an `If` on `sr == 16000`;
+    each branch holds a Conv (stride 2 at 16 kHz, 1 otherwise) and a MatMul with its weights as
+    `Constant` nodes, and reads `/Pad_output_0`, made by a chain of outer nodes. Outputs `prob`
+    [batch, 1] and `state_out` [layers, batch, hidden].
+
+    ONNX Runtime's quantizers re-sort the outer graph by explicit inputs only, which puts the If
+    ahead of the chain its branches read: the result runs in ONNX Runtime but fails onnx.checker."""
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str, stride: int) -> onnx.GraphProto:
+        p = f"/_model/{tag}"
+        wc = rng.normal(0, 0.5, size=(channels, 1, 5)).astype(np.float32)
+        wm = rng.normal(0, 0.3, size=(channels + hidden, hidden)).astype(np.float32)
+        nodes = [
+            _const(f"{p}/conv.weight", wc),
+            _const(f"{p}/proj.weight", wm),
+            _const(f"{p}/axes0", np.array([0], np.int64)),
+            helper.make_node(
+                "Conv",
+                ["/Pad_output_0", f"{p}/conv.weight"],
+                [f"{p}/Conv_output_0"],
+                name=f"{p}/Conv",
+                strides=[stride],
+            ),
+            helper.make_node("Relu", [f"{p}/Conv_output_0"], [f"{p}/Relu_output_0"], name=f"{p}/Relu"),
+            helper.make_node(
+                "ReduceMean", [f"{p}/Relu_output_0"], [f"{p}/feat"], name=f"{p}/ReduceMean", axes=[2], keepdims=0
+            ),
+            helper.make_node("ReduceMean", ["state"], [f"{p}/h"], name=f"{p}/StateMean", axes=[0], keepdims=0),
+            helper.make_node("Concat", [f"{p}/feat", f"{p}/h"], [f"{p}/Concat_output_0"], name=f"{p}/Concat", axis=1),
+            helper.make_node(
+                "MatMul", [f"{p}/Concat_output_0", f"{p}/proj.weight"], [f"{p}/MatMul_output_0"], name=f"{p}/MatMul"
+            ),
+            helper.make_node("Tanh", [f"{p}/MatMul_output_0"], [f"{p}/out"], name=f"{p}/Tanh"),
+            helper.make_node("Unsqueeze", [f"{p}/out", f"{p}/axes0"], [f"{p}/out3"], name=f"{p}/Unsqueeze"),
+            helper.make_node("Add", ["state", f"{p}/out3"], [f"{p}/state"], name=f"{p}/Add"),
+        ]
+        return helper.make_graph(
+            nodes,
+            f"{tag}_branch",
+            [],
+            [
+                helper.make_tensor_value_info(f"{p}/out", TensorProto.FLOAT, ["batch", hidden]),
+                helper.make_tensor_value_info(f"{p}/state", TensorProto.FLOAT, [layers, "batch", hidden]),
+            ],
+        )
+
+    wout = rng.normal(0, 0.3, size=(hidden, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["audio", "gain"], ["/Mul_output_0"], name="/Mul"),
+        helper.make_node("Unsqueeze", ["/Mul_output_0", "axes1"], ["/Unsqueeze_output_0"], name="/Unsqueeze"),
+        helper.make_node("Pad", ["/Unsqueeze_output_0", "pads"], ["/Pad_output_0"], name="/Pad", mode="reflect"),
+        helper.make_node("Equal", ["sr", "sr16k"], ["/Equal_output_0"], name="/Equal"),
+        helper.make_node(
+            "If",
+            ["/Equal_output_0"],
+            ["/If_output_0", "state_out"],
+            name="/If",
+            then_branch=branch("sr16k", 2),
+            else_branch=branch("sr8k", 1),
+        ),
+        helper.make_node("MatMul", ["/If_output_0", "out.weight"], ["/out/MatMul_output_0"], name="/out/MatMul"),
+        helper.make_node("Sigmoid", ["/out/MatMul_output_0"], ["prob"], name="/out/Sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "streaming_audio",
+        [
+            helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [layers, "batch", hidden]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [layers, "batch", hidden]),
+        ],
+        initializer=[
+            numpy_helper.from_array(wout, "out.weight"),
+            numpy_helper.from_array(np.array(4.0, np.float32), "gain"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes1"),
+            numpy_helper.from_array(np.array([0, 0, 2, 0, 0, 2], np.int64), "pads"),
+            numpy_helper.from_array(np.array(16000, np.int64), "sr16k"),
+        ],
+    )
+    return _save(_model(graph, 15), path)
+
+
+def loop_body(path: Path, *, features: int = 8, trips: int = 3, seed: int = 0) -> Path:
+    """`x` [batch, F] -> Loop (3 trips) whose body holds a MatMul: h <- Tanh(h @ W + b), with `b`
+    = Relu(x @ W_in) computed in the outer graph and read by the body from the outer scope. Then
+    MatMul -> `y` [batch, F]. Like the If model, ONNX Runtime's quantizers put the Loop ahead of
+    the Relu its body reads."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="loop/cond"),
+            helper.make_node("MatMul", ["h_in", "w_loop"], ["loop/mm"], name="loop/MatMul"),
+            helper.make_node("Add", ["loop/mm", "b"], ["loop/add"], name="loop/Add"),
+            helper.make_node("Tanh", ["loop/add"], ["h_out"], name="loop/Tanh"),
+        ],
+        "loop_body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", features]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", features]),
+        ],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["a"], name="in/MatMul"),
+        helper.make_node("Relu", ["a"], ["b"], name="in/Relu"),
+        helper.make_node("Loop", ["trips", "true", "x"], ["h_final"], name="loop", body=body),
+        helper.make_node("MatMul", ["h_final", "w_out"], ["y"], name="out/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "loop_body",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(0, 0.3, size=(features, features)).astype(np.float32), "w_in"),
+            numpy_helper.from_array(rng.normal(0, 0.3, size=(features, features)).astype(np.float32), "w_loop"),
+            numpy_helper.from_array(rng.normal(0, 0.3, size=(features, features)).astype(np.float32), "w_out"),
+            numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "true"),
+        ],
+    )
+    return _save(_model(graph, 15), path)
+
+
+def fp16_truncated_weights(path: Path, *, tensors: int = 6, features: int = 8) -> Path:
+    """`x` [batch, F] -> Mul by each of `tensors` weight vectors -> Concat -> `y` [batch, tensors*F].
+    Every vector holds float32 values that float16 conversion truncates: beyond ±1e4 (largest
+    magnitude 1.1e4 + 1000 * (tensors - 1)) and nearer zero than 1e-7 (smallest magnitude 2e-10).
+    onnxconverter-common warns once per tensor and sign, 4 * `tensors` times in all. The products
+    stay below half of float16's range, so the range check keeps no node in float32."""
+    inits, nodes = [], []
+    for i in range(tensors):
+        w = np.full(features, 0.5, np.float32)
+        w[:4] = [11000.0 + 1000.0 * i, -10500.0, 1e-9 * (i + 1), -2e-10]
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Mul", ["x", f"w{i}"], [f"m{i}"], name=f"mul{i}"))
+    nodes.append(helper.make_node("Concat", [f"m{i}" for i in range(tensors)], ["y"], name="concat", axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "fp16_truncated_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", tensors * features])],
+        initializer=inits,
+    )
+    return _save(_model(graph, 13), path)

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         False, description="Artifact downloads answer 307 to a short-lived presigned URL (after the tenant check)."
     )
     s3_presign_expires_s: int = Field(300, ge=10, le=7 * 24 * 3600)
-    s3_part_bytes: int = Field(16 << 20, ge=5 << 20, description="Part size of multipart uploads to S3.")
+    s3_part_bytes: int = Field(8 << 20, ge=5 << 20, description="Part size of multipart uploads to S3.")
     worker_cache_bytes: int = Field(
         20 << 30, ge=0, description="A worker's local cache of downloaded inputs, keyed by sha256."
     )

@@ -28,7 +28,7 @@ from service.storage import CHUNK, StorageUnavailable, StoredObject, _checked_ke
 
 T = TypeVar("T")
 MISSING = {"404", "NoSuchKey", "NotFound"}
-PARALLEL_PARTS = 3  # parts uploaded at once: faster on any store, memory bounded to this many parts
+PARALLEL_PARTS = 2  # parts uploaded at once (memory: this many parts plus the one filling)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -40,7 +40,7 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 class S3Storage:
-    def __init__(self, client: Any, bucket: str, prefix: str = "", part_bytes: int = 16 << 20) -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", part_bytes: int = 8 << 20) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix
@@ -111,14 +111,14 @@ class S3Storage:
                             upload_id = self._call(self.client.create_multipart_upload, key)["UploadId"]
                         if len(sent) >= PARALLEL_PARTS:
                             sent[-PARALLEL_PARTS].result()  # bounded memory: wait for the oldest in flight
-                        sent.append(pool.submit(self._part, key, upload_id, len(sent) + 1, bytes(buffer)))
-                        buffer.clear()
+                        sent.append(pool.submit(self._part, key, upload_id, len(sent) + 1, buffer))
+                        buffer = bytearray()  # the part keeps its buffer: no copy
                 # The sha256 is returned for the caller's database row; the object's ETag is S3's own.
                 if upload_id is None:
                     self._call(self.client.put_object, key, Body=bytes(buffer))
                 else:
                     if buffer:
-                        sent.append(pool.submit(self._part, key, upload_id, len(sent) + 1, bytes(buffer)))
+                        sent.append(pool.submit(self._part, key, upload_id, len(sent) + 1, buffer))
                     parts = [future.result() for future in sent]
                     self._call(
                         self.client.complete_multipart_upload,
@@ -135,7 +135,7 @@ class S3Storage:
                 raise
         return StoredObject(key, size, digest.hexdigest())
 
-    def _part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
+    def _part(self, key: str, upload_id: str, number: int, body: bytearray) -> dict[str, Any]:
         answer = self._call(self.client.upload_part, key, UploadId=upload_id, PartNumber=number, Body=body)
         return {"ETag": answer["ETag"], "PartNumber": number}
 

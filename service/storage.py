@@ -34,8 +34,21 @@ class StorageUnavailable(OSError):
     """The object store did not answer or refused the request; the API answers 503 (an OSError)."""
 
 
+class ObjectWriter(Protocol):
+    """Bytes pushed into a new object: invisible until `commit`, gone after `abort`."""
+
+    def write(self, chunk: bytes | memoryview) -> None: ...
+    def commit(self) -> StoredObject: ...
+    def abort(self) -> None: ...
+
+
 class Storage(Protocol):
     def put_file(self, key: str, src: Path, *, move: bool = False, sha256: str | None = None) -> StoredObject: ...
+    def writer(self, key: str) -> ObjectWriter: ...
+    def copy(self, src_key: str, dest_key: str) -> None:
+        """Store the object `src_key` again under `dest_key` (on S3 without the bytes passing here)."""
+        ...
+
     def open(self, key: str) -> BinaryIO: ...
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
@@ -95,6 +108,7 @@ class HashedWrite:
     path: Path
     size_bytes: int = 0
     sha256: str = ""
+    stored_key: str | None = None  # the bytes are in storage under this key; `path` holds only the size
 
 
 class LocalStorage:
@@ -131,6 +145,17 @@ class LocalStorage:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
         return StoredObject(key, size, digest)
+
+    def writer(self, key: str) -> ObjectWriter:
+        self.ensure()
+        return _LocalWriter(self, key, self.tmp / f"{uuid.uuid4().hex}.part")
+
+    def copy(self, src_key: str, dest_key: str) -> None:
+        dest = self._path(dest_key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        self.download(src_key, tmp)  # a hard link where it can: stored files never change in place
+        os.replace(tmp, dest)
 
     def open(self, key: str) -> BinaryIO:
         return self._path(key).open("rb")
@@ -186,3 +211,29 @@ class LocalStorage:
         probe = self.tmp / f"ready-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
+
+
+class _LocalWriter:
+    def __init__(self, storage: LocalStorage, key: str, tmp: Path) -> None:
+        self.storage, self.key, self.tmp = storage, key, tmp
+        self.file = tmp.open("xb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.digest.update(chunk)
+        self.file.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> StoredObject:
+        dest = self.storage._path(self.key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, dest)
+        return StoredObject(self.key, self.size, self.digest.hexdigest())
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)

@@ -92,48 +92,28 @@ class S3Storage:
         return stored
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> StoredObject:
-        """Store the chunks, hashing them on the way: one PUT when they fit in one part, else a
-        multipart upload (up to PARALLEL_PARTS parts in flight) that is aborted if anything fails
-        before it completes."""
-        digest = hashlib.sha256()
-        size = 0
-        buffer = bytearray()
-        upload_id: str | None = None
-        sent: list[Future[dict[str, Any]]] = []
-        with ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="qaas-s3-part") as pool:
-            try:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
-                    buffer += chunk
-                    if len(buffer) >= self.part_bytes:
-                        if upload_id is None:
-                            upload_id = self._call(self.client.create_multipart_upload, key)["UploadId"]
-                        if len(sent) >= PARALLEL_PARTS:
-                            sent[-PARALLEL_PARTS].result()  # bounded memory: wait for the oldest in flight
-                        sent.append(pool.submit(self._part, key, upload_id, len(sent) + 1, buffer))
-                        buffer = bytearray()  # the part keeps its buffer: no copy
-                # The sha256 is returned for the caller's database row; the object's ETag is S3's own.
-                if upload_id is None:
-                    self._call(self.client.put_object, key, Body=bytes(buffer))
-                else:
-                    if buffer:
-                        sent.append(pool.submit(self._part, key, upload_id, len(sent) + 1, buffer))
-                    parts = [future.result() for future in sent]
-                    self._call(
-                        self.client.complete_multipart_upload,
-                        key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                    )
-            except BaseException:
-                for future in sent:
-                    future.cancel()
-                if upload_id is not None:
-                    wait(sent)
-                    self._abort(key, upload_id)
-                raise
-        return StoredObject(key, size, digest.hexdigest())
+        """Store the chunks through a `writer`, aborted if anything fails before it completes."""
+        writer = self.writer(key)
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit()
+
+    def writer(self, key: str) -> S3Writer:
+        return S3Writer(self, key)
+
+    def copy(self, src_key: str, dest_key: str) -> None:
+        """A server-side copy (multipart for large objects): the bytes do not pass through here."""
+        source = {"Bucket": self.bucket, "Key": self._key(src_key)}
+        try:
+            self.client.copy(source, self.bucket, self._key(dest_key))
+        except ClientError as exc:
+            raise StorageUnavailable(f"object storage refused a copy: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
 
     def _part(self, key: str, upload_id: str, number: int, body: bytearray) -> dict[str, Any]:
         answer = self._call(self.client.upload_part, key, UploadId=upload_id, PartNumber=number, Body=body)
@@ -208,3 +188,71 @@ class S3Storage:
     def check(self) -> None:
         """Raise StorageUnavailable unless the bucket answers."""
         self._call(self.client.head_bucket)
+
+
+class S3Writer:
+    """Bytes pushed into a new object, hashed on the way: one PUT when they fit in one part, else a
+    multipart upload with up to PARALLEL_PARTS parts in flight, visible only once `commit`
+    completes it. `abort` (or any failure in `commit`) removes what was sent."""
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.sent: list[Future[dict[str, Any]]] = []
+        self.pool = ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="qaas-s3-part")
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        self.buffer += chunk
+        if len(self.buffer) >= self.storage.part_bytes:
+            try:
+                self._send()
+            except BaseException:
+                self.abort()
+                raise
+
+    def _send(self) -> None:
+        storage = self.storage
+        if self.upload_id is None:
+            self.upload_id = storage._call(storage.client.create_multipart_upload, self.key)["UploadId"]
+        if len(self.sent) >= PARALLEL_PARTS:
+            self.sent[-PARALLEL_PARTS].result()  # bounded memory: wait for the oldest in flight
+        number = len(self.sent) + 1
+        self.sent.append(self.pool.submit(storage._part, self.key, self.upload_id, number, self.buffer))
+        self.buffer = bytearray()  # the part keeps its buffer: no copy
+
+    def commit(self) -> StoredObject:
+        storage = self.storage
+        try:
+            # The sha256 is returned for the caller's database row; the object's ETag is S3's own.
+            if self.upload_id is None:
+                storage._call(storage.client.put_object, self.key, Body=bytes(self.buffer))
+            else:
+                if self.buffer:
+                    self._send()
+                parts = [future.result() for future in self.sent]
+                storage._call(
+                    storage.client.complete_multipart_upload,
+                    self.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            self.abort()
+            raise
+        self.pool.shutdown()
+        return StoredObject(self.key, self.size, self.digest.hexdigest())
+
+    def abort(self) -> None:
+        for future in self.sent:
+            future.cancel()
+        wait(self.sent)
+        self.pool.shutdown()
+        if self.upload_id is not None:
+            self.storage._abort(self.key, self.upload_id)
+            self.upload_id = None

@@ -14,6 +14,7 @@ as FastAPI's own validation does.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import PayloadTooLarge
+from service.storage import ObjectWriter
 
 BATCH_BYTES = 1 << 20
 QUEUED = 4
@@ -35,12 +37,19 @@ HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qaas-upload-hash"
 
 @dataclass
 class StagedPart:
-    """One uploaded file, already in the staging folder."""
+    """One uploaded file, already in the staging folder; or, when its bytes went straight to
+    storage (`stored_key`), a sparse placeholder of the same size there (for checks that need
+    only its size)."""
 
     filename: str
     path: Path
     size_bytes: int = 0
     sha256: str = ""
+    stored_key: str | None = None
+
+
+# (field, filename, index of the file in the form) -> a writer the part's bytes go to, or None: staging
+Direct = Callable[[str, str, int], ObjectWriter | None]
 
 
 @dataclass
@@ -62,8 +71,10 @@ def _invalid(name: str, kind: str, message: str) -> RequestValidationError:
 class _Parts:
     """python-multipart's callbacks: headers collected per part, file data written as it comes."""
 
-    def __init__(self, folder: Path, max_file_bytes: int, what: dict[str, str]) -> None:
+    def __init__(self, folder: Path, max_file_bytes: int, what: dict[str, str], direct: Direct | None) -> None:
         self.folder = folder
+        self.direct = direct
+        self._writer: ObjectWriter | None = None
         self.max_file_bytes = max_file_bytes
         self.what = what
         self.form = Form()
@@ -109,7 +120,9 @@ class _Parts:
             filename = options[b"filename"].decode("utf-8", "replace")
             count = sum(len(v) for v in self.form.files.values())
             part = StagedPart(filename, self.folder / f"part-{count}")
-            self._part, self._file, self._digest = part, part.path.open("xb"), hashlib.sha256()
+            self._writer = self.direct(self._name, filename, count) if self.direct else None
+            self._part, self._digest = part, hashlib.sha256()
+            self._file = part.path.open("xb")  # the placeholder, when the bytes go to the writer
             self.form.files.setdefault(self._name, []).append(part)
         else:
             self._part, self._text = None, bytearray()
@@ -126,18 +139,28 @@ class _Parts:
                     detail={"limit_bytes": self.max_file_bytes},
                     headers={"Connection": "close"},  # the rest of the body is not worth reading
                 )
+            self._part.size_bytes += len(chunk)
+            if self._writer is not None:
+                self._writer.write(chunk)  # hashes as it goes
+                return
             if self._hashing is not None:
                 self._hashing.result()  # in order, and at most one chunk behind
             self._hashing = HASHER.submit(self._digest.update, chunk)  # beside the write: both drop the GIL
             self._file.write(chunk)
-            self._part.size_bytes += len(chunk)
         elif self._text is not None:
             if len(self._text) + len(chunk) > MAX_FIELD_BYTES:
                 raise _invalid(self._name, "string_too_long", f"at most {MAX_FIELD_BYTES} bytes")
             self._text += chunk
 
     def part_end(self) -> None:
-        if self._part is not None and self._file is not None:
+        if self._part is not None and self._file is not None and self._writer is not None:
+            stored = self._writer.commit()
+            self._writer = None
+            self._part.sha256, self._part.stored_key = stored.sha256, stored.key
+            self._file.truncate(self._part.size_bytes)  # sparse: the size without the bytes
+            self._file.close()
+            self._file = None
+        elif self._part is not None and self._file is not None:
             self._file.close()
             self._file = None
             if self._hashing is not None:
@@ -149,6 +172,9 @@ class _Parts:
             self._text = None
 
     def close(self) -> None:
+        if self._writer is not None:  # the request broke off inside this part
+            self._writer.abort()
+            self._writer = None
         if self._hashing is not None:
             self._hashing.cancel()
         if self._file is not None:
@@ -163,13 +189,15 @@ async def read_form(
     what: dict[str, str],
     required: tuple[str, ...] = ("file",),
     max_lengths: dict[str, int] | None = None,
+    direct: Direct | None = None,
 ) -> Form:
-    """Parse the request's multipart body, its files into `folder` (which the caller removes).
-    The files together may hold `max_file_bytes`; `what` names each file field in messages."""
+    """Parse the request's multipart body, its files into `folder` (which the caller removes), or
+    into the writers `direct` gives for them. The files together may hold `max_file_bytes`;
+    `what` names each file field in messages."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise _invalid(required[0], "missing", "Field required (send the body as multipart/form-data)")
-    parts = _Parts(folder, max_file_bytes, what)
+    parts = _Parts(folder, max_file_bytes, what, direct)
     parser = MultipartParser(params[b"boundary"], parts.callbacks())  # type: ignore[arg-type]
     try:
         await _pipe(request, parser)

@@ -38,4 +38,4 @@ def stage_upload(upload: StagedPart, dest: Path, *, max_bytes: int, what: str, c
     if dest.exists():
         raise FileExistsError(dest)
     os.replace(upload.path, dest)
-    return HashedWrite(dest, upload.size_bytes, upload.sha256)
+    return HashedWrite(dest, upload.size_bytes, upload.sha256, upload.stored_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -15,6 +16,7 @@ from service.models import service
 from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
+from service.storage import ObjectWriter
 from service.tables import OnnxModel
 from service.upload_stream import binary, multipart_body, read_form
 from service.uploads import staging_dir
@@ -49,26 +51,42 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 async def upload_model(
     request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> ModelOut:
-    # The body is parsed here, in one pass into staging, not by FastAPI (see service.upload_stream).
-    with staging_dir(settings) as folder:
-        form = await read_form(
-            request,
-            folder,
-            max_file_bytes=settings.max_model_bytes,
-            what={"file": "model file", "external_data": "external data"},
-            max_lengths={"name": 255},
-        )
-        row = await run_in_threadpool(
-            service.create_model,
-            session,
-            storage,
-            settings,
-            tenant,
-            form.file("file"),
-            form.files.get("external_data", []),
-            form.field("name"),
-        )
-        return ModelOut.model_validate(row)
+    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model
+    # and zipped external data are staged for inspection; plain external data files, which are
+    # only checked by size, go straight into storage under a temporary key.
+    token = uuid.uuid4().hex
+    direct: list[str] = []
+
+    def straight_to_storage(field: str, filename: str, index: int) -> ObjectWriter | None:
+        if field != "external_data" or ".zip" in filename.lower():
+            return None
+        direct.append(f"uploads/{token}/part-{index}")
+        return storage.writer(direct[-1])
+
+    try:
+        with staging_dir(settings) as folder:
+            form = await read_form(
+                request,
+                folder,
+                max_file_bytes=settings.max_model_bytes,
+                what={"file": "model file", "external_data": "external data"},
+                max_lengths={"name": 255},
+                direct=straight_to_storage,
+            )
+            row = await run_in_threadpool(
+                service.create_model,
+                session,
+                storage,
+                settings,
+                tenant,
+                form.file("file"),
+                form.files.get("external_data", []),
+                form.field("name"),
+            )
+            return ModelOut.model_validate(row)
+    finally:
+        if direct:  # kept under the model's own keys by now, or not at all
+            await run_in_threadpool(storage.delete_prefix, f"uploads/{token}")
 
 
 @router.get("", summary="List models, newest first")

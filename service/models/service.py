@@ -58,8 +58,9 @@ def create_model(
         )
         remaining = settings.max_model_bytes - upload.size_bytes
         hashes = {MODEL_FILE: upload.sha256}  # filled while staging, so no file is read twice
+        in_storage: dict[str, str] = {}  # external data whose bytes went straight to storage
         for extra in external_data:
-            remaining -= _stage_external(extra, folder, settings, remaining, hashes)
+            remaining -= _stage_external(extra, folder, settings, remaining, hashes, in_storage)
         info = inspect_model(folder / MODEL_FILE, ModelLimits())
         # Only what the model reads is kept: other files would cost inodes and bytes for nothing.
         referenced = {os.path.normpath(location) for location in info.external_data}
@@ -87,7 +88,10 @@ def create_model(
         session.flush()
         on_rollback(session, lambda: storage.delete_prefix(prefix))
         for stored, digest in [(MODEL_FILE, upload.sha256), *((e["name"], e["sha256"]) for e in external)]:
-            storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
+            if stored in in_storage:
+                storage.copy(in_storage[stored], f"{prefix}/{stored}")
+            else:
+                storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
     return row
 
 
@@ -121,10 +125,18 @@ def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
     )
 
 
-def _stage_external(upload: StagedPart, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:
+def _stage_external(
+    upload: StagedPart,
+    folder: Path,
+    settings: Settings,
+    budget: int,
+    hashes: dict[str, str],
+    in_storage: dict[str, str],
+) -> int:
     """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
-    A plain file's sha256, computed while it is written, goes into `hashes`. At most
-    MAX_FILES_PER_UPLOAD files in all, counting the model."""
+    A plain file's sha256, computed while it is written, goes into `hashes`, and its temporary key
+    into `in_storage` when its bytes went straight to storage. At most MAX_FILES_PER_UPLOAD files
+    in all, counting the model."""
     client_name = upload.filename or ""
     safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
     if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
@@ -158,6 +170,8 @@ def _stage_external(upload: StagedPart, folder: Path, settings: Settings, budget
         raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
     staged = stage_upload(upload, dest, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
     hashes[safe] = staged.sha256
+    if staged.stored_key is not None:
+        in_storage[safe] = staged.stored_key
     return staged.size_bytes
 
 

@@ -131,6 +131,7 @@ def test_a_model_past_the_protobuf_limit_with_external_data_goes_through_s3(
         assert model.status_code == 201, model.text
         stored = s3_server.object_keys(bucket)
         assert f"qaas/models/{model.json()['id']}/big.onnx.data" in stored
+        assert not [k for k in stored if k.startswith("qaas/uploads/")]  # the direct upload's temporary key
         job_id = create_job(http, model.json()["id"], SHORT)
         job, _ = wait_for_job(http, job_id, timeout=120)
         assert job["status"] == "succeeded", (job["error"], two_workers.log_tail())

@@ -119,3 +119,26 @@ def test_the_api_answers_503_while_the_object_store_is_unreachable(
         assert api.get("/v1/models").json()["items"] == []  # nothing was recorded
         staging = settings.resolved_data_dir / "staging"
         assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_a_writer_is_invisible_until_committed_and_leaves_nothing_when_aborted(
+    storage: Storage, tmp_path: Path
+) -> None:
+    data = bytes(range(256)) * ((11 << 20) // 256)  # three parts on S3
+    writer = storage.writer("uploads/u1/part-0")
+    for i in range(0, len(data), 1 << 20):
+        writer.write(memoryview(data)[i : i + (1 << 20)])
+    assert storage.keys("uploads/") == []
+    stored = writer.commit()
+    assert (stored.size_bytes, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    storage.copy("uploads/u1/part-0", "models/m/big.onnx.data")
+    assert b"".join(storage.iter_bytes("models/m/big.onnx.data")) == data
+    storage.delete_prefix("uploads/u1")
+    assert storage.keys("uploads/") == [] and storage.keys("models/") == ["models/m/big.onnx.data"]
+
+    dropped = storage.writer("uploads/u2/part-0")
+    dropped.write(data)
+    dropped.abort()
+    assert storage.keys("uploads/") == []
+    if isinstance(storage, S3Storage):
+        assert storage._call(storage.client.list_multipart_uploads).get("Uploads", []) == []

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from starlette.formparsers import MultiPartParser
 
+import service.models.service as models_service
+from service.app import create_app
+from service.inspection.model import ModelInfo, ModelLimits
+from service.settings import Settings
 from tests.onnx_models import matmul_mlp
+from tests.s3 import S3Server
 from tests.service.helpers import assert_error
+from tests.worker.engine.pitfall_models import external_data_mlp
 
 
 def test_uploads_never_go_through_starlettes_spooling_parser(
@@ -43,3 +50,64 @@ def test_bodies_that_are_not_a_usable_form_answer_422(client: TestClient) -> Non
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert "malformed" in assert_error(cut, 422, "invalid_request")["message"]
+
+
+@pytest.fixture
+def s3_client(s3_env: dict[str, str], sqlite_settings: Settings) -> Iterator[TestClient]:
+    settings = sqlite_settings.model_copy(
+        update={
+            "storage_url": s3_env["QAAS_STORAGE_URL"],
+            "s3_endpoint_url": s3_env["QAAS_S3_ENDPOINT_URL"],
+            "s3_part_bytes": 5 << 20,
+        }
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_external_data_goes_straight_to_the_object_store(
+    s3_client: TestClient, s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = external_data_mlp(tmp_path / "w.onnx", features=512, hidden=3072)  # 12.6 MB of weights
+    data = (tmp_path / "w.onnx.data").read_bytes()
+    seen: dict[str, int] = {}
+    real = models_service.inspect_model
+
+    def inspect(path: Path, limits: ModelLimits) -> ModelInfo:
+        stat = (path.parent / "w.onnx.data").stat()
+        seen.update(size=stat.st_size, on_disk=stat.st_blocks * 512)
+        return real(path, limits)
+
+    monkeypatch.setattr(models_service, "inspect_model", inspect)
+    answer = s3_client.post(
+        "/v1/models", files=[("file", ("w.onnx", model.read_bytes())), ("external_data", ("w.onnx.data", data))]
+    )
+    assert answer.status_code == 201, answer.text
+    # The API checked the weights by their size, without holding their bytes on its disk.
+    assert seen["size"] == len(data) and seen["on_disk"] < len(data) // 100
+    stored = answer.json()
+    bucket = s3_env["QAAS_STORAGE_URL"].split("/")[2]
+    keys = s3_server.object_keys(bucket)
+    assert f"qaas/models/{stored['id']}/w.onnx.data" in keys
+    assert not [k for k in keys if k.startswith("qaas/uploads/")] and s3_server.unfinished_uploads(bucket) == []
+    storage = s3_client.app.state.storage  # type: ignore[attr-defined]
+    body = b"".join(storage.iter_bytes(f"models/{stored['id']}/w.onnx.data"))
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_request_cut_inside_external_data_aborts_its_multipart_upload(
+    s3_client: TestClient, s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    model = matmul_mlp(tmp_path / "m.onnx").read_bytes()
+    head = (
+        b"--b\r\nContent-Disposition: form-data; name=file; filename=m.onnx\r\n\r\n" + model + b"\r\n"
+        b"--b\r\nContent-Disposition: form-data; name=external_data; filename=w.bin\r\n\r\n"
+    )
+    cut = s3_client.post(
+        "/v1/models",
+        content=head + b"\0" * (12 << 20),  # two parts sent, then the body ends
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert_error(cut, 422, "invalid_request")
+    bucket = s3_env["QAAS_STORAGE_URL"].split("/")[2]
+    assert s3_server.unfinished_uploads(bucket) == [] and s3_server.object_keys(bucket) == []

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +17,7 @@ from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.storage import ObjectWriter
-from service.tables import OnnxModel
+from service.tables import OnnxModel, new_id
 from service.upload_stream import binary, multipart_body, read_form
 from service.uploads import staging_dir
 
@@ -53,15 +53,16 @@ async def upload_model(
 ) -> ModelOut:
     # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model
     # and zipped external data are staged for inspection; plain external data files, which are
-    # only checked by size, go straight into storage under a temporary key.
-    token = uuid.uuid4().hex
+    # only checked by their size, go straight into storage under the model's keys.
+    model_id = new_id()
     direct: list[str] = []
 
     def straight_to_storage(field: str, filename: str, index: int) -> ObjectWriter | None:
-        if field != "external_data" or ".zip" in filename.lower():
+        key = service.external_data_key(model_id, filename) if field == "external_data" else None
+        if key is None:
             return None
-        direct.append(f"uploads/{token}/part-{index}")
-        return storage.writer(direct[-1])
+        direct.append(key)
+        return storage.writer(key)
 
     try:
         with staging_dir(settings) as folder:
@@ -82,11 +83,14 @@ async def upload_model(
                 form.file("file"),
                 form.files.get("external_data", []),
                 form.field("name"),
+                model_id,
             )
             return ModelOut.model_validate(row)
-    finally:
-        if direct:  # kept under the model's own keys by now, or not at all
-            await run_in_threadpool(storage.delete_prefix, f"uploads/{token}")
+    except BaseException:
+        if direct:  # a refused or broken upload keeps nothing (shielded: also when the client left)
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(storage.delete_prefix, service.model_prefix(model_id))
+        raise
 
 
 @router.get("", summary="List models, newest first")

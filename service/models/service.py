@@ -45,8 +45,11 @@ def create_model(
     file: StagedPart,
     external_data: list[StagedPart],
     name: str | None,
+    model_id: str | None = None,
 ) -> OnnxModel:
-    model_id = new_id()
+    """`model_id`: chosen by the caller when external data went straight to storage under
+    `external_data_key(model_id, ...)` while the request was read."""
+    model_id = model_id or new_id()
     prefix = model_prefix(model_id)
     with staging_dir(settings) as folder:
         upload = stage_upload(
@@ -69,6 +72,8 @@ def create_model(
             for path in sorted(folder.iterdir())
             if path.name in referenced and path.is_file()
         ]
+        for unread in set(in_storage) - referenced:
+            storage.delete(in_storage.pop(unread))
         size_bytes = upload.size_bytes + sum(e["size_bytes"] for e in external)
         check_storage(session, settings, tenant, charge(size_bytes, 1 + len(external)))
         row = OnnxModel(
@@ -88,10 +93,11 @@ def create_model(
         session.flush()
         on_rollback(session, lambda: storage.delete_prefix(prefix))
         for stored, digest in [(MODEL_FILE, upload.sha256), *((e["name"], e["sha256"]) for e in external)]:
-            if stored in in_storage:
-                storage.copy(in_storage[stored], f"{prefix}/{stored}")
-            else:
-                storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
+            key = f"{prefix}/{stored}"
+            if stored not in in_storage:
+                storage.put_file(key, folder / stored, move=True, sha256=digest)
+            elif in_storage[stored] != key:
+                storage.copy(in_storage[stored], key)
     return row
 
 
@@ -138,8 +144,8 @@ def _stage_external(
     into `in_storage` when its bytes went straight to storage. At most MAX_FILES_PER_UPLOAD files
     in all, counting the model."""
     client_name = upload.filename or ""
-    safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
-    if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
+    safe = external_data_name(client_name)
+    if safe is None:
         raise InvalidModel(
             f"External data file name {client_name[:100]!r} is not usable; name each file exactly as the "
             f"model's external-data `location` refers to it (at most {MAX_FILE_NAME_BYTES} bytes).",
@@ -173,6 +179,23 @@ def _stage_external(
     if staged.stored_key is not None:
         in_storage[safe] = staged.stored_key
     return staged.size_bytes
+
+
+def external_data_name(client_name: str) -> str | None:
+    """The name an external data file is kept under, from the client's file name; None: unusable."""
+    safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
+    if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
+        return None
+    return safe
+
+
+def external_data_key(model_id: str, client_name: str) -> str | None:
+    """Where a plain external data file can be stored while the upload is still being read (its
+    final key), or None when it must be staged first (a .zip, or a name that will be refused)."""
+    safe = external_data_name(client_name)
+    if safe is None or safe.lower().endswith(".zip"):
+        return None
+    return f"{model_prefix(model_id)}/{safe}"
 
 
 def _too_many_files() -> PayloadTooLarge:

@@ -111,3 +111,31 @@ def test_a_request_cut_inside_external_data_aborts_its_multipart_upload(
     assert_error(cut, 422, "invalid_request")
     bucket = s3_env["QAAS_STORAGE_URL"].split("/")[2]
     assert s3_server.unfinished_uploads(bucket) == [] and s3_server.object_keys(bucket) == []
+
+
+def test_external_data_sent_straight_to_storage_is_kept_only_for_a_model_that_reads_it(
+    s3_client: TestClient, s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    model = external_data_mlp(tmp_path / "w.onnx").read_bytes()
+    data = (tmp_path / "w.onnx.data").read_bytes()
+    bucket = s3_env["QAAS_STORAGE_URL"].split("/")[2]
+    refused = s3_client.post(
+        "/v1/models", files=[("file", ("w.onnx", b"not onnx")), ("external_data", ("w.onnx.data", data))]
+    )
+    assert_error(refused, 422, "invalid_model")
+    assert s3_server.object_keys(bucket) == []
+    extra = s3_client.post(
+        "/v1/models",
+        files=[
+            ("file", ("w.onnx", model)),
+            ("external_data", ("w.onnx.data", data)),
+            ("external_data", ("unused.bin", b"\1" * 1000)),
+        ],
+    )
+    assert extra.status_code == 201, extra.text
+    assert [e["name"] for e in extra.json()["external_data"]] == ["w.onnx.data"]
+    model_id = extra.json()["id"]
+    assert s3_server.object_keys(bucket) == [
+        f"qaas/models/{model_id}/model.onnx",
+        f"qaas/models/{model_id}/w.onnx.data",
+    ]

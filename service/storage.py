@@ -45,9 +45,6 @@ class ObjectWriter(Protocol):
 class Storage(Protocol):
     def put_file(self, key: str, src: Path, *, move: bool = False, sha256: str | None = None) -> StoredObject: ...
     def writer(self, key: str) -> ObjectWriter: ...
-    def copy(self, src_key: str, dest_key: str) -> None:
-        """Store the object `src_key` again under `dest_key` (on S3 without the bytes passing here)."""
-        ...
 
     def open(self, key: str) -> BinaryIO: ...
     def iter_bytes(
@@ -149,13 +146,6 @@ class LocalStorage:
     def writer(self, key: str) -> ObjectWriter:
         self.ensure()
         return _LocalWriter(self, key, self.tmp / f"{uuid.uuid4().hex}.part")
-
-    def copy(self, src_key: str, dest_key: str) -> None:
-        dest = self._path(dest_key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        self.download(src_key, tmp)  # a hard link where it can: stored files never change in place
-        os.replace(tmp, dest)
 
     def open(self, key: str) -> BinaryIO:
         return self._path(key).open("rb")

@@ -105,16 +105,6 @@ class S3Storage:
     def writer(self, key: str) -> S3Writer:
         return S3Writer(self, key)
 
-    def copy(self, src_key: str, dest_key: str) -> None:
-        """A server-side copy (multipart for large objects): the bytes do not pass through here."""
-        source = {"Bucket": self.bucket, "Key": self._key(src_key)}
-        try:
-            self.client.copy(source, self.bucket, self._key(dest_key))
-        except ClientError as exc:
-            raise StorageUnavailable(f"object storage refused a copy: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
-
     def _part(self, key: str, upload_id: str, number: int, body: bytearray) -> dict[str, Any]:
         answer = self._call(self.client.upload_part, key, UploadId=upload_id, PartNumber=number, Body=body)
         return {"ETag": answer["ETag"], "PartNumber": number}

@@ -93,11 +93,8 @@ def create_model(
         session.flush()
         on_rollback(session, lambda: storage.delete_prefix(prefix))
         for stored, digest in [(MODEL_FILE, upload.sha256), *((e["name"], e["sha256"]) for e in external)]:
-            key = f"{prefix}/{stored}"
-            if stored not in in_storage:
-                storage.put_file(key, folder / stored, move=True, sha256=digest)
-            elif in_storage[stored] != key:
-                storage.copy(in_storage[stored], key)
+            if stored not in in_storage:  # else its bytes are at its key already
+                storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
     return row
 
 
@@ -140,7 +137,7 @@ def _stage_external(
     in_storage: dict[str, str],
 ) -> int:
     """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
-    A plain file's sha256, computed while it is written, goes into `hashes`, and its temporary key
+    A plain file's sha256, computed while it is written, goes into `hashes`, and its storage key
     into `in_storage` when its bytes went straight to storage. At most MAX_FILES_PER_UPLOAD files
     in all, counting the model."""
     client_name = upload.filename or ""

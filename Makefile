@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,15 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-## Benchmarks under bench/, printed as ratios against baselines measured in the same run.
+## Benchmarks under bench/, each figure beside a baseline measured in the same run, recorded in
+## bench/results/figures.json with its machine, commit and load; then the README's table from it.
 bench: $(STAMP)
 	$(PY) -m bench
+	$(PY) -m bench --readme
+
+## The README's Performance table, written from bench/results/figures.json.
+bench-readme: $(STAMP)
+	$(PY) -m bench --readme
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,41 +1,50 @@
-"""`make bench` (`python -m bench`): runs the benchmarks under bench/, prints a table of each figure
-beside its baseline measured in the same run, and writes bench/results/latest.json.
+"""`make bench` (`python -m bench`): runs the benchmarks under bench/, prints each figure beside its
+baseline measured in the same run, and records them in bench/results/figures.json, each figure
+with the run that measured it.
 
-    python -m bench                       # everything (about 6 minutes on 2 cores)
-    python -m bench --only overhead,upload
+    python -m bench                       # everything
+    python -m bench --only overhead,upload   # replaces those figures only; the others keep their runs
     python -m bench --quick               # small sizes, for development (writes bench/results/quick.json)
+    python -m bench --readme              # writes the README's Performance table from figures.json
 
 Targets are reported as met or missed; the exit status is 1 only when a benchmark crashed (its
-figures are then null and the reason is in "errors")."""
+figures are then recorded without a value, with the reason in "errors")."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
-import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
-import psutil
+from bench.common import ROOT, Context
+from bench.results import (
+    README,
+    RESULTS_DIR,
+    RESULTS_FILE,
+    Figure,
+    Measurement,
+    Results,
+    Run,
+    commit,
+    load_average,
+    machine,
+    now,
+    readme_with,
+    table,
+)
 
-from bench.common import ROOT, Context, Outcome, Row
-
-RESULTS = Path(__file__).resolve().parent / "results"
-# name -> the keys of latest.json it fills (null when it crashes)
+# benchmark -> the figures it records, in the order the table shows them
 BENCHMARKS: dict[str, tuple[str, ...]] = {
-    "overhead": ("overhead_ratio",),
-    "calibration_memory": ("calibration_peak_mb", "ort_calibration_peak_mb", "calibration_flatness"),
-    "api_load": ("api_rps", "api_p99_ms", "api_hello_rps"),
-    "upload": ("upload_mb_s", "upload_rss_growth_mb"),
+    "overhead": ("job_end_to_end_s",),
+    "calibration_memory": ("calibration_peak_mb",),
+    "api_load": ("api_job_poll_rps", "api_job_poll_p99_ms"),
+    "upload": ("upload_mb_s", "upload_api_rss_growth_mb"),
+    "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup"),
     "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),
 }
 ALIASES = {
@@ -45,157 +54,105 @@ ALIASES = {
     "load": "api_load",
     "s3": "scale_out",
 }
+ORDER = [figure for names in BENCHMARKS.values() for figure in names]
 
 
-def machine() -> dict[str, Any]:
-    cpu = None
+def _measure(name: str, ctx: Context, old: Results) -> tuple[dict[str, Measurement], bool]:
+    """Run one benchmark; a crash records its figures without a value, with the reason."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    import numpy
-    import onnxruntime
-
-    return {
-        "cpu": cpu or platform.processor(),
-        "cores": os.cpu_count(),
-        "memory_gb": round(psutil.virtual_memory().total / (1 << 30), 1),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-        "commit": commit,
-    }
+        module = importlib.import_module(f"bench.{name}")
+        measured: dict[str, Measurement] = module.run(ctx)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        traceback.print_exc()
+        error = f"{name} crashed: {type(exc).__name__}: {exc}"[:3000]
+        measured = {}
+        for key in BENCHMARKS[name]:
+            before = old.figures.get(key)
+            measured[key] = Measurement(
+                what=before.what if before else key, unit=before.unit if before else "", value=None, errors=[error]
+            )
+        return measured, True
+    differs = set(BENCHMARKS[name]) ^ set(measured)
+    if differs:
+        raise RuntimeError(f"bench.{name} must measure exactly {BENCHMARKS[name]}; differs in {sorted(differs)}")
+    return measured, False
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "n/a"
-    if unit == "x":
-        return f"{value:.2f}x"
-    text = f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
-    return f"{text} {unit}".strip()
-
-
-def table(rows: list[Row]) -> str:
-    head = ("Figure", "Ours", "Baseline", "Ratio", "Target", "Result")
-    body = []
-    for r in rows:
-        base = f"{_fmt(r.baseline, r.unit)} ({r.baseline_name})" if r.baseline_name else ""
-        if r.baseline is None and r.baseline_name:
-            base = f"n/a ({r.baseline_name})"
-        ratio = f"{r.ratio:.2f}" if r.ratio is not None and r.unit != "x" else ""
-        result = {True: "met", False: "MISSED", None: "" if not r.target else "n/a"}[r.met]
-        body.append((r.figure, _fmt(r.ours, r.unit), base, ratio, r.target, result))
-    widths = [max(len(str(x[i])) for x in (head, *body)) for i in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([fmt(head), line, *(fmt(b) for b in body)])
+def write_readme(results: Results) -> bool:
+    """Rewrite the README's generated block; True when it changed."""
+    text = README.read_text(encoding="utf-8")
+    updated = readme_with(text, results)
+    if updated != text:
+        README.write_text(updated, encoding="utf-8")
+    return updated != text
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (models, logs)")
-    ap.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
+    ap.add_argument("--output", type=Path, help=f"default: {RESULTS_FILE.relative_to(ROOT)} (quick.json with --quick)")
+    ap.add_argument("--readme", action="store_true", help="only write the README's table from the results file")
     args = ap.parse_args(argv)
+    output = args.output or (RESULTS_DIR / "quick.json" if args.quick else RESULTS_FILE)
+    if args.readme:
+        changed = write_readme(Results.load(output))
+        print(f"README.md {'updated' if changed else 'already matches'} {output.relative_to(ROOT)}")
+        return 0
     names = list(BENCHMARKS)
     if args.only:
         names = [ALIASES.get(n.strip(), n.strip()) for n in args.only.split(",") if n.strip()]
         unknown = [n for n in names if n not in BENCHMARKS]
         if unknown:
             ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    output = args.output or RESULTS / ("quick.json" if args.quick else "latest.json")
 
-    started = time.perf_counter()
     given = argv if argv is not None else sys.argv[1:]
     command = "make bench" if not given else "python -m bench " + " ".join(given)
+    old = Results.load(output)
     tmp = Path(tempfile.mkdtemp(prefix="qaas-bench-"))
     ctx = Context(quick=args.quick, tmp=tmp, log=lambda msg: print(msg, flush=True))
-    report: dict[str, Any] = {}
-    if args.only and output.exists():  # a partial run updates the figures it measured, keeps the others
-        try:
-            report = json.loads(output.read_text())
-        except ValueError:
-            report = {}
-    report.setdefault("benchmarks", {})
-    # Errors are kept as "<benchmark>: ...": a re-run benchmark's old errors are dropped.
-    errors = [e for e in report.get("errors", []) if e.split(":", 1)[0] not in names]
-    rows: list[Row] = []
+    facts = machine()
+    head, dirty = commit()
+    if dirty:
+        print("note: the code has uncommitted changes; the figures will say so", flush=True)
+    new: dict[str, Figure] = {}
     crashed = False
-    load_start = os.getloadavg()
     print(f"QaaS benchmarks{' (quick)' if args.quick else ''}: {', '.join(names)}; scratch in {tmp}", flush=True)
     try:
         for name in names:
             print(f"\n== {name}", flush=True)
-            t = time.perf_counter()
-            load_before = os.getloadavg()[0]
-            module = importlib.import_module(f"bench.{name}")
-            try:
-                outcome: Outcome = module.run(ctx)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                crashed = True
-                traceback.print_exc()
-                outcome = Outcome(figures={k: None for k in BENCHMARKS[name]}, errors=[f"{name}: {exc}"[:3000]])
-            for key in BENCHMARKS[name]:
-                outcome.figures.setdefault(key, None)
-            report.update(outcome.figures)
-            errors += [e if e.startswith(f"{name}:") else f"{name}: {e}" for e in outcome.errors]
-            rows += outcome.rows
-            duration = time.perf_counter() - t
-            report["benchmarks"][name] = {
-                "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "duration_s": round(duration, 1),
-                "quick": args.quick,
-                "command": command,
-                # 1-minute load average before and after: the machine may be shared with other work.
-                "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            }
-            print(f"   ({duration:.0f} s)", flush=True)
+            load_before, started = load_average(), time.perf_counter()
+            measured, broke = _measure(name, ctx, old)
+            crashed |= broke
+            run = Run(
+                benchmark=name,
+                command=command,
+                commit=head,
+                dirty=dirty,
+                finished_at=now(),
+                duration_s=round(time.perf_counter() - started, 1),
+                quick=args.quick,
+                load_before=load_before,
+                load_after=load_average(),
+                machine=facts,
+            )
+            new.update({key: Figure(**m.model_dump(), run=run) for key, m in measured.items()})
+            print(f"   ({run.duration_s:.0f} s, load average {run.load_before[0]} -> {run.load_after[0]})", flush=True)
     finally:
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    report["errors"] = errors
-    report["quick"] = args.quick
-    report["machine"] = machine()
-    report["load_average"] = {
-        "start": [round(x, 2) for x in load_start],
-        "end": [round(x, 2) for x in os.getloadavg()],
-    }
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["duration_s"] = round(time.perf_counter() - started, 1)
-    report["command"] = command
-    # Top-level fields describe the last run; a partial run (--only) keeps the other figures, and
-    # each benchmark's own entry under "benchmarks" says when and by which command it was measured.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n" + table(rows))
-    if errors:
-        print("\nErrors:\n" + "\n".join(f"  - {e}" for e in errors))
-    m = report["machine"]
+    results = old.merged(new, ORDER)
+    results.save(output)
+    print("\n" + table(new))
     shown = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output
-    load = report["load_average"]["start"][0]
-    print(
-        f"\n{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; load average {load} at start; "
-        f"{report['duration_s']:.0f} s in all. Written to {shown}"
-    )
+    print(f"\n{facts.describe()}. Written to {shown}.")
+    if output == RESULTS_FILE:
+        print("Run `make bench-readme` to write these figures into the README.")
     return 1 if crashed else 0
 
 

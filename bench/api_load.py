@@ -1,6 +1,6 @@
-"""api_rps / api_p99_ms: 64 concurrent clients polling `GET /v1/jobs/{id}` for 20 s against the API as
-`make run` starts it, and api_hello_rps: the same load on `GET /healthz` of the same app in the same run,
-the ceiling.
+"""api_job_poll_rps / api_job_poll_p99_ms: 64 concurrent clients polling `GET /v1/jobs/{id}` for 20 s
+against the API as `make run` starts it, beside the same load on `GET /healthz` of the same app in the
+same run, the ceiling.
 
 Each client is one keep-alive HTTP/1.1 connection sending its next request as soon as the previous
 answer is read (closed loop). The load generator is a minimal asyncio client run in its own process
@@ -18,8 +18,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import harness
-from bench.common import Context, Outcome, Row, mb, run_json
+from bench.common import Context, mb, run_json
 from bench.models import tiny_model, tiny_npz
+from bench.results import Baseline, Measurement
 
 CLIENTS = 64
 SECONDS = 20.0
@@ -111,8 +112,8 @@ def _measure(svc: harness.Service, path: str, clients: int, seconds: float) -> d
     return result
 
 
-def run(ctx: Context) -> Outcome:
-    out = Outcome()
+def run(ctx: Context) -> dict[str, Measurement]:
+    errors: list[str] = []
     seconds = 5.0 if ctx.quick else SECONDS
     work = ctx.dir("api_load")
     with harness.service(work / "service") as svc:
@@ -129,7 +130,7 @@ def run(ctx: Context) -> Outcome:
             )
             job = harness.wait_job(c, job["id"])
         if job["status"] != "succeeded":
-            out.errors.append(f"the polled job did not succeed ({harness.job_error(job)}); polled anyway")
+            errors.append(f"the polled job did not succeed ({harness.job_error(job)}); polled anyway")
         polled = f"/v1/jobs/{job['id']}"
         jobs = _measure(svc, polled, CLIENTS, seconds)
         ctx.log(f"  GET /v1/jobs/{{id}}: {jobs['rps']} req/s, p99 {jobs['p99_ms']} ms")
@@ -137,27 +138,30 @@ def run(ctx: Context) -> Outcome:
         ctx.log(f"  GET /healthz: {hello['rps']} req/s, p99 {hello['p99_ms']} ms")
     for name, r in (("GET /v1/jobs/{id}", jobs), ("GET /healthz", hello)):
         if r["non_200"] or r["connection_errors"]:
-            out.errors.append(
+            errors.append(
                 f"{name}: {r['non_200']} of {r['requests']} answers were not 200 "
                 f"(statuses {r['statuses']}), {r['connection_errors']} connection errors "
                 f"{r.get('error', '')}".strip()
             )
-    out.figures = {
-        "api_rps": jobs["rps"],
-        "api_p99_ms": jobs["p99_ms"],
-        "api_hello_rps": hello["rps"],
-        "api_hello_p99_ms": hello["p99_ms"],
-        "api_load": {
-            "clients": CLIENTS,
-            "seconds": seconds,
-            "job_status": job["status"],
-            "jobs": jobs,
-            "healthz": hello,
-        },
+    details = {"clients": CLIENTS, "seconds": seconds, "job_status": job["status"], "jobs": jobs, "healthz": hello}
+    what = f"`GET /v1/jobs/{{id}}`, {CLIENTS} concurrent clients, {seconds:.0f} s"
+    return {
+        "api_job_poll_rps": Measurement(
+            what=what,
+            unit="req/s",
+            value=jobs["rps"],
+            baseline=Baseline(what="`GET /healthz`", value=hello["rps"]),
+            errors=errors,
+            details=details,
+        ),
+        "api_job_poll_p99_ms": Measurement(
+            what=f"{what}: p99 latency",
+            unit="ms",
+            value=jobs["p99_ms"],
+            baseline=Baseline(what="`GET /healthz`", value=hello["p99_ms"]),
+            errors=errors,
+        ),
     }
-    out.rows.append(Row("API: GET /v1/jobs/{id}, 64 clients", jobs["rps"], "req/s", hello["rps"], "GET /healthz"))
-    out.rows.append(Row("API: GET /v1/jobs/{id} p99", jobs["p99_ms"], "ms", hello["p99_ms"], "GET /healthz p99"))
-    return out
 
 
 def main(argv: list[str]) -> int:

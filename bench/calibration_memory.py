@@ -1,4 +1,4 @@
-"""calibration_peak_mb / ort_calibration_peak_mb: peak resident memory of a static Percentile
+"""calibration_peak_mb: peak resident memory of a static Percentile
 per-channel job with 32, 128 and 512 calibration samples, beside plain `quantize_static` (same model,
 same data, same method) in its own process at the counts this machine can hold.
 
@@ -21,8 +21,9 @@ from typing import Any
 import psutil
 
 from bench import harness
-from bench.common import ROOT, Context, Outcome, Row, mb
+from bench.common import MB, ROOT, Context, mb
 from bench.models import calibration_npz, conv_model
+from bench.results import Baseline, Measurement
 
 TARGET_MB = 1024
 FLAT_TARGET = 1.25  # largest / smallest peak over the sample counts
@@ -107,8 +108,8 @@ def _baseline(model: Any, data: Any, workdir: Any, cap_bytes: int) -> dict[str, 
     }
 
 
-def run(ctx: Context) -> Outcome:
-    out = Outcome()
+def run(ctx: Context) -> dict[str, Measurement]:
+    errors: list[str] = []
     size = 64 if ctx.quick else 224
     counts = (8, 16, 32) if ctx.quick else (32, 128, 512)
     work = ctx.dir("calibration_memory")
@@ -143,7 +144,7 @@ def run(ctx: Context) -> Outcome:
                 )
             except Exception as exc:
                 ours[str(n)] = None
-                out.errors.append(f"calibration_peak_mb[{n}]: {exc}")
+                errors.append(f"calibration_peak_mb[{n}]: {exc}")
                 ctx.log(f"  ours, {n} samples: FAILED {exc}")
             finally:
                 data.unlink(missing_ok=True)
@@ -175,43 +176,31 @@ def run(ctx: Context) -> Outcome:
                 ctx.log(f"  ORT, {n} samples: {theirs[str(n)]} MB ({r['wall_s']} s)")
         except Exception as exc:
             theirs[str(n)] = None
-            out.errors.append(f"ort_calibration_peak_mb[{n}]: {exc}")
+            errors.append(f"ort_calibration_peak_mb[{n}]: {exc}")
         finally:
             data.unlink(missing_ok=True)
     values = [v for v in ours.values() if v is not None]
     flat = max(values) / min(values) if len(values) == len(counts) and min(values) > 0 else None
-    out.figures = {
-        "calibration_peak_mb": ours,
-        "ort_calibration_peak_mb": theirs,
-        "calibration_flatness": round(flat, 3) if flat else None,
-        "calibration_memory": details,
-    }
-    for n in counts:
-        v, b = ours[str(n)], theirs[str(n)]
-        out.rows.append(
-            Row(
-                f"calibration peak RSS, {n} samples",
-                v,
-                "MB",
-                b,
-                "quantize_static" if b is not None else "quantize_static (skipped)",
-                f"<= {TARGET_MB} MB",
-                None if v is None else v <= TARGET_MB,
-            )
-        )
-    out.rows.append(
-        Row(
-            f"calibration peak, {counts[-1]} / {counts[0]} samples",
-            flat,
-            "x",
-            None,
-            "",
-            f"<= {FLAT_TARGET} (flat)",
-            None if flat is None else flat <= FLAT_TARGET,
-            flat,
-        )
+    details["flatness"] = round(flat, 3) if flat else None
+    skipped = [
+        f"{n}: not run, predicted {mb(d['predicted_bytes']):,.0f} MB > {CAP_SHARE:.0%} of the free memory"
+        for n, d in details["ort"].items()
+        if d.get("skipped")
+    ]
+    figure = Measurement(
+        what=(
+            f"Peak RSS of the job, {' / '.join(map(str, counts))} calibration samples "
+            f"(static Percentile per-channel, {model.stat().st_size / MB:.0f} MB conv model)"
+        ),
+        unit="MB",
+        value=ours,
+        baseline=Baseline(what="`quantize_static`", value=theirs, note="; ".join(skipped)),
+        target=f"≤ {TARGET_MB} MB and flat (largest / smallest ≤ {FLAT_TARGET})",
+        met=None if flat is None else bool(max(values) <= TARGET_MB and flat <= FLAT_TARGET),
+        errors=errors,
+        details=details,
     )
-    return out
+    return {"calibration_peak_mb": figure}
 
 
 def _predict(measured: list[tuple[int, int]], n: int) -> int | None:

@@ -1,4 +1,5 @@
-"""What every benchmark shares: its context (sizes, folders), figure rows for the table, helpers."""
+"""What every benchmark shares: its context (sizes, folders) and helpers. A benchmark module has
+`FIGURES` (the names of the figures it measures) and `run(ctx) -> dict[str, Measurement]`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +25,6 @@ class Context:
         path = self.tmp / name
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-@dataclass
-class Row:
-    """One line of the table: our figure beside its baseline measured in the same run."""
-
-    figure: str
-    ours: float | None
-    unit: str
-    baseline: float | None = None
-    baseline_name: str = ""
-    target: str = ""  # e.g. "<= 1.15", shown as is
-    met: bool | None = None  # None: no target or not measurable
-    ratio: float | None = None  # ours / baseline unless given
-
-    def __post_init__(self) -> None:
-        if self.ratio is None and self.ours is not None and self.baseline:
-            self.ratio = self.ours / self.baseline
-
-
-@dataclass
-class Outcome:
-    figures: dict[str, Any] = field(default_factory=dict)  # keys of latest.json
-    rows: list[Row] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
 
 def run_json(argv: list[str], *, timeout: float, cwd: Path = ROOT) -> tuple[dict[str, Any], float]:

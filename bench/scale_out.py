@@ -21,8 +21,9 @@ from typing import Any
 import psutil
 
 from bench import harness
-from bench.common import MB, Context, Outcome, Row, mb
+from bench.common import MB, Context, mb
 from bench.models import external_data_model, tiny_model, tiny_npz
+from bench.results import Baseline, Measurement
 from bench.upload import _cp
 from service.run import WORKER
 from tests.s3 import S3Server
@@ -109,8 +110,7 @@ def jobs_per_minute(svc: harness.Service, model_id: str, dataset_id: str, jobs: 
     }
 
 
-def run(ctx: Context) -> Outcome:
-    out = Outcome()
+def run(ctx: Context) -> dict[str, Measurement]:
     work = ctx.dir("scale_out")
     size = (32 << 20) if ctx.quick else UPLOAD_BYTES
     jobs = 4 if ctx.quick else JOBS
@@ -132,30 +132,25 @@ def run(ctx: Context) -> Outcome:
     finally:
         for f in (onnx_path, bin_path):
             f.unlink(missing_ok=True)
-    ratio = two["jobs_per_minute"] / one["jobs_per_minute"]
-    out.figures = {
-        "upload_s3_mb_s": upload["upload_mb_s"],
-        "upload_s3_cp_ratio": round(upload["upload_mb_s"] / upload["cp_mb_s"], 3),
-        "jobs_per_minute_1": one["jobs_per_minute"],
-        "jobs_per_minute_2": two["jobs_per_minute"],
-        "jobs_per_minute_ratio": round(ratio, 2),
-        "scale_out": {"upload_s3": upload, "one_worker": one, "two_workers": two, "cores": psutil.cpu_count()},
+    batch = f"{jobs} small static jobs submitted at once, S3 storage (moto)"
+    return {
+        "upload_s3_mb_s": Measurement(
+            what=f"Upload of a {upload['bytes'] / MB:,.0f} MB model (external data) into S3 (moto on loopback)",
+            unit="MB/s",
+            value=upload["upload_mb_s"],
+            baseline=Baseline(what="`cp`", value=upload["cp_mb_s"]),
+            ratio=round(upload["upload_mb_s"] / upload["cp_mb_s"], 3),
+            details=upload,
+        ),
+        "jobs_per_minute_1": Measurement(
+            what=f"{batch}: 1 worker process", unit="jobs/min", value=one["jobs_per_minute"], details=one
+        ),
+        "jobs_per_minute_2": Measurement(
+            what=f"{batch}: 2 worker processes (2 cores: not a scaling target)",
+            unit="jobs/min",
+            value=two["jobs_per_minute"],
+            baseline=Baseline(what="1 worker process", value=one["jobs_per_minute"]),
+            ratio=round(two["jobs_per_minute"] / one["jobs_per_minute"], 2),
+            details={**two, "cores": psutil.cpu_count()},
+        ),
     }
-    out.rows += [
-        Row(
-            f"upload of a {upload['bytes'] / MB:.0f} MB model into S3 (moto)",
-            upload["upload_mb_s"],
-            "MB/s",
-            upload["cp_mb_s"],
-            "cp",
-        ),
-        Row(f"{jobs} small static jobs on S3, 1 worker process", one["jobs_per_minute"], "jobs/min"),
-        Row(
-            f"{jobs} small static jobs on S3, 2 worker processes",
-            two["jobs_per_minute"],
-            "jobs/min",
-            one["jobs_per_minute"],
-            "1 worker",
-        ),
-    ]
-    return out

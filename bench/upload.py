@@ -1,4 +1,4 @@
-"""upload_mb_s / upload_rss_growth_mb: a model of about 1 GB whose weights are one external data file,
+"""upload_mb_s / upload_api_rss_growth_mb: a model of about 1 GB whose weights are one external data file,
 uploaded as multipart (`file` = the .onnx, `external_data` = the .bin) with httpx streaming both from
 disk, beside `cp` of the same bytes into the same data folder as the ceiling. The API process's RSS is
 sampled in a thread (before, peak during, after)."""
@@ -15,10 +15,12 @@ import httpx
 import psutil
 
 from bench import harness
-from bench.common import MB, Context, Outcome, Row, mb
+from bench.common import MB, Context, mb
 from bench.models import external_data_model
+from bench.results import Baseline, Measurement
 
 TARGET_GROWTH_MB = 100
+TARGET_CP_RATIO = 0.35
 SIZE_BYTES = 1 << 30
 
 
@@ -35,16 +37,14 @@ def _cp(files: list[Path], dest: Path) -> dict[str, float]:
     return {"cp_s": cp_s, "sync_s": sync_s}
 
 
-def run(ctx: Context) -> Outcome:
-    out = Outcome()
+def run(ctx: Context) -> dict[str, Measurement]:
+    errors: list[str] = []
     size = (64 << 20) if ctx.quick else SIZE_BYTES
     work = ctx.dir("upload")
     disk_free = shutil.disk_usage(work).free
     if disk_free < 5 * size:  # the .bin, its spooled and staged copies, the stored copy, the cp copy
         size = max(64 << 20, disk_free // 8)
-        out.errors.append(
-            f"upload: only {disk_free >> 20} MB free under {work}; the model was reduced to {size >> 20} MB"
-        )
+        errors.append(f"upload: only {disk_free >> 20} MB free under {work}; the model was reduced to {size >> 20} MB")
     t = time.perf_counter()
     onnx_path, bin_path = external_data_model(work / "big.onnx", size)
     gen_s = time.perf_counter() - t
@@ -121,22 +121,25 @@ def run(ctx: Context) -> Outcome:
     growth = (details["api_rss_peak_mb"] or 0) - (details["api_rss_before_mb"] or 0)
     details["cp_mb_s"] = round(cp_mb_s, 1)
     details["cp_sync_mb_s"] = round(total / MB / (details["cp_s"] + details["sync_s"]), 1)
-    out.figures = {
-        "upload_mb_s": round(upload_mb_s, 1),
-        "upload_rss_growth_mb": round(growth, 1),
-        "cp_mb_s": round(cp_mb_s, 1),
-        "upload": details,
+    what = f"Upload of a {total / MB:,.0f} MB model (external data)"
+    return {
+        "upload_mb_s": Measurement(
+            what=what,
+            unit="MB/s",
+            value=round(upload_mb_s, 1),
+            baseline=Baseline(what="`cp`", value=round(cp_mb_s, 1)),
+            ratio=round(upload_mb_s / cp_mb_s, 3),
+            target=f">= {TARGET_CP_RATIO} of `cp`",
+            met=upload_mb_s / cp_mb_s >= TARGET_CP_RATIO,
+            errors=errors,
+            details=details,
+        ),
+        "upload_api_rss_growth_mb": Measurement(
+            what=f"{what}: API RSS growth (peak - before)",
+            unit="MB",
+            value=round(growth, 1),
+            target=f"< {TARGET_GROWTH_MB} MB",
+            met=growth < TARGET_GROWTH_MB,
+            errors=errors,
+        ),
     }
-    out.rows.append(Row(f"upload of a {total / MB:.0f} MB model (external data)", upload_mb_s, "MB/s", cp_mb_s, "cp"))
-    out.rows.append(
-        Row(
-            "upload: API RSS growth (peak - before)",
-            growth,
-            "MB",
-            None,
-            "",
-            f"< {TARGET_GROWTH_MB} MB",
-            growth < TARGET_GROWTH_MB,
-        )
-    )
-    return out

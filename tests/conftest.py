@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -39,11 +40,27 @@ def clean_qaas_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def unavailable(what: str, exc: Exception) -> None:
-    message = f"{what} unreachable ({type(exc).__name__}: {exc}); start it or set its QAAS_TEST_* URL"
+def unavailable(what: str, exc: Exception | str, fix: str = "start it or set its QAAS_TEST_* URL") -> NoReturn:
+    """The one way a test skips: for a missing service or tool, and a failure when
+    QAAS_REQUIRE_SERVICES=1 (as in CI), so that nothing CI runs can vanish silently."""
+    reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else exc
+    message = f"{what} unavailable ({reason}); {fix}"
     if REQUIRE_SERVICES:
         pytest.fail(message + " (QAAS_REQUIRE_SERVICES=1)")
     pytest.skip(message)
+
+
+# Tests that need the real PostgreSQL or Redis carry the `services` marker (`-m "not services"`
+# runs the rest). Fixtures named here mark every test that uses them, directly or through other
+# fixtures; the parameters that reach them at run time (`db_settings`, `deployment`) are marked
+# where they are declared.
+SERVICE_FIXTURES = frozenset({"postgres_url", "redis_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +135,7 @@ def postgres_settings(data_dir: Path, postgres_url: str) -> Iterator[Settings]:
         yield settings
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
 def db_settings(request: pytest.FixtureRequest) -> Settings:
     """The same test on both databases the service supports."""
     name = "sqlite_settings" if request.param == "sqlite" else "postgres_settings"

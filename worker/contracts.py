@@ -74,6 +74,7 @@ class JobFile:
     calibration: DataSource | None = None
     evaluation_data: DataSource | None = None
     reused_calibration: bool = False  # the evaluation data is the calibration data
+    reference_model_path: str | None = None  # mode compare: the float model to compare with
 
     def write(self, workdir: Path) -> None:
         (workdir / JOB_FILE).write_text(json.dumps(asdict(self)))
@@ -104,6 +105,7 @@ class Progress:
 
     stage: str
     fraction: float
+    note: str | None = None  # what the engine does now (mode auto: "candidate 2 of 6", "search step 3")
 
     def line(self) -> str:
         return json.dumps(asdict(self)) + "\n"
@@ -112,7 +114,8 @@ class Progress:
     def parse(cls, line: bytes | str) -> Self:
         """Raises ValueError (json's errors included), KeyError or TypeError on a line that is not one."""
         data = json.loads(line)
-        return cls(stage=str(data["stage"]), fraction=float(data["fraction"]))
+        note = data.get("note")
+        return cls(stage=str(data["stage"]), fraction=float(data["fraction"]), note=None if note is None else str(note))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from worker.engine import (
 )
 from worker.engine.auto import auto_quantize
 from worker.engine.checks import validate_job
+from worker.engine.compare import compare_models
 from worker.engine.preprocess import runnable_original
 from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
 
@@ -37,10 +38,17 @@ ONNX_MEDIA_TYPE = "application/octet-stream"
 class Reporter:
     def __init__(self) -> None:
         self.stage = Stage.VALIDATING
+        self.fraction = 0.0
 
     def __call__(self, stage: Stage, fraction: float) -> None:
         self.stage = stage
-        sys.stdout.write(Progress(str(stage), round(float(fraction), 4)).line())
+        self.fraction = round(float(fraction), 4)
+        sys.stdout.write(Progress(str(stage), self.fraction).line())
+        sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        """A line saying what the engine does now (mode auto: "candidate 2 of 6", "search step 3")."""
+        sys.stdout.write(Progress(str(self.stage), self.fraction, text[:200]).line())
         sys.stdout.flush()
 
 
@@ -84,6 +92,19 @@ def run(job: JobFile, workdir: Path, report: Reporter) -> ChildOutcome:
             inputs=inputs,
             reused_calibration=reused,
             progress=report,
+            note=report.note,
+        )
+    elif spec.mode == Mode.COMPARE:
+        report(Stage.EVALUATING, 0.0)
+        assert job.reference_model_path is not None, "the runner gives mode compare its reference"
+        outcome, measured = compare_models(
+            Path(job.reference_model_path),
+            model_path,
+            spec,
+            evaluation,
+            data=eval_data,
+            inputs=inputs,
+            progress=report,
         )
     else:
         outcome = quantize(model_path, spec, workdir / "engine", calibration=calibration, progress=report)
@@ -114,6 +135,7 @@ def run(job: JobFile, workdir: Path, report: Reporter) -> ChildOutcome:
     out = workdir / "artifacts"
     out.mkdir()
     artifacts = [ArtifactItem(path.name, str(path), ONNX_MEDIA_TYPE) for path in outcome.files]
+    artifacts += [ArtifactItem(name, str(path), "application/json") for name, path in outcome.artifacts.items()]
     report_path = out / "report.json"
     report_path.write_text(json.dumps(result.to_dict(), indent=2))
     artifacts.append(ArtifactItem("report.json", str(report_path), "application/json"))

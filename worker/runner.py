@@ -298,17 +298,28 @@ class JobRunner:
                 fetches.append((row.storage_key, row.sha256, row.size_bytes, local, False))
                 return DataSource(str(local), row.format, row.preprocess)
 
-            model_dir = inputs / "model"  # external data files beside the model, as they were uploaded
-            external = [(e["name"], e["sha256"], e["size_bytes"]) for e in model.external_data or []]
-            model_size = model.size_bytes - sum(size for _, _, size in external)
-            for name, sha256, size in [(model.file_name, model.sha256, model_size), *external]:
-                fetches.append((f"{model.storage_prefix}/{name}", sha256, size, model_dir / name, True))
+            def model_files(row: OnnxModel, folder: Path) -> str:
+                """The model's file, its external data files beside it as they were uploaded."""
+                external = [(e["name"], e["sha256"], e["size_bytes"]) for e in row.external_data or []]
+                size = row.size_bytes - sum(s for _, _, s in external)
+                for name, sha256, file_size in [(row.file_name, row.sha256, size), *external]:
+                    fetches.append((f"{row.storage_prefix}/{name}", sha256, file_size, folder / name, True))
+                return str(folder / row.file_name)
+
             asked = WireEvaluation.model_validate(job.evaluation)
+            reference_path = None
+            reference_id = (job.recipe or {}).get("reference_model_id")
+            if reference_id:  # mode compare
+                reference = session.get(OnnxModel, reference_id)
+                if reference is None or reference.deleted_at is not None:
+                    raise RuntimeError("the job's reference model was deleted")
+                reference_path = model_files(reference, inputs / "reference")
             spec = JobFile(
                 job_id=job.id,
-                model_path=str(model_dir / model.file_name),
+                model_path=model_files(model, inputs / "model"),
                 inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
                 recipe=job.recipe,
+                reference_model_path=reference_path,
                 evaluation=EvaluationSettings(
                     latency_runs=min(asked.latency_runs, self.settings.max_latency_runs),
                     warmup_runs=asked.warmup_runs,
@@ -355,6 +366,8 @@ class JobRunner:
         started = time.monotonic()
         last_write = last_cancel_check = 0.0
         pending: tuple[str, float] = ("validating", 0.0)
+        pending_note: str | None = None
+        written_note: str | None = None
         written: tuple[str, float] | None = None
         renew_s = self.settings.job_lease_s / 4
         shown = 0.0
@@ -370,6 +383,8 @@ class JobRunner:
                         continue
                     message = Progress.parse(line)
                     pending = (message.stage, message.fraction)
+                    if message.note:
+                        pending_note = message.note
                 except queue.Empty:
                     pass
                 except (ValueError, KeyError, TypeError):
@@ -379,14 +394,14 @@ class JobRunner:
                     self._stop(child)
                     return ChildOutcome("handed_back")
                 # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
-                moved = pending != written and now - last_write >= PROGRESS_INTERVAL_S
+                moved = (pending != written or pending_note != written_note) and now - last_write >= PROGRESS_INTERVAL_S
                 if moved or now - last_write >= renew_s:
                     stage, fraction = pending
                     shown = max(shown, overall_progress(stage, fraction))  # never backwards
                     last_write = now
-                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown)
+                    still_ours = self._unless_db_down(job_id, self._renew, job_id, attempt, stage, shown, pending_note)
                     if still_ours is not None:
-                        written = pending
+                        written, written_note = pending, pending_note
                     if still_ours is False:
                         self._stop(child)
                         return ChildOutcome("abandoned")
@@ -422,9 +437,9 @@ class JobRunner:
                 child.stdout.close()
         return self._read_outcome(child.returncode, workdir)
 
-    def _renew(self, job_id: str, attempt: int, stage: str, shown: float) -> bool:
+    def _renew(self, job_id: str, attempt: int, stage: str, shown: float, note: str | None = None) -> bool:
         with transaction(self.session_factory) as session:
-            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s)
+            return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s, note)
 
     def _cancel_requested(self, job_id: str) -> bool:
         with self.session_factory() as session:

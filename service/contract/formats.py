@@ -113,18 +113,22 @@ def shape_text(shape: Sequence[Any] | None) -> str:
 # Graph walks and model facts
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(attribute name, graph) of every subgraph a node owns (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                yield attr.name, g
+
+
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        yield g
-        for node in reversed(g.node):
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
+    yield graph
+    for node in graph.node:
+        for _, g in subgraphs(node):
+            yield from iter_graphs(g)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

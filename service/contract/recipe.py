@@ -27,6 +27,21 @@ class Mode(StrEnum):
     WEIGHT_ONLY = "weight_only"
     FP16 = "fp16"
     AUTO = "auto"
+    COMPARE = "compare"  # evaluate an uploaded, already quantized model against its float reference
+
+
+class Objective(StrEnum):
+    """What mode auto optimises within the fidelity budget."""
+
+    LATENCY = "latency"
+    SIZE = "size"
+
+
+class FidelityMetric(StrEnum):
+    AUTO = "auto"  # by output kind: agreement for class/sequence scores, cosine otherwise
+    COSINE = "cosine"
+    SQNR = "sqnr"
+    AGREEMENT = "agreement"
 
 
 class QuantFormat(StrEnum):
@@ -71,9 +86,11 @@ MAX_LISTED = 10_000  # nodes_to_exclude entries
 MAX_OP_TYPES = 256
 MAX_NAME_CHARS = 1024  # one node name or op type
 
+MAX_SEARCH_SECONDS = 86_400
 NodeName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 RECIPE_EXAMPLES: list[JsonValue] = [
     {"mode": "static", "calibration_method": "minmax", "per_channel": True},
+    {"mode": "auto", "objective": "latency", "fidelity": {"metric": "auto", "min": 0.99}, "max_search_seconds": 600},
     {"mode": "dynamic", "op_types_to_quantize": ["MatMul", "Gemm"]},
     {"mode": "weight_only", "weight_type": "int4", "block_size": 32},
     {"mode": "auto", "accuracy_tolerance": 0.01},
@@ -86,6 +103,42 @@ class RecipeError(RuleError, ValueError):
 
     def __init__(self, message: str, field: str, **detail: Any) -> None:
         super().__init__("invalid_recipe", message, {"field": field, **detail})
+
+
+@dataclass(frozen=True)
+class FidelitySpec:
+    """Which outputs must stay faithful, compared how, and the floor (modes auto and compare)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    outputs: Annotated[
+        tuple[NodeName, ...] | None, Field(min_length=1, max_length=1000, description="Output names; null: all.")
+    ] = None
+    metric: Annotated[
+        FidelityMetric,
+        Field(
+            description="auto: top-1 agreement for class scores [B, C], per-position argmax agreement for "
+            "sequence scores [B, T, C], mean cosine otherwise."
+        ),
+    ] = FidelityMetric.AUTO
+    min: Annotated[float | None, Field(description="Floor of the metric; default 0.99 (20 dB for sqnr).")] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", FidelityMetric(self.metric))
+        if self.outputs is not None:
+            object.__setattr__(self, "outputs", tuple(self.outputs))
+        if self.min is not None:
+            low, high = (-200.0, 200.0) if self.metric == FidelityMetric.SQNR else (-1.0, 1.0)
+            if not low <= float(self.min) <= high:
+                raise RecipeError(
+                    f"fidelity.min for metric {self.metric} must be between {low:g} and {high:g} (cosine and "
+                    "agreement are fractions, e.g. 0.99; sqnr is in dB, e.g. 20).",
+                    "fidelity.min",
+                )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        return cls(**{k: data[k] for k in ("outputs", "metric", "min") if k in data})
 
 
 @dataclass(frozen=True)
@@ -127,6 +180,32 @@ class Recipe:
     accuracy_tolerance: Annotated[
         float, Field(ge=0, le=1, description="Largest allowed top-1 drop as a fraction (0.01 = one point).")
     ] = 0.01
+    sixteen_bit_tensors: Annotated[
+        tuple[NodeName, ...] | None,
+        Field(max_length=MAX_LISTED, description="Static QDQ: activation tensors quantized to 16 bits instead of 8."),
+    ] = None
+    transformer_fusion: Annotated[
+        bool,
+        Field(
+            description="Static/dynamic: ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, "
+            "Gelu) before quantizing."
+        ),
+    ] = False
+    objective: Annotated[
+        Objective,
+        Field(description="Mode auto: the fastest model within budget (never slower than float), or the smallest."),
+    ] = Objective.LATENCY
+    fidelity: Annotated[FidelitySpec | None, Field(description="Modes auto and compare: the fidelity budget.")] = None
+    max_search_seconds: Annotated[
+        float, Field(ge=1, le=MAX_SEARCH_SECONDS, description="Mode auto: time budget of the search.")
+    ] = 900.0
+    reference_model_id: Annotated[
+        str | None,
+        Field(
+            max_length=64,
+            description="Mode compare: the float model the uploaded (already quantized) model is compared with.",
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
         # Plain strings and lists (direct construction, JSON) become the enums and tuples.
@@ -135,11 +214,14 @@ class Recipe:
         normalise(self, "format", QuantFormat(self.format))
         normalise(self, "activation_type", ActivationType(self.activation_type))
         normalise(self, "calibration_method", CalibrationMethod(self.calibration_method))
+        normalise(self, "objective", Objective(self.objective))
+        if isinstance(self.fidelity, Mapping):
+            normalise(self, "fidelity", FidelitySpec.from_mapping(self.fidelity))
         if self.weight_type is None:
             normalise(self, "weight_type", QType.INT4 if self.mode == Mode.WEIGHT_ONLY else QType.INT8)
         else:
             normalise(self, "weight_type", QType(self.weight_type))
-        for name in ("op_types_to_quantize", "nodes_to_exclude"):
+        for name in ("op_types_to_quantize", "nodes_to_exclude", "sixteen_bit_tensors"):
             value = getattr(self, name)
             if value is not None:
                 normalise(self, name, tuple(value))
@@ -199,6 +281,7 @@ def check_recipe(recipe: Recipe) -> None:
     """Combinations ONNX Runtime cannot honour, whatever the model. Raises RecipeError."""
     mode = recipe.mode
     weight = recipe.weight
+    _check_search_fields(recipe)
     if weight in FOUR_BIT and mode != Mode.WEIGHT_ONLY:
         raise RecipeError(
             f"weight_type {weight} (4-bit) is only available with mode weight_only (blocked MatMulNBits); "
@@ -247,6 +330,36 @@ def check_recipe(recipe: Recipe) -> None:
             "overflowing nodes in float32); drop it, or list nodes in nodes_to_exclude.",
             "op_types_to_quantize",
         )
+
+
+def _check_search_fields(recipe: Recipe) -> None:
+    """Mode compare's reference, 16-bit tensors, transformer fusion, the search's time."""
+    mode = recipe.mode
+    if mode == Mode.COMPARE and not recipe.reference_model_id:
+        raise RecipeError(
+            "Mode compare needs reference_model_id: the id of the float model to compare with.", "reference_model_id"
+        )
+    if mode != Mode.COMPARE and recipe.reference_model_id:
+        raise RecipeError("reference_model_id is only used by mode compare; drop it.", "reference_model_id")
+    if recipe.sixteen_bit_tensors and (mode not in CALIBRATED_MODES or recipe.format != QuantFormat.QDQ):
+        raise RecipeError(
+            "sixteen_bit_tensors needs static quantization in format qdq (16-bit activations are Q/DQ pairs).",
+            "sixteen_bit_tensors",
+            mode=str(mode),
+        )
+    if recipe.sixteen_bit_tensors and recipe.activation_type in SIXTEEN_BIT:
+        raise RecipeError(
+            "sixteen_bit_tensors widens chosen tensors of an 8-bit recipe; activation_type is already 16-bit.",
+            "sixteen_bit_tensors",
+        )
+    if recipe.transformer_fusion and mode not in (Mode.STATIC, Mode.DYNAMIC, Mode.AUTO):
+        raise RecipeError(
+            "transformer_fusion is a pre-processing step of static and dynamic quantization.",
+            "transformer_fusion",
+            mode=str(mode),
+        )
+    if not 1.0 <= float(recipe.max_search_seconds) <= MAX_SEARCH_SECONDS:
+        raise RecipeError(f"max_search_seconds must be between 1 and {MAX_SEARCH_SECONDS}.", "max_search_seconds")
 
 
 def _check_static(recipe: Recipe, weight: QType) -> None:
@@ -316,6 +429,16 @@ def check_recipe_for_model(recipe: Recipe, facts: ModelFacts, *, has_calibration
         missing = [op for op in recipe.op_types_to_quantize if op not in present]
         if missing:
             warnings.append(f"op_types_to_quantize lists {', '.join(missing[:10])}, which the model does not contain.")
+    if recipe.fidelity is not None and recipe.fidelity.outputs:
+        names = {o.name for o in facts.outputs}
+        unknown = sorted(set(recipe.fidelity.outputs) - names)
+        if unknown:
+            raise RecipeError(
+                f"fidelity.outputs names output(s) the model does not have: {', '.join(unknown[:10])}; "
+                f"its outputs are {', '.join(sorted(names)[:20])}.",
+                "fidelity.outputs",
+                unknown=unknown[:100],
+            )
     qdq = facts.qdq_nodes
     if qdq:
         warnings.append(
@@ -323,3 +446,17 @@ def check_recipe_for_model(recipe: Recipe, facts: ModelFacts, *, has_calibration
             "(a quantization-aware trained or already quantized export); those parts are kept as they are."
         )
     return warnings
+
+
+def check_reference_fits(facts: ModelFacts, reference: ModelFacts) -> None:
+    """Mode compare: the reference must have the model's inputs and outputs, to run on the same data."""
+    for what in ("inputs", "outputs"):
+        mine = sorted(t.name for t in getattr(facts, what))
+        theirs = sorted(t.name for t in getattr(reference, what))
+        if mine != theirs:
+            raise RecipeError(
+                f"The reference model's {what} ({', '.join(theirs)}) differ from the model's ({', '.join(mine)}); "
+                "they cannot be compared on the same data.",
+                "reference_model_id",
+                **{what: mine, f"reference_{what}": theirs},
+            )

@@ -94,9 +94,60 @@ class Comparison(BaseModel):
     accuracy: AccuracyComparison | None = None
 
 
+class AutoTrial(BaseModel):
+    """One model mode auto measured: a whole-model candidate or a mixed-precision search step."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    stage: Literal["candidate", "step"] = "candidate"
+    parent: str | None = Field(None, description="Steps: the candidate the search started from.")
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    p50_ms: float | None = None
+    float_p50_ms: float | None = None
+    speedup: float | None = None
+    latency_runs: int = 0
+    size_bytes: int | None = None
+    metric: str | None = None
+    fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
+    accuracy_drop: float | None = None
+    within_budget: bool = False
+    error: dict[str, Any] | None = None
+
+
+class AutoSearch(BaseModel):
+    """`result.quantization.auto`: what mode auto measured and why it chose what it chose."""
+
+    model_config = ConfigDict(extra="allow")
+
+    verdict: Literal["quantized", "keep_float"] | None = Field(
+        None, description="Null only in results of searches made before verdicts existed."
+    )
+    headline: str = ""
+    objective: Literal["latency", "size"] = "latency"
+    chosen: str
+    effective_recipe: dict[str, Any] | None = Field(
+        None, description="A plain static/dynamic/... recipe that reproduces the artifact (null: the float model)."
+    )
+    fidelity: dict[str, Any] | None = None
+    candidates: list[AutoTrial] = Field(default_factory=list)
+    steps: list[AutoTrial] = Field(default_factory=list)
+    search_seconds: float | None = None
+    time_budget_exhausted: bool = False
+
+
+class QuantizationFacts(BaseModel):
+    """`result.quantization`: what the engine did (free-form facts, plus mode auto's typed search)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    auto: AutoSearch | None = None
+
+
 class JobResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    quantization: QuantizationFacts | None = None
     original: ModelMetrics
     quantized: ModelMetrics
     comparison: Comparison
@@ -121,6 +172,9 @@ class JobOut(OrmModel):
         "done",
     ]
     progress: float = Field(ge=0, le=1)
+    progress_note: str | None = Field(
+        None, description='What the running job does now, e.g. mode auto\'s "candidate 2 of 6" or "search step 3".'
+    )
     model_id: str
     calibration_dataset_id: str | None
     evaluation_dataset_id: str | None

@@ -11,7 +11,7 @@ from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
 from service.contract.formats import DatasetPlan, ModelFacts, plan_dataset
-from service.contract.recipe import check_recipe_for_model
+from service.contract.recipe import RecipeError, check_recipe_for_model, check_reference_fits
 from service.database import utcnow
 from service.datasets.service import get_dataset
 from service.errors import Conflict, NotFound, Unavailable
@@ -22,7 +22,7 @@ from service.queue import JobQueue
 from service.quotas import check_active_jobs, check_job_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Artifact, Dataset, Job
+from service.tables import Artifact, Dataset, Job, OnnxModel
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -106,6 +106,8 @@ def create_job(
         if existing is not None:
             return existing, False
     model = get_model(session, tenant, body.model_id)
+    if body.recipe.reference_model_id is not None:
+        check_reference(session, storage, tenant, body.recipe.reference_model_id, model)
     calibration = get_dataset(session, tenant, body.calibration_dataset_id) if body.calibration_dataset_id else None
     evaluation = get_dataset(session, tenant, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
     facts = stored_facts(model, storage)
@@ -142,6 +144,25 @@ def plan_stored_dataset(dataset: Dataset, facts: ModelFacts, batch_size: int) ->
         has_labels=dataset.has_labels,
         preprocess=dataset.preprocess,
     )
+
+
+def check_reference(session: Session, storage: Storage, tenant: str, reference_id: str, model: OnnxModel) -> None:
+    """Mode compare: the float reference must be another model of the tenant's, and fit the model."""
+    try:
+        reference = get_model(session, tenant, reference_id)
+    except NotFound as exc:
+        raise RecipeError(
+            f"recipe.reference_model_id {reference_id!r} names no model of yours; upload the float model "
+            "first and pass its id.",
+            "reference_model_id",
+            reference_model_id=reference_id,
+        ) from exc
+    if reference.id == model.id:
+        raise RecipeError(
+            "recipe.reference_model_id is the model itself; pass the float model the quantized one came from.",
+            "reference_model_id",
+        )
+    check_reference_fits(stored_facts(model, storage), stored_facts(reference, storage))
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:

@@ -54,9 +54,13 @@ def _owned(job_id: str, attempt: int) -> Any:
     return (Job.id == job_id) & (Job.status == RUNNING) & (Job.attempts == attempt)
 
 
-def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float) -> bool:
-    """Record progress and renew the lease; False when the job is no longer this attempt's."""
+def progress(
+    session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float, note: str | None = None
+) -> bool:
+    """Record progress (and what the job does now, when the engine says) and renew the lease;
+    False when the job is no longer this attempt's."""
     now = utcnow()
+    extra = {"progress_note": note[:200]} if note else {}
     return _changed(
         session.execute(
             update(Job)
@@ -66,6 +70,7 @@ def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: 
                 progress=max(0.0, min(1.0, fraction)),
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_s),
+                **extra,
             )
         )
     )
@@ -83,6 +88,7 @@ def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any])
                 status=JobStatus.SUCCEEDED.value,
                 stage="done",
                 progress=1.0,
+                progress_note=None,
                 result=result,
                 finished_at=now,
                 updated_at=now,

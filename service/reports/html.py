@@ -73,6 +73,9 @@ pre { white-space: pre-wrap; word-break: break-word; font-size: 12px; background
 ol.steps { margin: 0; padding-left: 22px; } ol.steps li { margin: 3px 0; }
 .progress { height: 10px; background: #e5e9f0; border-radius: 5px; overflow: hidden; max-width: 420px; }
 .progress div { height: 100%; background: #2b6cb0; }
+.verdict { font-size: 16px; } .verdict p { margin: 0; }
+.verdict.good { border-color: #9ad0a9; background: #eef8f1; }
+.verdict.keep { border-color: var(--warn-line); background: var(--warn-bg); }
 footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
 """.replace("$ORIG", ORIGINAL_COLOR)
     .replace("$QUANT", QUANTIZED_COLOR)
@@ -732,6 +735,188 @@ def _not_ready(job: Mapping[str, Any]) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- mode auto / compare
+
+GOOD_COLOR = "#2f855a"
+MUTED_COLOR = "#9aa3b2"
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _verdict(result: Mapping[str, Any]) -> str:
+    """The first line of an auto or compare report: what was decided, in one sentence."""
+    auto = _get(result, "quantization", "auto")
+    if isinstance(auto, Mapping):
+        speedup = _num(_get(result, "comparison", "speedup_p50"))
+        fidelity = _mapping(auto.get("fidelity"))
+        value = _num(fidelity.get("fidelity"))
+        metric = fidelity.get("metric") or "fidelity"
+        measured = f"{fmt_x(speedup)} vs float" + (f", {metric} {fmt_float(value)}" if value is not None else "")
+        if auto.get("verdict") == "keep_float":
+            text = (
+                f"<strong>Keep float.</strong> No model within your fidelity budget beats the float model on "
+                f"{_e(auto.get('objective') or 'latency')} on this CPU. The artifact is {_e(auto.get('chosen'))} "
+                f"({_e(measured)})."
+            )
+            return f'<section class="box verdict keep" id="verdict"><p>{text}</p></section>'
+        text = f"<strong>Quantized.</strong> Chose {_e(auto.get('chosen'))}: {_e(measured)}, within budget."
+        return f'<section class="box verdict good" id="verdict"><p>{text}</p></section>'
+    compare = _get(result, "quantization", "compare")
+    if isinstance(compare, Mapping):
+        fidelity = _mapping(compare.get("fidelity"))
+        within = bool(compare.get("within_budget"))
+        text = (
+            f"<strong>{'Within' if within else 'Outside'} the fidelity budget.</strong> The uploaded model against "
+            f"its float reference: {_e(fidelity.get('metric'))} {_e(fmt_float(fidelity.get('fidelity')))}."
+        )
+        return f'<section class="box verdict {"good" if within else "keep"}" id="verdict"><p>{text}</p></section>'
+    return ""
+
+
+def pareto_plot(
+    trials: Sequence[Mapping[str, Any]], *, chosen: str | None, floor: float | None, width: int = 900
+) -> str:
+    """Latency (x) against fidelity (y), one point per measured model, labelled with its size; in-budget
+    points green, the chosen one ringed, the Pareto front (faster and more faithful) joined."""
+    points = [
+        (t, _num(t.get("p50_ms")), _num(t.get("fidelity")))
+        for t in trials
+        if _num(t.get("p50_ms")) is not None and _num(t.get("fidelity")) is not None
+    ]
+    if not points:
+        return '<p class="sub">No candidate was measured.</p>'
+    left, right, top, bottom = 70, 30, 14, 40
+    height = 340
+    xs = [p[1] or 0.0 for p in points]
+    ys = [p[2] or 0.0 for p in points] + ([floor] if floor is not None else [])
+    xmax = _nice_ceiling(max(xs) * 1.05 if max(xs) > 0 else 1.0)
+    ylo, yhi = min(ys), max(ys)
+    pad = (yhi - ylo) * 0.08 or 0.01
+    ylo, yhi = ylo - pad, yhi + pad
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x(v: float) -> float:
+        return left + v / xmax * plot_w
+
+    def y(v: float) -> float:
+        return top + (yhi - v) / (yhi - ylo) * plot_h
+
+    parts = [
+        _line(left, top + plot_h, left + plot_w, top + plot_h, MUTED_COLOR),
+        _line(left, top, left, top + plot_h, MUTED_COLOR),
+    ]
+    for i in range(6):
+        v = xmax * i / 5
+        parts.append(_text(x(v), top + plot_h + 16, fmt_ms(v), anchor="middle", cls="muted"))
+        w = ylo + (yhi - ylo) * i / 5
+        parts.append(_text(left - 6, y(w) + 4, fmt_float(w, 3), anchor="end", cls="muted"))
+    parts.append(_text(left + plot_w / 2, height - 4, "median latency (p50)", anchor="middle", cls="muted"))
+    if floor is not None and ylo <= floor <= yhi:
+        parts.append(_line(left, y(floor), left + plot_w, y(floor), POOR_COLOR, 1, dash="4 3"))
+        parts.append(_text(left + plot_w - 4, y(floor) - 4, f"budget {fmt_float(floor, 3)}", anchor="end", cls="muted"))
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for _, px, py in sorted(points, key=lambda p: (p[1], -(p[2] or 0.0))):
+        if py is not None and px is not None and py > best:
+            best = py
+            front.append((x(px), y(py)))
+    if len(front) > 1:
+        path = " ".join(f"{'M' if i == 0 else 'L'}{fx:.1f} {fy:.1f}" for i, (fx, fy) in enumerate(front))
+        parts.append(f'<path d="{path}" fill="none" stroke="{MUTED_COLOR}" stroke-dasharray="3 3"/>')
+    for t, px, py in points:
+        assert px is not None and py is not None
+        color = GOOD_COLOR if t.get("within_budget") else POOR_COLOR
+        cx, cy = x(px), y(py)
+        label = f"{t.get('name')}: {fmt_ms(px)}, {fmt_float(py)}, {fmt_bytes(t.get('size_bytes'))}"
+        parts.append(
+            f'<g><title>{_e(label)}</title><circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{color}" '
+            f'fill-opacity="0.8"/></g>'
+        )
+        if t.get("name") == chosen:
+            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" stroke="#1d2330" stroke-width="2"/>')
+        parts.append(_text(cx + 8, cy - 6, fmt_bytes(t.get("size_bytes")), cls="muted"))
+    return _svg(width, height, parts, "Latency against fidelity of every model the search measured")
+
+
+def _auto(result: Mapping[str, Any]) -> str:
+    auto = _get(result, "quantization", "auto")
+    if not isinstance(auto, Mapping):
+        return ""
+    trials = [t for t in [*(auto.get("candidates") or []), *(auto.get("steps") or [])] if isinstance(t, Mapping)]
+    floor = None
+    fidelity = auto.get("fidelity")
+    if isinstance(fidelity, Mapping):
+        outputs = [o for o in fidelity.get("outputs") or [] if isinstance(o, Mapping) and o.get("budgeted")]
+        floor = _num(outputs[0].get("min")) if outputs else None
+    rows = []
+    for t in trials:
+        err = t.get("error")
+        status = (
+            f'<span class="bad">failed: {_e(_get(err, "message"))}</span>'
+            if isinstance(err, Mapping)
+            else ('<span class="good">within</span>' if t.get("within_budget") else '<span class="bad">outside</span>')
+        )
+        mark = " ★" if t.get("name") == auto.get("chosen") else ""
+        rows.append(
+            f"<tr><td>{_e(t.get('name'))}{mark}</td><td>{_e(t.get('stage'))}</td>"
+            f'<td class="num">{_e(fmt_ms(t.get("p50_ms")))}</td><td class="num">{_e(fmt_x(t.get("speedup")))}</td>'
+            f'<td class="num">{_e(fmt_bytes(t.get("size_bytes")))}</td>'
+            f'<td class="num">{_e(t.get("metric") or "")} {_e(fmt_float(t.get("fidelity")))}</td>'
+            f'<td class="num">{_e(t.get("latency_runs"))}</td><td>{status}</td></tr>'
+        )
+    recipe = auto.get("effective_recipe")
+    recipe_html = (
+        "<pre>" + _e(json.dumps(recipe, indent=2, sort_keys=True)) + "</pre>"
+        if isinstance(recipe, Mapping)
+        else '<p class="sub">The artifact is the float model itself.</p>'
+    )
+    return (
+        "<section><h2>The search</h2>"
+        f'<p class="sub">{len(trials)} model(s) measured in {_e(fmt_seconds(auto.get("search_seconds")))} '
+        f"(objective {_e(auto.get('objective'))}). Green: within the fidelity budget; the ringed point was chosen; "
+        "dashed: the Pareto front. Labels: size on disk.</p>"
+        + pareto_plot(trials, chosen=str(auto.get("chosen")), floor=floor)
+        + '<table style="margin-top:12px"><thead><tr><th>model</th><th>stage</th><th class="num">p50</th>'
+        '<th class="num">speedup</th><th class="num">size</th><th class="num">fidelity</th>'
+        f'<th class="num">runs</th><th>budget</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        '<h3 class="sub" style="margin-top:14px">Recipe that reproduces the artifact as a plain job</h3>'
+        + recipe_html
+        + _sensitivity(auto)
+        + "</section>"
+    )
+
+
+def _sensitivity(auto: Mapping[str, Any]) -> str:
+    charts = []
+    for entry in auto.get("sensitivity") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        top = [n for n in entry.get("top") or [] if isinstance(n, Mapping)][:10]
+        if not top:
+            continue
+        groups = [
+            (
+                f"{n.get('node')} ({n.get('op_type')})",
+                [("score", _num(n.get("score")), fmt_float(n.get("score"), 3), QUANTIZED_COLOR)],
+            )
+            for n in top
+        ]
+        charts.append(
+            f'<h3 class="sub" style="margin-top:14px">Most sensitive nodes of {_e(entry.get("candidate"))} '
+            f"({_e(entry.get('method'))})</h3>"
+            + hbar_chart(groups, label="Sensitivity of the top nodes", scale_max=None, label_w=260)
+        )
+    if not charts:
+        return ""
+    return (
+        "".join(charts)
+        + "<p class=\"sub\">Score: share of each channel's signal that quantizing the node's input loses, averaged "
+        "over channels (0: nothing, 1: all). Full ranking in the sensitivity.json artifact.</p>"
+    )
+
+
 # ----------------------------------------------------------------------------- page
 
 
@@ -741,12 +926,14 @@ def render_report_html(job: Mapping[str, Any]) -> str:
     result = job.get("result") if isinstance(job.get("result"), Mapping) else None
     body = [_header(job), _error(job), _not_ready(job)]
     if result is not None:
+        body.append(_verdict(result))
         body.append(_warnings(result.get("warnings") or []))
         limits = Thresholds.of(job, result)
         body.append(_headline(result, limits))
         body.append(_latency(result))
         body.append(_fidelity(result, limits))
         body.append(_size_and_accuracy(result))
+        body.append(_auto(result))
     elif job.get("status") not in ("queued", "running") and not job.get("error"):
         body.append('<div class="box">This job has no result.</div>')
     recipe = job.get("recipe")

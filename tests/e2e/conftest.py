@@ -159,17 +159,30 @@ def on_s3(
         )
 
 
-@pytest.fixture(params=["embedded", "production", "on_s3"])
+@pytest.fixture(
+    params=[
+        "embedded",
+        pytest.param("production", marks=pytest.mark.services),
+        pytest.param("on_s3", marks=pytest.mark.services),
+    ]
+)
 def any_storage(request: pytest.FixtureRequest) -> Deployment:
     """The local folder (embedded, production) and S3-compatible object storage."""
     dep: Deployment = request.getfixturevalue(request.param)
     return dep
 
 
-@pytest.fixture(params=["embedded", "production"])
+@pytest.fixture(params=["embedded", pytest.param("production", marks=pytest.mark.services)])
 def deployment(request: pytest.FixtureRequest) -> Deployment:
     dep: Deployment = request.getfixturevalue(request.param)
     return dep
+
+
+def upload(http: httpx.Client, path: str, name: str, content: bytes, **data: str) -> str:
+    """POST a file to /v1/models or /v1/datasets; returns the new id."""
+    response = http.post(path, files={"file": (name, content)}, data=data)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
 
 
 def wait_for_job(

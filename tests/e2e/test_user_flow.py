@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from service.reports.html import fmt_bytes, fmt_db, fmt_float, fmt_ms, fmt_pct, fmt_points, fmt_value, fmt_x
+from tests.browser import chromium, rendered_dom, visible_text
 from tests.e2e.conftest import Deployment, wait_for_job
 from tests.onnx_models import conv_classifier, matmul_mlp
 from tests.service.helpers import npz_bytes
@@ -131,9 +136,18 @@ def test_a_failed_job_says_why_and_the_worker_goes_on(deployment: Deployment, tm
     assert second["status"] == "succeeded", second["error"]
 
 
-def test_accuracy_over_http_matches_a_direct_onnx_runtime_run(embedded: Deployment, tmp_path: Path) -> None:
+@dataclass
+class LabelledJob:
+    """A finished static job on a labelled dataset: the job as the API returns it and its report.html."""
+
+    job: dict[str, Any]
+    page: str
+
+
+@pytest.fixture(scope="module")
+def labelled_job(embedded: Deployment, tmp_path_factory: pytest.TempPathFactory) -> LabelledJob:
     """Labels agree with the float model on 12 of 16 samples, so its top-1 must be exactly 0.75."""
-    model_path = conv_classifier(tmp_path / "classifier.onnx", hidden=16)
+    model_path = conv_classifier(tmp_path_factory.mktemp("labelled") / "classifier.onnx", hidden=16)
     samples = np.random.default_rng(7).random((16, 1, 3, 8, 8), dtype=np.float32)
     session = ort.InferenceSession(str(model_path))
     predicted = np.array([int(np.argmax(session.run(None, {"input": s})[0])) for s in samples])
@@ -145,12 +159,22 @@ def test_accuracy_over_http_matches_a_direct_onnx_runtime_run(embedded: Deployme
         assert data["has_labels"] is True
         created = http.post(
             "/v1/jobs",
-            json={"model_id": model["id"], "calibration_dataset_id": data["id"], "evaluation": {"latency_runs": 5}},
+            json={
+                "model_id": model["id"],
+                "calibration_dataset_id": data["id"],
+                "recipe": {"mode": "static", "calibration_method": "percentile", "per_channel": True},
+                "evaluation": {"latency_runs": 5},
+            },
         ).json()
         job, _ = wait_for_job(http, created["id"])
-        page = http.get(f"/v1/jobs/{job['id']}/report.html").text
+        page = http.get(f"/v1/jobs/{job['id']}/report.html")
     assert job["status"] == "succeeded", job["error"]
-    result = job["result"]
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    return LabelledJob(job, page.text)
+
+
+def test_accuracy_over_http_matches_a_direct_onnx_runtime_run(labelled_job: LabelledJob) -> None:
+    result = labelled_job.job["result"]
     assert result["original"]["accuracy"] == 0.75
     accuracy = result["comparison"]["accuracy"]
     assert accuracy["metric"] == "top1" and accuracy["original"] == 0.75
@@ -158,4 +182,59 @@ def test_accuracy_over_http_matches_a_direct_onnx_runtime_run(embedded: Deployme
     assert any("calibration" in w for w in result["warnings"])  # evaluation reused the calibration samples
     assert {o["name"] for o in result["comparison"]["outputs"]} == {"logits"}
     assert result["machine"]["onnxruntime"] and result["peak_memory_bytes"] > 0
-    assert "75.0" in page or "0.75" in page
+
+
+def _sections(dom: str) -> dict[str, str]:
+    """The page's sections as a browser shows them: heading (or class, for the cards) -> DOM."""
+    found = {}
+    for attrs, body in re.findall(r"<section([^>]*)>(.*?)</section>", dom, re.DOTALL):
+        heading = re.search(r"<h2>(.*?)</h2>", body, re.DOTALL)
+        name = visible_text(heading.group(1)).strip() if heading else re.sub(r'.*class="([^"]*)".*', r"\1", attrs)
+        found[name] = body
+    return found
+
+
+def test_the_report_of_a_real_job_shows_its_numbers_in_a_browser(labelled_job: LabelledJob, tmp_path: Path) -> None:
+    """The report.html the API served for a real job, as Chromium lays it out: every section shows
+    this job's own values, as the JSON API gives them."""
+    exe = chromium()
+    page = tmp_path / "report.html"
+    page.write_text(labelled_job.page, encoding="utf-8")
+    dom = rendered_dom(exe, page, tmp_path)
+    sections = _sections(dom)
+    job, result = labelled_job.job, labelled_job.job["result"]
+    original, quantized, comparison = result["original"], result["quantized"], result["comparison"]
+
+    cards = visible_text(sections["cards"])
+    for shown in (
+        f"Size on disk {fmt_bytes(quantized['size_bytes'])} from {fmt_bytes(original['size_bytes'])}",
+        f"Median latency (p50) {fmt_ms(quantized['latency_ms']['p50'])} from {fmt_ms(original['latency_ms']['p50'])}",
+        f"speedup {fmt_x(comparison['speedup_p50'])}",
+        f"Accuracy (top1) {fmt_pct(comparison['accuracy']['quantized'], 2)} from 75.00%",
+        f"delta {fmt_points(comparison['accuracy']['delta'])}",
+        f"Fidelity (worst output) cos {comparison['outputs'][0]['cosine']:.4f}",
+    ):
+        assert shown in cards, (shown, cards)
+
+    latency = sections["Latency"]
+    plot = re.search(r'<svg[^>]*aria-label="Latency distribution of both models".*?</svg>', latency, re.DOTALL)
+    assert plot, "no latency plot"
+    assert re.findall(r"<text[^>]*>(original|quantized)</text>", plot.group(0)) == ["original", "quantized"]
+    assert plot.group(0).count("<rect") == 2  # one p50-p90 box per model
+    table = visible_text(latency)
+    for key, name in (("p50", "p50 (median)"), ("p90", "p90"), ("p99", "p99")):
+        row = f"{name} {fmt_ms(original['latency_ms'][key])} {fmt_ms(quantized['latency_ms'][key])}"
+        assert row in table, (row, table)
+
+    fidelity = visible_text(sections["Fidelity per output"])
+    [logits] = comparison["outputs"]
+    row = (
+        f"logits {fmt_float(logits['cosine'], 6)} {fmt_db(logits['sqnr_db'])} {fmt_float(logits['max_abs_error'])} "
+        f"{fmt_float(logits['mean_abs_error'])} {fmt_pct(logits['top1_agreement'], 2)}"
+    )
+    assert row in fidelity, (row, fidelity)
+
+    recipe = visible_text(sections["Recipe"])
+    assert "mode static" in recipe and "calibration method percentile" in recipe and "per channel yes" in recipe
+    for key, value in job["recipe"].items():
+        assert f"{key.replace('_', ' ')} {visible_text(fmt_value(value)).strip()}" in recipe, (key, recipe)

@@ -4,8 +4,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 from fastapi.testclient import TestClient
 
+from service.queue import QUEUE
+from service.settings import Settings
 from tests.service.helpers import assert_error, conv_model_and_data, mlp_model, npz_bytes, upload_dataset
 
 
@@ -31,13 +34,23 @@ def test_static_job_is_queued_with_defaults(client: TestClient, tmp_path: Path) 
     assert client.get("/v1/jobs", params={"status": "failed"}).json()["items"] == []
 
 
+def _queued_messages(settings: Settings) -> list[str]:
+    if settings.is_embedded:
+        return [path.read_text() for path in (settings.broker_dir / "queue").iterdir()]
+    client = redis.Redis.from_url(settings.resolved_broker_url)
+    try:
+        return [m.decode() for m in client.lrange(f"{settings.broker_key_prefix}{QUEUE}", 0, -1)]
+    finally:
+        client.close()
+
+
 def test_the_job_message_reaches_the_broker(client: TestClient, tmp_path: Path) -> None:
     settings = client.app.state.settings  # type: ignore[attr-defined]
     model, dataset = conv_model_and_data(client, tmp_path)
     job = _job(client, model_id=model["id"], calibration_dataset_id=dataset["id"]).json()
-    messages = list((settings.broker_dir / "queue").iterdir())
+    messages = _queued_messages(settings)
     assert len(messages) == 1
-    assert job["id"] in messages[0].read_text()
+    assert job["id"] in messages[0]
 
 
 def test_static_without_calibration_data_is_refused(client: TestClient, tmp_path: Path) -> None:
@@ -122,3 +135,55 @@ def test_report_waits_for_success(client: TestClient, tmp_path: Path) -> None:
     assert job["id"] in page.text
     assert client.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
     assert_error(client.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx"), 404, "not_found")
+
+
+def test_auto_and_compare_fields_are_validated_at_submission(client: TestClient, tmp_path: Path) -> None:
+    model, dataset = conv_model_and_data(client, tmp_path)
+    base = {"model_id": model["id"], "calibration_dataset_id": dataset["id"]}
+    cases = [
+        ({"mode": "compare"}, "reference_model_id"),
+        ({"mode": "static", "reference_model_id": model["id"]}, "only used by mode compare"),
+        ({"mode": "auto", "fidelity": {"metric": "cosine", "min": 20}}, "between -1 and 1"),
+        ({"mode": "auto", "fidelity": {"metric": "psnr"}}, "metric"),
+        ({"mode": "dynamic", "sixteen_bit_tensors": ["conv_out"]}, "sixteen_bit_tensors"),
+        ({"mode": "auto", "max_search_seconds": 0}, "max_search_seconds"),
+        ({"mode": "auto", "objective": "speed"}, "objective"),
+    ]
+    for recipe, words in cases:
+        error = assert_error(_job(client, **base, recipe=recipe), 422, "invalid_recipe")
+        assert words in error["message"], (recipe, error)
+    recipe = {"mode": "auto", "objective": "size", "fidelity": {"outputs": ["logits"], "metric": "sqnr", "min": 25}}
+    job = _job(client, **base, recipe=recipe).json()
+    assert job["recipe"]["fidelity"] == {"outputs": ["logits"], "metric": "sqnr", "min": 25.0}
+    assert job["recipe"]["max_search_seconds"] == 900 and job["progress_note"] is None
+
+
+def test_compare_needs_a_reference_with_the_same_inputs_and_outputs(client: TestClient, tmp_path: Path) -> None:
+    model, dataset = conv_model_and_data(client, tmp_path)
+    other = mlp_model(client, tmp_path)
+    base = {"model_id": model["id"], "calibration_dataset_id": dataset["id"]}
+    missing = _job(client, **base, recipe={"mode": "compare", "reference_model_id": "no-such-model"})
+    assert "names no model of yours" in assert_error(missing, 422, "invalid_recipe")["message"]
+    itself = _job(client, **base, recipe={"mode": "compare", "reference_model_id": model["id"]})
+    assert "the model itself" in assert_error(itself, 422, "invalid_recipe")["message"]
+    mismatch = _job(client, **base, recipe={"mode": "compare", "reference_model_id": other["id"]})
+    assert "cannot be compared" in assert_error(mismatch, 422, "invalid_recipe")["message"]
+    reference, _ = conv_model_and_data(client, tmp_path)
+    job = _job(client, **base, recipe={"mode": "compare", "reference_model_id": reference["id"]})
+    assert job.status_code == 202 and job.json()["recipe"]["reference_model_id"] == reference["id"]
+
+
+def test_results_of_earlier_auto_searches_still_read() -> None:
+    from service.jobs.schemas import JobResult
+
+    metrics = {"size_bytes": 10, "latency_ms": None}
+    old = {
+        "chosen": "dynamic int8",
+        "recipe": {"mode": "dynamic"},
+        "candidates": [{"name": "dynamic int8", "ok": True}],
+    }
+    result = JobResult.model_validate(
+        {"original": metrics, "quantized": metrics, "comparison": {"size_ratio": 1.0}, "quantization": {"auto": old}}
+    )
+    assert result.quantization is not None and result.quantization.auto is not None
+    assert result.quantization.auto.verdict is None and result.quantization.auto.candidates[0].name == "dynamic int8"

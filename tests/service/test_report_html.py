@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import copy
 import html
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from service.reports import render_report_html
+from tests.browser import chromium, rendered_dom, run_chromium, visible_text
 
 EVIL = "<script>alert('x')</script>"
 
@@ -260,46 +257,14 @@ def test_service_side_imports_nothing_heavy() -> None:
 # ----------------------------------------------------------------------------- a real browser
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("QAAS_REQUIRE_SERVICES") == "1":
-            pytest.fail("chromium is not installed (apt-get install -y chromium) and QAAS_REQUIRE_SERVICES=1")
-        pytest.skip("chromium is not installed; the report is not checked in a real browser")
-    return exe
-
-
-def _run_chromium(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--hide-scrollbars",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=True,
-    )
-
-
 def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
-    exe = _chromium()
+    exe = chromium()
     job = _job()
     job["result"] = copy.deepcopy(job["result"])
     page = tmp_path / "report.html"
     page.write_text(render_report_html(job), encoding="utf-8")
-    dom = _run_chromium(exe, tmp_path, "--dump-dom", page.as_uri()).stdout
-    text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+    dom = rendered_dom(exe, page, tmp_path)
+    text = visible_text(dom)
     for expected in EXPECTED:
         assert expected in text, expected
     assert EVIL in text  # shown as text ...
@@ -307,5 +272,79 @@ def test_report_renders_in_a_real_browser(tmp_path: Path) -> None:
     assert dom.count("<svg") >= 4
 
     shot = tmp_path / "report.png"
-    _run_chromium(exe, tmp_path, "--window-size=1100,1800", f"--screenshot={shot}", page.as_uri())
+    run_chromium(exe, tmp_path, "--window-size=1100,1800", f"--screenshot={shot}", page.as_uri())
     assert shot.stat().st_size > 10_000
+
+
+def _auto_job(verdict: str) -> dict[str, Any]:
+    job = _job()
+    job["recipe"] = {"mode": "auto"}
+    trial = {"stage": "candidate", "recipe": {"mode": "static"}, "latency_runs": 10, "error": None}
+    job["result"]["quantization"] = {
+        "auto": {
+            "verdict": verdict,
+            "objective": "latency",
+            "chosen": "dynamic int8, 1 node(s) in float" if verdict == "quantized" else "float16",
+            "effective_recipe": {"mode": "dynamic", "nodes_to_exclude": ["layer0.ffn_down"]},
+            "fidelity": {
+                "metric": "cosine",
+                "fidelity": 0.9931,
+                "outputs": [{"name": "h", "metric": "cosine", "min": 0.99, "budgeted": True}],
+            },
+            "candidates": [
+                {**trial, "name": "dynamic int8", "p50_ms": 5.0, "speedup": 2.0, "size_bytes": 1000, "fidelity": 0.96},
+                {
+                    **trial,
+                    "name": "float16",
+                    "p50_ms": 10.2,
+                    "speedup": 0.98,
+                    "size_bytes": 2000,
+                    "fidelity": 0.9999,
+                    "within_budget": True,
+                },
+                {**trial, "name": EVIL, "error": {"message": "broke"}},
+            ],
+            "steps": [
+                {
+                    **trial,
+                    "stage": "step",
+                    "name": "dynamic int8, 1 node(s) in float",
+                    "p50_ms": 5.6,
+                    "speedup": 1.8,
+                    "size_bytes": 1100,
+                    "fidelity": 0.9931,
+                    "within_budget": True,
+                },
+            ],
+            "search_seconds": 12.5,
+            "sensitivity": [
+                {
+                    "candidate": "dynamic int8",
+                    "method": "dynamic_simulation",
+                    "top": [
+                        {"node": "layer0.ffn_down", "op_type": "MatMul", "score": 0.148},
+                        {"node": "layer0.q", "op_type": "MatMul", "score": 0.0001},
+                    ],
+                }
+            ],
+        }
+    }
+    return job
+
+
+def test_auto_report_leads_with_the_verdict_and_plots_the_search() -> None:
+    page = render_report_html(_auto_job("quantized"))
+    assert page.index('id="verdict"') < page.index("1 warning") < page.index("Median latency")
+    assert "Quantized.</strong> Chose dynamic int8, 1 node(s) in float" in page
+    assert "<h2>The search</h2>" in page and "Latency against fidelity" in page
+    assert page.count("<circle") >= 4  # three measured points and the ring around the chosen one
+    assert "Most sensitive nodes of dynamic int8" in page and "layer0.ffn_down (MatMul)" in page
+    assert "&quot;nodes_to_exclude&quot;" in page
+    assert "<script" not in page and html.escape(EVIL) in page
+
+
+def test_keep_float_is_the_first_thing_the_report_says() -> None:
+    page = render_report_html(_auto_job("keep_float"))
+    body = page[page.index("</header>") :]
+    first = re.sub(r"<[^>]+>", " ", body[: body.index("</section>")])
+    assert " ".join(first.split()).startswith("Keep float. No model within your fidelity budget beats the float model")

@@ -31,8 +31,8 @@ def _key(factory: sessionmaker[Session], tenant: str) -> str:
 
 
 @pytest.fixture
-def auth_settings(db_settings: Settings) -> Settings:
-    return db_settings.model_copy(update={"auth": "on"})
+def auth_settings(app_settings: Settings) -> Settings:
+    return app_settings.model_copy(update={"auth": "on"})
 
 
 @pytest.fixture
@@ -272,3 +272,18 @@ def test_key_life_cycle_through_the_admin_command(auth_settings: Settings) -> No
     [row] = admin("list-keys", "--tenant", "acme").stdout.splitlines()[1:]
     assert row.startswith(prefix) and not row.endswith("\t-")  # shows when it was revoked
     assert admin("list-keys", "--tenant", "nobody").stdout.splitlines()[1:] == []
+
+
+def test_compare_cannot_use_another_tenants_model_as_reference(
+    api: TestClient, keys: dict[str, str], tmp_path: Path
+) -> None:
+    alice = _alice_world(api, keys["alice"], tmp_path)
+    bob_model = api.post(
+        "/v1/models",
+        headers=_as(keys["bob"]),
+        files={"file": ("m.onnx", conv_classifier(tmp_path / "b.onnx").read_bytes())},
+    ).json()
+    recipe = {"mode": "compare", "reference_model_id": alice["model"]}
+    response = api.post("/v1/jobs", headers=_as(keys["bob"]), json={"model_id": bob_model["id"], "recipe": recipe})
+    error = assert_error(response, 422, "invalid_recipe")
+    assert "names no model of yours" in error["message"]

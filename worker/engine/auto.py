@@ -1,146 +1,419 @@
-"""Mode `auto`: try a few recipes, measure each, keep the fastest one within the accuracy budget.
+"""Mode auto: the fastest (or, with objective `size`, the smallest) model within the fidelity budget,
+or the plain verdict that float is best on this CPU.
 
-The budget is `accuracy_tolerance` on top-1 when the evaluation data has labels; without labels a
-candidate must keep every output's cosine >= POOR_COSINE and SQNR >= POOR_SQNR_DB. Among the
-candidates within budget the fastest p50 wins (smaller size breaks ties); when none is within
-budget, the most faithful one is returned with a warning saying so."""
+The search has the three parts NNCF's accuracy control has: a ranker (`sensitivity`), an evaluator
+(`fidelity.FidelityEvaluator` for the budget, `evaluate.LatencyMeter` for speed, injectable) and
+this loop:
+1. Candidates (`candidates`), each quantized from one shared pre-processing and calibration per
+   method, scored on the evaluation data and timed against float with few runs.
+2. Mixed precision from the best candidates that miss the budget yet would win: rank what hurts
+   (tensors for static QDQ, nodes for dynamic), return the top groups to float in doubling steps
+   until the budget holds, then bisect to the fewest; also try 16-bit activations on the worst
+   tensors, and leaving the worst elementwise op type in float. Every step is re-measured.
+3. Finalists re-timed with the full run count, interleaved against float. With objective latency
+   a model must be faster than float beyond noise (FASTER_MARGIN) to be chosen; otherwise the
+   verdict is `keep_float` and the artifact is the smallest in-budget model that is not slower
+   (the float model itself when there is none).
+Everything stops starting new work at `max_search_seconds`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from worker.engine.calibration import CalibrationResult, calibrate
+from worker.engine.candidates import COMPUTE_OPS, Candidate, candidates_for
+from worker.engine.checks import ModelFacts, model_facts, model_size
+from worker.engine.data import model_inputs
 from worker.engine.errors import EngineError
-from worker.engine.evaluate import evaluate
-from worker.engine.metrics import POOR_COSINE, POOR_SQNR_DB
-from worker.engine.quantize import quantize
+from worker.engine.evaluate import SLOWER_NOISE, LatencyMeter, evaluate, size_on_disk
+from worker.engine.fidelity import FidelityEvaluator, Score, is_token_model
+from worker.engine.machine import int8_kernels
+from worker.engine.preprocess import Prepared
+from worker.engine.quantize import OUTPUT_NAME, Reuse, preparation, prepare_for, quantize
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
+from worker.engine.sensitivity import Sensitivity, confirm_by_ablation, dynamic_sensitivity, static_sensitivity
 from worker.engine.spec import (
-    CalibrationMethod,
     DatasetSource,
     EvaluationSpec,
     Mode,
+    Objective,
     ProgressCallback,
+    QuantFormat,
     QuantizationSpec,
     Stage,
     TensorSpec,
     no_progress,
 )
 
-SEARCH_LATENCY_RUNS = 20
-COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+SEARCH_LATENCY_RUNS = 10  # per candidate and step; finalists get the job's full count
+FINALISTS = 3
+MAX_STARTS = 4  # candidates the mixed-precision search starts from, at most (time permitting)
+# Faster than float means a p50 at least this much lower (interleaved runs): less is noise.
+FASTER_MARGIN = 0.05
+SEARCH_SAMPLES = 64  # evaluation samples each candidate and step is scored on
+SENSITIVITY_SAMPLES = 16
+ABLATION_SAMPLES = 8
+FLOAT_NAME = "float (the original model)"
 
 
-@dataclass(frozen=True)
-class Candidate:
-    name: str
-    changes: dict[str, Any]
+class Verdict(StrEnum):
+    QUANTIZED = "quantized"
+    KEEP_FLOAT = "keep_float"
 
 
-CANDIDATES = (
-    Candidate("static QDQ, per-channel, MinMax", {"mode": Mode.STATIC, "per_channel": True}),
-    Candidate(
-        "static QDQ, per-channel, Percentile",
-        {"mode": Mode.STATIC, "per_channel": True, "calibration_method": CalibrationMethod.PERCENTILE},
-    ),
-    Candidate(
-        "static QDQ, per-channel, Conv/MatMul/Gemm only",
-        {"mode": Mode.STATIC, "per_channel": True, "op_types_to_quantize": COMPUTE_OPS},
-    ),
-    Candidate("dynamic int8", {"mode": Mode.DYNAMIC}),
-    Candidate("float16", {"mode": Mode.FP16}),
-)
+class Meter(Protocol):
+    def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
+        """(float p50 ms, candidate p50 ms), timed interleaved."""
+        ...
+
+
+def recipe_of(spec: QuantizationSpec) -> dict[str, Any]:
+    """A recipe (JSON) that a plain static/dynamic/... job reproduces this spec with."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        if f.name in ("objective", "fidelity", "max_search_seconds"):
+            continue
+        value = getattr(spec, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, StrEnum):
+            value = str(value)
+        out[f.name] = value
+    return out
 
 
 @dataclass
 class Trial:
-    candidate: Candidate
+    """One measured model: a whole-model candidate or a step of the mixed-precision search."""
+
+    name: str
+    stage: str  # "candidate" | "step"
     spec: QuantizationSpec
-    quantized: QuantizationOutcome | None = None
-    measured: EvaluationOutcome | None = None
+    folder: Path
+    searchable: bool = False
+    parent: str | None = None
+    outcome: QuantizationOutcome | None = None
+    score: Score | None = None
+    float_p50: float | None = None
+    p50: float | None = None
+    runs: int = 0
+    size: int | None = None
     error: dict[str, Any] | None = None
 
     @property
-    def p50(self) -> float:
-        latency = (self.measured.quantized.get("latency_ms") if self.measured else None) or {}
-        return float(latency.get("p50") or float("inf"))
+    def ok(self) -> bool:
+        return self.outcome is not None and self.score is not None and self.error is None
 
     @property
-    def size(self) -> int:
-        return int(self.measured.quantized.get("size_bytes", 0)) if self.measured else 0
+    def within(self) -> bool:
+        return self.ok and self.score is not None and self.score.within_budget
 
-    def accuracy_drop(self) -> float | None:
-        accuracy = self.measured.comparison.get("accuracy") if self.measured else None
-        return None if not accuracy else -float(accuracy["delta"])
+    @property
+    def speedup(self) -> float | None:
+        if self.p50 is None or self.float_p50 is None or self.p50 <= 0:
+            return None
+        return self.float_p50 / self.p50
 
-    def worst_fidelity(self) -> tuple[float, float]:
-        outputs = self.measured.comparison.get("outputs", []) if self.measured else []
-        cosines = [o["cosine"] for o in outputs if o.get("cosine") is not None] or [0.0]
-        sqnrs = [o["sqnr_db"] for o in outputs if o.get("sqnr_db") is not None] or [0.0]
-        return min(cosines), min(sqnrs)
+    def faster(self) -> bool:
+        s = self.speedup
+        return s is not None and s >= 1.0 + FASTER_MARGIN
 
-    def within_budget(self, tolerance: float) -> bool:
-        if self.measured is None:
-            return False
-        drop = self.accuracy_drop()
-        if drop is not None:
-            return drop <= tolerance + 1e-12
-        cosine, sqnr = self.worst_fidelity()
-        return cosine >= POOR_COSINE and sqnr >= POOR_SQNR_DB
+    def not_slower(self) -> bool:
+        s = self.speedup
+        return s is not None and s >= 1.0 - SLOWER_NOISE
 
-    def summary(self, tolerance: float) -> dict[str, Any]:
-        cosine, sqnr = self.worst_fidelity() if self.measured else (None, None)
+    def to_dict(self) -> dict[str, Any]:
+        score = self.score
         return {
-            "name": self.candidate.name,
-            "recipe": {
-                k: (list(v) if isinstance(v, tuple) else str(v) if hasattr(v, "value") else v)
-                for k, v in self.candidate.changes.items()
-            },
-            "ok": self.measured is not None,
-            "within_budget": self.within_budget(tolerance),
-            "size_bytes": self.size or None,
-            "p50_ms": None if self.p50 == float("inf") else self.p50,
-            "accuracy_drop": self.accuracy_drop(),
-            "worst_cosine": cosine,
-            "worst_sqnr_db": sqnr,
+            "name": self.name,
+            "stage": self.stage,
+            "parent": self.parent,
+            "recipe": recipe_of(self.spec),
+            "p50_ms": self.p50,
+            "float_p50_ms": self.float_p50,
+            "speedup": self.speedup,
+            "latency_runs": self.runs,
+            "size_bytes": self.size,
+            "metric": score.metric if score else None,
+            "fidelity": score.fidelity if score else None,
+            "accuracy_drop": score.accuracy_drop if score else None,
+            "within_budget": self.within,
             "error": self.error,
         }
 
 
-def choose(trials: Sequence[Trial], tolerance: float) -> tuple[Trial, list[str]]:
-    """The fastest trial within budget (smaller size breaks ties), else the most faithful, with a warning."""
-    ok = [t for t in trials if t.measured is not None]
-    if not ok:
-        raise EngineError(
-            "quantization_failed",
-            "Mode auto tried every candidate recipe and none could be produced; see detail for each error.",
-            {"candidates": [t.summary(tolerance) for t in trials]},
+@dataclass
+class Search:
+    """The loop's state: shared pre-processing and calibration, trials, time."""
+
+    model_path: Path
+    spec: QuantizationSpec
+    workdir: Path
+    facts: ModelFacts
+    inputs: list[TensorSpec]
+    calibration: DatasetSource | None
+    evaluator: FidelityEvaluator
+    meter: Meter
+    search_runs: int
+    clock: Callable[[], float]
+    deadline: float
+    progress: ProgressCallback
+    note: Callable[[str], None]
+    prepared: dict[tuple[Any, ...], Prepared] = field(default_factory=dict)
+    calibrations: dict[tuple[Any, ...], CalibrationResult] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+    sensitivities: list[Sensitivity] = field(default_factory=list)
+    out_of_time: bool = False
+    steps_done: int = 0
+
+    def time_left(self) -> bool:
+        if self.clock() >= self.deadline:
+            self.out_of_time = True
+        return not self.out_of_time
+
+    # -- shared pre-processing and calibration ------------------------------------------------
+
+    def reuse_for(self, spec: QuantizationSpec) -> Reuse:
+        key = preparation(spec, self.facts)
+        prepared = self.prepared.get(key)
+        if prepared is None:
+            prepared = prepare_for(
+                self.model_path, spec, self.facts, self.workdir / f"prep-{len(self.prepared)}", no_progress
+            )
+            self.prepared[key] = prepared
+        if spec.mode != Mode.STATIC or self.calibration is None:
+            return Reuse(prepared)
+        cal_key = (
+            key,
+            str(spec.calibration_method),
+            spec.percentile,
+            spec.symmetric_activations,
+            spec.calibration_batch_size,
+            spec.max_calibration_samples,
         )
-    within = [t for t in ok if t.within_budget(tolerance)]
-    if within:
-        return min(within, key=lambda t: (t.p50, t.size)), []
-    best = max(ok, key=lambda t: (-(t.accuracy_drop() or 0.0), t.worst_fidelity()))
-    return best, [
-        f"No candidate stayed within the accuracy budget ({tolerance:.2%} top-1, or cosine >= {POOR_COSINE} "
-        f"and SQNR >= {POOR_SQNR_DB} dB without labels); returning the most faithful one, "
-        f"{best.candidate.name}. Consider excluding sensitive nodes or 16-bit activations."
-    ]
+        cal = self.calibrations.get(cal_key)
+        if cal is None:
+            # Every op type's tensors, so that variants quantizing fewer op types reuse the ranges.
+            full = dataclasses.replace(spec, op_types_to_quantize=None)
+            cal = calibrate(
+                prepared.path,
+                full,
+                self.calibration,
+                self.inputs,
+                self.workdir / f"calib-{len(self.calibrations)}",
+                external=prepared.external,
+            )
+            self.calibrations[cal_key] = cal
+        return Reuse(prepared, cal)
+
+    # -- one measured model ----------------------------------------------------------------
+
+    def run(
+        self, name: str, stage: str, spec: QuantizationSpec, *, searchable: bool = False, parent: str | None = None
+    ) -> Trial:
+        trial = Trial(name, stage, spec, self.workdir / f"trial-{len(self.trials)}", searchable, parent)
+        self.trials.append(trial)
+        try:
+            reuse = self.reuse_for(spec)
+            if spec.transformer_fusion and not reuse.prepared.fused_ops:
+                raise EngineError(
+                    "not_applicable", "ONNX Runtime's transformer fusion found nothing to fuse in this model.", {}
+                )
+            trial.outcome = quantize(self.model_path, spec, trial.folder, calibration=self.calibration, reuse=reuse)
+            trial.size = size_on_disk(trial.outcome.model_path)
+            trial.score = self.evaluator.score(trial.outcome.model_path)
+            trial.float_p50, trial.p50 = self.meter.compare(trial.outcome.model_path, self.search_runs)
+            trial.runs = self.search_runs
+        except EngineError as exc:
+            trial.error = exc.to_dict()
+            trial.outcome = None
+            shutil.rmtree(trial.folder, ignore_errors=True)
+        return trial
+
+    def step(self, start: Trial, name: str, **changes: Any) -> Trial:
+        self.steps_done += 1
+        self.note(f"search step {self.steps_done}: {name}")
+        self.progress(Stage.QUANTIZING, min(0.95, 0.5 + 0.03 * self.steps_done))
+        trial = self.run(name, "step", dataclasses.replace(start.spec, **changes), parent=start.name)
+        if not trial.within:
+            self.discard(trial)
+        return trial
+
+    def discard(self, trial: Trial) -> None:
+        shutil.rmtree(trial.folder, ignore_errors=True)
+
+    # -- choosing ------------------------------------------------------------------------------
+
+    def better(self, a: Trial, b: Trial | None) -> bool:
+        """Is `a` preferable to `b` under the objective (both within budget)?"""
+        if b is None:
+            return True
+        if self.spec.objective == Objective.SIZE:
+            return (a.size or 0, a.p50 or 0.0) < (b.size or 0, b.p50 or 0.0)
+        return (a.p50 or float("inf"), a.size or 0) < (b.p50 or float("inf"), b.size or 0)
+
+    @property
+    def float_size(self) -> int:
+        """The float model's size on disk, external data included."""
+        return model_size(self.model_path, self.facts)
+
+    def eligible(self, trial: Trial) -> bool:
+        """Could win: within budget and beating float on the objective."""
+        if not trial.within:
+            return False
+        if self.spec.objective == Objective.SIZE:
+            return trial.size is not None and trial.size < self.float_size
+        return trial.faster()
+
+    def best_eligible(self) -> Trial | None:
+        best: Trial | None = None
+        for t in self.trials:
+            if self.eligible(t) and self.better(t, best):
+                best = t
+        return best
 
 
-def _scaled(progress: ProgressCallback, index: int, total: int) -> ProgressCallback:
-    """Each candidate's own stages shown as a slice of one long `quantizing` stage."""
-    order = (Stage.PREPROCESSING, Stage.CALIBRATING, Stage.QUANTIZING, Stage.EVALUATING)
+# --------------------------------------------------------------------------------------------
+# Mixed precision
 
-    def report(stage: Stage, fraction: float) -> None:
-        position = order.index(stage) if stage in order else 0
-        inner = (position + max(0.0, min(1.0, fraction))) / len(order)
-        progress(Stage.QUANTIZING, (index + inner) / total)
 
-    return report
+def _start_points(search: Search) -> list[Trial]:
+    best = search.best_eligible()
+    pool = [t for t in search.trials if t.searchable and t.ok and not t.within]
+    if search.spec.objective == Objective.SIZE:
+        pool = [t for t in pool if t.size is not None and (best is None or t.size < (best.size or 0))]
+        pool.sort(key=lambda t: t.size or 0)
+    else:
+        pool = [t for t in pool if t.faster() and (best is None or (t.p50 or 0) < (best.p50 or 0))]
+        pool.sort(key=lambda t: t.p50 or 0.0)
+    return pool[:MAX_STARTS]
+
+
+def _sensitivity(search: Search, start: Trial) -> Sensitivity:
+    assert start.outcome is not None
+    reuse = search.reuse_for(start.spec)
+    batches = list(search.evaluator.subset(SENSITIVITY_SAMPLES).batches())
+    if start.spec.mode == Mode.DYNAMIC:
+        return dynamic_sensitivity(
+            reuse.prepared.path,
+            batches,
+            candidate=start.name,
+            op_types=[op for op in (start.spec.op_types_to_quantize or ("MatMul", "Gemm")) if op in ("MatMul", "Gemm")],
+            per_channel=start.spec.per_channel,
+            reduce_range=start.spec.reduce_range,
+            nodes_to_exclude=start.spec.nodes_to_exclude or (),
+            threads=search.evaluator.threads,
+            deadline=search.deadline,
+            clock=search.clock,
+        )
+    sens = static_sensitivity(
+        reuse.prepared.path,
+        start.outcome.model_path,
+        batches,
+        candidate=start.name,
+        threads=search.evaluator.threads,
+        deadline=search.deadline,
+        clock=search.clock,
+    )
+    quick = search.evaluator.subset(ABLATION_SAMPLES)
+
+    def closeness(path: Path) -> float:
+        # Mean cosine is continuous where agreement on a few samples is not.
+        outputs = quick.score(path).budgeted
+        return min((o.mean_cosine for o in outputs if o.mean_cosine is not None), default=0.0)
+
+    confirm_by_ablation(
+        sens, reuse.prepared.path, start.outcome.model_path, closeness, deadline=search.deadline, clock=search.clock
+    )
+    return sens
+
+
+def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequence[str]) -> list[list[str]]:
+    """Cumulative unions of the ranked groups (names the original model has), each one larger."""
+    sets: list[list[str]] = []
+    current = list(base)
+    for group in groups:
+        added = [n for n in group if n in known and n not in current]
+        if added:
+            current = [*current, *added]
+            sets.append(list(current))
+    return sets
+
+
+def _mixed_precision(search: Search, start: Trial) -> None:
+    search.note(f"ranking sensitivity of {start.name}")
+    sens = _sensitivity(search, start)
+    search.sensitivities.append(sens)
+    sets = _exclusion_sets(sens.groups(), set(search.facts.node_names), start.spec.nodes_to_exclude or ())
+    if not sets:
+        return
+    fits: dict[int, Trial] = {}
+
+    def attempt(k: int) -> Trial:
+        exclude = sets[k - 1]
+        t = search.step(start, f"{start.name}, {len(exclude)} node(s) in float", nodes_to_exclude=tuple(exclude))
+        if t.within:
+            fits[k] = t
+        return t
+
+    lo, hi, k = 0, None, 1
+    while search.time_left():
+        t = attempt(k)
+        if t.within:
+            hi = k
+            break
+        if search.spec.objective == Objective.LATENCY and t.ok and not t.faster():
+            break  # more float only gets slower
+        if k == len(sets):
+            break
+        lo, k = k, min(2 * k, len(sets))
+    while hi is not None and hi - lo > 1 and search.time_left():
+        mid = (lo + hi) // 2
+        if attempt(mid).within:
+            hi = mid
+        else:
+            lo = mid
+    _sixteen_bit_step(search, start, sens, hi)
+    _op_type_step(search, start, sens)
+
+
+def _sixteen_bit_step(search: Search, start: Trial, sens: Sensitivity, fitting: int | None) -> None:
+    """16-bit activations on the tensors the fewest-nodes fallback returned to float (or the worst
+    few): kept only if it measures better than leaving them in float."""
+    if start.spec.mode != Mode.STATIC or start.spec.format != QuantFormat.QDQ or not search.time_left():
+        return
+    ranked = [t for t in sens.tensors if t.kind == "activation" and ((t.gain or 0) > 0 or t.score > 0.05)]
+    tensors = tuple(t.tensor for t in ranked[: max(1, fitting or 3)])
+    if tensors:
+        search.step(start, f"{start.name}, 16-bit activations on {len(tensors)} tensor(s)", sixteen_bit_tensors=tensors)
+
+
+def _op_type_step(search: Search, start: Trial, sens: Sensitivity) -> None:
+    """Leave the elementwise op type whose activations hurt most in float (when it dominates)."""
+    if start.spec.mode != Mode.STATIC or not sens.op_types or not search.time_left():
+        return
+    total = sum(float(r["score"]) for r in sens.op_types) or 1.0
+    top = sens.op_types[0]
+    if top["op_type"] in COMPUTE_OPS or float(top["score"]) < 0.5 * total:
+        return
+    from worker.engine.calibration import default_op_types
+
+    present = [op for op in default_op_types(start.spec) if search.facts.op_counts.get(op) and op != top["op_type"]]
+    if present:
+        search.step(start, f"{start.name}, {top['op_type']} left in float", op_types_to_quantize=tuple(present))
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
 
 
 def auto_quantize(
@@ -154,60 +427,219 @@ def auto_quantize(
     inputs: Sequence[TensorSpec] | None = None,
     reused_calibration: bool = False,
     progress: ProgressCallback = no_progress,
+    note: Callable[[str], None] = lambda text: None,
+    meter: Meter | None = None,
+    int8: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[QuantizationOutcome, EvaluationOutcome]:
+    """Search (see the module docstring) and evaluate the pick like any job. `meter` and `int8`
+    (the CPU's int8 kind, see `machine.int8_kernels`) are for tests."""
     if calibration is None:
         raise EngineError(
             "invalid_recipe",
             "Mode auto compares static variants and needs calibration data.",
             {"mode": "auto"},
         )
-    search_eval = dataclasses.replace(
-        evaluation,
-        latency_runs=min(evaluation.latency_runs, SEARCH_LATENCY_RUNS),
-        warmup_runs=min(evaluation.warmup_runs, 3),
-        max_seconds=evaluation.max_seconds / (len(CANDIDATES) + 1),
+    model_path = Path(model_path)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = clock()
+    inputs = list(inputs) if inputs is not None else model_inputs(model_path)
+    facts = model_facts(model_path)
+    evaluator = FidelityEvaluator(
+        model_path,
+        data if data is not None else calibration,
+        inputs,
+        spec.fidelity,
+        spec.accuracy_tolerance,
+        batch_size=evaluation.batch_size,
+        max_samples=min(evaluation.max_samples or SEARCH_SAMPLES, SEARCH_SAMPLES),
+        threads=evaluation.threads,
+    )
+    if meter is None:
+        first = next(iter(evaluator.batches()))
+        meter = LatencyMeter(
+            model_path, first.feeds, threads=evaluation.threads, warmup_runs=min(3, evaluation.warmup_runs)
+        )
+    int8 = int8 or int8_kernels()
+    search = Search(
+        model_path=model_path,
+        spec=spec,
+        workdir=workdir,
+        facts=facts,
+        inputs=inputs,
+        calibration=calibration,
+        evaluator=evaluator,
+        meter=meter,
+        search_runs=max(1, min(evaluation.latency_runs, SEARCH_LATENCY_RUNS)),
+        clock=clock,
+        deadline=started + spec.max_search_seconds,
+        progress=progress,
+        note=note,
+    )
+    candidates = candidates_for(
+        facts.op_counts, token_inputs=is_token_model(inputs), int8=int8, objective=spec.objective
     )
     base = dataclasses.replace(spec, mode=Mode.STATIC)
-
-    def measure(quantized: Path, how: EvaluationSpec, report: ProgressCallback) -> EvaluationOutcome:
-        return evaluate(
-            model_path,
-            quantized,
-            how,
-            data=data,
-            inputs=inputs,
-            reused_calibration=reused_calibration,
-            accuracy_tolerance=spec.accuracy_tolerance,
-            progress=report,
+    progress(Stage.QUANTIZING, 0.0)
+    for k, candidate in enumerate(candidates, start=1):
+        if k > 1 and not search.time_left():
+            break
+        note(f"candidate {k} of {len(candidates)}: {candidate.name}")
+        progress(Stage.QUANTIZING, 0.5 * (k - 1) / len(candidates))
+        search.run(candidate.name, "candidate", _apply(base, candidate), searchable=candidate.searchable)
+    if not any(t.ok for t in search.trials):
+        raise EngineError(
+            "quantization_failed",
+            "Mode auto tried every candidate recipe and none could be produced; see detail for each error.",
+            {"candidates": [t.to_dict() for t in search.trials]},
         )
+    for start in _start_points(search):
+        if not search.time_left():
+            break
+        _mixed_precision(search, start)
 
-    trials: list[Trial] = []
-    for index, candidate in enumerate(CANDIDATES):
-        trial = Trial(candidate, dataclasses.replace(base, **candidate.changes))
-        folder = workdir / f"candidate-{index}"
-        report = _scaled(progress, index, len(CANDIDATES))
-        try:
-            trial.quantized = quantize(model_path, trial.spec, folder, calibration=calibration, progress=report)
-            trial.measured = measure(trial.quantized.model_path, search_eval, report)
-        except EngineError as exc:
-            trial.error = exc.to_dict()
-        trials.append(trial)
+    full_runs = max(1, evaluation.latency_runs)
+    winner = _finalists(search, full_runs)
+    verdict = Verdict.QUANTIZED if winner is not None else Verdict.KEEP_FLOAT
+    chosen = winner if winner is not None else _keep_float_artifact(search, full_runs)
+    search_seconds = clock() - started
+    for trial in search.trials:
+        if trial is not chosen:
+            search.discard(trial)
+    for path in [*(workdir / f"prep-{i}" for i in range(len(search.prepared))), *workdir.glob("calib-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+    outcome = (
+        chosen.outcome if chosen is not None and chosen.outcome is not None else _float_copy(model_path, facts, workdir)
+    )
 
-    best, warnings = choose(trials, spec.accuracy_tolerance)
-    for index, trial in enumerate(trials):
-        if trial is not best:
-            shutil.rmtree(workdir / f"candidate-{index}", ignore_errors=True)
-
-    assert best.quantized is not None
     progress(Stage.EVALUATING, 0.0)
-    measured = measure(best.quantized.model_path, evaluation, progress)
-    outcome = best.quantized
+    measured = evaluate(
+        model_path,
+        outcome.model_path,
+        evaluation,
+        data=data,
+        inputs=inputs,
+        reused_calibration=reused_calibration,
+        accuracy_tolerance=spec.accuracy_tolerance,
+        progress=progress,
+    )
+    summary = _summary(search, verdict, chosen, full_runs, search_seconds, int8)
+    warnings = _verdict_warnings(search, verdict, chosen)
     outcome.warnings = [*warnings, *outcome.warnings]
-    outcome.details["auto"] = {
-        "chosen": best.candidate.name,
-        "recipe": best.summary(spec.accuracy_tolerance)["recipe"],
-        "candidates": [t.summary(spec.accuracy_tolerance) for t in trials],
-        "search_latency_runs": search_eval.latency_runs,
-    }
-    outcome.preprocessing_steps = [f"auto: chose {best.candidate.name}", *outcome.preprocessing_steps]
+    outcome.details["auto"] = summary
+    sensitivity_path = workdir / "sensitivity.json"
+    sensitivity_path.write_text(
+        json.dumps({"sensitivities": [s.to_dict() for s in search.sensitivities]}, indent=2, default=str)
+    )
+    outcome.artifacts["sensitivity.json"] = sensitivity_path
+    outcome.preprocessing_steps = [f"auto: {summary['headline']}", *outcome.preprocessing_steps]
     return outcome, measured
+
+
+def _apply(base: QuantizationSpec, candidate: Candidate) -> QuantizationSpec:
+    return dataclasses.replace(base, **dict(candidate.changes))
+
+
+def _finalists(search: Search, full_runs: int) -> Trial | None:
+    """The winner after re-timing the best few with the full run count (None: nothing beats float)."""
+    eligible = sorted((t for t in search.trials if search.eligible(t)), key=lambda t: (t.p50 or 0.0, t.size or 0))
+    if search.spec.objective == Objective.SIZE:
+        eligible.sort(key=lambda t: (t.size or 0, t.p50 or 0.0))
+        winner = eligible[0] if eligible else None
+        if winner is not None and winner.outcome is not None:
+            winner.float_p50, winner.p50 = search.meter.compare(winner.outcome.model_path, full_runs)
+            winner.runs = full_runs
+        return winner
+    best: Trial | None = None
+    for trial in eligible[:FINALISTS]:
+        assert trial.outcome is not None
+        search.note(f"timing finalist {trial.name} with {full_runs} runs")
+        trial.float_p50, trial.p50 = search.meter.compare(trial.outcome.model_path, full_runs)
+        trial.runs = full_runs
+        if trial.faster() and search.better(trial, best):
+            best = trial
+    return best
+
+
+def _keep_float_artifact(search: Search, full_runs: int) -> Trial | None:
+    """The smallest in-budget model that is not slower than float, re-timed with the full run count
+    (None: the float model itself; always so with objective size, where nothing smaller fits)."""
+    if search.spec.objective == Objective.SIZE:
+        return None
+    fits = [t for t in search.trials if t.within and t.not_slower() and (t.size or 0) < search.float_size]
+    for trial in sorted(fits, key=lambda t: (t.size or 0, t.p50 or 0.0))[:FINALISTS]:
+        assert trial.outcome is not None
+        trial.float_p50, trial.p50 = search.meter.compare(trial.outcome.model_path, full_runs)
+        trial.runs = full_runs
+        if trial.not_slower():
+            return trial
+    return None
+
+
+def _float_copy(model_path: Path, facts: ModelFacts, workdir: Path) -> QuantizationOutcome:
+    out = workdir / "float" / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    target = out / OUTPUT_NAME
+    shutil.copyfile(model_path, target)
+    files = [target]
+    for name in facts.external_files:
+        shutil.copyfile(model_path.parent / name, out / name)
+        files.append(out / name)
+    return QuantizationOutcome(model_path=target, files=files, details={"mode": "float"})
+
+
+def _summary(
+    search: Search, verdict: Verdict, chosen: Trial | None, full_runs: int, seconds: float, int8: str
+) -> dict[str, Any]:
+    name = chosen.name if chosen is not None else FLOAT_NAME
+    if verdict == Verdict.QUANTIZED:
+        headline = f"chose {name}"
+    else:
+        headline = f"keep float: no model within the budget beats float on {search.spec.objective}; returned {name}"
+    budget = search.spec.fidelity
+    return {
+        "verdict": str(verdict),
+        "headline": headline,
+        "objective": str(search.spec.objective),
+        "chosen": name,
+        "effective_recipe": recipe_of(chosen.spec) if chosen is not None else None,
+        "fidelity": chosen.score.to_dict() if chosen is not None and chosen.score is not None else None,
+        "budget": {
+            "accuracy_tolerance": search.spec.accuracy_tolerance,
+            "fidelity": None
+            if budget is None
+            else {"outputs": list(budget.outputs or []) or None, "metric": str(budget.metric), "min": budget.min},
+        },
+        "candidates": [t.to_dict() for t in search.trials if t.stage == "candidate"],
+        "steps": [t.to_dict() for t in search.trials if t.stage == "step"],
+        "search_seconds": round(seconds, 3),
+        "max_search_seconds": search.spec.max_search_seconds,
+        "time_budget_exhausted": search.out_of_time,
+        "search_latency_runs": search.search_runs,
+        "final_latency_runs": full_runs,
+        "faster_margin": FASTER_MARGIN,
+        "cpu_int8": int8,
+        "sensitivity": [
+            {"candidate": s.candidate, "method": s.method, "top": [n.to_dict() for n in s.nodes[:10]]}
+            for s in search.sensitivities
+        ],
+    }
+
+
+def _verdict_warnings(search: Search, verdict: Verdict, chosen: Trial | None) -> list[str]:
+    warnings = []
+    if verdict == Verdict.KEEP_FLOAT:
+        what = "ran faster than" if search.spec.objective == Objective.LATENCY else "is smaller than"
+        artifact = chosen.name if chosen is not None else "the float model itself"
+        warnings.append(
+            f"Keep float: no model within the fidelity budget {what} the float model on this CPU "
+            f"({len(search.trials)} measured). The artifact is {artifact}."
+        )
+    if search.out_of_time:
+        warnings.append(
+            f"The search stopped at max_search_seconds ({search.spec.max_search_seconds:g} s); "
+            "a larger budget may find a better model."
+        )
+    return warnings

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -445,3 +445,42 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float | np.floating):
         return metrics.finite_or_none(value)
     return value
+
+
+class LatencyMeter:
+    """Times a candidate against the reference model on one feed, interleaved (what mode auto's search
+    uses; tests substitute a deterministic meter with the same `compare`). The reference's session is
+    made once and kept."""
+
+    def __init__(self, reference: Path, feed: dict[str, np.ndarray], *, threads: int | None, warmup_runs: int) -> None:
+        self.reference = Path(reference)
+        self.feed = feed
+        self.threads = threads or usable_cores()
+        self.warmup_runs = warmup_runs
+        self._reference: ort.InferenceSession | None = None
+
+    def _session(self, path: Path, which: str) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise _ort_error(which, "load", exc) from exc
+
+    def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
+        """(reference p50 ms, candidate p50 ms) from `runs` interleaved rounds after warm-up."""
+        if self._reference is None:
+            self._reference = self._session(self.reference, "original")
+        sessions = [self._reference, self._session(candidate, "candidate")]
+        names = [[o.name for o in s.get_outputs()] for s in sessions]
+
+        def runner(i: int) -> Callable[[], object]:
+            return lambda: sessions[i].run(names[i], self.feed)
+
+        timings = time_interleaved(
+            [runner(0), runner(1)],
+            runs=max(1, runs),
+            warmup_runs=self.warmup_runs,
+        )
+        ref, cand = timings.stats()
+        return ref.p50, cand.p50

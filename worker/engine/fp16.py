@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from worker.engine.graph_order import subgraph_reads, subgraphs
+from service.contract.formats import subgraphs
+from worker.engine.graph_order import subgraph_reads
 
 FP16_MAX = 65504.0
 

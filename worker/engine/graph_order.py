@@ -16,15 +16,7 @@ from pathlib import Path
 
 import onnx
 
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """(attribute name, graph) of every subgraph a node owns (If branches, Loop/Scan bodies)."""
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.name, attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for g in attr.graphs:
-                yield attr.name, g
+from service.contract.formats import subgraphs
 
 
 def outer_reads(graph: onnx.GraphProto) -> set[str]:

@@ -59,8 +59,9 @@ def _read_proc_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, 
 
 @functools.lru_cache(maxsize=1)
 def _cpu() -> tuple[str | None, frozenset[str], str]:
-    """(model name, flags, source). /proc/cpuinfo first: py-cpuinfo costs about a second, and every
-    job runs in a fresh process, so it is only the fallback (other systems, ARM without flags)."""
+    """(model name, flags, source). /proc/cpuinfo first: py-cpuinfo starts a Python interpreter of its
+    own to probe, and every job runs in a fresh process, so it is only the fallback (other systems, ARM
+    without flags)."""
     model, flags = _read_proc_cpuinfo()
     source = "/proc/cpuinfo" if model or flags else "none"
     if not model or not flags:
@@ -95,6 +96,17 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def int8_kernels(flags: set[str] | frozenset[str] | None = None) -> str:
+    """ "vnni" (int8 dot products: VNNI, AMX or ARM dot product), "avx2" (x86 without them, where
+    U8S8 products can saturate) or "other"."""
+    flags = _cpu()[1] if flags is None else flags
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}:
+        return "vnni"
+    if flags & {"avx2", "avx512f"}:
+        return "avx2"
+    return "other"
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:

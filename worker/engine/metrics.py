@@ -37,6 +37,15 @@ def finite_or_none(value: Any) -> float | None:
     return result if math.isfinite(result) else None
 
 
+def sqnr_from_energies(signal: float, error: float) -> float:
+    """SQNR in dB from the summed squares of the signal and of the error, capped (module docstring)."""
+    if error == 0.0:
+        return SQNR_CAP_DB
+    if signal == 0.0:
+        return -SQNR_CAP_DB
+    return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, 10.0 * math.log10(signal / error)))
+
+
 def is_class_scores(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and np.issubdtype(array.dtype, np.floating)
 
@@ -149,14 +158,7 @@ class FidelityAccumulator:
 
     @property
     def sqnr_db(self) -> float | None:
-        if not self.comparable:
-            return None
-        if self.ee == 0.0:
-            return SQNR_CAP_DB
-        if self.xx == 0.0:
-            return -SQNR_CAP_DB
-        value = 10.0 * math.log10(self.xx / self.ee)
-        return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, value))
+        return sqnr_from_energies(self.xx, self.ee) if self.comparable else None
 
     @property
     def max_abs_error(self) -> float | None:

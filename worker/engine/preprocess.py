@@ -37,6 +37,36 @@ class Prepared:
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    fused_ops: dict[str, int] = field(default_factory=dict)  # transformer fusion: what it fused
+
+
+def fuse_transformer(prepared: Prepared, workdir: Path) -> Prepared:
+    """ONNX Runtime's transformer graph fusions (model type bert: Attention, SkipLayerNormalization,
+    Gelu, ...) on the prepared model, in place of it; `fused_ops` says what was fused (empty: the
+    fusions found nothing to do here)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it logs every pattern it looks for
+    try:
+        optimized = optimize_model(str(prepared.path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+        out = workdir / "fused.onnx"
+        optimized.save_model_to_file(str(out), use_external_data_format=prepared.external)
+    except Exception as exc:
+        raise EngineError(
+            "quantization_failed",
+            f"ONNX Runtime's transformer fusion failed: {_first_line(exc)}",
+            {"step": "transformer_fusion"},
+        ) from exc
+    finally:
+        logger.setLevel(level)
+    prepared.path = out
+    prepared.fused_ops = fused
+    listed = ", ".join(f"{n} {op}" for op, n in sorted(fused.items())) or "nothing to fuse"
+    prepared.steps.append(f"Transformer fusion (ONNX Runtime, model type bert): {listed}.")
+    return prepared
 
 
 def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:

@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import onnx
 
 from service.contract.formats import iter_graphs
 from service.contract.formats import model_facts as facts_of
-from worker.engine.calibration import calibrate, default_op_types
+from worker.engine.calibration import CalibrationResult, calibrate, default_op_types
 from worker.engine.checks import (
     FOUR_BIT,
     SIXTEEN_BIT,
@@ -35,7 +36,7 @@ from worker.engine.checks import (
 from worker.engine.data import Batch, count_batches, iter_batches, synthesize_batch
 from worker.engine.errors import EngineError
 from worker.engine.graph_order import outer_read_producers, sort_model_file, subgraph_nodes
-from worker.engine.preprocess import Prepared, prepare_model, save_model
+from worker.engine.preprocess import Prepared, fuse_transformer, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
 from worker.engine.results import QuantizationOutcome
 from worker.engine.spec import (
@@ -97,6 +98,15 @@ def _ort_qtype(qtype: str) -> Any:
     return getattr(QuantType, _QTYPE_NAMES[QType(qtype)])
 
 
+@dataclass
+class Reuse:
+    """What mode auto computes once and hands to every candidate and search step built on the same
+    pre-processing: the prepared model and, for static recipes, its calibration ranges."""
+
+    prepared: Prepared
+    calibration: CalibrationResult | None = None
+
+
 def _fail(step: str, what: str, exc: BaseException) -> EngineError:
     text = str(exc).strip() or type(exc).__name__
     return EngineError(
@@ -131,18 +141,21 @@ def quantize(
     calibration: DatasetSource | None = None,
     progress: ProgressCallback = no_progress,
     keep_intermediates: bool = False,
+    reuse: Reuse | None = None,
 ) -> QuantizationOutcome:
     """Quantize `model_path` following `spec`. Raises EngineError (`invalid_recipe`,
     `invalid_dataset`, `dataset_model_mismatch`, `quantization_failed`, `invalid_model`).
 
     Intermediate files (`workdir/prep`, `workdir/calib`) are deleted on success unless
-    `keep_intermediates`; `workdir/out` holds the result."""
+    `keep_intermediates`; `workdir/out` holds the result. `reuse` skips pre-processing (and
+    calibration when it holds ranges): it must come from `prepare_for(spec, ...)` of an equal
+    pre-processing, which mode auto guarantees."""
     model_path = Path(model_path)
     workdir = Path(workdir)
-    if spec.mode == Mode.AUTO:
+    if spec.mode in (Mode.AUTO, Mode.COMPARE):
         raise EngineError(
             "invalid_recipe",
-            "Mode auto is a search over several recipes and is not supported by quantize(); "
+            f"Mode {spec.mode} is not a quantization recipe and is not supported by quantize(); "
             "pass a concrete mode (static, dynamic, weight_only or fp16).",
             {"field": "mode"},
         )
@@ -177,7 +190,9 @@ def quantize(
     # Pre-processing
     progress(Stage.PREPROCESSING, 0.0)
     with timer("preprocessing"):
-        prepared = _prepare(model_path, spec, facts, workdir / "prep", progress)
+        prepared = (
+            reuse.prepared if reuse is not None else prepare_for(model_path, spec, facts, workdir / "prep", progress)
+        )
     warnings += [w for w in prepared.warnings if w not in warnings]
     if spec.nodes_to_exclude:
         _warn_missing_excluded(prepared.path, spec.nodes_to_exclude, warnings)
@@ -194,14 +209,18 @@ def quantize(
             )
         progress(Stage.CALIBRATING, 0.0)
         with timer("calibrating"):
-            cal = calibrate(
-                prepared.path,
-                spec,
-                calibration,
-                inputs,
-                workdir / "calib",
-                external=prepared.external,
-                progress=lambda f: progress(Stage.CALIBRATING, f),
+            cal = (
+                reuse.calibration
+                if reuse is not None and reuse.calibration is not None
+                else calibrate(
+                    prepared.path,
+                    spec,
+                    calibration,
+                    inputs,
+                    workdir / "calib",
+                    external=prepared.external,
+                    progress=lambda f: progress(Stage.CALIBRATING, f),
+                )
             )
         calibration_samples = cal.samples
         details["calibration"] = {
@@ -298,30 +317,51 @@ def required_opset(spec: QuantizationSpec, facts: ModelFacts) -> int | None:
     return target or None
 
 
-def _prepare(
-    model_path: Path, spec: QuantizationSpec, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
-) -> Prepared:
+def preparation(spec: QuantizationSpec, facts: ModelFacts) -> tuple[int | None, bool, bool, bool]:
+    """How a recipe pre-processes the model: (target opset, shape inference, optimise, transformer
+    fusion). Recipes with equal preparation quantize the very same prepared graph (mode auto shares
+    it between them)."""
     mode = Mode(spec.mode)
     # ORT's basic optimisations fuse nodes (MatMul+Add -> Gemm, Conv+BatchNormalization), which helps
-    # static quantization but would defeat op_types_to_quantize / nodes_to_exclude and QAT graphs.
-    optimize = (
-        mode == Mode.STATIC and not spec.op_types_to_quantize and not spec.nodes_to_exclude and not facts.qdq_nodes
-    )
-    shape_inference = mode in (Mode.STATIC, Mode.DYNAMIC)
-    try:
-        prepared = prepare_model(
-            model_path,
-            prep_dir,
-            target_opset=required_opset(spec, facts),
-            fold=True,
-            shape_inference=shape_inference,
-            optimize=optimize,
-            progress=lambda f: progress(Stage.PREPROCESSING, f),
-        )
-    except EngineError:
-        raise
-    except Exception as exc:
-        raise _fail("preprocessing", "Pre-processing the model", exc) from exc
+    # static quantization but would defeat an op_types_to_quantize that quantizes MatMul and not Gemm,
+    # and QAT graphs. (nodes_to_exclude: see prepare_for.)
+    op_types = spec.op_types_to_quantize
+    fusion_safe = not op_types or "Gemm" in op_types or "MatMul" not in op_types
+    optimize = mode == Mode.STATIC and fusion_safe and not facts.qdq_nodes
+    fusion = spec.transformer_fusion and mode in (Mode.STATIC, Mode.DYNAMIC)
+    return required_opset(spec, facts), mode in (Mode.STATIC, Mode.DYNAMIC), optimize, fusion
+
+
+def prepare_for(
+    model_path: Path, spec: QuantizationSpec, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
+) -> Prepared:
+    target_opset, shape_inference, optimize, fusion = preparation(spec, facts)
+
+    def run(optimize: bool) -> Prepared:
+        try:
+            return prepare_model(
+                model_path,
+                prep_dir,
+                target_opset=target_opset,
+                fold=True,
+                shape_inference=shape_inference,
+                optimize=optimize,
+                progress=lambda f: progress(Stage.PREPROCESSING, f),
+            )
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise _fail("preprocessing", "Pre-processing the model", exc) from exc
+
+    prepared = run(optimize)
+    # A fusion may remove a node nodes_to_exclude names: then quantize the unoptimised graph, where
+    # every name is still there. (Names taken from an optimised graph, as mode auto's are, survive.)
+    if optimize and spec.nodes_to_exclude and set(spec.nodes_to_exclude) - _node_names(prepared.path):
+        shutil.rmtree(prep_dir, ignore_errors=True)
+        prepared = run(False)
+        prepared.steps.append("Skipped graph fusions so that every node in nodes_to_exclude keeps its name.")
+    if fusion:
+        prepared = fuse_transformer(prepared, prep_dir)
     return prepared
 
 
@@ -382,10 +422,19 @@ def _warn_missing_excluded(path: Path, excluded: Sequence[str], warnings: list[s
 # The modes
 
 
+_SIXTEEN_BIT_OF = {QType.UINT8: QType.UINT16, QType.INT8: QType.INT16}
+
+
 def _extra_options(spec: QuantizationSpec) -> dict[str, Any]:
     extra: dict[str, Any] = {"ActivationSymmetric": bool(spec.symmetric_activations)}
     if spec.symmetric_weights is not None:
         extra["WeightSymmetric"] = bool(spec.symmetric_weights)
+    if spec.sixteen_bit_tensors:
+        wide = _ort_qtype(_SIXTEEN_BIT_OF.get(QType(spec.activation_type), QType(spec.activation_type)))
+        extra["TensorQuantOverrides"] = {name: [{"quant_type": wide}] for name in spec.sixteen_bit_tensors}
+        # 16-bit Q/DQ of the com.microsoft domain run at any opset: no opset upgrade, so the graph
+        # (and its calibration) stays the one the 8-bit recipe uses.
+        extra["UseQDQContribOps"] = True
     return extra
 
 

@@ -20,6 +20,8 @@ class QuantizationOutcome:
     calibration_samples: int = 0
     # Free-form facts worth showing the user (e.g. quantized node counts, chosen variant in auto mode).
     details: dict[str, Any] = field(default_factory=dict)
+    # More artifacts for the job to store, by name (e.g. mode auto's sensitivity.json).
+    artifacts: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass

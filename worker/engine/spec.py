@@ -16,7 +16,10 @@ from service.contract.formats import TensorSpec
 from service.contract.recipe import (
     ActivationType,
     CalibrationMethod,
+    FidelityMetric,
+    FidelitySpec,
     Mode,
+    Objective,
     QType,
     QuantFormat,
 )
@@ -27,7 +30,10 @@ __all__ = [
     "CalibrationMethod",
     "DatasetSource",
     "EvaluationSpec",
+    "FidelityMetric",
+    "FidelitySpec",
     "Mode",
+    "Objective",
     "ProgressCallback",
     "QType",
     "QuantFormat",

@@ -38,14 +38,22 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def assert_close(original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], min_cos: float = 0.99) -> None:
-    """The quantized model runs on every feed and its first output stays close to the float model's."""
+def worst_cosine(original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]]) -> float:
+    """The quantized model runs on every feed with finite outputs of the float model's shape and type;
+    returns the lowest cosine of its first output against the float model's."""
     ref, got = _session(original), _session(quantized)
+    cosines = []
     for feed in feeds:
         r, g = ref.run(None, feed)[0], got.run(None, feed)[0]
         assert g.shape == r.shape and g.dtype == r.dtype
         assert np.all(np.isfinite(g))
-        assert _cosine(r, g) > min_cos
+        cosines.append(_cosine(r, g))
+    return min(cosines)
+
+
+def assert_close(original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], min_cos: float = 0.99) -> None:
+    """The quantized model runs on every feed and its first output stays close to the float model's."""
+    assert worst_cosine(original, quantized, feeds) > min_cos
 
 
 def ops(path: Path) -> dict[str, int]:
@@ -114,7 +122,6 @@ def test_static_minmax_qdq_end_to_end(conv, tmp_path: Path) -> None:
             {"QuantizeLinear"},
             0.98,
         ),
-        ({"calibration_method": "distribution"}, {"QuantizeLinear"}, -1.0),  # runs; accuracy is not its forte
         ({"per_channel": True, "format": "qoperator"}, {"QLinearConv"}, 0.99),
         (
             {"activation_type": "int8", "symmetric_activations": True, "symmetric_weights": True},
@@ -128,12 +135,29 @@ def test_static_variants(conv, tmp_path: Path, recipe: dict, expect_ops: set[str
     out = quantize(model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data)
     assert expect_ops <= set(ops(out.model_path))
     assert_close(model, out.model_path, feeds, min_cos)
-    if recipe.get("calibration_method") == "distribution":
-        assert any("Distribution" in w for w in out.warnings)
     if recipe.get("symmetric_activations"):
         q = onnx.load(str(out.model_path))
         zps = [numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_zero_point")]
         assert zps and not any(z.any() for z in zps)  # symmetric: every zero point is 0
+
+
+def test_distribution_calibration_runs_and_warns_that_integer_types_lose_accuracy(conv, tmp_path: Path) -> None:
+    """What Distribution calibration achieves with integer types, measured: the model runs with
+    finite outputs, but it is much less faithful than MinMax on the same data (ONNX Runtime designed
+    it for float8). The warning tells the user exactly that; if ONNX Runtime ever closes the gap,
+    this test fails and the warning must go."""
+    model, data, feeds = conv
+    distribution = quantize(
+        model, QuantizationSpec(calibration_method="distribution"), tmp_path / "d", calibration=data
+    )
+    minmax = quantize(model, QuantizationSpec(calibration_method="minmax"), tmp_path / "m", calibration=data)
+    assert "QuantizeLinear" in ops(distribution.model_path)
+    cos_distribution = worst_cosine(model, distribution.model_path, feeds)
+    cos_minmax = worst_cosine(model, minmax.model_path, feeds)
+    assert cos_minmax > 0.99 and cos_distribution < cos_minmax - 0.1, (cos_distribution, cos_minmax)
+    [warning] = [w for w in distribution.warnings if "Distribution" in w]
+    assert "less accuracy than MinMax" in warning
+    assert not any("Distribution" in w for w in minmax.warnings)
 
 
 @pytest.mark.parametrize(("act", "weight"), [("uint16", "uint16"), ("int16", "int8"), ("uint8", "int16")])

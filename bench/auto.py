@@ -1,0 +1,267 @@
+"""`python -m bench --only auto`: mode auto on the models its tests use (bigger), side by side with
+the best whole-model recipe, a plain ONNX Runtime script, and NNCF's accuracy control.
+
+Models, built in code (tests/onnx_models.py):
+- `encoder`: a 4-layer transformer encoder whose FFN down-projections read an outlier channel;
+- `cnn`: a CNN whose first conv reads an input with one huge channel;
+- `tiny_mlp`: a model so small that int8 cannot beat float (auto should keep float).
+
+For each: auto's speedup (the final evaluation's p50 ratio, interleaved against float) and fidelity
+(its worst budgeted output, default floor 0.99); the best whole-model candidate auto measured; a
+plain script (`quantize_dynamic` for MatMul models, `quantize_static` for the CNN, defaults); and,
+when the optional `bench` extra is installed (`pip install -e '.[bench]'`: nncf, without torch),
+`nncf.quantize_with_accuracy_control` with the same data, a 0.01 absolute drop of the same fidelity
+metric, and the same latency measurement. `measure(ctx)` returns the figures; `run(ctx)` the table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import Context
+from bench.results import Baseline, Measurement
+from tests.onnx_models import encoder_inputs, matmul_mlp, outlier_encoder, spiky_cnn, spiky_images
+from worker.engine import DatasetSource, EvaluationSpec, QuantizationSpec
+from worker.engine.auto import auto_quantize
+from worker.engine.data import iter_batches, model_inputs
+from worker.engine.evaluate import LatencyMeter
+from worker.engine.fidelity import FidelityEvaluator
+
+LATENCY_RUNS = 50
+NNCF_MAX_DROP = 0.01
+
+
+@dataclass
+class ModelFigures:
+    model: str
+    verdict: str
+    chosen: str
+    metric: str
+    auto_speedup: float | None
+    auto_fidelity: float | None
+    auto_seconds: float
+    best_whole: str | None
+    best_whole_speedup: float | None
+    best_whole_fidelity: float | None
+    plain_recipe: str
+    plain_speedup: float | None
+    plain_fidelity: float | None
+    nncf_speedup: float | None = None
+    nncf_fidelity: float | None = None
+    nncf_seconds: float | None = None
+    nncf_error: str | None = None
+
+
+@dataclass
+class BenchModel:
+    name: str
+    path: Path
+    data: Path
+    plain: str  # "dynamic" | "static"
+
+
+def _models(ctx: Context) -> list[BenchModel]:
+    work = ctx.dir("auto")
+    quick = ctx.quick
+    seq, samples = (16, 16) if quick else (64, 48)
+    enc = outlier_encoder(
+        work / "encoder.onnx",
+        vocab=1000,
+        dim=64 if quick else 256,
+        ffn=256 if quick else 1024,
+        layers=2 if quick else 4,
+    )
+    np.savez(work / "encoder.npz", **encoder_inputs(samples, seq=seq, vocab=1000))
+    cnn = spiky_cnn(work / "cnn.onnx", size=32 if quick else 64, hidden=32 if quick else 64)
+    np.savez(work / "cnn.npz", input=spiky_images(samples, size=32 if quick else 64, spike=4000.0))
+    mlp = matmul_mlp(work / "tiny_mlp.onnx")
+    np.savez(work / "tiny_mlp.npz", x=np.random.default_rng(0).random((samples, 1, 16), dtype=np.float32))
+    return [
+        BenchModel("encoder", enc, work / "encoder.npz", "dynamic"),
+        BenchModel("cnn", cnn, work / "cnn.npz", "static"),
+        BenchModel("tiny_mlp", mlp, work / "tiny_mlp.npz", "dynamic"),
+    ]
+
+
+def _feeds(model: BenchModel) -> list[dict[str, np.ndarray]]:
+    source = DatasetSource(model.data, "npz")
+    return [b.feeds for b in iter_batches(source, model_inputs(model.path), batch_size=1)]
+
+
+def _judge(model: BenchModel, evaluation: EvaluationSpec) -> tuple[FidelityEvaluator, LatencyMeter]:
+    inputs = model_inputs(model.path)
+    source = DatasetSource(model.data, "npz")
+    evaluator = FidelityEvaluator(model.path, source, inputs, None, 0.01, max_samples=evaluation.max_samples or 64)
+    meter = LatencyMeter(model.path, _feeds(model)[0], threads=None, warmup_runs=evaluation.warmup_runs)
+    return evaluator, meter
+
+
+def _plain(model: BenchModel, out: Path) -> Path:
+    """What a user following ONNX Runtime's documentation writes: defaults, no pre-processing."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+    if model.plain == "dynamic":
+        quantize_dynamic(str(model.path), str(out))
+        return out
+    feeds = iter(_feeds(model))
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(feeds, None)
+
+    quantize_static(str(model.path), str(out), Reader())
+    return out
+
+
+def _nncf(model: BenchModel, out: Path, evaluator: FidelityEvaluator) -> Path:
+    """NNCF's accuracy control on the ONNX model: calibrate on the data, keep the fidelity metric
+    (vs the float model's outputs on the same samples) within NNCF_MAX_DROP of float's 1.0."""
+    import nncf
+    import onnx
+    import onnxruntime as ort
+
+    feeds = _feeds(model)
+    reference = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in reference.get_outputs()]
+    expected = [reference.run(names, f) for f in feeds]
+    kinds = evaluator.kinds or {}
+
+    def validate(candidate: Any, data: Any) -> float:
+        session = ort.InferenceSession(candidate.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = []
+        for i, feed in enumerate(data):
+            got = session.run(names, feed)
+            for name, ref, g in zip(names, expected[i], got, strict=True):
+                if str(kinds.get(name, "")) in ("class_scores", "sequence_scores"):
+                    values.append(float(np.mean(np.argmax(ref, -1) == np.argmax(g, -1))))
+                else:
+                    r, q = np.asarray(ref, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+                    values.append(float(r @ q / (np.linalg.norm(r) * np.linalg.norm(q) or 1.0)))
+        return float(np.mean(values))
+
+    dataset = nncf.Dataset(feeds)
+    quantized = nncf.quantize_with_accuracy_control(
+        onnx.load(str(model.path)),
+        calibration_dataset=dataset,
+        validation_dataset=nncf.Dataset(feeds),
+        validation_fn=validate,
+        max_drop=NNCF_MAX_DROP,
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(feeds),
+    )
+    onnx.save(quantized, str(out))
+    return out
+
+
+def measure(ctx: Context) -> dict[str, ModelFigures]:
+    """Run everything; figures per model."""
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    evaluation = EvaluationSpec(latency_runs=10 if ctx.quick else LATENCY_RUNS, warmup_runs=3, max_samples=64)
+    has_nncf = importlib.util.find_spec("nncf") is not None
+    results: dict[str, ModelFigures] = {}
+    for model in _models(ctx):
+        ctx.log(f"  {model.name}: mode auto")
+        source = DatasetSource(model.data, "npz")
+        t = time.perf_counter()
+        outcome, measured = auto_quantize(
+            model.path,
+            QuantizationSpec(mode="auto", max_search_seconds=300 if ctx.quick else 900),
+            ctx.dir(f"auto/{model.name}-work"),
+            evaluation,
+            calibration=source,
+            data=source,
+            note=lambda text, name=model.name: ctx.log(f"    {name}: {text}"),
+        )
+        auto_seconds = time.perf_counter() - t
+        search = outcome.details["auto"]
+        fidelity = search["fidelity"] or {}
+        whole = [c for c in search["candidates"] if not c["error"]]
+        fits = [c for c in whole if c["within_budget"]]
+        best = (
+            max(fits, key=lambda c: c["speedup"] or 0.0)
+            if fits
+            else max(whole, key=lambda c: c["fidelity"] or 0.0, default=None)
+        )
+        evaluator, meter = _judge(model, evaluation)
+        ctx.log(f"  {model.name}: plain quantize_{model.plain}")
+        plain = _plain(model, ctx.dir(f"auto/{model.name}-plain") / "model.onnx")
+        plain_ref, plain_p50 = meter.compare(plain, evaluation.latency_runs)
+        figures = ModelFigures(
+            model=model.name,
+            verdict=search["verdict"],
+            chosen=search["chosen"],
+            metric=str(fidelity.get("metric") or evaluator.score(plain).metric),
+            auto_speedup=measured.comparison.get("speedup_p50"),
+            auto_fidelity=fidelity.get("fidelity") if fidelity else 1.0,  # no fidelity: the float model itself
+            auto_seconds=round(auto_seconds, 1),
+            best_whole=best["name"] if best else None,
+            best_whole_speedup=best["speedup"] if best else None,
+            best_whole_fidelity=best["fidelity"] if best else None,
+            plain_recipe=f"quantize_{model.plain} (defaults)",
+            plain_speedup=plain_ref / plain_p50 if plain_p50 else None,
+            plain_fidelity=evaluator.score(plain).fidelity,
+        )
+        if has_nncf:
+            ctx.log(f"  {model.name}: nncf.quantize_with_accuracy_control")
+            try:
+                t = time.perf_counter()
+                path = _nncf(model, ctx.dir(f"auto/{model.name}-nncf") / "model.onnx", evaluator)
+                seconds = time.perf_counter() - t
+                ref_p50, p50 = meter.compare(path, evaluation.latency_runs)
+                figures.nncf_speedup = ref_p50 / p50 if p50 else None
+                figures.nncf_fidelity = evaluator.score(path).fidelity
+                figures.nncf_seconds = round(seconds, 1)
+            except Exception as exc:  # a peer's failure is a figure too
+                figures.nncf_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        results[model.name] = figures
+        ctx.log(f"  {model.name}: {asdict(figures)}")
+    return results
+
+
+def run(ctx: Context) -> dict[str, Measurement]:
+    """The figures, per model: auto's speedup against the best whole-model candidate, its
+    fidelity against the plain ORT script's, and NNCF's speedup where the `bench` extra is installed."""
+    results = measure(ctx)
+    details = {m: asdict(f) for m, f in results.items()}
+    nncf = {m: f.nncf_speedup for m, f in results.items() if f.nncf_speedup is not None}
+    nncf_errors = [f"NNCF on {m}: {f.nncf_error}" for m, f in results.items() if f.nncf_error]
+    return {
+        "auto_speedup": Measurement(
+            what="Mode auto: speedup of its pick over float (p50), per model",
+            unit="x",
+            value={m: _round(f.auto_speedup) for m, f in results.items()},
+            baseline=Baseline(
+                what="the best whole-model candidate",
+                value={m: _round(f.best_whole_speedup) for m, f in results.items()},
+            ),
+            details=details,
+        ),
+        "auto_fidelity": Measurement(
+            what="Mode auto: fidelity of its pick (the budget's metric), per model",
+            unit="",
+            value={m: _round(f.auto_fidelity) for m, f in results.items()},
+            baseline=Baseline(
+                what="a plain quantize_dynamic/quantize_static script",
+                value={m: _round(f.plain_fidelity) for m, f in results.items()},
+            ),
+            target=">= 0.99",
+            met=all(f.auto_fidelity is not None and f.auto_fidelity >= 0.99 - 1e-9 for f in results.values()),
+        ),
+        "nncf_speedup": Measurement(
+            what="NNCF quantize_with_accuracy_control: speedup over float, per model",
+            unit="x",
+            value={m: _round(v) for m, v in nncf.items()} or None,
+            errors=nncf_errors if nncf or nncf_errors else ["nncf is not installed (pip install -e '.[bench]')"],
+        ),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -1,0 +1,91 @@
+"""What mode auto tries, chosen from the model's operators and the CPU's int8 features.
+
+- The CPU: with int8 dot products (VNNI, AMX, ARM dot product) U8S8 (uint8 activations, int8
+  weights) is the fast path; on x86 without them (AVX2 only) U8S8 products can saturate, so
+  activations are int8 (S8S8) and weights use 7 bits (`reduce_range`).
+- CNNs (Conv): static QDQ with per-channel weights, whole graph and Conv/MatMul/Gemm only. Dynamic
+  quantization is left out: ConvInteger is many times slower than float on CPUs.
+- MatMul models (transformers, MLPs): static QDQ, dynamic int8, and MatMul/Gemm-only variants of
+  both (quantizing LayerNorm, Softmax or the attention mask wrecks transformers); transformers also
+  dynamic int8 after ONNX Runtime's transformer fusions, where they find something to fuse.
+- float16 always (a size option; it must measure faster to win on latency), and with objective
+  `size` weight-only int4 for MatMul models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.engine.spec import CalibrationMethod, Mode, Objective, QType
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    changes: Mapping[str, Any]  # recipe fields over the job's recipe
+    searchable: bool = False  # static or dynamic: mixed precision can start from it
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def int8_settings(int8: str) -> dict[str, Any]:
+    """Activation type and reduce_range for static QDQ on this CPU (see the module docstring)."""
+    if int8 == "avx2":
+        return {"activation_type": QType.INT8, "weight_type": QType.INT8, "reduce_range": True}
+    return {"activation_type": QType.UINT8, "weight_type": QType.INT8, "reduce_range": False}
+
+
+def model_family(op_counts: Mapping[str, int], token_inputs: bool) -> str:
+    """ "cnn", "transformer" or "mlp" (anything else with MatMul/Gemm), or "other"."""
+    convs = op_counts.get("Conv", 0)
+    matmuls = op_counts.get("MatMul", 0) + op_counts.get("Gemm", 0)
+    if convs and convs >= matmuls:
+        return "cnn"
+    attention_like = op_counts.get("Softmax", 0) and (
+        op_counts.get("LayerNormalization", 0) or op_counts.get("ReduceMean", 0)
+    )
+    if matmuls and (token_inputs or attention_like):
+        return "transformer"
+    return "mlp" if matmuls else "other"
+
+
+def candidates_for(
+    op_counts: Mapping[str, int], *, token_inputs: bool, int8: str, objective: Objective
+) -> list[Candidate]:
+    family = model_family(op_counts, token_inputs)
+    static = {"mode": Mode.STATIC, "per_channel": True, **int8_settings(int8)}
+    compute = [op for op in COMPUTE_OPS if op_counts.get(op)]
+    if "MatMul" in compute and "Gemm" not in compute:
+        compute.append("Gemm")  # MatMul+Add may fuse into Gemm in pre-processing
+    dynamic = {"mode": Mode.DYNAMIC, "reduce_range": int8 == "avx2"}
+    found: list[Candidate] = [
+        Candidate("static QDQ, per-channel, MinMax", static, searchable=True),
+        Candidate(
+            "static QDQ, per-channel, Percentile",
+            {**static, "calibration_method": CalibrationMethod.PERCENTILE},
+            searchable=True,
+        ),
+    ]
+    if compute and len(compute) < len({op for op, n in op_counts.items() if n}):
+        found.append(
+            Candidate(
+                f"static QDQ, per-channel, {'/'.join(compute)} only",
+                {**static, "op_types_to_quantize": tuple(compute)},
+                searchable=True,
+            )
+        )
+    if family in ("transformer", "mlp"):
+        found.append(Candidate("dynamic int8", dynamic, searchable=True))
+        matmuls = tuple(op for op in ("MatMul", "Gemm") if op_counts.get(op))
+        found.append(
+            Candidate(f"dynamic int8, {'/'.join(matmuls)} only", {**dynamic, "op_types_to_quantize": matmuls}, True)
+        )
+    if family == "transformer":
+        found.append(Candidate("transformer fusion + dynamic int8", {**dynamic, "transformer_fusion": True}, True))
+    found.append(Candidate("float16", {"mode": Mode.FP16}))
+    if objective == Objective.SIZE and op_counts.get("MatMul"):
+        found.append(Candidate("weight-only int4", {"mode": Mode.WEIGHT_ONLY, "weight_type": QType.INT4}))
+    return found

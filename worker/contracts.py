@@ -96,6 +96,7 @@ class JobFile:
             calibration=source(data["calibration"]),
             evaluation_data=source(data["evaluation_data"]),
             reused_calibration=data["reused_calibration"],
+            reference_model_path=data.get("reference_model_path"),
         )
 
 

@@ -56,6 +56,9 @@ def test_the_job_file_reads_back_as_written(tmp_path: Path) -> None:
     job = _job_file(tmp_path / "m.onnx", tmp_path / "d.npz", {"mode": "static", "per_channel": True})
     job.write(tmp_path)
     assert JobFile.read(tmp_path) == job
+    compare = dataclasses.replace(job, reference_model_path=str(tmp_path / "float.onnx"))
+    compare.write(tmp_path)
+    assert JobFile.read(tmp_path) == compare  # mode compare's reference survives the trip
 
 
 def test_the_outcome_reads_back_as_written(tmp_path: Path) -> None:

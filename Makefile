@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install run test lint format bench bench-readme clean
 
-$(STAMP): pyproject.toml
+# The server and the client (`qaas` command, client/) side by side; `pip install ./client` alone gives the client.
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./client -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-## Start the API and one worker (embedded default: SQLite + filesystem broker under ./var).
+## Start the API and one worker (embedded default: SQLite + filesystem broker under ./var); .venv/bin/qaas talks to it.
 run: $(STAMP)
 	$(PY) -m service.run
 

@@ -7,12 +7,13 @@ import sys
 
 import uvicorn
 
+from service import logs
 from service.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     problem = settings.insecure_listen_problem
     if problem:
         logging.getLogger("service").error("refusing to start: %s", problem)
@@ -25,6 +26,7 @@ def main() -> None:
         log_level=settings.log_level,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        log_config=None,  # uvicorn's loggers propagate to the root handler set up above
     )
 
 

@@ -4,32 +4,38 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import openapi
 from service.auth import AuthMiddleware
 from service.contract.errors import RuleError
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
 from service.errors import ServiceError, from_rule
+from service.jobs.events import EventHub
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
+from service.openapi import document_errors, operation_id
+from service.ops.metrics import ApiMetrics
+from service.ops.middleware import RequestContextMiddleware
 from service.ops.router import router as ops_router
 from service.queue import JobQueue
 from service.schemas import error_response
 from service.settings import Settings, get_settings
 from service.storage import open_storage
+from service.usage.router import router as usage_router
 
 log = logging.getLogger("service")
 
@@ -130,29 +136,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage
         app.state.queue = queue
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
+        app.state.event_hub = EventHub(app.state.session_factory, settings.events_poll_s)
+        app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
         try:
             yield
         finally:
+            await app.state.event_hub.close()
             queue.close()
             engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) with their JS and CSS served from the installed
+    # fastapi-offline package: the pages work on a machine without internet access.
+    app = FastAPIOffline(
         title="QaaS: ONNX quantization as a service",
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
     )
-    app.state.request_counts = Counter()
-    # Innermost first. Both answer from the request head, before any body byte is read: the caller's
-    # key, rate and upload slots (AuthMiddleware), then the body's declared or counted size.
+    # Innermost first. BodyLimit and Auth answer from the request head, before any body byte is read: the
+    # caller's key, rate and upload slots (AuthMiddleware), then the body's declared or counted size.
+    # RequestContext is outermost: every answer, their refusals included, is timed and carries a request id.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
-    app.add_middleware(AuthMiddleware, settings=settings)  # inside count_requests, which sees its 401s
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        app.state.request_counts[(request.method, response.status_code)] += 1
-        return response
+    app.add_middleware(AuthMiddleware, settings=settings)
+    app.add_middleware(openapi.DocsPolicyMiddleware)
+    app.add_middleware(RequestContextMiddleware)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
@@ -162,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(PoolTimeout, _database_down)
     app.add_exception_handler(OSError, _storage_down)
     app.add_exception_handler(Exception, _internal)
-    for router in (models_router, datasets_router, jobs_router, ops_router):
+    for router in (models_router, datasets_router, jobs_router, usage_router, ops_router):
+        document_errors(router.routes)
         app.include_router(router)
+    openapi.install(app)
     return app

@@ -30,8 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import logs
 from service.database import utcnow
-from service.errors import NotFound, RateLimited, ServiceError, Unauthorized, Unavailable
+from service.errors import Forbidden, NotFound, RateLimited, ServiceError, Unauthorized, Unavailable
 from service.limits import route_path
 from service.schemas import error_response
 from service.settings import Settings
@@ -41,8 +42,13 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "qaas_"
 bearer = HTTPBearer(auto_error=False, description="An API key made with `python -m service.admin create-key`.")
-# Served to anybody, with auth on or off: liveness, readiness and the API's own description.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Served to anybody, with auth on or off: liveness, readiness and the API's own description (the docs
+# pages' scripts and styles included). /metrics takes the operator token, never a tenant's key: its route
+# checks it (`operator`).
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics"}
+)
+PUBLIC_PREFIXES = ("/static-offline-docs/",)
 UPLOAD_PATHS = frozenset({"/v1/models", "/v1/datasets"})
 UPLOAD_RETRY_AFTER_S = 5
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -177,7 +183,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         try:
@@ -186,6 +192,7 @@ class AuthMiddleware:
             await self._refuse(scope, receive, send, exc)
             return
         scope.setdefault("state", {})["tenant"] = tenant
+        logs.current().tenant = tenant  # the request's log context, bound by RequestContextMiddleware
         if scope.get("method") != "POST" or path not in UPLOAD_PATHS:
             await self.app(scope, receive, send)
             return
@@ -261,3 +268,26 @@ def current_tenant(
 
 
 TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+def operator(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """Endpoints that span tenants (/metrics): the operator token `QAAS_METRICS_TOKEN`, never a tenant's key.
+    Open only while auth is off and no token is set."""
+    settings: Settings = request.app.state.settings
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if token is None and settings.auth == "off":
+        return
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized(
+            "This endpoint needs the operator token: send `Authorization: Bearer <token>`.", headers=CHALLENGE
+        )
+    if token is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+        return
+    with request.app.state.session_factory() as session:
+        tenant_key = tenant_for_key(session, credentials.credentials) is not None
+    if tenant_key:
+        raise Forbidden(
+            "Metrics span every tenant, so a tenant's API key cannot read them; use the operator token "
+            + ("(QAAS_METRICS_TOKEN)." if token else "(the operator must set QAAS_METRICS_TOKEN first)."),
+        )
+    raise Unauthorized("The operator token is wrong.", headers=CHALLENGE)

@@ -5,6 +5,8 @@ operator's disk whatever the file holds, so a zip of empty files is not free."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -30,7 +32,26 @@ def job_estimate(model_bytes: int) -> int:
     return charge(model_bytes + REPORT_ALLOWANCE_BYTES, JOB_FILES)
 
 
-def stored_bytes(session: Session, tenant: str) -> int:
+@dataclass(frozen=True)
+class StoredBytes:
+    """A tenant's stored bytes by kind, and how many files hold them."""
+
+    models: int
+    datasets: int
+    artifacts: int
+    files: int
+
+    @property
+    def total(self) -> int:
+        return self.models + self.datasets + self.artifacts
+
+    @property
+    def charged(self) -> int:
+        """What the storage quota counts (see `charge`)."""
+        return charge(self.total, self.files)
+
+
+def stored_bytes_by_kind(session: Session, tenant: str) -> StoredBytes:
     live_model = (OnnxModel.tenant == tenant, OnnxModel.deleted_at.is_(None))
     models = session.execute(
         select(
@@ -49,11 +70,17 @@ def stored_bytes(session: Session, tenant: str) -> int:
         .join(Job, Job.id == Artifact.job_id)
         .where(Job.tenant == tenant)
     ).one()
-    return (
-        charge(int(models[0]), int(models[1]) + int(models[2]))
-        + charge(int(datasets[0]), int(datasets[1]))
-        + charge(int(artifacts[0]), int(artifacts[1]))
+    return StoredBytes(
+        models=int(models[0]),
+        datasets=int(datasets[0]),
+        artifacts=int(artifacts[0]),
+        files=int(models[1]) + int(models[2]) + int(datasets[1]) + int(artifacts[1]),
     )
+
+
+def stored_bytes(session: Session, tenant: str) -> int:
+    """What the tenant's stored files count against its storage quota."""
+    return stored_bytes_by_kind(session, tenant).charged
 
 
 def reserved_bytes(session: Session, tenant: str) -> int:

@@ -48,13 +48,14 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _DESCRIPTIONS = {
     400: "Bad request",
-    401: "Missing or invalid API key",
-    404: "No such resource",
-    409: "Conflicts with the resource's state",
-    413: "Upload too large (`payload_too_large`), or the storage quota is used up (`quota_exceeded`)",
-    429: "Too many requests, uploads in progress or active jobs (`rate_limited`, with `Retry-After`)",
-    422: "Invalid input",
-    503: "A dependency (database, broker, storage) is unavailable",
+    401: "Missing or invalid API key (`unauthorized`)",
+    403: "The credentials are valid but not for this endpoint (`forbidden`)",
+    404: "No such resource (`not_found`; another tenant's resources answer the same)",
+    409: "Conflicts with the resource's state (`conflict`)",
+    413: "Body or upload too large (`payload_too_large`), or the storage quota is used up (`quota_exceeded`)",
+    422: "Invalid input (`invalid_request`, `invalid_recipe`, `invalid_model`, `invalid_dataset`...)",
+    429: "Too many requests, uploads in progress or active jobs (`rate_limited`; see `Retry-After`)",
+    503: "The database, broker or storage is unavailable (`unavailable`); retry shortly",
 }
 
 

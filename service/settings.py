@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,17 @@ class Settings(BaseSettings):
         20 << 30, ge=0, description="A worker's local cache of downloaded inputs, keyed by sha256."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per line, with request id, tenant, job id and attempt."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Operator token for GET /metrics (`Authorization: Bearer <token>`); needed when auth is on."
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Models, datasets and ended jobs older than this many days are removed; off if unset.",
+    )
 
     auth: Literal["on", "off"] = Field(
         "off",
@@ -54,6 +65,16 @@ class Settings(BaseSettings):
     uploads_in_flight: int = Field(8, ge=1, description="Uploads in progress at once in one API process.")
     allow_insecure: bool = Field(
         False, description="Let the API listen on a non-loopback address with auth off (never in production)."
+    )
+
+    events_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="How often an API process reads the jobs that have open event streams.",
+    )
+    events_heartbeat_s: float = Field(
+        15.0, gt=0, description="A comment line on every open event stream this often, so proxies keep it open."
     )
 
     worker_concurrency: int = Field(1, ge=1, le=64)
@@ -87,6 +108,10 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("QAAS_TASK_TIME_LIMIT_S must be larger than QAAS_TASK_SOFT_TIME_LIMIT_S")
+        if self.metrics_token is not None and not self.metrics_token.get_secret_value():
+            self.metrics_token = None  # an empty token (compose's default) is no token
+        elif self.metrics_token is not None and len(self.metrics_token.get_secret_value()) < 16:
+            raise ValueError("QAAS_METRICS_TOKEN must be at least 16 characters (or unset)")
         return self
 
     @property

@@ -263,11 +263,34 @@ async def _pipe(request: Request, parser: MultipartParser) -> None:
         raise first from None
 
 
+# The forms of the routes that read their body with `read_form`, as FastAPI would have documented
+# them: `add_form_schemas` puts them in the OpenAPI document's components.
+FORM_SCHEMAS: dict[str, dict[str, Any]] = {}
+NAME_FIELD = {
+    "type": "string",
+    "maxLength": 255,
+    "title": "Name",
+    "description": "Empty: the file name.",
+    "default": "",
+}
+
+
 def multipart_body(title: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     """`openapi_extra` for a route that reads its multipart form with `read_form`."""
-    schema = {"title": title, "type": "object", "properties": properties, "required": required}
+    FORM_SCHEMAS[title] = {"properties": properties, "type": "object", "required": required, "title": title}
+    schema = {"$ref": f"#/components/schemas/{title}"}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-def binary(description: str) -> dict[str, Any]:
-    return {"type": "string", "contentMediaType": "application/octet-stream", "description": description}
+def add_form_schemas(document: dict[str, Any]) -> dict[str, Any]:
+    document.setdefault("components", {}).setdefault("schemas", {}).update(FORM_SCHEMAS)
+    return document
+
+
+def binary(title: str, description: str) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "contentMediaType": "application/octet-stream",
+        "title": title,
+        "description": description,
+    }

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery.signals import setup_logging
+
+from service import logs
 from service.queue import QUEUE
 from service.settings import get_settings
 
@@ -10,8 +15,15 @@ def main() -> None:
     settings = get_settings()
     from worker.celery_app import app
 
+    if settings.log_format == "json":
+        # Our handler on the root logger; Celery (which sets up its own when nobody handles this
+        # signal) leaves logging alone, so its lines come out as JSON too.
+        logs.configure(settings.log_level, settings.log_format)
+        setup_logging.connect(_keep_our_logging, weak=False)
+
     app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line is JSON
             "worker",
             f"--loglevel={settings.log_level.upper()}",
             f"--concurrency={settings.worker_concurrency}",
@@ -25,6 +37,10 @@ def main() -> None:
             "--without-heartbeat",
         ]
     )
+
+
+def _keep_our_logging(**_: Any) -> None:
+    """Connected to Celery's `setup_logging`: logging is already configured."""
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, cast, get_args
 
+from service.contract.progress import Note
+
 JOB_FILE = "job.json"
 OUTCOME_FILE = "outcome.json"
 
@@ -102,11 +104,13 @@ class JobFile:
 
 @dataclass(frozen=True)
 class Progress:
-    """One progress line on the job process's stdout: a stage and the fraction of it done."""
+    """One progress line on the job process's stdout: a stage and the fraction of it done, and on the
+    lines where the engine says what it does now, its note (text and, in mode auto, the candidate;
+    see service/contract/progress.py). A line without a note leaves the last one standing."""
 
     stage: str
     fraction: float
-    note: str | None = None  # what the engine does now (mode auto: "candidate 2 of 6", "search step 3")
+    note: Note | None = None
 
     def line(self) -> str:
         return json.dumps(asdict(self)) + "\n"
@@ -115,8 +119,7 @@ class Progress:
     def parse(cls, line: bytes | str) -> Self:
         """Raises ValueError (json's errors included), KeyError or TypeError on a line that is not one."""
         data = json.loads(line)
-        note = data.get("note")
-        return cls(stage=str(data["stage"]), fraction=float(data["fraction"]), note=None if note is None else str(note))
+        return cls(stage=str(data["stage"]), fraction=float(data["fraction"]), note=Note.from_dict(data.get("note")))
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,15 @@ from worker.engine.auto import auto_quantize
 from worker.engine.checks import validate_job
 from worker.engine.compare import compare_models
 from worker.engine.preprocess import runnable_original
+from worker.engine.spec import Note
 from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"
 
 
 class Reporter:
+    """Progress lines on stdout (worker.contracts.Progress): every progress call, and every note."""
+
     def __init__(self) -> None:
         self.stage = Stage.VALIDATING
         self.fraction = 0.0
@@ -46,9 +49,9 @@ class Reporter:
         sys.stdout.write(Progress(str(stage), self.fraction).line())
         sys.stdout.flush()
 
-    def note(self, text: str) -> None:
-        """A line saying what the engine does now (mode auto: "candidate 2 of 6", "search step 3")."""
-        sys.stdout.write(Progress(str(self.stage), self.fraction, text[:200]).line())
+    def note(self, note: Note) -> None:
+        """What the engine does now (mode auto: "candidate 2 of 5: ..." with the candidate, "search step 3")."""
+        sys.stdout.write(Progress(str(self.stage), self.fraction, note).line())
         sys.stdout.flush()
 
 

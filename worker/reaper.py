@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import retention
 from service.database import transaction
 from service.jobs import state
 from service.settings import Settings
@@ -118,6 +119,8 @@ def _send(send: Callable[[str], None], job_id: str) -> bool:
 
 
 class Reaper:
+    """The sweep (and, with QAAS_RETENTION_DAYS, the retention sweep) on a timer."""
+
     def __init__(
         self,
         factory: sessionmaker[Session],
@@ -161,5 +164,14 @@ class Reaper:
                     log.warning("sweep failed (%s); retrying in %.0f s", exc.orig, self.settings.sweep_interval_s)
                 else:
                     log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
+            self._retention()
             self.wake.wait(self.settings.sweep_interval_s)
             self.wake.clear()
+
+    def _retention(self) -> None:
+        if self.settings.retention_days is None or self.storage is None:
+            return
+        try:
+            retention.sweep(self.factory, self.storage, self.settings.retention_days)
+        except Exception:
+            log.exception("retention sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)

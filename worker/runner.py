@@ -35,6 +35,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import logs
+from service.contract.progress import CandidateProgress, Note
 from service.database import make_engine, make_session_factory, transaction
 from service.errors import QuotaExceeded
 from service.jobs import state
@@ -111,6 +113,10 @@ def overall_progress(stage: str, fraction: float) -> float:
     return start + (end - start) * max(0.0, min(1.0, fraction))
 
 
+def _candidate(note: Note | None) -> CandidateProgress | None:
+    return None if note is None else note.candidate
+
+
 def _error(code: str, message: str, **detail: Any) -> JobError:
     return JobError(code, message, detail)
 
@@ -165,6 +171,7 @@ class JobRunner:
         try:
             with transaction(self.session_factory) as session:
                 attempt = state.claim(session, job_id, self.settings.job_lease_s)
+                origin = session.execute(select(Job.tenant, Job.request_id).where(Job.id == job_id)).one_or_none()
         except DBAPIError as exc:
             if transient(exc):
                 raise DatabaseUnavailable(f"the database is unreachable ({exc.orig})") from exc
@@ -172,6 +179,12 @@ class JobRunner:
         if attempt is None:
             log.info("job %s is not queued (duplicate or late message, or cancelled); skipping", job_id)
             return
+        tenant, request_id = origin if origin is not None else (None, None)
+        # Every log line of this attempt names the job, the attempt, the tenant and the request that made it.
+        with logs.bound(job_id=job_id, attempt=attempt, tenant=tenant, request_id=request_id):
+            self._attempt(job_id, attempt)
+
+    def _attempt(self, job_id: str, attempt: int) -> None:
         log.info("job %s: attempt %d started", job_id, attempt)
         workdir = self._workdir(job_id, attempt)
         try:
@@ -366,8 +379,8 @@ class JobRunner:
         started = time.monotonic()
         last_write = last_cancel_check = 0.0
         pending: tuple[str, float] = ("validating", 0.0)
-        pending_note: str | None = None
-        written_note: str | None = None
+        pending_note: Note | None = None  # the engine's last note stands until its next one
+        written_note: Note | None = None
         written: tuple[str, float] | None = None
         renew_s = self.settings.job_lease_s / 4
         shown = 0.0
@@ -383,7 +396,7 @@ class JobRunner:
                         continue
                     message = Progress.parse(line)
                     pending = (message.stage, message.fraction)
-                    if message.note:
+                    if message.note is not None:
                         pending_note = message.note
                 except queue.Empty:
                     pass
@@ -394,7 +407,10 @@ class JobRunner:
                     self._stop(child)
                     return ChildOutcome("handed_back")
                 # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
-                moved = (pending != written or pending_note != written_note) and now - last_write >= PROGRESS_INTERVAL_S
+                # A new candidate of mode auto is written at once: there are few, and each is worth showing.
+                moved = (pending != written or pending_note != written_note) and (
+                    now - last_write >= PROGRESS_INTERVAL_S or _candidate(pending_note) != _candidate(written_note)
+                )
                 if moved or now - last_write >= renew_s:
                     stage, fraction = pending
                     shown = max(shown, overall_progress(stage, fraction))  # never backwards
@@ -437,7 +453,7 @@ class JobRunner:
                 child.stdout.close()
         return self._read_outcome(child.returncode, workdir)
 
-    def _renew(self, job_id: str, attempt: int, stage: str, shown: float, note: str | None = None) -> bool:
+    def _renew(self, job_id: str, attempt: int, stage: str, shown: float, note: Note | None = None) -> bool:
         with transaction(self.session_factory) as session:
             return state.progress(session, job_id, attempt, stage, shown, self.settings.job_lease_s, note)
 

@@ -14,7 +14,7 @@ from service.deps import SessionDep, SettingsDep, StorageDep
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import Page, error_responses
 from service.tables import Dataset
-from service.upload_stream import binary, multipart_body, read_form
+from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
 from service.uploads import staging_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -35,13 +35,14 @@ PREPROCESS_EXAMPLE = (
     "rank are split into batches; rank-0 arrays are fed with every sample.",
     responses=error_responses(413, 422, 429),
     openapi_extra=multipart_body(
-        "Body_upload_dataset_v1_datasets_post",
+        "Body_upload_dataset",
         {
-            "file": binary("The .npz, .npy or .zip file."),
-            "name": {"anyOf": [{"type": "string", "maxLength": 255}, {"type": "null"}]},
+            "file": binary("File", "The .npz, .npy or .zip file."),
+            "name": NAME_FIELD,
             "preprocess": {
                 "anyOf": [{"type": "string"}, {"type": "null"}],
-                "description": "JSON, for image archives only.",
+                "title": "Preprocess",
+                "description": "JSON, for image archives only (ignored for arrays).",
                 "examples": [PREPROCESS_EXAMPLE],
             },
         },
@@ -67,7 +68,7 @@ async def upload_dataset(
             settings,
             tenant,
             form.file("file"),
-            form.field("name"),
+            form.field("name") or "",
             form.field("preprocess"),
         )
         return DatasetOut.model_validate(row)

@@ -51,7 +51,7 @@ def create_dataset(
             sha256=staged.sha256,
             tensors=info.tensors,
             has_labels=info.has_labels,
-            preprocess=preprocess,
+            preprocess=preprocess if info.format == "images" else None,  # arrays are fed as they are
         )
         # The row first, as for models: a refused insert stores nothing, a rollback removes the file.
         session.add(row)

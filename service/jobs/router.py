@@ -5,21 +5,31 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, StreamingResponse
+from sse_starlette import EventSourceResponse
 
+from service import logs
 from service.auth import TenantDep
 from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from service.downloads import DOWNLOAD_RESPONSES, download
 from service.errors import Conflict
-from service.jobs import service
-from service.jobs.schemas import ArtifactOut, JobCreate, JobOut, JobResult
+from service.jobs import events, service
+from service.jobs.schemas import JOB_EXAMPLES, ArtifactOut, JobCreate, JobOut, JobResult
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.reports.html import render_report_html
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.tables import Job
 
 log = logging.getLogger(__name__)
+EVENTS_EXAMPLE = (
+    'event: status\nid: 1764470000123456.0\ndata: {"job_id":"3f0e...","status":"running","stage":"calibrating",'
+    '"progress":0.31,"attempts":1,"candidate":null}\n\n'
+    'event: progress\nid: 1764470000123456.1\ndata: {"job_id":"3f0e...","status":"running","stage":"calibrating",'
+    '"progress":0.31,"attempts":1,"candidate":null}\n\n'
+    ": ping\n\n"
+    'event: end\nid: 1764470004000000.2\ndata: {"id":"3f0e...","status":"succeeded", ...}\n\n'
+)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
@@ -32,7 +42,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     responses=error_responses(404, 409, 413, 422, 429, 503),
 )
 def create_job(
-    body: JobCreate,
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     response: Response,
     session: SessionDep,
     storage: StorageDep,
@@ -41,7 +51,8 @@ def create_job(
     queue: QueueDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    job = service.submit_job(session, storage, queue, settings, tenant, body, idempotency_key)
+    request_id = logs.current().request_id
+    job = service.submit_job(session, storage, queue, settings, tenant, body, idempotency_key, request_id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobOut.model_validate(job)
 
@@ -72,6 +83,60 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
 )
 def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
     return JobOut.model_validate(service.cancel_job(session, tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job live (Server-Sent Events)",
+    description="A `text/event-stream` of `status` events (each status change), `progress` events (stage, "
+    "progress and, in mode auto, the candidate recipe k of n) and one `end` event whose data is the whole Job "
+    "(result or error included), after which the stream closes. The first events give the current state. "
+    "Each event carries an `id`: reconnect with `Last-Event-ID` to resume without repeats; a stream whose "
+    "`end` was already delivered answers 204. A comment line is sent every `QAAS_EVENTS_HEARTBEAT_S` seconds "
+    "so proxies keep the connection open.",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "The event stream. `status` and `progress` data: a JobEvent; `end` data: a Job.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": EVENTS_EXAMPLE,
+                }
+            },
+        },
+        204: {"description": "The stream's `end` event was already delivered (`Last-Event-ID`): nothing is left."},
+        **error_responses(404),
+    },
+)
+def job_events(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> Response:
+    job = service.get_job(session, tenant, job_id)
+    first, updated_at = JobOut.model_validate(job), job.updated_at
+    last_seen = events.parse_last_event_id(last_event_id)
+    if first.status in events.TERMINAL and events.already_ended(events.Snapshot.of(first, updated_at).stamp, last_seen):
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    hub: events.EventHub = request.app.state.event_hub
+    return EventSourceResponse(hub.stream(first, updated_at, last_seen), ping=settings.events_heartbeat_s)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an ended job and its artifacts",
+    description="Removes the job, its report and every artifact (the quantized model included). Refused with "
+    "409 `conflict` while the job is queued or running: cancel it first.",
+    responses=error_responses(404, 409),
+)
+def delete_job(session: SessionDep, storage: StorageDep, tenant: TenantDep, job_id: str) -> Response:
+    service.delete_job(session, storage, tenant, job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get(

@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
 
+from service.contract.progress import CandidateProgress, candidate_of
 from service.contract.recipe import Recipe, parse_recipe, unchecked_recipe
+from service.jobs.results import JobResult
 from service.schemas import ErrorInfo, OrmModel
 
-__all__ = ["Recipe"]
+__all__ = ["CandidateProgress", "JobResult", "Recipe"]
 
 
 class EvaluationSettings(BaseModel):
@@ -46,135 +48,79 @@ class JobCreate(BaseModel):
     evaluation: EvaluationSettings = Field(default_factory=lambda: EvaluationSettings())
 
 
-class LatencyStats(BaseModel):
-    p50: float
-    p90: float
-    p99: float
-    mean: float
-    std: float
-    min: float
-    max: float
+_IDS = {"model_id": "<id from POST /v1/models>", "calibration_dataset_id": "<id from POST /v1/datasets>"}
+JOB_EXAMPLES: dict[str, Any] = {
+    "static": {
+        "summary": "Static int8 (QDQ, per-channel MinMax): needs calibration data",
+        "value": {
+            **_IDS,
+            "recipe": {"mode": "static", "calibration_method": "minmax", "per_channel": True},
+            "evaluation": {"latency_runs": 50, "warmup_runs": 5},
+        },
+    },
+    "auto": {
+        "summary": "Auto: try several recipes, keep the fastest within 1 point of top-1",
+        "value": {**_IDS, "recipe": {"mode": "auto", "accuracy_tolerance": 0.01}},
+    },
+    "transformer": {
+        "summary": "Static on MatMul/Gemm only, Percentile calibration (transformers)",
+        "value": {
+            **_IDS,
+            "recipe": {
+                "mode": "static",
+                "calibration_method": "percentile",
+                "percentile": 99.99,
+                "per_channel": True,
+                "op_types_to_quantize": ["MatMul", "Gemm"],
+            },
+        },
+    },
+    "dynamic": {
+        "summary": "Dynamic int8: no data needed",
+        "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "dynamic"}},
+    },
+    "weight_only": {
+        "summary": "Weight-only int4 (MatMulNBits) for large MatMul models",
+        "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "weight_only", "block_size": 128}},
+    },
+    "fp16": {"summary": "Float16: half the size", "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "fp16"}}},
+}
 
 
-class ModelMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    size_bytes: int
-    latency_ms: LatencyStats | None = None
-    throughput_per_s: float | None = None
-    accuracy: float | None = None
-
-
-class OutputFidelity(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    cosine: float | None = None
-    sqnr_db: float | None = None
-    max_abs_error: float | None = None
-    mean_abs_error: float | None = None
-    top1_agreement: float | None = None
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStage = Literal[
+    "queued",
+    "validating",
+    "preprocessing",
+    "calibrating",
+    "quantizing",
+    "evaluating",
+    "reporting",
+    "done",
+]
 
 
-class AccuracyComparison(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class JobEvent(BaseModel):
+    """The `data` of a `status` or `progress` event on `GET /v1/jobs/{id}/events`."""
 
-    metric: str
-    original: float
-    quantized: float
-    delta: float
-
-
-class Comparison(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    size_ratio: float
-    speedup_p50: float | None = None
-    outputs: list[OutputFidelity] = Field(default_factory=list)
-    accuracy: AccuracyComparison | None = None
-
-
-class AutoTrial(BaseModel):
-    """One model mode auto measured: a whole-model candidate or a mixed-precision search step."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    stage: Literal["candidate", "step"] = "candidate"
-    parent: str | None = Field(None, description="Steps: the candidate the search started from.")
-    recipe: dict[str, Any] = Field(default_factory=dict)
-    p50_ms: float | None = None
-    float_p50_ms: float | None = None
-    speedup: float | None = None
-    latency_runs: int = 0
-    size_bytes: int | None = None
-    metric: str | None = None
-    fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
-    accuracy_drop: float | None = None
-    within_budget: bool = False
-    error: dict[str, Any] | None = None
-
-
-class AutoSearch(BaseModel):
-    """`result.quantization.auto`: what mode auto measured and why it chose what it chose."""
-
-    model_config = ConfigDict(extra="allow")
-
-    verdict: Literal["quantized", "keep_float"] | None = Field(
-        None, description="Null only in results of searches made before verdicts existed."
-    )
-    headline: str = ""
-    objective: Literal["latency", "size"] = "latency"
-    chosen: str
-    effective_recipe: dict[str, Any] | None = Field(
-        None, description="A plain static/dynamic/... recipe that reproduces the artifact (null: the float model)."
-    )
-    fidelity: dict[str, Any] | None = None
-    candidates: list[AutoTrial] = Field(default_factory=list)
-    steps: list[AutoTrial] = Field(default_factory=list)
-    search_seconds: float | None = None
-    time_budget_exhausted: bool = False
-
-
-class QuantizationFacts(BaseModel):
-    """`result.quantization`: what the engine did (free-form facts, plus mode auto's typed search)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    auto: AutoSearch | None = None
-
-
-class JobResult(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    quantization: QuantizationFacts | None = None
-    original: ModelMetrics
-    quantized: ModelMetrics
-    comparison: Comparison
-    warnings: list[str] = Field(default_factory=list)
-    timings_s: dict[str, float] = Field(default_factory=dict)
-    peak_memory_bytes: int | None = None
-    preprocessing_steps: list[str] = Field(default_factory=list)
-    machine: dict[str, Any] = Field(default_factory=dict)
+    job_id: str
+    status: JobStatusName
+    stage: JobStage
+    progress: float = Field(ge=0, le=1)
+    attempts: int
+    progress_note: str | None = Field(None, description="What the job does now, as `Job.progress_note`.")
+    candidate: CandidateProgress | None = Field(None, description="Mode auto's candidate k of n, as `Job.candidate`.")
 
 
 class JobOut(OrmModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    stage: Literal[
-        "queued",
-        "validating",
-        "preprocessing",
-        "calibrating",
-        "quantizing",
-        "evaluating",
-        "reporting",
-        "done",
-    ]
+    status: JobStatusName
+    stage: JobStage
     progress: float = Field(ge=0, le=1)
     progress_note: str | None = Field(
         None, description='What the running job does now, e.g. mode auto\'s "candidate 2 of 6" or "search step 3".'
     )
+    progress_detail: dict[str, Any] | None = Field(None, exclude=True)
     model_id: str
     calibration_dataset_id: str | None
     evaluation_dataset_id: str | None
@@ -197,6 +143,13 @@ class JobOut(OrmModel):
             except (ValueError, ValidationError):
                 return unchecked_recipe(value)
         return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def candidate(self) -> CandidateProgress | None:
+        """Mode auto, while it tries its whole-model candidates: which one, of how many (`progress_note`
+        says the same in words)."""
+        return candidate_of(self.progress_detail)
 
 
 class ArtifactOut(OrmModel):

@@ -7,12 +7,12 @@ import json
 import logging
 from datetime import timedelta
 
-from sqlalchemy import Select, select, text
+from sqlalchemy import CursorResult, Select, delete, exists, select, text
 from sqlalchemy.orm import Session
 
 from service.contract.formats import DatasetPlan, ModelFacts, plan_dataset
 from service.contract.recipe import RecipeError, check_recipe_for_model, check_reference_fits
-from service.database import utcnow
+from service.database import after_commit, utcnow
 from service.datasets.service import get_dataset
 from service.errors import Conflict, NotFound, Unavailable
 from service.jobs import state
@@ -22,7 +22,7 @@ from service.queue import JobQueue
 from service.quotas import check_active_jobs, check_job_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Artifact, Dataset, Job, OnnxModel
+from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -68,11 +68,13 @@ def submit_job(
     tenant: str,
     body: JobCreate,
     idempotency_key: str | None,
+    request_id: str | None = None,
 ) -> Job:
     """Create the job (or find the one this Idempotency-Key made), commit, then send its message.
     A job is never left created but not sent: when the broker refuses, the job is deleted again
-    and the client is told to retry (503)."""
-    job, created = create_job(session, storage, settings, tenant, body, idempotency_key)
+    and the client is told to retry (503). `request_id` (X-Request-ID) follows the job into the
+    worker's log lines."""
+    job, created = create_job(session, storage, settings, tenant, body, idempotency_key, request_id)
     session.commit()
     if created:
         try:
@@ -95,6 +97,7 @@ def create_job(
     tenant: str,
     body: JobCreate,
     idempotency_key: str | None,
+    request_id: str | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). An existing job is returned for a repeated Idempotency-Key. Every
     rule the engine would apply to the recipe and the datasets runs here first, from the facts
@@ -127,6 +130,7 @@ def create_job(
         evaluation=body.evaluation.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         request_sha256=digest,
+        request_id=request_id,  # the worker's log lines for this job carry it
     )
     session.add(job)
     session.flush()
@@ -202,6 +206,22 @@ def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> Artif
             detail={"job_id": job_id, "name": name},
         )
     return artifact
+
+
+def delete_job(session: Session, storage: Storage, tenant: str, job_id: str) -> None:
+    """Remove an ended job, its artifact rows and (once committed) its stored files. A queued or
+    running job is refused: its worker may still be writing them."""
+    job = get_job(session, tenant, job_id)
+    ended = Job.status.notin_(ACTIVE_STATUSES)
+    session.execute(delete(Artifact).where(Artifact.job_id == job.id, exists().where(Job.id == job.id, ended)))
+    gone = session.execute(delete(Job).where(Job.id == job.id, ended))
+    if not isinstance(gone, CursorResult) or gone.rowcount != 1:
+        raise Conflict(
+            f"The job is {job.status}; cancel it first (POST /v1/jobs/{job_id}/cancel), then delete it.",
+            detail={"job_id": job_id, "status": job.status},
+        )
+    session.expunge(job)
+    after_commit(session, lambda: storage.delete_prefix(f"jobs/{job_id}"))
 
 
 def delete_job_row(session: Session, job_id: str) -> None:

@@ -15,11 +15,14 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from service.contract.progress import Note
 from service.database import utcnow
 from service.tables import Job, JobStatus
 
 RUNNING = JobStatus.RUNNING.value
 QUEUED = JobStatus.QUEUED.value
+# A job's note says what it does while it runs: every transition out of (or into) running clears it.
+NO_NOTE: dict[str, Any] = {"progress_note": None, "progress_detail": None}
 
 
 def _changed(result: Any) -> bool:
@@ -37,6 +40,7 @@ def claim(session: Session, job_id: str, lease_s: float) -> int | None:
             status=RUNNING,
             stage="validating",
             progress=0.0,
+            **NO_NOTE,
             attempts=Job.attempts + 1,
             started_at=now,
             updated_at=now,
@@ -55,12 +59,12 @@ def _owned(job_id: str, attempt: int) -> Any:
 
 
 def progress(
-    session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float, note: str | None = None
+    session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: float, note: Note | None = None
 ) -> bool:
-    """Record progress (and what the job does now, when the engine says) and renew the lease;
-    False when the job is no longer this attempt's."""
+    """Record progress and what the job does now (the engine's last note: its text and, in mode auto,
+    the candidate it names, both columns from the one note) and renew the lease; False when the job is
+    no longer this attempt's."""
     now = utcnow()
-    extra = {"progress_note": note[:200]} if note else {}
     return _changed(
         session.execute(
             update(Job)
@@ -68,9 +72,10 @@ def progress(
             .values(
                 stage=stage,
                 progress=max(0.0, min(1.0, fraction)),
+                progress_note=None if note is None else note.text,
+                progress_detail=None if note is None else note.detail(),
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_s),
-                **extra,
             )
         )
     )
@@ -88,7 +93,7 @@ def succeed(session: Session, job_id: str, attempt: int, result: dict[str, Any])
                 status=JobStatus.SUCCEEDED.value,
                 stage="done",
                 progress=1.0,
-                progress_note=None,
+                **NO_NOTE,
                 result=result,
                 finished_at=now,
                 updated_at=now,
@@ -104,7 +109,7 @@ def fail(session: Session, job_id: str, attempt: int, error: dict[str, Any], *, 
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt))
-            .values(status=status, error=error, finished_at=now, updated_at=now, lease_expires_at=None)
+            .values(status=status, error=error, finished_at=now, updated_at=now, lease_expires_at=None, **NO_NOTE)
         )
     )
 
@@ -126,6 +131,7 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
                 status=QUEUED,
                 stage="queued",
                 progress=0.0,
+                **NO_NOTE,
                 attempts=Job.attempts - 1,
                 started_at=None,
                 updated_at=now,
@@ -195,6 +201,7 @@ def cancel_lost(session: Session, job_id: str, attempt: int) -> bool:
                 finished_at=now,
                 updated_at=now,
                 lease_expires_at=None,
+                **NO_NOTE,
             )
         )
     )
@@ -208,7 +215,7 @@ def requeue_lost(session: Session, job_id: str, attempt: int) -> bool:
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.lease_expires_at < now, Job.cancel_requested.is_(False))
-            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=now, lease_expires_at=None)
+            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=now, lease_expires_at=None, **NO_NOTE)
         )
     )
 
@@ -231,6 +238,7 @@ def fail_lost(session: Session, job_id: str, attempt: int, max_attempts: int) ->
                 finished_at=now,
                 updated_at=now,
                 lease_expires_at=None,
+                **NO_NOTE,
             )
         )
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response, status
@@ -18,10 +18,17 @@ from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.storage import ObjectWriter
 from service.tables import OnnxModel, new_id
-from service.upload_stream import binary, multipart_body, read_form
+from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
 from service.uploads import staging_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _only_files(value: Any) -> Any:
+    """Keep the file parts of `external_data`. A text part carries no file: it is what a form tool sends
+    for a file field left empty (Swagger UI sends the word `string`), so it is dropped, not refused."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if v is not None and not isinstance(v, str)]
 
 
 @router.post(
@@ -33,17 +40,18 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     "the answer lists its inputs, outputs and operators.",
     responses=error_responses(413, 422, 429),
     openapi_extra=multipart_body(
-        "Body_upload_model_v1_models_post",
+        "Body_upload_model",
         {
-            "file": binary("The .onnx file."),
+            "file": binary("File", "The .onnx file."),
             "external_data": {
-                "anyOf": [{"type": "array", "items": binary("One external data file.")}, {"type": "null"}],
-                "description": "External data files named as the model refers to them, or one .zip of them.",
+                "type": "array",
+                "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+                "title": "External Data",
+                "description": "External data files named as the model refers to them, or one .zip of them. "
+                "Text parts under this name carry no file (a form tool sends one for a field left empty) "
+                "and are ignored.",
             },
-            "name": {
-                "anyOf": [{"type": "string", "maxLength": 255}, {"type": "null"}],
-                "description": "Defaults to the file name.",
-            },
+            "name": NAME_FIELD,
         },
         ["file"],
     ),
@@ -82,7 +90,7 @@ async def upload_model(
                 tenant,
                 form.file("file"),
                 form.files.get("external_data", []),
-                form.field("name"),
+                form.field("name") or "",
                 model_id,
             )
             return ModelOut.model_validate(row)

@@ -15,7 +15,9 @@ import pytest
 
 from service.run import API, MIGRATE, WORKER
 from tests.conftest import clean_qaas_env, free_port, fresh_database, redis_prefix
+from tests.openapi_check import ResponseChecker
 from tests.s3 import S3Server
+from tests.sse import Event, EventReader
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -31,9 +33,13 @@ class Deployment:
     data_dir: Path
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    checker: ResponseChecker | None = None
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=60)
+        """Every response it receives is checked against the deployment's own OpenAPI document."""
+        if self.checker is None:
+            self.checker = ResponseChecker.of(self.base_url)
+        return httpx.Client(base_url=self.base_url, timeout=60, event_hooks={"response": [self.checker]})
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:
@@ -128,7 +134,9 @@ def deploy_scaled_out(
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    yield from deploy("embedded", tmp_path_factory.mktemp("embedded"))
+    # Event streams poll every 50 ms (default 500): mode auto's search on the tests' tiny models spends a
+    # few hundred ms on its first candidate and far less on the others, and a stream shows what a poll sees.
+    yield from deploy("embedded", tmp_path_factory.mktemp("embedded"), QAAS_EVENTS_POLL_S="0.05")
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +208,12 @@ def wait_for_job(
             return job, seen
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s; states seen: {seen}")
+
+
+def follow_job(client: httpx.Client, job_id: str) -> tuple[dict[str, Any], list[Event]]:
+    """Follow the job's event stream to its end; returns the final job (the `end` event) and every event."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        events = EventReader(response).until_end()
+    assert events and events[-1].event == "end", [e.event for e in events]
+    job: dict[str, Any] = events[-1].data
+    return job, events

@@ -164,11 +164,18 @@ def test_collections_and_new_jobs_stay_within_the_tenant(world: World, tmp_path:
         for method, path, op in world.operations:
             if _path_params(op) or (method, path) in PUBLIC:
                 continue
-            if method == "GET":
+            if (method, path) == ("GET", "/metrics"):
+                # It spans every tenant, so no tenant's key reads it (the operator token does).
+                refused = bob.get(path)
+                assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden", refused.text
+            elif method == "GET":
                 answer = bob.get(path)
                 assert answer.status_code == 200, (path, answer.text)
                 leaked = [i for i in alice_ids if i in answer.text]
                 assert not leaked, f"GET {path} shows bob alice's {leaked}"
+                if path == "/v1/usage":  # bob's own counts: alice's succeeded job is not among them
+                    usage = answer.json()
+                    assert usage["tenant"].startswith("bob-") and usage["jobs"]["succeeded"] == 0, usage
             elif (method, path) == ("POST", "/v1/jobs"):
                 for body in (
                     {"model_id": world.ids["model_id"], "recipe": {"mode": "dynamic"}},

@@ -15,7 +15,7 @@ import pytest
 
 from service.reports.html import fmt_bytes, fmt_db, fmt_float, fmt_ms, fmt_pct, fmt_points, fmt_value, fmt_x
 from tests.browser import chromium, rendered_dom, visible_text
-from tests.e2e.conftest import Deployment, wait_for_job
+from tests.e2e.conftest import Deployment, follow_job, wait_for_job
 from tests.onnx_models import conv_classifier, matmul_mlp
 from tests.service.helpers import npz_bytes
 
@@ -46,13 +46,15 @@ def test_static_quantization_from_upload_to_download(any_storage: Deployment, tm
         )
         assert created.status_code == 202, created.text
         assert created.headers["location"] == f"/v1/jobs/{created.json()['id']}"
-        job, seen = wait_for_job(http, created.json()["id"])
+        # Followed live over Server-Sent Events: status changes, progress, then the whole job.
+        job, events = follow_job(http, created.json()["id"])
         assert job["status"] == "succeeded", (job["error"], deployment.log_tail())
+        assert job == http.get(f"/v1/jobs/{job['id']}").json()
         assert job["stage"] == "done" and job["progress"] == 1.0 and job["attempts"] == 1
-        running = [s for s in seen if s["status"] == "running"]
-        assert running, f"never saw the job running: {seen}"
-        progress = [s["progress"] for s in seen]
-        assert progress == sorted(progress), f"progress went backwards: {seen}"
+        statuses = [e.data["status"] for e in events if e.event == "status"]
+        assert statuses[-1] == "succeeded" and "running" in statuses, statuses
+        progress = [e.data["progress"] for e in events if e.event == "progress"]
+        assert progress == sorted(progress) and progress[-1] == 1.0, f"progress went backwards: {progress}"
         assert job["started_at"] and job["finished_at"] and job["finished_at"] >= job["started_at"]
 
         result = job["result"]

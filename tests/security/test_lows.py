@@ -15,14 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.database import transaction
 from service.run import API
 from service.settings import Settings
 from service.storage import LocalStorage
-from service.tables import Artifact
 from tests.e2e.conftest import clean_env, free_port
 from tests.onnx_models import conv_classifier
-from tests.service.helpers import assert_error
+from tests.service.helpers import assert_error, store_artifact
 from tests.worker.engine.test_evaluate import FAST
 from worker.contracts import EvaluationSettings, JobFile, Limits
 from worker.engine.evaluate import evaluate
@@ -117,21 +115,8 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ances
 def test_report_page_and_downloads_carry_real_headers(client: TestClient, tmp_path: Path) -> None:
     model = client.post("/v1/models", files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())})
     job = client.post("/v1/jobs", json={"model_id": model.json()["id"], "recipe": {"mode": "dynamic"}}).json()
-    storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
-    src = tmp_path / "quantized.onnx"
-    src.write_bytes(b"<html><script>alert(1)</script></html>")  # what a sniffing browser would render
-    stored = storage.put_file(f"jobs/{job['id']}/1/quantized.onnx", src)
-    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        session.add(
-            Artifact(
-                job_id=job["id"],
-                name="quantized.onnx",
-                storage_key=stored.key,
-                size_bytes=stored.size_bytes,
-                sha256=stored.sha256,
-                media_type="application/octet-stream",
-            )
-        )
+    # What a sniffing browser would render:
+    store_artifact(client, job["id"], b"<html><script>alert(1)</script></html>", tmp_path)
     report = client.get(f"/v1/jobs/{job['id']}/report.html")
     assert report.status_code == 200
     assert report.headers["content-security-policy"] == CSP

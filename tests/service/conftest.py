@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -27,3 +34,46 @@ def client(app_settings: Settings) -> Iterator[TestClient]:
     """The real app on a real database and broker (see `app_settings`)."""
     with TestClient(create_app(app_settings), raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def auth_settings(app_settings: Settings) -> Settings:
+    return app_settings.model_copy(update={"auth": "on"})
+
+
+@dataclass
+class LiveServer:
+    """The real app served by uvicorn on a loopback port, in a thread of the test process."""
+
+    url: str
+    app: FastAPI
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+
+def serve(settings: Settings) -> Iterator[LiveServer]:
+    app = create_app(settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live server did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def live(app_settings: Settings) -> Iterator[LiveServer]:
+    """A live server on both deployments (see `app_settings`), with quick event polls and heartbeats."""
+    yield from serve(app_settings.model_copy(update={"events_poll_s": 0.05, "events_heartbeat_s": 0.3}))

@@ -36,6 +36,35 @@ def upload_dataset(client: TestClient, content: bytes, filename: str = "calib.np
     return body
 
 
+def store_artifact(
+    client: TestClient,
+    job_id: str,
+    content: bytes,
+    tmp_path: Path,
+    *,
+    name: str = "quantized.onnx",
+    media_type: str = "application/octet-stream",
+) -> Path:
+    """Store `content` as the job's (attempt 1) artifact `name` with its row, as a worker would; the
+    stored file's path when the storage is the local folder."""
+    storage: Storage = client.app.state.storage  # type: ignore[attr-defined]
+    src = tmp_path / f"{job_id}-{name}"
+    src.write_bytes(content)
+    stored = storage.put_file(f"jobs/{job_id}/1/{name}", src)
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        session.add(
+            Artifact(
+                job_id=job_id,
+                name=name,
+                storage_key=stored.key,
+                size_bytes=stored.size_bytes,
+                sha256=stored.sha256,
+                media_type=media_type,
+            )
+        )
+    return client.app.state.settings.resolved_storage_dir / stored.key  # type: ignore[attr-defined,no-any-return]
+
+
 def conv_model_and_data(client: TestClient, tmp_path: Path, n: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
     model = upload_model(client, conv_classifier(tmp_path / "conv.onnx"))
     samples = np.random.default_rng(0).random((n, 1, 3, 8, 8), dtype=np.float32)
@@ -57,20 +86,3 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert isinstance(body["error"]["detail"], dict)
     error: dict[str, Any] = body["error"]
     return error
-
-
-def add_artifact(client: TestClient, job_id: str, src: Path, media_type: str) -> Artifact:
-    """Store `src` as an artifact of attempt 1 of the job and record it, as a worker would."""
-    storage: Storage = client.app.state.storage  # type: ignore[attr-defined]
-    stored = storage.put_file(f"jobs/{job_id}/1/{src.name}", src)
-    row = Artifact(
-        job_id=job_id,
-        name=src.name,
-        storage_key=stored.key,
-        size_bytes=stored.size_bytes,
-        sha256=stored.sha256,
-        media_type=media_type,
-    )
-    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        session.add(row)
-    return row

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.onnx_models import matmul_mlp
-from tests.service.helpers import add_artifact, assert_error, upload_model
+from tests.service.helpers import assert_error, store_artifact, upload_model
 from tests.service.test_tenants import _as, _key
 
 
@@ -72,9 +72,7 @@ def _artifact(api: TestClient, key: str, tmp_path: Path) -> tuple[str, bytes]:
     job = api.post("/v1/jobs", headers=_as(key), json={"model_id": model.json()["id"], "recipe": {"mode": "dynamic"}})
     assert job.status_code == 202, job.text
     content = b"quantized bytes " * 1000
-    src = tmp_path / "quantized.onnx"
-    src.write_bytes(content)
-    add_artifact(api, job.json()["id"], src, "application/octet-stream")
+    store_artifact(api, job.json()["id"], content, tmp_path)
     return job.json()["id"], content
 
 

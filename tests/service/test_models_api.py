@@ -113,3 +113,15 @@ def test_external_data_is_stored_beside_the_model_with_its_hash(client: TestClie
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == expected["sha256"]
     missing = client.post("/v1/models", files={"file": (path.name, path.read_bytes())})
     assert missing.status_code == 422 and missing.json()["error"]["code"] in ("external_data_escape", "invalid_model")
+
+
+def test_a_text_part_in_external_data_is_no_file(client: TestClient, tmp_path: Path) -> None:
+    """What Swagger UI sends for the external-data field left empty: the word `string`, as text."""
+    path = conv_classifier(tmp_path / "m.onnx")
+    response = client.post(
+        "/v1/models",
+        files=[("file", ("m.onnx", path.read_bytes())), ("external_data", (None, "string"))],
+        data={"name": ""},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["external_data"] == [] and response.json()["name"] == "m"

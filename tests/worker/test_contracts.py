@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.contract.progress import CandidateProgress, Note
 from service.jobs.schemas import JobResult
 from tests.onnx_models import matmul_mlp
 from worker.contracts import (
@@ -56,9 +57,9 @@ def test_the_job_file_reads_back_as_written(tmp_path: Path) -> None:
     job = _job_file(tmp_path / "m.onnx", tmp_path / "d.npz", {"mode": "static", "per_channel": True})
     job.write(tmp_path)
     assert JobFile.read(tmp_path) == job
-    compare = dataclasses.replace(job, reference_model_path=str(tmp_path / "float.onnx"))
+    compare = dataclasses.replace(job, recipe={"mode": "compare"}, reference_model_path=str(tmp_path / "float.onnx"))
     compare.write(tmp_path)
-    assert JobFile.read(tmp_path) == compare  # mode compare's reference survives the trip
+    assert JobFile.read(tmp_path) == compare
 
 
 def test_the_outcome_reads_back_as_written(tmp_path: Path) -> None:
@@ -90,6 +91,13 @@ def test_the_contracts_carry_every_field_of_the_engine_specs_and_of_job_result()
     assert _names(DataSource) == _names(DatasetSource)
     assert _names(TensorInfo) == _names(TensorSpec)
     assert set(JobResult.model_fields) <= _names(JobResultData)
+
+
+def test_a_progress_line_carries_the_engines_note_whole() -> None:
+    note = Note("candidate 2 of 5: static QDQ", CandidateProgress(2, 5, "static QDQ"))
+    assert Progress.parse(Progress("quantizing", 0.5, note).line()) == Progress("quantizing", 0.5, note)
+    assert Progress.parse(Progress("quantizing", 0.6).line()).note is None
+    assert Progress.parse(Progress("quantizing", 0.7, Note("search step 3")).line()).note == Note("search step 3")
 
 
 def test_a_job_process_speaks_the_contracts(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ these live in tests/e2e/test_faults.py."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +27,7 @@ from service.tables import Artifact, Job
 from tests.service.test_job_state import _job
 from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
-from worker.runner import DatabaseUnavailable, JobRunner
+from worker.runner import DatabaseUnavailable, JobRunner, overall_progress
 
 Factory = sessionmaker[Session]
 
@@ -312,3 +314,70 @@ def test_celery_settings_agree_with_the_leases(settings: Settings) -> None:
     assert config["task_soft_time_limit"] > production.job_timeout_s
     assert config["task_time_limit"] > config["task_soft_time_limit"]
     assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]
+
+
+# -- progress notes ------------------------------------------------------------------------------
+
+TALKING_JOB = """
+import pathlib, sys, time
+import worker.job_process as job_process
+from service.contract.progress import CandidateProgress, Note
+from worker.engine import EngineError
+go = pathlib.Path(sys.argv[2])
+
+def wait(step):
+    while not (go / step).exists():
+        time.sleep(0.02)
+
+def run(job, workdir, report):
+    report(job_process.Stage.QUANTIZING, 0.1)
+    report.note(Note("candidate 1 of 2: static", CandidateProgress(1, 2, "static")))
+    report(job_process.Stage.QUANTIZING, 0.2)  # a line without a note leaves the note standing
+    wait("1")
+    report.note(Note("search step 1: back to float"))
+    wait("2")
+    raise EngineError("quantization_failed", "scripted", {})
+
+job_process.run = run
+sys.exit(job_process.main(pathlib.Path(sys.argv[1])))
+"""
+
+
+def test_the_engines_note_reaches_the_job_whole(
+    settings: Settings, factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the job process says it does (text, and auto's candidate) lands in both columns from the
+    same note, stays while lines without a note pass, is replaced whole by the next note, and is
+    cleared when the job ends."""
+    from service.contract.progress import CandidateProgress, candidate_of
+    from tests.security.test_job_sandbox import job_process_is
+
+    job_process_is(monkeypatch, TALKING_JOB, str(tmp_path))
+    job_id = _job(factory)
+    runner = _runner(settings, factory)
+    thread = threading.Thread(target=runner.run, args=(job_id,))
+    thread.start()
+
+    def said(note: str, progress: float = 0.0) -> tuple[str | None, CandidateProgress | None]:
+        """The job's note and candidate once its note is `note` and its progress at least `progress`
+        (or as they stand after a minute)."""
+        deadline = time.monotonic() + 60
+        while True:
+            job = _job_row(factory, job_id)
+            if (job.progress_note == note and job.progress >= progress) or time.monotonic() > deadline:
+                return job.progress_note, candidate_of(job.progress_detail)
+            time.sleep(0.05)
+
+    try:
+        # Read once the noteless line after the note (0.2 of quantizing) was written too.
+        after = overall_progress("quantizing", 0.2)
+        first = "candidate 1 of 2: static"
+        assert said(first, after) == (first, CandidateProgress(1, 2, "static"))
+        (tmp_path / "1").touch()
+        assert said("search step 1: back to float") == ("search step 1: back to float", None)
+    finally:
+        (tmp_path / "1").touch()
+        (tmp_path / "2").touch()
+        thread.join(timeout=60)
+    job = _job_row(factory, job_id)
+    assert (job.status, job.progress_note, job.progress_detail) == ("failed", None, None)

@@ -42,15 +42,19 @@ from worker.engine.quantize import OUTPUT_NAME, Reuse, preparation, prepare_for,
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
 from worker.engine.sensitivity import Sensitivity, confirm_by_ablation, dynamic_sensitivity, static_sensitivity
 from worker.engine.spec import (
+    CandidateProgress,
     DatasetSource,
     EvaluationSpec,
     Mode,
+    Note,
+    NoteCallback,
     Objective,
     ProgressCallback,
     QuantFormat,
     QuantizationSpec,
     Stage,
     TensorSpec,
+    no_note,
     no_progress,
 )
 
@@ -167,7 +171,7 @@ class Search:
     clock: Callable[[], float]
     deadline: float
     progress: ProgressCallback
-    note: Callable[[str], None]
+    note: NoteCallback
     prepared: dict[tuple[Any, ...], Prepared] = field(default_factory=dict)
     calibrations: dict[tuple[Any, ...], CalibrationResult] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
@@ -241,7 +245,7 @@ class Search:
 
     def step(self, start: Trial, name: str, **changes: Any) -> Trial:
         self.steps_done += 1
-        self.note(f"search step {self.steps_done}: {name}")
+        self.note(Note(f"search step {self.steps_done}: {name}"))
         self.progress(Stage.QUANTIZING, min(0.95, 0.5 + 0.03 * self.steps_done))
         trial = self.run(name, "step", dataclasses.replace(start.spec, **changes), parent=start.name)
         if not trial.within:
@@ -350,7 +354,7 @@ def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequ
 
 
 def _mixed_precision(search: Search, start: Trial) -> None:
-    search.note(f"ranking sensitivity of {start.name}")
+    search.note(Note(f"ranking sensitivity of {start.name}"))
     sens = _sensitivity(search, start)
     search.sensitivities.append(sens)
     sets = _exclusion_sets(sens.groups(), set(search.facts.node_names), start.spec.nodes_to_exclude or ())
@@ -427,7 +431,7 @@ def auto_quantize(
     inputs: Sequence[TensorSpec] | None = None,
     reused_calibration: bool = False,
     progress: ProgressCallback = no_progress,
-    note: Callable[[str], None] = lambda text: None,
+    note: NoteCallback = no_note,
     meter: Meter | None = None,
     int8: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -485,7 +489,8 @@ def auto_quantize(
     for k, candidate in enumerate(candidates, start=1):
         if k > 1 and not search.time_left():
             break
-        note(f"candidate {k} of {len(candidates)}: {candidate.name}")
+        trying = CandidateProgress(k, len(candidates), candidate.name)
+        note(Note(f"candidate {k} of {len(candidates)}: {candidate.name}", trying))
         progress(Stage.QUANTIZING, 0.5 * (k - 1) / len(candidates))
         search.run(candidate.name, "candidate", _apply(base, candidate), searchable=candidate.searchable)
     if not any(t.ok for t in search.trials):
@@ -512,7 +517,7 @@ def auto_quantize(
     outcome = (
         chosen.outcome if chosen is not None and chosen.outcome is not None else _float_copy(model_path, facts, workdir)
     )
-
+    note(Note(f"evaluating {chosen.name}" if chosen is not None else "evaluating the float model"))
     progress(Stage.EVALUATING, 0.0)
     measured = evaluate(
         model_path,
@@ -528,11 +533,12 @@ def auto_quantize(
     warnings = _verdict_warnings(search, verdict, chosen)
     outcome.warnings = [*warnings, *outcome.warnings]
     outcome.details["auto"] = summary
-    sensitivity_path = workdir / "sensitivity.json"
-    sensitivity_path.write_text(
-        json.dumps({"sensitivities": [s.to_dict() for s in search.sensitivities]}, indent=2, default=str)
-    )
-    outcome.artifacts["sensitivity.json"] = sensitivity_path
+    if search.sensitivities:  # the ranking, when the mixed-precision search made one
+        sensitivity_path = workdir / "sensitivity.json"
+        sensitivity_path.write_text(
+            json.dumps({"sensitivities": [s.to_dict() for s in search.sensitivities]}, indent=2, default=str)
+        )
+        outcome.artifacts["sensitivity.json"] = sensitivity_path
     outcome.preprocessing_steps = [f"auto: {summary['headline']}", *outcome.preprocessing_steps]
     return outcome, measured
 
@@ -554,7 +560,7 @@ def _finalists(search: Search, full_runs: int) -> Trial | None:
     best: Trial | None = None
     for trial in eligible[:FINALISTS]:
         assert trial.outcome is not None
-        search.note(f"timing finalist {trial.name} with {full_runs} runs")
+        search.note(Note(f"timing finalist {trial.name} with {full_runs} runs"))
         trial.float_p50, trial.p50 = search.meter.compare(trial.outcome.model_path, full_runs)
         trial.runs = full_runs
         if trial.faster() and search.better(trial, best):

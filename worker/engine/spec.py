@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from service.contract.formats import TensorSpec
+from service.contract.progress import CandidateProgress, Note
 from service.contract.recipe import (
     ActivationType,
     CalibrationMethod,
@@ -28,11 +29,14 @@ from service.contract.recipe import Recipe as QuantizationSpec
 __all__ = [
     "ActivationType",
     "CalibrationMethod",
+    "CandidateProgress",
     "DatasetSource",
     "EvaluationSpec",
     "FidelityMetric",
     "FidelitySpec",
     "Mode",
+    "Note",
+    "NoteCallback",
     "Objective",
     "ProgressCallback",
     "QType",
@@ -40,6 +44,7 @@ __all__ = [
     "QuantizationSpec",
     "Stage",
     "TensorSpec",
+    "no_note",
     "no_progress",
 ]
 
@@ -65,6 +70,15 @@ ProgressCallback = Callable[[Stage, float], None]
 
 def no_progress(stage: Stage, fraction: float) -> None:
     """A ProgressCallback that ignores everything (engine used on its own)."""
+
+
+# What the engine does now, for the person watching (mode auto: "candidate 2 of 5: ...", with the
+# candidate typed; "search step 3: ..."). Called rarely; each note replaces the one before.
+NoteCallback = Callable[[Note], None]
+
+
+def no_note(note: Note) -> None:
+    """A NoteCallback that ignores everything."""
 
 
 def _from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:

@@ -29,6 +29,7 @@ from tests.onnx_models import (
 from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, quantize
 from worker.engine.auto import FASTER_MARGIN, auto_quantize
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
+from worker.engine.spec import CandidateProgress, Note
 
 COMPUTE = ("MatMul", "Gemm", "Conv")
 INT8_COMPUTE = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits")
@@ -79,7 +80,7 @@ def _run(
 ) -> tuple[QuantizationOutcome, EvaluationOutcome, dict[str, Any]]:
     np.savez(tmp / "data.npz", **data)
     source = DatasetSource(tmp / "data.npz", "npz")
-    notes: list[str] = []
+    notes: list[Note] = []
     outcome, measured = auto_quantize(
         model,
         QuantizationSpec(mode="auto", **recipe),
@@ -118,8 +119,18 @@ def test_all_int8_misses_the_floor_and_mixed_precision_meets_it(
     excluded = search["effective_recipe"]["nodes_to_exclude"]
     assert "layer0.ffn_down" in excluded and len(excluded) <= 4
     assert outcome.warnings == [] or not outcome.warnings[0].startswith("Keep float")
-    assert any(n.startswith("candidate 1 of ") for n in outcome.details["notes"])
-    assert any(n.startswith("search step 1") for n in outcome.details["notes"])
+    notes: list[Note] = outcome.details["notes"]
+    assert any(n.text.startswith("search step 1") and n.candidate is None for n in notes)
+    # One note per whole-model candidate, in order, carrying the candidate typed; the search's later
+    # notes carry none, and the last one (the pick's evaluation) ends the candidate for good.
+    tried = [n.candidate for n in notes if n.candidate is not None]
+    names = [c["name"] for c in search["candidates"]]
+    assert tried == [CandidateProgress(k, len(names), name) for k, name in enumerate(names, start=1)]
+    assert all(
+        n.text == f"candidate {n.candidate.index} of {len(names)}: {n.candidate.name}" for n in notes if n.candidate
+    )
+    first_step = next(i for i, n in enumerate(notes) if n.candidate is None)
+    assert all(n.candidate is None for n in notes[first_step:]) and notes[-1].text.startswith("evaluating ")
 
 
 def test_sensitivity_artifact_ranks_the_damaging_tensors_first(
@@ -174,6 +185,8 @@ def test_nothing_faster_than_float_keeps_float(tmp_path: Path) -> None:
     )
     assert search["verdict"] == "keep_float" and search["effective_recipe"] is None
     assert outcome.warnings[0].startswith("Keep float")
+    # No mixed-precision search started (nothing would win), so there is no ranking to hand back.
+    assert search["sensitivity"] == [] and "sensitivity.json" not in outcome.artifacts
     # Nothing is not slower, so the artifact is the float model itself.
     assert outcome.model_path.read_bytes() == model.read_bytes()
     assert measured.comparison["size_ratio"] == pytest.approx(1.0)

@@ -1,0 +1,3 @@
+from qaas_client.cli import main
+
+main()

@@ -1,0 +1,263 @@
+"""Live job events for `GET /v1/jobs/{id}/events` (Server-Sent Events).
+
+One `EventHub` per API process polls the state of every job that has an open stream, in one
+query per tick whatever the number of streams, and wakes the streams of the jobs that changed.
+A stream's own database work is one read when it opens (the tenant check and the first state).
+
+Events (the `data` of each is JSON):
+- `status`: the job's status changed (and once when the stream opens): a `JobEvent`;
+- `progress`: its stage, progress, note or auto's candidate changed (and once when the stream opens): a `JobEvent`;
+- `end`: the job reached a terminal status; `data` is the whole Job (result or error included),
+  then the stream closes.
+
+Event ids are `<updated_at in µs>.<0 status | 1 progress | 2 end>`: a client that reconnects with
+`Last-Event-ID` gets only what it has not seen, and one that already has the `end` event gets
+`204 No Content`, which tells an EventSource to stop reconnecting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, sessionmaker
+from sse_starlette import ServerSentEvent
+
+from service.contract.progress import candidate_of
+from service.jobs.schemas import JobEvent, JobOut
+from service.tables import Job
+
+log = logging.getLogger(__name__)
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+STATUS, PROGRESS, END = 0, 1, 2
+RETRY_MS = 2000
+POLL_CHUNK = 500  # ids per IN (...) list
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the events say about a job at one moment."""
+
+    event: JobEvent
+    updated_at: datetime
+    # Encoded events by kind: made once, sent to every stream of the job (200 streams, one encoding).
+    encoded: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def stamp(self) -> int:
+        return int(self.updated_at.timestamp() * 1_000_000)
+
+    @property
+    def terminal(self) -> bool:
+        return self.event.status in TERMINAL
+
+    def progress_key(self) -> tuple[Any, ...]:
+        e = self.event
+        return (e.stage, e.progress, e.progress_note, e.candidate, e.attempts)
+
+    @classmethod
+    def of(cls, job: JobOut | Any, updated_at: datetime) -> Snapshot:
+        event = JobEvent(
+            job_id=job.id,
+            status=job.status,
+            stage=job.stage,
+            progress=job.progress,
+            attempts=job.attempts,
+            progress_note=job.progress_note,
+            candidate=candidate_of(job.progress_detail),
+        )
+        return cls(event, updated_at)
+
+
+def parse_last_event_id(value: str | None) -> tuple[int, int] | None:
+    """`<µs>.<n>` as this module writes them; anything else counts as no id (a fresh stream)."""
+    if not value:
+        return None
+    stamp, _, kind = value.strip().partition(".")
+    try:
+        return int(stamp), int(kind or PROGRESS)
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Watch:
+    snapshot: Snapshot
+    final: dict[str, Any] | None = None  # the whole Job, once terminal
+    gone: bool = False  # the job row disappeared
+    streams: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def publish(self, snapshot: Snapshot | None, final: dict[str, Any] | None = None) -> None:
+        if snapshot is None:
+            self.gone = True
+        else:
+            self.snapshot = snapshot
+            self.final = final
+        previous, self.changed = self.changed, asyncio.Event()
+        previous.set()
+
+
+class EventHub:
+    """The shared poller. Lives on `app.state.event_hub`; made and closed by the app's lifespan."""
+
+    def __init__(self, session_factory: sessionmaker[Session], poll_interval_s: float) -> None:
+        self.session_factory = session_factory
+        self.poll_interval_s = poll_interval_s
+        self.watches: dict[str, _Watch] = {}
+        self.polls = 0  # database queries made by the poller (for tests and the benchmark)
+        self._task: asyncio.Task[None] | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    @property
+    def open_streams(self) -> int:
+        return sum(w.streams for w in self.watches.values())
+
+    @contextlib.contextmanager
+    def _watching(self, snapshot: Snapshot) -> Iterator[_Watch]:
+        job_id = snapshot.event.job_id
+        watch = self.watches.get(job_id)
+        if watch is None:
+            watch = self.watches[job_id] = _Watch(snapshot)
+        elif snapshot.stamp > watch.snapshot.stamp:
+            watch.publish(snapshot)  # newer than what the other streams have: let them see it too
+        watch.streams += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="qaas-event-hub")
+        try:
+            yield watch
+        finally:
+            watch.streams -= 1
+            if watch.streams == 0 and self.watches.get(job_id) is watch:
+                del self.watches[job_id]
+
+    async def stream(
+        self, first: JobOut, updated_at: datetime, last_seen: tuple[int, int] | None
+    ) -> AsyncIterator[bytes]:
+        """The events of one client's stream, from the state read when it opened."""
+        snapshot = Snapshot.of(first, updated_at)
+        sent, after = _resume(snapshot, last_seen)
+        if snapshot.terminal:
+            for event in _events(sent, snapshot, after):
+                yield event
+            if after < END:
+                yield _sse(END, snapshot, first.model_dump(mode="json"))
+            return
+        with self._watching(snapshot) as watch:
+            while True:
+                changed = watch.changed  # taken before reading, so no publish is missed
+                if watch.gone:
+                    return
+                current = watch.snapshot
+                if sent is None or current.stamp > sent.stamp:
+                    for event in _events(sent, current, after):
+                        yield event
+                    sent, after = current, -1
+                if current.terminal and watch.final is not None:
+                    yield _sse(END, current, watch.final)
+                    return
+                await changed.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while self.watches:
+            await asyncio.sleep(self.poll_interval_s)
+            ids = [job_id for job_id, w in self.watches.items() if not w.gone and w.final is None]
+            if not ids:
+                continue
+            try:
+                rows, finals = await anyio.to_thread.run_sync(self._poll, ids, limiter=self._limiter)
+            except (OperationalError, PoolTimeout) as exc:  # streams keep their heartbeats meanwhile
+                log.warning("job events: the database is unreachable (%s); retrying", type(exc).__name__)
+                continue
+            except Exception:
+                log.exception("job events: polling failed; retrying")
+                continue
+            for job_id in ids:
+                watch = self.watches.get(job_id)
+                if watch is None:
+                    continue
+                snapshot = rows.get(job_id)
+                if snapshot is None:
+                    watch.publish(None)
+                elif snapshot.stamp > watch.snapshot.stamp or job_id in finals:
+                    watch.publish(snapshot, finals.get(job_id))
+
+    def _poll(self, ids: list[str]) -> tuple[dict[str, Snapshot], dict[str, dict[str, Any]]]:
+        """One query for the light columns of every watched job; the whole row only for jobs that ended."""
+        self.polls += 1
+        rows: dict[str, Snapshot] = {}
+        finals: dict[str, dict[str, Any]] = {}
+        with self.session_factory() as session:
+            for start in range(0, len(ids), POLL_CHUNK):
+                chunk = ids[start : start + POLL_CHUNK]
+                query = select(
+                    Job.id,
+                    Job.status,
+                    Job.stage,
+                    Job.progress,
+                    Job.attempts,
+                    Job.progress_note,
+                    Job.progress_detail,
+                    Job.updated_at,
+                ).where(Job.id.in_(chunk))
+                for row in session.execute(query):
+                    rows[row.id] = Snapshot.of(row, row.updated_at)
+            for job_id, snapshot in rows.items():
+                job = session.get(Job, job_id) if snapshot.terminal else None
+                if job is not None:
+                    whole = JobOut.model_validate(job)
+                    finals[job_id] = whole.model_dump(mode="json")
+                    rows[job_id] = Snapshot.of(whole, job.updated_at)
+        return rows, finals
+
+
+def already_ended(snapshot_stamp: int, last_seen: tuple[int, int] | None) -> bool:
+    """The client's Last-Event-ID is this terminal state's `end` event (or later): nothing is left to send."""
+    return last_seen is not None and (snapshot_stamp, END) <= last_seen
+
+
+def _resume(snapshot: Snapshot, last_seen: tuple[int, int] | None) -> tuple[Snapshot | None, int]:
+    """(what the client already has, the last event kind it got of `snapshot`) from its Last-Event-ID."""
+    if last_seen is None or snapshot.stamp > last_seen[0]:
+        return None, -1  # a fresh stream, or the job moved on since: send its whole state
+    if snapshot.stamp == last_seen[0]:
+        return None, last_seen[1]  # the kinds of this state it has not had yet
+    return snapshot, -1  # the client is ahead of this read: nothing to repeat
+
+
+def _events(sent: Snapshot | None, current: Snapshot, after: int) -> Iterator[bytes]:
+    """`status` and `progress` events for what changed from `sent` to `current`, minus kinds <= `after`."""
+    if (sent is None or sent.event.status != current.event.status) and after < STATUS:
+        yield _sse(STATUS, current)
+    if (sent is None or sent.progress_key() != current.progress_key()) and after < PROGRESS:
+        yield _sse(PROGRESS, current)
+
+
+def _sse(kind: int, snapshot: Snapshot, data: dict[str, Any] | None = None) -> bytes:
+    """The encoded event (`data` for `end`: the whole job; else the snapshot's JobEvent), cached on the snapshot."""
+    found = snapshot.encoded.get(kind)
+    if found is None:
+        payload = data if data is not None else snapshot.event.model_dump(mode="json")
+        found = snapshot.encoded[kind] = ServerSentEvent(
+            data=json.dumps(payload, separators=(",", ":")),
+            event=("status", "progress", "end")[kind],
+            id=f"{snapshot.stamp}.{kind}",
+            retry=RETRY_MS,
+        ).encode()
+    return found

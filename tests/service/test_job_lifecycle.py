@@ -1,0 +1,125 @@
+"""Ending a job's life: DELETE /v1/jobs/{id}, the retention sweep, and GET /v1/usage."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import case, update
+
+from service import retention
+from service.database import transaction, utcnow
+from service.jobs import state
+from service.quotas import FILE_OVERHEAD_BYTES
+from service.tables import Dataset, Job, OnnxModel
+from tests.service.helpers import assert_error, conv_model_and_data, store_artifact
+
+RESULT = {"original": {"size_bytes": 100}, "quantized": {"size_bytes": 30}, "comparison": {"size_ratio": 0.3}}
+
+
+def finished_job(client: TestClient, tmp_path: Path, *, artifact: bytes = b"x" * 1000) -> dict[str, Any]:
+    """A job that ran and succeeded, with one stored artifact, as a worker would leave it."""
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        attempt = state.claim(session, job["id"], 60)
+        assert attempt == 1
+    path = store_artifact(client, job["id"], artifact, tmp_path)
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        assert state.succeed(session, job["id"], attempt, RESULT)
+    return {"job": job, "model": model, "dataset": dataset, "path": path}
+
+
+def test_delete_removes_an_ended_job_and_its_files(client: TestClient, tmp_path: Path) -> None:
+    done = finished_job(client, tmp_path)
+    job_id = done["job"]["id"]
+    assert done["path"].exists()
+    response = client.delete(f"/v1/jobs/{job_id}")
+    assert response.status_code == 204, response.text
+    assert not done["path"].exists() and not done["path"].parent.parent.exists()
+    assert_error(client.get(f"/v1/jobs/{job_id}"), 404, "not_found")
+    assert_error(client.get(f"/v1/jobs/{job_id}/artifacts/quantized.onnx"), 404, "not_found")
+    assert_error(client.delete(f"/v1/jobs/{job_id}"), 404, "not_found")
+    assert client.get("/v1/jobs").json()["items"] == []
+    # The model and dataset it used are untouched.
+    assert client.get(f"/v1/models/{done['model']['id']}").status_code == 200
+
+
+def test_delete_of_a_queued_or_running_job_is_a_conflict(client: TestClient, tmp_path: Path) -> None:
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
+    error = assert_error(client.delete(f"/v1/jobs/{job['id']}"), 409, "conflict")
+    assert "cancel" in error["message"] and error["detail"]["status"] == "queued"
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        assert state.claim(session, job["id"], 60) == 1
+    assert assert_error(client.delete(f"/v1/jobs/{job['id']}"), 409, "conflict")["detail"]["status"] == "running"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        assert state.fail(session, job["id"], 1, state.CANCELLED_ERROR, status="cancelled")
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+
+
+def test_usage_counts_what_the_tenant_stores_and_runs(client: TestClient, tmp_path: Path) -> None:
+    empty = client.get("/v1/usage")
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["storage"]["total_bytes"] == 0 and empty.json()["jobs"]["queued"] == 0
+    done = finished_job(client, tmp_path, artifact=b"y" * 1234)
+    queued = client.post(
+        "/v1/jobs", json={"model_id": done["model"]["id"], "calibration_dataset_id": done["dataset"]["id"]}
+    ).json()
+    usage = client.get("/v1/usage").json()
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    storage = usage["storage"]
+    assert storage["models_bytes"] == done["model"]["size_bytes"]
+    assert storage["datasets_bytes"] == done["dataset"]["size_bytes"]
+    assert storage["artifacts_bytes"] == 1234
+    assert storage["total_bytes"] == storage["models_bytes"] + storage["datasets_bytes"] + 1234
+    # What the quota counts: each of the three files (model, dataset, artifact) costs its size plus the overhead.
+    assert storage["files"] == 3 and storage["quota_used_bytes"] == storage["total_bytes"] + 3 * FILE_OVERHEAD_BYTES
+    assert storage["quota_bytes"] == settings.quota_storage_bytes
+    assert usage["jobs"] == {
+        "queued": 1,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 0,
+        "cancelled": 0,
+        "active_quota": settings.quota_active_jobs,
+    }
+    assert usage["models"] == 1 and usage["datasets"] == 1 and usage["tenant"] == "default"
+    client.post(f"/v1/jobs/{queued['id']}/cancel")
+    client.delete(f"/v1/jobs/{done['job']['id']}")
+    after = client.get("/v1/usage").json()
+    assert after["storage"]["artifacts_bytes"] == 0
+    assert after["jobs"]["succeeded"] == 0 and after["jobs"]["cancelled"] == 1
+
+
+def test_retention_removes_what_is_old_and_spares_what_a_job_needs(client: TestClient, tmp_path: Path) -> None:
+    app_state = client.app.state  # type: ignore[attr-defined]
+    old = finished_job(client, tmp_path / "old")
+    busy_model, busy_data = conv_model_and_data(client, tmp_path / "busy")
+    busy = client.post("/v1/jobs", json={"model_id": busy_model["id"], "calibration_dataset_id": busy_data["id"]})
+    assert busy.status_code == 202
+    long_ago = utcnow() - timedelta(days=40)
+    with transaction(app_state.session_factory) as session:
+        ended_long_ago = case((Job.finished_at.is_(None), None), else_=long_ago)
+        session.execute(update(Job).values(created_at=long_ago, finished_at=ended_long_ago))
+        session.execute(update(OnnxModel).values(created_at=long_ago))
+        session.execute(update(Dataset).values(created_at=long_ago))
+    recent = conv_model_and_data(client, tmp_path / "recent")[0]
+    assert retention.sweep(app_state.session_factory, app_state.storage, 365) == retention.Removed(0, 0, 0)
+    removed = retention.sweep(app_state.session_factory, app_state.storage, 30)
+    assert removed == retention.Removed(jobs=1, models=1, datasets=1)
+    assert_error(client.get(f"/v1/jobs/{old['job']['id']}"), 404, "not_found")
+    assert not old["path"].exists()
+    assert_error(client.get(f"/v1/models/{old['model']['id']}"), 404, "not_found")
+    assert_error(client.get(f"/v1/datasets/{old['dataset']['id']}"), 404, "not_found")
+    storage_dir = app_state.settings.resolved_storage_dir
+    assert not (storage_dir / "models" / old["model"]["id"]).exists()
+    # The queued job and what it uses stay, however old; so does anything recent.
+    assert client.get(f"/v1/jobs/{busy.json()['id']}").status_code == 200
+    assert client.get(f"/v1/models/{busy_model['id']}").status_code == 200
+    assert client.get(f"/v1/datasets/{busy_data['id']}").status_code == 200
+    assert client.get(f"/v1/models/{recent['id']}").status_code == 200

@@ -25,7 +25,7 @@ from service.jobs import state
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Job
-from tests.service.test_job_state import _job
+from tests.service.test_job_state import _job, store_job_model
 from worker.reaper import clean_scratch
 from worker.runner import JobRunner
 
@@ -45,12 +45,9 @@ def factory(settings: Settings) -> Iterator[Factory]:
 
 
 @pytest.fixture
-def runner(settings: Settings, factory: Factory, tmp_path: Path) -> JobRunner:
+def runner(settings: Settings, factory: Factory) -> JobRunner:
     storage = LocalStorage(settings.resolved_storage_dir)
-    storage.ensure()
-    model = tmp_path / "model.onnx"
-    model.write_bytes(b"m")  # what _job's model row names; the runner fetches it before the job starts
-    storage.put_file("models/x/model.onnx", model)
+    store_job_model(storage)
     return JobRunner(settings, factory, storage)
 
 

@@ -24,7 +24,7 @@ from service.queue import celery_config
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Job
-from tests.service.test_job_state import _job
+from tests.service.test_job_state import _job, store_job_model
 from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
 from worker.runner import DatabaseUnavailable, JobRunner, overall_progress
@@ -99,7 +99,7 @@ def factory(settings: Settings) -> Iterator[Factory]:
 
 def _runner(settings: Settings, factory: Any, enqueue: Any = None) -> JobRunner:
     storage = LocalStorage(settings.resolved_storage_dir)
-    storage.ensure()
+    store_job_model(storage)
     return JobRunner(settings, factory, storage, enqueue)
 
 

@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "upload": ("upload_mb_s", "upload_api_rss_growth_mb"),
     "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup"),
     "sse": ("sse_job_poll_rps", "sse_job_poll_p50_ms"),
+    "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),
 }
 ALIASES = {
     "calibration": "calibration_memory",
@@ -53,6 +54,7 @@ ALIASES = {
     "api": "api_load",
     "load": "api_load",
     "events": "sse",
+    "s3": "scale_out",
 }
 ORDER = [figure for names in BENCHMARKS.values() for figure in names]
 

@@ -20,6 +20,7 @@ from bench.models import external_data_model
 from bench.results import Baseline, Measurement
 
 TARGET_GROWTH_MB = 100
+TARGET_CP_RATIO = 0.35
 SIZE_BYTES = 1 << 30
 
 
@@ -127,6 +128,9 @@ def run(ctx: Context) -> dict[str, Measurement]:
             unit="MB/s",
             value=round(upload_mb_s, 1),
             baseline=Baseline(what="`cp`", value=round(cp_mb_s, 1)),
+            ratio=round(upload_mb_s / cp_mb_s, 3),
+            target=f">= {TARGET_CP_RATIO} of `cp`",
+            met=upload_mb_s / cp_mb_s >= TARGET_CP_RATIO,
             errors=errors,
             details=details,
         ),

@@ -34,7 +34,7 @@ from service.ops.router import router as ops_router
 from service.queue import JobQueue
 from service.schemas import error_response
 from service.settings import Settings, get_settings
-from service.storage import LocalStorage
+from service.storage import open_storage
 from service.usage.router import router as usage_router
 
 log = logging.getLogger("service")
@@ -128,8 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings)
-        storage = LocalStorage(settings.resolved_storage_dir)
-        storage.ensure()
+        storage = open_storage(settings)
         queue = JobQueue(settings)
         app.state.settings = settings
         app.state.engine = engine

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.auth import current_tenant
 from service.deps import _session
 from service.schemas import ErrorBody, error_responses
+from service.upload_stream import add_form_schemas
 
 
 def operation_id(route: APIRoute) -> str:
@@ -91,7 +92,7 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = mark_file_arrays(generate())
+            app.openapi_schema = mark_file_arrays(add_form_schemas(generate()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -20,8 +20,25 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="Default: SQLite at <data_dir>/qaas.db.")
     broker_url: str | None = Field(None, description="Default: kombu filesystem transport under <data_dir>.")
     broker_key_prefix: str = Field("", description="Redis key prefix, so deployments can share one Redis.")
-    storage_dir: Path | None = Field(None, description="Default: <data_dir>/storage (shared by API and workers).")
+    storage_dir: Path | None = Field(
+        None, description="Local storage (unless QAAS_STORAGE_URL is set). Default: <data_dir>/storage."
+    )
     work_dir: Path | None = Field(None, description="Scratch space of a worker's jobs. Default: <data_dir>/work.")
+    storage_url: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+        description="`s3://bucket/prefix`: models, datasets and artifacts in S3-compatible object storage "
+        "(credentials from the standard AWS variables). Default: the local folder QAAS_STORAGE_DIR.",
+    )
+    s3_endpoint_url: str | None = Field(None, description="The S3 API's URL for MinIO, Ceph, R2...; unset: AWS.")
+    s3_presigned_downloads: bool = Field(
+        False, description="Artifact downloads answer 307 to a short-lived presigned URL (after the tenant check)."
+    )
+    s3_presign_expires_s: int = Field(300, ge=10, le=7 * 24 * 3600)
+    s3_part_bytes: int = Field(8 << 20, ge=5 << 20, description="Part size of multipart uploads to S3.")
+    worker_cache_bytes: int = Field(
+        20 << 30, ge=0, description="A worker's local cache of downloaded inputs, keyed by sha256."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         "text", description="`json`: one JSON object per line, with request id, tenant, job id and attempt."
@@ -123,6 +140,11 @@ class Settings(BaseSettings):
     @property
     def resolved_work_dir(self) -> Path:
         return (self.work_dir or self.resolved_data_dir / "work").expanduser().resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        """A worker's downloaded inputs (beside the work dir, so a job's copy is a hard link)."""
+        return self.resolved_data_dir / "cache"
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,6 +1,9 @@
-"""Blob storage: a small interface and its local-filesystem implementation.
+"""Blob storage: a small interface, its local-filesystem implementation, and the choice between it
+and S3-compatible object storage (`service/storage_s3.py`) from the settings.
 
-Writes go to a temporary name and are renamed into place, so readers never see a partial file.
+Nothing outside the backends assumes a file path: callers put files in, stream bytes out, or
+`download` an object into a folder of their own. Writes are never half-visible: the local backend
+writes to a temporary name and renames it into place, S3 completes a multipart upload.
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 CHUNK = 1 << 20
 
@@ -24,15 +30,57 @@ class StoredObject:
     sha256: str
 
 
+class StorageUnavailable(OSError):
+    """The object store did not answer or refused the request; the API answers 503 (an OSError)."""
+
+
+class ObjectWriter(Protocol):
+    """Bytes pushed into a new object: invisible until `commit`, gone after `abort`."""
+
+    def write(self, chunk: bytes | memoryview) -> None: ...
+    def commit(self) -> StoredObject: ...
+    def abort(self) -> None: ...
+
+
 class Storage(Protocol):
     def put_file(self, key: str, src: Path, *, move: bool = False, sha256: str | None = None) -> StoredObject: ...
+    def writer(self, key: str) -> ObjectWriter: ...
+
     def open(self, key: str) -> BinaryIO: ...
-    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
+    def iter_bytes(
+        self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        """The object's bytes from `start` to `end` (inclusive; None: to the end), in chunks."""
+        ...
+
     def size(self, key: str) -> int: ...
-    def local_path(self, key: str) -> Path: ...
+    def download(self, key: str, dest: Path) -> None:
+        """Write the object to `dest` (a new file in a folder the caller owns)."""
+        ...
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every stored key that starts with `prefix`."""
+        ...
+
+    def presigned_url(self, key: str, *, expires_s: int, filename: str) -> str | None:
+        """A short-lived URL the client can download the object from directly, or None."""
+        ...
+
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def check(self) -> None: ...
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage the settings name: S3-compatible object storage for `QAAS_STORAGE_URL=s3://...`,
+    else the local folder (the embedded default)."""
+    if settings.storage_url:
+        from service.storage_s3 import S3Storage
+
+        return S3Storage.from_settings(settings)
+    local = LocalStorage(settings.resolved_storage_dir)
+    local.ensure()
+    return local
 
 
 def _checked_key(key: str) -> PurePosixPath:
@@ -57,34 +105,7 @@ class HashedWrite:
     path: Path
     size_bytes: int = 0
     sha256: str = ""
-
-
-def write_stream(
-    dest: Path,
-    chunks: Iterable[bytes],
-    *,
-    max_bytes: int | None = None,
-    on_too_large: type[Exception] | None = None,
-) -> HashedWrite:
-    """Write `chunks` to `dest` (created exclusively), hashing on the way. Over `max_bytes` the
-    partial file is removed and `OverflowError` (or what `on_too_large` builds) is raised."""
-    digest = hashlib.sha256()
-    size = 0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with dest.open("xb") as f:
-            for chunk in chunks:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise OverflowError(f"more than {max_bytes} bytes")
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return HashedWrite(dest, size, digest.hexdigest())
+    stored_key: str | None = None  # the bytes are in storage under this key; `path` holds only the size
 
 
 class LocalStorage:
@@ -122,18 +143,47 @@ class LocalStorage:
         os.replace(tmp, dest)
         return StoredObject(key, size, digest)
 
+    def writer(self, key: str) -> ObjectWriter:
+        self.ensure()
+        return _LocalWriter(self, key, self.tmp / f"{uuid.uuid4().hex}.part")
+
     def open(self, key: str) -> BinaryIO:
         return self._path(key).open("rb")
 
-    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    def iter_bytes(
+        self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
         with self.open(key) as f:
-            yield from iter(lambda: f.read(chunk_size), b"")
+            f.seek(start)
+            left = None if end is None else end - start + 1
+            while left is None or left > 0:
+                chunk = f.read(chunk_size if left is None else min(chunk_size, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
 
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def local_path(self, key: str) -> Path:
-        return self._path(key)
+    def download(self, key: str, dest: Path) -> None:
+        src = self._path(key)
+        try:
+            os.link(src, dest)  # stored files are never changed in place, so a link is a copy
+        except OSError:
+            shutil.copyfile(src, dest)
+
+    def keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/"))
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def presigned_url(self, key: str, *, expires_s: int, filename: str) -> str | None:
+        return None
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -151,3 +201,29 @@ class LocalStorage:
         probe = self.tmp / f"ready-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
+
+
+class _LocalWriter:
+    def __init__(self, storage: LocalStorage, key: str, tmp: Path) -> None:
+        self.storage, self.key, self.tmp = storage, key, tmp
+        self.file = tmp.open("xb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.digest.update(chunk)
+        self.file.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> StoredObject:
+        dest = self.storage._path(self.key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, dest)
+        return StoredObject(self.key, self.size, self.digest.hexdigest())
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)

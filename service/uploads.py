@@ -1,18 +1,19 @@
-"""Staging of uploaded files: streamed to a private folder in chunks, counted and hashed."""
+"""Staging of uploaded files: a private folder per upload, where the streaming parser
+(`service/upload_stream.py`) has already written each file, counted and hashed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastapi import UploadFile
-
 from service.errors import PayloadTooLarge
 from service.settings import Settings
-from service.storage import HashedWrite, write_stream
+from service.storage import HashedWrite
+from service.upload_stream import StagedPart
 
 
 @contextmanager
@@ -26,14 +27,15 @@ def staging_dir(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def stage_upload(upload: UploadFile, dest: Path, *, max_bytes: int, what: str, chunk_size: int) -> HashedWrite:
-    upload.file.seek(0)
-    chunks = iter(lambda: upload.file.read(chunk_size), b"")
-    try:
-        return write_stream(dest, chunks, max_bytes=max_bytes)
-    except OverflowError as exc:
+def stage_upload(upload: StagedPart, dest: Path, *, max_bytes: int, what: str, chunk_size: int) -> HashedWrite:
+    """Move the parsed file to `dest` (a rename: both live under the staging folder)."""
+    if upload.size_bytes > max_bytes:
         raise PayloadTooLarge(
             f"The {what} is larger than the limit of {max_bytes} bytes; upload a smaller file "
             "or ask the operator to raise the limit.",
             detail={"limit_bytes": max_bytes, "field": what},
-        ) from exc
+        )
+    if dest.exists():
+        raise FileExistsError(dest)
+    os.replace(upload.path, dest)
+    return HashedWrite(dest, upload.size_bytes, upload.sha256, upload.stored_key)

@@ -4,6 +4,7 @@ space per run, and the app over a real database built by the migrations."""
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +18,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.database import make_engine, make_session_factory
 from service.migrate import upgrade
 from service.settings import Settings
+from tests.s3 import S3Server, running_server
 
 TEST_DATABASE_URL = os.environ.get("QAAS_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = os.environ.get("QAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("QAAS_REQUIRE_SERVICES") == "1"
 RUN_ID = uuid.uuid4().hex[:12]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def clean_qaas_env(**overrides: str) -> dict[str, str]:
@@ -105,20 +114,25 @@ def sqlite_settings(data_dir: Path) -> Settings:
     return settings
 
 
-@pytest.fixture
-def postgres_settings(data_dir: Path, postgres_url: str) -> Iterator[Settings]:
-    """Settings on a fresh schema: each test gets its own PostgreSQL schema via a new database."""
+def fresh_database(postgres_url: str) -> Iterator[str]:
+    """A database of the caller's own on the real PostgreSQL, dropped after."""
     admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     name = f"qaas_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    settings = Settings(data_dir=data_dir, database_url=url)
-    upgrade(settings)
-    yield settings
+    yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def postgres_settings(data_dir: Path, postgres_url: str) -> Iterator[Settings]:
+    """Settings on a fresh schema: each test gets its own PostgreSQL schema via a new database."""
+    for url in fresh_database(postgres_url):
+        settings = Settings(data_dir=data_dir, database_url=url)
+        upgrade(settings)
+        yield settings
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
@@ -135,3 +149,18 @@ def session_factory(db_settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(db_settings)
     yield make_session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server, a process of its own on a loopback port, for the whole run."""
+    yield from running_server(tmp_path_factory.mktemp("s3"), free_port())
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh bucket, and this process's environment set to use it (QAAS_ and AWS_ variables)."""
+    env = s3_server.env(s3_server.new_bucket())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

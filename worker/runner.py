@@ -43,7 +43,7 @@ from service.jobs import state
 from service.jobs.schemas import EvaluationSettings as WireEvaluation
 from service.quotas import charge, check_storage
 from service.settings import Settings, get_settings
-from service.storage import LocalStorage, Storage
+from service.storage import Storage, open_storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
 from worker.contracts import (
     OUTCOME_FILE,
@@ -55,6 +55,7 @@ from worker.contracts import (
     Progress,
     TensorInfo,
 )
+from worker.inputs import InputCache
 from worker.sandbox import ArtifactRefused, accept_artifacts, child_env, exit_error, job_limits
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class JobRunner:
         self.settings = settings
         self.session_factory = session_factory
         self.storage = storage
+        self.inputs = InputCache(storage, settings.cache_dir, settings.worker_cache_bytes)
         self.enqueue = enqueue
         self.stop_requested = threading.Event()
         self.busy = False
@@ -145,9 +147,7 @@ class JobRunner:
     def from_settings(cls, settings: Settings | None = None, enqueue: Callable[[str], None] | None = None) -> JobRunner:
         settings = settings or get_settings()
         engine = make_engine(settings)
-        storage = LocalStorage(settings.resolved_storage_dir)
-        storage.ensure()
-        return cls(settings, make_session_factory(engine), storage, enqueue)
+        return cls(settings, make_session_factory(engine), open_storage(settings), enqueue)
 
     def close(self) -> None:
         bind = self.session_factory.kw.get("bind")
@@ -290,6 +290,10 @@ class JobRunner:
                 )
 
     def _write_job_file(self, job_id: str, workdir: Path) -> None:
+        """The job's inputs are fetched into `workdir/inputs` (through this worker's cache) once the
+        rows are read, and job.json points the job's process at them."""
+        inputs = workdir / "inputs"
+        fetches: list[tuple[str, str, int, Path, bool]] = []  # key, sha256, size, local copy, a file of its own
         with transaction(self.session_factory) as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -303,7 +307,17 @@ class JobRunner:
                 row = session.get(Dataset, dataset_id)
                 if row is None or row.deleted_at is not None:
                     raise RuntimeError(f"dataset {dataset_id} was deleted")
-                return DataSource(str(self.storage.local_path(row.storage_key)), row.format, row.preprocess)
+                local = inputs / dataset_id / row.storage_key.rsplit("/", 1)[-1]
+                fetches.append((row.storage_key, row.sha256, row.size_bytes, local, False))
+                return DataSource(str(local), row.format, row.preprocess)
+
+            def model_files(row: OnnxModel, folder: Path) -> str:
+                """The model's file, its external data files beside it as they were uploaded."""
+                external = [(e["name"], e["sha256"], e["size_bytes"]) for e in row.external_data or []]
+                size = row.size_bytes - sum(s for _, _, s in external)
+                for name, sha256, file_size in [(row.file_name, row.sha256, size), *external]:
+                    fetches.append((f"{row.storage_prefix}/{name}", sha256, file_size, folder / name, True))
+                return str(folder / row.file_name)
 
             asked = WireEvaluation.model_validate(job.evaluation)
             reference_path = None
@@ -312,10 +326,10 @@ class JobRunner:
                 reference = session.get(OnnxModel, reference_id)
                 if reference is None or reference.deleted_at is not None:
                     raise RuntimeError("the job's reference model was deleted")
-                reference_path = str(self.storage.local_path(f"{reference.storage_prefix}/{reference.file_name}"))
+                reference_path = model_files(reference, inputs / "reference")
             spec = JobFile(
                 job_id=job.id,
-                model_path=str(self.storage.local_path(f"{model.storage_prefix}/{model.file_name}")),
+                model_path=model_files(model, inputs / "model"),
                 inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
                 recipe=job.recipe,
                 reference_model_path=reference_path,
@@ -338,6 +352,9 @@ class JobRunner:
                     self.settings.job_open_files,
                 ),
             )
+        for key, sha256, size, local, copy in fetches:
+            if not local.exists():  # the same dataset for calibration and evaluation
+                self.inputs.fetch(key, sha256, size, local, copy=copy)
         spec.write(workdir)
 
     def _run_child(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:
@@ -560,8 +577,6 @@ class JobRunner:
 
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
         """Partial files of attempts that were killed while storing theirs."""
-        folder = self.storage.local_path(f"jobs/{job_id}")
-        if folder.is_dir():
-            for old in folder.iterdir():
-                if old.name != str(attempt):
-                    self.storage.delete_prefix(f"jobs/{job_id}/{old.name}")
+        prefix = f"jobs/{job_id}/"
+        for old in {key[len(prefix) :].split("/", 1)[0] for key in self.storage.keys(prefix)} - {str(attempt)}:
+            self.storage.delete_prefix(f"{prefix}{old}")

@@ -24,7 +24,7 @@ from celery.signals import (
 from service.database import make_engine, make_session_factory
 from service.queue import RUN_JOB_TASK, JobQueue
 from service.settings import get_settings
-from service.storage import LocalStorage
+from service.storage import open_storage
 from worker.celery_app import app
 from worker.reaper import Reaper
 from worker.runner import DatabaseUnavailable, JobRunner
@@ -46,7 +46,7 @@ def _start_reaper(**_: Any) -> None:
     global _reaper
     settings = get_settings()
     factory = make_session_factory(make_engine(settings))
-    _reaper = Reaper(factory, enqueue, settings, LocalStorage(settings.resolved_storage_dir))
+    _reaper = Reaper(factory, enqueue, settings, open_storage(settings))
     _reaper.start()
 
 

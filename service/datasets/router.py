@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import TenantDep
 from service.datasets import service
@@ -13,6 +14,8 @@ from service.deps import SessionDep, SettingsDep, StorageDep
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import Page, error_responses
 from service.tables import Dataset
+from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
+from service.uploads import staging_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -31,20 +34,44 @@ PREPROCESS_EXAMPLE = (
     "Arrays of rank = input rank + 1 hold samples stacked on a new axis 0; arrays of the input's "
     "rank are split into batches; rank-0 arrays are fed with every sample.",
     responses=error_responses(413, 422, 429),
+    openapi_extra=multipart_body(
+        "Body_upload_dataset",
+        {
+            "file": binary("File", "The .npz, .npy or .zip file."),
+            "name": NAME_FIELD,
+            "preprocess": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "title": "Preprocess",
+                "description": "JSON, for image archives only (ignored for arrays).",
+                "examples": [PREPROCESS_EXAMPLE],
+            },
+        },
+        ["file"],
+    ),
 )
-def upload_dataset(
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="The .npz, .npy or .zip file.")],
-    name: Annotated[str, Form(max_length=255, description="Empty: the file name.")] = "",
-    preprocess: Annotated[
-        str | None,
-        Form(description="JSON, for image archives only (ignored for arrays).", examples=[PREPROCESS_EXAMPLE]),
-    ] = None,
+async def upload_dataset(
+    request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> DatasetOut:
-    return DatasetOut.model_validate(service.create_dataset(session, storage, settings, tenant, file, name, preprocess))
+    # The body is parsed here, in one pass into staging, not by FastAPI (see service.upload_stream).
+    with staging_dir(settings) as folder:
+        form = await read_form(
+            request,
+            folder,
+            max_file_bytes=settings.max_dataset_bytes,
+            what={"file": "dataset file"},
+            max_lengths={"name": 255},
+        )
+        row = await run_in_threadpool(
+            service.create_dataset,
+            session,
+            storage,
+            settings,
+            tenant,
+            form.file("file"),
+            form.field("name") or "",
+            form.field("preprocess"),
+        )
+        return DatasetOut.model_validate(row)
 
 
 @router.get("", summary="List datasets, newest first")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fastapi import UploadFile
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
@@ -13,6 +12,7 @@ from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import ACTIVE_STATUSES, Dataset, Job, clip, new_id
+from service.upload_stream import StagedPart
 from service.uploads import stage_upload, staging_dir
 
 EXTENSIONS = {"npz": "npz", "npy": "npy", "images": "zip"}
@@ -23,7 +23,7 @@ def create_dataset(
     storage: Storage,
     settings: Settings,
     tenant: str,
-    file: UploadFile,
+    file: StagedPart,
     name: str | None,
     preprocess_raw: str | None,
 ) -> Dataset:

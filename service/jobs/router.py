@@ -13,6 +13,7 @@ from sse_starlette import EventSourceResponse
 from service import logs
 from service.auth import TenantDep
 from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
+from service.downloads import DOWNLOAD_RESPONSES, download
 from service.errors import Conflict
 from service.jobs import events, service
 from service.jobs.schemas import JOB_EXAMPLES, ArtifactOut, JobCreate, JobOut, JobResult
@@ -188,20 +189,29 @@ def list_artifacts(session: SessionDep, tenant: TenantDep, job_id: str) -> list[
 @router.get(
     "/{job_id}/artifacts/{name}",
     summary="Download one artifact (the quantized model is `quantized.onnx`)",
+    description="Supports `Range` (206) and `If-None-Match` with the artifact's ETag, its sha256 (304). "
+    "With QAAS_S3_PRESIGNED_DOWNLOADS=1 it answers 307 to a short-lived URL of the object store.",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
+    responses={**DOWNLOAD_RESPONSES, 307: {"description": "Download it from the presigned URL in `Location`."}},
 )
 def download_artifact(
-    session: SessionDep, storage: StorageDep, tenant: TenantDep, job_id: str, name: str
-) -> StreamingResponse:
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    job_id: str,
+    name: str,
+) -> Response:
     artifact = service.get_artifact(session, tenant, job_id, name)
-    return StreamingResponse(
-        storage.iter_bytes(artifact.storage_key),
+    return download(
+        request,
+        storage,
+        artifact.storage_key,
+        size=artifact.size_bytes,
+        sha256=artifact.sha256,
         media_type=artifact.media_type,
-        headers={
-            **LOCKED_DOWN_HEADERS,
-            "Content-Disposition": f'attachment; filename="{artifact.name}"',
-            "Content-Length": str(artifact.size_bytes),
-            "ETag": f'"{artifact.sha256}"',
-        },
+        filename=artifact.name,
+        headers=LOCKED_DOWN_HEADERS,
+        presign_s=settings.s3_presign_expires_s if settings.s3_presigned_downloads else None,
     )

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+import anyio
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from pydantic import BeforeValidator
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import TenantDep
 from service.deps import SessionDep, SettingsDep, StorageDep
+from service.downloads import DOWNLOAD_RESPONSES, download
 from service.models import service
 from service.models.schemas import ModelOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
-from service.tables import OnnxModel
+from service.storage import ObjectWriter
+from service.tables import OnnxModel, new_id
+from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
+from service.uploads import staging_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -34,25 +39,66 @@ def _only_files(value: Any) -> Any:
     "them) for models that keep weights outside the protobuf. The model is checked and inspected; "
     "the answer lists its inputs, outputs and operators.",
     responses=error_responses(413, 422, 429),
+    openapi_extra=multipart_body(
+        "Body_upload_model",
+        {
+            "file": binary("File", "The .onnx file."),
+            "external_data": {
+                "type": "array",
+                "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+                "title": "External Data",
+                "description": "External data files named as the model refers to them, or one .zip of them. "
+                "Text parts under this name carry no file (a form tool sends one for a field left empty) "
+                "and are ignored.",
+            },
+            "name": NAME_FIELD,
+        },
+        ["file"],
+    ),
 )
-def upload_model(
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="The .onnx file.")],
-    external_data: Annotated[
-        list[UploadFile],
-        File(
-            default_factory=list,
-            description="External data files named as the model refers to them, or one .zip of them.",
-        ),
-        BeforeValidator(_only_files),
-    ],
-    name: Annotated[str, Form(max_length=255, description="Empty: the file name.")] = "",
+async def upload_model(
+    request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> ModelOut:
-    row = service.create_model(session, storage, settings, tenant, file, external_data, name)
-    return ModelOut.model_validate(row)
+    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model
+    # and zipped external data are staged for inspection; plain external data files, which are
+    # only checked by their size, go straight into storage under the model's keys.
+    model_id = new_id()
+    direct: list[str] = []
+
+    def straight_to_storage(field: str, filename: str, index: int) -> ObjectWriter | None:
+        key = service.external_data_key(model_id, filename) if field == "external_data" else None
+        if key is None:
+            return None
+        direct.append(key)
+        return storage.writer(key)
+
+    try:
+        with staging_dir(settings) as folder:
+            form = await read_form(
+                request,
+                folder,
+                max_file_bytes=settings.max_model_bytes,
+                what={"file": "model file", "external_data": "external data"},
+                max_lengths={"name": 255},
+                direct=straight_to_storage,
+            )
+            row = await run_in_threadpool(
+                service.create_model,
+                session,
+                storage,
+                settings,
+                tenant,
+                form.file("file"),
+                form.files.get("external_data", []),
+                form.field("name") or "",
+                model_id,
+            )
+            return ModelOut.model_validate(row)
+    except BaseException:
+        if direct:  # a refused or broken upload keeps nothing (shielded: also when the client left)
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(storage.delete_prefix, service.model_prefix(model_id))
+        raise
 
 
 @router.get("", summary="List models, newest first")
@@ -74,20 +120,24 @@ def get_model(session: SessionDep, tenant: TenantDep, model_id: str) -> ModelOut
 @router.get(
     "/{model_id}/file",
     summary="Download the uploaded .onnx file",
+    description="Supports `Range` (206) and `If-None-Match` with the model's ETag, its sha256 (304).",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
+    responses=DOWNLOAD_RESPONSES,
 )
-def download_model(session: SessionDep, storage: StorageDep, tenant: TenantDep, model_id: str) -> StreamingResponse:
+def download_model(
+    request: Request, session: SessionDep, storage: StorageDep, tenant: TenantDep, model_id: str
+) -> Response:
     row = service.get_model(session, tenant, model_id)
     key = f"{row.storage_prefix}/{row.file_name}"
-    return StreamingResponse(
-        storage.iter_bytes(key),
+    return download(
+        request,
+        storage,
+        key,
+        size=storage.size(key),
+        sha256=row.sha256,
         media_type="application/octet-stream",
-        headers={
-            **LOCKED_DOWN_HEADERS,
-            "Content-Disposition": f'attachment; filename="{row.id}.onnx"',
-            "Content-Length": str(storage.size(key)),
-        },
+        filename=f"{row.id}.onnx",
+        headers=LOCKED_DOWN_HEADERS,
     )
 
 

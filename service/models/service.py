@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from fastapi import UploadFile
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
@@ -27,6 +26,7 @@ from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage, sha256_file
 from service.tables import ACTIVE_STATUSES, Job, OnnxModel, clip, new_id
+from service.upload_stream import StagedPart
 from service.uploads import stage_upload, staging_dir
 
 MODEL_FILE = "model.onnx"
@@ -42,11 +42,14 @@ def create_model(
     storage: Storage,
     settings: Settings,
     tenant: str,
-    file: UploadFile,
-    external_data: list[UploadFile],
+    file: StagedPart,
+    external_data: list[StagedPart],
     name: str | None,
+    model_id: str | None = None,
 ) -> OnnxModel:
-    model_id = new_id()
+    """`model_id`: chosen by the caller when external data went straight to storage under
+    `external_data_key(model_id, ...)` while the request was read."""
+    model_id = model_id or new_id()
     prefix = model_prefix(model_id)
     with staging_dir(settings) as folder:
         upload = stage_upload(
@@ -58,8 +61,9 @@ def create_model(
         )
         remaining = settings.max_model_bytes - upload.size_bytes
         hashes = {MODEL_FILE: upload.sha256}  # filled while staging, so no file is read twice
+        in_storage: dict[str, str] = {}  # external data whose bytes went straight to storage
         for extra in external_data:
-            remaining -= _stage_external(extra, folder, settings, remaining, hashes)
+            remaining -= _stage_external(extra, folder, settings, remaining, hashes, in_storage)
         info = inspect_model(folder / MODEL_FILE, ModelLimits())
         # Only what the model reads is kept: other files would cost inodes and bytes for nothing.
         referenced = {os.path.normpath(location) for location in info.external_data}
@@ -68,6 +72,8 @@ def create_model(
             for path in sorted(folder.iterdir())
             if path.name in referenced and path.is_file()
         ]
+        for unread in set(in_storage) - referenced:
+            storage.delete(in_storage.pop(unread))
         size_bytes = upload.size_bytes + sum(e["size_bytes"] for e in external)
         check_storage(session, settings, tenant, charge(size_bytes, 1 + len(external)))
         row = OnnxModel(
@@ -87,7 +93,8 @@ def create_model(
         session.flush()
         on_rollback(session, lambda: storage.delete_prefix(prefix))
         for stored, digest in [(MODEL_FILE, upload.sha256), *((e["name"], e["sha256"]) for e in external)]:
-            storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
+            if stored not in in_storage:  # else its bytes are at its key already
+                storage.put_file(f"{prefix}/{stored}", folder / stored, move=True, sha256=digest)
     return row
 
 
@@ -121,13 +128,21 @@ def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
     )
 
 
-def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget: int, hashes: dict[str, str]) -> int:
+def _stage_external(
+    upload: StagedPart,
+    folder: Path,
+    settings: Settings,
+    budget: int,
+    hashes: dict[str, str],
+    in_storage: dict[str, str],
+) -> int:
     """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
-    A plain file's sha256, computed while it is written, goes into `hashes`. At most
-    MAX_FILES_PER_UPLOAD files in all, counting the model."""
+    A plain file's sha256, computed while it is written, goes into `hashes`, and its storage key
+    into `in_storage` when its bytes went straight to storage. At most MAX_FILES_PER_UPLOAD files
+    in all, counting the model."""
     client_name = upload.filename or ""
-    safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
-    if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
+    safe = external_data_name(client_name)
+    if safe is None:
         raise InvalidModel(
             f"External data file name {client_name[:100]!r} is not usable; name each file exactly as the "
             f"model's external-data `location` refers to it (at most {MAX_FILE_NAME_BYTES} bytes).",
@@ -158,7 +173,26 @@ def _stage_external(upload: UploadFile, folder: Path, settings: Settings, budget
         raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
     staged = stage_upload(upload, dest, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
     hashes[safe] = staged.sha256
+    if staged.stored_key is not None:
+        in_storage[safe] = staged.stored_key
     return staged.size_bytes
+
+
+def external_data_name(client_name: str) -> str | None:
+    """The name an external data file is kept under, from the client's file name; None: unusable."""
+    safe = safe_member_name(client_name.replace("\\", "/").rsplit("/", 1)[-1]) if client_name else None
+    if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
+        return None
+    return safe
+
+
+def external_data_key(model_id: str, client_name: str) -> str | None:
+    """Where a plain external data file can be stored while the upload is still being read (its
+    final key), or None when it must be staged first (a .zip, or a name that will be refused)."""
+    safe = external_data_name(client_name)
+    if safe is None or safe.lower().endswith(".zip"):
+        return None
+    return f"{model_prefix(model_id)}/{safe}"
 
 
 def _too_many_files() -> PayloadTooLarge:

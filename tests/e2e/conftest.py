@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,18 +14,12 @@ import httpx
 import pytest
 
 from service.run import API, MIGRATE, WORKER
-from tests.conftest import clean_qaas_env, redis_prefix
+from tests.conftest import clean_qaas_env, free_port, fresh_database, redis_prefix
 from tests.openapi_check import ResponseChecker
+from tests.s3 import S3Server
 from tests.sse import Event, EventReader
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 clean_env = clean_qaas_env
@@ -48,9 +41,9 @@ class Deployment:
             self.checker = ResponseChecker.of(self.base_url)
         return httpx.Client(base_url=self.base_url, timeout=60, event_hooks={"response": [self.checker]})
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+            proc = subprocess.Popen(argv, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
         self.procs[name] = proc
         return proc
 
@@ -111,6 +104,34 @@ def deploy(name: str, root: Path, *, worker: bool = True, **env: str) -> Iterato
         dep.stop()
 
 
+def deploy_scaled_out(
+    name: str,
+    root: Path,
+    s3_env: dict[str, str],
+    workers: int = 1,
+    worker_env: dict[str, str] | None = None,
+    **env: str,
+) -> Iterator[Deployment]:
+    """The API and `workers` worker processes, each with an empty data dir of its own, as if on
+    machines of their own: only the database, the broker and the S3 server connect them."""
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    port = free_port()
+    common = {**s3_env, **env}
+    api_env = clean_env(QAAS_DATA_DIR=str(root / "api"), QAAS_HOST="127.0.0.1", QAAS_PORT=str(port), **common)
+    dep = Deployment(name, f"http://127.0.0.1:{port}", api_env, root / "api", logs)
+    subprocess.run(MIGRATE, env=dep.env, check=True, capture_output=True)
+    dep.start("api", API)
+    for n in range(1, workers + 1):
+        own = clean_env(QAAS_DATA_DIR=str(root / f"worker-{n}"), **common, **(worker_env or {}))
+        dep.start(f"worker-{n}", WORKER, own)
+    try:
+        dep.wait_ready()
+        yield dep
+    finally:
+        dep.stop()
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Event streams poll every 50 ms (default 500): mode auto's search on the tests' tiny models spends a
@@ -127,6 +148,36 @@ def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redi
         QAAS_BROKER_URL=redis_url,
         QAAS_BROKER_KEY_PREFIX=redis_prefix(),
     )
+
+
+@pytest.fixture(scope="module")
+def on_s3(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, s3_server: S3Server
+) -> Iterator[Deployment]:
+    """PostgreSQL + Redis + a real S3 server, with the API and the worker on separate data dirs
+    (a database of its own: another deployment's sweep must not take its jobs)."""
+    for database_url in fresh_database(postgres_url):
+        yield from deploy_scaled_out(
+            "s3",
+            tmp_path_factory.mktemp("s3"),
+            s3_server.env(s3_server.new_bucket()),
+            QAAS_DATABASE_URL=database_url,
+            QAAS_BROKER_URL=redis_url,
+            QAAS_BROKER_KEY_PREFIX=redis_prefix() + "s3:",
+        )
+
+
+@pytest.fixture(
+    params=[
+        "embedded",
+        pytest.param("production", marks=pytest.mark.services),
+        pytest.param("on_s3", marks=pytest.mark.services),
+    ]
+)
+def any_storage(request: pytest.FixtureRequest) -> Deployment:
+    """The local folder (embedded, production) and S3-compatible object storage."""
+    dep: Deployment = request.getfixturevalue(request.param)
+    return dep
 
 
 @pytest.fixture(params=["embedded", pytest.param("production", marks=pytest.mark.services)])

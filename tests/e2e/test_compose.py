@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from service.run import API, MIGRATE, WORKER
+from tests.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,9 +37,6 @@ def test_production_shape() -> None:
         assert env["QAAS_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["QAAS_BROKER_URL"].startswith("redis://")
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-        # API and every worker share one artifact volume.
-        assert "artifacts:/data/storage" in services[name]["volumes"]
-        assert env["QAAS_STORAGE_DIR"] == "/data/storage"
         # Scaling workers (`--scale worker=3`) needs no fixed names or host ports on them.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
     assert services["migrate"]["restart"] == "no"
@@ -54,3 +52,31 @@ def test_dockerfile_is_one_slim_non_root_image() -> None:
     assert dockerfile.index("pip install") < dockerfile.index("COPY service")
     for path in ("service", "worker", "migrations", "alembic.ini"):
         assert f"COPY {path}" in dockerfile
+
+
+def test_api_and_workers_share_no_volume_only_the_object_store() -> None:
+    """What tests/e2e/test_scale_out.py proves with processes that share no disk, compose must set up:
+    the same variables (tests.s3.S3Server.env), a bucket made before anything uses it, no shared volume."""
+    services = _compose()["services"]
+    assert {"minio", "create-bucket"} <= set(services)
+    tested = set(S3Server(Path("."), 0).env("bucket"))
+    minio_env = services["minio"]["environment"]
+    bucket_env = services["create-bucket"]["environment"]
+    for name in ("api", "worker", "migrate"):
+        service = services[name]
+        assert "volumes" not in service, f"{name} mounts {service.get('volumes')}"
+        env = service["environment"]
+        assert tested <= set(env), f"{name} lacks {tested - set(env)}"
+        assert env["QAAS_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            minio_env["MINIO_ROOT_USER"],
+            minio_env["MINIO_ROOT_PASSWORD"],
+        )
+        assert env["QAAS_STORAGE_URL"].startswith(f"s3://{bucket_env['QAAS_BUCKET']}/")
+        assert "QAAS_STORAGE_DIR" not in env
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+    assert services["create-bucket"]["restart"] == "no"
+    assert "mc mb --ignore-existing" in " ".join(services["create-bucket"]["command"])
+    assert services["create-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert set(_compose()["volumes"]) == {"pgdata", "objects"}

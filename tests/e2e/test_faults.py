@@ -20,13 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from service.queue import QUEUE, RUN_JOB_TASK, make_celery
 from service.run import WORKER
 from service.settings import Settings
-from tests.conftest import RUN_ID, unavailable
+from tests.conftest import fresh_database, unavailable
 from tests.e2e.conftest import TERMINAL, Deployment, deploy
 from tests.e2e.faults import PrivateRedis, TcpProxy, alive, descendants, job_processes, wait_gone
 from tests.onnx_models import matmul_mlp
@@ -58,18 +57,6 @@ def private_redis(folder: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
-
-
-def fresh_database(postgres_url: str) -> Iterator[str]:
-    """A database of the caller's own on the real PostgreSQL, dropped after."""
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"qaas_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_static_quantization_from_upload_to_download(deployment: Deployment, tmp_path: Path) -> None:
+def test_static_quantization_from_upload_to_download(any_storage: Deployment, tmp_path: Path) -> None:
+    deployment = any_storage
     model_path = conv_classifier(tmp_path / "classifier.onnx", hidden=16)
     samples = np.random.default_rng(1).random((16, 1, 3, 8, 8), dtype=np.float32)
     with deployment.client() as http:
@@ -71,6 +72,8 @@ def test_static_quantization_from_upload_to_download(deployment: Deployment, tmp
         assert report.status_code == 200
         assert report.json()["quantized"]["size_bytes"] == result["quantized"]["size_bytes"]
         assert http.get(f"/v1/jobs/{job['id']}/report.html").status_code == 200
+    if "QAAS_STORAGE_URL" in deployment.env:  # every file went to the object store, none to a disk
+        assert not (deployment.data_dir / "storage").exists() or not any((deployment.data_dir / "storage").rglob("*.*"))
 
     quantized = onnx.load_from_string(download.content)
     onnx.checker.check_model(quantized)

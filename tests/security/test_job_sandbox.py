@@ -25,7 +25,7 @@ from service.jobs import state
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Job
-from tests.service.test_job_state import _job
+from tests.service.test_job_state import _job, store_job_model
 from worker.reaper import clean_scratch
 from worker.runner import JobRunner
 
@@ -47,7 +47,7 @@ def factory(settings: Settings) -> Iterator[Factory]:
 @pytest.fixture
 def runner(settings: Settings, factory: Factory) -> JobRunner:
     storage = LocalStorage(settings.resolved_storage_dir)
-    storage.ensure()
+    store_job_model(storage)
     return JobRunner(settings, factory, storage)
 
 
@@ -144,7 +144,7 @@ def test_the_runner_refuses_artifacts_it_did_not_ask_for(
     ended = job(factory, job_id)
     assert ended.status == "failed" and ended.error is not None and ended.error["code"] == "internal", ended.error
     assert secret.read_text() == "the worker's secret"
-    assert not runner.storage.local_path(f"jobs/{job_id}").exists()
+    assert not (runner.settings.resolved_storage_dir / f"jobs/{job_id}").exists()
 
 
 def test_the_runner_sets_the_media_types(

@@ -90,4 +90,4 @@ def test_results_over_the_quota_fail_the_job_and_store_nothing(
         assert job.error is not None and job.error["code"] == "quota_exceeded", job.error
         assert "not stored" in job.error["message"]
         assert session.scalar(select(func.count()).select_from(Artifact)) == 0
-    assert not storage.local_path(f"jobs/{job_id}").exists()
+    assert not (storage.root / f"jobs/{job_id}").exists()

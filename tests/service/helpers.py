@@ -10,7 +10,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from service.database import transaction
-from service.storage import LocalStorage
+from service.storage import Storage
 from service.tables import Artifact
 from tests.onnx_models import conv_classifier, matmul_mlp
 
@@ -36,24 +36,33 @@ def upload_dataset(client: TestClient, content: bytes, filename: str = "calib.np
     return body
 
 
-def store_artifact(client: TestClient, job_id: str, content: bytes, tmp_path: Path) -> Path:
-    """Store `content` as the job's (attempt 1) quantized.onnx with its row, as a worker would; its stored path."""
-    storage: LocalStorage = client.app.state.storage  # type: ignore[attr-defined]
-    src = tmp_path / f"{job_id}.onnx"
+def store_artifact(
+    client: TestClient,
+    job_id: str,
+    content: bytes,
+    tmp_path: Path,
+    *,
+    name: str = "quantized.onnx",
+    media_type: str = "application/octet-stream",
+) -> Path:
+    """Store `content` as the job's (attempt 1) artifact `name` with its row, as a worker would; the
+    stored file's path when the storage is the local folder."""
+    storage: Storage = client.app.state.storage  # type: ignore[attr-defined]
+    src = tmp_path / f"{job_id}-{name}"
     src.write_bytes(content)
-    stored = storage.put_file(f"jobs/{job_id}/1/quantized.onnx", src)
+    stored = storage.put_file(f"jobs/{job_id}/1/{name}", src)
     with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
         session.add(
             Artifact(
                 job_id=job_id,
-                name="quantized.onnx",
+                name=name,
                 storage_key=stored.key,
                 size_bytes=stored.size_bytes,
                 sha256=stored.sha256,
-                media_type="application/octet-stream",
+                media_type=media_type,
             )
         )
-    return storage.local_path(stored.key)
+    return client.app.state.settings.resolved_storage_dir / stored.key  # type: ignore[attr-defined,no-any-return]
 
 
 def conv_model_and_data(client: TestClient, tmp_path: Path, n: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -20,11 +20,9 @@ from service.auth import create_key
 from service.database import transaction
 from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
-from service.storage import LocalStorage
-from service.tables import Artifact
 from tests.conftest import clean_qaas_env
 from tests.onnx_models import conv_classifier
-from tests.service.helpers import assert_error, npz_bytes
+from tests.service.helpers import assert_error, npz_bytes, store_artifact
 
 
 def _key(factory: sessionmaker[Session], tenant: str) -> str:
@@ -65,21 +63,7 @@ def _alice_world(api: TestClient, key: str, tmp_path: Path) -> dict[str, str]:
         json={"model_id": model.json()["id"], "calibration_dataset_id": dataset.json()["id"]},
     )
     assert job.status_code == 202, job.text
-    storage: LocalStorage = api.app.state.storage  # type: ignore[attr-defined]
-    src = tmp_path / "report.json"
-    src.write_text("{}")
-    stored = storage.put_file(f"jobs/{job.json()['id']}/1/report.json", src)
-    with transaction(api.app.state.session_factory) as session:  # type: ignore[attr-defined]
-        session.add(
-            Artifact(
-                job_id=job.json()["id"],
-                name="report.json",
-                storage_key=stored.key,
-                size_bytes=stored.size_bytes,
-                sha256=stored.sha256,
-                media_type="application/json",
-            )
-        )
+    store_artifact(api, job.json()["id"], b"{}", tmp_path, name="report.json", media_type="application/json")
     return {"model": model.json()["id"], "dataset": dataset.json()["id"], "job": job.json()["id"]}
 
 

@@ -24,7 +24,7 @@ from service.queue import celery_config
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.tables import Artifact, Job
-from tests.service.test_job_state import _job
+from tests.service.test_job_state import _job, store_job_model
 from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
 from worker.runner import DatabaseUnavailable, JobRunner, overall_progress
@@ -99,7 +99,7 @@ def factory(settings: Settings) -> Iterator[Factory]:
 
 def _runner(settings: Settings, factory: Any, enqueue: Any = None) -> JobRunner:
     storage = LocalStorage(settings.resolved_storage_dir)
-    storage.ensure()
+    store_job_model(storage)
     return JobRunner(settings, factory, storage, enqueue)
 
 
@@ -181,8 +181,8 @@ def test_the_sweep_clears_partial_files_and_scratch_of_lost_attempts(settings: S
     requeued, failed, queued = _job(factory), _job(factory), _job(factory)
     for job_id in (requeued, failed):
         attempt = _claim(factory, job_id)
-        (storage.local_path(f"jobs/{job_id}/{attempt}")).mkdir(parents=True)
-        (storage.local_path(f"jobs/{job_id}/{attempt}/quantized.onnx")).write_bytes(b"partial")
+        (storage.root / f"jobs/{job_id}/{attempt}").mkdir(parents=True)
+        (storage.root / f"jobs/{job_id}/{attempt}/quantized.onnx").write_bytes(b"partial")
         (work / job_id / str(attempt)).mkdir(parents=True)
         _expire(factory, job_id)
     (work / queued / "0").mkdir(parents=True)
@@ -191,8 +191,8 @@ def test_the_sweep_clears_partial_files_and_scratch_of_lost_attempts(settings: S
 
     done = sweep(factory, lambda _: None, settings, storage)
     assert done["requeued"] == [requeued] and done["failed"] == [failed]
-    assert not storage.local_path(f"jobs/{requeued}/1").exists()  # a partial set is never kept
-    assert not storage.local_path(f"jobs/{failed}").exists()
+    assert not (storage.root / f"jobs/{requeued}/1").exists()  # a partial set is never kept
+    assert not (storage.root / f"jobs/{failed}").exists()
     assert not (work / failed).exists()  # ended: its scratch goes
     assert (work / requeued).exists() and (work / queued).exists()  # their next attempt clears them
 
@@ -228,7 +228,7 @@ def test_a_success_whose_commit_answer_was_lost_keeps_its_files(
     with factory() as s:
         keys = s.scalars(select(Artifact.storage_key).where(Artifact.job_id == job_id)).all()
     assert sorted(keys) == [f"jobs/{job_id}/1/quantized.onnx", f"jobs/{job_id}/1/report.json"]
-    assert all(runner.storage.local_path(key).is_file() for key in keys)  # not deleted as if the job were lost
+    assert all((settings.resolved_storage_dir / key).is_file() for key in keys)  # not deleted as if the job were lost
 
 
 def test_a_success_after_losing_the_job_leaves_nothing_behind(
@@ -239,10 +239,10 @@ def test_a_success_after_losing_the_job_leaves_nothing_behind(
     _expire(factory, job_id)
     sweep(factory, lambda _: None, settings)  # requeued: attempt 1 is no longer the owner
     runner = _runner(settings, factory)
-    runner.storage.local_path(f"jobs/{job_id}/7").mkdir(parents=True)  # from some older attempt
+    (settings.resolved_storage_dir / f"jobs/{job_id}/7").mkdir(parents=True)  # from some older attempt
     runner._store_success(job_id, attempt, _outcome(tmp_path))
     assert _job_row(factory, job_id).status == "queued"
-    assert not runner.storage.local_path(f"jobs/{job_id}/{attempt}").exists()
+    assert not (settings.resolved_storage_dir / f"jobs/{job_id}/{attempt}").exists()
     with factory() as s:
         assert s.scalar(select(func.count()).select_from(Artifact)) == 0
 

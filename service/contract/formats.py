@@ -528,17 +528,6 @@ class Preprocess:
         }
 
 
-PREPROCESS_EXAMPLE = {
-    "input": "input",
-    "size": [224, 224],
-    "layout": "NCHW",
-    "color": "RGB",
-    "scale": 0.00392156862745098,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-}
-
-
 def parse_preprocess(raw: Mapping[str, Any]) -> Preprocess:
     """The images `preprocess` JSON object, checked, with defaults filled in."""
     unknown = sorted(set(raw) - set(PREPROCESS_KEYS))

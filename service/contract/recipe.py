@@ -78,7 +78,6 @@ SIXTEEN_BIT = (QType.INT16, QType.UINT16)
 FOUR_BIT = (QType.INT4, QType.UINT4)
 EIGHT_BIT = (QType.INT8, QType.UINT8)
 WEIGHT_ONLY_OP_TYPES = ("MatMul", "Gather")
-QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
 # Modes that run calibration data through the float model.
 CALIBRATED_MODES = (Mode.STATIC, Mode.AUTO)
 MIN_PERCENTILE = 50.0

@@ -68,7 +68,7 @@ def _datasets(session: Session, storage: Storage, cutoff: datetime) -> int:
     in_use = exists().where(uses, Job.status.in_(ACTIVE_STATUSES))
     old = Dataset.deleted_at.is_(None) & (Dataset.created_at < cutoff)
     rows = list(session.scalars(select(Dataset).where(old, ~in_use).limit(BATCH)))
-    return _mark_deleted(session, storage, rows, [row.storage_key.rsplit("/", 1)[0] for row in rows])
+    return _mark_deleted(session, storage, rows, [row.storage_prefix for row in rows])
 
 
 def _mark_deleted(

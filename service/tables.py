@@ -95,6 +95,11 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    @property
+    def storage_prefix(self) -> str:
+        """The folder of the dataset's stored file (what deleting the dataset removes)."""
+        return self.storage_key.rsplit("/", 1)[0]
+
     __table_args__ = (Index("ix_datasets_created", "created_at", "id"),)
 
 

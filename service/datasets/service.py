@@ -90,5 +90,5 @@ def delete_dataset(session: Session, storage: Storage, tenant: str, dataset_id: 
         )
     row.deleted_at = utcnow()
     session.flush()
-    key = row.storage_key
-    after_commit(session, lambda: storage.delete_prefix(key.rsplit("/", 1)[0]))
+    prefix = row.storage_prefix
+    after_commit(session, lambda: storage.delete_prefix(prefix))

@@ -243,6 +243,8 @@ def _session(path: Path, threads: int | None) -> Any:
 
 
 def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not names:  # ONNX Runtime reads an empty list as "every output"
+        return {}
     try:
         return dict(zip(names, session.run(names, feeds), strict=True))
     except Exception as exc:

@@ -76,3 +76,16 @@ def test_bypassing_a_pair_keeps_the_relu_the_quantizer_folded(tmp_path: Path) ->
     restored = [n for n in onnx.load(str(bypassed)).graph.node if n.name.endswith("_restored")]
     assert [n.op_type for n in restored] == ["Relu"]
     ort.InferenceSession(str(bypassed), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+
+
+def test_dynamic_sensitivity_when_every_matmul_reads_a_graph_input(tmp_path: Path) -> None:
+    """Nothing to fetch from the model (both MatMuls read the input `x` itself): ONNX Runtime's
+    `run([])` means "every output", which once broke `auto` on this model."""
+    from tests.onnx_models import cancelling_matmuls
+
+    model = cancelling_matmuls(tmp_path / "c.onnx", features=16)
+    x = np.random.default_rng(0).normal(0, 1, (4, 16)).astype(np.float32)
+    sens = dynamic_sensitivity(model, [Batch({"x": x}, None, num_samples=4)], candidate="dynamic int8")
+    assert {n.node for n in sens.nodes} == {"mm_a", "mm_b"}
+    assert all(n.score > 0 for n in sens.nodes)  # the input's rounding and the weights' both count
+    assert sens.samples == 4

@@ -217,11 +217,15 @@ def list_models_query(tenant: str) -> Select[OnnxModel]:
 
 def delete_model(session: Session, storage: Storage, tenant: str, model_id: str) -> None:
     row = get_model(session, tenant, model_id)
-    active = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)).limit(1))
-    if active is not None:
+    active = select(Job.id).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES)).limit(1)
+    used = session.scalar(active.where(Job.model_id == model_id))
+    # Mode compare reads its float reference from the recipe: the job needs that model too.
+    reference = session.scalar(active.where(Job.recipe["reference_model_id"].as_string() == model_id))
+    if used is not None or reference is not None:
+        role = "used by" if used is not None else "the float reference (recipe.reference_model_id) of"
         raise Conflict(
-            "The model is used by a queued or running job; cancel the job or wait for it to finish, then delete.",
-            detail={"model_id": model_id, "job_id": active},
+            f"The model is {role} a queued or running job; cancel the job or wait for it to finish, then delete.",
+            detail={"model_id": model_id, "job_id": used or reference},
         )
     row.deleted_at = utcnow()
     session.flush()

@@ -186,6 +186,11 @@ def test_compare_needs_a_reference_with_the_same_inputs_and_outputs(client: Test
     reference, _ = conv_model_and_data(client, tmp_path)
     job = _job(client, **base, recipe={"mode": "compare", "reference_model_id": reference["id"]})
     assert job.status_code == 202 and job.json()["recipe"]["reference_model_id"] == reference["id"]
+    # The queued job still needs its reference: deleting it now would fail the job later.
+    error = assert_error(client.delete(f"/v1/models/{reference['id']}"), 409, "conflict")
+    assert error["detail"]["job_id"] == job.json()["id"] and "reference" in error["message"]
+    assert client.post(f"/v1/jobs/{job.json()['id']}/cancel").status_code == 200
+    assert client.delete(f"/v1/models/{reference['id']}").status_code == 204
 
 
 def test_results_of_earlier_auto_searches_still_read() -> None:

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 
 class _Open(BaseModel):
@@ -238,3 +246,28 @@ class JobResult(_Open):
     machine: Machine = Field(default_factory=Machine)
     evaluation: EvaluationFacts | None = None
     quantization: QuantizationFacts | None = None
+    # Set by `stored_result` on a result that does not validate: (the result as stored, why not).
+    _as_stored: tuple[dict[str, Any], ValidationError] | None = PrivateAttr(None)
+
+    @property
+    def untyped(self) -> tuple[dict[str, Any], ValidationError] | None:
+        """For a stored result of another shape: (it as stored, why it does not validate)."""
+        return self._as_stored
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays JobResult's own
+        return self._as_stored[0] if self._as_stored is not None else handler(self)
+
+
+def stored_result(value: Any) -> Any:
+    """A stored result as JobResult; one that this version's JobResult refuses (written by an older
+    or newer worker) is served as it was stored rather than failing every read of the job."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return JobResult.model_validate(value)
+    except ValidationError as exc:
+        nothing: dict[str, Any] = {}  # no field is set: readers check `untyped` first
+        odd = JobResult.model_construct(**nothing)
+        odd._as_stored = (value, exc)
+        return odd

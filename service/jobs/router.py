@@ -16,6 +16,7 @@ from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from service.downloads import DOWNLOAD_RESPONSES, download
 from service.errors import Conflict
 from service.jobs import events, service
+from service.jobs.results import stored_result
 from service.jobs.schemas import JOB_EXAMPLES, ArtifactOut, JobCreate, JobOut, JobResult
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.reports.html import render_report_html
@@ -152,7 +153,7 @@ def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobResult
             f"The job is {job.status}; its report exists once it has succeeded.",
             detail={"job_id": job_id, "status": job.status},
         )
-    return JobResult.model_validate(job.result)
+    return stored_result(job.result)
 
 
 @router.get(

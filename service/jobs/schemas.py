@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 
 from service.contract.progress import CandidateProgress, candidate_of
 from service.contract.recipe import Recipe, parse_recipe, unchecked_recipe
-from service.jobs.results import JobResult
+from service.jobs.results import JobResult, stored_result
 from service.schemas import ErrorInfo, OrmModel
 
 __all__ = ["CandidateProgress", "JobResult", "Recipe"]
@@ -131,7 +131,15 @@ class JobOut(OrmModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: ErrorInfo | None
-    result: JobResult | None
+    result: JobResult | None = Field(
+        description="Once succeeded. A result stored by another version of QaaS in a shape this one does not "
+        "know is served as it was stored."
+    )
+
+    @field_validator("result", mode="before")
+    @classmethod
+    def _stored_result(cls, value: Any) -> Any:
+        return stored_result(value)
 
     @field_validator("recipe", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from service.jobs.results import (
     LatencyStats,
     Machine,
     ModelMetrics,
+    stored_result,
 )
 
 if TYPE_CHECKING:  # the schemas pull in the model checks (onnx); the page needs only the result's types
@@ -930,14 +931,14 @@ def _typed(job: JobOut | Mapping[str, Any]) -> tuple[Mapping[str, Any], JobResul
     JobResult, and, for a stored result that does not validate, the page's note about it (with
     the result as stored): such a result came from an older version and is shown, not refused."""
     if not isinstance(job, Mapping):  # a JobOut: its result is typed already
-        return job.model_dump(mode="json", exclude={"result"}), job.result, ""
-    stored = job.get("result")
-    if stored is None:
-        return job, None, ""
-    try:
-        return job, JobResult.model_validate(stored), ""
-    except ValidationError as exc:
-        return job, None, _stored_as_is(stored, exc)
+        fields: Mapping[str, Any] = job.model_dump(mode="json", exclude={"result"})
+        result = job.result
+    else:
+        fields, result = job, stored_result(job.get("result"))
+    if result is not None and result.untyped is not None:
+        stored, exc = result.untyped
+        return {**fields, "result": stored}, None, _stored_as_is(stored, exc)
+    return fields, result, ""
 
 
 def _stored_as_is(stored: Any, exc: ValidationError) -> str:

@@ -123,3 +123,23 @@ def test_retention_removes_what_is_old_and_spares_what_a_job_needs(client: TestC
     assert client.get(f"/v1/models/{busy_model['id']}").status_code == 200
     assert client.get(f"/v1/datasets/{busy_data['id']}").status_code == 200
     assert client.get(f"/v1/models/{recent['id']}").status_code == 200
+
+
+def test_a_stored_result_of_another_shape_is_served_as_stored_not_a_500(client: TestClient, tmp_path: Path) -> None:
+    """A result written by an older (or newer) worker that this version's typed JobResult refuses:
+    every read of the job still answers, with the result as it was stored."""
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
+    odd = {"original": {"size": "100 bytes"}, "quantized": 30, "comparison": None, "verdict": "shipped"}
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        attempt = state.claim(session, job["id"], 60)
+        assert attempt is not None and state.succeed(session, job["id"], attempt, odd)
+    got = client.get(f"/v1/jobs/{job['id']}")
+    assert got.status_code == 200, got.text
+    assert got.json()["status"] == "succeeded" and got.json()["result"] == odd
+    listed = client.get("/v1/jobs")
+    assert listed.status_code == 200 and listed.json()["items"][0]["result"] == odd
+    report = client.get(f"/v1/jobs/{job['id']}/report")
+    assert report.status_code == 200 and report.json() == odd
+    page = client.get(f"/v1/jobs/{job['id']}/report.html")
+    assert page.status_code == 200 and "as stored" in page.text

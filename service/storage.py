@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -21,6 +22,35 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 CHUNK = 1 << 20
+# sha256 runs on these threads beside the write (both drop the GIL): an upload costs the slower of
+# the two, not their sum.
+_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qaas-hash")
+
+
+class BesideHash:
+    """sha256 of a stream of chunks, computed on a pool thread one chunk behind the caller, who
+    meanwhile writes the chunk (which must not change until the next `update` or `hexdigest`)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pending: Future[None] | None = None
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._wait()
+        self._pending = _HASHERS.submit(self._digest.update, chunk)
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._digest.hexdigest()
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()  # in order: at most one chunk behind
+            self._pending = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +237,7 @@ class _LocalWriter:
     def __init__(self, storage: LocalStorage, key: str, tmp: Path) -> None:
         self.storage, self.key, self.tmp = storage, key, tmp
         self.file = tmp.open("xb")
-        self.digest = hashlib.sha256()
+        self.digest = BesideHash()
         self.size = 0
 
     def write(self, chunk: bytes | memoryview) -> None:
@@ -225,5 +255,6 @@ class _LocalWriter:
         return StoredObject(self.key, self.size, self.digest.hexdigest())
 
     def abort(self) -> None:
+        self.digest.cancel()
         self.file.close()
         self.tmp.unlink(missing_ok=True)

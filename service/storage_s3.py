@@ -13,7 +13,6 @@ FileNotFoundError.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -24,7 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
-from service.storage import CHUNK, StorageUnavailable, StoredObject, _checked_key
+from service.storage import CHUNK, BesideHash, StorageUnavailable, StoredObject, _checked_key
 
 T = TypeVar("T")
 MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -188,7 +187,7 @@ class S3Writer:
     def __init__(self, storage: S3Storage, key: str) -> None:
         self.storage = storage
         self.key = key
-        self.digest = hashlib.sha256()
+        self.digest = BesideHash()
         self.size = 0
         self.buffer = bytearray()
         self.upload_id: str | None = None
@@ -239,6 +238,7 @@ class S3Writer:
         return StoredObject(self.key, self.size, self.digest.hexdigest())
 
     def abort(self) -> None:
+        self.digest.cancel()
         for future in self.sent:
             future.cancel()
         wait(self.sent)

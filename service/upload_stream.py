@@ -13,9 +13,7 @@ as FastAPI's own validation does.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,12 +25,11 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import PayloadTooLarge
-from service.storage import ObjectWriter
+from service.storage import BesideHash, ObjectWriter
 
 BATCH_BYTES = 1 << 20
 QUEUED = 4
 MAX_FIELD_BYTES = 64 << 10
-HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qaas-upload-hash")
 
 
 @dataclass
@@ -85,8 +82,7 @@ class _Parts:
         self._text: bytearray | None = None
         self._file: BinaryIO | None = None
         self._part: StagedPart | None = None
-        self._digest: Any = None
-        self._hashing: Future[None] | None = None
+        self._digest: BesideHash | None = None
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -121,7 +117,7 @@ class _Parts:
             count = sum(len(v) for v in self.form.files.values())
             part = StagedPart(filename, self.folder / f"part-{count}")
             self._writer = self.direct(self._name, filename, count) if self.direct else None
-            self._part, self._digest = part, hashlib.sha256()
+            self._part, self._digest = part, BesideHash()
             self._file = part.path.open("xb")  # the placeholder, when the bytes go to the writer
             self.form.files.setdefault(self._name, []).append(part)
         else:
@@ -143,9 +139,8 @@ class _Parts:
             if self._writer is not None:
                 self._writer.write(chunk)  # hashes as it goes
                 return
-            if self._hashing is not None:
-                self._hashing.result()  # in order, and at most one chunk behind
-            self._hashing = HASHER.submit(self._digest.update, chunk)  # beside the write: both drop the GIL
+            assert self._digest is not None
+            self._digest.update(chunk)  # beside the write
             self._file.write(chunk)
         elif self._text is not None:
             if len(self._text) + len(chunk) > MAX_FIELD_BYTES:
@@ -163,10 +158,9 @@ class _Parts:
         elif self._part is not None and self._file is not None:
             self._file.close()
             self._file = None
-            if self._hashing is not None:
-                self._hashing.result()
-                self._hashing = None
+            assert self._digest is not None
             self._part.sha256 = self._digest.hexdigest()
+            self._digest = None
         elif self._text is not None:
             self.form.fields[self._name] = self._text.decode("utf-8", "replace")
             self._text = None
@@ -175,8 +169,8 @@ class _Parts:
         if self._writer is not None:  # the request broke off inside this part
             self._writer.abort()
             self._writer = None
-        if self._hashing is not None:
-            self._hashing.cancel()
+        if self._digest is not None:
+            self._digest.cancel()
         if self._file is not None:
             self._file.close()
 

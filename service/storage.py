@@ -22,34 +22,52 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 CHUNK = 1 << 20
+HASH_BATCH = 1 << 20
 # sha256 runs on these threads beside the write (both drop the GIL): an upload costs the slower of
 # the two, not their sum.
 _HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qaas-hash")
 
 
 class BesideHash:
-    """sha256 of a stream of chunks, computed on a pool thread one chunk behind the caller, who
-    meanwhile writes the chunk (which must not change until the next `update` or `hexdigest`)."""
+    """sha256 of a stream of chunks, computed on a pool thread beside the caller, who meanwhile
+    writes the chunks (which must not change until `hexdigest`: bytes, or views of bytes). Chunks
+    go to the thread in batches of about HASH_BATCH bytes, at most one batch behind."""
 
     def __init__(self) -> None:
         self._digest = hashlib.sha256()
         self._pending: Future[None] | None = None
+        self._batch: list[bytes | memoryview] = []
+        self._batched = 0
 
     def update(self, chunk: bytes | memoryview) -> None:
-        self._wait()
-        self._pending = _HASHERS.submit(self._digest.update, chunk)
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= HASH_BATCH:
+            self._submit()
 
     def hexdigest(self) -> str:
+        self._submit()
         self._wait()
         return self._digest.hexdigest()
 
     def cancel(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
+        self._batch = []
+
+    def _submit(self) -> None:
+        self._wait()  # in order: at most one batch behind
+        batch, self._batch, self._batched = self._batch, [], 0
+        if batch:
+            self._pending = _HASHERS.submit(self._update, batch)
+
+    def _update(self, batch: list[bytes | memoryview]) -> None:
+        for chunk in batch:
+            self._digest.update(chunk)
 
     def _wait(self) -> None:
         if self._pending is not None:
-            self._pending.result()  # in order: at most one chunk behind
+            self._pending.result()
             self._pending = None
 
 

@@ -140,3 +140,19 @@ def test_a_writer_is_invisible_until_committed_and_leaves_nothing_when_aborted(
     assert storage.keys("uploads/") == ["uploads/u1/part-0"]  # nothing of the aborted one
     if isinstance(storage, S3Storage):
         assert storage._call(storage.client.list_multipart_uploads).get("Uploads", []) == []
+
+
+def test_the_hash_beside_the_write_equals_sha256_of_the_stream() -> None:
+    import hashlib
+    import os
+
+    from service.storage import HASH_BATCH, BesideHash
+
+    data = os.urandom(3 * HASH_BATCH + 12345)
+    for sizes in ([len(data)], [1, 7, HASH_BATCH - 8, HASH_BATCH + 1], [65536] * (len(data) // 65536 + 1)):
+        hasher, at = BesideHash(), 0
+        for size in sizes:
+            hasher.update(memoryview(data)[at : at + size])
+            at += size
+        assert hasher.hexdigest() == hashlib.sha256(data[:at]).hexdigest()
+    assert BesideHash().hexdigest() == hashlib.sha256(b"").hexdigest()

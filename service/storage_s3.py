@@ -7,7 +7,7 @@ Objects larger than one part go up as multipart uploads: they become visible onl
 is completed, and any failure on the way (a broken request, a dead source) aborts the upload, so a
 half-written object is never seen and no orphaned parts are left behind. Every error of the store
 is raised as `StorageUnavailable` (an OSError, which the API answers with 503), a missing key as
-FileNotFoundError.
+`ObjectMissing` (a FileNotFoundError).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
-from service.storage import CHUNK, StorageUnavailable, StoredObject, _checked_key
+from service.storage import CHUNK, ObjectMissing, StorageUnavailable, StoredObject, _checked_key
 
 T = TypeVar("T")
 MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -74,7 +74,7 @@ class S3Storage:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in MISSING and key is not None:
-                raise FileNotFoundError(f"no stored object {key!r}") from exc
+                raise ObjectMissing(f"no stored object {key!r}") from exc
             raise StorageUnavailable(f"object storage refused {fn.__name__}: {code or exc}") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
@@ -135,9 +135,16 @@ class S3Storage:
         return int(self._call(self.client.head_object, key)["ContentLength"])
 
     def download(self, key: str, dest: Path) -> None:
-        with dest.open("xb") as f:
-            for chunk in self.iter_bytes(key, 4 * CHUNK):
-                f.write(chunk)
+        chunks = self.iter_bytes(key, 4 * CHUNK)
+        first = next(chunks, b"")  # the GET: a missing key or a dead store fails before `dest` exists
+        try:
+            with dest.open("xb") as f:
+                f.write(first)
+                for chunk in chunks:
+                    f.write(chunk)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
 
     def keys(self, prefix: str) -> list[str]:
         found: list[str] = []

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.storage import LocalStorage, Storage, StorageUnavailable, open_storage
+from service.storage import LocalStorage, ObjectMissing, Storage, StorageUnavailable, open_storage
 from service.storage_s3 import S3Storage
 from tests.conftest import free_port
 from tests.onnx_models import matmul_mlp
@@ -65,6 +65,18 @@ def test_keys_and_deletes_by_prefix(storage: Storage, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         storage.size("models/x/model.onnx")
     storage.check()
+
+
+def test_a_key_that_holds_nothing_is_object_missing_on_every_read(storage: Storage, tmp_path: Path) -> None:
+    """Not StorageUnavailable: a worker fails a job whose input is gone instead of trying it again."""
+    for read in (
+        lambda: storage.download("models/gone/model.onnx", tmp_path / "dest"),
+        lambda: storage.open("models/gone/model.onnx"),
+        lambda: storage.size("models/gone/model.onnx"),
+    ):
+        with pytest.raises(ObjectMissing):
+            read()
+    assert not (tmp_path / "dest").exists()
 
 
 def test_keys_that_escape_the_store_are_refused(storage: Storage, tmp_path: Path) -> None:

@@ -53,6 +53,12 @@ class Storage(Protocol):
     def writer(self, key: str) -> ObjectWriter: ...
 
     def open(self, key: str) -> BinaryIO: ...
+    def open_seekable(self, key: str) -> BinaryIO:
+        """The object as a seekable file (for reading an archive's directory or a header in place),
+        never copied whole to local disk. Leaving its `with` block re-raises a read of the store that
+        failed, whatever the reader made of it (a zip reader would have called it a broken file)."""
+        ...
+
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
     ) -> Iterator[bytes]:
@@ -158,6 +164,9 @@ class LocalStorage:
             return self._path(key).open("rb")
         except FileNotFoundError as exc:
             raise ObjectMissing(f"no stored object {key!r}") from exc
+
+    def open_seekable(self, key: str) -> BinaryIO:
+        return self.open(key)
 
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None

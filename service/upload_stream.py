@@ -37,9 +37,8 @@ HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qaas-upload-hash"
 
 @dataclass
 class StagedPart:
-    """One uploaded file, already in the staging folder; or, when its bytes went straight to
-    storage (`stored_key`), a sparse placeholder of the same size there (for checks that need
-    only its size)."""
+    """One uploaded file, already at `path` in the staging folder; or, when its bytes went straight
+    to storage, stored under `stored_key` (nothing at `path`)."""
 
     filename: str
     path: Path
@@ -101,7 +100,7 @@ class _Parts:
 
     @property
     def open_part(self) -> bool:
-        return self._file is not None or self._text is not None
+        return self._file is not None or self._writer is not None or self._text is not None
 
     def part_begin(self) -> None:
         self._headers = []
@@ -122,14 +121,15 @@ class _Parts:
             part = StagedPart(filename, self.folder / f"part-{count}")
             self._writer = self.direct(self._name, filename, count) if self.direct else None
             self._part, self._digest = part, hashlib.sha256()
-            self._file = part.path.open("xb")  # the placeholder, when the bytes go to the writer
+            if self._writer is None:
+                self._file = part.path.open("xb")
             self.form.files.setdefault(self._name, []).append(part)
         else:
             self._part, self._text = None, bytearray()
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = memoryview(data)[start:end]
-        if self._part is not None and self._file is not None:
+        if self._part is not None:
             self.total += len(chunk)
             if self.total > self.max_file_bytes:
                 what = self.what.get(self._name, self._name)
@@ -143,6 +143,7 @@ class _Parts:
             if self._writer is not None:
                 self._writer.write(chunk)  # hashes as it goes
                 return
+            assert self._file is not None
             if self._hashing is not None:
                 self._hashing.result()  # in order, and at most one chunk behind
             self._hashing = HASHER.submit(self._digest.update, chunk)  # beside the write: both drop the GIL
@@ -153,13 +154,10 @@ class _Parts:
             self._text += chunk
 
     def part_end(self) -> None:
-        if self._part is not None and self._file is not None and self._writer is not None:
+        if self._part is not None and self._writer is not None:
             stored = self._writer.commit()
             self._writer = None
             self._part.sha256, self._part.stored_key = stored.sha256, stored.key
-            self._file.truncate(self._part.size_bytes)  # sparse: the size without the bytes
-            self._file.close()
-            self._file = None
         elif self._part is not None and self._file is not None:
             self._file.close()
             self._file = None

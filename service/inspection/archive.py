@@ -3,7 +3,10 @@
 The central directory's entry count and size are read from the end-of-central-directory record
 (zip64 included) and checked before `zipfile` parses the directory: parsing builds one object per
 entry, so a small archive of many tiny entries would otherwise cost far more memory than its size
-before any limit is checked. Each archive is then parsed once (`checked_zip`)."""
+before any limit is checked. Each archive is then parsed once (`checked_zip`).
+
+An archive is a file on disk or a seekable file object (`Archive`): a stored object read in place
+through ranged reads (`Storage.open_seekable`) is checked without ever being copied to local disk."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from service.contract.formats import member_name as safe_member_name
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge, ServiceError
@@ -36,6 +40,18 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
 _CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
+
+Archive = Path | BinaryIO  # a zip on disk, or open and seekable
+
+
+@contextmanager
+def _reading(archive: Archive) -> Iterator[BinaryIO]:
+    """The archive as an open file: opened here (and closed after) when it is a path."""
+    if isinstance(archive, Path):
+        with archive.open("rb") as f:
+            yield f
+    else:
+        yield archive
 
 
 @dataclass(frozen=True)
@@ -60,9 +76,9 @@ def _is_special_entry(info: zipfile.ZipInfo) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def open_zip(path: Path, error_cls: type[ServiceError] = InvalidDataset) -> zipfile.ZipFile:
+def open_zip(archive: Archive, error_cls: type[ServiceError] = InvalidDataset) -> zipfile.ZipFile:
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise error_cls(
             f"The archive is not a readable zip file ({exc}); upload a zip created by a standard tool.",
@@ -79,7 +95,7 @@ class ZipDirectory:
     size_bytes: int
 
 
-def read_directory(path: Path, error_cls: type[ServiceError] = InvalidDataset) -> ZipDirectory:
+def read_directory(archive: Archive, error_cls: type[ServiceError] = InvalidDataset) -> ZipDirectory:
     """The central directory as the end records describe it (zip64 included), found as `zipfile`
     finds it: the last end record in the file's tail, and the zip64 record just before it."""
 
@@ -90,7 +106,7 @@ def read_directory(path: Path, error_cls: type[ServiceError] = InvalidDataset) -
         )
 
     try:
-        with path.open("rb") as f:
+        with _reading(archive) as f:
             file_size = f.seek(0, os.SEEK_END)
             tail_start = max(0, file_size - _EOCD.size - 0xFFFF)  # the record plus the longest comment
             f.seek(tail_start)
@@ -125,12 +141,12 @@ def _too_many_entries(entries: int, limits: ArchiveLimits) -> PayloadTooLarge:
     )
 
 
-def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceError] = InvalidDataset) -> None:
+def check_directory(archive: Archive, limits: ArchiveLimits, error_cls: type[ServiceError] = InvalidDataset) -> None:
     """Refuse an archive over the entry or directory-size limits before anything parses its directory.
 
     The end record's count is checked first; then the directory's records are counted, a few bytes
     each, so an end record that understates the count cannot sneak more entries past the limit."""
-    directory = read_directory(path, error_cls)
+    directory = read_directory(archive, error_cls)
     if directory.entries > limits.max_entries:
         raise _too_many_entries(directory.entries, limits)
     if directory.size_bytes > limits.max_directory_bytes:
@@ -139,7 +155,7 @@ def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceEr
             f"{limits.max_directory_bytes}; upload fewer files or shorter file names.",
             detail={"directory_bytes": directory.size_bytes, "limit_bytes": limits.max_directory_bytes},
         )
-    with path.open("rb") as f:
+    with _reading(archive) as f:
         f.seek(directory.offset)
         data = f.read(directory.size_bytes)
     counted = at = 0
@@ -153,25 +169,25 @@ def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceEr
 
 @contextmanager
 def checked_zip(
-    path: Path, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
+    archive: Archive, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
 ) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
     """The open archive and its entries, its directory parsed once and every entry checked (see `check_zip`)."""
-    check_directory(path, limits, error_cls)
-    with open_zip(path, error_cls) as zf:
+    check_directory(archive, limits, error_cls)
+    with _reading(archive) as f, open_zip(f, error_cls) as zf:
         infos = zf.infolist()
-        _check_entries(infos, path.stat().st_size, limits, error_cls)
+        _check_entries(infos, f.seek(0, os.SEEK_END), limits, error_cls)
         yield zf, infos
 
 
 def check_zip(
-    path: Path, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
+    archive: Archive, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
 ) -> list[zipfile.ZipInfo]:
     """Every entry of the zip after checking the central directory against `limits`.
 
     Sizes, counts and compression ratios raise PayloadTooLarge; malformed, encrypted, symlink or
     badly named entries raise `error_cls`. Nothing is decompressed here.
     """
-    with checked_zip(path, limits, error_cls) as (_, infos):
+    with checked_zip(archive, limits, error_cls) as (_, infos):
         return infos
 
 

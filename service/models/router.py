@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +18,7 @@ from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.storage import ObjectWriter
 from service.tables import OnnxModel, new_id
 from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
-from service.uploads import staging_dir
+from service.uploads import discard, staging_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -95,9 +94,8 @@ async def upload_model(
             )
             return ModelOut.model_validate(row)
     except BaseException:
-        if direct:  # a refused or broken upload keeps nothing (shielded: also when the client left)
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(storage.delete_prefix, service.model_prefix(model_id))
+        if direct:  # a refused or broken upload keeps nothing
+            await discard(storage, service.model_prefix(model_id))
         raise
 
 

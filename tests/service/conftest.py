@@ -37,6 +37,20 @@ def client(app_settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture
+def s3_client(s3_env: dict[str, str], sqlite_settings: Settings) -> Iterator[TestClient]:
+    """The real app on a real S3 server (moto; a bucket of the test's own, parts of 5 MB)."""
+    settings = sqlite_settings.model_copy(
+        update={
+            "storage_url": s3_env["QAAS_STORAGE_URL"],
+            "s3_endpoint_url": s3_env["QAAS_S3_ENDPOINT_URL"],
+            "s3_part_bytes": 5 << 20,
+        }
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
 def auth_settings(app_settings: Settings) -> Settings:
     return app_settings.model_copy(update={"auth": "on"})
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ from fastapi.testclient import TestClient
 from starlette.formparsers import MultiPartParser
 
 import service.models.service as models_service
-from service.app import create_app
 from service.inspection.model import ModelInfo, ModelLimits
-from service.settings import Settings
 from tests.onnx_models import matmul_mlp
 from tests.s3 import S3Server
 from tests.service.helpers import assert_error
@@ -50,19 +47,6 @@ def test_bodies_that_are_not_a_usable_form_answer_422(client: TestClient) -> Non
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert "malformed" in assert_error(cut, 422, "invalid_request")["message"]
-
-
-@pytest.fixture
-def s3_client(s3_env: dict[str, str], sqlite_settings: Settings) -> Iterator[TestClient]:
-    settings = sqlite_settings.model_copy(
-        update={
-            "storage_url": s3_env["QAAS_STORAGE_URL"],
-            "s3_endpoint_url": s3_env["QAAS_S3_ENDPOINT_URL"],
-            "s3_part_bytes": 5 << 20,
-        }
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        yield client
 
 
 def test_external_data_goes_straight_to_the_object_store(

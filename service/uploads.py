@@ -45,16 +45,20 @@ def staging_dir(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def stage_upload(upload: StagedPart, dest: Path, *, max_bytes: int, what: str, chunk_size: int) -> HashedWrite:
-    """Move the parsed file to `dest` (a rename: both live under the staging folder). A file whose
-    bytes went straight to storage gets a sparse placeholder of its size at `dest` instead: the size
-    without the bytes, for checks that need only that (a model's external data)."""
+def check_size(upload: StagedPart, max_bytes: int, what: str) -> None:
     if upload.size_bytes > max_bytes:
         raise PayloadTooLarge(
             f"The {what} is larger than the limit of {max_bytes} bytes; upload a smaller file "
             "or ask the operator to raise the limit.",
             detail={"limit_bytes": max_bytes, "field": what},
         )
+
+
+def stage_upload(upload: StagedPart, dest: Path, *, max_bytes: int, what: str) -> HashedWrite:
+    """Move the parsed file to `dest` (a rename: both live under the staging folder). A file whose
+    bytes went straight to storage gets a sparse placeholder of its size at `dest` instead: the size
+    without the bytes, for checks that need only that (a model's external data)."""
+    check_size(upload, max_bytes, what)
     if dest.exists():
         raise FileExistsError(dest)
     if upload.stored_key is not None:

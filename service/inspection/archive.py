@@ -14,7 +14,7 @@ import os
 import stat
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from service.contract.formats import member_name as safe_member_name
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge, ServiceError
+from service.storage import ObjectWriter, StoredObject
 
 _CHUNK = 1 << 20
 # Small entries compress extremely well when they are padding or zeros, so the ratio test
@@ -263,7 +264,7 @@ def _check_entries(
 
 
 def extract_flat(
-    zip_path: Path,
+    archive: Archive,
     dest_dir: Path,
     limits: ArchiveLimits = ArchiveLimits(),
     error_cls: type[ServiceError] = InvalidModel,
@@ -274,8 +275,24 @@ def extract_flat(
     limits; files are created exclusively (never overwritten, never through a symlink).
     On failure the files written so far are removed.
     """
-    with checked_zip(zip_path, limits, error_cls) as (zf, all_infos):
-        return _extract(zf, [i for i in all_infos if not i.is_dir()], dest_dir, limits, error_cls)
+    with checked_zip(archive, limits, error_cls) as (zf, all_infos):
+        return [path for path, _ in _extract(zf, [i for i in all_infos if not i.is_dir()], dest_dir, limits, error_cls)]
+
+
+def extract_flat_to_storage(
+    archive: Archive,
+    dest_dir: Path,
+    store: Callable[[str], ObjectWriter],
+    limits: ArchiveLimits = ArchiveLimits(),
+    error_cls: type[ServiceError] = InvalidModel,
+) -> list[tuple[Path, StoredObject]]:
+    """`extract_flat`, with each file's bytes streamed into `store(flat name)` (a new stored object)
+    and, in `dest_dir`, a sparse placeholder of its size: the name and size without the bytes, for
+    checks that need only those. The same limits and refusals; on failure the placeholders are
+    removed, the writer in progress is aborted, and objects already stored are the caller's to delete."""
+    with checked_zip(archive, limits, error_cls) as (zf, all_infos):
+        infos = [i for i in all_infos if not i.is_dir()]
+        return [(path, stored) for path, stored in _extract(zf, infos, dest_dir, limits, error_cls, store) if stored]
 
 
 def _extract(
@@ -284,7 +301,8 @@ def _extract(
     dest_dir: Path,
     limits: ArchiveLimits,
     error_cls: type[ServiceError],
-) -> list[Path]:
+    store: Callable[[str], ObjectWriter] | None = None,
+) -> list[tuple[Path, StoredObject | None]]:
     names: dict[str, str] = {}
     for info in infos:
         safe = safe_member_name(info.filename)
@@ -300,6 +318,8 @@ def _extract(
         names[info.filename] = base
     dest_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    stored: list[StoredObject | None] = []
+    writer: ObjectWriter | None = None
     total = 0
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
@@ -319,21 +339,38 @@ def _extract(
             written.append(target)
             entry_bytes = 0
             with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                writer = store(flat_name) if store is not None else None
                 while chunk := src.read(_CHUNK):
                     entry_bytes += len(chunk)
                     total += len(chunk)
                     _check_streamed(info, entry_bytes, total, limits)
-                    out.write(chunk)
+                    if writer is not None:
+                        writer.write(chunk)
+                    else:
+                        out.write(chunk)
+                if writer is not None:
+                    out.truncate(entry_bytes)  # the placeholder: the size without the bytes
+                    stored.append(writer.commit())
+                    writer = None
+                else:
+                    stored.append(None)
     except zipfile.BadZipFile as exc:
+        _abort(writer)
         _remove(written)
         raise error_cls(
             f"The archive is corrupt ({exc}); upload a zip created by a standard tool.",
             detail={"reason": str(exc)},
         ) from exc
     except BaseException:
+        _abort(writer)
         _remove(written)
         raise
-    return written
+    return list(zip(written, stored, strict=True))
+
+
+def _abort(writer: ObjectWriter | None) -> None:
+    if writer is not None:
+        writer.abort()
 
 
 def _check_streamed(info: zipfile.ZipInfo, entry_bytes: int, total: int, limits: ArchiveLimits) -> None:

@@ -58,14 +58,15 @@ def _only_files(value: Any) -> Any:
 async def upload_model(
     request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> ModelOut:
-    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model
-    # and zipped external data are staged for inspection; plain external data files, which are
-    # only checked by their size, go straight into storage under the model's keys.
+    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model is
+    # staged for inspection (onnx.checker reads a file). External data, which is only checked by its
+    # size, goes straight into storage: plain files under the model's keys, a .zip beside them, to be
+    # read in place and have its files streamed out into storage (service.create_model).
     model_id = new_id()
     direct: list[str] = []
 
     def straight_to_storage(field: str, filename: str, index: int) -> ObjectWriter | None:
-        key = service.external_data_key(model_id, filename) if field == "external_data" else None
+        key = service.external_data_key(model_id, filename, index) if field == "external_data" else None
         if key is None:
             return None
         direct.append(key)
@@ -96,6 +97,7 @@ async def upload_model(
     except BaseException:
         if direct:  # a refused or broken upload keeps nothing
             await discard(storage, service.model_prefix(model_id))
+            await discard(storage, service.archives_prefix(model_id))
         raise
 
 

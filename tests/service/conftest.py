@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +50,25 @@ def s3_client(s3_env: dict[str, str], sqlite_settings: Settings) -> Iterator[Tes
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
+
+
+@pytest.fixture(params=["local", "s3"])
+def on_storage(request: pytest.FixtureRequest, sqlite_settings: Settings) -> Iterator[TestClient]:
+    """The app on the local folder and on a real S3 server (moto)."""
+    if request.param == "s3":
+        yield request.getfixturevalue("s3_client")
+        return
+    with TestClient(create_app(sqlite_settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The API process's temporary folder (tempfile's), empty, to see whether anything lands there."""
+    folder = tmp_path / "api-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 @pytest.fixture

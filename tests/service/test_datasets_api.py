@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from service.settings import Settings
 from service.storage_s3 import S3Storage
 from tests.e2e.faults import TcpProxy
 from tests.security.test_zip_directory import hand_made_zip
-from tests.service.helpers import assert_error, npz_bytes, upload_dataset
+from tests.service.helpers import assert_error, files_under, leftovers, npz_bytes, upload_dataset
 
 
 def test_npz_upload_describes_the_arrays(client: TestClient) -> None:
@@ -67,43 +65,6 @@ def test_delete(client: TestClient) -> None:
 # -- the bytes go straight into storage and are inspected there ------------------------------------
 
 
-@pytest.fixture(params=["local", "s3"])
-def on_storage(request: pytest.FixtureRequest, sqlite_settings: Settings) -> Iterator[TestClient]:
-    """The app on the local folder and on a real S3 server (moto)."""
-    if request.param == "s3":
-        yield request.getfixturevalue("s3_client")
-        return
-    with TestClient(create_app(sqlite_settings), raise_server_exceptions=False) as client:
-        yield client
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The API process's temporary folder (tempfile's), empty, to see whether anything lands there."""
-    folder = tmp_path / "api-tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
-def files_under(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
-
-
-def leftovers(client: TestClient) -> list[str]:
-    """Every stored dataset object, and every unfinished S3 upload or local temporary file."""
-    storage = client.app.state.storage  # type: ignore[attr-defined]
-    found = list(storage.keys("datasets/"))
-    if isinstance(storage, S3Storage):
-        found += [
-            f"unfinished:{u['Key']}"
-            for u in storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
-        ]
-    else:
-        found += [f"tmp:{p.name}" for p in files_under(storage.tmp)]
-    return found
-
-
 def image_zip(n: int = 3) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -140,10 +101,10 @@ def test_a_dataset_goes_straight_into_storage_and_is_inspected_where_it_lies(
         # The peak: every byte received and stored, none inspected yet.
         seen["staged"] = files_under(staging)
         seen["tmp"] = files_under(private_tmp)
-        seen["local copies"] = [  # any file as large as the upload (the database aside)
+        seen["local copies"] = [  # any file holding as many bytes on disk as the upload (the database aside)
             p
             for p in files_under(settings.resolved_data_dir)
-            if p.stat().st_size >= len(content) and not p.name.startswith("qaas.db")
+            if p.stat().st_blocks * 512 >= len(content) and not p.name.startswith("qaas.db")
         ]
         info = real(dataset, preprocess, limits)
         seen["fetched"] = getattr(dataset, "fetched_bytes", None)
@@ -168,7 +129,7 @@ def test_a_dataset_goes_straight_into_storage_and_is_inspected_where_it_lies(
     else:
         assert [p.relative_to(storage.root).as_posix() for p in seen["local copies"]] == [key]
     assert on_storage.delete(f"/v1/datasets/{body['id']}").status_code == 204
-    assert leftovers(on_storage) == []
+    assert leftovers(on_storage, "datasets/") == []
 
 
 @pytest.mark.parametrize(
@@ -194,7 +155,7 @@ def test_a_refused_dataset_leaves_nothing_in_storage(
     }[name]
     answer = on_storage.post("/v1/datasets", files={"file": ("d.zip", content)}, data=data)
     assert_error(answer, *refusal)
-    assert leftovers(on_storage) == []
+    assert leftovers(on_storage, "datasets/") == []
     assert on_storage.get("/v1/datasets").json()["items"] == []
 
 
@@ -206,7 +167,7 @@ def test_a_dataset_upload_cut_short_leaves_nothing_in_storage(on_storage: TestCl
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert_error(cut, 422, "invalid_request")
-    assert leftovers(on_storage) == []
+    assert leftovers(on_storage, "datasets/") == []
 
 
 def test_object_storage_failing_while_a_dataset_is_inspected_answers_503_not_a_verdict_on_the_file(

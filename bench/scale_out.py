@@ -1,7 +1,8 @@
 """Object storage and scale-out figures, on S3 storage (moto's S3 server on loopback, started here):
 
-- `upload_s3_mb_s`: a model with external data uploaded through the API into S3 (staged, inspected,
-  then stored as a multipart upload), beside `cp` of the same bytes on the same disk.
+- `upload_s3_mb_s`: a model with external data uploaded through the API into S3 (the external data
+  streamed straight into a multipart upload, the .onnx staged and inspected), beside `cp` of the
+  same bytes on the same disk.
 - `jobs_per_minute_1` / `_2`: a batch of small static jobs submitted at once, finished with one
   worker process, then with two (`python -m worker` started twice, as on two machines).
 

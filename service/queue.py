@@ -88,13 +88,15 @@ class JobQueue:
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.app = app if app is not None else make_celery(settings, "qaas-api")
 
-    def enqueue(self, job_id: str) -> None:
-        """Send the job's message. Two quick retries cover a pooled connection that died with a
-        Redis restart; a broker that stays down fails within about a second (the caller answers 503)."""
+    def enqueue(self, job_id: str, countdown: float = 0.0) -> None:
+        """Send the job's message, to be run `countdown` seconds from now (the worker that receives it
+        holds it until then). Two quick retries cover a pooled connection that died with a Redis
+        restart; a broker that stays down fails within about a second (the caller answers 503)."""
         self.app.send_task(
             RUN_JOB_TASK,
             args=[job_id],
             queue=QUEUE,
+            countdown=countdown or None,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
         )

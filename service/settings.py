@@ -89,7 +89,20 @@ class Settings(BaseSettings):
         "the larger upload limit plus 1 GiB (a job writes models about the size of the one it read).",
     )
     job_open_files: int = Field(1024, ge=64, description="Open files of a job process (RLIMIT_NOFILE).")
-    job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a lost job fails with worker_lost.")
+    job_max_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Attempts of a job before it fails with worker_lost (its worker vanished) or "
+        "storage_unavailable (object storage stayed unreachable).",
+    )
+    storage_retry_s: float = Field(
+        15.0,
+        ge=0,
+        le=3600,
+        description="A job whose worker could not reach object storage runs again after this long, twice as "
+        "long after each further such attempt.",
+    )
     job_lease_s: float = Field(120.0, ge=2, description="A running job's lease; renewed while it makes progress.")
     sweep_interval_s: float = Field(30.0, ge=0.5, description="How often a worker looks for lost jobs.")
     queued_resend_s: float = Field(600.0, ge=1, description="A job queued this long gets its message sent again.")

@@ -3,7 +3,8 @@ and S3-compatible object storage (`service/storage_s3.py`) from the settings.
 
 Nothing outside the backends assumes a file path: callers put files in, stream bytes out, or
 `download` an object into a folder of their own. Writes are never half-visible: the local backend
-writes to a temporary name and renames it into place, S3 completes a multipart upload.
+writes to a temporary name and renames it into place, S3 completes a multipart upload. Reading a
+key that holds nothing raises `ObjectMissing`; a store that does not answer, `StorageUnavailable`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,12 @@ class StoredObject:
 
 
 class StorageUnavailable(OSError):
-    """The object store did not answer or refused the request; the API answers 503 (an OSError)."""
+    """The object store did not answer or refused the request; the API answers 503 (an OSError).
+    Worth trying again later: a worker puts the job back in line."""
+
+
+class ObjectMissing(FileNotFoundError):
+    """No object is stored under the key (it was deleted): trying again will not bring it back."""
 
 
 class ObjectWriter(Protocol):
@@ -95,6 +101,12 @@ class Storage(Protocol):
     def writer(self, key: str) -> ObjectWriter: ...
 
     def open(self, key: str) -> BinaryIO: ...
+    def open_seekable(self, key: str) -> BinaryIO:
+        """The object as a seekable file (for reading an archive's directory or a header in place),
+        never copied whole to local disk. Leaving its `with` block re-raises a read of the store that
+        failed, whatever the reader made of it (a zip reader would have called it a broken file)."""
+        ...
+
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
     ) -> Iterator[bytes]:
@@ -103,7 +115,7 @@ class Storage(Protocol):
 
     def size(self, key: str) -> int: ...
     def download(self, key: str, dest: Path) -> None:
-        """Write the object to `dest` (a new file in a folder the caller owns)."""
+        """Write the object to `dest` (a new file in a folder the caller owns); no file when it fails."""
         ...
 
     def keys(self, prefix: str) -> list[str]:
@@ -196,7 +208,13 @@ class LocalStorage:
         return _LocalWriter(self, key, self.tmp / f"{uuid.uuid4().hex}.part")
 
     def open(self, key: str) -> BinaryIO:
-        return self._path(key).open("rb")
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"no stored object {key!r}") from exc
+
+    def open_seekable(self, key: str) -> BinaryIO:
+        return self.open(key)
 
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
@@ -213,14 +231,24 @@ class LocalStorage:
                 yield chunk
 
     def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"no stored object {key!r}") from exc
 
     def download(self, key: str, dest: Path) -> None:
         src = self._path(key)
         try:
             os.link(src, dest)  # stored files are never changed in place, so a link is a copy
+            return
         except OSError:
-            shutil.copyfile(src, dest)
+            if not src.is_file():
+                raise ObjectMissing(f"no stored object {key!r}") from None
+        try:
+            shutil.copyfile(src, dest)  # another file system
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
 
     def keys(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/"))

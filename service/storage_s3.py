@@ -7,12 +7,13 @@ Objects larger than one part go up as multipart uploads: they become visible onl
 is completed, and any failure on the way (a broken request, a dead source) aborts the upload, so a
 half-written object is never seen and no orphaned parts are left behind. Every error of the store
 is raised as `StorageUnavailable` (an OSError, which the API answers with 503), a missing key as
-FileNotFoundError.
+`ObjectMissing` (a FileNotFoundError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -23,11 +24,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
-from service.storage import CHUNK, BesideHash, StorageUnavailable, StoredObject, _checked_key
+from service.storage import CHUNK, BesideHash, ObjectMissing, StorageUnavailable, StoredObject, _checked_key
 
 T = TypeVar("T")
 MISSING = {"404", "NoSuchKey", "NotFound"}
 PARALLEL_PARTS = 2  # parts uploaded at once (memory: this many parts plus the one filling)
+MIN_WINDOW = 64 << 10  # what a ranged read fetches at least: a header and what follows it
+MAX_WINDOW = 8 << 20  # ... at most, after reads that kept moving forward
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -73,7 +76,7 @@ class S3Storage:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in MISSING and key is not None:
-                raise FileNotFoundError(f"no stored object {key!r}") from exc
+                raise ObjectMissing(f"no stored object {key!r}") from exc
             raise StorageUnavailable(f"object storage refused {fn.__name__}: {code or exc}") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
@@ -118,6 +121,9 @@ class S3Storage:
     def open(self, key: str) -> BinaryIO:
         return cast(BinaryIO, self._call(self.client.get_object, key)["Body"])
 
+    def open_seekable(self, key: str) -> BinaryIO:
+        return cast(BinaryIO, RangedReader(self, key, self.size(key)))
+
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
     ) -> Iterator[bytes]:
@@ -134,9 +140,16 @@ class S3Storage:
         return int(self._call(self.client.head_object, key)["ContentLength"])
 
     def download(self, key: str, dest: Path) -> None:
-        with dest.open("xb") as f:
-            for chunk in self.iter_bytes(key, 4 * CHUNK):
-                f.write(chunk)
+        chunks = self.iter_bytes(key, 4 * CHUNK)
+        first = next(chunks, b"")  # the GET: a missing key or a dead store fails before `dest` exists
+        try:
+            with dest.open("xb") as f:
+                f.write(first)
+                for chunk in chunks:
+                    f.write(chunk)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
 
     def keys(self, prefix: str) -> list[str]:
         found: list[str] = []
@@ -246,3 +259,81 @@ class S3Writer:
         if self.upload_id is not None:
             self.storage._abort(self.key, self.upload_id)
             self.upload_id = None
+
+
+class RangedReader(io.RawIOBase):
+    """A stored object as a seekable, read-only file: each read beyond the bytes in hand is a ranged
+    GET from there, so a zip's directory, an `.npy` header or an image's header is read where it lies
+    and the object is never downloaded whole. A GET fetches at least the window: MIN_WINDOW after a
+    jump backwards (zipfile going from the directory to a member), doubled up to MAX_WINDOW while
+    reads move forward (members checked in the order they are stored), so checking every member of
+    a zip costs about one sequential read of it at most, in few requests.
+
+    A failed GET is raised as it is (StorageUnavailable), and again when the `with` block ends: the
+    code reading the file may have taken it for a broken file, but the store, not the file, failed."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int) -> None:
+        super().__init__()
+        self.storage, self.key, self.size = storage, key, size
+        self.pos = 0
+        self.buffer = b""
+        self.buffer_start = 0
+        self.window = MIN_WINDOW // 2
+        self.requests = 0
+        self.fetched_bytes = 0
+        self.failure: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        want = max(0, min(len(view), self.size - self.pos))
+        done = 0
+        while done < want:
+            at = self.pos - self.buffer_start
+            if not 0 <= at < len(self.buffer):
+                self._fetch(want - done)
+                at = 0
+            n = min(want - done, len(self.buffer) - at)
+            view[done : done + n] = self.buffer[at : at + n]
+            done += n
+            self.pos += n
+        return done
+
+    def readall(self) -> bytes:
+        return self.read(max(0, self.size - self.pos))
+
+    def _fetch(self, want: int) -> None:
+        forward = bool(self.buffer) and self.pos >= self.buffer_start
+        self.window = min(MAX_WINDOW, self.window * 2) if forward else MIN_WINDOW
+        length = min(self.size - self.pos, max(want, self.window))
+        self.buffer = b""  # the old window goes before the new one arrives
+        try:
+            data = b"".join(self.storage.iter_bytes(self.key, start=self.pos, end=self.pos + length - 1))
+            if not data:
+                raise StorageUnavailable(f"object storage returned nothing at byte {self.pos} of {self.key!r}")
+        except OSError as exc:
+            self.failure = self.failure or exc
+            raise
+        self.requests += 1
+        self.fetched_bytes += len(data)
+        self.buffer, self.buffer_start = data, self.pos
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+        if self.failure is not None:
+            raise self.failure

@@ -34,9 +34,8 @@ MAX_FIELD_BYTES = 64 << 10
 
 @dataclass
 class StagedPart:
-    """One uploaded file, already in the staging folder; or, when its bytes went straight to
-    storage (`stored_key`), a sparse placeholder of the same size there (for checks that need
-    only its size)."""
+    """One uploaded file, already at `path` in the staging folder; or, when its bytes went straight
+    to storage, stored under `stored_key` (nothing at `path`)."""
 
     filename: str
     path: Path
@@ -97,7 +96,7 @@ class _Parts:
 
     @property
     def open_part(self) -> bool:
-        return self._file is not None or self._text is not None
+        return self._file is not None or self._writer is not None or self._text is not None
 
     def part_begin(self) -> None:
         self._headers = []
@@ -118,14 +117,15 @@ class _Parts:
             part = StagedPart(filename, self.folder / f"part-{count}")
             self._writer = self.direct(self._name, filename, count) if self.direct else None
             self._part, self._digest = part, BesideHash()
-            self._file = part.path.open("xb")  # the placeholder, when the bytes go to the writer
+            if self._writer is None:
+                self._file = part.path.open("xb")
             self.form.files.setdefault(self._name, []).append(part)
         else:
             self._part, self._text = None, bytearray()
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = memoryview(data)[start:end]
-        if self._part is not None and self._file is not None:
+        if self._part is not None:
             self.total += len(chunk)
             if self.total > self.max_file_bytes:
                 what = self.what.get(self._name, self._name)
@@ -139,7 +139,7 @@ class _Parts:
             if self._writer is not None:
                 self._writer.write(chunk)  # hashes as it goes
                 return
-            assert self._digest is not None
+            assert self._file is not None and self._digest is not None
             self._digest.update(chunk)  # beside the write
             self._file.write(chunk)
         elif self._text is not None:
@@ -148,13 +148,10 @@ class _Parts:
             self._text += chunk
 
     def part_end(self) -> None:
-        if self._part is not None and self._file is not None and self._writer is not None:
+        if self._part is not None and self._writer is not None:
             stored = self._writer.commit()
             self._writer = None
             self._part.sha256, self._part.stored_key = stored.sha256, stored.key
-            self._file.truncate(self._part.size_bytes)  # sparse: the size without the bytes
-            self._file.close()
-            self._file = None
         elif self._part is not None and self._file is not None:
             self._file.close()
             self._file = None

@@ -1,8 +1,10 @@
 """Staging of uploaded files: a private folder per upload, where the streaming parser
-(`service/upload_stream.py`) has already written each file, counted and hashed."""
+(`service/upload_stream.py`) has already written each file, counted and hashed; and the removal of
+what an upload that was refused or broke off had already put into storage."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -10,10 +12,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
+from starlette.concurrency import run_in_threadpool
+
 from service.errors import PayloadTooLarge
 from service.settings import Settings
-from service.storage import HashedWrite
+from service.storage import HashedWrite, Storage
 from service.upload_stream import StagedPart
+
+log = logging.getLogger(__name__)
+
+
+async def discard(storage: Storage, prefix: str) -> None:
+    """Delete what a refused or broken upload stored under `prefix`: shielded, so it happens also
+    when the client left; best effort, so the upload's own error is the answer when storage is down
+    (what stays then has no row, and no later answer names it)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await run_in_threadpool(storage.delete_prefix, prefix)
+        except OSError as exc:
+            log.warning("could not delete %s after a failed upload: %s", prefix, exc)
 
 
 @contextmanager
@@ -27,15 +45,25 @@ def staging_dir(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def stage_upload(upload: StagedPart, dest: Path, *, max_bytes: int, what: str, chunk_size: int) -> HashedWrite:
-    """Move the parsed file to `dest` (a rename: both live under the staging folder)."""
+def check_size(upload: StagedPart, max_bytes: int, what: str) -> None:
     if upload.size_bytes > max_bytes:
         raise PayloadTooLarge(
             f"The {what} is larger than the limit of {max_bytes} bytes; upload a smaller file "
             "or ask the operator to raise the limit.",
             detail={"limit_bytes": max_bytes, "field": what},
         )
+
+
+def stage_upload(upload: StagedPart, dest: Path, *, max_bytes: int, what: str) -> HashedWrite:
+    """Move the parsed file to `dest` (a rename: both live under the staging folder). A file whose
+    bytes went straight to storage gets a sparse placeholder of its size at `dest` instead: the size
+    without the bytes, for checks that need only that (a model's external data)."""
+    check_size(upload, max_bytes, what)
     if dest.exists():
         raise FileExistsError(dest)
-    os.replace(upload.path, dest)
+    if upload.stored_key is not None:
+        with dest.open("xb") as placeholder:
+            placeholder.truncate(upload.size_bytes)
+    else:
+        os.replace(upload.path, dest)
     return HashedWrite(dest, upload.size_bytes, upload.sha256, upload.stored_key)

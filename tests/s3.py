@@ -3,6 +3,7 @@ as a process of its own and reached over HTTP by boto3, exactly as a deployment 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from typing import Any
 import boto3
 import httpx
 from botocore.config import Config
+
+from service.storage_s3 import S3Storage
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "qaas-test",
@@ -86,6 +89,23 @@ class S3Server:
 
     def unfinished_uploads(self, bucket: str) -> list[str]:
         return [u["Key"] for u in self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def dead_object_store() -> S3Storage:
+    """S3-compatible storage at a loopback port nothing listens on, asked once (no retries)."""
+    with socket.socket() as sock:  # a port that was free a moment ago; nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = boto3.session.Session(
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+    ).client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, s3={"addressing_style": "path"}),
+    )
+    return S3Storage(client, "qaas")
 
 
 def running_server(logs: Path, port: int) -> Iterator[S3Server]:

@@ -55,7 +55,7 @@ def sweep(
         done[outcome].append(job_id)
         if storage is not None:
             # A worker killed while storing leaves a partial set; only a success keeps files.
-            storage.delete_prefix(f"jobs/{job_id}/{attempt}" if outcome == "requeued" else f"jobs/{job_id}")
+            _delete(storage, f"jobs/{job_id}/{attempt}" if outcome == "requeued" else f"jobs/{job_id}")
         if outcome == "requeued" and not _send(send, job_id):
             done["unsent"].append(job_id)
     with factory() as session:
@@ -107,6 +107,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _delete(storage: Storage, prefix: str) -> None:
+    """Best effort: with object storage down the job still goes back in line (its next success
+    removes the other attempts' files; deleting an ended job removes all of them)."""
+    try:
+        storage.delete_prefix(prefix)
+    except OSError as exc:
+        log.warning("sweep could not delete the stored files under %s: %s", prefix, exc)
 
 
 def _send(send: Callable[[str], None], job_id: str) -> bool:

@@ -11,7 +11,12 @@ Faults, and what the runner does about them (each a deliberate choice):
   or Celery cancels the task because the broker connection was lost): the job's process is
   stopped and the job handed back to the queue (`state.release`), then re-sent.
 - The worker is SIGKILLed: the job's process dies with it (PR_SET_PDEATHSIG), the lease runs out
-  and the sweep re-queues the job; the next attempt clears what the killed one left on disk."""
+  and the sweep re-queues the job; the next attempt clears what the killed one left on disk.
+- Object storage is unreachable while the job's inputs are fetched or its results stored: the
+  job is put back in line (`state.retry_later`, the attempt counted) and its message sent again
+  after QAAS_STORAGE_RETRY_S, doubled for each such attempt; the last of QAAS_JOB_MAX_ATTEMPTS
+  fails it with `storage_unavailable`. Nothing was recorded as succeeded: that happens only once
+  the objects exist. An input missing from storage (deleted) fails the job with `input_missing`."""
 
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from service.jobs import state
 from service.jobs.schemas import EvaluationSettings as WireEvaluation
 from service.quotas import charge, check_storage
 from service.settings import Settings, get_settings
-from service.storage import Storage, open_storage
+from service.storage import ObjectMissing, Storage, StorageUnavailable, open_storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
 from worker.contracts import (
     OUTCOME_FILE,
@@ -74,10 +79,27 @@ EOF = b""  # the reader thread's last item; a real line always ends with a newli
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
 CANCELLED = JobError.from_dict(state.CANCELLED_ERROR)
+STORAGE_RETRY_MAX_S = 600.0
+# Sends a job's message again, to run after a countdown in seconds (worker.tasks.enqueue).
+Enqueue = Callable[[str, float], None]
 
 
 class DatabaseUnavailable(Exception):
     """The job could not be claimed because the database is unreachable; the task retries later."""
+
+
+class InputMissing(Exception):
+    """An input of the job (its model, reference model or dataset) is gone: deleted, or missing from
+    storage. No later attempt can bring it back, so the job fails with `input_missing`."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.error = JobError(
+            "input_missing",
+            f"The job's {what} is no longer stored (it was deleted), so the job cannot run; upload it "
+            "again and start a new job.",
+            {"input": what},
+        )
 
 
 def _die_with_runner() -> Callable[[], None] | None:
@@ -132,7 +154,7 @@ class JobRunner:
         settings: Settings,
         session_factory: sessionmaker[Session],
         storage: Storage,
-        enqueue: Callable[[str], None] | None = None,
+        enqueue: Enqueue | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
@@ -144,7 +166,7 @@ class JobRunner:
         self._db_down_since: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, enqueue: Callable[[str], None] | None = None) -> JobRunner:
+    def from_settings(cls, settings: Settings | None = None, enqueue: Enqueue | None = None) -> JobRunner:
         settings = settings or get_settings()
         engine = make_engine(settings)
         return cls(settings, make_session_factory(engine), open_storage(settings), enqueue)
@@ -187,6 +209,7 @@ class JobRunner:
     def _attempt(self, job_id: str, attempt: int) -> None:
         log.info("job %s: attempt %d started", job_id, attempt)
         workdir = self._workdir(job_id, attempt)
+        outcome: ChildOutcome | None = None
         try:
             self._write_job_file(job_id, workdir)
             outcome = self._run_child(job_id, attempt, workdir)
@@ -197,6 +220,11 @@ class JobRunner:
             elif outcome.status != "abandoned":
                 assert outcome.error is not None
                 self._end(job_id, attempt, outcome.error, outcome.status)
+        except StorageUnavailable as exc:
+            self._storage_down(job_id, attempt, workdir, exc, storing=outcome is not None)
+        except InputMissing as exc:
+            log.warning("job %s: attempt %d finds its %s gone", job_id, attempt, exc)
+            self._end(job_id, attempt, exc.error, "failed")
         except Exception as exc:
             if isinstance(exc, DBAPIError) and transient(exc):
                 # Not the job's fault: give it back rather than fail it.
@@ -260,63 +288,103 @@ class JobRunner:
             f"record job {job_id} as {status}",
             lambda s: state.fail(s, job_id, attempt, error.to_dict(), status=status),
         ):
-            self.storage.delete_prefix(f"jobs/{job_id}")
+            self._forget(f"jobs/{job_id}")
+
+    def _forget(self, prefix: str) -> None:
+        """Delete stored files no row points at, if storage answers; else they stay until the job is
+        deleted (or the retention sweep takes it), and the outcome recorded stands."""
+        try:
+            self.storage.delete_prefix(prefix)
+        except OSError as exc:
+            log.warning("could not delete the stored files under %s (%s); they stay", prefix, exc)
 
     def _hand_back(self, job_id: str, attempt: int, workdir: Path) -> None:
         """Return the job to the queue (or end it as cancelled, if that was asked) and re-send it."""
+        if self._put_back(job_id, attempt, workdir, lambda s: state.release(s, job_id, attempt), 0.0):
+            log.warning("job %s: attempt %d stopped on request and handed back to the queue", job_id, attempt)
+
+    def _storage_down(self, job_id: str, attempt: int, workdir: Path, exc: OSError, *, storing: bool) -> None:
+        """Object storage did not answer: put the job back in line to run again later, or, after
+        QAAS_JOB_MAX_ATTEMPTS attempts, fail it with `storage_unavailable`. The store's own words
+        (they name its endpoint) go to the log, not to the user."""
+        most = self.settings.job_max_attempts
+        what = "its results" if storing else "its inputs"
+        log.warning("job %s: attempt %d could not reach object storage for %s: %s", job_id, attempt, what, exc)
+        if attempt >= most:
+            message = (
+                f"Object storage could not be reached in {attempt} attempts (the maximum is {most}), so the job "
+                f"could not {'store its results' if storing else 'read its inputs'}; start it again once "
+                "storage is back, and tell the operator if this persists."
+            )
+            self._end(job_id, attempt, _error("storage_unavailable", message, attempts=attempt), "failed")
+            return
+        if storing:
+            self._forget(f"jobs/{job_id}/{attempt}")  # what it stored before storage broke off
+        delay = min(STORAGE_RETRY_MAX_S, self.settings.storage_retry_s * 2 ** (attempt - 1))
+        note = f"Waiting for object storage: attempt {attempt} of {most} could not reach it; next in {delay:g} s."
+        if self._put_back(job_id, attempt, workdir, lambda s: state.retry_later(s, job_id, attempt, note), delay):
+            log.warning("job %s: attempt %d put back in line; it runs again in %g s", job_id, attempt, delay)
+
+    def _put_back(
+        self, job_id: str, attempt: int, workdir: Path, requeue: Callable[[Session], bool], countdown: float
+    ) -> bool:
+        """Return the job to the queue with `requeue` (or end it as cancelled, if that was asked) and
+        send its message again to run in `countdown` seconds. False when the job did not go back."""
         self._remove_workdir(workdir)  # first: the same attempt number may be claimed again at once
 
-        def release(session: Session) -> str:
-            if state.release(session, job_id, attempt):
-                return "released"
+        def put_back(session: Session) -> str:
+            if requeue(session):
+                return "queued"
             if state.fail(session, job_id, attempt, state.CANCELLED_ERROR, status="cancelled"):
                 return "cancelled"
             return "lost"
 
-        done = self._write(f"hand job {job_id} back", release)
+        done = self._write(f"put job {job_id} back in line", put_back)
         if done == "cancelled":
-            self.storage.delete_prefix(f"jobs/{job_id}")
-        if done != "released":
-            return
-        log.warning("job %s: attempt %d stopped on request and handed back to the queue", job_id, attempt)
+            self._forget(f"jobs/{job_id}")
+        if done != "queued":
+            return False
         if self.enqueue is not None:
             try:
-                self.enqueue(job_id)
+                self.enqueue(job_id, countdown)
             except Exception as exc:  # the broker is down: mark it for the next sweep to re-send
                 log.warning("job %s: could not re-send its message (%s); the sweep will", job_id, exc)
                 self._write(
                     f"mark job {job_id} for re-sending",
                     lambda s: state.resend_due(s, job_id, self.settings.queued_resend_s),
                 )
+        return True
 
     def _write_job_file(self, job_id: str, workdir: Path) -> None:
         """The job's inputs are fetched into `workdir/inputs` (through this worker's cache) once the
         rows are read, and job.json points the job's process at them."""
         inputs = workdir / "inputs"
-        fetches: list[tuple[str, str, int, Path, bool]] = []  # key, sha256, size, local copy, a file of its own
+        # what it is (for messages), key, sha256, size, local copy, a file of its own
+        fetches: list[tuple[str, str, str, int, Path, bool]] = []
         with transaction(self.session_factory) as session:
             job = session.get(Job, job_id)
             assert job is not None
             model = session.get(OnnxModel, job.model_id)
             if model is None or model.deleted_at is not None:
-                raise RuntimeError("the job's model was deleted")
+                raise InputMissing("model")
 
             def source(dataset_id: str | None) -> DataSource | None:
                 if dataset_id is None:
                     return None
                 row = session.get(Dataset, dataset_id)
                 if row is None or row.deleted_at is not None:
-                    raise RuntimeError(f"dataset {dataset_id} was deleted")
+                    raise InputMissing(f"dataset {dataset_id}")
                 local = inputs / dataset_id / row.storage_key.rsplit("/", 1)[-1]
-                fetches.append((row.storage_key, row.sha256, row.size_bytes, local, False))
+                fetches.append((f"dataset {dataset_id}", row.storage_key, row.sha256, row.size_bytes, local, False))
                 return DataSource(str(local), row.format, row.preprocess)
 
-            def model_files(row: OnnxModel, folder: Path) -> str:
+            def model_files(row: OnnxModel, folder: Path, what: str) -> str:
                 """The model's file, its external data files beside it as they were uploaded."""
                 external = [(e["name"], e["sha256"], e["size_bytes"]) for e in row.external_data or []]
                 size = row.size_bytes - sum(s for _, _, s in external)
                 for name, sha256, file_size in [(row.file_name, row.sha256, size), *external]:
-                    fetches.append((f"{row.storage_prefix}/{name}", sha256, file_size, folder / name, True))
+                    key = f"{row.storage_prefix}/{name}"
+                    fetches.append((f"{what} file {name!r}", key, sha256, file_size, folder / name, True))
                 return str(folder / row.file_name)
 
             asked = WireEvaluation.model_validate(job.evaluation)
@@ -325,11 +393,11 @@ class JobRunner:
             if reference_id:  # mode compare
                 reference = session.get(OnnxModel, reference_id)
                 if reference is None or reference.deleted_at is not None:
-                    raise RuntimeError("the job's reference model was deleted")
-                reference_path = model_files(reference, inputs / "reference")
+                    raise InputMissing("reference model")
+                reference_path = model_files(reference, inputs / "reference", "reference model")
             spec = JobFile(
                 job_id=job.id,
-                model_path=model_files(model, inputs / "model"),
+                model_path=model_files(model, inputs / "model", "model"),
                 inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
                 recipe=job.recipe,
                 reference_model_path=reference_path,
@@ -352,9 +420,13 @@ class JobRunner:
                     self.settings.job_open_files,
                 ),
             )
-        for key, sha256, size, local, copy in fetches:
-            if not local.exists():  # the same dataset for calibration and evaluation
+        for what, key, sha256, size, local, copy in fetches:
+            if local.exists():  # the same dataset for calibration and evaluation
+                continue
+            try:
                 self.inputs.fetch(key, sha256, size, local, copy=copy)
+            except ObjectMissing as exc:
+                raise InputMissing(what) from exc
         spec.write(workdir)
 
     def _run_child(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:
@@ -558,7 +630,7 @@ class JobRunner:
         elif done == "cancel":
             self._end(job_id, attempt, CANCELLED, "cancelled")
         elif done == "lost":
-            self.storage.delete_prefix(prefix)
+            self._forget(prefix)
             log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)
         # None: the database never answered, so we cannot tell whether the commit landed. The files
         # stay (a success may point at them); the sweep re-queues the job if it did not land.
@@ -578,5 +650,10 @@ class JobRunner:
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:
         """Partial files of attempts that were killed while storing theirs."""
         prefix = f"jobs/{job_id}/"
-        for old in {key[len(prefix) :].split("/", 1)[0] for key in self.storage.keys(prefix)} - {str(attempt)}:
-            self.storage.delete_prefix(f"{prefix}{old}")
+        try:
+            stored = self.storage.keys(prefix)
+        except OSError as exc:
+            log.warning("could not list the stored files under %s (%s); earlier attempts' stay", prefix, exc)
+            return
+        for old in {key[len(prefix) :].split("/", 1)[0] for key in stored} - {str(attempt)}:
+            self._forget(f"{prefix}{old}")

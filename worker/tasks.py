@@ -36,8 +36,8 @@ _reaper: Reaper | None = None
 CLAIM_RETRIES = 8  # then the sweep re-sends the job once it has been queued for QAAS_QUEUED_RESEND_S
 
 
-def enqueue(job_id: str) -> None:
-    JobQueue(get_settings(), app).enqueue(job_id)
+def enqueue(job_id: str, countdown: float = 0.0) -> None:
+    JobQueue(get_settings(), app).enqueue(job_id, countdown)
 
 
 @worker_ready.connect

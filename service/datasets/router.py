@@ -13,9 +13,10 @@ from service.datasets.schemas import DatasetOut
 from service.deps import SessionDep, SettingsDep, StorageDep
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import Page, error_responses
-from service.tables import Dataset
+from service.storage import ObjectWriter
+from service.tables import Dataset, new_id
 from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
-from service.uploads import staging_dir
+from service.uploads import discard, staging_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -52,26 +53,44 @@ PREPROCESS_EXAMPLE = (
 async def upload_dataset(
     request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> DatasetOut:
-    # The body is parsed here, in one pass into staging, not by FastAPI (see service.upload_stream).
-    with staging_dir(settings) as folder:
-        form = await read_form(
-            request,
-            folder,
-            max_file_bytes=settings.max_dataset_bytes,
-            what={"file": "dataset file"},
-            max_lengths={"name": 255},
-        )
-        row = await run_in_threadpool(
-            service.create_dataset,
-            session,
-            storage,
-            settings,
-            tenant,
-            form.file("file"),
-            form.field("name") or "",
-            form.field("preprocess"),
-        )
-        return DatasetOut.model_validate(row)
+    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The dataset's
+    # bytes go straight into storage, hashed on the way, and are inspected there (ranged reads on
+    # object storage): they never land on the API's disk. A refused or broken upload keeps nothing.
+    dataset_id = new_id()
+    taken: list[str] = []
+
+    def straight_to_storage(field: str, filename: str, index: int) -> ObjectWriter | None:
+        if field != "file" or taken:  # another part is staged, and ignored
+            return None
+        taken.append(service.upload_key(dataset_id))
+        return storage.writer(taken[0])
+
+    try:
+        with staging_dir(settings) as folder:
+            form = await read_form(
+                request,
+                folder,
+                max_file_bytes=settings.max_dataset_bytes,
+                what={"file": "dataset file"},
+                max_lengths={"name": 255},
+                direct=straight_to_storage,
+            )
+            row = await run_in_threadpool(
+                service.create_dataset,
+                session,
+                storage,
+                settings,
+                tenant,
+                form.file("file"),
+                form.field("name") or "",
+                form.field("preprocess"),
+                dataset_id,
+            )
+            return DatasetOut.model_validate(row)
+    except BaseException:
+        if taken:  # a refused or broken upload keeps nothing
+            await discard(storage, service.dataset_prefix(dataset_id))
+        raise
 
 
 @router.get("", summary="List datasets, newest first")

@@ -11,11 +11,17 @@ from service.inspection.dataset import DatasetLimits, inspect_dataset, parse_pre
 from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import ACTIVE_STATUSES, Dataset, Job, clip, new_id
+from service.tables import ACTIVE_STATUSES, Dataset, Job, clip
 from service.upload_stream import StagedPart
-from service.uploads import stage_upload, staging_dir
 
-EXTENSIONS = {"npz": "npz", "npy": "npy", "images": "zip"}
+
+def dataset_prefix(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}"
+
+
+def upload_key(dataset_id: str) -> str:
+    """Where a dataset's bytes are stored while the upload is read, before its format is known."""
+    return f"{dataset_prefix(dataset_id)}/data"
 
 
 def create_dataset(
@@ -26,38 +32,33 @@ def create_dataset(
     file: StagedPart,
     name: str | None,
     preprocess_raw: str | None,
+    dataset_id: str,
 ) -> Dataset:
+    """`file`'s bytes are in storage already, under `upload_key(dataset_id)`, written (and hashed)
+    while the request was read: they are inspected where they are, never copied to the API's disk.
+    The caller deletes them on a refusal; a rollback after the row was added deletes them too."""
+    assert file.stored_key == upload_key(dataset_id), "the route streams the dataset into storage"
     preprocess = parse_preprocess(preprocess_raw)
-    dataset_id = new_id()
-    with staging_dir(settings) as folder:
-        staged = stage_upload(
-            file,
-            folder / "upload",
-            max_bytes=settings.max_dataset_bytes,
-            what="dataset file",
-            chunk_size=settings.upload_chunk_bytes,
-        )
-        info = inspect_dataset(staged.path, preprocess, DatasetLimits(max_total_bytes=settings.max_dataset_bytes))
-        key = f"datasets/{dataset_id}/data.{EXTENSIONS[info.format]}"
-        check_storage(session, settings, tenant, charge(staged.size_bytes, 1))
-        row = Dataset(
-            id=dataset_id,
-            tenant=tenant,
-            name=clip(name or (file.filename or "dataset").rsplit(".", 1)[0] or "dataset"),
-            storage_key=key,
-            format=info.format,
-            num_samples=info.num_samples,
-            size_bytes=staged.size_bytes,
-            sha256=staged.sha256,
-            tensors=info.tensors,
-            has_labels=info.has_labels,
-            preprocess=preprocess if info.format == "images" else None,  # arrays are fed as they are
-        )
-        # The row first, as for models: a refused insert stores nothing, a rollback removes the file.
-        session.add(row)
-        session.flush()
-        on_rollback(session, lambda: storage.delete_prefix(f"datasets/{dataset_id}"))
-        storage.put_file(key, staged.path, move=True, sha256=staged.sha256)
+    limits = DatasetLimits(max_total_bytes=settings.max_dataset_bytes)
+    with storage.open_seekable(file.stored_key) as stored:
+        info = inspect_dataset(stored, preprocess, limits)
+    check_storage(session, settings, tenant, charge(file.size_bytes, 1))
+    row = Dataset(
+        id=dataset_id,
+        tenant=tenant,
+        name=clip(name or (file.filename or "dataset").rsplit(".", 1)[0] or "dataset"),
+        storage_key=file.stored_key,
+        format=info.format,
+        num_samples=info.num_samples,
+        size_bytes=file.size_bytes,
+        sha256=file.sha256,
+        tensors=info.tensors,
+        has_labels=info.has_labels,
+        preprocess=preprocess if info.format == "images" else None,  # arrays are fed as they are
+    )
+    session.add(row)
+    session.flush()
+    on_rollback(session, lambda: storage.delete_prefix(dataset_prefix(dataset_id)))
     return row
 
 

@@ -3,7 +3,10 @@
 The central directory's entry count and size are read from the end-of-central-directory record
 (zip64 included) and checked before `zipfile` parses the directory: parsing builds one object per
 entry, so a small archive of many tiny entries would otherwise cost far more memory than its size
-before any limit is checked. Each archive is then parsed once (`checked_zip`)."""
+before any limit is checked. Each archive is then parsed once (`checked_zip`).
+
+An archive is a file on disk or a seekable file object (`Archive`): a stored object read in place
+through ranged reads (`Storage.open_seekable`) is checked without ever being copied to local disk."""
 
 from __future__ import annotations
 
@@ -11,13 +14,15 @@ import os
 import stat
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from service.contract.formats import member_name as safe_member_name
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge, ServiceError
+from service.storage import ObjectWriter, StoredObject
 
 _CHUNK = 1 << 20
 # Small entries compress extremely well when they are padding or zeros, so the ratio test
@@ -36,6 +41,18 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
 _CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
+
+Archive = Path | BinaryIO  # a zip on disk, or open and seekable
+
+
+@contextmanager
+def _reading(archive: Archive) -> Iterator[BinaryIO]:
+    """The archive as an open file: opened here (and closed after) when it is a path."""
+    if isinstance(archive, Path):
+        with archive.open("rb") as f:
+            yield f
+    else:
+        yield archive
 
 
 @dataclass(frozen=True)
@@ -60,9 +77,9 @@ def _is_special_entry(info: zipfile.ZipInfo) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def open_zip(path: Path, error_cls: type[ServiceError] = InvalidDataset) -> zipfile.ZipFile:
+def open_zip(archive: Archive, error_cls: type[ServiceError] = InvalidDataset) -> zipfile.ZipFile:
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise error_cls(
             f"The archive is not a readable zip file ({exc}); upload a zip created by a standard tool.",
@@ -79,7 +96,7 @@ class ZipDirectory:
     size_bytes: int
 
 
-def read_directory(path: Path, error_cls: type[ServiceError] = InvalidDataset) -> ZipDirectory:
+def read_directory(archive: Archive, error_cls: type[ServiceError] = InvalidDataset) -> ZipDirectory:
     """The central directory as the end records describe it (zip64 included), found as `zipfile`
     finds it: the last end record in the file's tail, and the zip64 record just before it."""
 
@@ -90,7 +107,7 @@ def read_directory(path: Path, error_cls: type[ServiceError] = InvalidDataset) -
         )
 
     try:
-        with path.open("rb") as f:
+        with _reading(archive) as f:
             file_size = f.seek(0, os.SEEK_END)
             tail_start = max(0, file_size - _EOCD.size - 0xFFFF)  # the record plus the longest comment
             f.seek(tail_start)
@@ -125,12 +142,12 @@ def _too_many_entries(entries: int, limits: ArchiveLimits) -> PayloadTooLarge:
     )
 
 
-def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceError] = InvalidDataset) -> None:
+def check_directory(archive: Archive, limits: ArchiveLimits, error_cls: type[ServiceError] = InvalidDataset) -> None:
     """Refuse an archive over the entry or directory-size limits before anything parses its directory.
 
     The end record's count is checked first; then the directory's records are counted, a few bytes
     each, so an end record that understates the count cannot sneak more entries past the limit."""
-    directory = read_directory(path, error_cls)
+    directory = read_directory(archive, error_cls)
     if directory.entries > limits.max_entries:
         raise _too_many_entries(directory.entries, limits)
     if directory.size_bytes > limits.max_directory_bytes:
@@ -139,7 +156,7 @@ def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceEr
             f"{limits.max_directory_bytes}; upload fewer files or shorter file names.",
             detail={"directory_bytes": directory.size_bytes, "limit_bytes": limits.max_directory_bytes},
         )
-    with path.open("rb") as f:
+    with _reading(archive) as f:
         f.seek(directory.offset)
         data = f.read(directory.size_bytes)
     counted = at = 0
@@ -153,25 +170,25 @@ def check_directory(path: Path, limits: ArchiveLimits, error_cls: type[ServiceEr
 
 @contextmanager
 def checked_zip(
-    path: Path, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
+    archive: Archive, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
 ) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
     """The open archive and its entries, its directory parsed once and every entry checked (see `check_zip`)."""
-    check_directory(path, limits, error_cls)
-    with open_zip(path, error_cls) as zf:
+    check_directory(archive, limits, error_cls)
+    with _reading(archive) as f, open_zip(f, error_cls) as zf:
         infos = zf.infolist()
-        _check_entries(infos, path.stat().st_size, limits, error_cls)
+        _check_entries(infos, f.seek(0, os.SEEK_END), limits, error_cls)
         yield zf, infos
 
 
 def check_zip(
-    path: Path, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
+    archive: Archive, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
 ) -> list[zipfile.ZipInfo]:
     """Every entry of the zip after checking the central directory against `limits`.
 
     Sizes, counts and compression ratios raise PayloadTooLarge; malformed, encrypted, symlink or
     badly named entries raise `error_cls`. Nothing is decompressed here.
     """
-    with checked_zip(path, limits, error_cls) as (_, infos):
+    with checked_zip(archive, limits, error_cls) as (_, infos):
         return infos
 
 
@@ -247,7 +264,7 @@ def _check_entries(
 
 
 def extract_flat(
-    zip_path: Path,
+    archive: Archive,
     dest_dir: Path,
     limits: ArchiveLimits = ArchiveLimits(),
     error_cls: type[ServiceError] = InvalidModel,
@@ -258,8 +275,24 @@ def extract_flat(
     limits; files are created exclusively (never overwritten, never through a symlink).
     On failure the files written so far are removed.
     """
-    with checked_zip(zip_path, limits, error_cls) as (zf, all_infos):
-        return _extract(zf, [i for i in all_infos if not i.is_dir()], dest_dir, limits, error_cls)
+    with checked_zip(archive, limits, error_cls) as (zf, all_infos):
+        return [path for path, _ in _extract(zf, [i for i in all_infos if not i.is_dir()], dest_dir, limits, error_cls)]
+
+
+def extract_flat_to_storage(
+    archive: Archive,
+    dest_dir: Path,
+    store: Callable[[str], ObjectWriter],
+    limits: ArchiveLimits = ArchiveLimits(),
+    error_cls: type[ServiceError] = InvalidModel,
+) -> list[tuple[Path, StoredObject]]:
+    """`extract_flat`, with each file's bytes streamed into `store(flat name)` (a new stored object)
+    and, in `dest_dir`, a sparse placeholder of its size: the name and size without the bytes, for
+    checks that need only those. The same limits and refusals; on failure the placeholders are
+    removed, the writer in progress is aborted, and objects already stored are the caller's to delete."""
+    with checked_zip(archive, limits, error_cls) as (zf, all_infos):
+        infos = [i for i in all_infos if not i.is_dir()]
+        return [(path, stored) for path, stored in _extract(zf, infos, dest_dir, limits, error_cls, store) if stored]
 
 
 def _extract(
@@ -268,7 +301,8 @@ def _extract(
     dest_dir: Path,
     limits: ArchiveLimits,
     error_cls: type[ServiceError],
-) -> list[Path]:
+    store: Callable[[str], ObjectWriter] | None = None,
+) -> list[tuple[Path, StoredObject | None]]:
     names: dict[str, str] = {}
     for info in infos:
         safe = safe_member_name(info.filename)
@@ -284,6 +318,8 @@ def _extract(
         names[info.filename] = base
     dest_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    stored: list[StoredObject | None] = []
+    writer: ObjectWriter | None = None
     total = 0
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
@@ -303,21 +339,38 @@ def _extract(
             written.append(target)
             entry_bytes = 0
             with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                writer = store(flat_name) if store is not None else None
                 while chunk := src.read(_CHUNK):
                     entry_bytes += len(chunk)
                     total += len(chunk)
                     _check_streamed(info, entry_bytes, total, limits)
-                    out.write(chunk)
+                    if writer is not None:
+                        writer.write(chunk)
+                    else:
+                        out.write(chunk)
+                if writer is not None:
+                    out.truncate(entry_bytes)  # the placeholder: the size without the bytes
+                    stored.append(writer.commit())
+                    writer = None
+                else:
+                    stored.append(None)
     except zipfile.BadZipFile as exc:
+        _abort(writer)
         _remove(written)
         raise error_cls(
             f"The archive is corrupt ({exc}); upload a zip created by a standard tool.",
             detail={"reason": str(exc)},
         ) from exc
     except BaseException:
+        _abort(writer)
         _remove(written)
         raise
-    return written
+    return list(zip(written, stored, strict=True))
+
+
+def _abort(writer: ObjectWriter | None) -> None:
+    if writer is not None:
+        writer.abort()
 
 
 def _check_streamed(info: zipfile.ZipInfo, entry_bytes: int, total: int, limits: ArchiveLimits) -> None:

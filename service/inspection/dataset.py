@@ -1,7 +1,10 @@
 """Validation and summary of an uploaded dataset (.npz, .npy, zip of images) from headers only.
 
 No array is ever loaded and no image decoded: `.npy` headers and image headers are read from
-the stream and checked against the real sizes and the limits before anything is allocated.
+the stream and checked against the real sizes and the limits before anything is allocated. The
+dataset is a file on disk or a seekable file (a stored object read in place, see
+`Storage.open_seekable`); archive members are read in the order they are stored, so a reader that
+reads ahead serves them from few requests.
 
 `num_samples` is the length of axis 0 shared by the non-scalar arrays: for arrays stacked on a
 new leading axis that is the number of samples, for arrays split into batches it is the number
@@ -11,13 +14,16 @@ of rows. A dataset of rank-0 arrays only has one sample. In `tensors`, a `.npy` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -32,7 +38,7 @@ from service.contract.formats import (
     read_npy_header,
 )
 from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit, service_errors
-from service.inspection.archive import ArchiveLimits, checked_zip
+from service.inspection.archive import Archive, ArchiveLimits, checked_zip
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -61,19 +67,33 @@ class DatasetInfo:
     num_classes: int | None
 
 
-def detect_format(path: Path, archive: ArchiveLimits = ArchiveLimits()) -> str:
+def detect_format(dataset: Archive, archive: ArchiveLimits = ArchiveLimits()) -> str:
     """Return "npy", "npz" or "images", by magic bytes (and, for zips, by member names)."""
-    if _magic(path) == "npy":
-        return "npy"
-    with checked_zip(path, archive, InvalidDataset) as (_, infos):
-        return _zip_format(infos)
+    with _reading(dataset) as fp:
+        if _magic(fp) == "npy":
+            return "npy"
+        with checked_zip(fp, archive, InvalidDataset) as (_, infos):
+            return _zip_format(infos)
 
 
-def _magic(path: Path) -> str:
+@contextlib.contextmanager
+def _reading(dataset: Archive) -> Iterator[BinaryIO]:
+    if not isinstance(dataset, Path):
+        yield dataset
+        return
+    try:
+        fp = dataset.open("rb")
+    except OSError as exc:
+        raise InvalidDataset("The dataset file could not be read; upload it again.") from exc
+    with fp:
+        yield fp
+
+
+def _magic(fp: BinaryIO) -> str:
     """ "npy" or "zip" by the file's first bytes; anything else is refused."""
     try:
-        with open(path, "rb") as fp:
-            head = fp.read(8)
+        fp.seek(0)
+        head = fp.read(8)
     except OSError as exc:
         raise InvalidDataset("The dataset file could not be read; upload it again.") from exc
     if head.startswith(_NPY_MAGIC):
@@ -92,24 +112,24 @@ def _zip_format(infos: list[zipfile.ZipInfo]) -> str:
 
 
 def inspect_dataset(
-    path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits = DatasetLimits()
+    dataset: Archive, preprocess: dict[str, Any] | None, limits: DatasetLimits = DatasetLimits()
 ) -> DatasetInfo:
-    """Validate the dataset at `path` and summarise it. `preprocess` is only used for images.
-    A zip's central directory is checked against the limits, then parsed once."""
-    with service_errors():
-        return _inspect(Path(path), preprocess, limits)
+    """Validate the dataset (a path, or a seekable file) and summarise it. `preprocess` is only used
+    for images. A zip's central directory is checked against the limits, then parsed once."""
+    with service_errors(), _reading(dataset) as fp:
+        return _inspect(fp, preprocess, limits)
 
 
-def _inspect(path: Path, preprocess: dict[str, Any] | None, limits: DatasetLimits) -> DatasetInfo:
-    size = path.stat().st_size
+def _inspect(fp: BinaryIO, preprocess: dict[str, Any] | None, limits: DatasetLimits) -> DatasetInfo:
+    size = fp.seek(0, io.SEEK_END)
     if size > limits.max_total_bytes:
         raise _too_large(limits.max_total_bytes)
-    if _magic(path) == "npy":
-        return _inspect_npy(path, limits)
+    if _magic(fp) == "npy":
+        return _inspect_npy(fp, size, limits)
     archive = dataclasses.replace(
         limits.archive, max_total_bytes=min(limits.archive.max_total_bytes, limits.max_total_bytes)
     )
-    with checked_zip(path, archive, InvalidDataset) as (zf, infos):
+    with checked_zip(fp, archive, InvalidDataset) as (zf, infos):
         if _zip_format(infos) == "npz":
             return _inspect_npz(zf, infos, limits)
         return _inspect_images(zf, infos, parse_preprocess(preprocess), limits)
@@ -135,17 +155,17 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-def _inspect_npy(path: Path, limits: DatasetLimits) -> DatasetInfo:
-    with open(path, "rb") as fp:
-        header = read_npy_header(fp, "The .npy file")
-    _check_data_size(header, path.stat().st_size - header.data_offset, "The .npy file")
+def _inspect_npy(fp: BinaryIO, size: int, limits: DatasetLimits) -> DatasetInfo:
+    fp.seek(0)
+    header = read_npy_header(fp, "The .npy file")
+    _check_data_size(header, size - header.data_offset, "The .npy file")
     if header.nbytes > limits.max_total_bytes:
         raise _too_large(limits.max_total_bytes)
     return _array_info("npy", {SINGLE_INPUT_KEY: header})
 
 
 def _inspect_npz(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: DatasetLimits) -> DatasetInfo:
-    members = [(name, i) for i in infos if not i.is_dir() and (name := member_name(i.filename)) and not is_litter(name)]
+    members = [(name, i) for i in _stored_order(infos) if (name := member_name(i.filename)) and not is_litter(name)]
     if len(members) > limits.max_members:
         raise ResourceLimit(
             f"The .npz holds {len(members)} arrays, more than the limit of {limits.max_members}; "
@@ -165,6 +185,11 @@ def _inspect_npz(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: Data
             raise _too_large(limits.max_total_bytes)
         headers[key] = header
     return _array_info("npz", headers)
+
+
+def _stored_order(infos: list[zipfile.ZipInfo]) -> list[zipfile.ZipInfo]:
+    """The file entries in the order their bytes lie in the archive."""
+    return sorted((i for i in infos if not i.is_dir()), key=lambda i: i.header_offset)
 
 
 def _array_info(fmt: str, headers: dict[str, NpyHeader]) -> DatasetInfo:
@@ -222,7 +247,7 @@ def _inspect_images(
         )
     if Image.MAX_IMAGE_PIXELS is None:  # keep Pillow's decompression-bomb guard on
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
-    for name in index.members:
+    for name in sorted(index.members, key=lambda n: files[n].header_offset):  # in the order they are stored
         _check_image(zf, files[name], name, limits)
     n = index.num_samples
     return DatasetInfo(

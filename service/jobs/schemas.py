@@ -118,7 +118,9 @@ class JobOut(OrmModel):
     stage: JobStage
     progress: float = Field(ge=0, le=1)
     progress_note: str | None = Field(
-        None, description='What the running job does now, e.g. mode auto\'s "candidate 2 of 6" or "search step 3".'
+        None,
+        description='What the running job does now, e.g. mode auto\'s "candidate 2 of 6" or "search step 3"; '
+        "for a queued job put back in line after an outage (object storage unreachable), why it waits.",
     )
     progress_detail: dict[str, Any] | None = Field(None, exclude=True)
     model_id: str

@@ -2,7 +2,8 @@
 attempt), so a duplicated or late task message can neither run a job twice nor rewrite a finished one.
 
 queued -> running -> succeeded | failed | cancelled;  queued -> cancelled;
-running -> queued (lease expired: requeue_lost; or handed back by its worker: release).
+running -> queued (lease expired: requeue_lost; handed back by its worker: release; put back after
+an outage outside the job: retry_later).
 
 `attempts` is the fencing token: a worker owns a job while the row is `running` with the attempt
 number its claim returned, and every write it makes is conditional on that."""
@@ -15,7 +16,7 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from service.contract.progress import Note
+from service.contract.progress import NOTE_LENGTH, Note
 from service.database import utcnow
 from service.tables import Job, JobStatus
 
@@ -134,6 +135,29 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
                 **NO_NOTE,
                 attempts=Job.attempts - 1,
                 started_at=None,
+                updated_at=now,
+                lease_expires_at=None,
+            )
+        )
+    )
+
+
+def retry_later(session: Session, job_id: str, attempt: int, note: str) -> bool:
+    """running -> queued, put back in line by its own worker after an outage outside the job (object
+    storage unreachable). Unlike `release`, the attempt counts: `job_max_attempts` bounds how often
+    that may happen. `note` says why the job waits (the one note a queued job carries); the next
+    claim clears it. A job whose cancellation was asked for is not put back (False)."""
+    now = utcnow()
+    return _changed(
+        session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
+            .values(
+                status=QUEUED,
+                stage="queued",
+                progress=0.0,
+                progress_note=note[:NOTE_LENGTH],
+                progress_detail=None,
                 updated_at=now,
                 lease_expires_at=None,
             )

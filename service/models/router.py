@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +18,7 @@ from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.storage import ObjectWriter
 from service.tables import OnnxModel, new_id
 from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
-from service.uploads import staging_dir
+from service.uploads import discard, staging_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -59,14 +58,15 @@ def _only_files(value: Any) -> Any:
 async def upload_model(
     request: Request, session: SessionDep, storage: StorageDep, settings: SettingsDep, tenant: TenantDep
 ) -> ModelOut:
-    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model
-    # and zipped external data are staged for inspection; plain external data files, which are
-    # only checked by their size, go straight into storage under the model's keys.
+    # The body is parsed here, in one pass, not by FastAPI (see service.upload_stream). The model is
+    # staged for inspection (onnx.checker reads a file). External data, which is only checked by its
+    # size, goes straight into storage: plain files under the model's keys, a .zip beside them, to be
+    # read in place and have its files streamed out into storage (service.create_model).
     model_id = new_id()
     direct: list[str] = []
 
     def straight_to_storage(field: str, filename: str, index: int) -> ObjectWriter | None:
-        key = service.external_data_key(model_id, filename) if field == "external_data" else None
+        key = service.external_data_key(model_id, filename, index) if field == "external_data" else None
         if key is None:
             return None
         direct.append(key)
@@ -95,9 +95,9 @@ async def upload_model(
             )
             return ModelOut.model_validate(row)
     except BaseException:
-        if direct:  # a refused or broken upload keeps nothing (shielded: also when the client left)
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(storage.delete_prefix, service.model_prefix(model_id))
+        if direct:  # a refused or broken upload keeps nothing
+            await discard(storage, service.model_prefix(model_id))
+            await discard(storage, service.archives_prefix(model_id))
         raise
 
 

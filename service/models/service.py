@@ -17,17 +17,17 @@ from service.errors import Conflict, InvalidModel, NotFound, PayloadTooLarge
 from service.inspection.archive import (
     MAX_FILE_NAME_BYTES,
     ArchiveLimits,
-    extract_flat,
+    extract_flat_to_storage,
     read_directory,
     safe_member_name,
 )
 from service.inspection.model import ModelInfo, ModelLimits, inspect_model
 from service.quotas import charge, check_storage
 from service.settings import Settings
-from service.storage import Storage, sha256_file
+from service.storage import Storage
 from service.tables import ACTIVE_STATUSES, Job, OnnxModel, clip, new_id
 from service.upload_stream import StagedPart
-from service.uploads import stage_upload, staging_dir
+from service.uploads import check_size, stage_upload, staging_dir
 
 MODEL_FILE = "model.onnx"
 MAX_FILES_PER_UPLOAD = 1000
@@ -35,6 +35,12 @@ MAX_FILES_PER_UPLOAD = 1000
 
 def model_prefix(model_id: str) -> str:
     return f"models/{model_id}"
+
+
+def archives_prefix(model_id: str) -> str:
+    """Where a .zip of external data is kept while its files are taken out of it: outside the model's
+    folder, so that no file in the archive can be stored over the archive itself."""
+    return f"uploads/{model_id}"
 
 
 def create_model(
@@ -48,7 +54,8 @@ def create_model(
     model_id: str | None = None,
 ) -> OnnxModel:
     """`model_id`: chosen by the caller when external data went straight to storage under
-    `external_data_key(model_id, ...)` while the request was read."""
+    `external_data_key(model_id, ...)` while the request was read (the caller deletes it all when
+    the model is refused)."""
     model_id = model_id or new_id()
     prefix = model_prefix(model_id)
     with staging_dir(settings) as folder:
@@ -57,18 +64,19 @@ def create_model(
             folder / MODEL_FILE,
             max_bytes=settings.max_model_bytes,
             what="model file",
-            chunk_size=settings.upload_chunk_bytes,
         )
         remaining = settings.max_model_bytes - upload.size_bytes
         hashes = {MODEL_FILE: upload.sha256}  # filled while staging, so no file is read twice
         in_storage: dict[str, str] = {}  # external data whose bytes went straight to storage
         for extra in external_data:
-            remaining -= _stage_external(extra, folder, settings, remaining, hashes, in_storage)
+            remaining -= _stage_external(extra, folder, storage, prefix, remaining, hashes, in_storage)
+        if any((e.stored_key or "").startswith(archives_prefix(model_id) + "/") for e in external_data):
+            storage.delete_prefix(archives_prefix(model_id))  # their files are out: the archives go
         info = inspect_model(folder / MODEL_FILE, ModelLimits())
         # Only what the model reads is kept: other files would cost inodes and bytes for nothing.
         referenced = {os.path.normpath(location) for location in info.external_data}
         external: list[dict[str, Any]] = [
-            {"name": path.name, "size_bytes": path.stat().st_size, "sha256": hashes.get(path.name) or sha256_file(path)}
+            {"name": path.name, "size_bytes": path.stat().st_size, "sha256": hashes[path.name]}
             for path in sorted(folder.iterdir())
             if path.name in referenced and path.is_file()
         ]
@@ -131,51 +139,46 @@ def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
 def _stage_external(
     upload: StagedPart,
     folder: Path,
-    settings: Settings,
+    storage: Storage,
+    prefix: str,
     budget: int,
     hashes: dict[str, str],
     in_storage: dict[str, str],
 ) -> int:
-    """Stage one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
-    A plain file's sha256, computed while it is written, goes into `hashes`, and its storage key
-    into `in_storage` when its bytes went straight to storage. At most MAX_FILES_PER_UPLOAD files
-    in all, counting the model."""
+    """Place one external-data upload (a file, or a .zip of files) beside the model; return its bytes.
+    Its bytes are in storage already (`external_data_key`): the model's folder gets a sparse
+    placeholder of each file (its name and size, which is what the model's checks read), `hashes`
+    each file's sha256 and `in_storage` its key. A .zip is read where it is stored and its files are
+    streamed out of it into storage under the model's prefix. At most MAX_FILES_PER_UPLOAD files in
+    all, counting the model."""
     client_name = upload.filename or ""
     safe = external_data_name(client_name)
-    if safe is None:
+    if safe is None or upload.stored_key is None:
         raise InvalidModel(
             f"External data file name {client_name[:100]!r} is not usable; name each file exactly as the "
             f"model's external-data `location` refers to it (at most {MAX_FILE_NAME_BYTES} bytes).",
             detail={"file_name": client_name[:MAX_FILE_NAME_BYTES]},
         )
+    check_size(upload, budget, "external data")
     files_left = MAX_FILES_PER_UPLOAD - sum(1 for _ in folder.iterdir())
     if safe.lower().endswith(".zip"):
-        archive = folder.parent / f"{folder.name}.zip"
-        try:
-            stage_upload(
-                upload,
-                archive,
-                max_bytes=budget,
-                what="external data",
-                chunk_size=settings.upload_chunk_bytes,
-            )
+        with storage.open_seekable(upload.stored_key) as archive:
             if read_directory(archive, InvalidModel).entries > files_left:
                 raise _too_many_files()
             limits = ArchiveLimits(max_entries=max(files_left, 0), max_total_bytes=budget)
-            paths = extract_flat(archive, folder, limits, error_cls=InvalidModel)
-            return sum(p.stat().st_size for p in paths)
-        finally:
-            archive.unlink(missing_ok=True)
+            store = lambda name: storage.writer(f"{prefix}/{name}")  # noqa: E731
+            extracted = extract_flat_to_storage(archive, folder, store, limits, error_cls=InvalidModel)
+        for path, stored in extracted:
+            hashes[path.name], in_storage[path.name] = stored.sha256, stored.key
+        return sum(stored.size_bytes for _, stored in extracted)
     if files_left <= 0:
         raise _too_many_files()
     dest = folder / safe
     if dest.exists():
         raise InvalidModel(f"External data file {safe!r} was uploaded twice.", detail={"file_name": safe})
-    staged = stage_upload(upload, dest, max_bytes=budget, what="external data", chunk_size=settings.upload_chunk_bytes)
-    hashes[safe] = staged.sha256
-    if staged.stored_key is not None:
-        in_storage[safe] = staged.stored_key
-    return staged.size_bytes
+    stage_upload(upload, dest, max_bytes=budget, what="external data")
+    hashes[safe], in_storage[safe] = upload.sha256, upload.stored_key
+    return upload.size_bytes
 
 
 def external_data_name(client_name: str) -> str | None:
@@ -186,12 +189,15 @@ def external_data_name(client_name: str) -> str | None:
     return safe
 
 
-def external_data_key(model_id: str, client_name: str) -> str | None:
-    """Where a plain external data file can be stored while the upload is still being read (its
-    final key), or None when it must be staged first (a .zip, or a name that will be refused)."""
+def external_data_key(model_id: str, client_name: str, index: int) -> str | None:
+    """Where an external data upload is stored while the request is still being read: a plain file
+    at its final key, the `index`th file of the form, a .zip, beside the model's folder until its
+    files are taken out; None for a name that will be refused (the file is staged, and ignored)."""
     safe = external_data_name(client_name)
-    if safe is None or safe.lower().endswith(".zip"):
+    if safe is None:
         return None
+    if safe.lower().endswith(".zip"):
+        return f"{archives_prefix(model_id)}/{index}.zip"
     return f"{model_prefix(model_id)}/{safe}"
 
 

@@ -123,7 +123,7 @@ def deploy_scaled_out(
     subprocess.run(MIGRATE, env=dep.env, check=True, capture_output=True)
     dep.start("api", API)
     for n in range(1, workers + 1):
-        own = clean_env(QAAS_DATA_DIR=str(root / f"worker-{n}"), **common, **(worker_env or {}))
+        own = clean_env(QAAS_DATA_DIR=str(root / f"worker-{n}"), **{**common, **(worker_env or {})})
         dep.start(f"worker-{n}", WORKER, own)
     try:
         dep.wait_ready()

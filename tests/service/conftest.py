@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +36,39 @@ def client(app_settings: Settings) -> Iterator[TestClient]:
     """The real app on a real database and broker (see `app_settings`)."""
     with TestClient(create_app(app_settings), raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def s3_client(s3_env: dict[str, str], sqlite_settings: Settings) -> Iterator[TestClient]:
+    """The real app on a real S3 server (moto; a bucket of the test's own, parts of 5 MB)."""
+    settings = sqlite_settings.model_copy(
+        update={
+            "storage_url": s3_env["QAAS_STORAGE_URL"],
+            "s3_endpoint_url": s3_env["QAAS_S3_ENDPOINT_URL"],
+            "s3_part_bytes": 5 << 20,
+        }
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(params=["local", "s3"])
+def on_storage(request: pytest.FixtureRequest, sqlite_settings: Settings) -> Iterator[TestClient]:
+    """The app on the local folder and on a real S3 server (moto)."""
+    if request.param == "s3":
+        yield request.getfixturevalue("s3_client")
+        return
+    with TestClient(create_app(sqlite_settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The API process's temporary folder (tempfile's), empty, to see whether anything lands there."""
+    folder = tmp_path / "api-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.database import transaction
 from service.storage import Storage
+from service.storage_s3 import S3Storage
 from service.tables import Artifact
 from tests.onnx_models import conv_classifier, matmul_mlp
 
@@ -86,3 +87,21 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert isinstance(body["error"]["detail"], dict)
     error: dict[str, Any] = body["error"]
     return error
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def leftovers(client: TestClient, *prefixes: str) -> list[str]:
+    """Every stored object under the prefixes, and every unfinished S3 upload or local temporary file."""
+    storage = client.app.state.storage  # type: ignore[attr-defined]
+    found = [key for prefix in prefixes for key in storage.keys(prefix)]
+    if isinstance(storage, S3Storage):
+        found += [
+            f"unfinished:{u['Key']}"
+            for u in storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
+        ]
+    else:
+        found += [f"tmp:{p.name}" for p in files_under(storage.tmp)]
+    return found

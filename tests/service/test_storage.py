@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.storage import LocalStorage, Storage, StorageUnavailable, open_storage
-from service.storage_s3 import S3Storage
+from service.storage import LocalStorage, ObjectMissing, Storage, StorageUnavailable, open_storage
+from service.storage_s3 import MAX_WINDOW, MIN_WINDOW, RangedReader, S3Storage
 from tests.conftest import free_port
 from tests.onnx_models import matmul_mlp
-from tests.s3 import CREDENTIALS, S3Server
+from tests.s3 import CREDENTIALS, S3Server, dead_object_store
 from tests.service.helpers import assert_error
 
 
@@ -65,6 +68,18 @@ def test_keys_and_deletes_by_prefix(storage: Storage, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         storage.size("models/x/model.onnx")
     storage.check()
+
+
+def test_a_key_that_holds_nothing_is_object_missing_on_every_read(storage: Storage, tmp_path: Path) -> None:
+    """Not StorageUnavailable: a worker fails a job whose input is gone instead of trying it again."""
+    for read in (
+        lambda: storage.download("models/gone/model.onnx", tmp_path / "dest"),
+        lambda: storage.open("models/gone/model.onnx"),
+        lambda: storage.size("models/gone/model.onnx"),
+    ):
+        with pytest.raises(ObjectMissing):
+            read()
+    assert not (tmp_path / "dest").exists()
 
 
 def test_keys_that_escape_the_store_are_refused(storage: Storage, tmp_path: Path) -> None:
@@ -156,3 +171,52 @@ def test_the_hash_beside_the_write_equals_sha256_of_the_stream() -> None:
             at += size
         assert hasher.hexdigest() == hashlib.sha256(data[:at]).hexdigest()
     assert BesideHash().hexdigest() == hashlib.sha256(b"").hexdigest()
+
+
+def test_a_seekable_reader_reads_any_range_of_the_object_as_the_file_would(storage: Storage, tmp_path: Path) -> None:
+    src = blob(tmp_path, (3 << 20) + 123)
+    data = src.read_bytes()
+    storage.put_file("datasets/d/data", src)
+    rng = random.Random(0)
+    with storage.open_seekable("datasets/d/data") as f:
+        assert f.seekable() and f.seek(0, io.SEEK_END) == len(data)
+        for _ in range(200):
+            at, n = rng.randrange(len(data) + 10), rng.choice([0, 1, 7, 4096, 100_000, 2 << 20])
+            assert f.seek(at) == at
+            assert f.read(n) == data[at : at + n]
+            assert f.tell() == max(at, min(at + n, len(data)))
+        f.seek(-10, io.SEEK_END)
+        assert f.read() == data[-10:]
+        f.seek(5)
+        f.seek(3, io.SEEK_CUR)
+        assert f.read(2) == data[8:10]
+
+
+def test_reading_an_object_forward_costs_few_requests_and_no_more_bytes_than_it_holds(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    storage = S3Storage.from_settings(Settings())
+    src = blob(tmp_path, 32 << 20)
+    storage.put_file("datasets/d/data", src)
+    with storage.open_seekable("datasets/d/data") as f:
+        reader = cast(RangedReader, f)
+        for at in range(0, 32 << 20, 100_000):  # a header every 100 kB, as a zip's members lie
+            f.seek(at)
+            f.read(100)
+        assert reader.requests < 20 and reader.fetched_bytes <= (32 << 20) + MAX_WINDOW
+        f.seek(10)  # back to the start: a small window again, not MAX_WINDOW for 100 bytes
+        f.read(100)
+        assert len(reader.buffer) == MIN_WINDOW
+
+
+def test_a_seekable_reader_whose_store_failed_says_so_when_it_is_left(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """Whatever the code reading it made of the failure (zipfile calls it a bad zip), the `with`
+    block ends with the store's failure."""
+    storage = S3Storage.from_settings(Settings())
+    storage.put_file("datasets/d/data", blob(tmp_path, 1000))
+    dead = dead_object_store()
+    with pytest.raises(StorageUnavailable), RangedReader(dead, "datasets/d/data", 1000) as f:
+        try:
+            f.read(10)
+        except OSError as exc:
+            raise ValueError("the reader's own verdict") from exc

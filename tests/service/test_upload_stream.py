@@ -1,22 +1,25 @@
-"""Uploads are parsed in one pass into staging (service/upload_stream.py), never spooled by Starlette."""
+"""Uploads are parsed in one pass (service/upload_stream.py), never spooled by Starlette: the model
+into staging, external data straight into storage (a .zip of it read there, its files streamed out)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import io
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from starlette.formparsers import MultiPartParser
 
 import service.models.service as models_service
-from service.app import create_app
 from service.inspection.model import ModelInfo, ModelLimits
-from service.settings import Settings
+from service.storage_s3 import S3Storage
 from tests.onnx_models import matmul_mlp
 from tests.s3 import S3Server
-from tests.service.helpers import assert_error
+from tests.security import hostile as h
+from tests.service.helpers import assert_error, files_under, leftovers
 from tests.worker.engine.pitfall_models import external_data_mlp
 
 
@@ -50,19 +53,6 @@ def test_bodies_that_are_not_a_usable_form_answer_422(client: TestClient) -> Non
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert "malformed" in assert_error(cut, 422, "invalid_request")["message"]
-
-
-@pytest.fixture
-def s3_client(s3_env: dict[str, str], sqlite_settings: Settings) -> Iterator[TestClient]:
-    settings = sqlite_settings.model_copy(
-        update={
-            "storage_url": s3_env["QAAS_STORAGE_URL"],
-            "s3_endpoint_url": s3_env["QAAS_S3_ENDPOINT_URL"],
-            "s3_part_bytes": 5 << 20,
-        }
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        yield client
 
 
 def test_external_data_goes_straight_to_the_object_store(
@@ -139,3 +129,88 @@ def test_external_data_sent_straight_to_storage_is_kept_only_for_a_model_that_re
         f"qaas/models/{model_id}/model.onnx",
         f"qaas/models/{model_id}/w.onnx.data",
     ]
+
+
+def weights_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_zipped_external_data_is_read_where_it_is_stored_and_its_files_streamed_into_storage(
+    on_storage: TestClient, private_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = external_data_mlp(tmp_path / "w.onnx", features=512, hidden=3072)  # 12.6 MB of weights
+    data = (tmp_path / "w.onnx.data").read_bytes()
+    archive = weights_zip({"weights/w.onnx.data": data, "README.txt": b"unused"}, zipfile.ZIP_DEFLATED)
+    settings = on_storage.app.state.settings  # type: ignore[attr-defined]
+    seen: dict[str, Any] = {}
+    real = models_service.inspect_model
+
+    def inspect(path: Path, limits: ModelLimits) -> ModelInfo:
+        # The peak: the archive stored, its files taken out of it into storage.
+        weights = (path.parent / "w.onnx.data").stat()
+        seen.update(size=weights.st_size, on_disk=weights.st_blocks * 512, tmp=files_under(private_tmp))
+        seen["local copies"] = [
+            p
+            for p in files_under(settings.resolved_data_dir)
+            if p.stat().st_blocks * 512 >= len(archive) // 2 and not p.name.startswith("qaas.db")
+        ]
+        return real(path, limits)
+
+    monkeypatch.setattr(models_service, "inspect_model", inspect)
+    answer = on_storage.post(
+        "/v1/models", files=[("file", ("w.onnx", model.read_bytes())), ("external_data", ("w.zip", archive))]
+    )
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    # The model's checks saw the file's size, without its bytes on the API's disk.
+    assert seen["size"] == len(data) and seen["on_disk"] < len(data) // 100 and seen["tmp"] == []
+    storage = on_storage.app.state.storage  # type: ignore[attr-defined]
+    if isinstance(storage, S3Storage):
+        assert seen["local copies"] == []
+    else:  # on the local folder, the stored copy and nothing else
+        assert [p.relative_to(storage.root).as_posix() for p in seen["local copies"]] == [
+            f"models/{body['id']}/w.onnx.data"
+        ]
+    assert body["external_data"] == [
+        {"name": "w.onnx.data", "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ]
+    assert sorted(leftovers(on_storage, "models/", "uploads/")) == [
+        f"models/{body['id']}/model.onnx",
+        f"models/{body['id']}/w.onnx.data",  # README.txt, which the model does not read, is gone
+    ]
+    stored = b"".join(storage.iter_bytes(f"models/{body['id']}/w.onnx.data"))
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("name", "refusal"),
+    [
+        ("too many files", (413, "payload_too_large")),
+        ("a zip bomb", (413, "payload_too_large")),
+        ("a file also sent plain", (422, "invalid_model")),
+        ("not the file the model reads", (422, "external_data_escape")),
+        ("not a zip", (422, "invalid_model")),
+    ],
+)
+def test_refused_zipped_external_data_leaves_nothing_in_storage(
+    on_storage: TestClient, name: str, refusal: tuple[int, str]
+) -> None:
+    weights = h.weights()
+    files = [("file", ("m.onnx", h.external_data_model("w.bin")))]
+    if name == "too many files":
+        files.append(("external_data", ("w.zip", weights_zip({f"f{i}.bin": b"" for i in range(1001)}))))
+    elif name == "a zip bomb":
+        files.append(("external_data", ("w.zip", weights_zip({"w.bin": b"\0" * (64 << 20)}, zipfile.ZIP_DEFLATED))))
+    elif name == "a file also sent plain":
+        files += [("external_data", ("w.bin", weights)), ("external_data", ("w.zip", weights_zip({"w.bin": weights})))]
+    elif name == "not the file the model reads":
+        files.append(("external_data", ("w.zip", weights_zip({"other.bin": weights}))))
+    else:
+        files.append(("external_data", ("w.zip", b"PK\x03\x04 but no zip" * 1000)))
+    assert_error(on_storage.post("/v1/models", files=files), *refusal)
+    assert leftovers(on_storage, "models/", "uploads/") == []
+    assert on_storage.get("/v1/models").json()["items"] == []

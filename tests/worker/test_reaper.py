@@ -11,6 +11,7 @@ from service.database import transaction, utcnow
 from service.jobs import state
 from service.settings import Settings
 from service.tables import Job
+from tests.s3 import dead_object_store
 from tests.service.test_job_state import _job
 from worker.reaper import sweep
 
@@ -62,3 +63,18 @@ def test_sweep_resends_jobs_queued_for_too_long(db_settings: Settings, session_f
     assert sweep(factory, sent.append, settings)["resent"] == [job_id]
     assert sent == [job_id]
     assert sweep(factory, sent.append, settings)["resent"] == []  # touched: not resent at once
+
+
+def test_sweep_requeues_and_resends_a_lost_job_while_object_storage_is_down(
+    db_settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Removing the lost attempt's files is best effort: the job must not wait QAAS_QUEUED_RESEND_S
+    for its message because storage did not answer."""
+    factory = session_factory
+    job_id = _job(factory)
+    with transaction(factory) as s:
+        state.claim(s, job_id, 60)
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    sent: list[str] = []
+    done = sweep(factory, sent.append, db_settings, dead_object_store())
+    assert done["requeued"] == [job_id] and sent == [job_id]

@@ -22,8 +22,9 @@ from service.database import transaction, utcnow
 from service.jobs import state
 from service.queue import celery_config
 from service.settings import Settings
-from service.storage import LocalStorage
-from service.tables import Artifact, Job
+from service.storage import LocalStorage, StorageUnavailable
+from service.tables import Artifact, Job, OnnxModel
+from tests.s3 import dead_object_store
 from tests.service.test_job_state import _job, store_job_model
 from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
@@ -276,9 +277,10 @@ def test_a_hand_back_returns_the_job_and_resends_it(settings: Settings, factory:
     attempt = _claim(factory, job_id)
     sent: list[str] = []
 
-    def enqueue(job: str) -> None:
+    def enqueue(job: str, countdown: float) -> None:
         if not broker_up:
             raise ConnectionError("broker down")
+        assert countdown == 0  # a stop on purpose: at once
         sent.append(job)
 
     runner = _runner(settings, factory, enqueue)
@@ -290,6 +292,67 @@ def test_a_hand_back_returns_the_job_and_resends_it(settings: Settings, factory:
     assert sent == ([job_id] if broker_up else [])
     with factory() as s:  # unsent: due at the next sweep, not after QAAS_QUEUED_RESEND_S
         assert (job_id in state.stale_queued(s, settings.queued_resend_s)) is not broker_up
+
+
+def test_a_job_whose_object_storage_is_down_waits_in_line_then_fails_after_the_last_attempt(
+    settings: Settings, factory: Factory
+) -> None:
+    settings = settings.model_copy(update={"job_max_attempts": 3, "storage_retry_s": 5.0})
+    job_id = _job(factory)
+    sent: list[tuple[str, float]] = []
+    runner = JobRunner(settings, factory, dead_object_store(), lambda job, countdown: sent.append((job, countdown)))
+    for attempt in (1, 2):
+        runner.run(job_id)  # cannot fetch the job's model
+        job = _job_row(factory, job_id)
+        assert (job.status, job.stage, job.attempts, job.error, job.lease_expires_at) == (
+            "queued",
+            "queued",
+            attempt,  # counted, unlike a hand-back
+            None,
+            None,
+        )
+        assert job.progress_note is not None and f"attempt {attempt} of 3" in job.progress_note
+    assert sent == [(job_id, 5.0), (job_id, 10.0)]  # later each time
+    runner.run(job_id)
+    job = _job_row(factory, job_id)
+    assert (job.status, job.attempts, job.progress_note) == ("failed", 3, None)
+    assert job.error is not None and job.error["code"] == "storage_unavailable"
+    assert "3 attempts" in job.error["message"] and "read its inputs" in job.error["message"]
+    assert len(sent) == 2
+    assert not (settings.resolved_work_dir / job_id).exists()
+    with transaction(factory) as s:
+        assert state.claim(s, job_id, 60) is None  # over for good
+
+
+def test_a_job_cancelled_while_its_storage_was_down_ends_cancelled(settings: Settings, factory: Factory) -> None:
+    job_id = _job(factory)
+    attempt = _claim(factory, job_id)
+    with transaction(factory) as s:
+        state.request_cancel(s, s.get(Job, job_id))  # type: ignore[arg-type]
+    sent: list[str] = []
+    runner = JobRunner(settings, factory, dead_object_store(), lambda job, countdown: sent.append(job))
+    workdir = runner._workdir(job_id, attempt)
+    runner._storage_down(job_id, attempt, workdir, StorageUnavailable("down"), storing=True)
+    job = _job_row(factory, job_id)
+    assert (job.status, job.error) == ("cancelled", state.CANCELLED_ERROR) and sent == []
+
+
+@pytest.mark.parametrize("gone", ["row", "object"])
+def test_a_job_whose_input_is_gone_fails_at_once_with_input_missing(
+    settings: Settings, factory: Factory, gone: str
+) -> None:
+    job_id = _job(factory)
+    storage = LocalStorage(settings.resolved_storage_dir)
+    if gone == "row":
+        store_job_model(storage)
+        with transaction(factory) as s:
+            s.execute(update(OnnxModel).values(deleted_at=utcnow()))
+    sent: list[str] = []
+    JobRunner(settings, factory, storage, lambda job, countdown: sent.append(job)).run(job_id)
+    job = _job_row(factory, job_id)
+    assert (job.status, job.attempts, sent) == ("failed", 1, [])
+    assert job.error is not None and job.error["code"] == "input_missing", job.error
+    assert "model" in job.error["message"] and "upload it again" in job.error["message"]
 
 
 def test_an_attempt_clears_the_scratch_earlier_attempts_left_on_this_host(settings: Settings, factory: Factory) -> None:

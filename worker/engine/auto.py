@@ -415,14 +415,18 @@ def _mixed_precision(search: Search, start: Trial) -> None:
             fits[k] = t
         return t
 
+    best = search.best_eligible()
     lo, hi, k = 0, None, 1
     while search.time_left():
         t = attempt(k)
         if t.within:
             hi = k
             break
-        if search.spec.objective == Objective.LATENCY and t.ok and (t.speedup or 0.0) < 1.0:
-            break  # no faster than float: more float only gets slower
+        if search.spec.objective == Objective.LATENCY and t.ok:
+            # More float only gets slower: stop once this is no faster than float, or than the
+            # best model already within the budget.
+            if (t.speedup or 0.0) < 1.0 or (best is not None and not search.better(t, best)):
+                break
         if k == len(sets):
             break
         lo, k = k, min(2 * k, len(sets))

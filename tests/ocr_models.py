@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.onnx_models import _save as save_checked
+
 OPSET = 11
 GLYPH_PITCH = 4  # pixels of width per sequence step (the recognizer's width stride)
 HEAD_TRAINING_STEPS = 8192  # sequence steps (lines x steps per line) the CTC head is fitted on
@@ -219,10 +221,7 @@ class _Paddle:
         model = self.fold_batch_norm(model, feeds)
         if self.heads and labels is not None:
             model = self.fit_heads(model, feeds, labels)
-        onnx.checker.check_model(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(path))
-        return path
+        return save_checked(model, path)
 
 
 def ocr_recognizer(

@@ -143,6 +143,11 @@ class AutoTrial(_Open):
     fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
     accuracy_drop: float | None = None
     within_budget: bool = False
+    not_slower_checks: list[float] = Field(
+        default_factory=list,
+        description="keep_float: this trial's speedups in the full-count timings that had to show it no slower "
+        "than float; it is handed back only if every one is at least 1.",
+    )
     error: TrialError | None = Field(None, description="Why the trial could not be produced or measured.")
 
 
@@ -207,6 +212,10 @@ class AutoSearch(_Open):
     steps: list[AutoTrial] = Field(default_factory=list, description="The mixed-precision search's steps.")
     search_seconds: float | None = None
     time_budget_exhausted: bool = False
+    search_latency_runs: int | None = Field(None, description="Runs per timing of candidates and steps.")
+    final_latency_runs: int | None = Field(
+        None, description="Runs per timing of the finalists and of a keep_float artifact (the full count)."
+    )
     sensitivity: list[Sensitivity] = Field(default_factory=list)
 
 

@@ -422,11 +422,8 @@ def _mixed_precision(search: Search, start: Trial) -> None:
         if t.within:
             hi = k
             break
-        if search.spec.objective == Objective.LATENCY and t.ok:
-            # More float only gets slower: stop once this is no faster than float, or than the
-            # best model already within the budget.
-            if (t.speedup or 0.0) < 1.0 or (best is not None and not search.better(t, best)):
-                break
+        if search.spec.objective == Objective.LATENCY and t.ok and not _can_still_win(search, t, best):
+            break
         if k == len(sets):
             break
         lo, k = k, min(2 * k, len(sets))
@@ -438,6 +435,12 @@ def _mixed_precision(search: Search, start: Trial) -> None:
             lo = mid
     _sixteen_bit_step(search, start, sens, hi)
     _op_type_step(search, start, sens)
+
+
+def _can_still_win(search: Search, step: Trial, best: Trial | None) -> bool:
+    """More float only gets slower: is this step faster than float, and than the best model already
+    within the budget?"""
+    return (step.speedup or 0.0) >= 1.0 and (best is None or search.better(step, best))
 
 
 def _sixteen_bit_step(search: Search, start: Trial, sens: Sensitivity, fitting: int | None) -> None:

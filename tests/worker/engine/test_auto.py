@@ -76,8 +76,15 @@ class SlowMeter:
 
 
 def _run(
-    tmp: Path, model: Path, data: dict[str, np.ndarray], meter: Any, **recipe: Any
+    tmp: Path,
+    model: Path,
+    data: dict[str, np.ndarray],
+    meter: Any,
+    *,
+    evaluation: EvaluationSpec = FEW_RUNS,
+    **recipe: Any,
 ) -> tuple[QuantizationOutcome, EvaluationOutcome, dict[str, Any]]:
+    """Mode auto on `data` (calibration and evaluation both); `meter` None times on this CPU."""
     np.savez(tmp / "data.npz", **data)
     source = DatasetSource(tmp / "data.npz", "npz")
     notes: list[Note] = []
@@ -85,11 +92,11 @@ def _run(
         model,
         QuantizationSpec(mode="auto", **recipe),
         tmp / "work",
-        FEW_RUNS,
+        evaluation,
         calibration=source,
         data=source,
         meter=meter,
-        int8="vnni",
+        int8="vnni" if meter is not None else None,
         note=notes.append,
     )
     outcome.details["notes"] = notes

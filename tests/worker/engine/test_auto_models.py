@@ -21,9 +21,9 @@ import pytest
 
 from tests.ocr_models import ocr_detector, ocr_recognizer, scene_images, text_lines
 from tests.worker.engine import pitfall_models as pm
-from tests.worker.engine.test_auto import OpsMeter
-from worker.engine import DatasetSource, EvaluationSpec, QuantizationSpec
-from worker.engine.auto import FASTER_MARGIN, auto_quantize
+from tests.worker.engine.test_auto import OpsMeter, _run
+from worker.engine import DatasetSource, EvaluationSpec
+from worker.engine.auto import FASTER_MARGIN
 from worker.engine.data import model_inputs
 from worker.engine.fidelity import FidelityEvaluator
 from worker.engine.preprocess import runnable_original
@@ -54,19 +54,8 @@ class Searched:
 def _search(tmp: Path, model: Path, data: dict[str, np.ndarray], meter: Any, evaluation: EvaluationSpec) -> Searched:
     # As the job process does: Paddle2ONNX's -1 dims declared unknown before anything runs the model.
     model, _ = runnable_original(model, tmp / "runnable")
-    np.savez(tmp / "data.npz", **data)
-    source = DatasetSource(tmp / "data.npz", "npz")
-    outcome, _ = auto_quantize(
-        model,
-        QuantizationSpec(mode="auto", max_search_seconds=300),
-        tmp / "work",
-        evaluation,
-        calibration=source,
-        data=source,
-        meter=meter,
-        int8="vnni" if meter is not None else None,
-    )
-    return Searched(model, source, outcome, outcome.details["auto"])
+    outcome, _, search = _run(tmp, model, data, meter, evaluation=evaluation, max_search_seconds=300)
+    return Searched(model, DatasetSource(tmp / "data.npz", "npz"), outcome, search)
 
 
 Subject = tuple[Path, dict[str, np.ndarray]]  # a model and its data

@@ -216,6 +216,10 @@ class AutoSearch(_Open):
     final_latency_runs: int | None = Field(
         None, description="Runs per timing of the finalists and of a keep_float artifact (the full count)."
     )
+    finalists: list[str] = Field(
+        default_factory=list,
+        description="Trials re-timed with the full count to decide the verdict; the winner, if any, is among them.",
+    )
     sensitivity: list[Sensitivity] = Field(default_factory=list)
 
 

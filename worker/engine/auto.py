@@ -192,6 +192,7 @@ class Search:
     calibrations: dict[tuple[Any, ...], CalibrationResult] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
     sensitivities: list[Sensitivity] = field(default_factory=list)
+    finalists: list[str] = field(default_factory=list)  # re-timed with the full count to decide
     out_of_time: bool = False
     steps_done: int = 0
 
@@ -285,11 +286,14 @@ class Search:
 
     def confirmed_not_slower(self, trial: Trial, runs: int) -> bool:
         """Timed NOT_SLOWER_CONFIRMATIONS times in a row with `runs` runs, interleaved against float:
-        was its p50 at most float's every time? (The trial keeps the last timing.)"""
+        was its p50 at most float's every time? The speedups go to `not_slower_checks`; the trial's
+        own timing stays the one the verdict was decided on."""
+        assert trial.outcome is not None
         for _ in range(NOT_SLOWER_CONFIRMATIONS):
-            self.retime(trial, runs)
-            trial.not_slower_checks.append(trial.speedup or 0.0)
-            if (trial.speedup or 0.0) < 1.0:
+            float_p50, p50 = self.meter.compare(trial.outcome.model_path, runs)
+            speedup = float_p50 / p50 if p50 > 0 else 0.0
+            trial.not_slower_checks.append(speedup)
+            if speedup < 1.0:
                 return False
         return True
 
@@ -617,12 +621,14 @@ def _finalists(search: Search, full_runs: int) -> Trial | None:
         winner = eligible[0] if eligible else None
         if winner is not None:
             search.retime(winner, full_runs)
+            search.finalists.append(winner.name)
         return winner
     best: Trial | None = None
     for trial in eligible[:FINALISTS]:
         # Always a fresh timing: a winner must be faster in one more measurement than made it eligible.
         search.note(Note(f"timing finalist {trial.name} with {full_runs} runs"))
         search.retime(trial, full_runs)
+        search.finalists.append(trial.name)
         if trial.faster() and search.better(trial, best):
             best = trial
     return best
@@ -685,6 +691,7 @@ def _summary(
         "time_budget_exhausted": search.out_of_time,
         "search_latency_runs": search.search_runs,
         "final_latency_runs": full_runs,
+        "finalists": list(search.finalists),
         "faster_margin": FASTER_MARGIN,
         "cpu_int8": int8,
         "sensitivity": [

@@ -249,8 +249,8 @@ def test_a_keep_float_artifact_measured_not_slower_twice(tmp_path: Path, float16
     final_runs = search["final_latency_runs"]
     if kept:
         assert search["chosen"] == "float16" and outcome.model_path.read_bytes() != model.read_bytes()
-        assert fp16["not_slower_checks"] == [1.0, 1.01] and fp16["latency_runs"] == final_runs
-        assert meter.timings[1:] == [final_runs, final_runs]
+        assert fp16["not_slower_checks"] == [1.0, 1.01] and meter.timings[1:] == [final_runs, final_runs]
+        assert fp16["speedup"] == pytest.approx(float16[0])  # the timing the verdict was decided on
     else:
         assert search["chosen"] == "float (the original model)"
         assert outcome.model_path.read_bytes() == model.read_bytes()
@@ -275,7 +275,7 @@ def test_keep_float_on_a_real_cpu_hands_back_nothing_slower(tmp_path: Path) -> N
     if search["verdict"] == "keep_float" and search["effective_recipe"] is not None:
         chosen = next(t for t in search["candidates"] + search["steps"] if t["name"] == search["chosen"])
         assert len(chosen["not_slower_checks"]) == 2 and min(chosen["not_slower_checks"]) >= 1.0
-        assert chosen["latency_runs"] == search["final_latency_runs"] and chosen["within_budget"]
+        assert chosen["within_budget"]
     elif search["verdict"] == "keep_float":
         assert outcome.model_path.read_bytes() == model.read_bytes()
     else:
@@ -359,12 +359,9 @@ def test_a_real_search_agrees_with_what_it_measured(tmp_path: Path) -> None:
     if search["verdict"] == "quantized":
         chosen = trials[search["chosen"]]
         assert chosen["within_budget"] and chosen["speedup"] >= 1 + FASTER_MARGIN
-    else:
-        final = search["final_latency_runs"]
-        assert not any(
-            t["within_budget"] and t["speedup"] >= 1 + FASTER_MARGIN and t["latency_runs"] == final
-            for t in trials.values()
-        )
+    else:  # every finalist measured no faster beyond noise in its deciding timing
+        assert all(trials[name]["speedup"] < 1 + FASTER_MARGIN for name in search["finalists"])
+        assert all(trials[name]["latency_runs"] == search["final_latency_runs"] for name in search["finalists"])
     onnx.checker.check_model(str(outcome.model_path))
     assert measured.comparison["outputs"][0]["name"] == "last_hidden_state"
 

@@ -1,10 +1,17 @@
 """`python -m bench --only auto`: mode auto on the models its tests use (bigger), side by side with
 the best whole-model recipe, a plain ONNX Runtime script, and NNCF's accuracy control.
 
-Models, built in code (tests/onnx_models.py):
+Models, built in code (tests/onnx_models.py, tests/ocr_models.py, tests/worker/engine/pitfall_models.py):
 - `encoder`: a 4-layer transformer encoder whose FFN down-projections read an outlier channel;
 - `cnn`: a CNN whose first conv reads an input with one huge channel;
-- `tiny_mlp`: a model so small that int8 cannot beat float (auto should keep float).
+- `tiny_mlp`: a model so small that int8 cannot beat float (auto should keep float);
+- `recognizer`: a PP-OCR-style text recognizer as Paddle2ONNX writes it (opset 11, batch -1,
+  weights in Constant nodes), 3x48x320 text lines, per-step CTC scores (budget: per-step argmax
+  agreement); its last conv carries an outlier channel;
+- `detector`: a DBNet-style text detector, 3x320x320, a probability map (budget: cosine); its FPN
+  levels differ in scale;
+- `audio`: a streaming voice-activity model whose body sits in `If` branches (opset 15).
+Paddle2ONNX's -1 dims are declared unknown first, as the job process does.
 
 For each: auto's speedup (the final evaluation's p50 ratio, interleaved against float) and fidelity
 (its worst budgeted output, default floor 0.99); the best whole-model candidate auto measured; a
@@ -27,12 +34,15 @@ import numpy as np
 
 from bench.common import Context
 from bench.results import Baseline, Measurement
+from tests.ocr_models import ocr_detector, ocr_recognizer, scene_images, text_lines
 from tests.onnx_models import encoder_inputs, matmul_mlp, outlier_encoder, spiky_cnn, spiky_images
+from tests.worker.engine.pitfall_models import streaming_audio
 from worker.engine import DatasetSource, EvaluationSpec, QuantizationSpec
 from worker.engine.auto import auto_quantize
 from worker.engine.data import iter_batches, model_inputs
 from worker.engine.evaluate import LatencyMeter
 from worker.engine.fidelity import FidelityEvaluator
+from worker.engine.preprocess import runnable_original
 
 LATENCY_RUNS = 50
 NNCF_MAX_DROP = 0.01
@@ -53,6 +63,7 @@ class ModelFigures:
     plain_recipe: str
     plain_speedup: float | None
     plain_fidelity: float | None
+    plain_error: str | None = None
     nncf_speedup: float | None = None
     nncf_fidelity: float | None = None
     nncf_seconds: float | None = None
@@ -83,11 +94,43 @@ def _models(ctx: Context) -> list[BenchModel]:
     np.savez(work / "cnn.npz", input=spiky_images(samples, size=32 if quick else 64, spike=4000.0))
     mlp = matmul_mlp(work / "tiny_mlp.onnx")
     np.savez(work / "tiny_mlp.npz", x=np.random.default_rng(0).random((samples, 1, 16), dtype=np.float32))
-    return [
+    height, width = (32, 128) if quick else (48, 320)
+    rec = ocr_recognizer(
+        work / "recognizer.onnx",
+        height=height,
+        channels=(16, 32, 96, 128, 256) if quick else (32, 64, 192, 256, 512),
+        dim=96 if quick else 128,
+    )
+    np.savez(work / "recognizer.npz", x=text_lines(samples, height=height, width=width, seed=3))
+    size = 64 if quick else 320
+    det = ocr_detector(
+        work / "detector.onnx",
+        size=size,
+        channels=(16, 24, 40, 64) if quick else (16, 24, 48, 96),
+        inner=32 if quick else 64,
+        level_spread=20.0 if quick else 100.0,
+    )
+    np.savez(work / "detector.npz", x=scene_images(min(samples, 32), size=size, seed=3))
+    hidden, layers = (16, 2) if quick else (64, 2)
+    audio = streaming_audio(work / "audio.onnx", hidden=hidden, channels=8 if quick else 32, layers=layers)
+    rng = np.random.default_rng(0)
+    np.savez(
+        work / "audio.npz",
+        audio=rng.normal(0, 0.3, (samples, 1, 512 if quick else 1536)).astype(np.float32),
+        state=rng.normal(0, 0.5, (samples, layers, 1, hidden)).astype(np.float32),
+        sr=np.full((samples,), 16000, np.int64),
+    )
+    models = [
         BenchModel("encoder", enc, work / "encoder.npz", "dynamic"),
         BenchModel("cnn", cnn, work / "cnn.npz", "static"),
         BenchModel("tiny_mlp", mlp, work / "tiny_mlp.npz", "dynamic"),
+        BenchModel("recognizer", rec, work / "recognizer.npz", "static"),
+        BenchModel("detector", det, work / "detector.npz", "static"),
+        BenchModel("audio", audio, work / "audio.npz", "dynamic"),
     ]
+    for m in models:  # Paddle2ONNX's -1 dims declared unknown, as the job process does
+        m.path, _ = runnable_original(m.path, work / f"{m.name}-runnable")
+    return models
 
 
 def _feeds(model: BenchModel) -> list[dict[str, np.ndarray]]:
@@ -191,13 +234,19 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
         )
         evaluator, meter = _judge(model, evaluation)
         ctx.log(f"  {model.name}: plain quantize_{model.plain}")
-        plain = _plain(model, ctx.dir(f"auto/{model.name}-plain") / "model.onnx")
-        plain_ref, plain_p50 = meter.compare(plain, evaluation.latency_runs)
+        plain_speedup = plain_fidelity = plain_error = None
+        try:
+            plain = _plain(model, ctx.dir(f"auto/{model.name}-plain") / "model.onnx")
+            plain_ref, plain_p50 = meter.compare(plain, evaluation.latency_runs)
+            plain_speedup = plain_ref / plain_p50 if plain_p50 else None
+            plain_fidelity = evaluator.score(plain).fidelity
+        except Exception as exc:  # what a user following the documentation meets is a figure too
+            plain_error = f"{type(exc).__name__}: {str(exc)[:300]}"
         figures = ModelFigures(
             model=model.name,
             verdict=search["verdict"],
             chosen=search["chosen"],
-            metric=str(fidelity.get("metric") or evaluator.score(plain).metric),
+            metric=str(fidelity.get("metric") or evaluator.score(model.path).metric),
             auto_speedup=measured.comparison.get("speedup_p50"),
             auto_fidelity=fidelity.get("fidelity") if fidelity else 1.0,  # no fidelity: the float model itself
             auto_seconds=round(auto_seconds, 1),
@@ -205,8 +254,9 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
             best_whole_speedup=best["speedup"] if best else None,
             best_whole_fidelity=best["fidelity"] if best else None,
             plain_recipe=f"quantize_{model.plain} (defaults)",
-            plain_speedup=plain_ref / plain_p50 if plain_p50 else None,
-            plain_fidelity=evaluator.score(plain).fidelity,
+            plain_speedup=plain_speedup,
+            plain_fidelity=plain_fidelity,
+            plain_error=plain_error,
         )
         if has_nncf:
             ctx.log(f"  {model.name}: nncf.quantize_with_accuracy_control")

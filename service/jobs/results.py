@@ -151,6 +151,11 @@ class AutoTrial(_Open):
     fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
     accuracy_drop: float | None = None
     within_budget: bool = False
+    not_slower_checks: list[float] = Field(
+        default_factory=list,
+        description="keep_float: this trial's speedups in the full-count timings that had to show it no slower "
+        "than float; it is handed back only if every one is at least 1.",
+    )
     error: TrialError | None = Field(None, description="Why the trial could not be produced or measured.")
 
 
@@ -215,6 +220,14 @@ class AutoSearch(_Open):
     steps: list[AutoTrial] = Field(default_factory=list, description="The mixed-precision search's steps.")
     search_seconds: float | None = None
     time_budget_exhausted: bool = False
+    search_latency_runs: int | None = Field(None, description="Runs per timing of candidates and steps.")
+    final_latency_runs: int | None = Field(
+        None, description="Runs per timing of the finalists and of a keep_float artifact (the full count)."
+    )
+    finalists: list[str] = Field(
+        default_factory=list,
+        description="Trials re-timed with the full count to decide the verdict; the winner, if any, is among them.",
+    )
     sensitivity: list[Sensitivity] = Field(default_factory=list)
 
 

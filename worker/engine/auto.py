@@ -12,15 +12,20 @@ this loop:
    tensors, and leaving the worst elementwise op type in float. Every step is re-measured.
 3. Finalists re-timed with the full run count, interleaved against float. With objective latency
    a model must be faster than float beyond noise (FASTER_MARGIN) to be chosen; otherwise the
-   verdict is `keep_float` and the artifact is the smallest in-budget model that is not slower
-   (the float model itself when there is none).
-Everything stops starting new work at `max_search_seconds`.
+   verdict is `keep_float` and the artifact is the smallest in-budget model that measured not
+   slower than float (p50 ratio >= 1) in NOT_SLOWER_CONFIRMATIONS full-count timings in a row,
+   or the float model itself when there is none.
+Run counts grow for small models (SEARCH_TIMING_SECONDS, FINAL_TIMING_SECONDS): ten runs of a
+sub-millisecond model are noise. Speed is compared as each trial's speedup over float (measured
+interleaved), never as p50s taken at different times. Everything stops starting new work at
+`max_search_seconds`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +64,14 @@ from worker.engine.spec import (
 )
 
 SEARCH_LATENCY_RUNS = 10  # per candidate and step; finalists get the job's full count
+# A few runs of a sub-millisecond model are noise: run counts grow until each comparison times each
+# model for at least this long (the search's and the final count), up to RUNS_GROWTH times the count.
+SEARCH_TIMING_SECONDS = 0.25
+FINAL_TIMING_SECONDS = 1.0
+RUNS_GROWTH = 20
+# A keep_float artifact must measure at least as fast as float (p50 ratio >= 1) in this many
+# full-count interleaved timings in a row; otherwise the artifact is the float model itself.
+NOT_SLOWER_CONFIRMATIONS = 2
 FINALISTS = 3
 MAX_STARTS = 4  # candidates the mixed-precision search starts from, at most (time permitting)
 # Faster than float means a p50 at least this much lower (interleaved runs): less is noise.
@@ -112,6 +125,7 @@ class Trial:
     runs: int = 0
     size: int | None = None
     error: dict[str, Any] | None = None
+    not_slower_checks: list[float] = field(default_factory=list)  # keep_float's confirmations
 
     @property
     def ok(self) -> bool:
@@ -151,6 +165,7 @@ class Trial:
             "fidelity": score.fidelity if score else None,
             "accuracy_drop": score.accuracy_drop if score else None,
             "within_budget": self.within,
+            "not_slower_checks": list(self.not_slower_checks),
             "error": self.error,
         }
 
@@ -168,6 +183,7 @@ class Search:
     evaluator: FidelityEvaluator
     meter: Meter
     search_runs: int
+    final_runs: int
     clock: Callable[[], float]
     deadline: float
     progress: ProgressCallback
@@ -176,6 +192,7 @@ class Search:
     calibrations: dict[tuple[Any, ...], CalibrationResult] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
     sensitivities: list[Sensitivity] = field(default_factory=list)
+    finalists: list[str] = field(default_factory=list)  # re-timed with the full count to decide
     out_of_time: bool = False
     steps_done: int = 0
 
@@ -258,12 +275,33 @@ class Search:
     # -- choosing ------------------------------------------------------------------------------
 
     def better(self, a: Trial, b: Trial | None) -> bool:
-        """Is `a` preferable to `b` under the objective (both within budget)?"""
+        """Is `a` preferable to `b` under the objective (both within budget)? Speed compares speedups,
+        not p50s: each trial was timed interleaved with float, so its ratio is free of the machine's
+        drift between trials."""
         if b is None:
             return True
         if self.spec.objective == Objective.SIZE:
-            return (a.size or 0, a.p50 or 0.0) < (b.size or 0, b.p50 or 0.0)
-        return (a.p50 or float("inf"), a.size or 0) < (b.p50 or float("inf"), b.size or 0)
+            return (a.size or 0, -(a.speedup or 0.0)) < (b.size or 0, -(b.speedup or 0.0))
+        return (-(a.speedup or 0.0), a.size or 0) < (-(b.speedup or 0.0), b.size or 0)
+
+    def confirmed_not_slower(self, trial: Trial, runs: int) -> bool:
+        """Timed NOT_SLOWER_CONFIRMATIONS times in a row with `runs` runs, interleaved against float:
+        was its p50 at most float's every time? The speedups go to `not_slower_checks`; the trial's
+        own timing stays the one the verdict was decided on."""
+        assert trial.outcome is not None
+        for _ in range(NOT_SLOWER_CONFIRMATIONS):
+            float_p50, p50 = self.meter.compare(trial.outcome.model_path, runs)
+            speedup = float_p50 / p50 if p50 > 0 else 0.0
+            trial.not_slower_checks.append(speedup)
+            if speedup < 1.0:
+                return False
+        return True
+
+    def retime(self, trial: Trial, runs: int) -> None:
+        """Time `trial` again against float, interleaved, with `runs` runs."""
+        assert trial.outcome is not None
+        trial.float_p50, trial.p50 = self.meter.compare(trial.outcome.model_path, runs)
+        trial.runs = runs
 
     @property
     def float_size(self) -> int:
@@ -290,15 +328,27 @@ class Search:
 # Mixed precision
 
 
+def _confirmed_best(search: Search) -> Trial | None:
+    """The best eligible trial, re-timed with the full count: a few search runs of a model that is
+    not really faster (float16 on a CPU) must not stop the search from starting where it would win."""
+    while True:
+        best = search.best_eligible()
+        if best is None or best.runs >= search.final_runs or search.spec.objective == Objective.SIZE:
+            return best
+        search.note(Note(f"timing {best.name} with {search.final_runs} runs"))
+        search.retime(best, search.final_runs)
+
+
 def _start_points(search: Search) -> list[Trial]:
-    best = search.best_eligible()
+    best = _confirmed_best(search)
     pool = [t for t in search.trials if t.searchable and t.ok and not t.within]
     if search.spec.objective == Objective.SIZE:
         pool = [t for t in pool if t.size is not None and (best is None or t.size < (best.size or 0))]
         pool.sort(key=lambda t: t.size or 0)
     else:
-        pool = [t for t in pool if t.faster() and (best is None or (t.p50 or 0) < (best.p50 or 0))]
-        pool.sort(key=lambda t: t.p50 or 0.0)
+        # At least as fast as float in the search's few runs: noise can hide a few percent.
+        pool = [t for t in pool if (t.speedup or 0) >= 1.0 and (best is None or (t.speedup or 0) > (best.speedup or 0))]
+        pool.sort(key=lambda t: -(t.speedup or 0.0))
     return pool[:MAX_STARTS]
 
 
@@ -369,14 +419,15 @@ def _mixed_precision(search: Search, start: Trial) -> None:
             fits[k] = t
         return t
 
+    best = search.best_eligible()
     lo, hi, k = 0, None, 1
     while search.time_left():
         t = attempt(k)
         if t.within:
             hi = k
             break
-        if search.spec.objective == Objective.LATENCY and t.ok and not t.faster():
-            break  # more float only gets slower
+        if search.spec.objective == Objective.LATENCY and t.ok and not _can_still_win(search, t, best):
+            break
         if k == len(sets):
             break
         lo, k = k, min(2 * k, len(sets))
@@ -388,6 +439,12 @@ def _mixed_precision(search: Search, start: Trial) -> None:
             lo = mid
     _sixteen_bit_step(search, start, sens, hi)
     _op_type_step(search, start, sens)
+
+
+def _can_still_win(search: Search, step: Trial, best: Trial | None) -> bool:
+    """More float only gets slower: is this step faster than float, and than the best model already
+    within the budget?"""
+    return (step.speedup or 0.0) >= 1.0 and (best is None or search.better(step, best))
 
 
 def _sixteen_bit_step(search: Search, start: Trial, sens: Sensitivity, fitting: int | None) -> None:
@@ -466,6 +523,8 @@ def auto_quantize(
             model_path, first.feeds, threads=evaluation.threads, warmup_runs=min(3, evaluation.warmup_runs)
         )
     int8 = int8 or int8_kernels()
+    float_ms, _ = meter.compare(model_path, 3)  # the scale of one run, for the run counts
+    full_runs = _timed_runs(max(1, evaluation.latency_runs), float_ms, FINAL_TIMING_SECONDS)
     search = Search(
         model_path=model_path,
         spec=spec,
@@ -475,7 +534,8 @@ def auto_quantize(
         calibration=calibration,
         evaluator=evaluator,
         meter=meter,
-        search_runs=max(1, min(evaluation.latency_runs, SEARCH_LATENCY_RUNS)),
+        search_runs=min(full_runs, _timed_runs(SEARCH_LATENCY_RUNS, float_ms, SEARCH_TIMING_SECONDS)),
+        final_runs=full_runs,
         clock=clock,
         deadline=started + spec.max_search_seconds,
         progress=progress,
@@ -504,7 +564,6 @@ def auto_quantize(
             break
         _mixed_precision(search, start)
 
-    full_runs = max(1, evaluation.latency_runs)
     winner = _finalists(search, full_runs)
     verdict = Verdict.QUANTIZED if winner is not None else Verdict.KEEP_FLOAT
     chosen = winner if winner is not None else _keep_float_artifact(search, full_runs)
@@ -543,42 +602,49 @@ def auto_quantize(
     return outcome, measured
 
 
+def _timed_runs(runs: int, float_ms: float, seconds: float) -> int:
+    """`runs`, or more so that the float model is timed for `seconds` (at most RUNS_GROWTH times more)."""
+    if float_ms <= 0:
+        return runs
+    return max(runs, min(runs * RUNS_GROWTH, math.ceil(seconds * 1000.0 / float_ms)))
+
+
 def _apply(base: QuantizationSpec, candidate: Candidate) -> QuantizationSpec:
     return dataclasses.replace(base, **dict(candidate.changes))
 
 
 def _finalists(search: Search, full_runs: int) -> Trial | None:
     """The winner after re-timing the best few with the full run count (None: nothing beats float)."""
-    eligible = sorted((t for t in search.trials if search.eligible(t)), key=lambda t: (t.p50 or 0.0, t.size or 0))
+    eligible = sorted((t for t in search.trials if search.eligible(t)), key=lambda t: -(t.speedup or 0.0))
     if search.spec.objective == Objective.SIZE:
-        eligible.sort(key=lambda t: (t.size or 0, t.p50 or 0.0))
+        eligible.sort(key=lambda t: (t.size or 0, -(t.speedup or 0.0)))
         winner = eligible[0] if eligible else None
-        if winner is not None and winner.outcome is not None:
-            winner.float_p50, winner.p50 = search.meter.compare(winner.outcome.model_path, full_runs)
-            winner.runs = full_runs
+        if winner is not None:
+            search.retime(winner, full_runs)
+            search.finalists.append(winner.name)
         return winner
     best: Trial | None = None
     for trial in eligible[:FINALISTS]:
-        assert trial.outcome is not None
+        # Always a fresh timing: a winner must be faster in one more measurement than made it eligible.
         search.note(Note(f"timing finalist {trial.name} with {full_runs} runs"))
-        trial.float_p50, trial.p50 = search.meter.compare(trial.outcome.model_path, full_runs)
-        trial.runs = full_runs
+        search.retime(trial, full_runs)
+        search.finalists.append(trial.name)
         if trial.faster() and search.better(trial, best):
             best = trial
     return best
 
 
 def _keep_float_artifact(search: Search, full_runs: int) -> Trial | None:
-    """The smallest in-budget model that is not slower than float, re-timed with the full run count
-    (None: the float model itself; always so with objective size, where nothing smaller fits)."""
+    """The smallest in-budget model that measured not slower than float (p50 ratio >= 1) in
+    NOT_SLOWER_CONFIRMATIONS full-count interleaved timings in a row. None: the float model itself
+    (always so with objective size, where nothing smaller fits)."""
     if search.spec.objective == Objective.SIZE:
         return None
+    # Within noise of float in the search's timing: worth confirming.
     fits = [t for t in search.trials if t.within and t.not_slower() and (t.size or 0) < search.float_size]
-    for trial in sorted(fits, key=lambda t: (t.size or 0, t.p50 or 0.0))[:FINALISTS]:
-        assert trial.outcome is not None
-        trial.float_p50, trial.p50 = search.meter.compare(trial.outcome.model_path, full_runs)
-        trial.runs = full_runs
-        if trial.not_slower():
+    for trial in sorted(fits, key=lambda t: (t.size or 0, -(t.speedup or 0.0)))[:FINALISTS]:
+        search.note(Note(f"checking that {trial.name} is not slower than float"))
+        if search.confirmed_not_slower(trial, full_runs):
             return trial
     return None
 
@@ -625,6 +691,7 @@ def _summary(
         "time_budget_exhausted": search.out_of_time,
         "search_latency_runs": search.search_runs,
         "final_latency_runs": full_runs,
+        "finalists": list(search.finalists),
         "faster_margin": FASTER_MARGIN,
         "cpu_int8": int8,
         "sensitivity": [

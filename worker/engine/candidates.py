@@ -7,7 +7,9 @@
   quantization is left out: ConvInteger is many times slower than float on CPUs.
 - MatMul models (transformers, MLPs): static QDQ, dynamic int8, and MatMul/Gemm-only variants of
   both (quantizing LayerNorm, Softmax or the attention mask wrecks transformers); transformers also
-  dynamic int8 after ONNX Runtime's transformer fusions, where they find something to fuse.
+  dynamic int8 after ONNX Runtime's transformer fusions, where they find something to fuse. Hybrids
+  with a conv backbone (text recognizers) get dynamic int8 of their MatMuls only: dynamic Conv is
+  ConvInteger, many times slower than float.
 - float16 always (a size option; it must measure faster to win on latency), and with objective
   `size` weight-only int4 for MatMul models.
 """
@@ -78,13 +80,17 @@ def candidates_for(
             )
         )
     if family in ("transformer", "mlp"):
-        found.append(Candidate("dynamic int8", dynamic, searchable=True))
         matmuls = tuple(op for op in ("MatMul", "Gemm") if op_counts.get(op))
+        if not op_counts.get("Conv"):  # in hybrids (a CNN backbone), dynamic Conv is ConvInteger: slow
+            found.append(Candidate("dynamic int8", dynamic, searchable=True))
         found.append(
             Candidate(f"dynamic int8, {'/'.join(matmuls)} only", {**dynamic, "op_types_to_quantize": matmuls}, True)
         )
     if family == "transformer":
-        found.append(Candidate("transformer fusion + dynamic int8", {**dynamic, "transformer_fusion": True}, True))
+        fused = {**dynamic, "transformer_fusion": True}
+        if op_counts.get("Conv"):
+            fused["op_types_to_quantize"] = ("MatMul", "Gemm", "Attention")
+        found.append(Candidate("transformer fusion + dynamic int8", fused, True))
     found.append(Candidate("float16", {"mode": Mode.FP16}))
     if objective == Objective.SIZE and op_counts.get("MatMul"):
         found.append(Candidate("weight-only int4", {"mode": Mode.WEIGHT_ONLY, "weight_type": QType.INT4}))

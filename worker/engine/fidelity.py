@@ -4,7 +4,8 @@ Each output is one of four kinds, read from its first batch and the model's inpu
 - class scores `[B, C]` (C > 1): top-1 agreement with the float model;
 - sequence scores `[B, T, C]` (C > 1): per-position argmax agreement;
 - token outputs of a token model (one with integer inputs such as `input_ids`): mean per-token cosine;
-- anything else: mean per-sample cosine.
+- anything else: mean per-sample cosine (over all samples for an output with one value per sample,
+  such as a probability `[B, 1]`: one value's cosine only says whether the signs agree).
 In token models, 2-D and 3-D outputs are embeddings rather than scores (a sentence embedding
 `[B, 384]` has no "class"), so they are compared by cosine. Positions that the model's attention
 mask marks as padding are left out of token-level numbers. SQNR over the kept elements is recorded
@@ -25,7 +26,13 @@ import numpy as np
 
 from worker.engine.data import Batch, iter_batches, synthesize_batch
 from worker.engine.errors import EngineError
-from worker.engine.metrics import AccuracyAccumulator, finite_or_none, is_class_scores, sqnr_from_energies
+from worker.engine.metrics import (
+    AccuracyAccumulator,
+    cosine_from_sums,
+    finite_or_none,
+    is_class_scores,
+    sqnr_from_energies,
+)
 from worker.engine.spec import DatasetSource, FidelityMetric, FidelitySpec, TensorSpec
 
 
@@ -55,7 +62,8 @@ def floor_of(spec: FidelitySpec | None, metric: FidelityMetric) -> float:
 
 
 def is_token_model(inputs: Sequence[TensorSpec]) -> bool:
-    return any(np.dtype(i.dtype).kind in "iu" for i in inputs)
+    """Has an integer input that is not a scalar (token ids; a sample rate or a step count is none)."""
+    return any(np.dtype(i.dtype).kind in "iu" and (i.shape is None or len(i.shape) > 0) for i in inputs)
 
 
 def mask_input(inputs: Sequence[TensorSpec]) -> str | None:
@@ -100,6 +108,9 @@ class OutputAccumulator:
         self.positions = 0
         self.xx = 0.0
         self.ee = 0.0
+        self.xy = 0.0
+        self.yy = 0.0
+        self.scalar_rows = True  # one value per row so far: see mean_cosine
         self.problem: str | None = None
 
     def add(self, ref: np.ndarray, got: np.ndarray, mask: np.ndarray | None) -> None:
@@ -131,13 +142,22 @@ class OutputAccumulator:
         cos = _row_cosines(rows_x, rows_y)
         self.cos_sum += float(cos.sum())
         self.cos_rows += int(cos.size)
+        self.scalar_rows = self.scalar_rows and rows_x.shape[1] == 1
         diff = rows_x - rows_y
         self.xx += float(np.einsum("ij,ij->", rows_x, rows_x))
+        self.yy += float(np.einsum("ij,ij->", rows_y, rows_y))
+        self.xy += float(np.einsum("ij,ij->", rows_x, rows_y))
         self.ee += float(np.einsum("ij,ij->", diff, diff))
 
     @property
     def mean_cosine(self) -> float | None:
-        return self.cos_sum / self.cos_rows if self.cos_rows and self.problem is None else None
+        """Mean per-row cosine; for an output with one value per sample (a probability [B, 1]),
+        where a row's cosine only says whether the signs agree, the cosine over all samples."""
+        if not self.cos_rows or self.problem is not None:
+            return None
+        if self.scalar_rows:
+            return cosine_from_sums(self.xx, self.yy, self.xy, self.ee)
+        return self.cos_sum / self.cos_rows
 
     @property
     def sqnr_db(self) -> float | None:

@@ -50,6 +50,16 @@ def is_class_scores(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and np.issubdtype(array.dtype, np.floating)
 
 
+def cosine_from_sums(xx: float, yy: float, xy: float, ee: float) -> float:
+    """Cosine of two vectors from the sums of x*x, y*y, x*y and (x-y)^2 over their elements."""
+    if ee == 0.0:  # identical (rounding would give 0.9999999999999998)
+        return 1.0
+    if xx == 0.0 or yy == 0.0:
+        return 0.0
+    # Rounding can push |cos| a hair past 1.
+    return max(-1.0, min(1.0, xy / (math.sqrt(xx) * math.sqrt(yy))))
+
+
 def cosine_similarity(x: np.ndarray, y: np.ndarray) -> float:
     """Cosine of two arrays taken as flat vectors (see the module docstring for zero vectors)."""
     acc = FidelityAccumulator("x")
@@ -147,14 +157,7 @@ class FidelityAccumulator:
 
     @property
     def cosine(self) -> float | None:
-        if not self.comparable:
-            return None
-        if self.ee == 0.0:  # identical (rounding would give 0.9999999999999998)
-            return 1.0
-        if self.xx == 0.0 or self.yy == 0.0:
-            return 0.0
-        # Rounding can push |cos| a hair past 1.
-        return max(-1.0, min(1.0, self.xy / (math.sqrt(self.xx) * math.sqrt(self.yy))))
+        return cosine_from_sums(self.xx, self.yy, self.xy, self.ee) if self.comparable else None
 
     @property
     def sqnr_db(self) -> float | None:

@@ -263,7 +263,7 @@ def prepare_model(
                 model = upgrade_opset(model, target_opset)
             result.steps.append(
                 f"Upgraded the opset from {opset} to {target_opset} (needed by the recipe: "
-                "per-channel QDQ needs 13, 16-bit types and int4 Gather need 21)."
+                "per-channel QDQ needs 13, transformer fusion 17, 16-bit types and int4 Gather 21)."
             )
             result.opset = target_opset
         except Exception as exc:

@@ -305,6 +305,8 @@ def required_opset(spec: QuantizationSpec, facts: ModelFacts) -> int | None:
         target = 11 if facts.opset < 11 else 0
         if spec.per_channel:
             target = max(target, 13)
+        if spec.transformer_fusion:  # the fusions write LayerNormalization, an opset-17 op
+            target = max(target, 17)
         if mode == Mode.STATIC and (spec.activation_type in SIXTEEN_BIT or spec.weight_type in SIXTEEN_BIT):
             target = max(target, 21)
     elif (

@@ -5,9 +5,9 @@ inputs and compare their intermediate tensors), but streamed: one batch at a tim
 running sums per tensor and channel, so memory is that of one batch whatever the data size.
 
 Static QDQ: every QuantizeLinear -> DequantizeLinear pair in the quantized model is one quantized
-tensor. Its *local* error compares the tensor just before quantization with what DequantizeLinear
-gives back (the damage quantizing it alone does); its *accumulated* error compares the float model's
-tensor with the quantized model's (all damage upstream included). Errors are noise-to-signal ratios
+tensor. Its *local* error is the damage quantizing it alone does: the float model's tensor against
+that tensor rounded with the pair's scale and zero point; its *accumulated* error compares the float
+model's tensor with the quantized model's (all damage upstream included). Errors are noise-to-signal ratios
 averaged over channels, not over the whole tensor: an outlier channel dominates a tensor's energy,
 so a whole-tensor ratio hides the small channels that per-tensor quantization crushes, which is
 exactly where the damage sits in transformer FFNs and elementwise ops. Leaving a tensor in float
@@ -18,12 +18,16 @@ tensor including 0). That rounding is simulated in numpy on the float model's ac
 weights' rounding on the initializers; a node's score is the worst of its inputs plus its weights.
 
 Channel ratios still miss damage that shows only downstream (an attention-mask Add whose -10000
-entries set the range crushes the real scores, yet those entries dominate every channel's energy).
-So the most suspicious static tensors (by local and by accumulated error) are then confirmed by
-ablation: the quantized model with that one tensor's Q/DQ pair bypassed is scored on a few samples,
-and the output fidelity it wins back is the tensor's `gain`. Tensors are ranked by gain, then by
-local error; op types by the summed score of the tensors their nodes produce, since damage often
-sits in the activations of one kind of elementwise op.
+entries set the range crushes the real scores, yet those entries dominate every channel's energy)
+and overrate channels nothing downstream reads. So the most suspicious static tensors (by local and
+by accumulated error) are then confirmed by ablation, each scored on a few samples two ways: with
+only its Q/DQ pair bypassed (the output fidelity won back is its `gain`), and with only its pair
+kept, every other activation in float (the fidelity lost is its `loss`). A chain of tensors that
+share one outlier-ruled range (a conv's output, its activation, the transpose after it) shows no
+gain one at a time, since the others still crush the same channels, but each shows its loss.
+Tensors are ranked by the larger of the two, then by local error; op types by the summed score of
+the tensors their nodes produce, since damage often sits in the activations of one kind of
+elementwise op.
 """
 
 from __future__ import annotations
@@ -129,13 +133,14 @@ class TensorSensitivity:
     accumulated_nsr: float | None = None
     sqnr_db: float | None = None
     gain: float | None = None  # output fidelity won back by leaving only this tensor in float
+    loss: float | None = None  # output fidelity lost by quantizing only this tensor's activations
 
     @property
     def score(self) -> float:
         return self.local_nsr or 0.0
 
     def rank_key(self) -> tuple[float, float]:
-        return (self.gain if self.gain is not None and self.gain > 0 else 0.0, self.score)
+        return (max(0.0, self.gain or 0.0, self.loss or 0.0), self.score)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +155,7 @@ class TensorSensitivity:
             "accumulated_channel_sqnr_db": nsr_db(self.accumulated_nsr),
             "tensor_sqnr_db": self.sqnr_db,
             "gain_when_float": self.gain,
+            "loss_when_alone": self.loss,
         }
 
 
@@ -188,7 +194,7 @@ class Sensitivity:
         """Fallback groups, most damaging first (each: node names to leave in float together)."""
         if self.method == "dynamic_simulation":
             return [n.group for n in self.nodes if n.score > 0]
-        return [t.group for t in self.tensors if (t.score > 0 or (t.gain or 0) > 0) and t.group]
+        return [t.group for t in self.tensors if (t.score > 0 or t.rank_key()[0] > 0) and t.group]
 
     def activation_tensors(self) -> list[str]:
         return [t.tensor for t in self.tensors if t.kind == "activation" and t.score > 0]
@@ -290,6 +296,18 @@ class _Pair:
     original: str  # the float model's name for it
     kind: str
     axis: int | None
+    quant: tuple[str, str] | None = None  # an activation's (scale, zero point) initializers
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """What a per-tensor QuantizeLinear -> DequantizeLinear pair gives back for `x` (the integer
+    range from the zero point's type; half-way values round to even, as ONNX specifies)."""
+    info = np.iinfo(zero_point.dtype)
+    scale_f, zero = float(np.asarray(scale).reshape(-1)[0]), float(np.asarray(zero_point).reshape(-1)[0])
+    if scale_f == 0:
+        return np.asarray(x, dtype=np.float32).copy()
+    q = np.clip(np.round(np.asarray(x, dtype=np.float32) / scale_f) + zero, info.min, info.max)
+    return ((q - zero) * scale_f).astype(np.float32)
 
 
 def _qdq_pairs(model: onnx.ModelProto) -> list[_Pair]:
@@ -308,7 +326,8 @@ def _qdq_pairs(model: onnx.ModelProto) -> list[_Pair]:
             if pre in inits:
                 continue
             original = pre.removesuffix("_QuantizeLinear_Input")
-            pairs.append(_Pair(pre, node.output[0], original, "activation", None))
+            quant = (q.input[1], q.input[2]) if len(q.input) > 2 and q.input[2] in inits else None
+            pairs.append(_Pair(pre, node.output[0], original, "activation", None, quant))
         elif src in inits:
             original = src.removesuffix("_quantized")
             if original != src:
@@ -346,7 +365,13 @@ def static_sensitivity(
     del fmodel
     act = [p for p in pairs if p.kind == "activation"]
     weights = [p for p in pairs if p.kind == "weight" and p.original in float_weights]
-    q_names = sorted({p.pre for p in act} | {p.dq for p in act} | {p.dq for p in weights})
+    # Local error is that of quantizing the float model's tensor alone (its scale and zero point
+    # applied to the float value), not the pair's own input in the quantized model: there, a tensor
+    # whose producer was quantized with the same outlier-ruled range already sits on its grid and
+    # would show no error of its own, so a chain of such tensors would hide every member.
+    params = _quant_params(qmodel, act)
+    alone = {p.dq for p in act if p.dq in params and p.original in float_tensors}
+    q_names = sorted({p.pre for p in act if p.dq not in alone} | {p.dq for p in act} | {p.dq for p in weights})
     f_names = sorted({p.original for p in act if p.original in float_tensors})
     q_path = _augmented(quantized_model, q_names, "sensitivity")
     f_path = _augmented(float_model, f_names, "sensitivity")
@@ -360,7 +385,11 @@ def static_sensitivity(
             q_out = _run(q_session, q_names, batch.feeds)
             f_out = _run(f_session, f_names, batch.feeds) if f_names else {}
             for p in act:
-                local[p.dq].add(q_out[p.pre], q_out[p.dq])
+                if p.dq in alone:
+                    ref = f_out[p.original]
+                    local[p.dq].add(ref, fake_quantize(ref, *params[p.dq]))
+                else:
+                    local[p.dq].add(q_out[p.pre], q_out[p.dq])
                 if p.original in f_out:
                     accumulated[p.dq].add(f_out[p.original], q_out[p.dq])
             if samples == 0 and weights:
@@ -412,6 +441,19 @@ def static_sensitivity(
         op_types=_op_type_table(tensors),
         seconds=clock() - started,
     )
+
+
+def _quant_params(model: onnx.ModelProto, pairs: Sequence[_Pair]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(scale, zero point) of each per-tensor activation pair, by its DequantizeLinear output."""
+    inits = {i.name: i for i in model.graph.initializer}
+    params = {}
+    for p in pairs:
+        if p.quant is None or p.quant[0] not in inits or p.quant[1] not in inits:
+            continue
+        scale, zero = numpy_helper.to_array(inits[p.quant[0]]), numpy_helper.to_array(inits[p.quant[1]])
+        if scale.size == 1 and zero.size == 1 and zero.dtype.kind in "iu":
+            params[p.dq] = (scale, zero)
+    return params
 
 
 def _initializers(model_path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -537,25 +579,44 @@ def dynamic_sensitivity(
 # Ablation: leave one quantized tensor in float and see what the outputs win back
 
 
-def _folded_activations(float_model: Path, quantized: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+@dataclass
+class _Clamp:
+    """A Relu/Clip of the float model, with the values its min/max inputs read (opset 11+ Clip)."""
+
+    node: onnx.NodeProto
+    values: list[TensorProto]
+
+
+def _folded_activations(float_model: Path, quantized: onnx.ModelProto) -> dict[str, _Clamp]:
     """Relu/Clip nodes of the float model that the quantizer folded into a Q/DQ pair's range (the
     clamp of the quantized type did their work), by output name."""
     present = {n.name for n in quantized.graph.node}
     model = onnx.load(str(float_model), load_external_data=False)
-    return {
-        n.output[0]: n for n in model.graph.node if n.op_type in ("Relu", "Clip") and n.name and n.name not in present
+    inits = {i.name: i for i in model.graph.initializer}
+    constants = {
+        n.output[0]: numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0])
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
     }
+    clamps = {}
+    for n in model.graph.node:
+        if n.op_type in ("Relu", "Clip") and n.name and n.name not in present:
+            values = [inits.get(i) or constants.get(i) for i in n.input[1:] if i]
+            clamps[n.output[0]] = _Clamp(n, [v for v in values if v is not None])
+    return clamps
 
 
 def bypass_qdq(
-    quantized_model: Path, tensors: Sequence[str], out_path: Path, folded: dict[str, onnx.NodeProto] | None = None
+    quantized_model: Path, tensors: Sequence[str], out_path: Path, folded: dict[str, _Clamp] | None = None
 ) -> Path:
     """The quantized model with the Q/DQ pairs of `tensors` (float names) bypassed: their consumers
     read the unquantized value (through the Relu/Clip the quantizer had folded into the pair, if
-    any, from `folded`). Saved beside the model so external data still resolves."""
+    any, from `folded`, with the min/max values it reads). Saved beside the model so external data
+    still resolves."""
     model = onnx.load(str(quantized_model), load_external_data=False)
     wanted = set(tensors)
     rewire: dict[str, str] = {}
+    available = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     for p in _qdq_pairs(model):
         if p.kind != "activation" or p.original not in wanted:
             continue
@@ -563,10 +624,14 @@ def bypass_qdq(
         clamp = (folded or {}).get(p.original)
         if clamp is not None:
             restored = onnx.NodeProto()
-            restored.CopyFrom(clamp)
-            restored.name = f"{clamp.name}_restored"
+            restored.CopyFrom(clamp.node)
+            restored.name = f"{clamp.node.name}_restored"
             restored.input[0] = p.pre
             restored.output[0] = f"{p.pre}_restored"
+            for value in clamp.values:  # the quantizer dropped them with the node
+                if value.name not in available:
+                    model.graph.initializer.append(value)
+                    available.add(value.name)
             model.graph.node.append(restored)
             rewire[p.dq] = restored.output[0]
     for node in model.graph.node:
@@ -576,8 +641,13 @@ def bypass_qdq(
             if name in rewire:
                 node.input[i] = rewire[name]
     for out in model.graph.output:
-        if out.name in rewire:  # a graph output keeps its name; feed it from the float value
-            model.graph.node.append(helper.make_node("Identity", [rewire[out.name]], [out.name + "_bypass"]))
+        if out.name in rewire:  # a graph output keeps its name: an Identity of the float value makes it
+            for node in model.graph.node:
+                if node.op_type == "DequantizeLinear" and node.output[0] == out.name:
+                    node.output[0] = f"{out.name}_bypassed"
+            model.graph.node.append(
+                helper.make_node("Identity", [rewire[out.name]], [out.name], name=f"{out.name}_bypass")
+            )
     onnx.save(model, str(out_path))
     return out_path
 
@@ -592,9 +662,9 @@ def confirm_by_ablation(
     deadline: float | None = None,
     clock: Callable[[], float] | None = None,
 ) -> int:
-    """Fill `gain` for the most suspicious activation tensors (the top `top` by local error and by
-    accumulated error) and re-rank. `score(path)` is the fidelity of a model on a few samples
-    (higher is better). Returns how many tensors were ablated."""
+    """Fill `gain` and `loss` for the most suspicious activation tensors (the top `top` by local
+    error and by accumulated error) and re-rank. `score(path)` is the fidelity of a model on a few
+    samples (higher is better). Returns how many tensors were ablated."""
     clock = clock or time.perf_counter
     acts = [t for t in sensitivity.tensors if t.kind == "activation" and t.group]
     by_local = sorted(acts, key=lambda t: -t.score)[:top]
@@ -607,11 +677,15 @@ def confirm_by_ablation(
     folded = _folded_activations(float_model, onnx.load(str(quantized_model), load_external_data=False))
     done = 0
     path = quantized_model.parent / f"{quantized_model.stem}.ablation.onnx"
+    everything = [t.tensor for t in acts]
     try:
+        weights_only = score(bypass_qdq(quantized_model, everything, path, folded))
         for t in suspects:
             if deadline is not None and clock() > deadline:
                 break
             t.gain = score(bypass_qdq(quantized_model, [t.tensor], path, folded)) - base
+            others = [name for name in everything if name != t.tensor]
+            t.loss = weights_only - score(bypass_qdq(quantized_model, others, path, folded))
             done += 1
     finally:
         path.unlink(missing_ok=True)

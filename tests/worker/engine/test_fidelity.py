@@ -36,6 +36,27 @@ def test_sequence_agreement_is_per_position() -> None:
     assert acc.value(FidelityMetric.AGREEMENT) == pytest.approx(0.75)
 
 
+def test_one_value_per_sample_is_compared_over_the_samples() -> None:
+    """A probability [B, 1] (a voice-activity detector's): one value's cosine is 1 whenever the signs
+    agree, so two models that disagree on every sample would pass any cosine floor."""
+    acc = OutputAccumulator("prob", OutputKind.TENSOR)
+    for ref, got in [(0.1, 0.9), (0.9, 0.1), (0.5, 0.5)]:
+        acc.add(np.array([[ref]], np.float32), np.array([[got]], np.float32), None)
+    assert acc.value(FidelityMetric.COSINE) == pytest.approx((0.09 + 0.09 + 0.25) / (0.01 + 0.81 + 0.25))
+    same = OutputAccumulator("prob", OutputKind.TENSOR)
+    same.add(np.array([[0.3], [0.7]], np.float32), np.array([[0.3], [0.7]], np.float32), None)
+    assert same.value(FidelityMetric.COSINE) == 1.0
+
+
+def test_a_scalar_integer_input_does_not_make_a_token_model() -> None:
+    from worker.engine.fidelity import is_token_model
+    from worker.engine.spec import TensorSpec
+
+    audio = [TensorSpec("audio", "float32", ("batch", 512)), TensorSpec("sr", "int64", ())]
+    assert not is_token_model(audio)  # a sample rate is no token
+    assert is_token_model([TensorSpec("input_ids", "int64", ("batch", "seq"))])
+
+
 def test_padding_positions_are_left_out_of_token_outputs() -> None:
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(1, 5, 8)).astype(np.float32)

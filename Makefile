@@ -19,9 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m service.run
 
-## Run the whole test suite (PostgreSQL/Redis tests skip with a reason when those are down).
+## Run the whole test suite (PostgreSQL/Redis tests skip with a reason when those are down), two at a
+## time: most of the end-to-end tests wait on processes, so two share the 2-core machine well.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -180,7 +180,11 @@ def _number(value: float | None) -> str:
 def fmt(value: Value, unit: str) -> str:
     if value is None:
         return "n/a"
-    text = " / ".join(_number(v) for v in value.values()) if isinstance(value, dict) else _number(value)
+    if not isinstance(value, dict):
+        return f"{_number(value)} {unit}".strip()
+    # Named entries (models) carry their names; counts (32 / 128 / 512) are named by the figure's text.
+    named = not all(key.isdigit() for key in value)
+    text = " / ".join(f"{key} {_number(v)}" if named else _number(v) for key, v in value.items())
     return f"{text} {unit}".strip()
 
 

@@ -123,23 +123,7 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
     `worker_lost`. Reusing the number is safe because the releasing worker stops the job's process
     and writes nothing after this update. A job whose cancellation was asked for is not released
     (False): the caller ends it as cancelled."""
-    now = utcnow()
-    return _changed(
-        session.execute(
-            update(Job)
-            .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
-            .values(
-                status=QUEUED,
-                stage="queued",
-                progress=0.0,
-                **NO_NOTE,
-                attempts=Job.attempts - 1,
-                started_at=None,
-                updated_at=now,
-                lease_expires_at=None,
-            )
-        )
-    )
+    return _back_in_line(session, job_id, attempt, **NO_NOTE, attempts=Job.attempts - 1, started_at=None)
 
 
 def retry_later(session: Session, job_id: str, attempt: int, note: str) -> bool:
@@ -147,20 +131,16 @@ def retry_later(session: Session, job_id: str, attempt: int, note: str) -> bool:
     storage unreachable). Unlike `release`, the attempt counts: `job_max_attempts` bounds how often
     that may happen. `note` says why the job waits (the one note a queued job carries); the next
     claim clears it. A job whose cancellation was asked for is not put back (False)."""
-    now = utcnow()
+    return _back_in_line(session, job_id, attempt, progress_note=note[:NOTE_LENGTH], progress_detail=None)
+
+
+def _back_in_line(session: Session, job_id: str, attempt: int, **values: Any) -> bool:
+    """running -> queued by the attempt's own worker, unless cancellation was asked for (False)."""
     return _changed(
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
-            .values(
-                status=QUEUED,
-                stage="queued",
-                progress=0.0,
-                progress_note=note[:NOTE_LENGTH],
-                progress_detail=None,
-                updated_at=now,
-                lease_expires_at=None,
-            )
+            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=utcnow(), lease_expires_at=None, **values)
         )
     )
 

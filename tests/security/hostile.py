@@ -259,7 +259,8 @@ def raw_npy_header(text: str) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(data)) + data
 
 
-def npz(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+def members_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip of these members, named as given (an .npz is one; so is a .zip of external data)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as zf:
         for name, data in members.items():

@@ -49,14 +49,14 @@ def _npy_member_of(total: int) -> bytes:
 def _under_ratio_members(count: int) -> bytes:
     """`count` members just under the size where the ratio test starts: only the total can stop them."""
     member = _npy_member_of((1 << 20) - 4096)
-    return h.npz({f"a{i}.npy": member for i in range(count)}, h.zipfile.ZIP_DEFLATED)
+    return h.members_zip({f"a{i}.npy": member for i in range(count)}, h.zipfile.ZIP_DEFLATED)
 
 
 CASES = {
     # Never unpickled: object arrays carry code that np.load(allow_pickle=True) would run.
     "pickled-npy": Case(lambda s: ("calib.npy", h.pickled_npy(_pwn(s))), 422, "invalid_dataset", "pickling"),
     "pickled-npz-member": Case(
-        lambda s: ("calib.npz", h.npz({"input.npy": h.pickled_npy(_pwn(s))})),
+        lambda s: ("calib.npz", h.members_zip({"input.npy": h.pickled_npy(_pwn(s))})),
         422,
         "invalid_dataset",
         "pickling",
@@ -69,7 +69,7 @@ CASES = {
     ),
     # Headers that lie about the size: checked against the real size before anything is allocated.
     "npz-header-claims-terabytes": Case(
-        lambda _s: ("calib.npz", h.npz({"input.npy": h.npy_header((1 << 40,)) + bytes(16)})),
+        lambda _s: ("calib.npz", h.members_zip({"input.npy": h.npy_header((1 << 40,)) + bytes(16)})),
         422,
         "invalid_dataset",
         "holds 16 bytes",
@@ -122,7 +122,7 @@ CASES = {
         h.PREPROCESS,
     ),
     "npz-too-many-arrays": Case(
-        lambda _s: ("calib.npz", h.npz({f"a{i}.npy": h.npy_header((1,)) + bytes(4) for i in range(1025)})),
+        lambda _s: ("calib.npz", h.members_zip({f"a{i}.npy": h.npy_header((1,)) + bytes(4) for i in range(1025)})),
         422,
         "resource_limit",
         "1025 arrays",

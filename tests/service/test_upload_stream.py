@@ -4,7 +4,6 @@ into staging, external data straight into storage (a .zip of it read there, its 
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -131,20 +130,12 @@ def test_external_data_sent_straight_to_storage_is_kept_only_for_a_model_that_re
     ]
 
 
-def weights_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_zipped_external_data_is_read_where_it_is_stored_and_its_files_streamed_into_storage(
     on_storage: TestClient, private_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = external_data_mlp(tmp_path / "w.onnx", features=512, hidden=3072)  # 12.6 MB of weights
     data = (tmp_path / "w.onnx.data").read_bytes()
-    archive = weights_zip({"weights/w.onnx.data": data, "README.txt": b"unused"}, zipfile.ZIP_DEFLATED)
+    archive = h.members_zip({"weights/w.onnx.data": data, "README.txt": b"unused"}, zipfile.ZIP_DEFLATED)
     settings = on_storage.app.state.settings  # type: ignore[attr-defined]
     seen: dict[str, Any] = {}
     real = models_service.inspect_model
@@ -202,13 +193,16 @@ def test_refused_zipped_external_data_leaves_nothing_in_storage(
     weights = h.weights()
     files = [("file", ("m.onnx", h.external_data_model("w.bin")))]
     if name == "too many files":
-        files.append(("external_data", ("w.zip", weights_zip({f"f{i}.bin": b"" for i in range(1001)}))))
+        files.append(("external_data", ("w.zip", h.members_zip({f"f{i}.bin": b"" for i in range(1001)}))))
     elif name == "a zip bomb":
-        files.append(("external_data", ("w.zip", weights_zip({"w.bin": b"\0" * (64 << 20)}, zipfile.ZIP_DEFLATED))))
+        files.append(("external_data", ("w.zip", h.members_zip({"w.bin": b"\0" * (64 << 20)}, zipfile.ZIP_DEFLATED))))
     elif name == "a file also sent plain":
-        files += [("external_data", ("w.bin", weights)), ("external_data", ("w.zip", weights_zip({"w.bin": weights})))]
+        files += [
+            ("external_data", ("w.bin", weights)),
+            ("external_data", ("w.zip", h.members_zip({"w.bin": weights}))),
+        ]
     elif name == "not the file the model reads":
-        files.append(("external_data", ("w.zip", weights_zip({"other.bin": weights}))))
+        files.append(("external_data", ("w.zip", h.members_zip({"other.bin": weights}))))
     else:
         files.append(("external_data", ("w.zip", b"PK\x03\x04 but no zip" * 1000)))
     assert_error(on_storage.post("/v1/models", files=files), *refusal)

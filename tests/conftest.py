@@ -53,7 +53,7 @@ def unavailable(what: str, exc: Exception | str, fix: str = "start it or set its
 # Tests that need the real PostgreSQL or Redis carry the `services` marker (`-m "not services"`
 # runs the rest). Fixtures named here mark every test that uses them, directly or through other
 # fixtures; the parameters that reach them at run time (`db_settings`, `deployment`) are marked
-# where they are declared.
+# where they are declared, and `_services_marker_is_honest` fails a test that reached one unmarked.
 SERVICE_FIXTURES = frozenset({"postgres_url", "redis_url"})
 
 
@@ -61,6 +61,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+
+
+def unmarked_service_use(reached: set[str], marked: bool) -> str | None:
+    """Why a test that reached these fixtures breaks the marker's promise, or None."""
+    used = sorted(SERVICE_FIXTURES & reached)
+    if not used or marked:
+        return None
+    return (
+        f"this test reached {', '.join(used)} at run time without the `services` marker, so "
+        '`-m "not services"` would still need PostgreSQL/Redis: mark the parameter or fixture that '
+        "asks for it (pytest.param(..., marks=pytest.mark.services))"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _services_marker_is_honest(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fixtures reached through `request.getfixturevalue` (deployments picked by a parameter) escape
+    the marking above; after the test, every fixture it reached is known, so an unmarked one fails here."""
+    yield
+    problem = unmarked_service_use(set(request.fixturenames), request.node.get_closest_marker("services") is not None)
+    if problem:
+        pytest.fail(problem)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ QAAS = Path(sys.executable).with_name("qaas")  # the console script `make instal
 SLOW_RUNS = 5_000
 
 
-@pytest.fixture(scope="module", params=["embedded", "production"])
+@pytest.fixture(scope="module", params=["embedded", pytest.param("production", marks=pytest.mark.services)])
 def cli_deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp(f"cli-{request.param}")
     # Long latency runs are allowed so that one test's job runs for seconds (long enough to interrupt).

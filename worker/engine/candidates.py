@@ -4,12 +4,13 @@
   weights) is the fast path; on x86 without them (AVX2 only) U8S8 products can saturate, so
   activations are int8 (S8S8) and weights use 7 bits (`reduce_range`).
 - CNNs (Conv): static QDQ with per-channel weights, whole graph and Conv/MatMul/Gemm only. Dynamic
-  quantization is left out: ConvInteger is many times slower than float on CPUs.
+  quantization is left out: it makes Conv a ConvInteger, which ONNX Runtime runs at a fraction of
+  float's speed on CPUs (tests/worker/engine/test_auto.py measures it).
 - MatMul models (transformers, MLPs): static QDQ, dynamic int8, and MatMul/Gemm-only variants of
   both (quantizing LayerNorm, Softmax or the attention mask wrecks transformers); transformers also
   dynamic int8 after ONNX Runtime's transformer fusions, where they find something to fuse. Hybrids
   with a conv backbone (text recognizers) get dynamic int8 of their MatMuls only: dynamic Conv is
-  ConvInteger, many times slower than float.
+  ConvInteger, far slower than float.
 - float16 always (a size option; it must measure faster to win on latency), and with objective
   `size` weight-only int4 for MatMul models.
 """

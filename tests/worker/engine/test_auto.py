@@ -19,6 +19,7 @@ from service.contract.formats import model_facts
 from tests.onnx_models import (
     INTEGER_QUANTIZED_OPS,
     cancelling_matmuls,
+    conv_classifier,
     encoder_inputs,
     labelled_by_the_model,
     matmul_mlp,
@@ -26,7 +27,7 @@ from tests.onnx_models import (
     spiky_cnn,
     spiky_images,
 )
-from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, quantize
+from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, evaluate, quantize
 from worker.engine.auto import FASTER_MARGIN, auto_quantize
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
 from worker.engine.spec import CandidateProgress, Note
@@ -183,6 +184,23 @@ def test_cnn_with_a_sensitive_first_conv(tmp_path: Path) -> None:
     recipe = search["effective_recipe"]
     assert "first_conv" in (recipe["nodes_to_exclude"] or []) or "input" in (recipe["sixteen_bit_tensors"] or [])
     assert search["fidelity"]["within_budget"]
+
+
+def test_dynamic_conv_is_several_times_slower_than_float(tmp_path: Path) -> None:
+    """Why auto offers CNNs no dynamic candidate (worker/engine/candidates.py, the README's mode auto
+    section): dynamic quantization turns Conv into ConvInteger, which ONNX Runtime runs at a fraction of
+    float's speed on CPUs. If ONNX Runtime ever gives ConvInteger a fast kernel, this fails and CNNs
+    should get the dynamic candidate back."""
+    model = conv_classifier(tmp_path / "conv.onnx", channels=64, size=56, hidden=64)
+    dynamic = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "dynamic")
+    assert "ConvInteger" in {n.op_type for n in onnx.load(str(dynamic.model_path)).graph.node}
+    measured = evaluate(
+        model, dynamic.model_path, EvaluationSpec(latency_runs=20, warmup_runs=2, threads=1, max_samples=2), data=None
+    )
+    assert measured.comparison["speedup_p50"] < 1 / 3, (
+        measured.original["latency_ms"],
+        measured.quantized["latency_ms"],
+    )
 
 
 def test_nothing_faster_than_float_keeps_float(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@
   worker process, then with two (`python -m worker` started twice, as on two machines).
 
 Each figure comes from a function that returns it (`upload_figures`, `jobs_per_minute`); `run` only
-puts them in the table. moto is a Python server, so S3 figures here are a floor, not MinIO's."""
+puts them in the table. The S3 figures are measured against moto, a Python server on the same machine,
+not against MinIO or AWS."""
 
 from __future__ import annotations
 

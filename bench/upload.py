@@ -3,11 +3,10 @@ uploaded as multipart (`file` = the .onnx, `external_data` = the .bin) with http
 disk, beside `cp` of the same bytes into the same data folder as the ceiling. The API process's RSS is
 sampled in a thread (before, peak during, after).
 
-A single `cp` of 1 GB measured anywhere from 350 to 3,750 MB/s on this machine, depending on how much
-the kernel still had to write back from before. So cp and the upload are interleaved ROUNDS times,
-each after a `sync`, and the figure is the ratio of the medians. curl uploads the same files in each
-round too (detail `curl_mb_s`): it costs the 2-core machine less CPU than httpx, so it shows how much
-of the time is the client's."""
+How fast a single `cp` of 1 GB runs depends on how much the kernel still has to write back from
+before. So cp and the upload are interleaved ROUNDS times, each after a `sync`, and the figure is the
+ratio of the medians (every round is in the details). curl uploads the same files in each round too
+(detail `curl_mb_s`): a lighter client than httpx on the same cores, beside it."""
 
 from __future__ import annotations
 

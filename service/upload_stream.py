@@ -2,9 +2,9 @@
 straight into the request's staging folder, counting and hashing it on the way.
 
 Starlette's own form parsing spools every file part to a temporary file first, which the service
-then copied into staging: every upload was written twice, and a 1 GB upload briefly took 2 GB of
-`/tmp`. Here the body is written once. Parsing and writing run on a worker thread, fed in batches
-of about a megabyte, so the event loop never blocks on the disk.
+then copied into staging: every upload was written to disk twice. Here the body is written once.
+Parsing and writing run on a worker thread, fed in batches of about a megabyte, so the event loop
+never blocks on the disk.
 
 The routes that use it declare their form in OpenAPI with `multipart_body` (FastAPI would otherwise
 parse the body itself before the route runs), and missing or malformed fields answer 422 exactly

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,62 @@ def test_the_performance_section_states_no_figure_outside_the_generated_block() 
     assert not re.search(r"\d", prose), "a number in the Performance prose is not traceable to a run: " + "".join(
         line for line in prose.splitlines(keepends=True) if re.search(r"\d", line)
     )
+
+
+# What a sentence says when it reports a measurement: a throughput, or how many times faster, slower or
+# more something was ("tenfold", "3x faster", "twice as fast"). Outside the generated table, such a
+# figure cannot be traced to a run.
+MEASURED = re.compile(
+    r"\d[\d,.]*\s*(MB/s|GB/s|req/s|jobs/min)"
+    r"|\b\w+fold\b"
+    r"|\d[\d,.]*\s*(x|\u00d7)\s+(faster|slower|smaller|larger|less|more)\b"
+    r"|\b(twice|half|(?-i:[a-z]+) times) as (fast|slow|quick|much|many|large|big|small)\b"
+    r"|\b(?-i:[a-z]+) times (faster|slower|more|less|smaller|larger|bigger)\b",
+    re.IGNORECASE,
+)
+ROOT = README.parent
+
+
+def test_the_readme_states_no_measurement_outside_the_generated_block() -> None:
+    text = README.read_text(encoding="utf-8")
+    prose = text[: text.index(BEGIN)] + text[text.index(END) + len(END) :]
+    found = [line for line in prose.splitlines() if MEASURED.search(line)]
+    assert not found, f"figures outside bench/results/figures.json: {found}"
+
+
+def _docstrings(package: str) -> Iterator[tuple[str, str]]:
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield f"{path.relative_to(ROOT)}:{getattr(node, 'name', 'module')}", doc
+
+
+@pytest.mark.parametrize("package", ["service", "worker", "bench", "client"])
+def test_docstrings_state_no_measurement(package: str) -> None:
+    found = [f"{where}: {match.group(0)!r}" for where, doc in _docstrings(package) for match in MEASURED.finditer(doc)]
+    assert not found, f"docstrings quoting figures that no results file holds: {found}"
+
+
+def test_the_measurement_pattern_catches_what_the_issue_found() -> None:
+    for claim in (
+        "A single `cp` of a gigabyte varied tenfold here",
+        "measured anywhere from 350 to 3,750 MB/s on this machine",
+        "288 req/s at p99 389 ms",
+        "Two workers are not twice as fast",
+        "dynamic Conv is 6x slower than float",
+        "int8 runs 1.4\u00d7 faster",
+        "ConvInteger is many times slower than float",
+    ):
+        assert MEASURED.search(claim), claim
+    for fact in (
+        "every upload was written twice",
+        "twice as long after each further attempt",
+        "at most RUNS_GROWTH times more",
+    ):
+        assert not MEASURED.search(fact), fact
 
 
 def _fake_benchmark(monkeypatch: pytest.MonkeyPatch, name: str, figures: dict[str, float], fail: bool = False) -> None:

@@ -2,9 +2,10 @@
 
 `quantize_static` with a data reader hands every sample to the calibrator at once; histogram
 calibrators (Entropy, Percentile, Distribution) then hold every intermediate tensor of every
-sample before building histograms (6.7 GB for a 10 MB model with 32 samples). Here the
-calibrator's `collect_data` is called once per small chunk of feeds (it merges across calls and
-clears its intermediate outputs at the end of each call), so peak memory is that of one chunk.
+sample before building histograms (plain `quantize_static`'s peak grows with every sample: the
+`calibration_peak_mb` figure in bench/results/figures.json). Here the calibrator's `collect_data` is
+called once per small chunk of feeds (it merges across calls and clears its intermediate outputs at
+the end of each call), so peak memory is that of one chunk.
 
 Histogram calibrators merge a new chunk into a histogram whose bin width was fixed by the first
 chunk, growing it bin by bin when a later chunk has a wider range (unbounded when the first

@@ -6,6 +6,7 @@ runs the real meter and checks that the verdict agrees with what it measured."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from tests.onnx_models import (
 )
 from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, evaluate, quantize
 from worker.engine.auto import FASTER_MARGIN, auto_quantize
+from worker.engine.checks import model_facts as engine_model_facts
+from worker.engine.quantize import preparation
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
 from worker.engine.spec import CandidateProgress, Note
 
@@ -139,6 +142,42 @@ def test_all_int8_misses_the_floor_and_mixed_precision_meets_it(
     )
     first_step = next(i for i, n in enumerate(notes) if n.candidate is None)
     assert all(n.candidate is None for n in notes[first_step:]) and notes[-1].text.startswith("evaluating ")
+
+
+def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README: pre-processing and calibration ranges are computed once and shared by every
+    candidate and search step. Counted at the functions that do the work, wherever they are called
+    from: once per distinct preparation, once per distinct calibration, however many trials use them."""
+    auto_module = importlib.import_module("worker.engine.auto")
+    quantize_module = importlib.import_module("worker.engine.quantize")  # the package's `quantize` is a function
+
+    calls: dict[str, int] = {"prepare_for": 0, "calibrate": 0}
+
+    def counting(name: str, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for module in (auto_module, quantize_module):
+        monkeypatch.setattr(module, "prepare_for", counting("prepare_for", quantize_module.prepare_for))
+        monkeypatch.setattr(module, "calibrate", counting("calibrate", quantize_module.calibrate))
+    model = outlier_encoder(tmp_path / "encoder.onnx")
+    _, _, search = _run(tmp_path, model, encoder_inputs(24), OpsMeter())
+
+    facts = engine_model_facts(model)
+    trials = search["candidates"] + search["steps"]
+    specs = [QuantizationSpec.from_mapping(t["recipe"]) for t in trials]
+    static = [s for s in specs if s.mode == "static"]
+    preparations = {preparation(s, facts) for s in specs}
+    calibrations = {
+        (preparation(s, facts), str(s.calibration_method), s.percentile, s.symmetric_activations) for s in static
+    }
+    assert search["steps"] and len(static) > len(calibrations), "the search must have reused something"
+    assert calls == {"prepare_for": len(preparations), "calibrate": len(calibrations)}, (calls, len(trials))
 
 
 def test_sensitivity_artifact_ranks_the_damaging_tensors_first(

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from service.contract.formats import model_facts
+from tests.ocr_models import ocr_detector, ocr_recognizer
 from tests.onnx_models import (
     INTEGER_QUANTIZED_OPS,
     cancelling_matmuls,
@@ -31,6 +32,8 @@ from tests.onnx_models import (
 from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, evaluate, quantize
 from worker.engine.auto import FASTER_MARGIN, auto_quantize
 from worker.engine.checks import model_facts as engine_model_facts
+from worker.engine.data import model_inputs
+from worker.engine.fidelity import is_token_model
 from worker.engine.quantize import preparation
 from worker.engine.results import EvaluationOutcome, QuantizationOutcome
 from worker.engine.spec import CandidateProgress, Note
@@ -387,6 +390,45 @@ def test_the_time_budget_stops_the_search(tmp_path: Path) -> None:
     assert search["time_budget_exhausted"]
     assert len(search["candidates"]) < 5 and search["steps"] == []
     assert any("max_search_seconds" in w for w in outcome.warnings)
+
+
+@pytest.mark.parametrize(
+    ("kind", "build", "dynamic"),
+    [
+        ("cnn", spiky_cnn, set()),
+        ("detector", ocr_detector, set()),  # a CNN: ConvInteger is slow (see the test above)
+        ("mlp", matmul_mlp, {"dynamic int8", "dynamic int8, MatMul only"}),
+        (
+            "encoder",
+            outlier_encoder,
+            {"dynamic int8", "dynamic int8, MatMul only", "transformer fusion + dynamic int8"},
+        ),
+        # A hybrid (a conv backbone): dynamic Conv would be ConvInteger, so dynamic quantizes its MatMuls only.
+        ("recognizer", ocr_recognizer, {"dynamic int8, MatMul only", "transformer fusion + dynamic int8"}),
+    ],
+)
+def test_the_candidates_are_the_ones_the_readme_lists(tmp_path: Path, kind: str, build: Any, dynamic: set[str]) -> None:
+    """The README's mode auto section: static QDQ per-channel (MinMax, Percentile, compute ops only),
+    dynamic int8 and its MatMul/Gemm-only variant for MatMul models but not CNNs, the MatMul-only one
+    for hybrids, dynamic int8 after transformer fusion for transformers, float16; with objective size,
+    weight-only int4 for MatMul models."""
+    from worker.engine.candidates import candidates_for
+
+    model = build(tmp_path / f"{kind}.onnx")
+    facts = engine_model_facts(model)
+    token = is_token_model(model_inputs(model))
+    latency = {c.name: c for c in candidates_for(facts.op_counts, token_inputs=token, int8="vnni", objective="latency")}
+    static = {name for name, c in latency.items() if c.changes["mode"] == "static"}
+    assert {"static QDQ, per-channel, MinMax", "static QDQ, per-channel, Percentile"} < static, static
+    only = static - {"static QDQ, per-channel, MinMax", "static QDQ, per-channel, Percentile"}
+    [compute_only] = only
+    assert set(latency[compute_only].changes["op_types_to_quantize"]) <= {"Conv", "MatMul", "Gemm"}
+    assert all(latency[name].changes["per_channel"] for name in static)
+    assert {name for name, c in latency.items() if c.changes["mode"] == "dynamic"} == dynamic
+    assert "float16" in latency
+    size = [c.name for c in candidates_for(facts.op_counts, token_inputs=token, int8="vnni", objective="size")]
+    assert ("weight-only int4" in size) == bool(facts.op_counts.get("MatMul")), size
+    assert "weight-only int4" not in latency
 
 
 def test_the_cpu_decides_u8s8_or_s8s8(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -181,6 +182,76 @@ def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
     }
     assert search["steps"] and len(static) > len(calibrations), "the search must have reused something"
     assert calls == {"prepare_for": len(preparations), "calibrate": len(calibrations)}, (calls, len(trials))
+
+
+def test_every_search_step_is_measured_and_the_sixteen_bit_and_op_type_steps_are_tried(
+    encoder_search: tuple[QuantizationOutcome, dict[str, Any], Path],
+) -> None:
+    _, search, _ = encoder_search
+    steps = search["steps"]
+    for step in steps:
+        assert step["error"] is None and step["fidelity"] is not None and step["speedup"] is not None, step
+        assert step["latency_runs"] and step["p50_ms"] and step["size_bytes"], step
+    static_starts = {s["parent"] for s in steps if s["recipe"]["mode"] == "static"}
+    assert static_starts
+    for start in static_starts:
+        names = [s["name"] for s in steps if s["parent"] == start]
+        assert any("16-bit activations on" in n for n in names), names
+        assert any(n.endswith("left in float") for n in names), names
+
+
+class _LoopSearch:
+    """Just what `_mixed_precision`'s loop asks of a search: a step is within the budget from
+    `fits_from` nodes in float on, and runs `speedup` times float."""
+
+    def __init__(self, fits_from: int, speedup: float = 1.5) -> None:
+        self.fits_from, self.speedup = fits_from, speedup
+        self.tried: list[int] = []
+        self.spec = QuantizationSpec(mode="auto")
+        self.facts = SimpleNamespace(node_names=[f"n{i}" for i in range(10)])
+        self.sensitivities: list[Any] = []
+
+    def note(self, note: Note) -> None:
+        pass
+
+    def time_left(self) -> bool:
+        return True
+
+    def best_eligible(self) -> None:
+        return None
+
+    def step(self, start: Any, name: str, nodes_to_exclude: tuple[str, ...]) -> Any:
+        self.tried.append(len(nodes_to_exclude))
+        return SimpleNamespace(within=len(nodes_to_exclude) >= self.fits_from, ok=True, speedup=self.speedup)
+
+
+@pytest.mark.parametrize(
+    ("fits_from", "speedup", "tried", "fitting"),
+    [
+        (5, 1.5, [1, 2, 4, 8, 6, 5], 5),  # doubling until the budget holds, then bisecting to the fewest
+        (1, 1.5, [1], 1),
+        (11, 1.5, [1, 2, 4, 8, 10], None),  # never within: every node of the ranking tried at most once
+        (5, 0.9, [1], None),  # slower than float already: more float cannot win, the fallback stops
+    ],
+)
+def test_mixed_precision_returns_groups_to_float_in_doubling_steps_then_bisects(
+    monkeypatch: pytest.MonkeyPatch, fits_from: int, speedup: float, tried: list[int], fitting: int | None
+) -> None:
+    """The README: the search returns the worst groups of nodes to float in doubling steps, bisects to
+    the fewest that meet the budget, then tries 16-bit activations on the worst tensors and the worst
+    elementwise op type left in float."""
+    auto_module = importlib.import_module("worker.engine.auto")
+    sets = [[f"n{i}" for i in range(k)] for k in range(1, 11)]  # the top k groups, one node each
+    monkeypatch.setattr(auto_module, "_sensitivity", lambda search, start: SimpleNamespace(groups=list))
+    monkeypatch.setattr(auto_module, "_exclusion_sets", lambda groups, names, excluded: sets)
+    after: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(auto_module, "_sixteen_bit_step", lambda search, start, sens, k: after.append(("16-bit", k)))
+    monkeypatch.setattr(auto_module, "_op_type_step", lambda search, start, sens: after.append(("op type",)))
+    search = _LoopSearch(fits_from, speedup)
+    start = SimpleNamespace(name="static", spec=QuantizationSpec(mode="static"))
+    auto_module._mixed_precision(search, start)
+    assert search.tried == tried
+    assert after == [("16-bit", fitting), ("op type",)]
 
 
 def test_sensitivity_artifact_ranks_the_damaging_tensors_first(

@@ -343,6 +343,17 @@ def test_keep_float_hands_back_the_smallest_model_that_is_not_slower(tmp_path: P
     assert search["chosen"] == min(fits, key=lambda c: c["size_bytes"])["name"]
 
 
+@pytest.mark.parametrize(("speedup", "verdict"), [(1.04, "keep_float"), (1.06, "quantized")])
+def test_a_pick_must_run_at_least_five_percent_faster_than_float(tmp_path: Path, speedup: float, verdict: str) -> None:
+    """The README: with objective latency a model must run at least 5% faster than float to be chosen."""
+    model = matmul_mlp(tmp_path / "mlp.onnx")
+    _, _, search = _run(
+        tmp_path, model, {"x": np.random.default_rng(0).random((16, 1, 16), dtype=np.float32)}, SlowMeter(1 / speedup)
+    )
+    assert any(c["within_budget"] for c in search["candidates"]), search["candidates"]
+    assert search["verdict"] == verdict, search["candidates"]
+
+
 class Float16Meter:
     """Integer models measure 1.2x slower than float; a float16 model measures the speedups of
     `float16` in turn (its search timing first, then each re-timing), the last one repeated."""

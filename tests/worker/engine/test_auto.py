@@ -354,6 +354,33 @@ def test_a_pick_must_run_at_least_five_percent_faster_than_float(tmp_path: Path,
     assert search["verdict"] == verdict, search["candidates"]
 
 
+class ScaleMeter:
+    """Float runs `float_ms` per run; every candidate 1.2 times faster. Records the run counts asked."""
+
+    def __init__(self, float_ms: float) -> None:
+        self.float_ms = float_ms
+        self.runs: list[int] = []
+
+    def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
+        self.runs.append(runs)
+        return self.float_ms, self.float_ms / 1.2
+
+
+@pytest.mark.parametrize(("float_ms", "grown"), [(0.2, True), (1000.0, False)])
+def test_run_counts_grow_for_sub_millisecond_models(tmp_path: Path, float_ms: float, grown: bool) -> None:
+    """The README: run counts grow for sub-millisecond models (a few runs of them are noise); a slow
+    model is timed with the counts asked for."""
+    meter = ScaleMeter(float_ms)
+    data = {"x": np.random.default_rng(0).random((16, 1, 16), dtype=np.float32)}
+    _, _, search = _run(tmp_path, matmul_mlp(tmp_path / "mlp.onnx"), data, meter)
+    asked = FEW_RUNS.latency_runs
+    if grown:
+        assert search["final_latency_runs"] > asked and search["search_latency_runs"] > asked, search
+    else:
+        assert search["final_latency_runs"] == asked, search
+    assert search["final_latency_runs"] in meter.runs  # the finalists were timed with it
+
+
 class Float16Meter:
     """Integer models measure 1.2x slower than float; a float16 model measures the speedups of
     `float16` in turn (its search timing first, then each re-timing), the last one repeated."""

@@ -115,7 +115,6 @@ class Settings(BaseSettings):
 
     max_model_bytes: int = Field(4 << 30, ge=1024)
     max_dataset_bytes: int = Field(4 << 30, ge=1024)
-    upload_chunk_bytes: int = Field(1 << 20, ge=4096)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -49,6 +50,28 @@ def test_metrics_count_requests_by_route_and_jobs_by_mode_and_status(client: Tes
     assert samples[("qaas_job_duration_seconds_bucket", (("le", "1.0"), *job))] == 1  # it took milliseconds
     assert 0 <= samples[("qaas_job_duration_seconds_sum", job)] < 1
     assert samples[("qaas_database_up", ())] == 1 and samples[("qaas_models", ())] == 1
+
+
+def test_every_api_replica_reports_the_same_job_figures(
+    client: TestClient, app_settings: Settings, tmp_path: Path
+) -> None:
+    """The README: job figures come from the database, so every API replica reports the same; only
+    the request durations are each process's own."""
+    done = finished_job(client, tmp_path)
+    client.post("/v1/jobs", json={"model_id": done["model"]["id"], "recipe": {"mode": "dynamic"}})
+
+    def from_the_database(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[Any, float]:
+        return {
+            key: value
+            for key, value in samples.items()
+            if key[0].startswith(("qaas_jobs", "qaas_job_duration", "qaas_queue_depth", "qaas_models"))
+        }
+
+    first = from_the_database(_samples(client.get("/metrics").text))
+    with TestClient(create_app(app_settings), raise_server_exceptions=False) as replica:
+        second = from_the_database(_samples(replica.get("/metrics").text))
+    assert first[("qaas_jobs", (("status", "queued"),))] == 1 and first[("qaas_models", ())] == 1
+    assert second == first
 
 
 def test_metrics_need_the_operator_token_not_a_tenant_key(auth_settings: Settings) -> None:

@@ -23,8 +23,9 @@ from service.jobs import state
 from service.queue import celery_config
 from service.settings import Settings
 from service.storage import LocalStorage, StorageUnavailable
+from service.storage_s3 import S3Storage
 from service.tables import Artifact, Job, OnnxModel
-from tests.s3 import dead_object_store
+from tests.s3 import S3Server, dead_object_store
 from tests.service.test_job_state import _job, store_job_model
 from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
@@ -196,6 +197,30 @@ def test_the_sweep_clears_partial_files_and_scratch_of_lost_attempts(settings: S
     assert not (storage.root / f"jobs/{failed}").exists()
     assert not (work / failed).exists()  # ended: its scratch goes
     assert (work / requeued).exists() and (work / queued).exists()  # their next attempt clears them
+
+
+def test_the_sweep_aborts_the_unfinished_multipart_uploads_of_lost_attempts(
+    settings: Settings, factory: Factory, s3_env: dict[str, str], s3_server: S3Server
+) -> None:
+    """The README: a sweep removes what a killed attempt left, unfinished multipart uploads included
+    (on S3 an upload its worker never completed holds its parts, and is billed, until aborted)."""
+    storage = S3Storage.from_settings(Settings())
+    client = s3_server.client()
+    requeued, failed = _job(factory), _job(factory)
+    for job_id in (requeued, failed):
+        attempt = _claim(factory, job_id)
+        key = f"{storage.prefix}jobs/{job_id}/{attempt}/quantized.onnx"
+        upload = client.create_multipart_upload(Bucket=storage.bucket, Key=key)
+        client.upload_part(Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+        _expire(factory, job_id)
+    with transaction(factory) as s:  # the second has used up its attempts
+        s.execute(update(Job).where(Job.id == failed).values(attempts=settings.job_max_attempts))
+    assert len(s3_server.unfinished_uploads(storage.bucket)) == 2
+
+    done = sweep(factory, lambda _: None, settings, storage)
+    assert done["requeued"] == [requeued] and done["failed"] == [failed]
+    assert s3_server.unfinished_uploads(storage.bucket) == []
+    assert storage.keys("jobs/") == []
 
 
 def test_the_sweep_resends_every_queued_job_when_asked(settings: Settings, factory: Factory) -> None:

@@ -3,6 +3,7 @@ is a setting, every setting is in the README, and each default they state is the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,28 @@ def test_the_default_the_readme_states_is_the_services(variable: str, tmp_path: 
         assert float(stated) == default, (variable, cell, default)
     else:
         assert stated == default, (variable, cell, default)
+
+
+def test_the_limits_the_readme_names_in_words_are_the_codes() -> None:
+    """Numbers in the README's sentences that are constants in the code (their behaviour is tested
+    where they act: tests/security/test_upload_files.py, test_upload_limits.py, the engine's tests)."""
+    from service.contract.recipe import Recipe
+    from service.limits import OTHER_BODY_LIMIT
+    from service.models.service import MAX_FILES_PER_UPLOAD
+    from service.quotas import FILE_OVERHEAD_BYTES
+    from worker.engine.auto import FASTER_MARGIN, NOT_SLOWER_CONFIRMATIONS
+    from worker.engine.fidelity import DEFAULT_FLOOR
+
+    search_seconds = next(f.default for f in dataclasses.fields(Recipe) if f.name == "max_search_seconds")
+    assert FILE_OVERHEAD_BYTES % 1024 == 0 and OTHER_BODY_LIMIT % (1 << 20) == 0 and NOT_SLOWER_CONFIRMATIONS == 2
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    for sentence in (
+        f"each file charged its size plus {FILE_OVERHEAD_BYTES // 1024} KiB",
+        f"other request bodies are capped at {OTHER_BODY_LIMIT >> 20} MiB",
+        f"at most {MAX_FILES_PER_UPLOAD:,} files per upload",
+        f"at least {FASTER_MARGIN:.0%} faster than float",
+        f"floor {DEFAULT_FLOOR}",
+        "in two full-count timings in a row",
+        f"`max_search_seconds` (default {search_seconds:g})",
+    ):
+        assert sentence in text, f"the README should say {sentence!r}, as the code does"

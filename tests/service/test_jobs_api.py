@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from service.database import transaction
 from service.jobs import state
-from service.queue import QUEUE
+from service.queue import QUEUE, RUN_JOB_TASK
 from service.settings import Settings
+from service.tables import Job
 from tests.service.helpers import assert_error, conv_model_and_data, mlp_model, npz_bytes, upload_dataset
 
 
@@ -46,13 +50,30 @@ def _queued_messages(settings: Settings) -> list[str]:
         client.close()
 
 
-def test_the_job_message_reaches_the_broker(client: TestClient, tmp_path: Path) -> None:
-    settings = client.app.state.settings  # type: ignore[attr-defined]
+def test_the_job_message_reaches_the_broker(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's architecture: the queue message carries the job id only, and is sent after the
+    commit (a worker that takes it at once finds the job)."""
+    app_state = client.app.state  # type: ignore[attr-defined]
+    settings = app_state.settings
     model, dataset = conv_model_and_data(client, tmp_path)
+    committed: list[bool] = []
+    send = app_state.queue.enqueue
+
+    def enqueue(job_id: str, countdown: float = 0.0) -> None:
+        with app_state.session_factory() as other:  # another connection sees only what was committed
+            committed.append(other.get(Job, job_id) is not None)
+        send(job_id, countdown)
+
+    monkeypatch.setattr(app_state.queue, "enqueue", enqueue)
     job = _job(client, model_id=model["id"], calibration_dataset_id=dataset["id"]).json()
+    assert committed == [True]
     messages = _queued_messages(settings)
     assert len(messages) == 1
-    assert job["id"] in messages[0]
+    body = json.loads(messages[0])
+    args, kwargs, _ = json.loads(base64.b64decode(body["body"]))
+    assert (body["headers"]["task"], args, kwargs) == (RUN_JOB_TASK, [job["id"]], {})
 
 
 def test_static_without_calibration_data_is_refused(client: TestClient, tmp_path: Path) -> None:

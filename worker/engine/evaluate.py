@@ -469,18 +469,25 @@ class LatencyMeter:
 
     def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
         """(reference p50 ms, candidate p50 ms) from `runs` interleaved rounds after warm-up."""
+        ref, (p50,) = self.compare_many([candidate], runs)
+        return ref, p50
+
+    def compare_many(self, candidates: Sequence[Path], runs: int) -> tuple[float, list[float]]:
+        """(reference p50 ms, each candidate's p50 ms) from `runs` rounds after warm-up, each round
+        running the reference and every candidate once: one timing in which they all share the
+        machine's state, so that candidates are compared with each other, not only with float."""
         if self._reference is None:
             self._reference = self._session(self.reference, "original")
-        sessions = [self._reference, self._session(candidate, "candidate")]
+        sessions = [self._reference, *(self._session(c, "candidate") for c in candidates)]
         names = [[o.name for o in s.get_outputs()] for s in sessions]
 
         def runner(i: int) -> Callable[[], object]:
             return lambda: sessions[i].run(names[i], self.feed)
 
         timings = time_interleaved(
-            [runner(0), runner(1)],
+            [runner(i) for i in range(len(sessions))],
             runs=max(1, runs),
             warmup_runs=self.warmup_runs,
         )
-        ref, cand = timings.stats()
-        return ref.p50, cand.p50
+        ref, *cands = timings.stats()
+        return ref.p50, [c.p50 for c in cands]

@@ -90,7 +90,7 @@ class Qaas:
         )
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.dep.base_url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
+        return self.dep.client({"Authorization": f"Bearer {self.key}"})
 
 
 @pytest.fixture

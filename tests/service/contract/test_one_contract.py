@@ -29,8 +29,8 @@ from service.migrate import upgrade
 from service.settings import Settings
 from tests.onnx_models import conv_classifier, matmul_mlp, paddle_classifier
 from tests.service.helpers import npz_bytes
-from worker.engine.checks import validate_job
 from worker.engine.spec import DatasetSource
+from worker.engine.validate import validate_job
 
 RULE_CODES = ("invalid_recipe", "invalid_dataset", "dataset_model_mismatch")
 

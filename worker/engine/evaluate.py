@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import uses_external_data
 
 from worker.engine import metrics
+from worker.engine.checks import model_facts, model_size
 from worker.engine.data import Batch, count_batches, iter_batches, model_inputs, synthesize_batch
 from worker.engine.errors import EngineError
 from worker.engine.latency import LatencyStats, time_interleaved
@@ -55,33 +54,7 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 def size_on_disk(model_path: Path) -> int:
     """Bytes of the model file plus every external-data file it references (each counted once)."""
-    model_path = Path(model_path)
-    total = model_path.stat().st_size
-    model = onnx.load(str(model_path), load_external_data=False)
-    locations: set[str] = set()
-    for tensor in _all_tensors(model.graph):
-        if uses_external_data(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    for location in locations:
-        path = model_path.parent / location
-        if path.is_file():
-            total += path.stat().st_size
-    return total
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
+    return model_size(Path(model_path), model_facts(Path(model_path)))
 
 
 def _ort_error(which: str, action: str, exc: Exception) -> EngineError:

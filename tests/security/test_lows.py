@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.contract.recipe import MAX_LISTED, MAX_NAME_CHARS, MAX_OP_TYPES
 from service.run import API
 from service.settings import Settings
 from service.storage import LocalStorage
@@ -127,6 +128,31 @@ def test_report_page_and_downloads_carry_real_headers(client: TestClient, tmp_pa
         assert download.headers["content-disposition"].startswith("attachment;"), path
         assert download.headers["x-content-type-options"] == "nosniff", path
         assert download.headers["content-security-policy"] == CSP, path
+
+
+# -- lists in a recipe are capped, and so is each name in them ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("nodes_to_exclude", ["conv"] * (MAX_LISTED + 1), "too_long"),
+        ("nodes_to_exclude", ["n" * (MAX_NAME_CHARS + 1)], "string_too_long"),
+        ("op_types_to_quantize", ["Conv"] * (MAX_OP_TYPES + 1), "too_long"),
+        ("op_types_to_quantize", ["C" * (MAX_NAME_CHARS + 1)], "string_too_long"),
+    ],
+    ids=["nodes_to_exclude-list", "nodes_to_exclude-item", "op_types_to_quantize-list", "op_types_to_quantize-item"],
+)
+def test_recipe_lists_and_their_items_are_capped(
+    client: TestClient, tmp_path: Path, field: str, value: list[str], kind: str
+) -> None:
+    """The lists repeat a real node ("conv") or operator ("Conv") of the model: only the caps refuse them."""
+    model = client.post("/v1/models", files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())})
+    body = {"model_id": model.json()["id"], "recipe": {"mode": "dynamic", field: value}}
+    error = assert_error(client.post("/v1/jobs", json=body), 422, "invalid_recipe")
+    assert error["detail"]["field"].startswith(f"recipe.{field}"), error
+    assert [e["type"] for e in error["detail"]["errors"]] == [kind], error
+    assert client.get("/v1/jobs").json()["items"] == []
 
 
 # -- the worker, not the client, decides how many threads a job gets -----------------------------------

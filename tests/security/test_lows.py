@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,8 +25,11 @@ from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, store_artifact
 from tests.worker.engine.test_evaluate import FAST
 from worker.contracts import EvaluationSettings, JobFile, Limits
-from worker.engine.evaluate import evaluate
+from worker.engine.data import model_inputs
+from worker.engine.evaluate import LatencyMeter, evaluate
+from worker.engine.fidelity import FidelityEvaluator
 from worker.engine.machine import usable_cores
+from worker.engine.sensitivity import _session as sensitivity_session
 from worker.runner import JobRunner
 
 # -- database errors say nothing about the database ---------------------------------------------
@@ -168,6 +172,21 @@ def test_threads_are_clamped_to_the_cores_and_the_clamp_is_recorded(tmp_path: Pa
     assert result["evaluation"]["threads_clamped"] is True
     assert result["machine"]["threads"] == usable_cores()
     assert any(f"asked for {asked} threads" in w for w in result["warnings"])
+
+
+def test_mode_auto_and_compare_sessions_are_clamped_too(tmp_path: Path) -> None:
+    """Mode auto's search times candidates (LatencyMeter), and auto and compare score them
+    (FidelityEvaluator) and rank tensors (sensitivity) in sessions of their own, with the job's `threads`."""
+    model = conv_classifier(tmp_path / "m.onnx")
+    asked = usable_cores() + 62
+    feed = {"input": np.zeros((1, 3, 8, 8), np.float32)}
+    sessions = {
+        "latency": LatencyMeter(model, feed, threads=asked, warmup_runs=0)._session(model, "original"),
+        "fidelity": FidelityEvaluator(model, None, model_inputs(model), None, 0.0, threads=asked)._session(model),
+        "sensitivity": sensitivity_session(model, asked),
+    }
+    threads = {name: s.get_session_options().intra_op_num_threads for name, s in sessions.items()}
+    assert threads == dict.fromkeys(sessions, usable_cores())
 
 
 # -- a job's stderr cannot forge the worker's log ---------------------------------------------------

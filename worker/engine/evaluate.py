@@ -41,9 +41,10 @@ _MODELS = ("original", "quantized")
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """The one SessionOptions both models are measured with."""
+    """The one SessionOptions every session of a job is made with (evaluation, and mode auto's timing,
+    scoring and sensitivity): `threads` at most the usable cores, whoever asked for more."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = max(1, min(threads, usable_cores()))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -6,14 +6,22 @@ sampled in a thread (before, peak during, after).
 How fast a single `cp` of 1 GB runs depends on how much the kernel still has to write back from
 before. So cp and the upload are interleaved ROUNDS times, each after a `sync`, and the figure is the
 ratio of the medians (every round is in the details). curl uploads the same files in each round too
-(detail `curl_mb_s`): a lighter client than httpx on the same cores, beside it."""
+(detail `curl_mb_s`): a lighter client than httpx on the same cores, beside it. And each round times
+the floor under any Python server (detail `raw_python_mb_s`): the same bytes sent over loopback with
+`sendfile` to a bare socket loop in this process that only receives, writes, hashes (sha256 on a
+thread) and fsyncs, as the API must; no HTTP, no multipart, no database."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import queue
 import shutil
+import socket
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +94,52 @@ def _upload_curl(svc: harness.Service, onnx_path: Path, bin_path: Path) -> float
     return seconds
 
 
+def _raw_python(files: list[Path], dest: Path) -> float:
+    """Seconds for the floor of a Python upload: `files` sent back to back over loopback with
+    `sendfile` (no client CPU to speak of) to a bare socket loop that writes them to one file in
+    `dest`, hashes them on a thread (as the API's BesideHash does) and fsyncs."""
+    _settled()
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / "raw.bin"
+    digest = hashlib.sha256()
+    chunks: queue.Queue[bytes | None] = queue.Queue(8)
+
+    def hash_chunks() -> None:
+        while (chunk := chunks.get()) is not None:
+            digest.update(chunk)
+
+    def receive(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        hasher = threading.Thread(target=hash_chunks)
+        hasher.start()
+        with conn, target.open("wb") as out:
+            while chunk := conn.recv(1 << 20):
+                chunks.put(chunk)
+                out.write(chunk)
+            chunks.put(None)
+            hasher.join()
+            out.flush()
+            os.fsync(out.fileno())
+            conn.sendall(digest.hexdigest().encode())
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=receive, args=(listener,))
+        server.start()
+        t = time.perf_counter()
+        with socket.create_connection(listener.getsockname()) as conn:
+            for f in files:
+                with f.open("rb") as source:
+                    conn.sendfile(source)
+            conn.shutdown(socket.SHUT_WR)
+            answer = conn.recv(64)
+        seconds = time.perf_counter() - t
+        server.join()
+    if len(answer) != 64:
+        raise RuntimeError("the bare receive loop gave no digest")
+    shutil.rmtree(dest)
+    return seconds
+
+
 def _delete(svc: harness.Service, model_id: str) -> None:
     with svc.client() as c:
         c.delete(f"/v1/models/{model_id}").raise_for_status()
@@ -129,6 +183,7 @@ def run(ctx: Context) -> dict[str, Measurement]:
                     one = _cp(files, svc.data_dir / "cp-ceiling")  # the file system of the API's storage
                     one["upload_s"] = _upload_httpx(svc, onnx_path, bin_path)
                     one["curl_s"] = _upload_curl(svc, onnx_path, bin_path)
+                    one["raw_python_s"] = _raw_python(files, svc.data_dir / "raw-floor")
                     rounds.append(one)
             after = harness.rss(api)
             tmp_usage = shutil.disk_usage("/tmp")
@@ -159,6 +214,7 @@ def run(ctx: Context) -> dict[str, Measurement]:
     details["cp_mb_s"] = round(cp_mb_s, 1)
     details["curl_mb_s"] = round(total / MB / details["curl_s"], 1)
     details["cp_sync_mb_s"] = round(total / MB / (details["cp_s"] + details["sync_s"]), 1)
+    details["raw_python_mb_s"] = round(total / MB / details["raw_python_s"], 1)
     what = f"Upload of a {total / MB:,.0f} MB model (external data), median of {ROUNDS} rounds"
     return {
         "upload_mb_s": Measurement(
@@ -170,7 +226,9 @@ def run(ctx: Context) -> dict[str, Measurement]:
                 value=round(cp_mb_s, 1),
                 # The API fsyncs what it stores; `cp` alone leaves the bytes in the page cache.
                 note=f"`cp` + `sync`: {details['cp_sync_mb_s']:,.0f} MB/s (ratio "
-                f"{upload_mb_s / details['cp_sync_mb_s']:.2f}); curl: {details['curl_mb_s']:,.0f} MB/s",
+                f"{upload_mb_s / details['cp_sync_mb_s']:.2f}); curl: {details['curl_mb_s']:,.0f} MB/s; "
+                f"a bare Python socket loop (receive, write, sha256, fsync; no HTTP): "
+                f"{details['raw_python_mb_s']:,.0f} MB/s (ratio {details['raw_python_mb_s'] / cp_mb_s:.2f} of `cp`)",
             ),
             ratio=round(upload_mb_s / cp_mb_s, 3),
             target=f">= {TARGET_CP_RATIO} of `cp`",

@@ -94,6 +94,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         404: f"No endpoint at {request.url.path}; see /docs for the API.",
         405: f"{request.method} is not allowed on {request.url.path}; see /docs.",
     }.get(exc.status_code, str(exc.detail))
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI reading a JSON body
+        message = f"The request body is not UTF-8 ({exc.__cause__.reason}); send the JSON body encoded as UTF-8."
     return error_response(
         exc.status_code,
         codes.get(exc.status_code, "bad_request"),

@@ -34,8 +34,9 @@ def _calls(dependant: Dependant) -> set[Any]:
 def document_errors(routes: Iterable[Any]) -> None:
     """Add to each route the errors that come from what it depends on, not from its own code:
     401 and 429 (an API key and its rate limit), 503 (the database), 422 (parameters and bodies that do
-    not validate) and 413 (bodies over the limit). Statuses a route declares itself are kept. Give it
-    a router's routes before the router is included."""
+    not validate), 413 (bodies over the limit) and 400 (a `cursor` this API did not write, a JSON body
+    that is not UTF-8). Statuses a route declares itself are kept. Give it a router's routes before the
+    router is included."""
     for route in routes:
         if not isinstance(route, APIRoute):
             continue
@@ -47,8 +48,10 @@ def document_errors(routes: Iterable[Any]) -> None:
             statuses.append(503)
         if route.dependant.path_params or route.dependant.query_params or route.dependant.header_params:
             statuses.append(422)
+        if any(param.alias == "cursor" for param in route.dependant.query_params):
+            statuses.append(400)  # service.schemas.decode_cursor
         if route.body_field is not None:
-            statuses += [413, 422]
+            statuses += [400, 413, 422]  # 400: FastAPI cannot decode the body
         for status, response in error_responses(*statuses).items():
             route.responses.setdefault(status, response)
         _errors_as_json(route)

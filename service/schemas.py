@@ -47,7 +47,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _DESCRIPTIONS = {
-    400: "Bad request",
+    400: "The request cannot be read: a `cursor` this API did not return (`invalid_request`), a body that is "
+    "not UTF-8 (`bad_request`)",
     401: "Missing or invalid API key (`unauthorized`)",
     403: "The credentials are valid but not for this endpoint (`forbidden`)",
     404: "No such resource (`not_found`; another tenant's resources answer the same)",

@@ -20,8 +20,9 @@ def new_id() -> str:
 
 
 def clip(text: str, length: int = NAME_LENGTH) -> str:
-    """A client's (or a model's) text cut to fit its column, so the insert cannot fail on it."""
-    return text[:length]
+    """A client's (or a model's) text cut to fit its column, so the insert cannot fail on it. NUL, which
+    PostgreSQL's text refuses, becomes U+FFFD, as undecodable bytes of an upload's form do."""
+    return text.replace("\x00", "\ufffd")[:length]
 
 
 class JobStatus(StrEnum):

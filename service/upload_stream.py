@@ -30,6 +30,11 @@ from service.storage import BesideHash, ObjectWriter
 BATCH_BYTES = 1 << 20
 QUEUED = 4
 MAX_FIELD_BYTES = 64 << 10
+# A form's text fields are held in memory: all of them together at most this much. File parts are
+# written as they come (to staging or straight into storage): at most MAX_FILE_PARTS of them, refused
+# at the first one over, before it is written.
+MAX_FIELDS_BYTES = 1 << 20
+MAX_FILE_PARTS = 1000
 
 
 @dataclass
@@ -67,14 +72,18 @@ def _invalid(name: str, kind: str, message: str) -> RequestValidationError:
 class _Parts:
     """python-multipart's callbacks: headers collected per part, file data written as it comes."""
 
-    def __init__(self, folder: Path, max_file_bytes: int, what: dict[str, str], direct: Direct | None) -> None:
+    def __init__(
+        self, folder: Path, max_file_bytes: int, what: dict[str, str], direct: Direct | None, max_files: int
+    ) -> None:
         self.folder = folder
         self.direct = direct
         self._writer: ObjectWriter | None = None
         self.max_file_bytes = max_file_bytes
+        self.max_files = max_files
         self.what = what
         self.form = Form()
         self.total = 0
+        self.text_total = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._header = [b"", b""]
         self._name = ""
@@ -114,6 +123,13 @@ class _Parts:
         if b"filename" in options:
             filename = options[b"filename"].decode("utf-8", "replace")
             count = sum(len(v) for v in self.form.files.values())
+            if count >= self.max_files:
+                raise PayloadTooLarge(
+                    f"The upload holds more than {self.max_files} files, the most one upload may have; send the "
+                    "model's external data in fewer files (or one .zip of them), and no other file parts.",
+                    detail={"limit_files": self.max_files},
+                    headers={"Connection": "close"},  # the rest of the body is not worth reading
+                )
             part = StagedPart(filename, self.folder / f"part-{count}")
             self._writer = self.direct(self._name, filename, count) if self.direct else None
             self._part, self._digest = part, BesideHash()
@@ -145,6 +161,14 @@ class _Parts:
         elif self._text is not None:
             if len(self._text) + len(chunk) > MAX_FIELD_BYTES:
                 raise _invalid(self._name, "string_too_long", f"at most {MAX_FIELD_BYTES} bytes")
+            self.text_total += len(chunk)
+            if self.text_total > MAX_FIELDS_BYTES:
+                raise PayloadTooLarge(
+                    f"The form's text fields hold more than {MAX_FIELDS_BYTES} bytes in all; send only the "
+                    "fields the endpoint documents.",
+                    detail={"limit_bytes": MAX_FIELDS_BYTES},
+                    headers={"Connection": "close"},
+                )
             self._text += chunk
 
     def part_end(self) -> None:
@@ -181,14 +205,15 @@ async def read_form(
     required: tuple[str, ...] = ("file",),
     max_lengths: dict[str, int] | None = None,
     direct: Direct | None = None,
+    max_files: int = MAX_FILE_PARTS,
 ) -> Form:
     """Parse the request's multipart body, its files into `folder` (which the caller removes), or
-    into the writers `direct` gives for them. The files together may hold `max_file_bytes`;
-    `what` names each file field in messages."""
+    into the writers `direct` gives for them. The files together may hold `max_file_bytes`, in at
+    most `max_files` parts; `what` names each file field in messages."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise _invalid(required[0], "missing", "Field required (send the body as multipart/form-data)")
-    parts = _Parts(folder, max_file_bytes, what, direct)
+    parts = _Parts(folder, max_file_bytes, what, direct, max_files)
     parser = MultipartParser(params[b"boundary"], parts.callbacks())  # type: ignore[arg-type]
     try:
         await _pipe(request, parser)

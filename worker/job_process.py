@@ -27,10 +27,10 @@ from worker.engine import (
     quantize,
 )
 from worker.engine.auto import auto_quantize
-from worker.engine.checks import validate_job
 from worker.engine.compare import compare_models
 from worker.engine.preprocess import runnable_original
 from worker.engine.spec import Note
+from worker.engine.validate import validate_job
 from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
 
 ONNX_MEDIA_TYPE = "application/octet-stream"

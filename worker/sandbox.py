@@ -60,7 +60,7 @@ def job_limits(memory_bytes: int, timeout_s: int, file_bytes: int, open_files: i
 
 # The job process's whole environment, besides TMPDIR and PYTHONPATH: no QAAS_ setting (the database
 # and broker URLs carry passwords; the job's limits travel in its job file), no cloud credentials.
-CHILD_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
+CHILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
 # What a job may hand back, and the media type each is served with: the runner decides, not the job.
 ARTIFACT_MEDIA_TYPES = {
     "quantized.onnx": "application/octet-stream",
@@ -72,13 +72,18 @@ _ROOT = Path(__file__).resolve().parent.parent  # the tree `worker` is imported 
 
 
 def child_env(workdir: Path, parent: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The environment of the job process in `workdir`: PATH, HOME and locale from `parent`, and
-    TMPDIR in the work dir, so model-sized temporaries (quant_pre_process writes some) go when it goes."""
+    """The environment of the job process in `workdir`: PATH and locale from `parent`; TMPDIR in the
+    work dir, so model-sized temporaries (quant_pre_process writes some) go when it goes; and HOME
+    in the work dir too, so that nothing kept in the worker's home (credentials, caches) is within
+    the job's reach and whatever a library caches there goes with the job."""
     env = {k: v for k, v in parent.items() if k in CHILD_ENV_NAMES or k.startswith("LC_")}
     env.setdefault("PATH", os.defpath)
     tmp = workdir / "tmp"
     tmp.mkdir(exist_ok=True)
     env["TMPDIR"] = env["TMP"] = env["TEMP"] = str(tmp)
+    home = workdir / "home"
+    home.mkdir(exist_ok=True)
+    env["HOME"] = str(home)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), parent.get("PYTHONPATH", "")) if p)
     return env
 

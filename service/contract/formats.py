@@ -18,7 +18,7 @@ import io
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import PurePosixPath
@@ -136,16 +136,44 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
 
 
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores, wherever it stands: initializers (a sparse one as its values
+    and indices) and tensor attributes, in every graph and subgraph, in the model's local functions
+    and in its training graphs."""
+    graphs = [model.graph, *(g for info in model.training_info for g in (info.initialization, info.algorithm))]
+    graphs += [g for function in model.functions for node in function.node for _, g in subgraphs(node)]
+    for graph in graphs:
+        for g in iter_graphs(graph):
+            yield from g.initializer
+            for sparse in g.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            yield from _attribute_tensors(g.node)
+    for function in model.functions:
+        yield from _attribute_tensors(function.node)
+
+
+def _attribute_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    kinds = onnx.AttributeProto
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == kinds.TENSOR:
+                yield a.t
+            elif a.type == kinds.TENSORS:
+                yield from a.tensors
+            elif a.type == kinds.SPARSE_TENSOR:
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            elif a.type == kinds.SPARSE_TENSORS:
+                for sparse in a.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+
+
 def external_locations(model: onnx.ModelProto) -> list[str]:
-    """The external-data files the model's initializers name, in order of first mention."""
+    """The external-data files the model's tensors name (see `model_tensors`), in order of first
+    mention: the files an upload keeps and the engine reads."""
     seen: dict[str, None] = {}
-    for g in iter_graphs(model.graph):
-        tensors = [*g.initializer, *(s.values for s in g.sparse_initializer)]
-        for node in g.node:
-            tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
-        for t in tensors:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                seen.update({kv.value: None for kv in t.external_data if kv.key == "location"})
+    for t in model_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            seen.update({kv.value: None for kv in t.external_data if kv.key == "location"})
     return list(seen)
 
 

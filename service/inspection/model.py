@@ -113,7 +113,7 @@ def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> Mode
         op_counts=dict(facts.op_counts),
         node_names=list(facts.node_names),
         quantization=_quantization(facts.op_counts),
-        external_data=walk.external_locations,
+        external_data=list(facts.external_files),
     )
 
 
@@ -191,7 +191,6 @@ class _Walk:
         self.base_dir = base_dir
         self.base_real = os.path.realpath(base_dir)
         self.limits = limits
-        self.external_locations: list[str] = []
         self.unsupported: dict[tuple[str, str], str] = {}
         self.nodes_seen = 0
         self.functions = {(f.domain, f.name) for f in model.functions}
@@ -413,8 +412,6 @@ class _Walk:
             )
         if tensor.data_type in _WHOLE_BYTE_TYPES and declared > length:
             raise escape(f"needs {declared} bytes but only {length} are available in {location!r}")
-        if location not in self.external_locations:
-            self.external_locations.append(location)
 
 
 def _node_label(node: NodeProto, where: str) -> str:

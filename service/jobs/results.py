@@ -226,7 +226,10 @@ class AutoSearch(_Open):
     )
     finalists: list[str] = Field(
         default_factory=list,
-        description="Trials re-timed with the full count to decide the verdict; the winner, if any, is among them.",
+        description=(
+            "Trials re-timed together with float in one interleaved loop with the full count to decide "
+            "the verdict; the winner, if any, is among them."
+        ),
     )
     sensitivity: list[Sensitivity] = Field(default_factory=list)
 

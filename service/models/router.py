@@ -81,6 +81,7 @@ async def upload_model(
                 what={"file": "model file", "external_data": "external data"},
                 max_lengths={"name": 255},
                 direct=straight_to_storage,
+                max_files=service.MAX_FILES_PER_UPLOAD,
             )
             row = await run_in_threadpool(
                 service.create_model,

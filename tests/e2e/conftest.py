@@ -35,11 +35,13 @@ class Deployment:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     checker: ResponseChecker | None = None
 
-    def client(self) -> httpx.Client:
+    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
         """Every response it receives is checked against the deployment's own OpenAPI document."""
         if self.checker is None:
             self.checker = ResponseChecker.of(self.base_url)
-        return httpx.Client(base_url=self.base_url, timeout=60, event_hooks={"response": [self.checker]})
+        return httpx.Client(
+            base_url=self.base_url, timeout=60, headers=headers, event_hooks={"response": [self.checker]}
+        )
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:

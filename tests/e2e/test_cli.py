@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 
+from qaas_client import AuthenticationError, Client, ConflictError, JobCancelledError, NotFoundError
 from service import auth
 from service.database import make_engine, make_session_factory, transaction
 from service.settings import Settings
@@ -90,7 +91,7 @@ class Qaas:
         )
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.dep.base_url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
+        return self.dep.client({"Authorization": f"Bearer {self.key}"})
 
 
 @pytest.fixture
@@ -228,6 +229,69 @@ def test_ctrl_c_asks_whether_to_cancel_the_job(qaas: Qaas) -> None:
     assert proc.returncode == 130 and f"qaas jobs wait {job_id}" in stderr, stderr
     waited = qaas("jobs", "wait", job_id)
     assert waited.returncode == 0 and "succeeded" in waited.stdout, waited.stderr
+
+
+def test_jobs_cancel_stops_a_running_job_which_delete_refuses_until_then(qaas: Qaas) -> None:
+    model = conv_classifier(qaas.home / "big.onnx", size=48, hidden=64)
+    calib = calibration(qaas.home / "big.npz", n=8, size=48)
+    started = qaas("quantize", model.name, "--calib", calib.name, "--mode", "static",
+                   "--latency-runs", str(SLOW_RUNS), "--detach")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    refused = qaas("jobs", "delete", job_id)
+    assert refused.returncode == 1 and "[conflict]" in refused.stderr and "cancel" in refused.stderr, refused.stderr
+    cancelled = qaas("jobs", "cancel", job_id)
+    assert cancelled.returncode == 0 and f"Job {job_id}: cancel requested" in cancelled.stdout, cancelled.stderr
+    waited = qaas("jobs", "wait", job_id)
+    assert waited.returncode == 1 and "[cancelled]" in waited.stderr, (waited.stdout, waited.stderr)
+    assert qaas("jobs", "delete", job_id).returncode == 0
+    with qaas.http() as http:
+        assert http.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_the_python_client_as_the_issue_shows_it(
+    qaas: Qaas, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`Client(url, api_key=key).quantize(...)`, `job.wait(progress=True)`, `job.download("out/")`,
+    `job.report`, against the real processes; failures raise typed errors carrying the service's code."""
+    monkeypatch.chdir(qaas.home)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(qaas.home / "config"))
+    conv_classifier(qaas.home / "m.onnx", hidden=16)
+    calibration(qaas.home / "c.npz")
+    url, key = qaas.dep.base_url, qaas.key
+
+    job = Client(url, api_key=key).quantize("m.onnx", calibration="c.npz", mode="auto")
+    job.wait(progress=True)
+    job.download("out/")
+    report = job.report
+    job.client.close()  # the one-liner leaves the connection to the garbage collector
+
+    assert job.status == "succeeded" and job.recipe["mode"] == "auto"
+    assert f"job {job.id}: succeeded 100%" in capsys.readouterr().err  # the progress (not a terminal: lines)
+    with qaas.http() as http:
+        artifacts = {a["name"]: a for a in http.get(f"/v1/jobs/{job.id}/artifacts").json()}
+        assert report.raw == http.get(f"/v1/jobs/{job.id}/report").json()
+    saved = qaas.home / "out" / "quantized.onnx"
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == artifacts["quantized.onnx"]["sha256"]
+    assert report.auto_verdict in ("quantized", "keep_float") and report.speedup_p50 is not None
+    assert [o.name for o in report.outputs] == ["logits"] and report.outputs[0].cosine is not None
+    assert report.accuracy is not None and report.accuracy.metric == "top1"  # c.npz has __labels__
+
+    with Client(url, api_key=key) as client:
+        with pytest.raises(NotFoundError) as missing:
+            client.get_job("no-such-job")
+        assert missing.value.code == "not_found" and missing.value.status == 404
+        slow = client.quantize("m.onnx", "c.npz", mode="static", evaluation_settings={"latency_runs": SLOW_RUNS})
+        with pytest.raises(ConflictError) as busy:
+            slow.delete()
+        assert busy.value.code == "conflict" and busy.value.status == 409
+        slow.cancel()
+        with pytest.raises(JobCancelledError) as stopped:
+            slow.wait()
+        assert stopped.value.code == "cancelled"
+    with pytest.raises(AuthenticationError) as refused, Client(url, api_key="qaas_00000000_nope") as stranger:
+        list(stranger.list_models())
+    assert refused.value.code == "unauthorized"
 
 
 def test_login_saves_the_url_and_key_and_the_environment_overrides_them(qaas: Qaas) -> None:

@@ -170,7 +170,10 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
 def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -> None:
     """A streaming audio export whose body sits in If branches (three inputs: audio, a state with
     batch on axis 1, an int64 sample rate) and a Loop model: every mode succeeds, each served model
-    passes onnx.checker, and the result names the subgraph nodes left in float."""
+    passes onnx.checker and runs in ONNX Runtime (both If branches), each job comes back with its
+    result, and the result names the subgraph nodes left in float."""
+    import onnxruntime as ort
+
     from tests.worker.engine import pitfall_models as pm
 
     rng = np.random.default_rng(1)
@@ -207,10 +210,25 @@ def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -
         done = _run_jobs(http, jobs, latency_runs=1, warmup_runs=0)
         failed = {key: job["error"] for key, job in done.items() if job["status"] != "succeeded"}
         assert not failed, failed
-        for job in done.values():
-            onnx.checker.check_model(
-                onnx.load_from_string(http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content)
-            )
+        feeds = {
+            "if": [
+                {
+                    "audio": np.ones((1, 64), np.float32),
+                    "state": np.ones((2, 1, 16), np.float32),
+                    "sr": np.array(rate, np.int64),
+                }
+                for rate in (16000, 8000)
+            ],
+            "loop": [{"x": np.ones((1, 8), np.float32)}],
+        }
+        for (model, name), job in done.items():
+            served = http.get(f"/v1/jobs/{job['id']}/artifacts/quantized.onnx").content
+            onnx.checker.check_model(onnx.load_from_string(served))
+            session = ort.InferenceSession(served, providers=["CPUExecutionProvider"])
+            for feed in feeds[model]:
+                assert all(np.isfinite(out).all() for out in session.run(None, feed)), (model, name)
+            result = job["result"]
+            assert result["quantized"]["size_bytes"] > 0 and result["comparison"]["outputs"], (model, name)
     left = done["if", "dynamic"]["result"]["quantization"]["float_in_subgraphs"]
     assert {(n["name"], n["subgraph"]) for n in left} >= {("/_model/sr16k/Conv", "/If.then_branch")}
     assert any(
@@ -241,6 +259,7 @@ def test_unknown_dims_through_http(embedded: Deployment, tmp_path: Path) -> None
         }
         jobs = {
             **{f"static-{form}": (data[form], None, {}) for form in data},
+            "qoperator": (data["images"], data["stacked"], {"format": "qoperator"}),
             "dynamic": (data["stacked"], data["images"], {"mode": "dynamic"}),
             "weight_only": (None, data["batched"], {"mode": "weight_only", "weight_type": "int8", "block_size": 16}),
             "fp16": (None, data["stacked"], {"mode": "fp16"}),

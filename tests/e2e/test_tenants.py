@@ -70,7 +70,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         bob = _admin(dep, "create-key", "--tenant", f"bob-{run}").strip().splitlines()[-1]
         listed = _admin(dep, "list-keys", "--tenant", f"alice-{run}")
         assert alice[:13] in listed and alice not in listed  # the key itself is never shown again
-        with httpx.Client(base_url=dep.base_url, timeout=60, headers=_as(alice)) as http:
+        with dep.client(_as(alice)) as http:
             model_id = upload(http, "/v1/models", "m.onnx", matmul_mlp(root / "m.onnx").read_bytes())
             samples = np.random.default_rng(0).random((4, 1, 16), dtype=np.float32)
             dataset_id = upload(http, "/v1/datasets", "d.npz", npz_bytes(x=samples))
@@ -105,11 +105,12 @@ def _path_params(op: dict[str, Any]) -> list[str]:
 def _call(world: World, method: str, path: str, op: dict[str, Any], key: str | None, **values: str) -> httpx.Response:
     headers = _as(key) if key else {}
     body = {"json": {}} if "requestBody" in op and method != "GET" else {}
-    return httpx.request(method, world.dep.base_url + path.format(**values), headers=headers, timeout=60, **body)
+    with world.dep.client(headers) as http:
+        return http.request(method, path.format(**values), **body)
 
 
 def _alice_still_has_everything(world: World) -> None:
-    with httpx.Client(base_url=world.dep.base_url, timeout=60, headers=_as(world.alice)) as http:
+    with world.dep.client(_as(world.alice)) as http:
         assert http.get(f"/v1/models/{world.ids['model_id']}").status_code == 200
         assert http.get(f"/v1/datasets/{world.ids['dataset_id']}").status_code == 200
         job = http.get(f"/v1/jobs/{world.ids['job_id']}")
@@ -160,7 +161,7 @@ def test_collections_and_new_jobs_stay_within_the_tenant(world: World, tmp_path:
     """Every operation without an id, as bob: nothing of alice's shows, and what bob creates cannot
     reach alice's model or dataset (404, as for ids that do not exist)."""
     alice_ids = [world.ids["model_id"], world.ids["dataset_id"], world.ids["job_id"]]
-    with httpx.Client(base_url=world.dep.base_url, timeout=60, headers=_as(world.bob)) as bob:
+    with world.dep.client(_as(world.bob)) as bob:
         for method, path, op in world.operations:
             if _path_params(op) or (method, path) in PUBLIC:
                 continue
@@ -189,17 +190,19 @@ def test_collections_and_new_jobs_stay_within_the_tenant(world: World, tmp_path:
                 body = {"model_id": own.json()["id"], "calibration_dataset_id": world.ids["dataset_id"]}
                 refused = bob.post("/v1/jobs", json=body)
                 assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", refused.text
-                alice_models = httpx.get(f"{world.dep.base_url}{path}", headers=_as(world.alice), timeout=60).json()
+                with world.dep.client(_as(world.alice)) as alice:
+                    alice_models = alice.get(path).json()
                 assert own.json()["id"] not in str(alice_models)
             elif (method, path) == ("POST", "/v1/datasets"):
                 samples = np.random.default_rng(1).random((2, 1, 16), dtype=np.float32)
                 own = bob.post(path, files={"file": ("d.npz", npz_bytes(x=samples))})
                 assert own.status_code == 201, own.text
-                alice_data = httpx.get(f"{world.dep.base_url}{path}", headers=_as(world.alice), timeout=60).json()
+                with world.dep.client(_as(world.alice)) as alice:
+                    alice_data = alice.get(path).json()
                 assert own.json()["id"] not in str(alice_data)
             else:
                 pytest.fail(f"{method} {path}: teach this test how bob calls it and what he must not see")
-    with httpx.Client(base_url=world.dep.base_url, timeout=60, headers=_as(world.alice)) as alice:
+    with world.dep.client(_as(world.alice)) as alice:
         for path, key in (("/v1/models", "model_id"), ("/v1/datasets", "dataset_id"), ("/v1/jobs", "job_id")):
             assert world.ids[key] in [item["id"] for item in alice.get(path).json()["items"]]
     _alice_still_has_everything(world)
@@ -207,9 +210,10 @@ def test_collections_and_new_jobs_stay_within_the_tenant(world: World, tmp_path:
 
 def test_a_revoked_key_is_refused_at_once(world: World) -> None:
     carol = _admin(world.dep, "create-key", "--tenant", f"carol-{uuid.uuid4().hex[:6]}").strip().splitlines()[-1]
-    assert httpx.get(f"{world.dep.base_url}/v1/models", headers=_as(carol), timeout=30).status_code == 200
-    assert carol[:13] in _admin(world.dep, "revoke-key", carol[:13])
-    refused = httpx.get(f"{world.dep.base_url}/v1/models", headers=_as(carol), timeout=30)
+    with world.dep.client(_as(carol)) as http:
+        assert http.get("/v1/models").status_code == 200
+        assert carol[:13] in _admin(world.dep, "revoke-key", carol[:13])
+        refused = http.get("/v1/models")
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
 
 

@@ -92,6 +92,7 @@ def test_the_job_process_gets_no_secrets(
     assert not [name for name in env if name.startswith("QAAS_")]
     assert "hunter2" not in json.dumps(env)
     assert Path(env["TMPDIR"]).is_relative_to(runner.settings.resolved_work_dir / job_id)
+    assert Path(env["HOME"]).is_relative_to(runner.settings.resolved_work_dir / job_id)  # not the worker's home
     assert env["PATH"]
     assert job(factory, job_id).error == {"code": "internal", "message": "dumped", "detail": {}}
 

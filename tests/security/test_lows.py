@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.contract.recipe import MAX_LISTED, MAX_NAME_CHARS, MAX_OP_TYPES
 from service.run import API
 from service.settings import Settings
 from service.storage import LocalStorage
@@ -23,8 +25,11 @@ from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, store_artifact
 from tests.worker.engine.test_evaluate import FAST
 from worker.contracts import EvaluationSettings, JobFile, Limits
-from worker.engine.evaluate import evaluate
+from worker.engine.data import model_inputs
+from worker.engine.evaluate import LatencyMeter, evaluate
+from worker.engine.fidelity import FidelityEvaluator
 from worker.engine.machine import usable_cores
+from worker.engine.sensitivity import _session as sensitivity_session
 from worker.runner import JobRunner
 
 # -- database errors say nothing about the database ---------------------------------------------
@@ -129,6 +134,31 @@ def test_report_page_and_downloads_carry_real_headers(client: TestClient, tmp_pa
         assert download.headers["content-security-policy"] == CSP, path
 
 
+# -- lists in a recipe are capped, and so is each name in them ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("nodes_to_exclude", ["conv"] * (MAX_LISTED + 1), "too_long"),
+        ("nodes_to_exclude", ["n" * (MAX_NAME_CHARS + 1)], "string_too_long"),
+        ("op_types_to_quantize", ["Conv"] * (MAX_OP_TYPES + 1), "too_long"),
+        ("op_types_to_quantize", ["C" * (MAX_NAME_CHARS + 1)], "string_too_long"),
+    ],
+    ids=["nodes_to_exclude-list", "nodes_to_exclude-item", "op_types_to_quantize-list", "op_types_to_quantize-item"],
+)
+def test_recipe_lists_and_their_items_are_capped(
+    client: TestClient, tmp_path: Path, field: str, value: list[str], kind: str
+) -> None:
+    """The lists repeat a real node ("conv") or operator ("Conv") of the model: only the caps refuse them."""
+    model = client.post("/v1/models", files={"file": ("m.onnx", conv_classifier(tmp_path / "m.onnx").read_bytes())})
+    body = {"model_id": model.json()["id"], "recipe": {"mode": "dynamic", field: value}}
+    error = assert_error(client.post("/v1/jobs", json=body), 422, "invalid_recipe")
+    assert error["detail"]["field"].startswith(f"recipe.{field}"), error
+    assert [e["type"] for e in error["detail"]["errors"]] == [kind], error
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
 # -- the worker, not the client, decides how many threads a job gets -----------------------------------
 
 
@@ -142,6 +172,21 @@ def test_threads_are_clamped_to_the_cores_and_the_clamp_is_recorded(tmp_path: Pa
     assert result["evaluation"]["threads_clamped"] is True
     assert result["machine"]["threads"] == usable_cores()
     assert any(f"asked for {asked} threads" in w for w in result["warnings"])
+
+
+def test_mode_auto_and_compare_sessions_are_clamped_too(tmp_path: Path) -> None:
+    """Mode auto's search times candidates (LatencyMeter), and auto and compare score them
+    (FidelityEvaluator) and rank tensors (sensitivity) in sessions of their own, with the job's `threads`."""
+    model = conv_classifier(tmp_path / "m.onnx")
+    asked = usable_cores() + 62
+    feed = {"input": np.zeros((1, 3, 8, 8), np.float32)}
+    sessions = {
+        "latency": LatencyMeter(model, feed, threads=asked, warmup_runs=0)._session(model, "original"),
+        "fidelity": FidelityEvaluator(model, None, model_inputs(model), None, 0.0, threads=asked)._session(model),
+        "sensitivity": sensitivity_session(model, asked),
+    }
+    threads = {name: s.get_session_options().intra_op_num_threads for name, s in sessions.items()}
+    assert threads == dict.fromkeys(sessions, usable_cores())
 
 
 # -- a job's stderr cannot forge the worker's log ---------------------------------------------------

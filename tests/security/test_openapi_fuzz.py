@@ -1,6 +1,8 @@
 """Property-based fuzzing of every operation in /openapi.json (schemathesis): whatever the input,
-the API answers without a 5xx, and every error body has the contract's shape. Twice: with auth off,
-and with auth on and a valid key (so the inputs reach the routes, not just the key check)."""
+the API answers without a 5xx, every error body has the contract's shape, and every answer is one the
+document promises (its status documented for the operation, its body valid against that status's
+schema, its media type the documented one). Twice: with auth off, and with auth on and a valid key (so
+the inputs reach the routes, not just the key check)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,12 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from service.app import create_app
 from service.auth import create_key
@@ -86,13 +93,22 @@ FUZZ = settings(
 )
 
 
+CHECKS = [
+    not_a_server_error,
+    error_shape,
+    status_code_conformance,
+    response_schema_conformance,
+    content_type_conformance,
+]
+
+
 @schema.parametrize()
 @FUZZ
 def test_no_input_makes_a_server_error(case: schemathesis.Case) -> None:
-    case.call_and_validate(checks=[not_a_server_error, error_shape])
+    case.call_and_validate(checks=CHECKS)
 
 
 @schema_with_auth.parametrize()
 @FUZZ
 def test_no_input_makes_a_server_error_with_auth_on(case: schemathesis.Case) -> None:
-    case.call_and_validate(headers=KEY, checks=[not_a_server_error, error_shape])
+    case.call_and_validate(headers=KEY, checks=CHECKS)

@@ -65,6 +65,21 @@ def test_3000_character_names_are_trimmed_not_a_500(
     assert len(stored(app_settings)) == 1
 
 
+@pytest.mark.parametrize("where", ["model producer", "model name", "dataset name"])
+def test_a_nul_character_is_not_a_500(client: TestClient, app_settings: Settings, tmp_path: Path, where: str) -> None:
+    """PostgreSQL text refuses NUL; SQLite stores it. The character is replaced, like undecodable bytes."""
+    hostile = "before\x00after"
+    if where == "model producer":
+        response = client.post("/v1/models", files={"file": ("m.onnx", model_bytes(tmp_path, producer=hostile))})
+    elif where == "model name":
+        response = client.post("/v1/models", files={"file": ("m.onnx", model_bytes(tmp_path))}, data={"name": hostile})
+    else:
+        response = client.post("/v1/datasets", files={"file": ("d.npz", data_bytes())}, data={"name": hostile})
+    assert response.status_code == 201, response.text
+    assert response.json()["producer" if where == "model producer" else "name"] == "before\ufffdafter"
+    assert len(stored(app_settings)) == 1
+
+
 def test_a_3000_character_external_data_name_is_refused_and_nothing_is_stored(
     client: TestClient, app_settings: Settings
 ) -> None:

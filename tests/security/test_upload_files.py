@@ -7,14 +7,17 @@ import io
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.models.service import MAX_FILES_PER_UPLOAD
 from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
+from service.storage import LocalStorage, ObjectWriter
 from tests.security import hostile as h
-from tests.service.helpers import assert_error
+from tests.service.helpers import assert_error, npz_bytes
 
 MODEL = h.external_data_model("w.bin")
 WEIGHTS = h.weights()
@@ -85,3 +88,41 @@ def test_file_count_cap_holds_across_several_parts(client: TestClient, app_setti
     )
     assert_error(response, 413, "payload_too_large")
     assert stored_files(app_settings) == []
+
+
+def test_file_parts_over_the_cap_are_refused_before_they_are_stored(
+    client: TestClient, app_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """External data goes into storage while the body is read: the cap must hold there, not only once
+    the whole form is in (1,500 one-byte parts used to be 1,500 stored files until the answer)."""
+    opened: list[str] = []
+    real = LocalStorage.writer
+
+    def counted(self: LocalStorage, key: str) -> ObjectWriter:
+        opened.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(LocalStorage, "writer", counted)
+    parts = [("file", ("m.onnx", MODEL))] + [("external_data", (f"e{i}.bin", b"x")) for i in range(1500)]
+    error = assert_error(client.post("/v1/models", files=parts), 413, "payload_too_large")
+    assert str(MAX_FILES_PER_UPLOAD) in error["message"]
+    assert len(opened) < MAX_FILES_PER_UPLOAD
+    assert stored_files(app_settings) == []
+
+
+def test_a_dataset_form_of_thousands_of_file_parts_is_refused(client: TestClient) -> None:
+    """The parts a dataset upload ignores are still written to the API's disk while the body is read."""
+    parts = [("file", ("d.npz", npz_bytes(x=np.zeros((2, 3), np.float32))))]
+    parts += [("junk", (f"j{i}.bin", b"x")) for i in range(MAX_FILES_PER_UPLOAD + 1)]
+    assert_error(client.post("/v1/datasets", files=parts), 413, "payload_too_large")
+
+
+def test_the_text_fields_of_a_form_are_capped_in_all(client: TestClient) -> None:
+    """Each text field is held in memory (at most 64 KiB each): many distinct ones must not add up to
+    the body's whole size."""
+    fields = {f"field{i}": "x" * (64 << 10) for i in range(20)}  # 1.25 MiB of text
+    response = client.post(
+        "/v1/datasets", files={"file": ("d.npz", npz_bytes(x=np.zeros((2, 3), np.float32)))}, data=fields
+    )
+    error = assert_error(response, 413, "payload_too_large")
+    assert "text fields" in error["message"]

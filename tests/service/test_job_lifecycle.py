@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,10 @@ from service import retention
 from service.database import transaction, utcnow
 from service.jobs import state
 from service.quotas import FILE_OVERHEAD_BYTES
+from service.settings import Settings
 from service.tables import Dataset, Job, OnnxModel
 from tests.service.helpers import assert_error, conv_model_and_data, store_artifact
+from worker.reaper import Reaper
 
 RESULT = {"original": {"size_bytes": 100}, "quantized": {"size_bytes": 30}, "comparison": {"size_ratio": 0.3}}
 
@@ -96,18 +100,22 @@ def test_usage_counts_what_the_tenant_stores_and_runs(client: TestClient, tmp_pa
     assert after["jobs"]["succeeded"] == 0 and after["jobs"]["cancelled"] == 1
 
 
+def _age_everything(client: TestClient, days: int) -> None:
+    long_ago = utcnow() - timedelta(days=days)
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        ended_long_ago = case((Job.finished_at.is_(None), None), else_=long_ago)
+        session.execute(update(Job).values(created_at=long_ago, finished_at=ended_long_ago))
+        session.execute(update(OnnxModel).values(created_at=long_ago))
+        session.execute(update(Dataset).values(created_at=long_ago))
+
+
 def test_retention_removes_what_is_old_and_spares_what_a_job_needs(client: TestClient, tmp_path: Path) -> None:
     app_state = client.app.state  # type: ignore[attr-defined]
     old = finished_job(client, tmp_path / "old")
     busy_model, busy_data = conv_model_and_data(client, tmp_path / "busy")
     busy = client.post("/v1/jobs", json={"model_id": busy_model["id"], "calibration_dataset_id": busy_data["id"]})
     assert busy.status_code == 202
-    long_ago = utcnow() - timedelta(days=40)
-    with transaction(app_state.session_factory) as session:
-        ended_long_ago = case((Job.finished_at.is_(None), None), else_=long_ago)
-        session.execute(update(Job).values(created_at=long_ago, finished_at=ended_long_ago))
-        session.execute(update(OnnxModel).values(created_at=long_ago))
-        session.execute(update(Dataset).values(created_at=long_ago))
+    _age_everything(client, days=40)
     recent = conv_model_and_data(client, tmp_path / "recent")[0]
     assert retention.sweep(app_state.session_factory, app_state.storage, 365) == retention.Removed(0, 0, 0)
     removed = retention.sweep(app_state.session_factory, app_state.storage, 30)
@@ -123,6 +131,57 @@ def test_retention_removes_what_is_old_and_spares_what_a_job_needs(client: TestC
     assert client.get(f"/v1/models/{busy_model['id']}").status_code == 200
     assert client.get(f"/v1/datasets/{busy_data['id']}").status_code == 200
     assert client.get(f"/v1/models/{recent['id']}").status_code == 200
+
+
+def _until(what: str, done: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_workers_sweep_runs_retention_only_when_qaas_retention_days_is_set(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """The worker's periodic sweep (worker.reaper.Reaper, as worker.tasks starts it) is what applies
+    QAAS_RETENTION_DAYS; unset, the default, it removes nothing however old."""
+    app_state = client.app.state  # type: ignore[attr-defined]
+    assert Settings.model_fields["retention_days"].default is None
+    old = finished_job(client, tmp_path / "old")
+    waiting = client.post("/v1/jobs", json={"model_id": old["model"]["id"], "recipe": {"mode": "dynamic"}}).json()
+    _age_everything(client, days=40)
+    sent: list[str] = []
+
+    def sweeping(settings: Settings) -> Reaper:
+        reaper = Reaper(app_state.session_factory, sent.append, settings, app_state.storage)
+        reaper.start()
+        return reaper
+
+    # Off: two full sweeps (each re-sends the queued job when asked to) and everything old is still there.
+    reaper = sweeping(app_state.settings.model_copy(update={"sweep_interval_s": 0.1}))
+    try:
+        for sweeps in (1, 2):
+            reaper.resend_all_soon()
+            _until(f"sweep {sweeps}", lambda n=sweeps: sent.count(waiting["id"]) >= n)  # type: ignore[misc]
+    finally:
+        reaper.stop()
+        reaper.thread.join(timeout=10)
+    assert client.get(f"/v1/jobs/{old['job']['id']}").status_code == 200
+    assert client.get(f"/v1/models/{old['model']['id']}").status_code == 200
+    assert client.get(f"/v1/datasets/{old['dataset']['id']}").status_code == 200
+
+    # On: the sweep removes the ended job with its files and the old dataset, and keeps the model the
+    # queued job uses.
+    reaper = sweeping(app_state.settings.model_copy(update={"sweep_interval_s": 0.1, "retention_days": 30}))
+    try:
+        _until("the retention sweep", lambda: client.get(f"/v1/jobs/{old['job']['id']}").status_code == 404)
+        _until("the dataset to go", lambda: client.get(f"/v1/datasets/{old['dataset']['id']}").status_code == 404)
+    finally:
+        reaper.stop()
+        reaper.thread.join(timeout=10)
+    assert not old["path"].exists()
+    assert client.get(f"/v1/models/{old['model']['id']}").status_code == 200
+    assert client.get(f"/v1/jobs/{waiting['id']}").json()["status"] == "queued"
 
 
 def test_a_stored_result_of_another_shape_is_served_as_stored_not_a_500(client: TestClient, tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ def test_every_error_is_documented_in_the_error_shape(spec: dict[str, Any]) -> N
     assert {"413", "422"} <= set(ops["upload_dataset"][2]["responses"])
     assert "409" in ops["delete_job"][2]["responses"] and "409" in ops["delete_model"][2]["responses"]
     assert {"401", "403"} <= set(ops["metrics"][2]["responses"])
+    for op_id in ("list_models", "list_datasets", "list_jobs", "create_job"):  # a bad cursor, an unreadable body
+        assert "400" in ops[op_id][2]["responses"], op_id
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # 422 is our shape, not FastAPI's
 
 
@@ -98,6 +100,23 @@ def test_the_checker_catches_an_undocumented_status_and_a_wrong_body(spec: dict[
         checker(httpx.Response(418, json=good, request=request))
     with pytest.raises(AssertionError, match="does not match its schema"):
         checker(httpx.Response(200, json={"id": "abc", "status": "exploded"}, request=request))
+
+
+def test_a_request_that_cannot_be_read_answers_a_documented_400_that_says_what_to_fix(
+    client: TestClient, spec: dict[str, Any]
+) -> None:
+    checker = ResponseChecker(spec)
+    for path in ("/v1/models", "/v1/datasets", "/v1/jobs"):
+        bad_cursor = client.get(path, params={"cursor": "null"})
+        checker(bad_cursor)
+        assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["code"] == "invalid_request"
+        assert "next_cursor" in bad_cursor.json()["error"]["message"]
+    latin1 = '{"model_id": "caf\xe9"}'.encode("latin-1")
+    unreadable = client.post("/v1/jobs", content=latin1, headers={"content-type": "application/json"})
+    checker(unreadable)
+    assert unreadable.status_code == 400, unreadable.text
+    assert "not UTF-8" in unreadable.json()["error"]["message"], unreadable.text
+    assert checker.checked == 4
 
 
 def test_docs_pages_load_nothing_from_outside(client: TestClient) -> None:

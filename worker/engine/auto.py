@@ -10,7 +10,7 @@ this loop:
    (tensors for static QDQ, nodes for dynamic), return the top groups to float in doubling steps
    until the budget holds, then bisect to the fewest; also try 16-bit activations on the worst
    tensors, and leaving the worst elementwise op type in float. Every step is re-measured.
-3. Finalists re-timed with the full run count, interleaved against float. With objective latency
+3. Finalists re-timed with the full run count, all in one loop interleaved with float. With objective latency
    a model must be faster than float beyond noise (FASTER_MARGIN) to be chosen; otherwise the
    verdict is `keep_float` and the artifact is the smallest in-budget model that measured not
    slower than float (p50 ratio >= 1) in NOT_SLOWER_CONFIRMATIONS full-count timings in a row,
@@ -90,6 +90,10 @@ class Verdict(StrEnum):
 class Meter(Protocol):
     def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
         """(float p50 ms, candidate p50 ms), timed interleaved."""
+        ...
+
+    def compare_many(self, candidates: Sequence[Path], runs: int) -> tuple[float, list[float]]:
+        """(float p50 ms, each candidate's p50 ms), all timed in one interleaved loop."""
         ...
 
 
@@ -623,11 +627,20 @@ def _finalists(search: Search, full_runs: int) -> Trial | None:
             search.retime(winner, full_runs)
             search.finalists.append(winner.name)
         return winner
+    finalists = [t for t in eligible[:FINALISTS] if t.outcome is not None]
+    if not finalists:
+        return None
+    # A fresh timing, all finalists and float in one interleaved loop: a winner must be faster in one
+    # more measurement than made it eligible, and the finalists are compared under the same load
+    # (timed one by one, the machine's drift between their timings could pick the slower one).
+    names = ", ".join(t.name for t in finalists)
+    search.note(Note(f"timing finalists together with {full_runs} runs: {names}"))
+    float_p50, p50s = search.meter.compare_many(
+        [t.outcome.model_path for t in finalists if t.outcome is not None], full_runs
+    )
     best: Trial | None = None
-    for trial in eligible[:FINALISTS]:
-        # Always a fresh timing: a winner must be faster in one more measurement than made it eligible.
-        search.note(Note(f"timing finalist {trial.name} with {full_runs} runs"))
-        search.retime(trial, full_runs)
+    for trial, p50 in zip(finalists, p50s, strict=True):
+        trial.float_p50, trial.p50, trial.runs = float_p50, p50, full_runs
         search.finalists.append(trial.name)
         if trial.faster() and search.better(trial, best):
             best = trial

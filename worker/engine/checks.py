@@ -9,9 +9,8 @@ import onnx
 
 from service.contract.formats import ModelFacts, default_opset, iter_graphs
 from service.contract.formats import model_facts as facts_of
-from service.contract.recipe import FOUR_BIT, SIXTEEN_BIT, Recipe, check_recipe, check_recipe_for_model
+from service.contract.recipe import FOUR_BIT, SIXTEEN_BIT, check_recipe, check_recipe_for_model
 from worker.engine.errors import EngineError
-from worker.engine.spec import DatasetSource
 
 __all__ = [
     "FOUR_BIT",
@@ -24,7 +23,6 @@ __all__ = [
     "load_header",
     "model_facts",
     "model_size",
-    "validate_job",
 ]
 
 
@@ -48,24 +46,3 @@ def model_size(model_path: Path, facts: ModelFacts) -> int:
         if path.is_file():
             size += path.stat().st_size
     return size
-
-
-def validate_job(
-    model_path: Path,
-    recipe: Recipe,
-    *,
-    calibration: DatasetSource | None,
-    evaluation_data: DatasetSource | None,
-    evaluation_batch_size: int,
-) -> None:
-    """Every rule the API checked at job creation, on the files themselves, before any work:
-    the recipe against the model, and both datasets against its inputs at their batch sizes."""
-    from worker.engine.data import count_batches
-
-    facts = model_facts(model_path)
-    check_recipe_for_model(recipe, facts, has_calibration=calibration is not None)
-    inputs = list(facts.inputs)
-    if calibration is not None:
-        count_batches(calibration, inputs, batch_size=recipe.calibration_batch_size)
-    if evaluation_data is not None:
-        count_batches(evaluation_data, inputs, batch_size=evaluation_batch_size)

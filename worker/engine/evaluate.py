@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import uses_external_data
 
 from worker.engine import metrics
+from worker.engine.checks import model_facts, model_size
 from worker.engine.data import Batch, count_batches, iter_batches, model_inputs, synthesize_batch
 from worker.engine.errors import EngineError
 from worker.engine.latency import LatencyStats, time_interleaved
@@ -42,9 +41,10 @@ _MODELS = ("original", "quantized")
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """The one SessionOptions both models are measured with."""
+    """The one SessionOptions every session of a job is made with (evaluation, and mode auto's timing,
+    scoring and sensitivity): `threads` at most the usable cores, whoever asked for more."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = max(1, min(threads, usable_cores()))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -55,33 +55,7 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 def size_on_disk(model_path: Path) -> int:
     """Bytes of the model file plus every external-data file it references (each counted once)."""
-    model_path = Path(model_path)
-    total = model_path.stat().st_size
-    model = onnx.load(str(model_path), load_external_data=False)
-    locations: set[str] = set()
-    for tensor in _all_tensors(model.graph):
-        if uses_external_data(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    for location in locations:
-        path = model_path.parent / location
-        if path.is_file():
-            total += path.stat().st_size
-    return total
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
+    return model_size(Path(model_path), model_facts(Path(model_path)))
 
 
 def _ort_error(which: str, action: str, exc: Exception) -> EngineError:
@@ -469,18 +443,25 @@ class LatencyMeter:
 
     def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
         """(reference p50 ms, candidate p50 ms) from `runs` interleaved rounds after warm-up."""
+        ref, (p50,) = self.compare_many([candidate], runs)
+        return ref, p50
+
+    def compare_many(self, candidates: Sequence[Path], runs: int) -> tuple[float, list[float]]:
+        """(reference p50 ms, each candidate's p50 ms) from `runs` rounds after warm-up, each round
+        running the reference and every candidate once: one timing in which they all share the
+        machine's state, so that candidates are compared with each other, not only with float."""
         if self._reference is None:
             self._reference = self._session(self.reference, "original")
-        sessions = [self._reference, self._session(candidate, "candidate")]
+        sessions = [self._reference, *(self._session(c, "candidate") for c in candidates)]
         names = [[o.name for o in s.get_outputs()] for s in sessions]
 
         def runner(i: int) -> Callable[[], object]:
             return lambda: sessions[i].run(names[i], self.feed)
 
         timings = time_interleaved(
-            [runner(0), runner(1)],
+            [runner(i) for i in range(len(sessions))],
             runs=max(1, runs),
             warmup_runs=self.warmup_runs,
         )
-        ref, cand = timings.stats()
-        return ref.p50, cand.p50
+        ref, *cands = timings.stats()
+        return ref.p50, [c.p50 for c in cands]

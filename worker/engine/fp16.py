@@ -7,7 +7,11 @@ conversion. Two things are added around it:
 - a clean-up of the converter's output: it casts the output of every blocked node to float16
   and back to float32 before the next blocked node (so a value that only fits float32 overflows
   between two float32 nodes anyway), and when a blocked node writes a graph output it can leave
-  that output in float16. Those round trips are removed and outputs are given back their type.
+  that output in float16. Those round trips are removed and outputs are given back their type;
+- the converter declares the output of a model's own `Cast(to=float)` float16 (an attention mask
+  cast from int64, as in every BERT-style export) but leaves the cast's `to` at float, and ONNX
+  Runtime refuses the model ("Type (tensor(float16)) of output arg (mask_float) does not match").
+  Those casts are made to cast to float16, as their output is declared.
 """
 
 from __future__ import annotations
@@ -142,6 +146,27 @@ def remove_cast_round_trips(model: onnx.ModelProto, blocked_names: set[str], blo
     return len(removed)
 
 
+def align_cast_targets(model: onnx.ModelProto) -> int:
+    """Casts to float whose output the converter declared float16 cast to float16 (in every graph
+    and subgraph). Returns how many."""
+    fixed = 0
+
+    def walk(graph: onnx.GraphProto) -> None:
+        nonlocal fixed
+        declared = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
+        for node in graph.node:
+            if _cast_to(node) == TensorProto.FLOAT and declared.get(node.output[0]) == TensorProto.FLOAT16:
+                for a in node.attribute:
+                    if a.name == "to":
+                        a.i = TensorProto.FLOAT16
+                fixed += 1
+            for _, sub in subgraphs(node):
+                walk(sub)
+
+    walk(model.graph)
+    return fixed
+
+
 def restore_output_types(model: onnx.ModelProto, original_types: dict[str, int]) -> int:
     """Give float32 graph outputs that came out float16 their float32 type back. Returns how many."""
     graph = model.graph
@@ -195,6 +220,7 @@ def convert(
         disable_shape_infer=disable_shape_infer,
     )
     remove_cast_round_trips(converted, set(node_block_list), set(op_types))
+    align_cast_targets(converted)
     restore_output_types(converted, original_types)
     return converted
 

@@ -217,9 +217,7 @@ def prepare_model(
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     raw = onnx.load(str(model_path), load_external_data=False)
-    from onnx.external_data_helper import uses_external_data
-
-    had_external = any(uses_external_data(t) for g in iter_graphs(raw.graph) for t in g.initializer)
+    had_external = bool(external_locations(raw))
     if external is None:
         external = had_external or Path(model_path).stat().st_size > EXTERNAL_DATA_THRESHOLD
     opset = default_opset(raw)

@@ -427,13 +427,29 @@ def _warn_missing_excluded(path: Path, excluded: Sequence[str], warnings: list[s
 _SIXTEEN_BIT_OF = {QType.UINT8: QType.UINT16, QType.INT8: QType.INT16}
 
 
-def _extra_options(spec: QuantizationSpec) -> dict[str, Any]:
+def _sixteen_bit_tensors(spec: QuantizationSpec, model: onnx.ModelProto, warnings: list[str]) -> list[str]:
+    """The recipe's sixteen_bit_tensors that the (pre-processed, shape-inferred) model has, as ONNX
+    Runtime's quantizer knows tensors; the others are left out with a warning, as nodes_to_exclude
+    names are (a typo is no reason to fail the job, and the rule is the same at the API's door)."""
+    graph = model.graph
+    known = {t.name for t in graph.initializer} | {v.name for v in (*graph.value_info, *graph.input, *graph.output)}
+    missing = [name for name in spec.sixteen_bit_tensors or () if name not in known]
+    if missing:
+        warnings.append(
+            f"sixteen_bit_tensors names tensor(s) the model does not have after pre-processing: "
+            f"{', '.join(missing[:10])}; they stay 8-bit. Use tensor names as they appear in the model "
+            "(the result's sensitivity ranking lists them)."
+        )
+    return [name for name in spec.sixteen_bit_tensors or () if name in known]
+
+
+def _extra_options(spec: QuantizationSpec, sixteen_bit: Sequence[str] = ()) -> dict[str, Any]:
     extra: dict[str, Any] = {"ActivationSymmetric": bool(spec.symmetric_activations)}
     if spec.symmetric_weights is not None:
         extra["WeightSymmetric"] = bool(spec.symmetric_weights)
-    if spec.sixteen_bit_tensors:
+    if sixteen_bit:
         wide = _ort_qtype(_SIXTEEN_BIT_OF.get(QType(spec.activation_type), QType(spec.activation_type)))
-        extra["TensorQuantOverrides"] = {name: [{"quant_type": wide}] for name in spec.sixteen_bit_tensors}
+        extra["TensorQuantOverrides"] = {name: [{"quant_type": wide}] for name in sixteen_bit}
         # 16-bit Q/DQ of the com.microsoft domain run at any opset: no opset upgrade, so the graph
         # (and its calibration) stays the one the 8-bit recipe uses.
         extra["UseQDQContribOps"] = True
@@ -465,6 +481,7 @@ def _static(
             model = update_opset_version(model, weight)
             check_static_quant_arguments(fmt, activation, weight)
             excluded += _keep_outer_reads_float(model, fmt == OrtFormat.QOperator, warnings)
+            sixteen_bit = _sixteen_bit_tensors(spec, model, warnings)
             if fmt == OrtFormat.QOperator:
                 quantizer = ONNXQuantizer(
                     model,
@@ -478,7 +495,7 @@ def _static(
                     [],
                     excluded,
                     op_types,
-                    _extra_options(spec),
+                    _extra_options(spec, sixteen_bit),
                 )
             else:
                 quantizer = QDQQuantizer(
@@ -491,7 +508,7 @@ def _static(
                     [],
                     excluded,
                     op_types,
-                    _extra_options(spec),
+                    _extra_options(spec, sixteen_bit),
                 )
             quantizer.quantize_model()
             quantizer.model.save_model_to_file(str(out_path), prepared.external)

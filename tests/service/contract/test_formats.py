@@ -246,3 +246,77 @@ def test_value_info_reads_non_positive_dims_as_unknown() -> None:
     assert value_info_spec(vi) == TensorSpec("x", "float32", (None, 3, None, "w"))
     no_shape = helper.make_tensor_value_info("y", TensorProto.INT64, None)
     assert value_info_spec(no_shape).shape is None
+
+
+# -- the external-data walk --------------------------------------------------------------------
+
+
+def test_one_walk_finds_every_external_file_for_the_upload_and_the_engine(tmp_path: Any) -> None:
+    """External data named by a top initializer, a Constant in an If branch, a subgraph's own
+    initializer and a Constant inside a local function: the upload keeps exactly the files the
+    shared walk lists, and the engine counts the same files in a model's size."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from service.contract.formats import external_locations
+    from service.inspection.model import inspect_model
+    from worker.engine.checks import model_facts, model_size
+    from worker.engine.evaluate import size_on_disk
+
+    def vi(name: str, shape: list[int]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    def const(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant", [], [name], name=name, value=numpy_helper.from_array(np.full(4, value, np.float32), name)
+        )
+
+    then = helper.make_graph(
+        [const("then_c", 2.0), helper.make_node("Mul", ["h", "then_c"], ["t"], name="then_mul")],
+        "then",
+        [],
+        [vi("t", [4])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Add", ["h", "else_w"], ["e"], name="else_add")],
+        "else",
+        [],
+        [vi("e", [4])],
+        initializer=[numpy_helper.from_array(np.full(4, 3.0, np.float32), "else_w")],
+    )
+    scale = helper.make_function(
+        "local.fn",
+        "Scale",
+        ["a"],
+        ["b"],
+        [const("fn_c", 0.5), helper.make_node("Mul", ["a", "fn_c"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "w"], ["h"], name="add"),
+            helper.make_node("If", ["c"], ["y0"], name="if", then_branch=then, else_branch=other),
+            helper.make_node("Scale", ["y0"], ["y"], name="scale", domain="local.fn"),
+        ],
+        "g",
+        [vi("x", [4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [vi("y", [4])],
+        initializer=[numpy_helper.from_array(np.ones(4, np.float32), "w")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local.fn", 1)], functions=[scale]
+    )
+    model.ir_version = 8
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name != "model.onnx")
+    assert len(files) == 4, files  # w, then_c, else_w, fn_c
+
+    assert sorted(external_locations(onnx.load(str(path), load_external_data=False))) == files
+    assert sorted(inspect_model(path).external_data) == files
+    assert (
+        size_on_disk(path) == model_size(path, model_facts(path)) == sum(p.stat().st_size for p in tmp_path.iterdir())
+    )

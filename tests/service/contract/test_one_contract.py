@@ -1,7 +1,8 @@
 """The API accepts a job if and only if the engine can run it.
 
-Hypothesis draws recipes over every field (valid and invalid values), models with symbolic, -1
-and 0 dims, datasets in every form (fitting or not) and evaluation batch sizes. Each is sent to
+Hypothesis draws recipes over every field (valid and invalid values, node names, op types and
+outputs the model has and lacks), the test models (symbolic, -1 and 0 dims; the opset-15 If model
+with three inputs; a Loop), datasets in every form (fitting or not) and evaluation batch sizes. Each is sent to
 `POST /v1/jobs` on the real app, and given to the engine's own validation (`validate_job`, what
 the job process runs before any work) on the same files. Both must refuse together, with the
 same code: no job may fail with `invalid_recipe`, `invalid_dataset` or `dataset_model_mismatch`
@@ -16,21 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from service.app import create_app
 from service.contract.errors import RuleError
+from service.contract.formats import ModelFacts, model_facts
 from service.contract.recipe import parse_recipe
 from service.migrate import upgrade
 from service.settings import Settings
 from tests.onnx_models import conv_classifier, matmul_mlp, paddle_classifier
 from tests.service.helpers import npz_bytes
-from worker.engine.checks import validate_job
+from tests.worker.engine import pitfall_models as pm
 from worker.engine.spec import DatasetSource
+from worker.engine.validate import validate_job
 
 RULE_CODES = ("invalid_recipe", "invalid_dataset", "dataset_model_mismatch")
 
@@ -56,15 +60,19 @@ class World:
         self.client = client
         rng = np.random.default_rng(0)
         self.models: dict[str, tuple[str, Path]] = {}
+        self.facts: dict[str, ModelFacts] = {}
         for key, build in (
             ("conv", lambda p: conv_classifier(p)),
             ("paddle", lambda p: paddle_classifier(p)),
             ("mlp", lambda p: matmul_mlp(p)),
+            ("audio", lambda p: pm.streaming_audio(p)),  # If branches, opset 15, three inputs
+            ("loop", lambda p: pm.loop_body(p)),
         ):
             path = build(folder / f"{key}.onnx")
             response = client.post("/v1/models", files={"file": (path.name, path.read_bytes())})
             assert response.status_code == 201, response.text
             self.models[key] = (response.json()["id"], path)
+            self.facts[key] = model_facts(onnx.load(str(path)))
         labels = np.arange(12, dtype=np.int64) % 4
         contents: dict[str, tuple[str, bytes, dict[str, Any] | None]] = {
             "conv_stacked": ("a.npz", npz_bytes(input=rng.random((12, 1, 3, 8, 8), dtype=np.float32)), None),
@@ -80,6 +88,26 @@ class World:
             "wrong_dtype": ("g.npz", npz_bytes(input=np.zeros((12, 3, 8, 8), dtype=np.int64)), None),
             "images": ("h.zip", _images_zip(12), {"input": "input", "size": [10, 12]}),
             "images_8": ("i.zip", _images_zip(12), {"input": "input", "size": [8, 8], "layout": "NHWC"}),
+            "audio": (
+                "j.npz",
+                npz_bytes(
+                    audio=rng.random((12, 2, 64), dtype=np.float32),
+                    state=rng.random((12, 2, 2, 16), dtype=np.float32),  # batch on axis 1
+                    sr=np.array([16000, 8000] * 6, np.int64),
+                    __labels__=labels,
+                ),
+                None,
+            ),
+            "audio_one_rate": (
+                "k.npz",
+                npz_bytes(
+                    audio=rng.random((12, 64), dtype=np.float32),
+                    state=rng.random((12, 2, 2, 16), dtype=np.float32),
+                    sr=np.array(16000, np.int64),  # rank 0: fed with every sample
+                ),
+                None,
+            ),
+            "loop": ("l.npz", npz_bytes(x=rng.random((12, 8), dtype=np.float32), __labels__=labels), None),
         }
         self.datasets: dict[str, tuple[str, DatasetSource]] = {}
         for key, (name, content, preprocess) in contents.items():
@@ -114,18 +142,43 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield World(client, folder)
 
 
-NAMES = ["conv", "relu", "pool", "flatten", "fc", "mm1", "mm2", "add1", "relu1", "nope"]
-OPS = ["Conv", "MatMul", "Gemm", "Gather", "Relu", "Add", "Bogus"]
+TENSORS = ["relu_out", "flat", "hr", "/Pad_output_0", "b"]
+MODELS = ["conv", "paddle", "mlp", "audio", "loop"]
+DATASETS = {  # the datasets made for each model (the others mostly do not fit it)
+    "conv": ["conv_stacked", "conv_batched", "wrong_dtype", "images_8"],
+    "paddle": ["paddle_stacked", "paddle_batched", "images"],
+    "mlp": ["mlp", "mlp_npy"],
+    "audio": ["audio", "audio_one_rate"],
+    "loop": ["loop"],
+}
+ALL_DATASETS = [d for ds in DATASETS.values() for d in ds]
+EVALUATION_DATASETS = ["paddle_stacked", "conv_stacked", "mlp", "images_8", "audio", "loop"]
 
 
 def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(st.none(), strategy)
 
 
-recipes = st.fixed_dictionaries(
-    {},
-    optional={
-        "mode": st.sampled_from(["static", "dynamic", "weight_only", "fp16", "auto", "int2"]),
+def _fidelity(outputs: list[str], metrics: list[str], floors: st.SearchStrategy[float]) -> st.SearchStrategy[Any]:
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "outputs": _maybe(st.lists(st.sampled_from(outputs), max_size=2)),
+            "metric": st.sampled_from(metrics),
+            "min": _maybe(floors),
+        },
+    )
+
+
+def _recipes(facts: ModelFacts) -> st.SearchStrategy[dict[str, Any]]:
+    """Recipes over every field: half with any value (in range or not), half with values each field
+    accepts on its own (names from the model, and some it lacks), which reach the rules that combine
+    fields and those that need the model and the data."""
+    names = [*facts.node_names[:12], "conv", "mm1", "loop/MatMul", "nope"]
+    ops = [*facts.op_counts, "Conv", "MatMul", "Gemm", "Gather", "Bogus"]
+    outputs = [*(o.name for o in facts.outputs), "logits", "nope"]
+    any_value = {
+        "mode": st.sampled_from(["static", "dynamic", "weight_only", "fp16", "auto", "compare", "int2"]),
         "format": st.sampled_from(["qdq", "qoperator", "onnx"]),
         "activation_type": st.sampled_from(["uint8", "int8", "uint16", "int16", "int4"]),
         "weight_type": _maybe(st.sampled_from(["int8", "uint8", "int16", "uint16", "int4", "uint4", "fp8"])),
@@ -135,14 +188,44 @@ recipes = st.fixed_dictionaries(
         "reduce_range": st.booleans(),
         "symmetric_activations": st.booleans(),
         "symmetric_weights": _maybe(st.booleans()),
-        "op_types_to_quantize": _maybe(st.lists(st.sampled_from(OPS), max_size=3)),
-        "nodes_to_exclude": _maybe(st.lists(st.sampled_from(NAMES), max_size=3)),
+        "op_types_to_quantize": _maybe(st.lists(st.sampled_from(ops), max_size=3)),
+        "nodes_to_exclude": _maybe(st.lists(st.sampled_from(names), max_size=3)),
         "calibration_batch_size": st.integers(-1, 5000),
         "max_calibration_samples": _maybe(st.integers(-1, 20)),
         "block_size": st.sampled_from([8, 16, 24, 32, 128, 4096, 8192]),
         "accuracy_tolerance": st.floats(-0.5, 1.5, allow_nan=False),
-    },
-)
+        "sixteen_bit_tensors": _maybe(st.lists(st.sampled_from(TENSORS), max_size=2)),
+        "transformer_fusion": st.booleans(),
+        "objective": st.sampled_from(["latency", "size", "speed"]),
+        "fidelity": _maybe(
+            _fidelity(outputs, ["auto", "cosine", "sqnr", "agreement", "l2"], st.floats(-300, 300, allow_nan=False))
+        ),
+        "max_search_seconds": st.floats(0, 100_000, allow_nan=False),
+        # Mode compare's reference (an id the API looks up) is left to tests/service/test_jobs_api.py:
+        # the engine is given the reference's file, it never sees the id.
+        "reference_model_id": _maybe(st.just("a-reference")),
+    }
+    in_range = {
+        **any_value,
+        "mode": st.sampled_from(["static", "static", "dynamic", "weight_only", "fp16", "auto"]),
+        "format": st.sampled_from(["qdq", "qoperator"]),
+        "activation_type": st.sampled_from(["uint8", "uint8", "int8", "uint16", "int16"]),
+        "weight_type": _maybe(st.sampled_from(["int8", "uint8", "int16", "uint16", "int4", "uint4"])),
+        "calibration_method": st.sampled_from(["minmax", "entropy", "percentile", "distribution"]),
+        "percentile": st.sampled_from([10.0, 50.0, 99.99, 99.999]),
+        "op_types_to_quantize": _maybe(st.lists(st.sampled_from(ops), min_size=1, max_size=2)),
+        "nodes_to_exclude": _maybe(st.lists(st.sampled_from(names), max_size=2)),
+        "calibration_batch_size": st.integers(1, 8),
+        "max_calibration_samples": _maybe(st.integers(1, 20)),
+        "block_size": st.sampled_from([16, 32, 128]),
+        "accuracy_tolerance": st.floats(0, 1, allow_nan=False),
+        "sixteen_bit_tensors": st.one_of(st.none(), st.none(), st.lists(st.sampled_from(TENSORS), max_size=1)),
+        "objective": st.sampled_from(["latency", "size"]),
+        "fidelity": _maybe(_fidelity(outputs, ["auto", "cosine", "sqnr", "agreement"], st.floats(0.5, 1.0))),
+        "max_search_seconds": st.floats(1, 1000, allow_nan=False),
+        "reference_model_id": st.none(),
+    }
+    return st.one_of(st.fixed_dictionaries({}, optional=in_range), st.fixed_dictionaries({}, optional=any_value))
 
 
 def _engine_refusal(
@@ -163,30 +246,13 @@ def _engine_refusal(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    model=st.sampled_from(["conv", "paddle", "mlp"]),
-    recipe=recipes,
-    calibration=_maybe(
-        st.sampled_from(
-            [
-                "conv_stacked",
-                "conv_batched",
-                "paddle_stacked",
-                "paddle_batched",
-                "mlp",
-                "mlp_npy",
-                "wrong_dtype",
-                "images",
-                "images_8",
-            ]
-        )
-    ),
-    evaluation=_maybe(st.sampled_from(["paddle_stacked", "conv_stacked", "mlp", "images_8"])),
-    batch=st.integers(1, 8),
-)
-def test_accepted_exactly_when_the_engine_can_run_it(
-    world: World, model: str, recipe: dict[str, Any], calibration: str | None, evaluation: str | None, batch: int
-) -> None:
+@given(model=st.sampled_from(MODELS), data=st.data(), batch=st.integers(1, 8))
+def test_accepted_exactly_when_the_engine_can_run_it(world: World, model: str, data: st.DataObject, batch: int) -> None:
+    recipe = data.draw(_recipes(world.facts[model]), label="recipe")
+    own, any_dataset = st.sampled_from(DATASETS[model]), st.sampled_from(ALL_DATASETS)
+    calibration = data.draw(st.one_of(own, any_dataset, st.none()), label="calibration")
+    evaluation = data.draw(st.one_of(st.none(), own, st.sampled_from(EVALUATION_DATASETS)), label="evaluation")
+    assume(not (recipe.get("mode") == "compare" and recipe.get("reference_model_id")))
     body: dict[str, Any] = {"model_id": world.models[model][0], "recipe": recipe, "evaluation": {"batch_size": batch}}
     if calibration:
         body["calibration_dataset_id"] = world.datasets[calibration][0]

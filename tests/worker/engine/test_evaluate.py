@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.onnx_models import conv_classifier, random_inputs
+from tests.onnx_models import conv_classifier, matmul_mlp, random_inputs
 from worker.engine.errors import EngineError
-from worker.engine.evaluate import evaluate, size_on_disk
+from worker.engine.evaluate import LatencyMeter, evaluate, size_on_disk
 from worker.engine.machine import machine_info
 from worker.engine.spec import DatasetSource, EvaluationSpec, Stage
 
@@ -284,3 +284,18 @@ def test_size_on_disk_counts_external_data(tmp_path: Path) -> None:
     assert weights.stat().st_size > 0
     assert size_on_disk(ext) == ext.stat().st_size + weights.stat().st_size
     assert size_on_disk(src) == src.stat().st_size
+
+
+def test_latency_meter_times_several_candidates_in_one_loop(tmp_path: Path) -> None:
+    """compare_many gives one p50 per candidate, in order, each from the same interleaved loop as
+    float's: a model doing about 500 times the work measures slower than float, the float model
+    itself about as fast, whatever their order."""
+    small = matmul_mlp(tmp_path / "small.onnx", features=64, hidden=16)
+    big = matmul_mlp(tmp_path / "big.onnx", features=64, hidden=8192)
+    feed = {"x": np.random.default_rng(0).random((8, 64), dtype=np.float32)}
+    meter = LatencyMeter(small, feed, threads=1, warmup_runs=2)
+    ref, (p_big, p_same) = meter.compare_many([big, small], 30)
+    assert p_big > 5 * ref and p_big > 5 * p_same
+    ref, (p_same, p_big) = meter.compare_many([small, big], 30)
+    assert p_big > 5 * ref and p_big > 5 * p_same
+    assert meter.compare(big, 10)[1] > meter.compare(small, 10)[1]

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from tests.onnx_models import conv_classifier, matmul_mlp
+from tests.onnx_models import conv_classifier, encoder_inputs, matmul_mlp, outlier_encoder
 from tests.worker.engine import pitfall_models as pm
 from worker.engine.errors import EngineError
 from worker.engine.quantize import quantize
@@ -510,6 +510,19 @@ def test_fp16_keeps_overflowing_nodes_in_float32(tmp_path: Path) -> None:
     out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path / "w", calibration=data)
     assert "div" in out.details["fp16"]["nodes_kept_float32"]
     assert_close(model, out.model_path, [{"x": s} for s in x], 0.999)
+
+
+def test_fp16_of_an_encoder_that_casts_its_attention_mask_to_float(tmp_path: Path) -> None:
+    """BERT-style exports cast the int64 attention mask to float; the converter declared that cast's
+    output float16 but left it casting to float, and ONNX Runtime refused the model."""
+    model = outlier_encoder(tmp_path / "enc.onnx")
+    assert any(n.op_type == "Cast" and n.input[0] == "attention_mask" for n in onnx.load(str(model)).graph.node)
+    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path / "w")
+    q = onnx.load(str(out.model_path))
+    mask_cast = next(n for n in q.graph.node if n.op_type == "Cast" and n.input[0] == "attention_mask")
+    assert next(a.i for a in mask_cast.attribute if a.name == "to") == onnx.TensorProto.FLOAT16
+    data = encoder_inputs(4)
+    assert_close(model, out.model_path, [{k: v[i] for k, v in data.items()} for i in range(4)], 0.999)
 
 
 # ------------------------------------------------------------------------------------------ refusals

@@ -134,14 +134,14 @@ def deploy_scaled_out(
         dep.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Event streams poll every 50 ms (default 500): mode auto's search on the tests' tiny models spends a
     # few hundred ms on its first candidate and far less on the others, and a stream shows what a poll sees.
     yield from deploy("embedded", tmp_path_factory.mktemp("embedded"), QAAS_EVENTS_POLL_S="0.05")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str) -> Iterator[Deployment]:
     yield from deploy(
         "production",
@@ -152,7 +152,7 @@ def production(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redi
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def on_s3(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, s3_server: S3Server
 ) -> Iterator[Deployment]:

@@ -94,6 +94,11 @@ class Qaas:
         return self.dep.client({"Authorization": f"Bearer {self.key}"})
 
 
+# The main flows run on both deployments; the CLI's own behaviours (exit codes, Ctrl-C, cancel,
+# login), which do not depend on the database or the broker, on the embedded default only.
+EMBEDDED_ONLY = pytest.mark.parametrize("cli_deployment", ["embedded"], indirect=True)
+
+
 @pytest.fixture
 def qaas(cli_deployment: Deployment, tmp_path: Path) -> Qaas:
     """A tenant of its own for each test, so that lists hold only what the test made."""
@@ -177,6 +182,7 @@ def test_jobs_models_and_datasets_are_listed_followed_and_deleted(qaas: Qaas) ->
     assert again.returncode == 1 and "[not_found]" in again.stderr
 
 
+@EMBEDDED_ONLY
 def test_failures_exit_non_zero_with_the_service_message(qaas: Qaas) -> None:
     missing = qaas("quantize", "missing.onnx")
     assert missing.returncode == 1 and "No such file: missing.onnx" in missing.stderr, missing.stderr
@@ -213,6 +219,7 @@ def _start_slow_job(qaas: Qaas) -> tuple[subprocess.Popen[str], str]:
     raise AssertionError(f"no job was created: {proc.returncode}")
 
 
+@EMBEDDED_ONLY
 def test_ctrl_c_asks_whether_to_cancel_the_job(qaas: Qaas) -> None:
     proc, job_id = _start_slow_job(qaas)
     proc.send_signal(signal.SIGINT)
@@ -231,6 +238,7 @@ def test_ctrl_c_asks_whether_to_cancel_the_job(qaas: Qaas) -> None:
     assert waited.returncode == 0 and "succeeded" in waited.stdout, waited.stderr
 
 
+@EMBEDDED_ONLY
 def test_jobs_cancel_stops_a_running_job_which_delete_refuses_until_then(qaas: Qaas) -> None:
     model = conv_classifier(qaas.home / "big.onnx", size=48, hidden=64)
     calib = calibration(qaas.home / "big.npz", n=8, size=48)
@@ -294,6 +302,7 @@ def test_the_python_client_as_the_issue_shows_it(
     assert refused.value.code == "unauthorized"
 
 
+@EMBEDDED_ONLY
 def test_login_saves_the_url_and_key_and_the_environment_overrides_them(qaas: Qaas) -> None:
     url, key = qaas.dep.base_url, qaas.key
     saved = qaas.home / "config" / "qaas" / "config.json"

@@ -627,19 +627,17 @@ def _finalists(search: Search, full_runs: int) -> Trial | None:
             search.retime(winner, full_runs)
             search.finalists.append(winner.name)
         return winner
-    finalists = [t for t in eligible[:FINALISTS] if t.outcome is not None]
+    finalists = [(t, t.outcome.model_path) for t in eligible[:FINALISTS] if t.outcome is not None]
     if not finalists:
         return None
     # A fresh timing, all finalists and float in one interleaved loop: a winner must be faster in one
     # more measurement than made it eligible, and the finalists are compared under the same load
     # (timed one by one, the machine's drift between their timings could pick the slower one).
-    names = ", ".join(t.name for t in finalists)
+    names = ", ".join(t.name for t, _ in finalists)
     search.note(Note(f"timing finalists together with {full_runs} runs: {names}"))
-    float_p50, p50s = search.meter.compare_many(
-        [t.outcome.model_path for t in finalists if t.outcome is not None], full_runs
-    )
+    float_p50, p50s = search.meter.compare_many([path for _, path in finalists], full_runs)
     best: Trial | None = None
-    for trial, p50 in zip(finalists, p50s, strict=True):
+    for (trial, _), p50 in zip(finalists, p50s, strict=True):
         trial.float_p50, trial.p50, trial.runs = float_p50, p50, full_runs
         search.finalists.append(trial.name)
         if trial.faster() and search.better(trial, best):

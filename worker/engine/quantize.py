@@ -433,14 +433,15 @@ def _sixteen_bit_tensors(spec: QuantizationSpec, model: onnx.ModelProto, warning
     names are (a typo is no reason to fail the job, and the rule is the same at the API's door)."""
     graph = model.graph
     known = {t.name for t in graph.initializer} | {v.name for v in (*graph.value_info, *graph.input, *graph.output)}
-    missing = [name for name in spec.sixteen_bit_tensors or () if name not in known]
+    wanted = list(spec.sixteen_bit_tensors or ())
+    missing = [name for name in wanted if name not in known]
     if missing:
         warnings.append(
             f"sixteen_bit_tensors names tensor(s) the model does not have after pre-processing: "
             f"{', '.join(missing[:10])}; they stay 8-bit. Use tensor names as they appear in the model "
             "(the result's sensitivity ranking lists them)."
         )
-    return [name for name in spec.sixteen_bit_tensors or () if name in known]
+    return [name for name in wanted if name in known]
 
 
 def _extra_options(spec: QuantizationSpec, sixteen_bit: Sequence[str] = ()) -> dict[str, Any]:

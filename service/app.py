@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage
         app.state.queue = queue
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
-        app.state.event_hub = EventHub(app.state.session_factory, settings.events_poll_s)
+        app.state.event_hub = EventHub(app.state.session_factory, settings.events_poll_s, settings.events_progress_s)
         app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
         try:
             yield

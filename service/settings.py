@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         le=60,
         description="How often an API process reads the jobs that have open event streams.",
     )
+    events_progress_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="At most one progress event per job this often while only its progress moves; "
+        "a new status, stage or auto candidate goes out at the next poll.",
+    )
     events_heartbeat_s: float = Field(
         15.0, gt=0, description="A comment line on every open event stream this often, so proxies keep it open."
     )

@@ -3,6 +3,9 @@
 One `EventHub` per API process polls the state of every job that has an open stream, in one
 query per tick whatever the number of streams, and wakes the streams of the jobs that changed.
 A stream's own database work is one read when it opens (the tenant check and the first state).
+While only a job's progress moves (the worker writes it every half second), the hub passes it on at most
+once per `progress_interval_s`: the newest state then, never a stale one. A new status, stage or auto
+candidate, and the end, go out at the next poll.
 
 Events (the `data` of each is JSON):
 - `status`: the job's status changed (and once when the stream opens): a `JobEvent`;
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,6 +65,11 @@ class Snapshot:
     def terminal(self) -> bool:
         return self.event.status in TERMINAL
 
+    def phase_key(self) -> tuple[Any, ...]:
+        """What moves rarely and is worth showing at once: status, stage and auto's candidate."""
+        e = self.event
+        return (e.status, e.stage, e.candidate, e.attempts)
+
     def progress_key(self) -> tuple[Any, ...]:
         e = self.event
         return (e.stage, e.progress, e.progress_note, e.candidate, e.attempts)
@@ -97,6 +106,7 @@ class _Watch:
     gone: bool = False  # the job row disappeared
     streams: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    published_at: float = field(default_factory=time.monotonic)
 
     def publish(self, snapshot: Snapshot | None, final: dict[str, Any] | None = None) -> None:
         if snapshot is None:
@@ -104,6 +114,7 @@ class _Watch:
         else:
             self.snapshot = snapshot
             self.final = final
+        self.published_at = time.monotonic()
         previous, self.changed = self.changed, asyncio.Event()
         previous.set()
 
@@ -111,9 +122,12 @@ class _Watch:
 class EventHub:
     """The shared poller. Lives on `app.state.event_hub`; made and closed by the app's lifespan."""
 
-    def __init__(self, session_factory: sessionmaker[Session], poll_interval_s: float) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], poll_interval_s: float, progress_interval_s: float
+    ) -> None:
         self.session_factory = session_factory
         self.poll_interval_s = poll_interval_s
+        self.progress_interval_s = progress_interval_s
         self.watches: dict[str, _Watch] = {}
         self.polls = 0  # database queries made by the poller (for tests and the benchmark)
         self._task: asyncio.Task[None] | None = None
@@ -195,8 +209,16 @@ class EventHub:
                 snapshot = rows.get(job_id)
                 if snapshot is None:
                     watch.publish(None)
-                elif snapshot.stamp > watch.snapshot.stamp or job_id in finals:
+                elif job_id in finals or (snapshot.stamp > watch.snapshot.stamp and not self._held(watch, snapshot)):
                     watch.publish(snapshot, finals.get(job_id))
+
+    def _held(self, watch: _Watch, snapshot: Snapshot) -> bool:
+        """Only the progress moved, and the job's streams had an event less than `progress_interval_s` ago.
+        The row keeps its newer stamp, so a later poll publishes the newest state."""
+        return (
+            snapshot.phase_key() == watch.snapshot.phase_key()
+            and time.monotonic() - watch.published_at < self.progress_interval_s
+        )
 
     def _poll(self, ids: list[str]) -> tuple[dict[str, Snapshot], dict[str, dict[str, Any]]]:
         """One query for the light columns of every watched job; the whole row only for jobs that ended."""

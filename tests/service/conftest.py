@@ -110,5 +110,6 @@ def serve(settings: Settings) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def live(app_settings: Settings) -> Iterator[LiveServer]:
-    """A live server on both deployments (see `app_settings`), with quick event polls and heartbeats."""
-    yield from serve(app_settings.model_copy(update={"events_poll_s": 0.05, "events_heartbeat_s": 0.3}))
+    """A live server on both deployments (see `app_settings`), with quick polls, progress events and heartbeats."""
+    quick = {"events_poll_s": 0.05, "events_progress_s": 0.3, "events_heartbeat_s": 0.3}
+    yield from serve(app_settings.model_copy(update=quick))

@@ -112,6 +112,45 @@ def test_last_event_id_resumes_without_repeats(live: LiveServer, tmp_path: Path)
             assert [e.event for e in events.until_end()] == ["status", "progress", "end"]
 
 
+def test_progress_is_coalesced_but_a_new_stage_goes_out_at_once(live: LiveServer, tmp_path: Path) -> None:
+    hub = live.state.event_hub
+    interval = hub.progress_interval_s
+    with httpx.Client(base_url=live.url, timeout=20) as http:
+        job_id = _job(http, tmp_path)
+        with _stream(http, job_id) as events:
+            assert [_next(events).event, _next(events).event] == ["status", "progress"]
+            attempt = _write(live, lambda s: state.claim(s, job_id, 60))
+            assert [_next(events).event, _next(events).event] == ["status", "progress"]
+
+            def at(stage: str, fraction: float) -> None:
+                _write(live, lambda s: state.progress(s, job_id, attempt, stage, fraction, 60))
+
+            # The worker writes progress often; the streams get it at most once per interval, newest first.
+            started = time.monotonic()
+            fractions = [round(0.3 + i / 300, 4) for i in range(61)]
+            for fraction in fractions:
+                at("quantizing", fraction)
+                time.sleep(0.02)
+            seen = [_next(events)]
+            while seen[-1].data["progress"] != fractions[-1]:
+                seen.append(_next(events))
+            elapsed = time.monotonic() - started
+            assert all(e.event == "progress" and e.data["stage"] == "quantizing" for e in seen)
+            shown = [e.data["progress"] for e in seen]
+            assert shown == sorted(set(shown)), shown
+            # One event at the new stage, then at most one per interval: far fewer than the polls.
+            assert len(seen) <= elapsed / interval + 2, (len(seen), elapsed)
+            assert len(seen) >= 2, "progress was held until it stopped moving"
+            # Held for a minute, progress never goes out; the next stage does, with its own progress.
+            hub.progress_interval_s = 60
+            at("quantizing", 0.55)
+            at("evaluating", 0.7)
+            moved = _next(events)
+            assert (moved.event, moved.data["stage"], moved.data["progress"]) == ("progress", "evaluating", 0.7)
+            _write(live, lambda s: state.succeed(s, job_id, attempt, RESULT))
+            assert [e.event for e in events.until_end()] == ["status", "progress", "end"]
+
+
 def test_idle_streams_get_heartbeats_and_cost_one_query_per_poll(live: LiveServer, tmp_path: Path) -> None:
     engine = live.state.engine
     hub = live.state.event_hub

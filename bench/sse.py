@@ -6,8 +6,7 @@ with them, over all phases of each kind (target <= 1.2: at most 20%).
 
 The phases alternate without, with, with, without, ... (ABBA): this machine's speed drifts by tens of
 percent within a minute, which one phase of each would measure instead of the streams. The per-phase
-figures are kept in the details. The job evaluates on one thread, so it does not fight the API, the load
-and the streams for both cores.
+figures are kept in the details. The job evaluates with the default threads (all cores), as a user's would.
 
 The streams are held by a separate process (`python -m bench.sse URL PATH N`), one raw asyncio connection
 each, counting the events and heartbeats they receive; it opens them on `open` and closes them on `close`
@@ -109,7 +108,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "model_id": model_id,
                 "calibration_dataset_id": data_id,
                 "recipe": {"mode": "static"},
-                "evaluation": {"latency_runs": 100_000, "warmup_runs": 1, "threads": 1},
+                "evaluation": {"latency_runs": 100_000, "warmup_runs": 1},
             }
             job_id = harness.create_job(c, body)["id"]
             deadline = time.monotonic() + 120

@@ -139,6 +139,18 @@ def _candidate(note: Note | None) -> CandidateProgress | None:
     return None if note is None else note.candidate
 
 
+def _log_tail(workdir: Path, returncode: int, code: str, tail: str) -> None:
+    """The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
+    Escaped onto one line: the job's own output must not be able to forge log lines."""
+    log.warning(
+        "job process in %s ended with %s (%s); stderr tail: %s",
+        workdir,
+        returncode,
+        code,
+        tail[-1500:].encode("unicode_escape").decode("ascii"),
+    )
+
+
 def _error(code: str, message: str, **detail: Any) -> JobError:
     return JobError(code, message, detail)
 
@@ -560,8 +572,12 @@ class JobRunner:
             pass
 
     def _read_outcome(self, returncode: int, workdir: Path) -> ChildOutcome:
+        stderr = workdir / "stderr.log"
+        tail = stderr.read_bytes()[-4000:].decode(errors="replace").strip() if stderr.exists() else ""
         if returncode == 0 and (workdir / OUTCOME_FILE).exists():
             outcome = ChildOutcome.read(workdir)
+            if outcome.status == "failed" and tail:  # the engine's traceback, before the folder goes
+                _log_tail(workdir, returncode, outcome.error.code if outcome.error else "failed", tail)
             try:
                 outcome = dataclasses.replace(outcome, artifacts=accept_artifacts(outcome.artifacts, workdir))
             except ArtifactRefused as exc:
@@ -569,17 +585,8 @@ class JobRunner:
                 message = "The job process returned files the worker does not accept; the worker's log has the details."
                 return ChildOutcome("failed", error=_error("internal", message))
             return outcome
-        tail = (workdir / "stderr.log").read_bytes()[-4000:].decode(errors="replace").strip()
         error = exit_error(returncode, tail, JobFile.read(workdir).limits)
-        # The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
-        # Escaped onto one line: the job's own output must not be able to forge log lines.
-        log.warning(
-            "job process in %s ended with %s (%s); stderr tail: %s",
-            workdir,
-            returncode,
-            error.code,
-            tail[-1500:].encode("unicode_escape").decode("ascii"),
-        )
+        _log_tail(workdir, returncode, error.code, tail)
         return ChildOutcome("failed", error=error)
 
     def _store_success(self, job_id: str, attempt: int, outcome: ChildOutcome) -> None:

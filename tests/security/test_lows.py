@@ -24,7 +24,7 @@ from tests.e2e.conftest import clean_env, free_port
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, store_artifact
 from tests.worker.engine.test_evaluate import FAST
-from worker.contracts import EvaluationSettings, JobFile, Limits
+from worker.contracts import ChildOutcome, EvaluationSettings, JobError, JobFile, Limits
 from worker.engine.data import model_inputs
 from worker.engine.evaluate import LatencyMeter, evaluate
 from worker.engine.fidelity import FidelityEvaluator
@@ -208,3 +208,27 @@ def test_the_job_process_stderr_is_logged_on_one_escaped_line(
     assert len(lines) == 1
     assert "\n" not in lines[0] and "\r" not in lines[0]
     assert "\\nboom\\n2030-01-01" in lines[0]  # the text is there, escaped
+
+
+def test_a_job_that_failed_in_the_engine_leaves_its_traceback_in_the_log(
+    sqlite_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job process catches the error, answers `failed` and exits 0; its scratch folder, with the
+    traceback in stderr.log, is deleted after this read: the worker's log is the only copy left."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    error = JobError("quantization_failed", "ValueError during quantizing: bad", {"stage": "quantizing"})
+    ChildOutcome("failed", error=error).write(workdir)
+    (workdir / "stderr.log").write_text('Traceback (most recent call last):\n  File "x.py"\nValueError: bad\n')
+    runner = JobRunner(sqlite_settings, None, LocalStorage(tmp_path / "storage"))  # type: ignore[arg-type]
+    caplog.set_level(logging.WARNING, logger="worker.runner")
+    outcome = runner._read_outcome(0, workdir)
+    assert outcome.status == "failed" and outcome.error == error
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.runner"]
+    assert len(lines) == 1 and "(quantization_failed)" in lines[0]
+    assert "\\nValueError: bad" in lines[0] and "\n" not in lines[0]
+    # A job that succeeded, or failed without a word on stderr, logs nothing here.
+    caplog.clear()
+    (workdir / "stderr.log").write_text("")
+    assert runner._read_outcome(0, workdir).status == "failed"
+    assert not [r for r in caplog.records if r.name == "worker.runner"]

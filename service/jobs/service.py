@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
 
 from sqlalchemy import CursorResult, Select, delete, exists, select, text
@@ -110,11 +112,13 @@ def create_job(
             return existing, False
     model = get_model(session, tenant, body.model_id)
     if body.recipe.reference_model_id is not None:
-        check_reference(session, storage, tenant, body.recipe.reference_model_id, model)
+        with _as_the_request_names_it():
+            check_reference(session, storage, tenant, body.recipe.reference_model_id, model)
     calibration = get_dataset(session, tenant, body.calibration_dataset_id) if body.calibration_dataset_id else None
     evaluation = get_dataset(session, tenant, body.evaluation_dataset_id) if body.evaluation_dataset_id else calibration
     facts = stored_facts(model, storage)
-    check_recipe_for_model(body.recipe, facts, has_calibration=calibration is not None)
+    with _as_the_request_names_it():
+        check_recipe_for_model(body.recipe, facts, has_calibration=calibration is not None)
     if calibration is not None:
         plan_stored_dataset(calibration, facts, body.recipe.calibration_batch_size)
     if evaluation is not None:
@@ -148,6 +152,18 @@ def plan_stored_dataset(dataset: Dataset, facts: ModelFacts, batch_size: int) ->
         has_labels=dataset.has_labels,
         preprocess=dataset.preprocess,
     )
+
+
+@contextlib.contextmanager
+def _as_the_request_names_it() -> Iterator[None]:
+    """A broken recipe rule names its field as the request body does (`recipe.nodes_to_exclude`), like
+    the request's own validation, whether the rule is the recipe's alone or needs the model's facts."""
+    try:
+        yield
+    except RecipeError as exc:
+        field = exc.detail.get("field")
+        detail = {k: v for k, v in exc.detail.items() if k != "field"}
+        raise RecipeError(exc.message, f"recipe.{field}" if field else "recipe", **detail) from exc
 
 
 def check_reference(session: Session, storage: Storage, tenant: str, reference_id: str, model: OnnxModel) -> None:

@@ -198,12 +198,14 @@ def test_compare_needs_a_reference_with_the_same_inputs_and_outputs(client: Test
     model, dataset = conv_model_and_data(client, tmp_path)
     other = mlp_model(client, tmp_path)
     base = {"model_id": model["id"], "calibration_dataset_id": dataset["id"]}
-    missing = _job(client, **base, recipe={"mode": "compare", "reference_model_id": "no-such-model"})
-    assert "names no model of yours" in assert_error(missing, 422, "invalid_recipe")["message"]
-    itself = _job(client, **base, recipe={"mode": "compare", "reference_model_id": model["id"]})
-    assert "the model itself" in assert_error(itself, 422, "invalid_recipe")["message"]
-    mismatch = _job(client, **base, recipe={"mode": "compare", "reference_model_id": other["id"]})
-    assert "cannot be compared" in assert_error(mismatch, 422, "invalid_recipe")["message"]
+    for reference_id, said in (
+        ("no-such-model", "names no model of yours"),
+        (model["id"], "the model itself"),
+        (other["id"], "cannot be compared"),
+    ):
+        refused = _job(client, **base, recipe={"mode": "compare", "reference_model_id": reference_id})
+        error = assert_error(refused, 422, "invalid_recipe")
+        assert said in error["message"] and error["detail"]["field"] == "recipe.reference_model_id", error
     reference, _ = conv_model_and_data(client, tmp_path)
     job = _job(client, **base, recipe={"mode": "compare", "reference_model_id": reference["id"]})
     assert job.status_code == 202 and job.json()["recipe"]["reference_model_id"] == reference["id"]

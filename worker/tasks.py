@@ -22,7 +22,7 @@ from celery.signals import (
 )
 
 from service.database import make_engine, make_session_factory
-from service.queue import RUN_JOB_TASK, JobQueue
+from service.queue import QUEUE, RUN_JOB_TASK, JobQueue
 from service.settings import get_settings
 from service.storage import open_storage
 from worker.celery_app import app
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 _reaper: Reaper | None = None
+_consumer: Any = None  # the main process's Celery consumer, once connected (see ResendOnReconnect)
 CLAIM_RETRIES = 8  # then the sweep re-sends the job once it has been queued for QAAS_QUEUED_RESEND_S
 
 
@@ -62,6 +63,8 @@ class ResendOnReconnect(bootsteps.StartStopStep):
         self.connects = 0
 
     def start(self, parent: Any) -> None:
+        global _consumer
+        _consumer = parent
         self.connects += 1
         if self.connects > 1 and _reaper is not None:
             log.warning("broker connection is back: re-sending every queued job")
@@ -78,7 +81,12 @@ def _stop_reaper(**_: Any) -> None:
 def _grace_then_hand_back(**_: Any) -> None:
     """SIGTERM (warm shutdown): Celery waits for running tasks however long they take. We wait
     QAAS_WORKER_SHUTDOWN_GRACE_S for them to finish, then ask each to hand its job back, so the
-    worker exits promptly (before an orchestrator's SIGKILL) and no job waits for a lease to expire."""
+    worker exits promptly (before an orchestrator's SIGKILL) and no job waits for a lease to expire.
+    The worker takes no new task meanwhile: on kombu's filesystem transport (the embedded default) it
+    went on consuming, and started the very job it had just handed back."""
+    if _consumer is not None:
+        with contextlib.suppress(Exception):  # a broker already gone: nothing to stop consuming from
+            _consumer.cancel_task_queue(QUEUE)
     threading.Thread(target=_hand_back_after_grace, name="qaas-shutdown-grace", daemon=True).start()
 
 

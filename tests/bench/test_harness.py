@@ -16,7 +16,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_every_process_the_benchmark_starts_is_stopped_at_the_end(tmp_path: Path) -> None:
-    with harness.service(tmp_path / "svc", QAAS_MAX_LATENCY_RUNS="100000") as svc:
+    # A short shutdown grace: the job is handed back after 1 s instead of 10 (the default).
+    with harness.service(tmp_path / "svc", QAAS_MAX_LATENCY_RUNS="100000", QAAS_WORKER_SHUTDOWN_GRACE_S="1") as svc:
         assert svc.supervisor is not None and svc.supervisor.cmdline()[-1] == "service.run"
         api, worker = svc.api_process(), svc.worker_process()
         assert api is not None and worker is not None

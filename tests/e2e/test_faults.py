@@ -250,6 +250,24 @@ def test_sigterm_hands_a_long_job_back_and_the_next_worker_finishes_it(dep: Depl
         assert attempts_started(dep, job_id) == [1, 1]
 
 
+def test_sigterm_on_the_embedded_default_takes_no_new_task_while_it_stops(tmp_path: Path) -> None:
+    """On kombu's filesystem transport the stopping worker went on consuming: it received the job it
+    had just handed back, started it again and was stopped 15 s later in the middle of it."""
+    for dep in deploy("embedded", tmp_path / "deployment", **FAST):
+        with dep.client() as http:
+            job_id = create_job(http, upload_model(http, tmp_path), LONG)
+            wait_job(http, job_id, measuring(1), 60, dep)
+            worker = dep.procs["worker"]
+            family = descendants(worker.pid)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+            assert not wait_gone(family, 3)
+            handed_back = http.get(f"/v1/jobs/{job_id}").json()
+            assert handed_back["status"] == "queued" and handed_back["attempts"] == 0, handed_back
+            assert attempts_started(dep, job_id) == [1], worker_log(dep)[-3000:]
+            wait_log(dep, rf"job {job_id}: attempt 1 stopped on request and handed back")
+
+
 def test_embedded_worker_killed_at_every_attempt_fails_with_worker_lost(tmp_path: Path) -> None:
     """The filesystem transport never redelivers the message of a SIGKILLed worker: the sweep must."""
     for dep in deploy("embedded", tmp_path / "deployment", **{**FAST, "QAAS_JOB_MAX_ATTEMPTS": "2"}):

@@ -54,7 +54,8 @@ def _start_reaper(**_: Any) -> None:
 class ResendOnReconnect(bootsteps.StartStopStep):
     """A consumer step: Celery restarts the consumer's steps each time it reconnects to the broker.
     After a reconnect (not the first connect) the broker may have lost every message (a Redis
-    restarted without persistence), so the sweep re-sends all queued jobs at once."""
+    restarted without persistence), so the sweep re-sends all queued jobs at once. It also keeps the
+    consumer, so that a warm shutdown can stop taking tasks (`_grace_then_hand_back`)."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 

@@ -108,25 +108,47 @@ def tenant_for_key(session: Session, key: str) -> tuple[str, str] | None:
 
 
 class RateLimiter:
-    """A token bucket per key in this API process: `per_minute` requests, refilled continuously."""
+    """A token bucket per key in this API process: `per_minute` requests, refilled continuously.
+    Buckets that refilled are dropped once there are more than `max_buckets` (keys may be client
+    addresses, which a caller does not choose from a small set)."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, max_buckets: int = 10_000) -> None:
         self.rate = per_minute / 60.0
         self.capacity = float(per_minute)
+        self.max_buckets = max_buckets
         self.buckets: dict[str, tuple[float, float]] = {}
         self.lock = threading.Lock()
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, stamp = self.buckets.get(key, (self.capacity, now))
+        return min(self.capacity, tokens + (now - stamp) * self.rate)
 
     def acquire(self, key: str) -> float:
         """0 when allowed, else the seconds to wait."""
         now = time.monotonic()
         with self.lock:
-            tokens, stamp = self.buckets.get(key, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
+            tokens = self._tokens(key, now)
             if tokens >= 1:
                 self.buckets[key] = (tokens - 1, now)
+                self._prune(now)
                 return 0.0
             self.buckets[key] = (tokens, now)
             return (1 - tokens) / self.rate
+
+    def wait(self, key: str) -> float:
+        """What `acquire` would answer, without taking a token."""
+        with self.lock:
+            tokens = self._tokens(key, time.monotonic())
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def _prune(self, now: float) -> None:
+        if len(self.buckets) <= self.max_buckets:
+            return
+        for key in [k for k in self.buckets if self._tokens(k, now) >= self.capacity]:
+            del self.buckets[key]  # full again: the same as no bucket
+        if len(self.buckets) > self.max_buckets:  # still too many: the least recently used go
+            for key, _ in sorted(self.buckets.items(), key=lambda kv: kv[1][1])[: len(self.buckets) // 2]:
+                del self.buckets[key]
 
 
 class UploadSlots:
@@ -176,6 +198,7 @@ class AuthMiddleware:
         self.app = app
         self.settings = settings
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.failures = RateLimiter(settings.auth_failures_per_minute)  # per client address
         self.uploads = UploadSlots(settings.uploads_in_flight_per_key, settings.uploads_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,6 +232,24 @@ class AuthMiddleware:
         """(tenant, key prefix); the prefix is None with auth off. Raises the refusal."""
         if self.settings.auth == "off":
             return DEFAULT_TENANT, None
+        client = scope.get("client")
+        address = str(client[0]) if client else "unknown"
+        wait = self.failures.wait(address)
+        if wait:  # refused before any database lookup: a flood of made-up keys costs no query
+            limit = self.settings.auth_failures_per_minute
+            raise RateLimited(
+                f"Too many requests without a valid API key from {address} (limit {limit} per minute); "
+                f"retry in {wait:.1f} s with a valid key.",
+                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+                detail={"retry_after_s": round(wait, 2), "scope": "address"},
+            )
+        try:
+            return await self._tenant_of_key(scope)
+        except Unauthorized:
+            self.failures.acquire(address)
+            raise
+
+    async def _tenant_of_key(self, scope: Scope) -> tuple[str, str]:
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

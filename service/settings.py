@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         100 << 30, ge=1024, description="Stored models, datasets and artifacts per tenant."
     )
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per API key per minute (per API process).")
+    auth_failures_per_minute: int = Field(
+        600,
+        ge=1,
+        description="Requests without a valid API key (none, unknown or revoked) from one client address per "
+        "minute (per API process); then 429 without a database lookup, for any key from that address.",
+    )
     uploads_in_flight_per_key: int = Field(2, ge=1, description="Uploads one API key may have in progress at once.")
     uploads_in_flight: int = Field(8, ge=1, description="Uploads in progress at once in one API process.")
     allow_insecure: bool = Field(

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
-from service.auth import create_key
+from service.auth import RateLimiter, create_key
 from service.database import transaction
 from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
@@ -237,6 +238,49 @@ def test_rate_limit_per_key(auth_settings: Settings, caplog: pytest.LogCaptureFi
         assert int(limited.headers["retry-after"]) >= 1
         assert api.get("/v1/models", headers=_as(bob)).status_code == 200
     assert alice not in caplog.text and bob not in caplog.text  # a key is never logged
+
+
+def test_requests_without_a_valid_key_are_limited_per_address_before_the_database(auth_settings: Settings) -> None:
+    settings = auth_settings.model_copy(update={"auth_failures_per_minute": 3})
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as api:
+        factory = api.app.state.session_factory  # type: ignore[attr-defined]
+        alice = _key(factory, "alice")
+        made_up = "qaas_0badc0de_" + "x" * 43  # well formed: it costs a database lookup
+        lookups: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "api_keys" in statement:
+                lookups.append(statement)
+
+        event.listen(api.app.state.engine, "before_cursor_execute", count)  # type: ignore[attr-defined]
+        try:
+            assert api.get("/v1/models", headers=_as(alice)).status_code == 200  # successes do not count
+            for headers in (_as(made_up), {}, _as(made_up)):  # unknown, none, unknown: three failures
+                assert_error(api.get("/v1/models", headers=headers), 401, "unauthorized")
+            looked_up = len(lookups)
+            refused = api.get("/v1/models", headers=_as(made_up))
+            error = assert_error(refused, 429, "rate_limited")
+            assert "without a valid API key" in error["message"] and int(refused.headers["retry-after"]) >= 1
+            assert error["detail"]["scope"] == "address"
+            # From that address even a valid key waits: telling them apart would take the lookup.
+            assert_error(api.get("/v1/models", headers=_as(alice)), 429, "rate_limited")
+            assert len(lookups) == looked_up, lookups[looked_up:]
+            # Another address is not held back by this one (no lifespan: the app is already running).
+            other = TestClient(app, raise_server_exceptions=False, client=("10.0.0.9", 40000))
+            assert other.get("/v1/models", headers=_as(alice)).status_code == 200
+            assert_error(other.get("/v1/models", headers=_as(made_up)), 401, "unauthorized")
+        finally:
+            event.remove(api.app.state.engine, "before_cursor_execute", count)  # type: ignore[attr-defined]
+
+
+def test_a_rate_limiter_keyed_by_address_stays_small() -> None:
+    limiter = RateLimiter(60, max_buckets=100)
+    for i in range(1000):
+        limiter.acquire(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter.buckets) <= 101
+    assert limiter.wait("10.0.3.231") == 0.0  # the newest are kept (each has 59 of 60 tokens left)
+    assert limiter.buckets["10.0.3.231"][0] == pytest.approx(59, abs=0.1)
 
 
 def test_key_life_cycle_through_the_admin_command(auth_settings: Settings) -> None:

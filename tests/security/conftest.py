@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,17 +67,29 @@ class Hostile:
         return self.dep.client()
 
     def tree(self) -> dict[str, str]:
-        """Every path under root but the data dir and the logs, with a digest of each file."""
+        """Every path under root but the data dir and the logs, with a digest of each file. The worker's
+        own multiprocessing folder (`tmp/pymp-<8 chars>`, empty, made by Celery's pool as it starts,
+        which may be after the first snapshot) is left out too."""
         seen: dict[str, str] = {}
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root)
-            if rel.parts[0] in ("var", "logs"):
+            if rel.parts[0] in ("var", "logs") or _pool_folder(rel, path):
                 continue
             seen[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
         return seen
 
     def api_process(self) -> psutil.Process:
         return psutil.Process(self.dep.procs["api"].pid)
+
+
+def _pool_folder(rel: Path, path: Path) -> bool:
+    return (
+        len(rel.parts) == 2
+        and rel.parts[0] == "tmp"
+        and re.fullmatch(r"pymp-[a-z0-9_]{8}", rel.parts[1]) is not None
+        and path.is_dir()
+        and not any(path.iterdir())
+    )
 
 
 def start(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Iterator[Hostile]:

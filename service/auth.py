@@ -188,6 +188,15 @@ def _lookup(factory: sessionmaker[Session], key: str) -> tuple[str, str] | None:
         return tenant_for_key(session, key)
 
 
+def _wait_for(wait: float, message: str, **detail: str) -> RateLimited:
+    """A rate limit's 429: `Retry-After` in whole seconds (at least 1), the exact wait in the detail."""
+    return RateLimited(
+        message,
+        headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+        detail={"retry_after_s": round(wait, 2), **detail},
+    )
+
+
 class AuthMiddleware:
     """Pure ASGI middleware: `app.add_middleware(AuthMiddleware, settings=settings)`.
 
@@ -237,11 +246,11 @@ class AuthMiddleware:
         wait = self.failures.wait(address)
         if wait:  # refused before any database lookup: a flood of made-up keys costs no query
             limit = self.settings.auth_failures_per_minute
-            raise RateLimited(
+            raise _wait_for(
+                wait,
                 f"Too many requests without a valid API key from {address} (limit {limit} per minute); "
                 f"retry in {wait:.1f} s with a valid key.",
-                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-                detail={"retry_after_s": round(wait, 2), "scope": "address"},
+                scope="address",
             )
         try:
             return await self._tenant_of_key(scope)
@@ -269,11 +278,10 @@ class AuthMiddleware:
         tenant, prefix = found
         wait = self.rate_limiter.acquire(prefix)
         if wait:
-            raise RateLimited(
+            raise _wait_for(
+                wait,
                 f"Too many requests for this API key (limit {self.settings.rate_limit_per_minute} per minute); "
                 f"retry in {wait:.1f} s.",
-                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-                detail={"retry_after_s": round(wait, 2)},
             )
         return tenant, prefix
 

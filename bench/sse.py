@@ -74,6 +74,7 @@ async def _hold(url: str, path: str, streams: int) -> None:
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
     stats: dict[str, Any] = {}
+    cpu0 = 0.0
     while command := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
         if command == "open":
             stats = {"open": 0, "events": 0, "heartbeats": 0, "ended": 0, "errors": 0}
@@ -82,13 +83,12 @@ async def _hold(url: str, path: str, streams: int) -> None:
             deadline = time.perf_counter() + 30
             while stats["open"] + stats["errors"] < streams and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
-            stats["cpu_s"] = -cpu0
             print(json.dumps({"ready": stats["open"]}), flush=True)
         elif command == "close":
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            stats["cpu_s"] = round(stats["cpu_s"] + time.process_time(), 2)
+            stats["cpu_s"] = round(time.process_time() - cpu0, 2)
             print(json.dumps(stats), flush=True)
 
 
@@ -122,12 +122,14 @@ def measure(ctx: Context) -> dict[str, Any]:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert holder.stdin is not None and holder.stdout is not None
+        commands, answers = holder.stdin, holder.stdout
+        assert commands is not None and answers is not None
 
         def tell(command: str) -> dict[str, Any]:
-            holder.stdin.write(command + "\n")  # type: ignore[union-attr]
-            holder.stdin.flush()  # type: ignore[union-attr]
-            return json.loads(holder.stdout.readline())  # type: ignore[union-attr]
+            commands.write(command + "\n")
+            commands.flush()
+            answer: dict[str, Any] = json.loads(answers.readline())
+            return answer
 
         runs: list[dict[str, Any]] = []
         try:

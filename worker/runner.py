@@ -139,6 +139,16 @@ def _candidate(note: Note | None) -> CandidateProgress | None:
     return None if note is None else note.candidate
 
 
+def _stderr_tail(workdir: Path, size: int = 4000) -> str:
+    """The last `size` bytes of the job process's stderr.log (read only when the attempt failed)."""
+    try:
+        with (workdir / "stderr.log").open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace").strip()
+    except FileNotFoundError:
+        return ""
+
+
 def _log_tail(workdir: Path, returncode: int, code: str, tail: str) -> None:
     """The stderr tail may hold paths and native traces: the worker's log, never the user's answer.
     Escaped onto one line: the job's own output must not be able to forge log lines."""
@@ -572,11 +582,9 @@ class JobRunner:
             pass
 
     def _read_outcome(self, returncode: int, workdir: Path) -> ChildOutcome:
-        stderr = workdir / "stderr.log"
-        tail = stderr.read_bytes()[-4000:].decode(errors="replace").strip() if stderr.exists() else ""
         if returncode == 0 and (workdir / OUTCOME_FILE).exists():
             outcome = ChildOutcome.read(workdir)
-            if outcome.status == "failed" and tail:  # the engine's traceback, before the folder goes
+            if outcome.status == "failed" and (tail := _stderr_tail(workdir)):  # the engine's traceback
                 _log_tail(workdir, returncode, outcome.error.code if outcome.error else "failed", tail)
             try:
                 outcome = dataclasses.replace(outcome, artifacts=accept_artifacts(outcome.artifacts, workdir))
@@ -585,6 +593,7 @@ class JobRunner:
                 message = "The job process returned files the worker does not accept; the worker's log has the details."
                 return ChildOutcome("failed", error=_error("internal", message))
             return outcome
+        tail = _stderr_tail(workdir)
         error = exit_error(returncode, tail, JobFile.read(workdir).limits)
         _log_tail(workdir, returncode, error.code, tail)
         return ChildOutcome("failed", error=error)

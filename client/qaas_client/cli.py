@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 import webbrowser
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from qaas_client import config, render
 from qaas_client.client import Client, Job
-from qaas_client.errors import AuthenticationError, ConflictError, QaasError
+from qaas_client.errors import AuthenticationError, ConflictError, InsecureTransportWarning, QaasError
 from qaas_client.progress import ProgressView
 from qaas_client.types import Dataset, Model
 
@@ -46,10 +47,23 @@ class QaasGroup(click.Group):
             raise click.ClickException(str(exc)) from exc
 
 
+def _connect(url: str | None, api_key: str | None, **options: Any) -> Client:
+    """A Client; its warning that the key would travel unencrypted is one line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InsecureTransportWarning)
+        client = Client(url, api_key, **options)
+    for warning in caught:
+        if issubclass(warning.category, InsecureTransportWarning):
+            err.print(f"qaas: warning: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return client
+
+
 def _client(ctx: click.Context) -> Client:
     obj = ctx.find_root().ensure_object(dict)
     if "client" not in obj:
-        obj["client"] = ctx.with_resource(Client(obj.get("url"), obj.get("api_key"), on_retry=_notify_retry))
+        obj["client"] = ctx.with_resource(_connect(obj.get("url"), obj.get("api_key"), on_retry=_notify_retry))
     client: Client = obj["client"]
     return client
 
@@ -119,7 +133,7 @@ def login(new_url: str | None, new_key: str | None, no_verify: bool) -> None:
         )
     connection = config.Connection(url.rstrip("/"), key or None)
     if not no_verify:
-        with Client(connection.url, connection.api_key or "", max_retries=1) as client:
+        with _connect(connection.url, connection.api_key or "", max_retries=1) as client:
             try:
                 next(client.list_models(limit=1), None)
             except AuthenticationError as exc:

@@ -7,18 +7,26 @@ import json
 import os
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from qaas_client import config
-from qaas_client.errors import JobCancelledError, JobFailedError, QaasError
+from qaas_client.errors import (
+    InsecureTransportWarning,
+    JobCancelledError,
+    JobFailedError,
+    QaasError,
+    UnsafeResponseError,
+)
 from qaas_client.events import follow
-from qaas_client.http import Http, RetryHook
+from qaas_client.http import Http, RetryHook, cleartext_key_warning
 from qaas_client.progress import ProgressView
 from qaas_client.types import Artifact, Dataset, JobUpdate, Model, Report
 
@@ -42,13 +50,41 @@ def _local_file(value: PathLike) -> Path | None:
     return None
 
 
+def _saved_path(folder: Path, name: str) -> Path:
+    """Where an artifact the service named lands: a plain file name, in `folder` and nowhere else.
+    The name comes from the service, which is not trusted with the user's files: `../x` or
+    `/home/u/.bashrc` is refused, and so is a symbolic link of that name found in the folder."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or any(c in name for c in ("/", "\\", "\0"))
+        or os.path.isabs(name)
+        or PureWindowsPath(name).drive
+    ):
+        raise UnsafeResponseError(
+            "unsafe_artifact_name",
+            f"The service named an artifact {name!r}, which is not a plain file name; nothing was saved.",
+        )
+    real_folder = folder.resolve()
+    target = real_folder / name
+    if target.is_symlink() or target.resolve().parent != real_folder:
+        raise UnsafeResponseError(
+            "unsafe_artifact_name",
+            f"{target} is a symbolic link; the artifact {name!r} is not written through it. "
+            "Remove the link or download into another folder; nothing was saved.",
+        )
+    return target
+
+
 class Client:
     """A connection to a QaaS service. `url` and `api_key` default to QAAS_URL / QAAS_API_KEY, then to
     what `qaas login` saved, then to http://127.0.0.1:8000 without a key.
 
     Requests answered 429 or 503 are retried after the `Retry-After` the service gives (up to
     `max_retries` times, never waiting longer than `max_wait_s` at once). Failures raise a subclass
-    of `QaasError` carrying the service's error code."""
+    of `QaasError` carrying the service's error code. A key about to go over plain `http://` to another
+    machine raises an `InsecureTransportWarning`."""
 
     def __init__(
         self,
@@ -64,6 +100,9 @@ class Client:
     ) -> None:
         connection = config.resolve(url, api_key)
         self.url = connection.url
+        insecure = cleartext_key_warning(connection.url, connection.api_key)
+        if insecure is not None:
+            warnings.warn(insecure, InsecureTransportWarning, stacklevel=2)
         extra: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
         self.http = Http(
             connection.url,
@@ -347,7 +386,8 @@ class Job:
     def download(self, dest: PathLike = ".") -> Path:
         """Saves the quantized model and returns its path. `dest` is a folder (the file keeps its name
         `quantized.onnx`) or a file name; external data files land beside it under their own names,
-        as the model refers to them. Each file's sha256 is checked against the service's."""
+        as the model refers to them, which must be plain file names (UnsafeResponseError otherwise,
+        before anything is saved). Each file's sha256 is checked against the service's."""
         artifacts = {a.name: a for a in self.artifacts()}
         if MODEL_FILE not in artifacts:
             raise QaasError(
@@ -358,18 +398,24 @@ class Job:
         if target.is_dir() or os.fspath(dest).endswith(("/", os.sep)):
             target = target / MODEL_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._fetch(artifacts[MODEL_FILE], target)
-        for artifact in artifacts.values():
-            if artifact.name != MODEL_FILE and artifact.media_type == MODEL_MEDIA_TYPE:
-                self._fetch(artifact, target.parent / artifact.name)
+        beside = [
+            (artifact, _saved_path(target.parent, artifact.name))
+            for artifact in artifacts.values()
+            if artifact.name != MODEL_FILE and artifact.media_type == MODEL_MEDIA_TYPE
+        ]
+        for artifact, path in [(artifacts[MODEL_FILE], target), *beside]:
+            self._fetch(artifact, path)
         return target
 
     def _fetch(self, artifact: Artifact, target: Path) -> None:
+        # The URL is built from the job and the name, not taken from the listing: the API key goes
+        # with it, so it must lead to the service (`Http.download` drops the key on a redirect elsewhere).
+        url = f"/v1/jobs/{quote(self.id, safe='')}/artifacts/{quote(artifact.name, safe='')}"
         digest = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out:
-                response = self.client.http.send("GET", artifact.url, stream=True)
+                response = self.client.http.download(url)
                 try:
                     for chunk in response.iter_bytes(1 << 20):
                         digest.update(chunk)

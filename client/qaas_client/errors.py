@@ -58,6 +58,15 @@ class ServerError(QaasError):
     """The service failed on its side (5xx other than 503)."""
 
 
+class UnsafeResponseError(QaasError):
+    """The service sent something the client refuses to act on: an artifact name that is not a plain
+    file name, a file it would write through a symbolic link, a URL off the service's origin."""
+
+
+class InsecureTransportWarning(UserWarning):
+    """The API key is about to travel unencrypted (plain `http://` to a host other than this machine)."""
+
+
 class JobFailedError(QaasError):
     """The job ended `failed`; `code` is the job's error code (e.g. `quantization_failed`, `timeout`)."""
 

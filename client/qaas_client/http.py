@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -12,10 +13,12 @@ from typing import Any
 
 import httpx
 
-from qaas_client.errors import UnavailableError, error_for
+from qaas_client.errors import QaasError, UnavailableError, UnsafeResponseError, error_for
 
 RETRY_STATUSES = (429, 503)
 MAX_BACKOFF_S = 10.0
+MAX_REDIRECTS = 5
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Called before each retry with (what went wrong, seconds about to be waited, retry number from 1).
 RetryHook = Callable[[str, float, int], None]
@@ -46,6 +49,32 @@ def retry_after_s(response: httpx.Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def origin(url: httpx.URL | str) -> tuple[str, str, int | None]:
+    """Scheme, host and port: what decides whether the API key may go to a URL."""
+    url = httpx.URL(url)
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cleartext_key_warning(url: str, api_key: str | None) -> str | None:
+    """What to say when `api_key` would travel unencrypted to `url`; None when it would not."""
+    parsed = httpx.URL(url)
+    if not api_key or parsed.scheme != "http" or is_loopback(parsed.host):
+        return None
+    return (
+        f"{url} is plain http:// on another machine: the API key and your files travel unencrypted. "
+        "Use https:// (a TLS proxy in front of the service)."
+    )
 
 
 def _describe(response: httpx.Response) -> str:
@@ -82,6 +111,7 @@ class Http:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.url = url.rstrip("/")
+        self.origin = origin(self.url)
         self.max_retries = max_retries
         self.max_wait_s = max_wait_s
         self.sleep = sleep
@@ -104,9 +134,12 @@ class Http:
         stream: bool = False,
         open_files: FileOpener | None = None,
         read_timeout: float | None = None,
+        redirects: bool = False,
         **kwargs: Any,
     ) -> httpx.Response:
-        """The response of a successful request (with `stream`, unread: close it). Raises a QaasError."""
+        """The response of a successful request (with `stream`, unread: close it); with `redirects`, a
+        redirect is answered too, unfollowed. Raises a QaasError. `path` must lead to the service
+        itself: the API key goes with every request, so a URL of another origin is refused."""
         attempt = 0
         while True:
             with ExitStack() as files:
@@ -115,6 +148,12 @@ class Http:
                 if read_timeout is not None:
                     kwargs["timeout"] = httpx.Timeout(self.client.timeout.connect, read=read_timeout)
                 request = self.client.build_request(method, path, **kwargs)
+                if origin(request.url) != self.origin:
+                    raise UnsafeResponseError(
+                        "foreign_url",
+                        f"Refusing to send the API key to {_where(request.url)}, which is not the service "
+                        f"({self.url}).",
+                    )
                 try:
                     response = self.client.send(request, stream=stream)
                 except httpx.ConnectError as exc:
@@ -135,7 +174,7 @@ class Http:
                     raise UnavailableError(
                         "connection_error", f"The connection to {self.url} failed during {method} {path}: {exc}"
                     ) from exc
-            if response.is_success:
+            if response.is_success or (redirects and response.is_redirect):
                 return response
             if stream:
                 response.read()
@@ -161,3 +200,46 @@ class Http:
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.send(method, path, **kwargs).json()
+
+    def download(self, path: str) -> httpx.Response:
+        """`GET path` streamed (close the response), following redirects by hand: with the API key
+        while they stay on the service's origin, without it once they leave it. A service that keeps
+        its files in S3 answers 307 to a presigned URL of the store, whose signature is the credential
+        there; the key must never reach another host."""
+        response = self.send("GET", path, stream=True, redirects=True)
+        on_service = True
+        for _ in range(MAX_REDIRECTS):
+            if not response.is_redirect:
+                return response
+            response.close()
+            url = response.url.join(response.headers["location"])
+            on_service = on_service and origin(url) == self.origin
+            response = self.send("GET", str(url), stream=True, redirects=True) if on_service else self._elsewhere(url)
+        response.close()
+        raise QaasError("too_many_redirects", f"The download of {path} was redirected more than {MAX_REDIRECTS} times.")
+
+    def _elsewhere(self, url: httpx.URL) -> httpx.Response:
+        """`GET url` off the service: no API key, no retries; the response streamed, or a redirect."""
+        request = self.client.build_request("GET", url)
+        request.headers.pop("Authorization", None)
+        where = _where(url)  # never the whole URL: its query string may be a credential
+        try:
+            response = self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise UnavailableError(
+                "connection_error", f"The download the service redirected to {where} failed: {exc}"
+            ) from exc
+        if response.is_success or response.is_redirect:
+            return response
+        response.read()
+        response.close()
+        raise QaasError(
+            "download_failed",
+            f"{where}, where the service redirected the download, answered {response.status_code} "
+            f"{response.reason_phrase}: {response.text[:300]}",
+            status=response.status_code,
+        )
+
+
+def _where(url: httpx.URL) -> str:
+    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"

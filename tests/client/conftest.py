@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from qaas_client import Client
 from service.app import create_app
 from service.settings import Settings
+from tests.client.hostile import Hostile, running
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,12 @@ class AppTransport(httpx.BaseTransport):
         self.app = app
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        answer = self.app.request(
-            request.method, str(request.url), headers=list(request.headers.multi_items()), content=request.read()
+        answer = self.app.request(  # redirects are the client's to follow, as over a real connection
+            request.method,
+            str(request.url),
+            headers=list(request.headers.multi_items()),
+            content=request.read(),
+            follow_redirects=False,
         )
         headers = [(k, v) for k, v in answer.headers.multi_items() if k.lower() != "content-encoding"]
         return httpx.Response(answer.status_code, headers=headers, content=answer.content, request=request)
@@ -58,3 +63,17 @@ def scripted(handler: Handler, sleeps: list[float] | None = None, **options: Any
     """A client whose requests `handler` answers; its waits are recorded in `sleeps` instead of slept."""
     record = sleeps if sleeps is not None else []
     return Client("http://qaas.test", transport=httpx.MockTransport(handler), sleep=record.append, **options)
+
+
+@pytest.fixture
+def hostile() -> Iterator[Hostile]:
+    """A service on 127.0.0.1 that answers what the test scripts, and records what it is sent."""
+    with running() as server:
+        yield server
+
+
+@pytest.fixture
+def store() -> Iterator[Hostile]:
+    """Another origin (another port): the object store a download is redirected to, or a thief."""
+    with running() as server:
+        yield server

@@ -109,9 +109,9 @@ def _key(app: TestClient, tenant: str) -> str:
 
 
 def test_the_api_key_is_sent_and_a_bad_one_is_an_authentication_error(auth_app: TestClient) -> None:
-    with Client("http://testserver", api_key=_key(auth_app, "acme"), transport=AppTransport(auth_app)) as good:
+    with Client("http://127.0.0.1", api_key=_key(auth_app, "acme"), transport=AppTransport(auth_app)) as good:
         assert list(good.list_jobs()) == []
-    bad = Client("http://testserver", api_key="qaas_00000000_wrong", transport=AppTransport(auth_app))
+    bad = Client("http://127.0.0.1", api_key="qaas_00000000_wrong", transport=AppTransport(auth_app))
     with bad, pytest.raises(AuthenticationError) as refused:
         list(bad.list_models())
     assert refused.value.code == "unauthorized" and refused.value.status == 401
@@ -122,7 +122,7 @@ def test_rate_limited_requests_wait_what_retry_after_says_then_succeed(auth_app:
     the client sleeps that long (really, so the bucket refills) and its retry goes through."""
     waits: list[tuple[str, float]] = []
     with Client(
-        "http://testserver",
+        "http://127.0.0.1",
         api_key=_key(auth_app, "acme"),
         transport=AppTransport(auth_app),
         on_retry=lambda why, wait, _n: waits.append((why, wait)),
@@ -136,7 +136,7 @@ def test_rate_limited_requests_wait_what_retry_after_says_then_succeed(auth_app:
 def test_giving_up_on_the_rate_limit_raises_it(auth_app: TestClient) -> None:
     with (
         Client(
-            "http://testserver", api_key=_key(auth_app, "acme"), transport=AppTransport(auth_app), max_retries=0
+            "http://127.0.0.1", api_key=_key(auth_app, "acme"), transport=AppTransport(auth_app), max_retries=0
         ) as client,
         pytest.raises(RateLimitedError) as limited,
     ):

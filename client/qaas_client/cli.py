@@ -26,9 +26,10 @@ from qaas_client.types import Dataset, Model
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 TABLE_WIDTH_PIPED = 240
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-wide = Console(highlight=False, width=TABLE_WIDTH_PIPED)
+# No markup: what is printed holds the service's strings (names, messages, warnings), shown as they are.
+out = Console(highlight=False, markup=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+wide = Console(highlight=False, markup=False, width=TABLE_WIDTH_PIPED)
 
 
 def _notify_retry(why: str, wait_s: float, retry: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from qaas_client.types import JobUpdate
@@ -30,10 +31,10 @@ class ProgressView:
     def __enter__(self) -> ProgressView:
         if self.live:
             self.bar = Progress(
-                TextColumn(f"job {self.job_id[:8]}"),
+                TextColumn(f"job {escape(self.job_id[:8])}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>3.0f}%"),
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),  # the service's names, shown as they are
                 TimeElapsedColumn(),
                 console=self.console,
                 transient=False,
@@ -48,7 +49,7 @@ class ProgressView:
             return
         line = f"job {self.job_id}: {describe(update)}"
         if line != self.last_line:  # progress within a stage is noise in a log
-            self.console.print(f"{line} {update.progress:.0%}", highlight=False)
+            self.console.print(f"{line} {update.progress:.0%}", highlight=False, markup=False)
             self.last_line = line
 
     def __exit__(

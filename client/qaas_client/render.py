@@ -1,4 +1,7 @@
-"""What the CLI prints: the summary of a quantized model and the tables of models, datasets and jobs."""
+"""What the CLI prints: the summary of a quantized model and the tables of models, datasets and jobs.
+
+Cells are `Text`, never markup: they hold the service's strings (names, warnings), which must show as
+they are whatever console prints them; `[bold]x[/]` in a warning is text, not a style."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from qaas_client.client import Job
 from qaas_client.types import Dataset, Model, Report
@@ -41,11 +45,21 @@ def fidelity_line(report: Report) -> list[str]:
     return lines or ["-"]
 
 
+class _Grid:
+    """Two columns, a bold label and its value, both shown as plain text."""
+
+    def __init__(self) -> None:
+        self.table = Table.grid(padding=(0, 2))
+        self.table.add_column(style="bold")
+        self.table.add_column()
+
+    def add_row(self, label: str, value: str) -> None:
+        self.table.add_row(Text(label), Text(value))
+
+
 def summary(report: Report) -> Table:
     """The figures a user checks first: size, speed, fidelity, accuracy and what went wrong."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid = _Grid()
     ratio = f" ({report.size_ratio:.2f}x)" if report.size_ratio is not None else ""
     grid.add_row("size", f"{size(report.original_size_bytes)} -> {size(report.quantized_size_bytes)}{ratio}")
     if report.original_p50_ms is not None and report.quantized_p50_ms is not None:
@@ -61,7 +75,7 @@ def summary(report: Report) -> Table:
         verdict = f"{report.auto_verdict}; " if report.auto_verdict else ""
         grid.add_row("auto", f"{verdict}chose {report.auto_chosen or '-'}")
     grid.add_row("warnings", "\n".join(f"- {w}" for w in report.warnings) if report.warnings else "none")
-    return grid
+    return grid.table
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
@@ -73,7 +87,7 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
         else:  # a narrow terminal folds cells rather than hide their ends
             out.add_column(name, min_width=min(len(name), 8), overflow="fold")
     for row in rows:
-        out.add_row(*("-" if v is None else str(v) for v in row))
+        out.add_row(*(Text("-" if v is None else str(v)) for v in row))
     return out
 
 
@@ -120,13 +134,11 @@ def jobs_table(jobs: Iterable[Job]) -> Table:
 
 
 def usage_grid(tenant: str, storage: dict[str, int], jobs: dict[str, int], models: int, datasets: int) -> Table:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid = _Grid()
     grid.add_row("tenant", tenant)
     grid.add_row("storage", f"{size(storage['total_bytes'])} of {size(storage['quota_bytes'])}")
     grid.add_row("stored", f"{models} models, {datasets} datasets")
     active = jobs.get("queued", 0) + jobs.get("running", 0)
     counts = ", ".join(f"{jobs.get(s, 0)} {s}" for s in ("queued", "running", "succeeded", "failed", "cancelled"))
     grid.add_row("jobs", f"{counts} ({active} of {jobs.get('active_quota', '-')} active allowed)")
-    return grid
+    return grid.table

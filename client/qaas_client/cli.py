@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import warnings
@@ -363,8 +364,12 @@ def report(ctx: click.Context, job_id: str, open_page: bool, html: Path | None, 
     job = _client(ctx).get_job(job_id)
     if html or open_page:
         # The page is fetched with the key and saved, since a browser cannot send the key itself.
-        page = html or Path(tempfile.gettempdir()) / f"qaas-report-{job.id}.html"
-        page.write_text(job.report_html(), encoding="utf-8")
+        content = job.report_html()
+        if html is None:
+            page = _private_file(content, suffix=".html")
+        else:
+            page = html
+            page.write_text(content, encoding="utf-8")
         err.print(f"Report saved to {page}")
         if open_page and not webbrowser.open(page.resolve().as_uri()):
             raise click.ClickException(f"No browser could be started; open {page} yourself.")
@@ -373,6 +378,16 @@ def report(ctx: click.Context, job_id: str, open_page: bool, html: Path | None, 
         _echo_json(job.report.raw)
     else:
         _print_outcome(job, None)
+
+
+def _private_file(content: str, *, suffix: str) -> Path:
+    """A new file readable by its owner only (0600), in a new folder of its own (0700) under the temp
+    directory: no name another user of the machine could guess and plant a link at beforehand."""
+    folder = tempfile.mkdtemp(prefix="qaas-report-")
+    fd, name = tempfile.mkstemp(dir=folder, prefix="report-", suffix=suffix)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(content)
+    return Path(name)
 
 
 # models and datasets

@@ -1,10 +1,15 @@
-"""What the CLI shows of a service's answers: its strings as they are, never Rich markup."""
+"""What the CLI shows and saves of a service's answers: its strings as they are (never Rich markup),
+and the HTML report `qaas report --open` hands the browser in a private file no one could plant."""
 
 from __future__ import annotations
 
 import io
+import stat
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -12,7 +17,7 @@ from qaas_client import JobUpdate, Model, Report
 from qaas_client.cli import cli
 from qaas_client.progress import ProgressView
 from qaas_client.render import models_table, summary, usage_grid
-from tests.client.hostile import Hostile
+from tests.client.hostile import Answer, Hostile
 
 STYLED = "[bold red]pwned[/]"
 LINK = "[link=https://evil.test]click here[/link]"
@@ -71,3 +76,38 @@ def test_qaas_jobs_show_prints_the_error_message_and_code_literally(hostile: Hos
     code, stdout, stderr = qaas("--url", hostile.url, "jobs", "show", "j1")
     assert code == 0, stderr
     assert f"error: {STYLED} {UNBALANCED} [quantization_failed]" in stdout, stdout
+
+
+def test_qaas_report_open_writes_a_private_file_no_one_could_have_planted(
+    tmp_path: Path, hostile: Hostile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temp directory is shared with the machine's other users: a file at a name they can guess
+    (`/tmp/qaas-report-<job>.html`) may already be their link to a file of yours, which would be
+    overwritten with the report, and a world-readable report shows them your figures."""
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (shared_tmp / "qaas-report-j1.html").symlink_to(victim)  # planted at the old, predictable name
+    opened: list[str] = []
+
+    def browser(uri: str) -> bool:
+        opened.append(uri)
+        return True
+
+    monkeypatch.setattr("webbrowser.open", browser)
+    hostile.job("j1")
+    page = "<html><body>the report</body></html>"
+    hostile.routes["/v1/jobs/j1/report.html"] = Answer(200, page.encode(), {"Content-Type": "text/html"})
+
+    for _ in range(2):
+        code, _, stderr = qaas("--url", hostile.url, "report", "j1", "--open")
+        assert code == 0, stderr
+    assert victim.read_text() == "keep me"
+    files = [Path(uri.removeprefix("file://")) for uri in opened]
+    assert len(files) == 2 and files[0] != files[1]  # a new name each time: nothing to guess
+    for file in files:
+        assert file.read_text() == page
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(file.parent.stat().st_mode) == 0o700 and file.parent.parent == shared_tmp

@@ -6,19 +6,28 @@ entry, so a small archive of many tiny entries would otherwise cost far more mem
 before any limit is checked. Each archive is then parsed once (`checked_zip`).
 
 An archive is a file on disk or a seekable file object (`Archive`): a stored object read in place
-through ranged reads (`Storage.open_seekable`) is checked without ever being copied to local disk."""
+through ranged reads (`Storage.open_seekable`) is checked without ever being copied to local disk.
+
+Members are read only through `ZipMembers`, never through `zipfile`'s own readers: those trust the
+sizes an archive declares (bzip2 and LZMA members are inflated a whole compressed window at a time,
+and `read()` takes a member whole), so a few hundred bytes could make the API allocate gigabytes. Only
+stored and deflate members are accepted (what numpy and the usual zip tools write); every decompressor
+call may produce at most the bytes asked for and still declared, a member that inflates past its
+declared size or ends short of it is refused, and a stored member must hold exactly what it declares."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 from service.contract.formats import member_name as safe_member_name
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge, ServiceError
@@ -28,7 +37,8 @@ _CHUNK = 1 << 20
 # Small entries compress extremely well when they are padding or zeros, so the ratio test
 # only bites on entries large enough to matter.
 _RATIO_MIN_BYTES = 1 << 20
-_SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "deflate64"}
+_WINDOW = 64 << 10  # compressed bytes handed to the inflater at a time
 _UNIX = 3
 MAX_FILE_NAME_BYTES = 255  # one path component, on the filesystems storage runs on
 
@@ -41,6 +51,10 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
 _CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_UTF8_NAME = 0x800
+_PATCHED_DATA = 0x20
 
 Archive = Path | BinaryIO  # a zip on disk, or open and seekable
 
@@ -111,7 +125,7 @@ def read_directory(archive: Archive, error_cls: type[ServiceError] = InvalidData
             file_size = f.seek(0, os.SEEK_END)
             tail_start = max(0, file_size - _EOCD.size - 0xFFFF)  # the record plus the longest comment
             f.seek(tail_start)
-            tail = f.read()
+            tail = f.read(file_size - tail_start)
             at = len(tail) - _EOCD.size
             if at < 0 or tail[at : at + 4] != _EOCD_SIGNATURE:
                 at = tail.rfind(_EOCD_SIGNATURE)
@@ -171,13 +185,15 @@ def check_directory(archive: Archive, limits: ArchiveLimits, error_cls: type[Ser
 @contextmanager
 def checked_zip(
     archive: Archive, limits: ArchiveLimits = ArchiveLimits(), error_cls: type[ServiceError] = InvalidDataset
-) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
-    """The open archive and its entries, its directory parsed once and every entry checked (see `check_zip`)."""
+) -> Iterator[tuple[ZipMembers, list[zipfile.ZipInfo]]]:
+    """The archive's members and its entries, its directory parsed once and every entry checked (see `check_zip`)."""
     check_directory(archive, limits, error_cls)
-    with _reading(archive) as f, open_zip(f, error_cls) as zf:
-        infos = zf.infolist()
-        _check_entries(infos, f.seek(0, os.SEEK_END), limits, error_cls)
-        yield zf, infos
+    with _reading(archive) as f:
+        with open_zip(f, error_cls) as zf:
+            infos = zf.infolist()
+        size = f.seek(0, os.SEEK_END)
+        _check_entries(infos, size, limits, error_cls)
+        yield ZipMembers(f, size, error_cls), infos
 
 
 def check_zip(
@@ -206,11 +222,18 @@ def _check_entries(
                 f"Archive entry {name!r} is encrypted; upload an archive without a password.",
                 detail={"entry": name},
             )
-        if info.compress_type not in _SUPPORTED_METHODS:
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & _PATCHED_DATA:
+            method = _METHOD_NAMES.get(info.compress_type, f"compression method {info.compress_type}")
             raise error_cls(
-                f"Archive entry {name!r} uses an unsupported compression method "
-                f"({info.compress_type}); recompress it with deflate or store it.",
+                f"Archive entry {name!r} is compressed with {method}, which is not accepted (only deflate or "
+                "no compression); re-create the archive with np.savez_compressed or zip -Z deflate.",
                 detail={"entry": name, "compress_type": info.compress_type},
+            )
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            raise error_cls(
+                f"Archive entry {name!r} is stored uncompressed but declares {info.file_size} bytes and holds "
+                f"{info.compress_size}; upload a complete, uncorrupted zip.",
+                detail={"entry": name, "file_size": info.file_size, "compress_size": info.compress_size},
             )
         if is_symlink_entry(info) or _is_special_entry(info):
             raise error_cls(
@@ -263,6 +286,158 @@ def _check_entries(
             )
 
 
+class ZipMembers:
+    """The members of a checked archive (`checked_zip`), each read through a `MemberReader`."""
+
+    def __init__(self, source: BinaryIO, size: int, error_cls: type[ServiceError]) -> None:
+        self._source, self._size, self._error_cls = source, size, error_cls
+
+    @contextmanager
+    def open(self, info: zipfile.ZipInfo) -> Iterator[IO[bytes]]:
+        """The member as a seekable, read-only file; its local header is checked first."""
+        with MemberReader(self._source, info, self._data_start(info), self._error_cls) as reader:
+            yield cast(IO[bytes], reader)  # a BufferedIOBase, which typeshed does not count as an IO
+
+    def _data_start(self, info: zipfile.ZipInfo) -> int:
+        self._source.seek(info.header_offset)
+        header = self._source.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
+            raise _corrupt(info, "no local header where the central directory points", self._error_cls)
+        fields = _LOCAL_HEADER.unpack(header)
+        flags, name_length, extra_length = fields[2], fields[9], fields[10]
+        name = self._source.read(name_length).decode("utf-8" if flags & _UTF8_NAME else "cp437", errors="replace")
+        if name != info.orig_filename:
+            raise _corrupt(info, "its local header names another file", self._error_cls)
+        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if start + info.compress_size > self._size:
+            raise _corrupt(info, "it claims more bytes than the archive holds", self._error_cls)
+        return start
+
+
+class MemberReader(io.BufferedIOBase):
+    """One stored or deflated member, inflated as it is read. Every decompressor call may produce at
+    most the bytes asked for and, by the declared size, still to come: memory follows the reads,
+    whatever the archive declares. At the declared size the member must end (one byte more and it is
+    refused) and its CRC-32 must match; seeking backwards starts it again."""
+
+    def __init__(self, source: BinaryIO, info: zipfile.ZipInfo, data_start: int, error_cls: type[ServiceError]) -> None:
+        super().__init__()
+        self._source, self._info, self._data_start, self._error_cls = source, info, data_start, error_cls
+        self._rewind()
+
+    def _rewind(self) -> None:
+        self._raw_at, self._raw_left = self._data_start, self._info.compress_size
+        deflated = self._info.compress_type == zipfile.ZIP_DEFLATED
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
+        self._pending = b""  # compressed bytes read and not yet inflated
+        self._pos = self._crc = 0
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._info.file_size}[whence]
+        target = min(max(base + offset, 0), self._info.file_size)
+        if target < self._pos:
+            self._rewind()
+        while self._pos < target:
+            self._next(min(target - self._pos, _CHUNK))
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._left()
+        want = left if size is None or size < 0 else min(size, left)
+        chunks = []
+        while want > 0:
+            chunk = self._next(min(want, _CHUNK))
+            chunks.append(chunk)
+            want -= len(chunk)
+        if left == 0:
+            self._end()  # an empty member is checked too
+        return b"".join(chunks)
+
+    def read1(self, size: int = -1) -> bytes:
+        left = self._left()
+        want = min(_CHUNK if size < 0 else size, left)
+        if left == 0:
+            self._end()
+        return self._next(want) if want > 0 else b""
+
+    def _left(self) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        return self._info.file_size - self._pos
+
+    def _next(self, want: int) -> bytes:
+        """Between 1 and `want` (> 0, at most what is left) bytes more."""
+        data = self._raw(want) if self._inflater is None else self._inflate(want)
+        if not data:
+            raise self._corrupt(f"its data ends {self._left()} bytes short of its declared size")
+        self._crc = zlib.crc32(data, self._crc)
+        self._pos += len(data)
+        if self._pos == self._info.file_size:
+            self._end()
+        return data
+
+    def _raw(self, size: int) -> bytes:
+        size = min(size, self._raw_left)
+        if size <= 0:
+            return b""
+        self._source.seek(self._raw_at)
+        data = self._source.read(size)
+        self._raw_at += len(data)
+        self._raw_left -= len(data)
+        return data
+
+    def _inflate(self, limit: int) -> bytes:
+        """At most `limit` more bytes of the deflate stream; b"" once it ends or its input runs out."""
+        assert self._inflater is not None
+        while not self._inflater.eof:
+            try:
+                out = self._inflater.decompress(self._pending, limit)
+            except zlib.error as exc:
+                raise self._corrupt(f"its deflate data is broken ({exc})") from exc
+            self._pending = self._inflater.unconsumed_tail
+            if out:
+                return out
+            if not self._pending:
+                self._pending = self._raw(_WINDOW)
+                if not self._pending:
+                    return b""
+        return b""
+
+    def _end(self) -> None:
+        """At the declared size: nothing more may inflate, and the CRC-32 must match."""
+        if self._ended:
+            return
+        if self._inflater is not None and self._inflate(1):
+            raise self._error_cls(
+                f"Archive entry {self._info.filename!r} inflates past its declared size of "
+                f"{self._info.file_size} bytes; re-create the archive with a standard zip tool.",
+                detail={"entry": self._info.filename, "file_size": self._info.file_size},
+            )
+        if self._crc != self._info.CRC:
+            raise self._corrupt("its CRC-32 does not match its data")
+        self._ended = True
+
+    def _corrupt(self, reason: str) -> ServiceError:
+        return _corrupt(self._info, reason, self._error_cls)
+
+
+def _corrupt(info: zipfile.ZipInfo, reason: str, error_cls: type[ServiceError]) -> ServiceError:
+    return error_cls(
+        f"Archive entry {info.filename!r} is corrupt ({reason}); upload a complete zip created by a standard tool.",
+        detail={"entry": info.filename, "reason": reason},
+    )
+
+
 def extract_flat(
     archive: Archive,
     dest_dir: Path,
@@ -271,12 +446,14 @@ def extract_flat(
 ) -> list[Path]:
     """Extract every file entry into `dest_dir` by its base name (no sub-folders).
 
-    Bytes are counted while streaming so a header that lies about sizes cannot exceed the
-    limits; files are created exclusively (never overwritten, never through a symlink).
+    A member is refused as soon as it inflates past its declared size, so the declared sizes that
+    were checked against `limits` bound what is written; files are created exclusively (never
+    overwritten, never through a symlink).
     On failure the files written so far are removed.
     """
-    with checked_zip(archive, limits, error_cls) as (zf, all_infos):
-        return [path for path, _ in _extract(zf, [i for i in all_infos if not i.is_dir()], dest_dir, limits, error_cls)]
+    with checked_zip(archive, limits, error_cls) as (members, all_infos):
+        files = [i for i in all_infos if not i.is_dir()]
+        return [path for path, _ in _extract(members, files, dest_dir, error_cls)]
 
 
 def extract_flat_to_storage(
@@ -290,16 +467,15 @@ def extract_flat_to_storage(
     and, in `dest_dir`, a sparse placeholder of its size: the name and size without the bytes, for
     checks that need only those. The same limits and refusals; on failure the placeholders are
     removed, the writer in progress is aborted, and objects already stored are the caller's to delete."""
-    with checked_zip(archive, limits, error_cls) as (zf, all_infos):
+    with checked_zip(archive, limits, error_cls) as (members, all_infos):
         infos = [i for i in all_infos if not i.is_dir()]
-        return [(path, stored) for path, stored in _extract(zf, infos, dest_dir, limits, error_cls, store) if stored]
+        return [(path, stored) for path, stored in _extract(members, infos, dest_dir, error_cls, store) if stored]
 
 
 def _extract(
-    zf: zipfile.ZipFile,
+    members: ZipMembers,
     infos: list[zipfile.ZipInfo],
     dest_dir: Path,
-    limits: ArchiveLimits,
     error_cls: type[ServiceError],
     store: Callable[[str], ObjectWriter] | None = None,
 ) -> list[tuple[Path, StoredObject | None]]:
@@ -320,7 +496,6 @@ def _extract(
     written: list[Path] = []
     stored: list[StoredObject | None] = []
     writer: ObjectWriter | None = None
-    total = 0
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
         for info in infos:
@@ -338,12 +513,10 @@ def _extract(
                 ) from exc
             written.append(target)
             entry_bytes = 0
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+            with os.fdopen(fd, "wb") as out, members.open(info) as src:
                 writer = store(flat_name) if store is not None else None
                 while chunk := src.read(_CHUNK):
                     entry_bytes += len(chunk)
-                    total += len(chunk)
-                    _check_streamed(info, entry_bytes, total, limits)
                     if writer is not None:
                         writer.write(chunk)
                     else:
@@ -354,13 +527,6 @@ def _extract(
                     writer = None
                 else:
                     stored.append(None)
-    except zipfile.BadZipFile as exc:
-        _abort(writer)
-        _remove(written)
-        raise error_cls(
-            f"The archive is corrupt ({exc}); upload a zip created by a standard tool.",
-            detail={"reason": str(exc)},
-        ) from exc
     except BaseException:
         _abort(writer)
         _remove(written)
@@ -371,26 +537,6 @@ def _extract(
 def _abort(writer: ObjectWriter | None) -> None:
     if writer is not None:
         writer.abort()
-
-
-def _check_streamed(info: zipfile.ZipInfo, entry_bytes: int, total: int, limits: ArchiveLimits) -> None:
-    if total > limits.max_total_bytes:
-        raise PayloadTooLarge(
-            f"The archive expands to more than the limit of {limits.max_total_bytes} bytes; upload less data.",
-            detail={"limit_bytes": limits.max_total_bytes},
-        )
-    if entry_bytes > info.file_size:
-        raise PayloadTooLarge(
-            f"Archive entry {info.filename!r} expands beyond its declared size of {info.file_size} bytes; "
-            "upload an archive whose headers are correct.",
-            detail={"entry": info.filename, "file_size": info.file_size},
-        )
-    if entry_bytes >= limits.ratio_min_bytes and entry_bytes > limits.max_ratio * max(info.compress_size, 1):
-        raise PayloadTooLarge(
-            f"Archive entry {info.filename!r} expands beyond the allowed compression ratio of "
-            f"{limits.max_ratio:g}; upload it less compressed.",
-            detail={"entry": info.filename, "max_ratio": limits.max_ratio},
-        )
 
 
 def _remove(paths: list[Path]) -> None:

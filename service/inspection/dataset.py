@@ -38,7 +38,7 @@ from service.contract.formats import (
     read_npy_header,
 )
 from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit, service_errors
-from service.inspection.archive import Archive, ArchiveLimits, checked_zip
+from service.inspection.archive import Archive, ArchiveLimits, ZipMembers, checked_zip
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -129,10 +129,10 @@ def _inspect(fp: BinaryIO, preprocess: dict[str, Any] | None, limits: DatasetLim
     archive = dataclasses.replace(
         limits.archive, max_total_bytes=min(limits.archive.max_total_bytes, limits.max_total_bytes)
     )
-    with checked_zip(fp, archive, InvalidDataset) as (zf, infos):
+    with checked_zip(fp, archive, InvalidDataset) as (members, infos):
         if _zip_format(infos) == "npz":
-            return _inspect_npz(zf, infos, limits)
-        return _inspect_images(zf, infos, parse_preprocess(preprocess), limits)
+            return _inspect_npz(members, infos, limits)
+        return _inspect_images(members, infos, parse_preprocess(preprocess), limits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,20 +164,20 @@ def _inspect_npy(fp: BinaryIO, size: int, limits: DatasetLimits) -> DatasetInfo:
     return _array_info("npy", {SINGLE_INPUT_KEY: header})
 
 
-def _inspect_npz(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: DatasetLimits) -> DatasetInfo:
-    members = [(name, i) for i in _stored_order(infos) if (name := member_name(i.filename)) and not is_litter(name)]
-    if len(members) > limits.max_members:
+def _inspect_npz(members: ZipMembers, infos: list[zipfile.ZipInfo], limits: DatasetLimits) -> DatasetInfo:
+    arrays = [(name, i) for i in _stored_order(infos) if (name := member_name(i.filename)) and not is_litter(name)]
+    if len(arrays) > limits.max_members:
         raise ResourceLimit(
-            f"The .npz holds {len(members)} arrays, more than the limit of {limits.max_members}; "
+            f"The .npz holds {len(arrays)} arrays, more than the limit of {limits.max_members}; "
             "keep one array per model input.",
-            detail={"arrays": len(members), "limit": limits.max_members},
+            detail={"arrays": len(arrays), "limit": limits.max_members},
         )
     headers: dict[str, NpyHeader] = {}
     total = 0
-    for name, info in members:
+    for name, info in arrays:
         key = name.removesuffix(".npy")
         what = f"Array {key!r}"
-        with zf.open(info) as fp:
+        with members.open(info) as fp:
             header = read_npy_header(fp, what)
         _check_data_size(header, info.file_size - header.data_offset, what)
         total += header.nbytes
@@ -223,7 +223,7 @@ def _array_info(fmt: str, headers: dict[str, NpyHeader]) -> DatasetInfo:
 
 
 def _inspect_images(
-    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], preprocess: dict[str, Any] | None, limits: DatasetLimits
+    members: ZipMembers, infos: list[zipfile.ZipInfo], preprocess: dict[str, Any] | None, limits: DatasetLimits
 ) -> DatasetInfo:
     if preprocess is None:
         raise InvalidDataset(
@@ -239,7 +239,7 @@ def _inspect_images(
             detail={"field": "preprocess.size"},
         )
     files = {name: i for i in infos if not i.is_dir() and (name := member_name(i.filename))}
-    index = formats.index_images(list(files), lambda entry: _labels_text(zf, files[entry]))
+    index = formats.index_images(list(files), lambda entry: _labels_text(members, files[entry]))
     if index.num_samples > limits.max_images:
         raise ResourceLimit(
             f"The zip holds {index.num_samples} images, more than the limit of {limits.max_images}; upload fewer.",
@@ -248,7 +248,7 @@ def _inspect_images(
     if Image.MAX_IMAGE_PIXELS is None:  # keep Pillow's decompression-bomb guard on
         Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     for name in sorted(index.members, key=lambda n: files[n].header_offset):  # in the order they are stored
-        _check_image(zf, files[name], name, limits)
+        _check_image(members, files[name], name, limits)
     n = index.num_samples
     return DatasetInfo(
         format="images",
@@ -259,22 +259,23 @@ def _inspect_images(
     )
 
 
-def _labels_text(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+def _labels_text(members: ZipMembers, info: zipfile.ZipInfo) -> str:
     if info.file_size > _MAX_LABELS_CSV_BYTES:
         raise InvalidDataset(
             f"labels.csv is larger than {_MAX_LABELS_CSV_BYTES} bytes; keep one short line per image.",
             detail={"entry": info.filename},
         )
     try:
-        return zf.read(info).decode("utf-8-sig")
+        with members.open(info) as fp:
+            return fp.read(info.file_size).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidDataset(
             "labels.csv is not UTF-8 text; save it as UTF-8.", detail={"entry": info.filename}
         ) from exc
 
 
-def _check_image(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limits: DatasetLimits) -> None:
-    with zf.open(info) as fp:
+def _check_image(members: ZipMembers, info: zipfile.ZipInfo, name: str, limits: DatasetLimits) -> None:
+    with members.open(info) as fp:
         head = fp.read(8)
         if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
             raise InvalidDataset(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import random
 import stat
 import struct
 import zipfile
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge
-from service.inspection.archive import ArchiveLimits, check_zip, extract_flat, safe_member_name
+from service.inspection.archive import ArchiveLimits, check_zip, checked_zip, extract_flat, safe_member_name
 
 
 def _zip(path: Path, entries: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> Path:
@@ -186,3 +188,64 @@ def test_entry_claiming_more_bytes_than_the_archive(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(InvalidDataset, match="more bytes than the archive holds"):
         check_zip(path, ArchiveLimits())
+
+
+def _member(path: Path, name: str = "a.bin") -> bytes:
+    """Member `name` of the zip at `path`, read through `checked_zip` in odd-sized pieces to its end."""
+    with checked_zip(path) as (members, infos), members.open(next(i for i in infos if i.filename == name)) as fp:
+        pieces = []
+        while piece := fp.read(77_777):
+            pieces.append(piece)
+        return b"".join(pieces)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_members_read_back_whole_across_windows(tmp_path: Path, method: int) -> None:
+    data = random.Random(0).randbytes(300_000) + bytes(3 << 20)  # incompressible, then very compressible
+    path = _zip(tmp_path / "a.zip", {"a.bin": data, "empty": b""}, method)
+    assert _member(path) == data
+    assert _member(path, "empty") == b""
+
+
+def test_a_member_seeks_back_and_forth(tmp_path: Path) -> None:
+    data = random.Random(1).randbytes(200_000)
+    path = _zip(tmp_path / "a.zip", {"a.bin": data})
+    with checked_zip(path) as (members, infos), members.open(infos[0]) as fp:
+        assert fp.read(8) == data[:8]
+        assert fp.seek(150_000) == 150_000
+        assert fp.read(10) == data[150_000:150_010]
+        fp.seek(0)
+        assert fp.tell() == 0 and fp.read(8) == data[:8]
+        assert fp.seek(0, io.SEEK_END) == len(data) and fp.read(5) == b""
+
+
+def test_a_member_that_ends_short_of_its_declared_size_is_refused(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "short.zip", {"a.bin": b"z" * 1000})
+    _lie_about_size(path, 2000)
+    with pytest.raises(InvalidDataset, match="ends 1000 bytes short of its declared size"):
+        _member(path)
+
+
+def test_a_member_whose_crc_does_not_match_is_refused(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "crc.zip", {"a.bin": b"z" * 1000})
+    data = bytearray(path.read_bytes())
+    data[data.index(b"PK\x01\x02") + 16] ^= 0xFF  # the CRC in the central header, which is the one read
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidDataset, match="CRC-32 does not match"):
+        _member(path)
+
+
+def test_a_local_header_naming_another_file_is_refused(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "names.zip", {"a.bin": b"z" * 10})
+    data = bytearray(path.read_bytes())
+    data[30:35] = b"b.bin"  # the local header's copy of the name
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidDataset, match="local header names another file"):
+        _member(path)
+
+
+def test_a_stored_member_must_hold_what_it_declares(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "stored.zip", {"a.bin": b"z" * 1000}, zipfile.ZIP_STORED)
+    _lie_about_size(path, 10)
+    with pytest.raises(InvalidDataset, match="stored uncompressed but declares 10 bytes and holds 1000"):
+        check_zip(path)

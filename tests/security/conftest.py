@@ -132,6 +132,28 @@ def open_paths(pid: int) -> list[str]:
     return paths
 
 
+class PeakMemory:
+    """How far a process's resident memory peaks above where it stood as the `with` block began
+    (`growth`, bytes). The kernel's peak (VmHWM) is reset on entry through /proc/<pid>/clear_refs, so
+    an earlier test's peak cannot hide this one."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.growth = 0
+
+    def _status(self, field: str) -> int:
+        line = next(x for x in Path(f"/proc/{self.pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1]) * 1024  # kB
+
+    def __enter__(self) -> PeakMemory:
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.growth = self._status("VmHWM") - self.start
+
+
 def assert_serving(hostile: Hostile) -> None:
     for name, proc in hostile.dep.procs.items():
         assert proc.poll() is None, f"{name} exited with {proc.returncode}\n{hostile.dep.log_tail()}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bz2
+import functools
 import io
 import os
 import stat
@@ -337,3 +339,80 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
 
 
 PREPROCESS = '{"input": "input", "size": [8, 8], "layout": "NCHW"}'
+
+
+# -- zip members that lie about what they inflate to (issue #23) --------------------------------------
+
+_BZ2_END = 0x177245385090  # a bzip2 stream's end-of-stream magic (48 bits), then its CRC (32 bits)
+_BZ2_ZEROS = 40 << 20  # zeros in one bzip2 block: its first pass (RLE) lets a 900k block hold ~45 MB of them
+
+
+def _bzip2_block(data: bytes) -> tuple[int, int, int]:
+    """`data` as one bzip2 block: its bits (an int), how many, and its CRC."""
+    stream = bz2.compress(data, 9)
+    value, total = int.from_bytes(stream, "big"), len(stream) * 8
+    end = next(e for pad in range(8) if (value >> (total - (e := total - pad - 80) - 48)) & ((1 << 48) - 1) == _BZ2_END)
+    length = end - 32  # after the 4-byte header "BZh9"
+    block = (value >> (total - end)) & ((1 << length) - 1)
+    crc = (block >> (length - 80)) & 0xFFFFFFFF  # after the 48-bit block magic
+    assert (value >> (total - end - 80)) & 0xFFFFFFFF == crc, "more than one block"  # one block: stream CRC = its CRC
+    return block, length, crc
+
+
+@functools.cache
+def _bzip2_zeros_block() -> tuple[int, int, int]:
+    return _bzip2_block(bytes(_BZ2_ZEROS))
+
+
+def bzip2_bomb(head: bytes, inflated: int = 1 << 30) -> bytes:
+    """A bzip2 stream of a few hundred bytes that inflates to `head` then zeros, at least `inflated`
+    bytes in all: a block of `head`, then one block of zeros over and over (compressing a GiB would
+    take seconds; copying a block is free)."""
+    copies = -(-(inflated - len(head)) // _BZ2_ZEROS)
+    bits, length, combined = int.from_bytes(b"BZh9", "big"), 32, 0
+    for block, size, crc in [*([_bzip2_block(head)] if head else []), *[_bzip2_zeros_block()] * copies]:
+        bits, length = bits << size | block, length + size
+        combined = ((combined << 1 | combined >> 31) & 0xFFFFFFFF) ^ crc
+    bits, length = bits << 80 | _BZ2_END << 32 | combined, length + 80
+    pad = -length % 8
+    return (bits << pad).to_bytes((length + pad) // 8, "big")
+
+
+def patched_zip(
+    members: dict[str, bytes],
+    name: str,
+    *,
+    method: int | None = None,
+    declared: int | None = None,
+    crc: int | None = None,
+) -> bytes:
+    """`members` stored as they are, then the compression method, uncompressed size and CRC of member
+    `name` rewritten in its local and central headers: bytes compressed beforehand become a member
+    of that method, and any member can lie about its size."""
+    data = bytearray(members_zip(members))
+    local = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo(name).header_offset
+    central = struct.unpack_from("<L", data, len(data) - 6)[0]  # where the end record says the directory starts
+    while data[central + 46 : central + 46 + struct.unpack_from("<H", data, central + 28)[0]] != name.encode():
+        central += 46 + sum(struct.unpack_from("<3H", data, central + 28))  # the name, extra field and comment
+    for at in (local, central + 2):  # a central header holds the local header's fields 2 bytes further on
+        if method is not None:
+            struct.pack_into("<H", data, at + 8, method)
+        if crc is not None:
+            struct.pack_into("<I", data, at + 14, crc)
+        if declared is not None:
+            struct.pack_into("<I", data, at + 22, declared)
+    return bytes(data)
+
+
+def bzip2_bomb_zip(name: str, head: bytes, inflated: int = 1 << 30) -> bytes:
+    """A zip of one bzip2 member that declares `head` (its size and CRC) and inflates to `inflated` bytes."""
+    return patched_zip(
+        {name: bzip2_bomb(head, inflated)}, name, method=zipfile.ZIP_BZIP2, declared=len(head), crc=zlib.crc32(head)
+    )
+
+
+def npy_of(nbytes: int) -> bytes:
+    """A float32 .npy of exactly `nbytes` bytes (a multiple of 4 past its header), zeros."""
+    header = npy_header((0,))
+    header = npy_header(((nbytes - len(header)) // 4,))
+    return header + bytes(nbytes - len(header))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.security import hostile as h
-from tests.security.conftest import Hostile, assert_contained, assert_serving, normal_job, start
+from tests.security.conftest import Hostile, PeakMemory, assert_contained, assert_serving, normal_job, start
 from tests.service.helpers import assert_error, npz_bytes
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +50,9 @@ def _under_ratio_members(count: int) -> bytes:
     """`count` members just under the size where the ratio test starts: only the total can stop them."""
     member = _npy_member_of((1 << 20) - 4096)
     return h.members_zip({f"a{i}.npy": member for i in range(count)}, h.zipfile.ZIP_DEFLATED)
+
+
+LABELS = b"a.png,0\n\n\n"  # 10 bytes that label the one image
 
 
 CASES = {
@@ -119,6 +122,34 @@ CASES = {
         413,
         "payload_too_large",
         "100001 entries",
+        h.PREPROCESS,
+    ),
+    # Zip members that inflate past what they declare (#23): only stored and deflate members are read.
+    "npz-bzip2-bomb": Case(
+        lambda _s: ("calib.npz", h.bzip2_bomb_zip("input.npy", h.npy_of(1000))),
+        422,
+        "invalid_dataset",
+        "re-create the archive with np.savez_compressed",
+    ),
+    "npz-lzma-member": Case(
+        lambda _s: ("calib.npz", h.members_zip({"input.npy": h.npy_of(1000)}, h.zipfile.ZIP_LZMA)),
+        422,
+        "invalid_dataset",
+        "compressed with LZMA",
+    ),
+    "labels-csv-stored-larger-than-declared": Case(
+        lambda _s: (
+            "images.zip",
+            h.patched_zip(
+                {"a.png": h.png(), "labels.csv": LABELS + bytes(16 << 20)},
+                "labels.csv",
+                declared=len(LABELS),
+                crc=h.zlib.crc32(LABELS),
+            ),
+        ),
+        422,
+        "invalid_dataset",
+        "declares 10 bytes and holds 16777226",
         h.PREPROCESS,
     ),
     "npz-too-many-arrays": Case(
@@ -196,6 +227,19 @@ def test_hostile_dataset_is_refused(service: Hostile, name: str) -> None:
     assert str(service.dep.data_dir) not in response.text, "the answer leaks the server's folders"
     assert not (service.outside / "pwned").exists(), "the pickle ran"
     assert_contained(service, before)
+    assert_serving(service)
+
+
+def test_a_bzip2_bomb_leaves_the_api_memory_flat(service: Hostile) -> None:
+    """Issue #23: zipfile inflates a bzip2 member a whole compressed window at a time, whatever the
+    member declares, so this 1 KiB .npz (one member declaring 1,000 bytes) made the API allocate 1 GiB."""
+    bomb = h.bzip2_bomb_zip("input.npy", h.npy_of(1000))
+    assert len(bomb) < 2048
+    with service.client() as http:
+        with PeakMemory(service.api_process().pid) as peak:
+            response = http.post("/v1/datasets", files={"file": ("calib.npz", bomb)})
+        assert_error(response, 422, "invalid_dataset")
+    assert peak.growth < 100 << 20, f"the API's peak memory grew by {peak.growth >> 20} MiB"
     assert_serving(service)
 
 

@@ -15,7 +15,7 @@ from service.errors import ExternalDataEscape
 from service.inspection.model import inspect_model
 from tests.onnx_models import conv_classifier
 from tests.security import hostile as h
-from tests.security.conftest import Hostile, assert_contained, assert_serving, normal_job, start
+from tests.security.conftest import Hostile, PeakMemory, assert_contained, assert_serving, normal_job, start
 from tests.service.helpers import assert_error
 
 pytestmark = pytest.mark.e2e
@@ -183,6 +183,21 @@ CASES = {
     "deep-subgraphs": Case(
         lambda _s: model(h.deep_subgraph_model(17)), 422, "resource_limit", "nested more than 16 levels"
     ),
+    # Zip members that inflate past what they declare (#23): only stored and deflate members are read.
+    "external-zip-bzip2-bomb": Case(
+        lambda _s: model(h.external_data_model("w.bin"), ("weights.zip", h.bzip2_bomb_zip("w.bin", h.weights()))),
+        422,
+        "invalid_model",
+        "re-create the archive with np.savez_compressed or zip -Z deflate",
+    ),
+    "external-zip-lzma-member": Case(
+        lambda _s: model(
+            h.external_data_model("w.bin"), ("weights.zip", h.members_zip({"w.bin": h.weights()}, h.zipfile.ZIP_LZMA))
+        ),
+        422,
+        "invalid_model",
+        "compressed with LZMA",
+    ),
     # Protobufs that hurt parsers and checkers.
     "garbage": Case(
         lambda _s: model(b"\xff\xfe garbage that is not a protobuf \x00" * 64),
@@ -216,6 +231,18 @@ def test_hostile_model_is_refused(service: Hostile, name: str) -> None:
         assert http.get("/v1/models").json()["items"] == []
     assert str(service.dep.data_dir) not in response.text, "the answer leaks the server's folders"
     assert_contained(service, before)
+    assert_serving(service)
+
+
+def test_a_bzip2_bomb_of_external_data_leaves_the_api_memory_flat(service: Hostile) -> None:
+    """Issue #23: a zip of external data whose one bzip2 member declares 16 bytes and inflates to 1 GiB
+    made the API allocate 1 GiB while extracting it."""
+    weights = ("weights.zip", h.bzip2_bomb_zip("w.bin", h.weights()))
+    with service.client() as http:
+        with PeakMemory(service.api_process().pid) as peak:
+            response = http.post("/v1/models", files=model(h.external_data_model("w.bin"), weights))
+        assert_error(response, 422, "invalid_model")
+    assert peak.growth < 100 << 20, f"the API's peak memory grew by {peak.growth >> 20} MiB"
     assert_serving(service)
 
 

@@ -34,10 +34,12 @@ import numpy as np
 
 from bench.common import Context
 from bench.results import Baseline, Measurement
+from core.evaluation import EvaluationSpec
+from core.jobfile import DatasetSource
+from core.recipe import Recipe
 from tests.ocr_models import ocr_detector, ocr_recognizer, scene_images, text_lines
 from tests.onnx_models import encoder_inputs, matmul_mlp, outlier_encoder, spiky_cnn, spiky_images
 from tests.worker.engine.pitfall_models import streaming_audio
-from worker.engine import DatasetSource, EvaluationSpec, QuantizationSpec
 from worker.engine.auto import auto_quantize
 from worker.engine.data import iter_batches, model_inputs
 from worker.engine.evaluate import LatencyMeter
@@ -215,7 +217,7 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
         t = time.perf_counter()
         outcome, measured = auto_quantize(
             model.path,
-            QuantizationSpec(mode="auto", max_search_seconds=300 if ctx.quick else 900),
+            Recipe(mode="auto", max_search_seconds=300 if ctx.quick else 900),
             ctx.dir(f"auto/{model.name}-work"),
             evaluation,
             calibration=source,
@@ -223,8 +225,9 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
             note=lambda text, name=model.name: ctx.log(f"    {name}: {text}"),
         )
         auto_seconds = time.perf_counter() - t
-        search = outcome.details["auto"]
-        fidelity = search["fidelity"] or {}
+        assert outcome.facts.auto is not None
+        search = outcome.facts.auto.model_dump(mode="json")
+        fidelity = measured.comparison.fidelity.model_dump() if measured.comparison.fidelity else {}
         whole = [c for c in search["candidates"] if not c["error"]]
         fits = [c for c in whole if c["within_budget"]]
         best = (

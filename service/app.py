@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,9 +18,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import RuleError
 from service import openapi
 from service.auth import AuthMiddleware
-from service.contract.errors import RuleError
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
 from service.errors import ServiceError, from_rule
@@ -138,7 +139,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage
         app.state.queue = queue
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
-        app.state.event_hub = EventHub(app.state.session_factory, settings.events_poll_s, settings.events_progress_s)
+        app.state.event_hub = EventHub(
+            app.state.session_factory,
+            settings.events_poll_s,
+            settings.events_progress_s,
+            settings.events_max_stream_s,
+            settings.events_key_check_s,
+        )
+        # uvicorn's own variable: the proxies whose X-Forwarded-For it believes (service.api turns proxy headers on).
+        proxy_problem = settings.untrusted_proxy_problem(os.environ.get("FORWARDED_ALLOW_IPS"))
+        if proxy_problem:
+            log.warning("%s", proxy_problem)
         app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
         try:
             yield

@@ -5,18 +5,23 @@ lists and logs), and only the sha256 of the whole key is stored. Keys carry 256 
 fast hash is enough; the comparison is constant-time.
 
 `AuthMiddleware` decides from the request head alone, before a byte of the body is read: a client
-without a valid key, over its rate, or with too many uploads in flight costs one small answer, never
-a parsed multipart body. Routes read the tenant it found through `TenantDep`."""
+without a valid key, over its rate, or with too many uploads or event streams open costs one small
+answer, never a parsed multipart body. Requests without a valid key are counted per client address;
+past the limit, only a key this process found valid recently is still looked up, so a flood of
+made-up keys costs no query and holds back no known tenant. Routes read the tenant it found through
+`TenantDep`."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -43,16 +48,22 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "qaas_"
 bearer = HTTPBearer(auto_error=False, description="An API key made with `python -m service.admin create-key`.")
 # Served to anybody, with auth on or off: liveness, readiness and the API's own description (the docs
-# pages' scripts and styles included). /metrics takes the operator token, never a tenant's key: its route
-# checks it (`operator`).
-PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics"}
-)
+# pages' scripts and styles included).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PREFIXES = ("/static-offline-docs/",)
+# Takes the operator token, never a tenant's key (`AuthMiddleware._operator`).
+METRICS_PATH = "/metrics"
 UPLOAD_PATHS = frozenset({"/v1/models", "/v1/datasets"})
 UPLOAD_RETRY_AFTER_S = 5
+EVENTS_PATH = re.compile(r"/v1/jobs/[^/]+/events")
+STREAM_RETRY_AFTER_S = 10  # streams last long: a slot frees when one of them ends
+# Hashes of keys found valid, kept this long: over the failure limit, only these are still looked up.
+KNOWN_KEY_TTL_S = 3600.0
+KNOWN_KEYS_MAX = 10_000
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 NO_KEY = "This endpoint needs an API key: send `Authorization: Bearer <key>`."
+UNKNOWN_KEY = "The API key is unknown or revoked; ask your operator for a valid key."
+NO_OPERATOR_TOKEN = "This endpoint needs the operator token: send `Authorization: Bearer <token>`."
 
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
 
@@ -90,6 +101,14 @@ def revoke_key(session: Session, prefix_or_id: str) -> ApiKey:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
     return row
+
+
+def unrevoked_prefixes(session: Session, prefixes: Collection[str]) -> set[str]:
+    """Which of these key prefixes belong to keys that exist and are not revoked."""
+    if not prefixes:
+        return set()
+    query = select(ApiKey.prefix).where(ApiKey.prefix.in_(list(prefixes)), ApiKey.revoked_at.is_(None))
+    return set(session.scalars(query))
 
 
 def tenant_for_key(session: Session, key: str) -> tuple[str, str] | None:
@@ -151,9 +170,10 @@ class RateLimiter:
                 del self.buckets[key]
 
 
-class UploadSlots:
-    """Uploads in flight in this API process: at most `per_key` for one key and `per_process` in all.
-    Each upload holds a slot from its request head to its answer, spooled parts and staging included."""
+class Slots:
+    """Requests in flight in this API process: at most `per_key` for one key and `per_process` in all.
+    Each holds a slot from its request head to the end of its answer (an upload's spooled parts and
+    staging included, an event stream's whole life)."""
 
     def __init__(self, per_key: int, per_process: int) -> None:
         self.per_key = per_key
@@ -183,12 +203,52 @@ class UploadSlots:
                     del self.by_key[key]
 
 
+class KnownKeys:
+    """The sha256 of keys this process found valid in the last `ttl_s`, the `max_size` most recent."""
+
+    def __init__(self, ttl_s: float = KNOWN_KEY_TTL_S, max_size: int = KNOWN_KEYS_MAX) -> None:
+        self.ttl_s = ttl_s
+        self.max_size = max_size
+        self.expiry: OrderedDict[str, float] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def add(self, digest: str) -> None:
+        with self.lock:
+            self.expiry[digest] = time.monotonic() + self.ttl_s
+            self.expiry.move_to_end(digest)
+            while len(self.expiry) > self.max_size:
+                self.expiry.popitem(last=False)
+
+    def discard(self, digest: str) -> None:
+        with self.lock:
+            self.expiry.pop(digest, None)
+
+    def known(self, digest: str) -> bool:
+        with self.lock:
+            expiry = self.expiry.get(digest)
+            if expiry is not None and expiry < time.monotonic():
+                del self.expiry[digest]
+                return False
+            return expiry is not None
+
+
 def _lookup(factory: sessionmaker[Session], key: str) -> tuple[str, str] | None:
     with factory() as session:
         return tenant_for_key(session, key)
 
 
-def _wait_for(wait: float, message: str, **detail: str) -> RateLimited:
+def _bearer_token(scope: Scope) -> str | None:
+    scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _wait_for(wait: float, message: str, **detail: str | int) -> RateLimited:
     """A rate limit's 429: `Retry-After` in whole seconds (at least 1), the exact wait in the detail."""
     return RateLimited(
         message,
@@ -208,7 +268,10 @@ class AuthMiddleware:
         self.settings = settings
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.failures = RateLimiter(settings.auth_failures_per_minute)  # per client address
-        self.uploads = UploadSlots(settings.uploads_in_flight_per_key, settings.uploads_in_flight)
+        self.known_keys = KnownKeys()
+        self.uploads = Slots(settings.uploads_in_flight_per_key, settings.uploads_in_flight)
+        # With auth off there is no key: only the process cap holds (one trusted local user, or a benchmark).
+        self.streams = Slots(settings.events_max_per_key, settings.events_max_per_process)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -219,63 +282,40 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
+            if path == METRICS_PATH:
+                await self._operator(scope)
+                scope.setdefault("state", {})["operator"] = True
+                await self.app(scope, receive, send)
+                return
             tenant, prefix = await self._caller(scope)
         except ServiceError as exc:
             await self._refuse(scope, receive, send, exc)
             return
-        scope.setdefault("state", {})["tenant"] = tenant
+        state = scope.setdefault("state", {})
+        state["tenant"], state["key_prefix"] = tenant, prefix
         logs.current().tenant = tenant  # the request's log context, bound by RequestContextMiddleware
-        if scope.get("method") != "POST" or path not in UPLOAD_PATHS:
+        method = scope.get("method")
+        if method == "POST" and path in UPLOAD_PATHS:
+            slots, refusal = self.uploads, self._too_many_uploads
+        elif method == "GET" and EVENTS_PATH.fullmatch(path):
+            slots, refusal = self.streams, self._too_many_streams
+        else:
             await self.app(scope, receive, send)
             return
-        refused = self.uploads.take(prefix)
+        refused = slots.take(prefix)
         if refused is not None:
-            await self._refuse(scope, receive, send, self._too_many_uploads(refused))
+            await self._refuse(scope, receive, send, refusal(refused))
             return
         try:
             await self.app(scope, receive, send)
         finally:
-            self.uploads.give(prefix)
+            slots.give(prefix)
 
     async def _caller(self, scope: Scope) -> tuple[str, str | None]:
         """(tenant, key prefix); the prefix is None with auth off. Raises the refusal."""
         if self.settings.auth == "off":
             return DEFAULT_TENANT, None
-        client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
-        wait = self.failures.wait(address)
-        if wait:  # refused before any database lookup: a flood of made-up keys costs no query
-            limit = self.settings.auth_failures_per_minute
-            raise _wait_for(
-                wait,
-                f"Too many requests without a valid API key from {address} (limit {limit} per minute); "
-                f"retry in {wait:.1f} s with a valid key.",
-                scope="address",
-            )
-        try:
-            return await self._tenant_of_key(scope)
-        except Unauthorized:
-            self.failures.acquire(address)
-            raise
-
-    async def _tenant_of_key(self, scope: Scope) -> tuple[str, str]:
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized(NO_KEY, headers=CHALLENGE)
-        found = None
-        if key_prefix(token) is not None:
-            factory: sessionmaker[Session] = scope["app"].state.session_factory
-            try:
-                found = await anyio.to_thread.run_sync(_lookup, factory, token)
-            except (DBAPIError, PoolTimeout) as exc:  # any failure of one SELECT: unreachable
-                log.warning("API key check: database unavailable: %s", exc)
-                raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
-        if found is None:
-            raise Unauthorized(
-                "The API key is unknown or revoked; ask your operator for a valid key.", headers=CHALLENGE
-            )
-        tenant, prefix = found
+        tenant, prefix = await self._valid_key(scope, _bearer_token(scope))
         wait = self.rate_limiter.acquire(prefix)
         if wait:
             raise _wait_for(
@@ -284,6 +324,58 @@ class AuthMiddleware:
                 f"retry in {wait:.1f} s.",
             )
         return tenant, prefix
+
+    async def _valid_key(self, scope: Scope, token: str | None) -> tuple[str, str]:
+        """(tenant, prefix) of a valid key, else Unauthorized, counted against the client's address. Past the
+        address's limit only a key found valid recently is looked up (so revocation still holds at once); any
+        other is refused with 429 before the database, so a flood of made-up keys costs no query."""
+        address = _address(scope)
+        digest = hash_key(token) if token is not None and key_prefix(token) is not None else None
+        if digest is None or not self.known_keys.known(digest):
+            wait = self.failures.wait(address)
+            if wait:
+                limit = self.settings.auth_failures_per_minute
+                raise _wait_for(
+                    wait,
+                    f"Too many requests without a valid API key from {address} (limit {limit} per minute); "
+                    f"retry in {wait:.1f} s with a valid key.",
+                    scope="address",
+                )
+        found = None
+        if token is not None and digest is not None:
+            factory: sessionmaker[Session] = scope["app"].state.session_factory
+            try:
+                found = await anyio.to_thread.run_sync(_lookup, factory, token)
+            except (DBAPIError, PoolTimeout) as exc:  # any failure of one SELECT: unreachable
+                log.warning("API key check: database unavailable: %s", exc)
+                raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
+        if found is None:
+            self.failures.acquire(address)
+            if digest is not None:
+                self.known_keys.discard(digest)
+            raise Unauthorized(NO_KEY if token is None else UNKNOWN_KEY, headers=CHALLENGE)
+        assert digest is not None
+        self.known_keys.add(digest)
+        return found
+
+    async def _operator(self, scope: Scope) -> None:
+        """/metrics: the operator token `QAAS_METRICS_TOKEN`, never a tenant's key (403). Open only while auth
+        is off and no token is set. Anything else counts as a request without a valid key, like everywhere."""
+        token = self.settings.metrics_token.get_secret_value() if self.settings.metrics_token else None
+        if token is None and self.settings.auth == "off":
+            return
+        given = _bearer_token(scope)
+        if token is not None and given is not None and hmac.compare_digest(given.encode(), token.encode()):
+            return
+        try:
+            await self._valid_key(scope, given)
+        except Unauthorized:
+            message = NO_OPERATOR_TOKEN if given is None else "The operator token is wrong."
+            raise Unauthorized(message, headers=CHALLENGE) from None
+        raise Forbidden(
+            "Metrics span every tenant, so a tenant's API key cannot read them; use the operator token "
+            + ("(QAAS_METRICS_TOKEN)." if token else "(the operator must set QAAS_METRICS_TOKEN first)."),
+        )
 
     def _too_many_uploads(self, which: str) -> RateLimited:
         if which == "key":
@@ -295,6 +387,19 @@ class AuthMiddleware:
             f"retry in {UPLOAD_RETRY_AFTER_S} s (the operator sets the limit with {setting}).",
             headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S)},
             detail={"uploads_in_flight_limit": limit, "scope": which},
+        )
+
+    def _too_many_streams(self, which: str) -> RateLimited:
+        if which == "key":
+            limit, setting, whose = self.streams.per_key, "QAAS_EVENTS_MAX_PER_KEY", "for this API key"
+        else:
+            limit, setting, whose = self.streams.per_process, "QAAS_EVENTS_MAX_PER_PROCESS", "on this server"
+        return _wait_for(
+            STREAM_RETRY_AFTER_S,
+            f"{limit} event streams are already open {whose}, the most allowed; close one or retry in "
+            f"{STREAM_RETRY_AFTER_S} s (the operator sets the limit with {setting}).",
+            scope=which,
+            streams_limit=limit,
         )
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError) -> None:
@@ -320,23 +425,7 @@ TenantDep = Annotated[str, Depends(current_tenant)]
 
 
 def operator(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    """Endpoints that span tenants (/metrics): the operator token `QAAS_METRICS_TOKEN`, never a tenant's key.
-    Open only while auth is off and no token is set."""
-    settings: Settings = request.app.state.settings
-    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-    if token is None and settings.auth == "off":
-        return
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized(
-            "This endpoint needs the operator token: send `Authorization: Bearer <token>`.", headers=CHALLENGE
-        )
-    if token is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-        return
-    with request.app.state.session_factory() as session:
-        tenant_key = tenant_for_key(session, credentials.credentials) is not None
-    if tenant_key:
-        raise Forbidden(
-            "Metrics span every tenant, so a tenant's API key cannot read them; use the operator token "
-            + ("(QAAS_METRICS_TOKEN)." if token else "(the operator must set QAAS_METRICS_TOKEN first)."),
-        )
-    raise Unauthorized("The operator token is wrong.", headers=CHALLENGE)
+    """Endpoints that span tenants (/metrics): `AuthMiddleware` checked the operator token. `credentials` only
+    puts the bearer scheme into OpenAPI."""
+    if not getattr(request.state, "operator", False):  # fail closed: only reachable if the middleware is missing
+        raise Unauthorized(NO_OPERATOR_TOKEN, headers=CHALLENGE)

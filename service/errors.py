@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from service.contract.errors import RuleError
+from core.errors import RuleError
 
 
 class ServiceError(Exception):

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.lifecycle import ACTIVE_STATUSES
 from service.errors import QuotaExceeded, RateLimited
 from service.settings import Settings
-from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
+from service.tables import Artifact, Dataset, Job, OnnxModel
 
 JOB_RETRY_AFTER_S = 30
 FILE_OVERHEAD_BYTES = 4096

@@ -12,9 +12,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.lifecycle import ACTIVE_STATUSES
 from service.database import after_commit, transaction, utcnow
 from service.storage import Storage
-from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
+from service.tables import Artifact, Dataset, Job, OnnxModel
 
 log = logging.getLogger(__name__)
 BATCH = 500  # rows per kind per sweep; a large backlog goes over several sweeps

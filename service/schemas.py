@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from core.errors import ErrorInfo
 from service.errors import ServiceError
 
 T = TypeVar("T")
@@ -20,12 +21,6 @@ LOCKED_DOWN_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
-
-
-class ErrorInfo(BaseModel):
-    code: str = Field(examples=["not_found"])
-    message: str = Field(examples=["No model with id 7d0c... exists."])
-    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 class ErrorBody(BaseModel):

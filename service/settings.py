@@ -89,6 +89,24 @@ class Settings(BaseSettings):
     events_heartbeat_s: float = Field(
         15.0, gt=0, description="A comment line on every open event stream this often, so proxies keep it open."
     )
+    events_max_per_key: int = Field(
+        10,
+        ge=1,
+        description="Event streams one API key may have open at once, per API process (then 429); with auth off "
+        "only QAAS_EVENTS_MAX_PER_PROCESS applies.",
+    )
+    events_max_per_process: int = Field(1000, ge=1, description="Event streams open at once in one API process.")
+    events_max_stream_s: float = Field(
+        3600.0,
+        gt=0,
+        description="An event stream ends cleanly after this long; clients reconnect with Last-Event-ID.",
+    )
+    events_key_check_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How often an API process checks the keys of its open event streams; a revoked key's streams end.",
+    )
 
     worker_concurrency: int = Field(1, ge=1, le=64)
     task_soft_time_limit_s: int = Field(3600, ge=10)
@@ -148,6 +166,18 @@ class Settings(BaseSettings):
             f"QAAS_AUTH is off and QAAS_HOST={self.host} is not a loopback address: anybody who can reach it "
             "could use the API without a key. Set QAAS_AUTH=on (and create keys with `python -m service.admin "
             "create-key`), listen on 127.0.0.1, or set QAAS_ALLOW_INSECURE=1 if this is really intended."
+        )
+
+    def untrusted_proxy_problem(self, forwarded_allow_ips: str | None) -> str | None:
+        """Why the per-address limits may hold every client back (uvicorn's FORWARDED_ALLOW_IPS given), or None."""
+        if self.auth == "off" or is_loopback(self.host) or forwarded_allow_ips:
+            return None
+        return (
+            f"QAAS_AUTH is on and the API listens on {self.host} without a trusted proxy (FORWARDED_ALLOW_IPS is "
+            "unset): behind a load balancer or reverse proxy every request comes from the proxy's address, so "
+            "requests without a valid key from anybody (QAAS_AUTH_FAILURES_PER_MINUTE) hold back every client whose "
+            "key this process has not seen yet. Set FORWARDED_ALLOW_IPS to the proxy's address so that uvicorn "
+            "takes the client's address from X-Forwarded-For, or ignore this if clients connect directly."
         )
 
     @property

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from core.lifecycle import JobStatus
 from service.database import Base, UTCDateTime, utcnow
 
 NAME_LENGTH = 255  # of every String(255) column a client's text can reach
@@ -23,17 +23,6 @@ def clip(text: str, length: int = NAME_LENGTH) -> str:
     """A client's (or a model's) text cut to fit its column, so the insert cannot fail on it. NUL, which
     PostgreSQL's text refuses, becomes U+FFFD, as undecodable bytes of an upload's form do."""
     return text.replace("\x00", "\ufffd")[:length]
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 DEFAULT_TENANT = "default"
@@ -117,7 +106,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     stage: Mapped[str] = mapped_column(String(16), default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    # What the running job does now, both written from the engine's one note (service/contract/progress.py):
+    # What the running job does now, both written from the engine's one note (core/progress.py):
     # its text, and the same typed, {"candidate": {"index", "total", "name"}} while mode auto tries one.
     progress_note: Mapped[str | None] = mapped_column(String(200))
     progress_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -160,12 +149,10 @@ class Artifact(Base):
 
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "DEFAULT_TENANT",
     "ApiKey",
     "Artifact",
     "Dataset",
     "Job",
-    "JobStatus",
     "OnnxModel",
 ]

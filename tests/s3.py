@@ -16,7 +16,7 @@ import boto3
 import httpx
 from botocore.config import Config
 
-from service.storage_s3 import S3Storage
+from service.storage.s3 import S3Storage
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "qaas-test",

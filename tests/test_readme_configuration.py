@@ -91,7 +91,7 @@ def test_the_default_the_readme_states_is_the_services(variable: str, tmp_path: 
 def test_the_limits_the_readme_names_in_words_are_the_codes() -> None:
     """Numbers in the README's sentences that are constants in the code (their behaviour is tested
     where they act: tests/security/test_upload_files.py, test_upload_limits.py, the engine's tests)."""
-    from service.contract.recipe import Recipe
+    from core.recipe import Recipe
     from service.limits import OTHER_BODY_LIMIT
     from service.models.service import MAX_FILES_PER_UPLOAD
     from service.quotas import FILE_OVERHEAD_BYTES

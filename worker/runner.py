@@ -40,45 +40,31 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ErrorInfo, RuleError
+from core.evaluation import EvaluationSettings, EvaluationSpec
+from core.jobfile import OUTCOME_FILE, ChildOutcome, DatasetSource, JobFile
+from core.lifecycle import AttemptStatus, overall_progress
+from core.model import TensorSpec
+from core.progress import CandidateProgress, Note, ProgressLine
+from core.recipe import parse_recipe
 from service import logs
-from service.contract.progress import CandidateProgress, Note
 from service.database import make_engine, make_session_factory, transaction
 from service.errors import QuotaExceeded
 from service.jobs import state
-from service.jobs.schemas import EvaluationSettings as WireEvaluation
 from service.quotas import charge, check_storage
 from service.settings import Settings, get_settings
 from service.storage import ObjectMissing, Storage, StorageUnavailable, open_storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
-from worker.contracts import (
-    OUTCOME_FILE,
-    ChildOutcome,
-    DataSource,
-    EvaluationSettings,
-    JobError,
-    JobFile,
-    Progress,
-    TensorInfo,
-)
 from worker.inputs import InputCache
 from worker.sandbox import ArtifactRefused, accept_artifacts, child_env, exit_error, job_limits
 
 log = logging.getLogger(__name__)
 
-# Where each stage sits on the job's overall progress bar.
-STAGE_SPAN = {
-    "validating": (0.0, 0.03),
-    "preprocessing": (0.03, 0.10),
-    "calibrating": (0.10, 0.50),
-    "quantizing": (0.50, 0.60),
-    "evaluating": (0.60, 0.95),
-    "reporting": (0.95, 1.0),
-}
 PROGRESS_INTERVAL_S = 0.5
 EOF = b""  # the reader thread's last item; a real line always ends with a newline
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
-CANCELLED = JobError.from_dict(state.CANCELLED_ERROR)
+CANCELLED = ErrorInfo.from_dict(state.CANCELLED_ERROR)
 STORAGE_RETRY_MAX_S = 600.0
 # Sends a job's message again, to run after a countdown in seconds (worker.tasks.enqueue).
 Enqueue = Callable[[str, float], None]
@@ -94,7 +80,7 @@ class InputMissing(Exception):
 
     def __init__(self, what: str) -> None:
         super().__init__(what)
-        self.error = JobError(
+        self.error = ErrorInfo(
             "input_missing",
             f"The job's {what} is no longer stored (it was deleted), so the job cannot run; upload it "
             "again and start a new job.",
@@ -130,11 +116,6 @@ def transient(exc: BaseException) -> bool:
     )
 
 
-def overall_progress(stage: str, fraction: float) -> float:
-    start, end = STAGE_SPAN.get(stage, (0.0, 1.0))
-    return start + (end - start) * max(0.0, min(1.0, fraction))
-
-
 def _candidate(note: Note | None) -> CandidateProgress | None:
     return None if note is None else note.candidate
 
@@ -161,8 +142,8 @@ def _log_tail(workdir: Path, returncode: int, code: str, tail: str) -> None:
     )
 
 
-def _error(code: str, message: str, **detail: Any) -> JobError:
-    return JobError(code, message, detail)
+def _error(code: str, message: str, **detail: Any) -> ErrorInfo:
+    return ErrorInfo(code, message, detail)
 
 
 class JobRunner:
@@ -244,6 +225,8 @@ class JobRunner:
                 self._end(job_id, attempt, outcome.error, outcome.status)
         except StorageUnavailable as exc:
             self._storage_down(job_id, attempt, workdir, exc, storing=outcome is not None)
+        except RuleError as exc:  # a stored recipe a rule made since refuses
+            self._end(job_id, attempt, exc.info, "failed")
         except InputMissing as exc:
             log.warning("job %s: attempt %d finds its %s gone", job_id, attempt, exc)
             self._end(job_id, attempt, exc.error, "failed")
@@ -304,7 +287,7 @@ class JobRunner:
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
-    def _end(self, job_id: str, attempt: int, error: JobError, status: str) -> None:
+    def _end(self, job_id: str, attempt: int, error: ErrorInfo, status: str) -> None:
         """Record failed/cancelled; a job that did not succeed keeps no stored files at all."""
         if self._write(
             f"record job {job_id} as {status}",
@@ -390,7 +373,7 @@ class JobRunner:
             if model is None or model.deleted_at is not None:
                 raise InputMissing("model")
 
-            def source(dataset_id: str | None) -> DataSource | None:
+            def source(dataset_id: str | None) -> DatasetSource | None:
                 if dataset_id is None:
                     return None
                 row = session.get(Dataset, dataset_id)
@@ -398,18 +381,18 @@ class JobRunner:
                     raise InputMissing(f"dataset {dataset_id}")
                 local = inputs / dataset_id / row.storage_key.rsplit("/", 1)[-1]
                 fetches.append((f"dataset {dataset_id}", row.storage_key, row.sha256, row.size_bytes, local, False))
-                return DataSource(str(local), row.format, row.preprocess)
+                return DatasetSource(local, row.format, row.preprocess)
 
-            def model_files(row: OnnxModel, folder: Path, what: str) -> str:
+            def model_files(row: OnnxModel, folder: Path, what: str) -> Path:
                 """The model's file, its external data files beside it as they were uploaded."""
                 external = [(e["name"], e["sha256"], e["size_bytes"]) for e in row.external_data or []]
                 size = row.size_bytes - sum(s for _, _, s in external)
                 for name, sha256, file_size in [(row.file_name, row.sha256, size), *external]:
                     key = f"{row.storage_prefix}/{name}"
                     fetches.append((f"{what} file {name!r}", key, sha256, file_size, folder / name, True))
-                return str(folder / row.file_name)
+                return folder / row.file_name
 
-            asked = WireEvaluation.model_validate(job.evaluation)
+            asked = EvaluationSettings(**(job.evaluation or {}))
             reference_path = None
             reference_id = (job.recipe or {}).get("reference_model_id")
             if reference_id:  # mode compare
@@ -420,14 +403,12 @@ class JobRunner:
             spec = JobFile(
                 job_id=job.id,
                 model_path=model_files(model, inputs / "model", "model"),
-                inputs=[TensorInfo(i["name"], i["dtype"], i["shape"]) for i in model.inputs],
-                recipe=job.recipe,
+                inputs=tuple(TensorSpec.from_mapping(i) for i in model.inputs),
+                recipe=parse_recipe(job.recipe),
                 reference_model_path=reference_path,
-                evaluation=EvaluationSettings(
-                    latency_runs=min(asked.latency_runs, self.settings.max_latency_runs),
-                    warmup_runs=asked.warmup_runs,
-                    threads=asked.threads,
-                    batch_size=asked.batch_size,
+                evaluation=EvaluationSpec.capped(
+                    asked,
+                    max_latency_runs=self.settings.max_latency_runs,
                     max_samples=self.settings.evaluation_max_samples,
                     max_seconds=self.settings.evaluation_max_seconds,
                 ),
@@ -488,7 +469,7 @@ class JobRunner:
                         if child.poll() is not None:
                             break
                         continue
-                    message = Progress.parse(line)
+                    message = ProgressLine.parse(line)
                     pending = (message.stage, message.fraction)
                     if message.note is not None:
                         pending_note = message.note
@@ -499,7 +480,7 @@ class JobRunner:
                 now = time.monotonic()
                 if self.stop_requested.is_set() and child.poll() is None:  # a finished job is kept
                     self._stop(child)
-                    return ChildOutcome("handed_back")
+                    return ChildOutcome(AttemptStatus.HANDED_BACK)
                 # Write progress when it moved (at most every PROGRESS_INTERVAL_S), and renew the lease.
                 # A new candidate of mode auto is written at once: there are few, and each is worth showing.
                 moved = (pending != written or pending_note != written_note) and (
@@ -514,17 +495,17 @@ class JobRunner:
                         written, written_note = pending, pending_note
                     if still_ours is False:
                         self._stop(child)
-                        return ChildOutcome("abandoned")
+                        return ChildOutcome(AttemptStatus.ABANDONED)
                 if now - last_cancel_check >= CANCEL_POLL_S:
                     last_cancel_check = now
                     if self._unless_db_down(job_id, self._cancel_requested, job_id):
                         self._stop(child)
-                        return ChildOutcome("cancelled", error=CANCELLED)
+                        return ChildOutcome(AttemptStatus.CANCELLED, error=CANCELLED)
                 if now - started > self.settings.job_timeout_s:
                     self._stop(child)
                     limit = self.settings.job_timeout_s
                     return ChildOutcome(
-                        "failed",
+                        AttemptStatus.FAILED,
                         error=_error(
                             "timeout",
                             f"The job ran longer than the limit of {limit} s and was stopped; use fewer "
@@ -583,7 +564,12 @@ class JobRunner:
 
     def _read_outcome(self, returncode: int, workdir: Path) -> ChildOutcome:
         if returncode == 0 and (workdir / OUTCOME_FILE).exists():
-            outcome = ChildOutcome.read(workdir)
+            try:
+                outcome = ChildOutcome.read(workdir)
+            except ValueError as exc:  # pydantic's ValidationError included
+                log.error("job process in %s wrote an outcome that does not read: %s", workdir, str(exc)[:500])
+                message = "The job process returned an outcome the worker cannot read; the worker log has the details."
+                return ChildOutcome(AttemptStatus.FAILED, error=_error("internal", message))
             if outcome.status == "failed" and (tail := _stderr_tail(workdir)):  # the engine's traceback
                 _log_tail(workdir, returncode, outcome.error.code if outcome.error else "failed", tail)
             try:
@@ -591,12 +577,12 @@ class JobRunner:
             except ArtifactRefused as exc:
                 log.error("job process in %s handed back a refused artifact: %s", workdir, exc)
                 message = "The job process returned files the worker does not accept; the worker's log has the details."
-                return ChildOutcome("failed", error=_error("internal", message))
+                return ChildOutcome(AttemptStatus.FAILED, error=_error("internal", message))
             return outcome
         tail = _stderr_tail(workdir)
         error = exit_error(returncode, tail, JobFile.read(workdir).limits)
         _log_tail(workdir, returncode, error.code, tail)
-        return ChildOutcome("failed", error=error)
+        return ChildOutcome(AttemptStatus.FAILED, error=error)
 
     def _store_success(self, job_id: str, attempt: int, outcome: ChildOutcome) -> None:
         """Files first (each written to a temporary name and renamed into place, under this attempt's
@@ -626,7 +612,7 @@ class JobRunner:
                 for item, obj in stored
             )
             assert outcome.result is not None
-            if state.succeed(session, job_id, attempt, outcome.result.to_dict()):
+            if state.succeed(session, job_id, attempt, outcome.result.model_dump(mode="json")):
                 return "succeeded"
             session.rollback()
             # Why not? An earlier try may have committed and lost only its answer, or a cancellation
@@ -651,7 +637,7 @@ class JobRunner:
         # None: the database never answered, so we cannot tell whether the commit landed. The files
         # stay (a success may point at them); the sweep re-queues the job if it did not land.
 
-    def _quota_error(self, session: Session, job_id: str, outcome: ChildOutcome) -> JobError | None:
+    def _quota_error(self, session: Session, job_id: str, outcome: ChildOutcome) -> ErrorInfo | None:
         """The job's `quota_exceeded` error when its artifacts do not fit its tenant's quota, else None."""
         paths = [Path(item.path) for item in outcome.artifacts]
         incoming = charge(sum(p.stat().st_size for p in paths), len(paths))
@@ -660,7 +646,7 @@ class JobRunner:
             check_storage(session, self.settings, tenant or "", incoming)
         except QuotaExceeded as exc:
             message = f"The job's results were not stored: {exc.message[0].lower()}{exc.message[1:]}"
-            return JobError(exc.code, message, exc.detail)
+            return ErrorInfo(exc.code, message, exc.detail)
         return None
 
     def _delete_other_attempts(self, job_id: str, attempt: int) -> None:

@@ -26,12 +26,13 @@ import os
 import resource
 import signal
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from worker.contracts import ArtifactItem, JobError, Limits
+from core.errors import ErrorInfo
+from core.jobfile import ArtifactItem, Limits
 
 PR_SET_PDEATHSIG = 1
 CPU_GRACE_S = 30  # between SIGXCPU (soft) and SIGKILL (hard)
@@ -92,7 +93,7 @@ class ArtifactRefused(Exception):
     """The job process handed back a file the worker does not take."""
 
 
-def accept_artifacts(items: list[ArtifactItem], workdir: Path) -> list[ArtifactItem]:
+def accept_artifacts(items: Sequence[ArtifactItem], workdir: Path) -> tuple[ArtifactItem, ...]:
     """The job's artifacts as the worker stores them: each a regular file inside `workdir` (not a
     link, not reached through one), named from ARTIFACT_MEDIA_TYPES, with the media type set here.
     Raises ArtifactRefused for anything else: a job that names other files is not trusted at all."""
@@ -109,8 +110,8 @@ def accept_artifacts(items: list[ArtifactItem], workdir: Path) -> list[ArtifactI
         info = os.lstat(real)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             raise ArtifactRefused(f"artifact {name!r} is not a regular file of its own")
-        accepted.append(ArtifactItem(name, real, ARTIFACT_MEDIA_TYPES[name]))
-    return accepted
+        accepted.append(ArtifactItem(name, Path(real), ARTIFACT_MEDIA_TYPES[name]))
+    return tuple(accepted)
 
 
 def exit_on_sigterm() -> None:
@@ -183,11 +184,11 @@ def _errno_in_chain(exc: BaseException) -> int | None:
     return None
 
 
-def limit_error(exc: BaseException, limits: Limits, stage: str) -> JobError | None:
+def limit_error(exc: BaseException, limits: Limits, stage: str) -> ErrorInfo | None:
     """The `resource_limit` error for an exception caused by one of the limits, else None."""
     if isinstance(exc, MemoryError) or is_out_of_memory(str(exc)):
         reason = _allocation_reason(str(exc)) or type(exc).__name__
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message=f"The job ran out of memory during {stage} ({reason}; the limit is "
             f"{limits.memory_bytes} bytes); use a smaller model, fewer calibration samples or a "
@@ -200,14 +201,14 @@ def limit_error(exc: BaseException, limits: Limits, stage: str) -> JobError | No
             },
         )
     if _errno_in_chain(exc) == errno.EFBIG or os.strerror(errno.EFBIG) in str(exc):
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message=f"The job tried to write a file larger than its limit of {limits.file_bytes} "
             f"bytes during {stage}; upload a smaller model or ask the operator to raise QAAS_JOB_FILE_BYTES.",
             detail={"stage": stage, "limit": "file_size", "limit_bytes": limits.file_bytes},
         )
     if _errno_in_chain(exc) == errno.EMFILE or os.strerror(errno.EMFILE) in str(exc):
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message=f"The job opened more than its limit of {limits.open_files} files during "
             f"{stage}; ask the operator to raise QAAS_JOB_OPEN_FILES.",
@@ -225,7 +226,7 @@ _SIGNAL_MEANING = {
 }
 
 
-def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> JobError:
+def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> ErrorInfo:
     """The job's error when its process ended without writing an outcome.
 
     A limit the process hit (memory, CPU time, file size) is `resource_limit`; a crash (SIGSEGV and
@@ -239,7 +240,7 @@ def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> JobError:
     detail: dict[str, Any] = {"exit_code": returncode} if sig is None else {"signal": sig}
     memory = limits.memory_bytes
     if is_out_of_memory(stderr_tail):
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message=f"The job process ran out of memory: it needed more than its limit of {memory} bytes; "
             "use a smaller model, fewer calibration samples or a smaller calibration batch, or ask the "
@@ -247,7 +248,7 @@ def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> JobError:
             detail={**detail, "limit": "memory", "limit_bytes": memory},
         )
     if sig == "SIGKILL":  # the kernel's OOM killer, or RLIMIT_CPU's hard limit
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message="The job process was killed by SIGKILL, most likely for exceeding its memory limit "
             f"of {memory} bytes or its CPU-time limit of {limits.cpu_s} s; use a smaller model or "
@@ -260,7 +261,7 @@ def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> JobError:
             },
         )
     if sig == "SIGXCPU":
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message=f"The job process used more than its CPU-time limit of {limits.cpu_s} s and "
             "was stopped; use fewer calibration samples or latency runs, or ask the operator to raise "
@@ -268,7 +269,7 @@ def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> JobError:
             detail={**detail, "limit": "cpu_time", "limit_s": limits.cpu_s},
         )
     if sig == "SIGXFSZ":
-        return JobError(
+        return ErrorInfo(
             code="resource_limit",
             message="The job process tried to write a file larger than its limit of "
             f"{limits.file_bytes} bytes and was stopped; upload a smaller model or ask the operator "
@@ -277,14 +278,14 @@ def exit_error(returncode: int, stderr_tail: str, limits: Limits) -> JobError:
         )
     if sig is not None:
         meaning = _SIGNAL_MEANING.get(sig, "a fatal signal")
-        return JobError(
+        return ErrorInfo(
             code="internal",
             message=f"The job process crashed with {sig} ({meaning}); the model probably triggers a bug "
             "in ONNX Runtime. The service is unaffected; try another recipe, or report the model to the "
             "operator.",
             detail=detail,
         )
-    return JobError(
+    return ErrorInfo(
         code="internal",
         message=f"The job process exited with code {returncode} without a result; the worker's log has the details.",
         detail=detail,

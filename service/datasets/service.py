@@ -5,13 +5,14 @@ from __future__ import annotations
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
+from core.lifecycle import ACTIVE_STATUSES
 from service.database import after_commit, on_rollback, utcnow
 from service.errors import Conflict, NotFound
 from service.inspection.dataset import DatasetLimits, inspect_dataset, parse_preprocess
 from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import ACTIVE_STATUSES, Dataset, Job, clip
+from service.tables import Dataset, Job, clip
 from service.upload_stream import StagedPart
 
 

@@ -1,5 +1,5 @@
 """Pure checks the API runs on uploads: ONNX models, datasets and zip archives (their fit to a
-model is a shared rule: `service.contract.formats`)."""
+model is a shared rule: `core.datasets`)."""
 
 from service.inspection.archive import ArchiveLimits, check_zip, extract_flat, safe_member_name
 from service.inspection.dataset import (

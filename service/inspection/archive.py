@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, cast
 
-from service.contract.formats import member_name as safe_member_name
+from core.images import member_name as safe_member_name
 from service.errors import InvalidDataset, InvalidModel, PayloadTooLarge, ServiceError
 from service.storage import ObjectWriter, StoredObject
 

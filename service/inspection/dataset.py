@@ -27,16 +27,10 @@ from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from service.contract import formats
-from service.contract.formats import (
-    LABELS_KEY,
-    SINGLE_INPUT_KEY,
-    NpyHeader,
-    check_labels,
-    is_litter,
-    member_name,
-    read_npy_header,
-)
+from core import images as image_specs
+from core.datasets import LABELS_KEY, SINGLE_INPUT_KEY, check_labels
+from core.images import is_litter, member_name
+from core.npy import NpyHeader, read_npy_header
 from service.errors import InvalidDataset, PayloadTooLarge, ResourceLimit, service_errors
 from service.inspection.archive import Archive, ArchiveLimits, ZipMembers, checked_zip
 
@@ -231,7 +225,7 @@ def _inspect_images(
             "send it with the upload.",
             detail={"field": "preprocess"},
         )
-    pp = formats.parse_preprocess(preprocess)
+    pp = image_specs.parse_preprocess(preprocess)
     height, width = pp.size
     if height * width > limits.max_image_pixels:
         raise InvalidDataset(
@@ -239,7 +233,7 @@ def _inspect_images(
             detail={"field": "preprocess.size"},
         )
     files = {name: i for i in infos if not i.is_dir() and (name := member_name(i.filename))}
-    index = formats.index_images(list(files), lambda entry: _labels_text(members, files[entry]))
+    index = image_specs.index_images(list(files), lambda entry: _labels_text(members, files[entry]))
     if index.num_samples > limits.max_images:
         raise ResourceLimit(
             f"The zip holds {index.num_samples} images, more than the limit of {limits.max_images}; upload fewer.",
@@ -329,4 +323,4 @@ def parse_preprocess(raw: str | dict[str, Any] | None) -> dict[str, Any] | None:
             "The field preprocess must be a JSON object; fix it and upload again.", detail={"field": "preprocess"}
         )
     with service_errors():
-        return formats.parse_preprocess(raw).to_dict()
+        return image_specs.parse_preprocess(raw).to_dict()

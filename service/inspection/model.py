@@ -15,7 +15,7 @@ import onnx
 import onnx.defs
 from onnx import AttributeProto, GraphProto, NodeProto, SparseTensorProto, TensorProto, helper, numpy_helper
 
-from service.contract.formats import model_facts
+from core.model import model_facts
 from service.errors import ExternalDataEscape, InvalidModel, ResourceLimit, UnsupportedOperator
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})

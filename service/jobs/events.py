@@ -15,7 +15,12 @@ Events (the `data` of each is JSON):
 
 Event ids are `<updated_at in µs>.<0 status | 1 progress | 2 end>`: a client that reconnects with
 `Last-Event-ID` gets only what it has not seen, and one that already has the `end` event gets
-`204 No Content`, which tells an EventSource to stop reconnecting."""
+`204 No Content`, which tells an EventSource to stop reconnecting.
+
+A stream also ends, cleanly and without an `end` event, after `max_stream_s` (the client reconnects with
+`Last-Event-ID`, as after a dropped connection), and once the API key it was opened with is revoked: the
+poller checks the keys of its open streams every `key_check_s`, in one query. How many streams may be open
+is `AuthMiddleware`'s to decide."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,12 +43,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import ServerSentEvent
 
-from service.contract.progress import candidate_of
+from core.lifecycle import TERMINAL_STATUSES
+from core.progress import candidate_of
+from service.auth import unrevoked_prefixes
 from service.jobs.schemas import JobEvent, JobOut
 from service.tables import Job
 
 log = logging.getLogger(__name__)
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = frozenset(TERMINAL_STATUSES)
 STATUS, PROGRESS, END = 0, 1, 2
 RETRY_MS = 2000
 POLL_CHUNK = 500  # ids per IN (...) list
@@ -105,6 +113,7 @@ class _Watch:
     final: dict[str, Any] | None = None  # the whole Job, once terminal
     gone: bool = False  # the job row disappeared
     streams: int = 0
+    keys: Counter[str] = field(default_factory=Counter)  # the job's open streams by API key prefix
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     published_at: float = field(default_factory=time.monotonic)
 
@@ -115,6 +124,9 @@ class _Watch:
             self.snapshot = snapshot
             self.final = final
         self.published_at = time.monotonic()
+        self.wake()
+
+    def wake(self) -> None:
         previous, self.changed = self.changed, asyncio.Event()
         previous.set()
 
@@ -123,13 +135,24 @@ class EventHub:
     """The shared poller. Lives on `app.state.event_hub`; made and closed by the app's lifespan."""
 
     def __init__(
-        self, session_factory: sessionmaker[Session], poll_interval_s: float, progress_interval_s: float
+        self,
+        session_factory: sessionmaker[Session],
+        poll_interval_s: float,
+        progress_interval_s: float,
+        max_stream_s: float = 3600.0,
+        key_check_s: float = 30.0,
     ) -> None:
         self.session_factory = session_factory
         self.poll_interval_s = poll_interval_s
         self.progress_interval_s = progress_interval_s
+        self.max_stream_s = max_stream_s
+        self.key_check_s = key_check_s
         self.watches: dict[str, _Watch] = {}
-        self.polls = 0  # database queries made by the poller (for tests and the benchmark)
+        self.keys: Counter[str] = Counter()  # open streams by API key prefix (none with auth off)
+        self.revoked: set[str] = set()  # prefixes among `keys` found revoked: their streams end
+        self.polls = 0  # database queries made by the poller for jobs (for tests and the benchmark)
+        self.key_checks = 0  # and for keys
+        self._keys_checked_at = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._limiter = anyio.CapacityLimiter(1)
 
@@ -138,7 +161,7 @@ class EventHub:
         return sum(w.streams for w in self.watches.values())
 
     @contextlib.contextmanager
-    def _watching(self, snapshot: Snapshot) -> Iterator[_Watch]:
+    def _watching(self, snapshot: Snapshot, key: str | None) -> Iterator[_Watch]:
         job_id = snapshot.event.job_id
         watch = self.watches.get(job_id)
         if watch is None:
@@ -146,19 +169,29 @@ class EventHub:
         elif snapshot.stamp > watch.snapshot.stamp:
             watch.publish(snapshot)  # newer than what the other streams have: let them see it too
         watch.streams += 1
+        if key is not None:
+            watch.keys[key] += 1
+            self.keys[key] += 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="qaas-event-hub")
         try:
             yield watch
         finally:
             watch.streams -= 1
+            if key is not None:
+                watch.keys[key] -= 1
+                self.keys[key] -= 1
+                if self.keys[key] <= 0:
+                    del self.keys[key]
+                    self.revoked.discard(key)
             if watch.streams == 0 and self.watches.get(job_id) is watch:
                 del self.watches[job_id]
 
     async def stream(
-        self, first: JobOut, updated_at: datetime, last_seen: tuple[int, int] | None
+        self, first: JobOut, updated_at: datetime, last_seen: tuple[int, int] | None, key: str | None = None
     ) -> AsyncIterator[bytes]:
-        """The events of one client's stream, from the state read when it opened."""
+        """The events of one client's stream, from the state read when it opened. `key`: the prefix of the
+        API key it was opened with (None with auth off)."""
         snapshot = Snapshot.of(first, updated_at)
         sent, after = _resume(snapshot, last_seen)
         if snapshot.terminal:
@@ -167,10 +200,11 @@ class EventHub:
             if after < END:
                 yield _sse(END, snapshot, first.model_dump(mode="json"))
             return
-        with self._watching(snapshot) as watch:
+        deadline = time.monotonic() + self.max_stream_s
+        with self._watching(snapshot, key) as watch:
             while True:
                 changed = watch.changed  # taken before reading, so no publish is missed
-                if watch.gone:
+                if watch.gone or (key is not None and key in self.revoked):
                     return
                 current = watch.snapshot
                 if sent is None or current.stamp > sent.stamp:
@@ -180,7 +214,10 @@ class EventHub:
                 if current.terminal and watch.final is not None:
                     yield _sse(END, current, watch.final)
                     return
-                await changed.wait()
+                try:
+                    await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    return  # its lifetime is over: the client resumes with Last-Event-ID
 
     async def close(self) -> None:
         if self._task is not None:
@@ -191,6 +228,8 @@ class EventHub:
     async def _run(self) -> None:
         while self.watches:
             await asyncio.sleep(self.poll_interval_s)
+            if self.keys and time.monotonic() - self._keys_checked_at >= self.key_check_s:
+                await self._check_keys()
             ids = [job_id for job_id, w in self.watches.items() if not w.gone and w.final is None]
             if not ids:
                 continue
@@ -211,6 +250,32 @@ class EventHub:
                     watch.publish(None)
                 elif job_id in finals or (snapshot.stamp > watch.snapshot.stamp and not self._held(watch, snapshot)):
                     watch.publish(snapshot, finals.get(job_id))
+
+    async def _check_keys(self) -> None:
+        """Ends the streams of keys revoked (or deleted) since they opened."""
+        prefixes = list(self.keys)
+        try:
+            valid = await anyio.to_thread.run_sync(self._unrevoked, prefixes, limiter=self._limiter)
+        except (OperationalError, PoolTimeout) as exc:
+            log.warning("job events: the database is unreachable (%s); keys not checked", type(exc).__name__)
+            return
+        except Exception:
+            log.exception("job events: checking keys failed; retrying")
+            return
+        self._keys_checked_at = time.monotonic()
+        revoked = {prefix for prefix in prefixes if prefix not in valid and prefix in self.keys} - self.revoked
+        if not revoked:
+            return
+        log.info("job events: ending the streams of revoked API keys %s", ", ".join(sorted(revoked)))
+        self.revoked |= revoked
+        for watch in self.watches.values():
+            if any(watch.keys[prefix] > 0 for prefix in revoked):
+                watch.wake()
+
+    def _unrevoked(self, prefixes: list[str]) -> set[str]:
+        self.key_checks += 1
+        with self.session_factory() as session:
+            return unrevoked_prefixes(session, prefixes)
 
     def _held(self, watch: _Watch, snapshot: Snapshot) -> bool:
         """Only the progress moved, and the job's streams had an event less than `progress_interval_s` ago.

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
-from fastapi.responses import HTMLResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
+from core.lifecycle import JobStatus
+from core.result import JobResult, upgrade_stored
 from service import logs
 from service.auth import TenantDep
 from service.deps import QueueDep, SessionDep, SettingsDep, StorageDep
 from service.downloads import DOWNLOAD_RESPONSES, download
 from service.errors import Conflict
 from service.jobs import events, service
-from service.jobs.results import stored_result
-from service.jobs.schemas import JOB_EXAMPLES, ArtifactOut, JobCreate, JobOut, JobResult
+from service.jobs.schemas import JOB_EXAMPLES, ArtifactOut, JobCreate, JobOut
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.reports.html import render_report_html
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
@@ -63,7 +63,7 @@ def create_job(
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
     model_id: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query()] = None,
@@ -95,7 +95,10 @@ def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
     "(result or error included), after which the stream closes. The first events give the current state. "
     "Each event carries an `id`: reconnect with `Last-Event-ID` to resume without repeats; a stream whose "
     "`end` was already delivered answers 204. A comment line is sent every `QAAS_EVENTS_HEARTBEAT_S` seconds "
-    "so proxies keep the connection open.",
+    "so proxies keep the connection open. A stream ends without `end` after `QAAS_EVENTS_MAX_STREAM_S` seconds "
+    "(reconnect with `Last-Event-ID`) or when its API key is revoked. At most `QAAS_EVENTS_MAX_PER_KEY` streams "
+    "per API key and `QAAS_EVENTS_MAX_PER_PROCESS` in all are open at once; past that, 429 `rate_limited` with "
+    "`Retry-After`.",
     response_class=EventSourceResponse,
     responses={
         200: {
@@ -108,7 +111,7 @@ def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
             },
         },
         204: {"description": "The stream's `end` event was already delivered (`Last-Event-ID`): nothing is left."},
-        **error_responses(404),
+        **error_responses(404, 429),
     },
 )
 def job_events(
@@ -125,7 +128,8 @@ def job_events(
     if first.status in events.TERMINAL and events.already_ended(events.Snapshot.of(first, updated_at).stamp, last_seen):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     hub: events.EventHub = request.app.state.event_hub
-    return EventSourceResponse(hub.stream(first, updated_at, last_seen), ping=settings.events_heartbeat_s)
+    key: str | None = getattr(request.state, "key_prefix", None)  # AuthMiddleware's; None with auth off
+    return EventSourceResponse(hub.stream(first, updated_at, last_seen, key), ping=settings.events_heartbeat_s)
 
 
 @router.delete(
@@ -144,16 +148,17 @@ def delete_job(session: SessionDep, storage: StorageDep, tenant: TenantDep, job_
 @router.get(
     "/{job_id}/report",
     summary="The job's result: sizes, latency, fidelity, accuracy",
+    response_model=JobResult,
     responses=error_responses(404, 409),
 )
-def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobResult:
+def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> Response:
     job = service.get_job(session, tenant, job_id)
     if job.status != "succeeded" or job.result is None:
         raise Conflict(
             f"The job is {job.status}; its report exists once it has succeeded.",
             detail={"job_id": job_id, "status": job.status},
         )
-    return stored_result(job.result)
+    return JSONResponse(upgrade_stored(job.result))  # served as stored, like Job.result
 
 
 @router.get(
@@ -163,12 +168,7 @@ def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobResult
     responses=error_responses(404),
 )
 def get_report_html(session: SessionDep, tenant: TenantDep, job_id: str) -> HTMLResponse:
-    row = service.get_job(session, tenant, job_id)
-    try:
-        job: JobOut | dict[str, Any] = JobOut.model_validate(row)
-    except ValidationError:  # a result stored by an older version: the page shows it as stored
-        fields = {name: getattr(row, name) for name in JobOut.model_fields} | {"result": None}
-        job = JobOut.model_validate(fields).model_dump(mode="json") | {"result": row.result}
+    job = JobOut.model_validate(service.get_job(session, tenant, job_id)).model_dump(mode="json")
     return HTMLResponse(render_report_html(job), headers=LOCKED_DOWN_HEADERS)
 
 

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializeAsAny,
+    ValidationError,
+    computed_field,
+    field_validator,
+)
 
-from service.contract.progress import CandidateProgress, candidate_of
-from service.contract.recipe import Recipe, parse_recipe, unchecked_recipe
-from service.jobs.results import JobResult, stored_result
+from core.evaluation import EvaluationSettings
+from core.lifecycle import JobStatus, Stage
+from core.progress import CandidateProgress, candidate_of
+from core.recipe import Recipe, parse_recipe, unchecked_recipe
+from core.result import JobResult, upgrade_stored
 from service.schemas import ErrorInfo, OrmModel
 
 __all__ = ["CandidateProgress", "JobResult", "Recipe"]
-
-
-class EvaluationSettings(BaseModel):
-    """How to measure. Latency runs of the two models are interleaved."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    latency_runs: int = Field(50, ge=1, le=100_000)
-    warmup_runs: int = Field(5, ge=0, le=10_000)
-    threads: int | None = Field(None, ge=1, le=256, description="Default: the worker's cores.")
-    batch_size: int = Field(1, ge=1, le=4096)
 
 
 class JobCreate(BaseModel):
@@ -45,7 +45,7 @@ class JobCreate(BaseModel):
     calibration_dataset_id: str | None = Field(None, description="Required for static quantization.")
     evaluation_dataset_id: str | None = Field(None, description="Defaults to the calibration dataset.")
     recipe: Recipe = Field(default_factory=Recipe)
-    evaluation: EvaluationSettings = Field(default_factory=lambda: EvaluationSettings())
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
 
 _IDS = {"model_id": "<id from POST /v1/models>", "calibration_dataset_id": "<id from POST /v1/datasets>"}
@@ -87,16 +87,21 @@ JOB_EXAMPLES: dict[str, Any] = {
 }
 
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobStage = Literal[
-    "queued",
-    "validating",
-    "preprocessing",
-    "calibrating",
-    "quantizing",
-    "evaluating",
-    "reporting",
-    "done",
+JobStatusName = JobStatus
+JobStage = Stage
+
+
+def _as_stored(value: Any) -> Any:
+    """A stored result as this version serves it: the JSON the worker stored from a JobResult (results of
+    older versions given their verdicts by `upgrade_stored`), never validated again on a read."""
+    if isinstance(value, JobResult):
+        return value.model_dump(mode="json")
+    return upgrade_stored(value) if isinstance(value, dict) else value
+
+
+# Typed as JobResult in /openapi.json; served as stored: polling a job costs no validation of its result.
+StoredResult = Annotated[
+    SerializeAsAny[JobResult] | None, PlainValidator(_as_stored, json_schema_input_type=JobResult | None)
 ]
 
 
@@ -133,15 +138,10 @@ class JobOut(OrmModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: ErrorInfo | None
-    result: JobResult | None = Field(
+    result: StoredResult = Field(
         description="Once succeeded. A result stored by another version of QaaS in a shape this one does not "
         "know is served as it was stored."
     )
-
-    @field_validator("result", mode="before")
-    @classmethod
-    def _stored_result(cls, value: Any) -> Any:
-        return stored_result(value)
 
     @field_validator("recipe", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,8 +13,10 @@ from datetime import timedelta
 from sqlalchemy import CursorResult, Select, delete, exists, select, text
 from sqlalchemy.orm import Session
 
-from service.contract.formats import DatasetPlan, ModelFacts, plan_dataset
-from service.contract.recipe import RecipeError, check_recipe_for_model, check_reference_fits
+from core.datasets import DatasetPlan, plan_dataset
+from core.lifecycle import ACTIVE_STATUSES, TERMINAL_STATUSES
+from core.model import ModelFacts
+from core.recipe import RecipeError, check_recipe_for_model, check_reference_fits
 from service.database import after_commit, utcnow
 from service.datasets.service import get_dataset
 from service.errors import Conflict, NotFound, Unavailable
@@ -24,7 +27,7 @@ from service.queue import JobQueue
 from service.quotas import check_active_jobs, check_job_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import ACTIVE_STATUSES, Artifact, Dataset, Job, OnnxModel
+from service.tables import Artifact, Dataset, Job, OnnxModel
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -131,7 +134,7 @@ def create_job(
         calibration_dataset_id=calibration.id if calibration else None,
         evaluation_dataset_id=evaluation.id if evaluation else None,
         recipe=body.recipe.to_dict(),
-        evaluation=body.evaluation.model_dump(mode="json"),
+        evaluation=dataclasses.asdict(body.evaluation),
         idempotency_key=idempotency_key,
         request_sha256=digest,
         request_id=request_id,  # the worker's log lines for this job carry it
@@ -204,7 +207,7 @@ def list_jobs_query(tenant: str, status: str | None, model_id: str | None) -> Se
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
-    if job.status in ("succeeded", "failed", "cancelled"):
+    if job.status in TERMINAL_STATUSES:
         raise Conflict(
             f"The job already ended with status {job.status!r}; only queued or running jobs can be cancelled.",
             detail={"job_id": job_id, "status": job.status},

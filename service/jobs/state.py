@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from service.contract.progress import NOTE_LENGTH, Note
+from core.lifecycle import JobStatus
+from core.progress import NOTE_LENGTH, Note
 from service.database import utcnow
-from service.tables import Job, JobStatus
+from service.tables import Job
 
 RUNNING = JobStatus.RUNNING.value
 QUEUED = JobStatus.QUEUED.value

@@ -6,13 +6,8 @@ from datetime import datetime
 
 from pydantic import Field
 
+from core.model import TensorSpec
 from service.schemas import OrmModel
-
-
-class TensorInfo(OrmModel):
-    name: str = Field(examples=["input"])
-    dtype: str = Field(examples=["float32"])
-    shape: list[int | str | None] = Field(examples=[["batch", 3, 224, 224]])
 
 
 class ExternalDataFile(OrmModel):
@@ -29,8 +24,8 @@ class ModelOut(OrmModel):
     ir_version: int = Field(examples=[8])
     opset: int = Field(examples=[13])
     producer: str = Field(examples=["pytorch 2.5.0"])
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     op_counts: dict[str, int] = Field(examples=[{"Conv": 20, "Relu": 17, "Gemm": 1}])
     quantization: str | None = Field(
         None,

@@ -11,7 +11,8 @@ import onnx
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from service.contract.formats import ModelFacts, TensorSpec, model_facts
+from core.lifecycle import ACTIVE_STATUSES
+from core.model import ModelFacts, TensorSpec, model_facts
 from service.database import after_commit, on_rollback, utcnow
 from service.errors import Conflict, InvalidModel, NotFound, PayloadTooLarge
 from service.inspection.archive import (
@@ -25,7 +26,7 @@ from service.inspection.model import ModelInfo, ModelLimits, inspect_model
 from service.quotas import charge, check_storage
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import ACTIVE_STATUSES, Job, OnnxModel, clip, new_id
+from service.tables import Job, OnnxModel, clip, new_id
 from service.upload_stream import StagedPart
 from service.uploads import check_size, stage_upload, staging_dir
 

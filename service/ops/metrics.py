@@ -14,8 +14,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.lifecycle import JobStatus
 from service.database import utcnow
-from service.tables import Dataset, Job, JobStatus, OnnxModel
+from service.tables import Dataset, Job, OnnxModel
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 JOB_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)

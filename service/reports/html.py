@@ -1,6 +1,7 @@
 """The job report as one self-contained HTML page: inline CSS and SVG plots, nothing fetched.
 
-Pure Python and the standard library only (the service never imports onnxruntime or numpy).
+It lays out the result and never judges it: every verdict shown (an output outside the fidelity budget, a
+drop beyond tolerance, the model within budget) is one the engine recorded in the result (`core.judge`).
 Every string that came from a user or a model (names, recipe values, messages) goes through
 `_e` (HTML escaping, quotes included) before it reaches the page.
 """
@@ -11,25 +12,19 @@ import html
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
-from service.jobs.results import (
+from core.result import (
     AccuracyComparison,
     AutoSearch,
     AutoTrial,
-    FidelityThresholds,
     JobResult,
     LatencyStats,
     Machine,
     ModelMetrics,
-    stored_result,
 )
-
-if TYPE_CHECKING:  # the schemas pull in the model checks (onnx); the page needs only the result's types
-    from service.jobs.schemas import JobOut
 
 ORIGINAL_COLOR = "#3b6fb6"
 QUANTIZED_COLOR = "#e07b00"
@@ -124,43 +119,6 @@ def _get(data: Any, *keys: str) -> Any:
 
 
 NA = "n/a"
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """What the result is judged by: the engine's thresholds as the result carries them
-    (`result.evaluation`), the job's recipe giving the accuracy tolerance of results that lack
-    it. None: not recorded, not judged."""
-
-    fidelity: FidelityThresholds  # poor below its cosine or its SQNR; its cap: identical outputs
-    accuracy_tolerance: float | None  # a larger top-1 drop (fraction) is shown in red
-
-    @classmethod
-    def of(cls, job: Mapping[str, Any], result: JobResult) -> Thresholds:
-        evaluation = result.evaluation
-        tolerance = None if evaluation is None else _num(evaluation.accuracy_tolerance)
-        recorded = None if evaluation is None else evaluation.fidelity_thresholds
-        return cls(
-            fidelity=recorded or FidelityThresholds(),
-            accuracy_tolerance=_num(_get(job, "recipe", "accuracy_tolerance")) if tolerance is None else tolerance,
-        )
-
-    @property
-    def cosine(self) -> float | None:
-        return _num(self.fidelity.cosine)
-
-    @property
-    def sqnr_db(self) -> float | None:
-        return _num(self.fidelity.sqnr_db)
-
-    @property
-    def sqnr_cap_db(self) -> float | None:
-        return _num(self.fidelity.sqnr_cap_db)
-
-    def poor(self, cosine: float | None, sqnr_db: float | None) -> bool:
-        return (cosine is not None and self.cosine is not None and cosine < self.cosine) or (
-            sqnr_db is not None and self.sqnr_db is not None and sqnr_db < self.sqnr_db
-        )
 
 
 def fmt_bytes(value: Any) -> str:
@@ -433,7 +391,7 @@ def _card(label: str, big: str, detail: str, big_cls: str = "") -> str:
     )
 
 
-def _headline(result: JobResult, limits: Thresholds) -> str:
+def _headline(result: JobResult) -> str:
     orig, quant, cmp_ = result.original, result.quantized, result.comparison
     cards = []
     ratio = _num(cmp_.size_ratio)
@@ -466,34 +424,26 @@ def _headline(result: JobResult, limits: Thresholds) -> str:
     acc = cmp_.accuracy
     if acc is not None:
         delta = _num(acc.delta)
-        tolerance = limits.accuracy_tolerance
         cards.append(
             _card(
                 f"Accuracy ({acc.metric or 'top1'})",
                 _e(fmt_pct(acc.quantized, 2)),
                 f"from {_e(fmt_pct(acc.original, 2))} · delta {_e(fmt_points(delta))}",
-                ""
-                if delta is None
-                else "bad"
-                if tolerance is not None and -delta > tolerance
-                else "good"
-                if delta >= 0
-                else "",
+                "bad" if acc.within_tolerance is False else "good" if delta is not None and delta >= 0 else "",
             )
         )
     else:
         cards.append(_card("Accuracy", NA, "no labelled evaluation data"))
-    outputs = cmp_.outputs
-    cosines = [c for c in (_num(o.cosine) for o in outputs) if c is not None]
-    if cosines:
-        worst = min(cosines)
-        sqnrs = [s for s in (_num(o.sqnr_db) for o in outputs) if s is not None]
+    verdict = cmp_.fidelity
+    if verdict is not None:
+        value = "within budget" if verdict.within_budget else "outside budget"
         cards.append(
             _card(
-                "Fidelity (worst output)",
-                _e(f"cos {worst:.4f}"),
-                f"SQNR {_e(fmt_db(min(sqnrs)) if sqnrs else NA)} over {len(outputs)} output(s)",
-                "" if limits.cosine is None else "good" if worst >= limits.cosine else "bad",
+                "Fidelity",
+                _e(value),
+                f"{_e(verdict.metric)} {_e(fmt_float(verdict.fidelity))} (worst budgeted output) over "
+                f"{len(cmp_.outputs)} output(s)",
+                "good" if verdict.within_budget else "bad",
             )
         )
     return f'<section class="cards">{"".join(cards)}</section>'
@@ -578,50 +528,47 @@ def _latency(result: JobResult) -> str:
     )
 
 
-def _fidelity(result: JobResult, limits: Thresholds) -> str:
+def _fidelity(result: JobResult) -> str:
     outputs = result.comparison.outputs
     if not outputs:
         return '<section><h2>Fidelity per output</h2><p class="sub">No output was compared.</p></section>'
     rows = []
     groups = []
     for o in outputs:
-        cos, sqnr = _num(o.cosine), _num(o.sqnr_db)
-        poor = limits.poor(cos, sqnr)
-        flag = ' <strong class="bad">poor</strong>' if poor else ""
+        sqnr = _num(o.sqnr_db)
+        outside = o.faithful is False
+        verdict = (
+            '<strong class="bad">outside budget</strong>'
+            if outside
+            else '<span class="good">within</span>'
+            if o.faithful
+            else _e(o.problem or NA)
+        )
+        judged = f"{o.metric} ≥ {fmt_float(o.min)}" if o.metric and o.min is not None else NA
         rows.append(
-            f"<tr><td>{_e(o.name)}{flag}</td>"
-            f'<td class="num">{_e(fmt_float(cos, 6))}</td>'
+            f"<tr><td>{_e(o.name)}</td><td>{_e(o.kind or NA)}</td><td>{_e(judged)}</td>"
+            f'<td class="num">{_e(fmt_float(o.value))}</td><td>{verdict}</td>'
+            f'<td class="num">{_e(fmt_float(o.cosine, 6))}</td>'
             f'<td class="num">{_e(fmt_db(sqnr))}</td>'
             f'<td class="num">{_e(fmt_float(o.max_abs_error))}</td>'
             f'<td class="num">{_e(fmt_float(o.mean_abs_error))}</td>'
             f'<td class="num">{_e(fmt_pct(o.top1_agreement, 2))}</td></tr>'
         )
         shown = None if sqnr is None else max(0.0, sqnr)
-        identical = sqnr is not None and limits.sqnr_cap_db is not None and sqnr >= limits.sqnr_cap_db
-        value_label = fmt_db(sqnr) + (" (identical)" if identical else "")
-        groups.append((o.name, [("sqnr", shown, value_label, POOR_COLOR if poor else QUANTIZED_COLOR)]))
-    good_sqnr = limits.sqnr_db
-    chart = hbar_chart(
-        groups,
-        label="SQNR per output",
-        scale_max=SQNR_PLOT_MAX_DB,
-        threshold=None if good_sqnr is None else (good_sqnr, f"{good_sqnr:.0f} dB"),
-    )
-    good = [f"cosine ≥ {limits.cosine:g}"] if limits.cosine is not None else []
-    good += [f"SQNR ≥ {good_sqnr:.0f} dB"] if good_sqnr is not None else []
-    cap = "" if limits.sqnr_cap_db is None else f"; identical outputs show {limits.sqnr_cap_db:.0f} dB"
+        groups.append((o.name, [("sqnr", shown, fmt_db(sqnr), POOR_COLOR if outside else QUANTIZED_COLOR)]))
+    chart = hbar_chart(groups, label="SQNR per output", scale_max=SQNR_PLOT_MAX_DB, threshold=None)
     return (
         "<section><h2>Fidelity per output</h2>"
         '<p class="sub">How closely the quantized model reproduces the original\'s outputs on the same '
-        "inputs. "
-        + (f"Good: {', '.join(good)} " if good else "")
-        + f"(higher is better{cap}). Top-1 agreement: how often both pick the same class.</p>"
-        '<table><thead><tr><th>output</th><th class="num">cosine</th><th class="num">SQNR</th>'
+        "inputs. Each output is judged by the metric its kind calls for (agreement of the argmax for class and "
+        "sequence scores, mean cosine otherwise) against the budget's floor. Cosine and SQNR are over all samples "
+        "taken together (higher is better); top-1 agreement: how often both pick the same class.</p>"
+        "<table><thead><tr><th>output</th><th>kind</th><th>judged by</th>"
+        '<th class="num">value</th><th>verdict</th><th class="num">cosine</th><th class="num">SQNR</th>'
         '<th class="num">max abs error</th><th class="num">mean abs error</th>'
         f'<th class="num">top-1 agreement</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
-        f'<p class="legend">SQNR per output (bars clipped at {SQNR_PLOT_MAX_DB:.0f} dB'
-        + ("" if good_sqnr is None else f"; dashed line: {good_sqnr:.0f} dB")
-        + f")</p>{chart}</section>"
+        f'<p class="legend">SQNR per output (bars clipped at {SQNR_PLOT_MAX_DB:.0f} dB; red: outside the '
+        f"budget)</p>{chart}</section>"
     )
 
 
@@ -762,10 +709,11 @@ def _verdict(result: JobResult) -> str:
     """The first line of an auto or compare report: what was decided, in one sentence."""
     quantization = result.quantization
     auto = None if quantization is None else quantization.auto
+    verdict = result.comparison.fidelity
     if auto is not None:
         speedup = _num(result.comparison.speedup_p50)
-        value = None if auto.fidelity is None else _num(auto.fidelity.fidelity)
-        metric = (None if auto.fidelity is None else auto.fidelity.metric) or "fidelity"
+        value = None if verdict is None else _num(verdict.fidelity)
+        metric = (None if verdict is None else verdict.metric) or "fidelity"
         measured = f"{fmt_x(speedup)} vs float" + (f", {metric} {fmt_float(value)}" if value is not None else "")
         if auto.verdict == "keep_float":
             text = (
@@ -774,16 +722,19 @@ def _verdict(result: JobResult) -> str:
                 f"({_e(measured)})."
             )
             return f'<section class="box verdict keep" id="verdict"><p>{text}</p></section>'
+        if verdict is not None and not verdict.within_budget:
+            text = (
+                f"<strong>Quantized, but outside the budget on the evaluation data.</strong> Chose {_e(auto.chosen)} "
+                f"({_e(measured)}): the search's samples had it within budget, the whole evaluation data does not."
+            )
+            return f'<section class="box verdict keep" id="verdict"><p>{text}</p></section>'
         text = f"<strong>Quantized.</strong> Chose {_e(auto.chosen)}: {_e(measured)}, within budget."
         return f'<section class="box verdict good" id="verdict"><p>{text}</p></section>'
-    compare = None if quantization is None else quantization.compare
-    if compare is not None:
-        fidelity = compare.fidelity
-        within = compare.within_budget
+    if quantization is not None and quantization.mode == "compare" and verdict is not None:
+        within = verdict.within_budget
         text = (
             f"<strong>{'Within' if within else 'Outside'} the fidelity budget.</strong> The uploaded model against "
-            f"its float reference: {_e(None if fidelity is None else fidelity.metric)} "
-            f"{_e(fmt_float(None if fidelity is None else fidelity.fidelity))}."
+            f"its float reference: {_e(verdict.metric)} {_e(fmt_float(verdict.fidelity))}."
         )
         return f'<section class="box verdict {"good" if within else "keep"}" id="verdict"><p>{text}</p></section>'
     return ""
@@ -857,8 +808,8 @@ def _auto(result: JobResult) -> str:
     if auto is None:
         return ""
     trials = [*auto.candidates, *auto.steps]
-    budgeted = [] if auto.fidelity is None else [o for o in auto.fidelity.outputs if o.budgeted]
-    floor = _num(budgeted[0].min) if budgeted else None
+    budgeted = [o for o in result.comparison.outputs if o.budgeted]
+    floor = _num(budgeted[0].min) if len({o.metric for o in budgeted}) == 1 else None
     rows = []
     for t in trials:
         status = (
@@ -926,19 +877,18 @@ def _sensitivity(auto: AutoSearch) -> str:
 # ----------------------------------------------------------------------------- page
 
 
-def _typed(job: JobOut | Mapping[str, Any]) -> tuple[Mapping[str, Any], JobResult | None, str]:
-    """The job's own fields as the API serves them, its result validated once as the typed
-    JobResult, and, for a stored result that does not validate, the page's note about it (with
-    the result as stored): such a result came from an older version and is shown, not refused."""
-    if not isinstance(job, Mapping):  # a JobOut: its result is typed already
-        fields: Mapping[str, Any] = job.model_dump(mode="json", exclude={"result"})
-        result = job.result
-    else:
-        fields, result = job, stored_result(job.get("result"))
-    if result is not None and result.untyped is not None:
-        stored, exc = result.untyped
-        return {**fields, "result": stored}, None, _stored_as_is(stored, exc)
-    return fields, result, ""
+def _typed(fields: Mapping[str, Any]) -> tuple[Mapping[str, Any], JobResult | None, str]:
+    """The job's own fields as the API serves them, its result read once as the typed JobResult (the page
+    is the one place that reads it whole), and, for a stored result of another shape, the page's note
+    about it (with the result as stored): such a result came from an older version and is shown, not
+    refused."""
+    stored = fields.get("result")
+    if not isinstance(stored, dict):
+        return fields, None, ""
+    try:
+        return fields, JobResult.from_stored(stored), ""
+    except ValidationError as exc:
+        return fields, None, _stored_as_is(stored, exc)
 
 
 def _stored_as_is(stored: Any, exc: ValidationError) -> str:
@@ -953,18 +903,17 @@ def _stored_as_is(stored: Any, exc: ValidationError) -> str:
     )
 
 
-def render_report_html(job: JobOut | Mapping[str, Any]) -> str:
-    """The page for one job (a JobOut, or the contract's Job JSON): a full report when it has a
+def render_report_html(job: Mapping[str, Any]) -> str:
+    """The page for one job (the contract's Job JSON, as `GET /v1/jobs/{id}` serves it): a full report when it has a
     result, its error or progress otherwise."""
     fields, result, stored_note = _typed(job)
     body = [_header(fields), _error(fields), _not_ready(fields)]
     if result is not None:
         body.append(_verdict(result))
         body.append(_warnings(result.warnings))
-        limits = Thresholds.of(fields, result)
-        body.append(_headline(result, limits))
+        body.append(_headline(result))
         body.append(_latency(result))
-        body.append(_fidelity(result, limits))
+        body.append(_fidelity(result))
         body.append(_size_and_accuracy(result))
         body.append(_auto(result))
     elif stored_note:

@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from core.errors import ErrorInfo
+from core.evaluation import EvaluationSpec
+from core.jobfile import ChildOutcome, JobFile, Limits
+from core.lifecycle import AttemptStatus
+from core.recipe import MAX_LISTED, MAX_NAME_CHARS, MAX_OP_TYPES, Recipe
 from service.app import create_app
-from service.contract.recipe import MAX_LISTED, MAX_NAME_CHARS, MAX_OP_TYPES
 from service.run import API
 from service.settings import Settings
 from service.storage import LocalStorage
@@ -24,7 +28,6 @@ from tests.e2e.conftest import clean_env, free_port
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, store_artifact
 from tests.worker.engine.test_evaluate import FAST
-from worker.contracts import ChildOutcome, EvaluationSettings, JobError, JobFile, Limits
 from worker.engine.data import model_inputs
 from worker.engine.evaluate import LatencyMeter, evaluate
 from worker.engine.fidelity import FidelityEvaluator
@@ -166,12 +169,12 @@ def test_threads_are_clamped_to_the_cores_and_the_clamp_is_recorded(tmp_path: Pa
     model = conv_classifier(tmp_path / "m.onnx")
     asked = usable_cores() + 62
     spec = FAST.__class__(**{**FAST.__dict__, "threads": asked})
-    result = evaluate(model, model, spec, data=None).to_dict()
-    assert result["evaluation"]["threads"] == usable_cores()
-    assert result["evaluation"]["threads_requested"] == asked
-    assert result["evaluation"]["threads_clamped"] is True
-    assert result["machine"]["threads"] == usable_cores()
-    assert any(f"asked for {asked} threads" in w for w in result["warnings"])
+    result = evaluate(model, model, spec, data=None)
+    assert result.facts.threads == usable_cores()
+    assert result.facts.threads_requested == asked
+    assert result.facts.threads_clamped is True
+    assert result.machine.threads == usable_cores()
+    assert any(f"asked for {asked} threads" in w for w in result.warnings)
 
 
 def test_mode_auto_and_compare_sessions_are_clamped_too(tmp_path: Path) -> None:
@@ -180,12 +183,14 @@ def test_mode_auto_and_compare_sessions_are_clamped_too(tmp_path: Path) -> None:
     model = conv_classifier(tmp_path / "m.onnx")
     asked = usable_cores() + 62
     feed = {"input": np.zeros((1, 3, 8, 8), np.float32)}
+    meter = LatencyMeter(model, feed, threads=asked, warmup_runs=0)
+    meter.compare(model, 1)
     sessions = {
-        "latency": LatencyMeter(model, feed, threads=asked, warmup_runs=0)._session(model, "original"),
-        "fidelity": FidelityEvaluator(model, None, model_inputs(model), None, 0.0, threads=asked)._session(model),
+        "latency": meter._reference,
+        "fidelity": FidelityEvaluator(model, None, model_inputs(model), None, 0.0, threads=asked)._reference(),
         "sensitivity": sensitivity_session(model, asked),
     }
-    threads = {name: s.get_session_options().intra_op_num_threads for name, s in sessions.items()}
+    threads = {name: s.get_session_options().intra_op_num_threads for name, s in sessions.items() if s is not None}
     assert threads == dict.fromkeys(sessions, usable_cores())
 
 
@@ -197,7 +202,7 @@ def test_the_job_process_stderr_is_logged_on_one_escaped_line(
 ) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
-    JobFile("j", "model.onnx", [], {}, EvaluationSettings(1, 0, None, 1, None, 1.0), Limits()).write(workdir)
+    JobFile("j", Path("model.onnx"), (), Recipe(), EvaluationSpec(1, 0, None, 1, None, 1.0), Limits()).write(workdir)
     forged = "2030-01-01 00:00:00 INFO worker.runner: job 42: attempt 1 finished\r\nadmin logged in"
     (workdir / "stderr.log").write_text(f"Traceback (most recent call last):\nboom\n{forged}\n")
     runner = JobRunner(sqlite_settings, None, LocalStorage(tmp_path / "storage"))  # type: ignore[arg-type]
@@ -217,8 +222,8 @@ def test_a_job_that_failed_in_the_engine_leaves_its_traceback_in_the_log(
     traceback in stderr.log, is deleted after this read: the worker's log is the only copy left."""
     workdir = tmp_path / "work"
     workdir.mkdir()
-    error = JobError("quantization_failed", "ValueError during quantizing: bad", {"stage": "quantizing"})
-    ChildOutcome("failed", error=error).write(workdir)
+    error = ErrorInfo("quantization_failed", "ValueError during quantizing: bad", {"stage": "quantizing"})
+    ChildOutcome(AttemptStatus.FAILED, error=error).write(workdir)
     (workdir / "stderr.log").write_text('Traceback (most recent call last):\n  File "x.py"\nValueError: bad\n')
     runner = JobRunner(sqlite_settings, None, LocalStorage(tmp_path / "storage"))  # type: ignore[arg-type]
     caplog.set_level(logging.WARNING, logger="worker.runner")

@@ -13,6 +13,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.jobfile import ArtifactItem, ChildOutcome
+from core.lifecycle import AttemptStatus
+from core.result import Comparison, JobResult, ModelMetrics
 from service.app import create_app
 from service.database import make_engine, make_session_factory, transaction
 from service.jobs import state
@@ -23,7 +26,6 @@ from service.tables import Artifact, Job
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error
 from tests.service.test_job_state import _job
-from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.runner import JobRunner
 
 
@@ -72,12 +74,14 @@ def test_results_over_the_quota_fail_the_job_and_store_nothing(
     quantized.write_bytes(bytes(3000))
     report.write_text(json.dumps({"ok": True}))
     outcome = ChildOutcome(
-        "succeeded",
-        result=JobResultData.empty(),
-        artifacts=[
-            ArtifactItem("quantized.onnx", str(quantized), "application/octet-stream"),
-            ArtifactItem("report.json", str(report), "application/json"),
-        ],
+        AttemptStatus.SUCCEEDED,
+        result=JobResult(
+            original=ModelMetrics(size_bytes=1), quantized=ModelMetrics(size_bytes=1), comparison=Comparison()
+        ),
+        artifacts=(
+            ArtifactItem("quantized.onnx", quantized, "application/octet-stream"),
+            ArtifactItem("report.json", report, "application/json"),
+        ),
     )
     settings = sqlite_settings.model_copy(update={"quota_storage_bytes": 3 * FILE_OVERHEAD_BYTES})
     storage = LocalStorage(settings.resolved_storage_dir)

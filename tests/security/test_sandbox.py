@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.engine import EngineError
+from core.errors import RuleError
 from worker.sandbox import exit_error, job_limits, limit_error
 
 LIMITS = job_limits(memory_bytes=1 << 30, timeout_s=60, file_bytes=2 << 20, open_files=128)
@@ -22,7 +22,7 @@ LIMITS = job_limits(memory_bytes=1 << 30, timeout_s=60, file_bytes=2 << 20, open
 def run_limited(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(f"""
         import json, resource, sys
-        from worker.contracts import Limits
+        from core.jobfile import Limits
         from worker.sandbox import apply_limits
         apply_limits({LIMITS!r})
         {textwrap.indent(textwrap.dedent(code), "        ").strip()}
@@ -89,7 +89,7 @@ def test_a_big_allocation_fails_instead_of_waking_the_oom_killer(tmp_path: Path)
     [
         (MemoryError(), "memory"),
         (
-            EngineError(
+            RuleError(
                 "evaluation_failed",
                 "ONNX Runtime could not run the original model: Failed to allocate "
                 "memory for requested buffer of size 2147483648",
@@ -97,7 +97,7 @@ def test_a_big_allocation_fails_instead_of_waking_the_oom_killer(tmp_path: Path)
             "memory",
         ),
         (
-            EngineError("quantization_failed", "Pre-processing the model failed: [Errno 27] File too large"),
+            RuleError("quantization_failed", "Pre-processing the model failed: [Errno 27] File too large"),
             "file_size",
         ),
         (OSError(errno.EFBIG, "File too large"), "file_size"),

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.database import transaction
 from service.storage import Storage
-from service.storage_s3 import S3Storage
+from service.storage.s3 import S3Storage
 from service.tables import Artifact
 from tests.onnx_models import conv_classifier, matmul_mlp
 

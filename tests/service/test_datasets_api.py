@@ -14,7 +14,7 @@ from PIL import Image
 import service.datasets.service as datasets_service
 from service.app import create_app
 from service.settings import Settings
-from service.storage_s3 import S3Storage
+from service.storage.s3 import S3Storage
 from tests.e2e.faults import TcpProxy
 from tests.security.test_zip_directory import hand_made_zip
 from tests.service.helpers import assert_error, files_under, leftovers, npz_bytes, upload_dataset

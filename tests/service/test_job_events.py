@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import event
 
-from service.contract.progress import CandidateProgress, Note
+from core.progress import CandidateProgress, Note
 from service.database import transaction
 from service.jobs import state
 from tests.service.conftest import LiveServer

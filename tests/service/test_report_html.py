@@ -215,35 +215,71 @@ def test_sparse_result_does_not_break_the_page() -> None:
     result["quantized"]["latency_ms"] = None
     for key in ("machine", "timings_s", "peak_memory_bytes", "preprocessing_steps", "warnings"):
         del result[key]
-    result["evaluation"] = {"fidelity_thresholds": {"sqnr_cap_db": 200.0}}
+    result["evaluation"] = {}
     page = render_report_html(_job(result=result))
     assert "n/a" in page
     assert "No warnings" in page
     assert "Accuracy needs an evaluation dataset with labels" in page
-    assert "(identical)" in page
-    del result["evaluation"]
-    assert "(identical)" not in render_report_html(_job(result=result))  # no cap recorded, no claim
 
 
-def _poor_flags(page: str) -> int:
-    return page.count('<strong class="bad">poor</strong>')
+def _outside_flags(page: str) -> int:
+    return page.count('<strong class="bad">outside budget</strong>')
 
 
-def test_fidelity_and_accuracy_are_judged_by_the_thresholds_the_result_carries() -> None:
-    """The report has no thresholds of its own: the engine's, recorded in the result, decide what
-    is poor (the aux output has cosine 0.91 and SQNR 9.5 dB; the accuracy drop is 0.78 points)."""
-    page = render_report_html(_job())
-    assert _poor_flags(page) == 1 and "cosine ≥ 0.99, SQNR ≥ 20 dB" in page
+def _row(name: str, faithful: bool, value: float, **numbers: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "class_scores",
+        "metric": "agreement",
+        "value": value,
+        "min": 0.99,
+        "budgeted": True,
+        "faithful": faithful,
+        "top1_agreement": value,
+        **numbers,
+    }
+
+
+def test_the_report_shows_the_verdicts_the_result_records_and_decides_none() -> None:
+    """The report has no thresholds of its own: each output's verdict and the accuracy's are the engine's,
+    recorded in the result. Here the output with the worse cosine is the faithful one, because the engine
+    judged it by agreement: the page follows the engine."""
     result = _result()
-    result["evaluation"]["fidelity_thresholds"] = {"cosine": 0.9, "sqnr_db": 5.0, "sqnr_cap_db": 200.0}
-    result["evaluation"]["accuracy_tolerance"] = 0.005
+    result["comparison"]["outputs"] = [
+        _row("logits", True, 1.0, cosine=0.985, sqnr_db=15.0),
+        _row("aux", False, 0.97, cosine=0.999, sqnr_db=40.0),
+    ]
+    verdict = {"within_budget": False, "metric": "agreement", "fidelity": 0.97, "accuracy_tolerance": 0.005}
+    result["comparison"]["fidelity"] = verdict
+    result["comparison"]["accuracy"]["within_tolerance"] = False
     page = render_report_html(_job(result=result))
-    assert _poor_flags(page) == 0 and "cosine ≥ 0.9, SQNR ≥ 5 dB" in page
-    assert '<div class="big bad">75.34%</div>' in page  # a 0.78-point drop is beyond 0.5 points
+    assert _outside_flags(page) == 1
+    flag = page.index('<strong class="bad">outside budget</strong>')
+    assert page.index("<td>logits</td>") < page.index("<td>aux</td>") < flag  # the flag is aux's
+    assert '<div class="big bad">75.34%</div>' in page  # the engine said: beyond tolerance
+    assert '<div class="big bad">outside budget</div>' in page
+    result["comparison"]["accuracy"]["within_tolerance"] = True  # the same 0.78-point drop, judged within
+    result["comparison"]["outputs"][1]["faithful"] = True
+    result["comparison"]["fidelity"] = {**verdict, "within_budget": True}
+    page = render_report_html(_job(result=result))
+    assert _outside_flags(page) == 0 and '<div class="big good">within budget</div>' in page
+    assert '<div class="big">75.34%</div>' in page  # within tolerance, and not better either
+
+
+def test_a_result_stored_before_the_verdicts_gets_the_verdicts_its_engine_made() -> None:
+    """Results stored by the previous version carry thresholds, not verdicts (`fidelity_thresholds`,
+    `accuracy_tolerance`): the one reader of stored results (core.result.upgrade_stored) turns them into
+    the verdicts that engine made (the aux output: cosine 0.91 and SQNR 9.5 dB under 0.99 and 20 dB)."""
+    page = render_report_html(_job())
+    assert _outside_flags(page) == 1
+    assert page.index('<strong class="bad">outside budget</strong>') > page.index("aux&lt;script")
+    assert '<div class="big">75.34%</div>' in page  # 0.78 points is within that result's 1 point
+    result = _result()
+    result["evaluation"]["accuracy_tolerance"] = 0.005
+    assert '<div class="big bad">75.34%</div>' in render_report_html(_job(result=result))
     result["evaluation"] = {}
-    page = render_report_html(_job(result=result, recipe={"accuracy_tolerance": 0.05}))
-    assert _poor_flags(page) == 0 and "Good:" not in page  # nothing recorded: nothing judged
-    assert '<div class="big">75.34%</div>' in page  # within the recipe's 5 points, not better either
+    page = render_report_html(_job(result=result))
+    assert _outside_flags(page) == 0 and "outside budget" not in page  # nothing recorded: nothing judged
 
 
 def test_a_result_stored_by_an_older_version_is_shown_as_stored() -> None:
@@ -257,8 +293,8 @@ def test_a_result_stored_by_an_older_version_is_shown_as_stored() -> None:
     assert "<h2>Recipe</h2>" in page  # the job's own fields are still shown
 
 
-def test_a_typed_job_and_its_json_give_the_same_page() -> None:
-    """The API hands the report a JobOut; it reads the same as the job's JSON with the result as stored."""
+def test_the_page_of_a_job_as_the_api_serves_it_is_the_page_of_its_stored_json() -> None:
+    """The API hands the report the job as `GET /v1/jobs/{id}` serves it: the same page as the stored JSON."""
     job = JobOut.model_validate(
         _job(
             calibration_dataset_id=None,
@@ -268,16 +304,16 @@ def test_a_typed_job_and_its_json_give_the_same_page() -> None:
             started_at="2025-01-01T00:00:01Z",
         )
     )
-    page = render_report_html(job)
+    page = render_report_html(job.model_dump(mode="json"))
     assert page == render_report_html(job.model_dump(mode="json", exclude_unset=True))
     for text in EXPECTED:
         assert text in page, text
 
 
-def test_service_side_imports_nothing_heavy() -> None:
+def test_the_report_imports_no_engine() -> None:
     code = (
         "import sys, service.reports.html\n"
-        "heavy = [m for m in ('onnxruntime', 'numpy', 'onnx') if m in sys.modules]\n"
+        "heavy = [m for m in ('onnxruntime', 'worker', 'service.jobs') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
@@ -315,11 +351,6 @@ def _auto_job(verdict: str) -> dict[str, Any]:
             "objective": "latency",
             "chosen": "dynamic int8, 1 node(s) in float" if verdict == "quantized" else "float16",
             "effective_recipe": {"mode": "dynamic", "nodes_to_exclude": ["layer0.ffn_down"]},
-            "fidelity": {
-                "metric": "cosine",
-                "fidelity": 0.9931,
-                "outputs": [{"name": "h", "metric": "cosine", "min": 0.99, "budgeted": True}],
-            },
             "candidates": [
                 {**trial, "name": "dynamic int8", "p50_ms": 5.0, "speedup": 2.0, "size_bytes": 1000, "fidelity": 0.96},
                 {
@@ -331,7 +362,7 @@ def _auto_job(verdict: str) -> dict[str, Any]:
                     "fidelity": 0.9999,
                     "within_budget": True,
                 },
-                {**trial, "name": EVIL, "error": {"message": "broke"}},
+                {**trial, "name": EVIL, "error": {"code": "quantization_failed", "message": "broke"}},
             ],
             "steps": [
                 {
@@ -357,6 +388,12 @@ def _auto_job(verdict: str) -> dict[str, Any]:
                 }
             ],
         }
+    }
+    job["result"]["comparison"]["fidelity"] = {
+        "within_budget": True,
+        "metric": "cosine",
+        "fidelity": 0.9931,
+        "accuracy_tolerance": 0.01,
     }
     return job
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from service.storage import LocalStorage, ObjectMissing, Storage, StorageUnavailable, open_storage
-from service.storage_s3 import MAX_WINDOW, MIN_WINDOW, RangedReader, S3Storage
+from service.storage.s3 import MAX_WINDOW, MIN_WINDOW, RangedReader, S3Storage
 from tests.conftest import free_port
 from tests.onnx_models import matmul_mlp
 from tests.s3 import CREDENTIALS, S3Server, dead_object_store
@@ -161,7 +161,7 @@ def test_the_hash_beside_the_write_equals_sha256_of_the_stream() -> None:
     import hashlib
     import os
 
-    from service.storage import HASH_BATCH, BesideHash
+    from service.storage.base import HASH_BATCH, BesideHash
 
     data = os.urandom(3 * HASH_BATCH + 12345)
     for sizes in ([len(data)], [1, 7, HASH_BATCH - 8, HASH_BATCH + 1], [65536] * (len(data) // 65536 + 1)):

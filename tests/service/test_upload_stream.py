@@ -14,7 +14,7 @@ from starlette.formparsers import MultiPartParser
 
 import service.models.service as models_service
 from service.inspection.model import ModelInfo, ModelLimits
-from service.storage_s3 import S3Storage
+from service.storage.s3 import S3Storage
 from tests.onnx_models import matmul_mlp
 from tests.s3 import S3Server
 from tests.security import hostile as h

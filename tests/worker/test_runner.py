@@ -18,16 +18,18 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.jobfile import ArtifactItem, ChildOutcome
+from core.lifecycle import AttemptStatus
+from core.result import Comparison, JobResult, ModelMetrics
 from service.database import transaction, utcnow
 from service.jobs import state
 from service.queue import celery_config
 from service.settings import Settings
 from service.storage import LocalStorage, StorageUnavailable
-from service.storage_s3 import S3Storage
+from service.storage.s3 import S3Storage
 from service.tables import Artifact, Job, OnnxModel
 from tests.s3 import S3Server, dead_object_store
 from tests.service.test_job_state import _job, store_job_model
-from worker.contracts import ArtifactItem, ChildOutcome, JobResultData
 from worker.reaper import sweep
 from worker.runner import DatabaseUnavailable, JobRunner, overall_progress
 
@@ -110,25 +112,18 @@ def _outcome(tmp_path: Path) -> ChildOutcome:
     model.write_bytes(b"\x08\x01" * 1000)
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"ok": True}))
-    result = JobResultData(
-        original={"size_bytes": 2000},
-        quantized={"size_bytes": 2000},
-        comparison={"size_ratio": 1.0},
-        warnings=[],
-        timings_s={},
-        peak_memory_bytes=0,
-        preprocessing_steps=[],
-        machine={},
-        evaluation={},
-        quantization={},
+    result = JobResult(
+        original=ModelMetrics(size_bytes=2000),
+        quantized=ModelMetrics(size_bytes=2000),
+        comparison=Comparison(size_ratio=1.0),
     )
     return ChildOutcome(
-        "succeeded",
+        AttemptStatus.SUCCEEDED,
         result=result,
-        artifacts=[
-            ArtifactItem("quantized.onnx", str(model), "application/octet-stream"),
-            ArtifactItem("report.json", str(report), "application/json"),
-        ],
+        artifacts=(
+            ArtifactItem("quantized.onnx", model, "application/octet-stream"),
+            ArtifactItem("report.json", report, "application/json"),
+        ),
     )
 
 
@@ -409,8 +404,8 @@ def test_celery_settings_agree_with_the_leases(settings: Settings) -> None:
 TALKING_JOB = """
 import pathlib, sys, time
 import worker.job_process as job_process
-from service.contract.progress import CandidateProgress, Note
-from worker.engine import EngineError
+from core.progress import CandidateProgress, Note
+from core.errors import RuleError
 go = pathlib.Path(sys.argv[2])
 
 def wait(step):
@@ -424,7 +419,7 @@ def run(job, workdir, report):
     wait("1")
     report.note(Note("search step 1: back to float"))
     wait("2")
-    raise EngineError("quantization_failed", "scripted", {})
+    raise RuleError("quantization_failed", "scripted", {})
 
 job_process.run = run
 sys.exit(job_process.main(pathlib.Path(sys.argv[1])))
@@ -437,7 +432,7 @@ def test_the_engines_note_reaches_the_job_whole(
     """What the job process says it does (text, and auto's candidate) lands in both columns from the
     same note, stays while lines without a note pass, is replaced whole by the next note, and is
     cleared when the job ends."""
-    from service.contract.progress import CandidateProgress, candidate_of
+    from core.progress import CandidateProgress, candidate_of
     from tests.security.test_job_sandbox import job_process_is
 
     job_process_is(monkeypatch, TALKING_JOB, str(tmp_path))

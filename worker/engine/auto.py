@@ -34,34 +34,27 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from worker.engine.calibration import CalibrationResult, calibrate
+from core.errors import ErrorInfo, RuleError
+from core.evaluation import EvaluationSpec
+from core.jobfile import DatasetSource
+from core.lifecycle import Stage
+from core.model import TensorSpec
+from core.progress import CandidateProgress, Note
+from core.recipe import Mode, Objective, QuantFormat, Recipe
+from core.result import AutoSearch, AutoTrial, QuantizationFacts, SensitiveNode, SensitivitySummary
+from worker.engine.calibration import CalibrationResult, calibrate, default_op_types
 from worker.engine.candidates import COMPUTE_OPS, Candidate, candidates_for
 from worker.engine.checks import ModelFacts, model_facts, model_size
 from worker.engine.data import model_inputs
-from worker.engine.errors import EngineError
-from worker.engine.evaluate import SLOWER_NOISE, LatencyMeter, evaluate, size_on_disk
+from worker.engine.evaluate import SLOWER_NOISE, Evaluation, LatencyMeter, evaluate, size_on_disk
 from worker.engine.fidelity import FidelityEvaluator, Score, is_token_model
 from worker.engine.machine import int8_kernels
+from worker.engine.metrics import finite_or_none
 from worker.engine.preprocess import Prepared
 from worker.engine.quantize import OUTPUT_NAME, Reuse, preparation, prepare_for, quantize
-from worker.engine.results import EvaluationOutcome, QuantizationOutcome
-from worker.engine.sensitivity import Sensitivity, confirm_by_ablation, dynamic_sensitivity, static_sensitivity
-from worker.engine.spec import (
-    CandidateProgress,
-    DatasetSource,
-    EvaluationSpec,
-    Mode,
-    Note,
-    NoteCallback,
-    Objective,
-    ProgressCallback,
-    QuantFormat,
-    QuantizationSpec,
-    Stage,
-    TensorSpec,
-    no_note,
-    no_progress,
-)
+from worker.engine.results import QuantizationOutcome
+from worker.engine.sensitivity import SensitivityRanking, confirm_by_ablation, dynamic_sensitivity, static_sensitivity
+from worker.engine.spec import NoteCallback, ProgressCallback, no_note, no_progress
 
 SEARCH_LATENCY_RUNS = 10  # per candidate and step; finalists get the job's full count
 # A few runs of a sub-millisecond model are noise: run counts grow until each comparison times each
@@ -97,7 +90,7 @@ class Meter(Protocol):
         ...
 
 
-def recipe_of(spec: QuantizationSpec) -> dict[str, Any]:
+def recipe_of(spec: Recipe) -> dict[str, Any]:
     """A recipe (JSON) that a plain static/dynamic/... job reproduces this spec with."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(spec):
@@ -118,7 +111,7 @@ class Trial:
 
     name: str
     stage: str  # "candidate" | "step"
-    spec: QuantizationSpec
+    spec: Recipe
     folder: Path
     searchable: bool = False
     parent: str | None = None
@@ -128,7 +121,7 @@ class Trial:
     p50: float | None = None
     runs: int = 0
     size: int | None = None
-    error: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
     not_slower_checks: list[float] = field(default_factory=list)  # keep_float's confirmations
 
     @property
@@ -153,25 +146,26 @@ class Trial:
         s = self.speedup
         return s is not None and s >= 1.0 - SLOWER_NOISE
 
-    def to_dict(self) -> dict[str, Any]:
+    def measured(self) -> AutoTrial:
+        """This trial as the result records it."""
         score = self.score
-        return {
-            "name": self.name,
-            "stage": self.stage,
-            "parent": self.parent,
-            "recipe": recipe_of(self.spec),
-            "p50_ms": self.p50,
-            "float_p50_ms": self.float_p50,
-            "speedup": self.speedup,
-            "latency_runs": self.runs,
-            "size_bytes": self.size,
-            "metric": score.metric if score else None,
-            "fidelity": score.fidelity if score else None,
-            "accuracy_drop": score.accuracy_drop if score else None,
-            "within_budget": self.within,
-            "not_slower_checks": list(self.not_slower_checks),
-            "error": self.error,
-        }
+        return AutoTrial(
+            name=self.name,
+            stage="step" if self.stage == "step" else "candidate",
+            parent=self.parent,
+            recipe=recipe_of(self.spec),
+            p50_ms=self.p50,
+            float_p50_ms=self.float_p50,
+            speedup=self.speedup,
+            latency_runs=self.runs,
+            size_bytes=self.size,
+            metric=score.metric if score else None,
+            fidelity=finite_or_none(score.fidelity) if score else None,
+            accuracy_drop=finite_or_none(score.accuracy_drop) if score else None,
+            within_budget=self.within,
+            not_slower_checks=list(self.not_slower_checks),
+            error=self.error,
+        )
 
 
 @dataclass
@@ -179,7 +173,7 @@ class Search:
     """The loop's state: shared pre-processing and calibration, trials, time."""
 
     model_path: Path
-    spec: QuantizationSpec
+    spec: Recipe
     workdir: Path
     facts: ModelFacts
     inputs: list[TensorSpec]
@@ -195,7 +189,7 @@ class Search:
     prepared: dict[tuple[Any, ...], Prepared] = field(default_factory=dict)
     calibrations: dict[tuple[Any, ...], CalibrationResult] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
-    sensitivities: list[Sensitivity] = field(default_factory=list)
+    sensitivities: list[SensitivityRanking] = field(default_factory=list)
     finalists: list[str] = field(default_factory=list)  # re-timed with the full count to decide
     out_of_time: bool = False
     steps_done: int = 0
@@ -207,7 +201,7 @@ class Search:
 
     # -- shared pre-processing and calibration ------------------------------------------------
 
-    def reuse_for(self, spec: QuantizationSpec) -> Reuse:
+    def reuse_for(self, spec: Recipe) -> Reuse:
         key = preparation(spec, self.facts)
         prepared = self.prepared.get(key)
         if prepared is None:
@@ -242,15 +236,13 @@ class Search:
 
     # -- one measured model ----------------------------------------------------------------
 
-    def run(
-        self, name: str, stage: str, spec: QuantizationSpec, *, searchable: bool = False, parent: str | None = None
-    ) -> Trial:
+    def run(self, name: str, stage: str, spec: Recipe, *, searchable: bool = False, parent: str | None = None) -> Trial:
         trial = Trial(name, stage, spec, self.workdir / f"trial-{len(self.trials)}", searchable, parent)
         self.trials.append(trial)
         try:
             reuse = self.reuse_for(spec)
             if spec.transformer_fusion and not reuse.prepared.fused_ops:
-                raise EngineError(
+                raise RuleError(
                     "not_applicable", "ONNX Runtime's transformer fusion found nothing to fuse in this model.", {}
                 )
             trial.outcome = quantize(self.model_path, spec, trial.folder, calibration=self.calibration, reuse=reuse)
@@ -258,8 +250,8 @@ class Search:
             trial.score = self.evaluator.score(trial.outcome.model_path)
             trial.float_p50, trial.p50 = self.meter.compare(trial.outcome.model_path, self.search_runs)
             trial.runs = self.search_runs
-        except EngineError as exc:
-            trial.error = exc.to_dict()
+        except RuleError as exc:
+            trial.error = exc.info
             trial.outcome = None
             shutil.rmtree(trial.folder, ignore_errors=True)
         return trial
@@ -356,7 +348,7 @@ def _start_points(search: Search) -> list[Trial]:
     return pool[:MAX_STARTS]
 
 
-def _sensitivity(search: Search, start: Trial) -> Sensitivity:
+def _sensitivity(search: Search, start: Trial) -> SensitivityRanking:
     assert start.outcome is not None
     reuse = search.reuse_for(start.spec)
     batches = list(search.evaluator.subset(SENSITIVITY_SAMPLES).batches())
@@ -451,7 +443,7 @@ def _can_still_win(search: Search, step: Trial, best: Trial | None) -> bool:
     return (step.speedup or 0.0) >= 1.0 and (best is None or search.better(step, best))
 
 
-def _sixteen_bit_step(search: Search, start: Trial, sens: Sensitivity, fitting: int | None) -> None:
+def _sixteen_bit_step(search: Search, start: Trial, sens: SensitivityRanking, fitting: int | None) -> None:
     """16-bit activations on the tensors the fewest-nodes fallback returned to float (or the worst
     few): kept only if it measures better than leaving them in float."""
     if start.spec.mode != Mode.STATIC or start.spec.format != QuantFormat.QDQ or not search.time_left():
@@ -462,7 +454,7 @@ def _sixteen_bit_step(search: Search, start: Trial, sens: Sensitivity, fitting: 
         search.step(start, f"{start.name}, 16-bit activations on {len(tensors)} tensor(s)", sixteen_bit_tensors=tensors)
 
 
-def _op_type_step(search: Search, start: Trial, sens: Sensitivity) -> None:
+def _op_type_step(search: Search, start: Trial, sens: SensitivityRanking) -> None:
     """Leave the elementwise op type whose activations hurt most in float (when it dominates)."""
     if start.spec.mode != Mode.STATIC or not sens.op_types or not search.time_left():
         return
@@ -470,8 +462,6 @@ def _op_type_step(search: Search, start: Trial, sens: Sensitivity) -> None:
     top = sens.op_types[0]
     if top["op_type"] in COMPUTE_OPS or float(top["score"]) < 0.5 * total:
         return
-    from worker.engine.calibration import default_op_types
-
     present = [op for op in default_op_types(start.spec) if search.facts.op_counts.get(op) and op != top["op_type"]]
     if present:
         search.step(start, f"{start.name}, {top['op_type']} left in float", op_types_to_quantize=tuple(present))
@@ -483,7 +473,7 @@ def _op_type_step(search: Search, start: Trial, sens: Sensitivity) -> None:
 
 def auto_quantize(
     model_path: Path,
-    spec: QuantizationSpec,
+    spec: Recipe,
     workdir: Path,
     evaluation: EvaluationSpec,
     *,
@@ -496,11 +486,11 @@ def auto_quantize(
     meter: Meter | None = None,
     int8: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[QuantizationOutcome, EvaluationOutcome]:
+) -> tuple[QuantizationOutcome, Evaluation]:
     """Search (see the module docstring) and evaluate the pick like any job. `meter` and `int8`
     (the CPU's int8 kind, see `machine.int8_kernels`) are for tests."""
     if calibration is None:
-        raise EngineError(
+        raise RuleError(
             "invalid_recipe",
             "Mode auto compares static variants and needs calibration data.",
             {"mode": "auto"},
@@ -558,10 +548,10 @@ def auto_quantize(
         progress(Stage.QUANTIZING, 0.5 * (k - 1) / len(candidates))
         search.run(candidate.name, "candidate", _apply(base, candidate), searchable=candidate.searchable)
     if not any(t.ok for t in search.trials):
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             "Mode auto tried every candidate recipe and none could be produced; see detail for each error.",
-            {"candidates": [t.to_dict() for t in search.trials]},
+            {"candidates": [t.measured().model_dump(mode="json") for t in search.trials]},
         )
     for start in _start_points(search):
         if not search.time_left():
@@ -589,20 +579,21 @@ def auto_quantize(
         data=data,
         inputs=inputs,
         reused_calibration=reused_calibration,
+        budget=spec.fidelity,
         accuracy_tolerance=spec.accuracy_tolerance,
         progress=progress,
     )
-    summary = _summary(search, verdict, chosen, full_runs, search_seconds, int8)
+    summary = _summary(search, verdict, chosen, full_runs, search_seconds)
     warnings = _verdict_warnings(search, verdict, chosen)
     outcome.warnings = [*warnings, *outcome.warnings]
-    outcome.details["auto"] = summary
+    outcome.facts.auto = summary
     if search.sensitivities:  # the ranking, when the mixed-precision search made one
         sensitivity_path = workdir / "sensitivity.json"
         sensitivity_path.write_text(
             json.dumps({"sensitivities": [s.to_dict() for s in search.sensitivities]}, indent=2, default=str)
         )
         outcome.artifacts["sensitivity.json"] = sensitivity_path
-    outcome.preprocessing_steps = [f"auto: {summary['headline']}", *outcome.preprocessing_steps]
+    outcome.preprocessing_steps = [f"auto: {summary.headline}", *outcome.preprocessing_steps]
     return outcome, measured
 
 
@@ -613,7 +604,7 @@ def _timed_runs(runs: int, float_ms: float, seconds: float) -> int:
     return max(runs, min(runs * RUNS_GROWTH, math.ceil(seconds * 1000.0 / float_ms)))
 
 
-def _apply(base: QuantizationSpec, candidate: Candidate) -> QuantizationSpec:
+def _apply(base: Recipe, candidate: Candidate) -> Recipe:
     return dataclasses.replace(base, **dict(candidate.changes))
 
 
@@ -670,46 +661,37 @@ def _float_copy(model_path: Path, facts: ModelFacts, workdir: Path) -> Quantizat
     for name in facts.external_files:
         shutil.copyfile(model_path.parent / name, out / name)
         files.append(out / name)
-    return QuantizationOutcome(model_path=target, files=files, details={"mode": "float"})
+    return QuantizationOutcome(model_path=target, files=files, facts=QuantizationFacts(mode="float"))
 
 
-def _summary(
-    search: Search, verdict: Verdict, chosen: Trial | None, full_runs: int, seconds: float, int8: str
-) -> dict[str, Any]:
+def _summary(search: Search, verdict: Verdict, chosen: Trial | None, full_runs: int, seconds: float) -> AutoSearch:
     name = chosen.name if chosen is not None else FLOAT_NAME
     if verdict == Verdict.QUANTIZED:
         headline = f"chose {name}"
     else:
         headline = f"keep float: no model within the budget beats float on {search.spec.objective}; returned {name}"
-    budget = search.spec.fidelity
-    return {
-        "verdict": str(verdict),
-        "headline": headline,
-        "objective": str(search.spec.objective),
-        "chosen": name,
-        "effective_recipe": recipe_of(chosen.spec) if chosen is not None else None,
-        "fidelity": chosen.score.to_dict() if chosen is not None and chosen.score is not None else None,
-        "budget": {
-            "accuracy_tolerance": search.spec.accuracy_tolerance,
-            "fidelity": None
-            if budget is None
-            else {"outputs": list(budget.outputs or []) or None, "metric": str(budget.metric), "min": budget.min},
-        },
-        "candidates": [t.to_dict() for t in search.trials if t.stage == "candidate"],
-        "steps": [t.to_dict() for t in search.trials if t.stage == "step"],
-        "search_seconds": round(seconds, 3),
-        "max_search_seconds": search.spec.max_search_seconds,
-        "time_budget_exhausted": search.out_of_time,
-        "search_latency_runs": search.search_runs,
-        "final_latency_runs": full_runs,
-        "finalists": list(search.finalists),
-        "faster_margin": FASTER_MARGIN,
-        "cpu_int8": int8,
-        "sensitivity": [
-            {"candidate": s.candidate, "method": s.method, "top": [n.to_dict() for n in s.nodes[:10]]}
+    return AutoSearch(
+        verdict=verdict.value,
+        headline=headline,
+        objective=search.spec.objective.value,
+        chosen=name,
+        effective_recipe=recipe_of(chosen.spec) if chosen is not None else None,
+        candidates=[t.measured() for t in search.trials if t.stage == "candidate"],
+        steps=[t.measured() for t in search.trials if t.stage == "step"],
+        search_seconds=round(seconds, 3),
+        time_budget_exhausted=search.out_of_time,
+        search_latency_runs=search.search_runs,
+        final_latency_runs=full_runs,
+        finalists=list(search.finalists),
+        sensitivity=[
+            SensitivitySummary(
+                candidate=s.candidate,
+                method=s.method,
+                top=[SensitiveNode(node=n.node, op_type=n.op_type, score=n.score) for n in s.nodes[:10]],
+            )
             for s in search.sensitivities
         ],
-    }
+    )
 
 
 def _verdict_warnings(search: Search, verdict: Verdict, chosen: Trial | None) -> list[str]:

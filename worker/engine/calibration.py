@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.model import TensorSpec
+from core.recipe import CalibrationMethod, Recipe
 from worker.engine.data import Batch, iter_batches
-from worker.engine.errors import EngineError
 from worker.engine.quiet import quiet_ort
-from worker.engine.spec import CalibrationMethod, DatasetSource, QuantizationSpec, TensorSpec
 
 MINMAX_CHUNK = 16  # feeds per collect_data call for MinMax (its per-call state is tiny)
 HISTOGRAM_CHUNK = 1  # feeds per call for histogram methods (shapes may differ between feeds)
@@ -89,7 +91,7 @@ def _ort_method(method: CalibrationMethod) -> Any:
     }[CalibrationMethod(method)]
 
 
-def default_op_types(spec: QuantizationSpec) -> list[str]:
+def default_op_types(spec: Recipe) -> list[str]:
     """The op types quantize_static calibrates/quantizes when none are given."""
     if spec.op_types_to_quantize:
         return list(spec.op_types_to_quantize)
@@ -100,7 +102,7 @@ def default_op_types(spec: QuantizationSpec) -> list[str]:
 
 def calibrate(
     model_path: Path,
-    spec: QuantizationSpec,
+    spec: Recipe,
     source: DatasetSource,
     inputs: Sequence[TensorSpec],
     workdir: Path,
@@ -121,7 +123,7 @@ def calibrate(
     limit = feed_limit(source, inputs, batch_size=batch_size, max_samples=spec.max_calibration_samples)
     total_feeds = count_batches(source, inputs, batch_size=batch_size, limit=limit)
     if total_feeds == 0:
-        raise EngineError("invalid_dataset", "The calibration dataset holds no samples.", {})
+        raise RuleError("invalid_dataset", "The calibration dataset holds no samples.", {})
     histogram = method != CalibrationMethod.MINMAX
     passes = 2 if histogram else 1
     stats = {"calls": 0, "max_chunk": 0}
@@ -145,7 +147,7 @@ def calibrate(
                     with quiet_ort():  # histogram collectors print per call
                         calibrator.collect_data(reader)
                 except Exception as exc:
-                    raise EngineError(
+                    raise RuleError(
                         "quantization_failed",
                         f"Calibration failed while running the model on the calibration data: {str(exc).strip()[:300]}",
                         {"step": "calibration"},
@@ -172,7 +174,7 @@ def calibrate(
                     extra_options=extra,
                 )
         except Exception as exc:
-            raise EngineError(
+            raise RuleError(
                 "quantization_failed",
                 f"Preparing the model for calibration failed: {str(exc).strip()[:300]}",
                 {"step": "calibration_setup"},
@@ -212,7 +214,7 @@ def calibrate(
         with quiet_ort():
             tensors_range = hist.compute_data()
     except Exception as exc:
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             f"Computing {method.value} calibration ranges failed: {str(exc).strip()[:300]}",
             {"step": "calibration"},

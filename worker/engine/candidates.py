@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.engine.spec import CalibrationMethod, Mode, Objective, QType
+from core.recipe import CalibrationMethod, Mode, Objective, QType
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 

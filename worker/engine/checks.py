@@ -1,5 +1,5 @@
 """The engine's side of the recipe rules: the same `check_recipe` / `check_recipe_for_model` the
-API runs (`service.contract.recipe`), over facts read from the model file itself."""
+API runs (`core.recipe`), over facts read from the model file itself."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import onnx
 
-from service.contract.formats import ModelFacts, default_opset, iter_graphs
-from service.contract.formats import model_facts as facts_of
-from service.contract.recipe import FOUR_BIT, SIXTEEN_BIT, check_recipe, check_recipe_for_model
-from worker.engine.errors import EngineError
+from core.errors import RuleError
+from core.model import ModelFacts, default_opset, iter_graphs
+from core.model import model_facts as facts_of
+from core.recipe import FOUR_BIT, SIXTEEN_BIT, check_recipe, check_recipe_for_model
 
 __all__ = [
     "FOUR_BIT",
@@ -27,11 +27,11 @@ __all__ = [
 
 
 def load_header(model_path: Path) -> onnx.ModelProto:
-    """The model without its external weights. Raises EngineError `invalid_model`."""
+    """The model without its external weights. Raises RuleError `invalid_model`."""
     try:
         return onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:
-        raise EngineError("invalid_model", f"The model could not be read: {exc}", {}) from exc
+        raise RuleError("invalid_model", f"The model could not be read: {exc}", {}) from exc
 
 
 def model_facts(model_path: Path) -> ModelFacts:

@@ -23,21 +23,14 @@ from typing import IO
 import numpy as np
 from numpy.lib import format as npformat
 
-from service.contract.formats import (
-    LABELS_KEY,
-    SINGLE_INPUT_KEY,
-    Form,
-    NpyHeader,
-    check_labels,
-    is_fixed,
-    plan_arrays,
-    read_npy_header,
-)
+from core.datasets import LABELS_KEY, SINGLE_INPUT_KEY, Form, check_labels, plan_arrays
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.model import TensorSpec, is_fixed
+from core.npy import NpyHeader, read_npy_header
 from worker.engine.batch import Batch
 from worker.engine.checks import model_facts
-from worker.engine.errors import EngineError
 from worker.engine.images import count_image_batches, image_rows_per_feed, iter_image_batches
-from worker.engine.spec import DatasetSource, TensorSpec
 
 # --------------------------------------------------------------------------------------------
 # Model inputs
@@ -114,7 +107,7 @@ class _ZipMemberReader(_ArrayReader):
         want = count * self._row_bytes
         data = self._fp.read(want)
         if len(data) != want:
-            raise EngineError("invalid_dataset", f"{self._what} is truncated.", {"array": self._what})
+            raise RuleError("invalid_dataset", f"{self._what} is truncated.", {"array": self._what})
         self._pos += count
         return np.frombuffer(data, dtype=self.header.dtype).reshape((count, *self._row_shape))
 
@@ -123,7 +116,7 @@ class _ZipMemberReader(_ArrayReader):
         while nbytes > 0:
             chunk = self._fp.read(min(nbytes, 1 << 20))
             if not chunk:
-                raise EngineError("invalid_dataset", f"{self._what} is truncated.", {"array": self._what})
+                raise RuleError("invalid_dataset", f"{self._what} is truncated.", {"array": self._what})
             nbytes -= len(chunk)
 
     def close(self) -> None:
@@ -141,11 +134,11 @@ class _NpyReader(_ArrayReader):
             with open(path, "rb") as fp:
                 self.header = read_npy_header(fp, what)
         except OSError as exc:
-            raise EngineError("invalid_dataset", f"{what} could not be read: {exc}", {"array": what}) from exc
+            raise RuleError("invalid_dataset", f"{what} could not be read: {exc}", {"array": what}) from exc
         try:
             self._arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
-            raise EngineError("invalid_dataset", f"{what} could not be read: {exc}", {"array": what}) from exc
+            raise RuleError("invalid_dataset", f"{what} could not be read: {exc}", {"array": what}) from exc
 
     def whole(self) -> np.ndarray:
         return np.asarray(self._arr)
@@ -191,13 +184,11 @@ class _Opened:
             self.readers[SINGLE_INPUT_KEY] = _NpyReader(path, "The .npy array")
             return
         if source.format != "npz":
-            raise EngineError(
-                "invalid_dataset", f"Unknown dataset format '{source.format}'.", {"format": source.format}
-            )
+            raise RuleError("invalid_dataset", f"Unknown dataset format '{source.format}'.", {"format": source.format})
         try:
             self._zf = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as exc:
-            raise EngineError("invalid_dataset", f"The .npz file could not be opened: {exc}", {}) from exc
+            raise RuleError("invalid_dataset", f"The .npz file could not be opened: {exc}", {}) from exc
         for member in self._zf.namelist():
             if member.endswith(".npy"):
                 key = member.removesuffix(".npy")
@@ -256,7 +247,7 @@ def iter_batches(
     batch_size: int = 1,
     limit: int | None = None,
 ) -> Iterator[Batch]:
-    """Yield the dataset's feeds one at a time (at most `limit`). Raises EngineError
+    """Yield the dataset's feeds one at a time (at most `limit`). Raises RuleError
     (`invalid_dataset`, `dataset_model_mismatch`) before the first feed when the data cannot fit."""
     if source.format == "images":
         return iter_image_batches(source, inputs, batch_size=batch_size, limit=limit)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from service.contract.formats import subgraphs
+from core.model import subgraphs
 from worker.engine.graph_order import subgraph_reads
 
 FP16_MAX = 65504.0

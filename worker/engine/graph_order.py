@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from service.contract.formats import subgraphs
+from core.model import subgraphs
 
 
 def outer_reads(graph: onnx.GraphProto) -> set[str]:

@@ -20,18 +20,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.contract.formats import (
-    ImageIndex,
-    ImagePlan,
-    Preprocess,
-    index_images,
-    member_name,
-    parse_preprocess,
-    plan_images,
-)
+from core.datasets import ImagePlan, plan_images
+from core.errors import RuleError
+from core.images import ImageIndex, Preprocess, index_images, member_name, parse_preprocess
+from core.jobfile import DatasetSource
+from core.model import TensorSpec
 from worker.engine.batch import Batch
-from worker.engine.errors import EngineError
-from worker.engine.spec import DatasetSource, TensorSpec
 
 MAX_LABELS_CSV_BYTES = 64 * 1024 * 1024
 # Decompression-bomb guard: PIL warns above this many pixels (an error here) and raises at 2x.
@@ -52,7 +46,7 @@ def index_archive(path: Path) -> tuple[ImageIndex, dict[str, zipfile.ZipInfo]]:
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
-        raise EngineError("invalid_dataset", f"The image archive could not be opened: {exc}", {}) from exc
+        raise RuleError("invalid_dataset", f"The image archive could not be opened: {exc}", {}) from exc
     with zf:
         infos = {name: i for i in zf.infolist() if not i.is_dir() and (name := member_name(i.filename))}
 
@@ -70,8 +64,8 @@ def index_archive(path: Path) -> tuple[ImageIndex, dict[str, zipfile.ZipInfo]]:
 # Preprocessing
 
 
-def _bad(message: str, **detail: Any) -> EngineError:
-    return EngineError("invalid_dataset", message, detail)
+def _bad(message: str, **detail: Any) -> RuleError:
+    return RuleError("invalid_dataset", message, detail)
 
 
 def decode_image(data: bytes, pp: Preprocess, *, name: str = "image", raw: bool = False) -> np.ndarray:

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.result import LatencyStats
+
 Clock = Callable[[], float]  # seconds, monotonic
 
 
 @dataclass(frozen=True)
-class LatencyStats:
-    """Statistics of timed runs, in milliseconds."""
+class TimedRuns:
+    """Statistics of one model's timed runs, in milliseconds."""
 
     p50: float
     p90: float
@@ -30,7 +32,7 @@ class LatencyStats:
     runs: int
 
     @classmethod
-    def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
+    def from_samples(cls, samples_ms: Sequence[float]) -> TimedRuns:
         if not samples_ms:
             raise ValueError("no timed runs")
         arr = np.asarray(samples_ms, dtype=np.float64)
@@ -47,17 +49,11 @@ class LatencyStats:
             runs=int(arr.size),
         )
 
-    def latency_ms(self) -> dict[str, float]:
-        """The contract's `latency_ms` object."""
-        return {
-            "p50": self.p50,
-            "p90": self.p90,
-            "p99": self.p99,
-            "mean": self.mean,
-            "std": self.std,
-            "min": self.min,
-            "max": self.max,
-        }
+    def latency_ms(self) -> LatencyStats:
+        """The result's `latency_ms`."""
+        return LatencyStats(
+            p50=self.p50, p90=self.p90, p99=self.p99, mean=self.mean, std=self.std, min=self.min, max=self.max
+        )
 
     def throughput_per_s(self, batch_size: int) -> float:
         return batch_size * 1000.0 / self.mean if self.mean > 0 else 0.0
@@ -75,8 +71,8 @@ class InterleavedTimings:
     def rounds_done(self) -> int:
         return min((len(s) for s in self.samples_ms), default=0)
 
-    def stats(self) -> list[LatencyStats]:
-        return [LatencyStats.from_samples(s) for s in self.samples_ms]
+    def stats(self) -> list[TimedRuns]:
+        return [TimedRuns.from_samples(s) for s in self.samples_ms]
 
 
 def round_order(round_index: int, count: int) -> list[int]:

@@ -6,10 +6,11 @@ import functools
 import os
 import platform
 from pathlib import Path
-from typing import Any
 
 import onnxruntime as ort
 import psutil
+
+from core.result import Machine
 
 # CPU flags that decide how fast int8 (and bf16) kernels run, as the names are reported by
 # Linux / py-cpuinfo. Spelling variants ("avx512vnni") are normalised to these.
@@ -109,28 +110,28 @@ def int8_kernels(flags: set[str] | frozenset[str] | None = None) -> str:
     return "other"
 
 
-def machine_info(threads: int | None = None) -> dict[str, Any]:
+def machine_info(threads: int | None = None) -> Machine:
     """What a reader of a latency number needs to know about where it was measured."""
     model, flags, source = _cpu()
     try:
         physical = psutil.cpu_count(logical=False)
     except Exception:
         physical = None
-    return {
-        "cpu_model": model,
-        "architecture": platform.machine(),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": physical,
-        "cpu_features": {flag: flag in flags for flag in INT8_FLAGS if not _irrelevant(flag)},
-        "int8_acceleration": int8_acceleration(flags),
-        "memory_bytes": int(psutil.virtual_memory().total),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "execution_provider": "CPUExecutionProvider",
-        "threads": threads,
-        "cpu_info_source": source,
-    }
+    return Machine(
+        cpu_model=model,
+        architecture=platform.machine(),
+        logical_cores=os.cpu_count(),
+        physical_cores=physical,
+        cpu_features={flag: flag in flags for flag in INT8_FLAGS if not _irrelevant(flag)},
+        int8_acceleration=int8_acceleration(flags),
+        memory_bytes=int(psutil.virtual_memory().total),
+        os=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(),
+        onnxruntime=ort.__version__,
+        execution_provider="CPUExecutionProvider",
+        threads=threads,
+        cpu_info_source=source,
+    )
 
 
 def _irrelevant(flag: str) -> bool:

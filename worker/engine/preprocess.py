@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.contract.formats import default_opset, external_locations, iter_graphs
-from worker.engine.errors import EngineError
+from core.errors import RuleError
+from core.model import default_opset, external_locations, iter_graphs
 from worker.engine.graph_order import sort_model_file
 
 # Above this a model cannot be one protobuf (2 GB limit); keep a margin.
@@ -55,7 +55,7 @@ def fuse_transformer(prepared: Prepared, workdir: Path) -> Prepared:
         out = workdir / "fused.onnx"
         optimized.save_model_to_file(str(out), use_external_data_format=prepared.external)
     except Exception as exc:
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             f"ONNX Runtime's transformer fusion failed: {_first_line(exc)}",
             {"step": "transformer_fusion"},
@@ -235,7 +235,7 @@ def prepare_model(
             del model
             model = onnx.load(str(current), load_external_data=False)
     except Exception as exc:
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             f"Loading the model with its weights failed: {_first_line(exc)}",
             {"step": "load"},
@@ -265,7 +265,7 @@ def prepare_model(
             )
             result.opset = target_opset
         except Exception as exc:
-            raise EngineError(
+            raise RuleError(
                 "quantization_failed",
                 f"Upgrading the opset from {opset} to {target_opset} failed: {_first_line(exc)}. "
                 "Try without per_channel or 16-bit types, or re-export the model at a newer opset.",

@@ -22,8 +22,23 @@ from typing import Any
 import numpy as np
 import onnx
 
-from service.contract.formats import iter_graphs
-from service.contract.formats import model_facts as facts_of
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.lifecycle import Stage
+from core.model import TensorSpec, iter_graphs
+from core.model import model_facts as facts_of
+from core.recipe import CalibrationMethod, Mode, QType, QuantFormat, Recipe
+from core.result import (
+    CalibrationFacts,
+    FloatNode,
+    Fp16Facts,
+    ModelCheck,
+    Opsets,
+    OriginalFacts,
+    QuantizationFacts,
+    WeightOnlyFacts,
+)
+from worker.engine import fp16
 from worker.engine.calibration import CalibrationResult, calibrate, default_op_types
 from worker.engine.checks import (
     FOUR_BIT,
@@ -31,26 +46,13 @@ from worker.engine.checks import (
     ModelFacts,
     check_recipe_for_model,
     model_facts,
-    model_size,
 )
 from worker.engine.data import Batch, count_batches, iter_batches, synthesize_batch
-from worker.engine.errors import EngineError
 from worker.engine.graph_order import outer_read_producers, sort_model_file, subgraph_nodes
 from worker.engine.preprocess import Prepared, fuse_transformer, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
 from worker.engine.results import QuantizationOutcome
-from worker.engine.spec import (
-    CalibrationMethod,
-    DatasetSource,
-    Mode,
-    ProgressCallback,
-    QType,
-    QuantFormat,
-    QuantizationSpec,
-    Stage,
-    TensorSpec,
-    no_progress,
-)
+from worker.engine.spec import ProgressCallback, no_progress
 
 OUTPUT_NAME = "quantized.onnx"
 
@@ -107,9 +109,9 @@ class Reuse:
     calibration: CalibrationResult | None = None
 
 
-def _fail(step: str, what: str, exc: BaseException) -> EngineError:
+def _fail(step: str, what: str, exc: BaseException) -> RuleError:
     text = str(exc).strip() or type(exc).__name__
-    return EngineError(
+    return RuleError(
         "quantization_failed",
         f"{what} failed: {text.splitlines()[0][:400]}",
         {"step": step, "error": text[:2000]},
@@ -135,7 +137,7 @@ class _Timer:
 
 def quantize(
     model_path: Path,
-    spec: QuantizationSpec,
+    spec: Recipe,
     workdir: Path,
     *,
     calibration: DatasetSource | None = None,
@@ -143,7 +145,7 @@ def quantize(
     keep_intermediates: bool = False,
     reuse: Reuse | None = None,
 ) -> QuantizationOutcome:
-    """Quantize `model_path` following `spec`. Raises EngineError (`invalid_recipe`,
+    """Quantize `model_path` following `spec`. Raises RuleError (`invalid_recipe`,
     `invalid_dataset`, `dataset_model_mismatch`, `quantization_failed`, `invalid_model`).
 
     Intermediate files (`workdir/prep`, `workdir/calib`) are deleted on success unless
@@ -153,7 +155,7 @@ def quantize(
     model_path = Path(model_path)
     workdir = Path(workdir)
     if spec.mode in (Mode.AUTO, Mode.COMPARE):
-        raise EngineError(
+        raise RuleError(
             "invalid_recipe",
             f"Mode {spec.mode} is not a quantization recipe and is not supported by quantize(); "
             "pass a concrete mode (static, dynamic, weight_only or fp16).",
@@ -163,7 +165,7 @@ def quantize(
     timer = _Timer(timings)
     t_total = time.perf_counter()
     warnings: list[str] = []
-    details: dict[str, Any] = {"mode": str(spec.mode)}
+    facts_out = QuantizationFacts(mode=str(spec.mode), calibration_samples=0)
 
     with timer("validating"):
         facts = model_facts(model_path)
@@ -171,15 +173,11 @@ def quantize(
         inputs = list(facts.inputs)
         if calibration is not None:
             count_batches(calibration, inputs, batch_size=spec.calibration_batch_size)  # mismatch errors now
-    original_size = model_size(model_path, facts)
-    details["original"] = {
-        "opset": facts.opset,
-        "op_counts": dict(facts.op_counts),
-        "size_bytes": original_size,
-        "external_data": bool(facts.external_files),
-    }
+    facts_out.original = OriginalFacts(
+        opset=facts.opset, op_counts=dict(facts.op_counts), external_data=bool(facts.external_files)
+    )
     if facts.qdq_nodes:
-        details["qat_qdq_nodes"] = facts.qdq_nodes
+        facts_out.qat_qdq_nodes = facts.qdq_nodes
 
     for sub in ("prep", "calib", "out"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
@@ -198,7 +196,6 @@ def quantize(
         _warn_missing_excluded(prepared.path, spec.nodes_to_exclude, warnings)
     progress(Stage.PREPROCESSING, 1.0)
 
-    calibration_samples = 0
     mode = Mode(spec.mode)
     if mode == Mode.STATIC:
         assert calibration is not None
@@ -222,16 +219,16 @@ def quantize(
                     progress=lambda f: progress(Stage.CALIBRATING, f),
                 )
             )
-        calibration_samples = cal.samples
-        details["calibration"] = {
-            "method": str(spec.calibration_method),
-            "samples": cal.samples,
-            "feeds": cal.feeds,
-            "batch_size": spec.calibration_batch_size,
-            "collect_calls": cal.collect_calls,
-            "max_feeds_per_call": cal.max_chunk_feeds,
-            "passes": cal.passes,
-        }
+        facts_out.calibration_samples = cal.samples
+        facts_out.calibration = CalibrationFacts(
+            method=str(spec.calibration_method),
+            samples=cal.samples,
+            feeds=cal.feeds,
+            batch_size=spec.calibration_batch_size,
+            collect_calls=cal.collect_calls,
+            max_feeds_per_call=cal.max_chunk_feeds,
+            passes=cal.passes,
+        )
         progress(Stage.CALIBRATING, 1.0)
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
@@ -242,16 +239,16 @@ def quantize(
             if mode == Mode.DYNAMIC:
                 _dynamic(prepared, spec, out_path, warnings)
             elif mode == Mode.WEIGHT_ONLY:
-                _weight_only(prepared, spec, out_path, warnings, details)
+                facts_out.weight_only = _weight_only(prepared, spec, out_path, warnings)
             elif mode == Mode.FP16:
-                _fp16(prepared, spec, out_path, warnings, details, calibration, inputs)
+                facts_out.fp16 = _fp16(prepared, spec, out_path, warnings, calibration, inputs)
             else:  # pragma: no cover - enum exhausted
-                raise EngineError("invalid_recipe", f"Unknown mode {mode}.", {"field": "mode"})
+                raise RuleError("invalid_recipe", f"Unknown mode {mode}.", {"field": "mode"})
     progress(Stage.QUANTIZING, 0.7)
 
     with timer("verifying"):
         sample, synthesized = _first_sample(calibration, inputs, spec)
-        details["check"] = verify_model(out_path, model_path, sample, warnings, synthesized=synthesized)
+        facts_out.check = verify_model(out_path, model_path, sample, warnings, synthesized=synthesized)
     progress(Stage.QUANTIZING, 1.0)
 
     out_model = onnx.load(str(out_path), load_external_data=False)
@@ -259,20 +256,19 @@ def quantize(
     counts = dict(out_facts.op_counts)
     files = _output_files(out_path, out_facts)
     del out_model
-    details["op_counts"] = counts
-    details["quantized_op_counts"] = {k: v for k, v in counts.items() if k in QUANTIZED_OP_TYPES}
-    details["opset"] = {"original": facts.opset, "quantized": out_facts.opset}
-    details["size_bytes"] = {"original": original_size, "quantized": sum(f.stat().st_size for f in files)}
-    details["external_data"] = len(files) > 1
-    if mode != Mode.FP16 and not details["quantized_op_counts"]:
+    facts_out.op_counts = counts
+    facts_out.quantized_op_counts = {k: v for k, v in counts.items() if k in QUANTIZED_OP_TYPES}
+    facts_out.opset = Opsets(original=facts.opset, quantized=out_facts.opset)
+    facts_out.external_data = len(files) > 1
+    if mode != Mode.FP16 and not facts_out.quantized_op_counts:
         warnings.append("Nothing was quantized: no node of this model matched the recipe's operator types.")
-    elif mode != Mode.FP16 and facts.qdq_nodes and sum(details["quantized_op_counts"].values()) <= facts.qdq_nodes:
+    elif mode != Mode.FP16 and facts.qdq_nodes and sum(facts_out.quantized_op_counts.values()) <= facts.qdq_nodes:
         warnings.append("No new node was quantized: the model's quantized parts were already all there was.")
     if mode in (Mode.STATIC, Mode.DYNAMIC) and facts.has_subgraphs:
         left = float_nodes_in_subgraphs(out_path, spec)
         if left:
-            details["float_in_subgraphs"] = left
-            named = ", ".join(f"{n['name']} ({n['op_type']} in {n['subgraph']})" for n in left[:10])
+            facts_out.float_in_subgraphs = left
+            named = ", ".join(f"{n.name} ({n.op_type} in {n.subgraph})" for n in left[:10])
             more = f" and {len(left) - 10} more" if len(left) > 10 else ""
             warnings.append(
                 f"{len(left)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float "
@@ -288,8 +284,7 @@ def quantize(
         preprocessing_steps=prepared.steps,
         warnings=warnings,
         timings_s=timings,
-        calibration_samples=calibration_samples,
-        details=details,
+        facts=facts_out,
     )
 
 
@@ -297,7 +292,7 @@ def quantize(
 # Pre-processing per mode
 
 
-def required_opset(spec: QuantizationSpec, facts: ModelFacts) -> int | None:
+def required_opset(spec: Recipe, facts: ModelFacts) -> int | None:
     """The smallest default-domain opset the recipe needs (None: any)."""
     mode = Mode(spec.mode)
     target = 0
@@ -319,7 +314,7 @@ def required_opset(spec: QuantizationSpec, facts: ModelFacts) -> int | None:
     return target or None
 
 
-def preparation(spec: QuantizationSpec, facts: ModelFacts) -> tuple[int | None, bool, bool, bool]:
+def preparation(spec: Recipe, facts: ModelFacts) -> tuple[int | None, bool, bool, bool]:
     """How a recipe pre-processes the model: (target opset, shape inference, optimise, transformer
     fusion). Recipes with equal preparation quantize the very same prepared graph (mode auto shares
     it between them)."""
@@ -335,7 +330,7 @@ def preparation(spec: QuantizationSpec, facts: ModelFacts) -> tuple[int | None, 
 
 
 def prepare_for(
-    model_path: Path, spec: QuantizationSpec, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
+    model_path: Path, spec: Recipe, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
 ) -> Prepared:
     target_opset, shape_inference, optimize, fusion = preparation(spec, facts)
 
@@ -350,7 +345,7 @@ def prepare_for(
                 optimize=optimize,
                 progress=lambda f: progress(Stage.PREPROCESSING, f),
             )
-        except EngineError:
+        except RuleError:
             raise
         except Exception as exc:
             raise _fail("preprocessing", "Pre-processing the model", exc) from exc
@@ -370,14 +365,14 @@ def prepare_for(
 SUBGRAPH_COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 
 
-def float_nodes_in_subgraphs(path: Path, spec: QuantizationSpec) -> list[dict[str, str]]:
+def float_nodes_in_subgraphs(path: Path, spec: Recipe) -> list[FloatNode]:
     """The Conv/MatMul/Gemm nodes inside subgraphs that the recipe asked for and that stayed float:
     name, op type and the subgraph they sit in (see graph_order.subgraph_nodes)."""
     model = onnx.load(str(path), load_external_data=False)
     wanted = set(spec.op_types_to_quantize or SUBGRAPH_COMPUTE_OPS) & set(SUBGRAPH_COMPUTE_OPS)
     excluded = set(spec.nodes_to_exclude or ())
     return [
-        {"name": n.name, "op_type": n.op_type, "subgraph": where}
+        FloatNode(name=n.name, op_type=n.op_type, subgraph=where)
         for where, n in subgraph_nodes(model.graph)
         if n.op_type in wanted and n.name not in excluded
     ]
@@ -427,7 +422,7 @@ def _warn_missing_excluded(path: Path, excluded: Sequence[str], warnings: list[s
 _SIXTEEN_BIT_OF = {QType.UINT8: QType.UINT16, QType.INT8: QType.INT16}
 
 
-def _sixteen_bit_tensors(spec: QuantizationSpec, model: onnx.ModelProto, warnings: list[str]) -> list[str]:
+def _sixteen_bit_tensors(spec: Recipe, model: onnx.ModelProto, warnings: list[str]) -> list[str]:
     """The recipe's sixteen_bit_tensors that the (pre-processed, shape-inferred) model has, as ONNX
     Runtime's quantizer knows tensors; the others are left out with a warning, as nodes_to_exclude
     names are (a typo is no reason to fail the job, and the rule is the same at the API's door)."""
@@ -444,7 +439,7 @@ def _sixteen_bit_tensors(spec: QuantizationSpec, model: onnx.ModelProto, warning
     return [name for name in wanted if name in known]
 
 
-def _extra_options(spec: QuantizationSpec, sixteen_bit: Sequence[str] = ()) -> dict[str, Any]:
+def _extra_options(spec: Recipe, sixteen_bit: Sequence[str] = ()) -> dict[str, Any]:
     extra: dict[str, Any] = {"ActivationSymmetric": bool(spec.symmetric_activations)}
     if spec.symmetric_weights is not None:
         extra["WeightSymmetric"] = bool(spec.symmetric_weights)
@@ -457,9 +452,7 @@ def _extra_options(spec: QuantizationSpec, sixteen_bit: Sequence[str] = ()) -> d
     return extra
 
 
-def _static(
-    prepared: Prepared, spec: QuantizationSpec, tensors_range: Any, out_path: Path, warnings: list[str]
-) -> None:
+def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path, warnings: list[str]) -> None:
     """quantize_static, minus its calibration: the ranges come from our chunked calibration."""
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -514,13 +507,13 @@ def _static(
             quantizer.quantize_model()
             quantizer.model.save_model_to_file(str(out_path), prepared.external)
         sort_model_file(out_path)
-    except EngineError:
+    except RuleError:
         raise
     except Exception as exc:
         raise _fail("quantize_static", "Static quantization (ONNX Runtime)", exc) from exc
 
 
-def _dynamic(prepared: Prepared, spec: QuantizationSpec, out_path: Path, warnings: list[str]) -> None:
+def _dynamic(prepared: Prepared, spec: Recipe, out_path: Path, warnings: list[str]) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
     extra: dict[str, Any] = {}
@@ -544,15 +537,13 @@ def _dynamic(prepared: Prepared, spec: QuantizationSpec, out_path: Path, warning
         raise _fail("quantize_dynamic", "Dynamic quantization (ONNX Runtime)", exc) from exc
 
 
-def _weight_only(
-    prepared: Prepared, spec: QuantizationSpec, out_path: Path, warnings: list[str], details: dict[str, Any]
-) -> None:
+def _weight_only(prepared: Prepared, spec: Recipe, out_path: Path, warnings: list[str]) -> WeightOnlyFacts:
     from onnxruntime.quantization.quant_utils import QuantFormat as OrtFormat
 
     try:
         DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _import_nbits()
     except ImportError as exc:
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             f"Weight-only quantization is not available on this worker: {exc} (ONNX Runtime's "
             "matmul_nbits_quantizer needs the onnx-ir package).",
@@ -566,12 +557,9 @@ def _weight_only(
     if bits == 8 and "Gather" in op_types:
         warnings.append("Gather is only quantized to 4 bits by ONNX Runtime; Gather nodes stay float at 8 bits.")
         op_types = tuple(op for op in op_types if op != "Gather") or ("MatMul",)
-    details["weight_only"] = {
-        "bits": bits,
-        "block_size": int(spec.block_size),
-        "symmetric": bool(symmetric),
-        "op_types": list(op_types),
-    }
+    made = WeightOnlyFacts(
+        bits=bits, block_size=int(spec.block_size), symmetric=bool(symmetric), op_types=list(op_types)
+    )
     try:
         with quiet_ort(warnings):
             model = onnx.load(str(prepared.path))
@@ -597,6 +585,7 @@ def _weight_only(
         sort_model_file(out_path)
     except Exception as exc:
         raise _fail("weight_only", "Weight-only quantization (ONNX Runtime MatMulNBits)", exc) from exc
+    return made
 
 
 def _import_nbits() -> tuple[Any, Any]:
@@ -620,14 +609,12 @@ def _import_nbits() -> tuple[Any, Any]:
 
 def _fp16(
     prepared: Prepared,
-    spec: QuantizationSpec,
+    spec: Recipe,
     out_path: Path,
     warnings: list[str],
-    details: dict[str, Any],
     calibration: DatasetSource | None,
     inputs: Sequence[TensorSpec],
-) -> None:
-    from worker.engine import fp16
+) -> Fp16Facts:
 
     model = onnx.load(str(prepared.path), load_external_data=False)
     try:
@@ -646,11 +633,11 @@ def _fp16(
         overflow_nodes = []
         warnings.append(f"Could not measure value ranges before the float16 conversion ({str(exc)[:200]}).")
     del model
-    details["fp16"] = {
-        "op_block_list": fp16.block_op_types(),
-        "nodes_kept_float32": overflow_nodes,
-        "range_check_on": "calibration data" if calibration is not None else "a made-up sample",
-    }
+    made = Fp16Facts(
+        op_block_list=fp16.block_op_types(),
+        nodes_kept_float32=overflow_nodes,
+        range_check_on="calibration data" if calibration is not None else "a made-up sample",
+    )
     if overflow_nodes:
         warnings.append(
             f"{len(overflow_nodes)} node(s) produce or read values beyond float16's range (65504) "
@@ -664,15 +651,14 @@ def _fp16(
         sort_model_file(out_path)
     except Exception as exc:
         raise _fail("fp16", "Float16 conversion (onnxconverter-common)", exc) from exc
+    return made
 
 
 # --------------------------------------------------------------------------------------------
 # Verification
 
 
-def _first_sample(
-    calibration: DatasetSource | None, inputs: Sequence[TensorSpec], spec: QuantizationSpec
-) -> tuple[Batch, bool]:
+def _first_sample(calibration: DatasetSource | None, inputs: Sequence[TensorSpec], spec: Recipe) -> tuple[Batch, bool]:
     """The first feed of the dataset, or a made-up one (second item True) when there is none."""
     if calibration is not None:
         it = iter_batches(calibration, inputs, batch_size=spec.calibration_batch_size, limit=1)
@@ -705,7 +691,7 @@ def verify_model(
     warnings: list[str],
     *,
     synthesized: bool = False,
-) -> dict[str, Any]:
+) -> ModelCheck:
     """onnx.checker (by path), an ORT session, one run on `sample`; compares with the original
     model on the same sample when given. Raises quantization_failed naming the step. A made-up
     sample (`synthesized`) that the original model cannot run either only gives a warning."""
@@ -730,11 +716,11 @@ def verify_model(
                 "The quantized model was checked and loaded but not run: without a dataset the made-up "
                 "sample does not fit the model (the original model cannot run it either)."
             )
-            return {"onnx_checker": True, "ort_session": True, "ran_on_sample": False}
+            return ModelCheck(onnx_checker=True, ort_session=True, ran_on_sample=False)
         raise _fail("run_in_onnxruntime", "Running the quantized model on one sample in ONNX Runtime", exc) from exc
     names = [o.name for o in session.get_outputs()]
     del session
-    result: dict[str, Any] = {"onnx_checker": True, "ort_session": True, "ran_on_sample": True}
+    result = ModelCheck(onnx_checker=True, ort_session=True, ran_on_sample=True)
     if original is None:
         return result
     try:
@@ -751,7 +737,7 @@ def verify_model(
         if not np.all(np.isfinite(got_f)) and np.all(np.isfinite(np.asarray(ref, dtype=np.float64))):
             warnings.append(f"Output '{name}' of the quantized model holds NaN or infinite values on the first sample.")
         cosines[name] = _cosine(got, ref)
-    result["cosine_on_sample"] = cosines
+    result.cosine_on_sample = cosines
     return result
 
 

@@ -41,11 +41,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from core.errors import RuleError
 from worker.engine.data import Batch
-from worker.engine.errors import EngineError
 from worker.engine.metrics import sqnr_from_energies
+from worker.engine.session import session_options
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 DYNAMIC_OPS = ("MatMul", "Gemm")
@@ -179,7 +181,7 @@ class NodeSensitivity:
 
 
 @dataclass
-class Sensitivity:
+class SensitivityRanking:
     """A ranking of what quantization damages most, for one quantized candidate."""
 
     candidate: str
@@ -231,17 +233,13 @@ def _augmented(model_path: Path, names: Sequence[str], suffix: str) -> Path:
 
 
 def _session(path: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    from worker.engine.evaluate import session_options
-
     so = session_options(threads or 1)
     # Every intermediate tensor must survive as named: no fusions that would remove them.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             f"Measuring sensitivity failed: ONNX Runtime could not load {path.name}: {str(exc).strip()[:300]}",
             {"step": "sensitivity"},
@@ -254,7 +252,7 @@ def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> dict[s
     try:
         return dict(zip(names, session.run(names, feeds), strict=True))
     except Exception as exc:
-        raise EngineError(
+        raise RuleError(
             "quantization_failed",
             f"Measuring sensitivity failed while running the model: {str(exc).strip()[:300]}",
             {"step": "sensitivity"},
@@ -353,7 +351,7 @@ def static_sensitivity(
     threads: int | None = None,
     deadline: float | None = None,
     clock: Callable[[], float] | None = None,
-) -> Sensitivity:
+) -> SensitivityRanking:
     """Rank the quantized tensors of a static QDQ model (see the module docstring)."""
     clock = clock or time.perf_counter
     started = clock()
@@ -432,7 +430,7 @@ def static_sensitivity(
             entry.score = max(entry.score, t.score)
             entry.tensors.append(t.tensor)
     nodes = sorted(node_scores.values(), key=lambda n: -n.score)
-    return Sensitivity(
+    return SensitivityRanking(
         candidate=candidate,
         method="activation_matching",
         samples=samples,
@@ -504,7 +502,7 @@ def dynamic_sensitivity(
     threads: int | None = None,
     deadline: float | None = None,
     clock: Callable[[], float] | None = None,
-) -> Sensitivity:
+) -> SensitivityRanking:
     """Rank the nodes dynamic quantization would rewrite by the rounding of their inputs and weights."""
     clock = clock or time.perf_counter
     started = clock()
@@ -564,7 +562,7 @@ def dynamic_sensitivity(
         row = op_rows.setdefault(n.op_type, {"op_type": n.op_type, "score": 0.0, "tensors": 0})
         row["score"] += n.score
         row["tensors"] += 1
-    return Sensitivity(
+    return SensitivityRanking(
         candidate=candidate,
         method="dynamic_simulation",
         samples=samples,
@@ -653,7 +651,7 @@ def bypass_qdq(
 
 
 def confirm_by_ablation(
-    sensitivity: Sensitivity,
+    sensitivity: SensitivityRanking,
     float_model: Path,
     quantized_model: Path,
     score: Callable[[Path], float],

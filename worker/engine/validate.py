@@ -1,14 +1,14 @@
 """The engine's check of a job before any work: every rule the API applied at job creation
-(`service.contract`), on the files themselves."""
+(`core`), on the files themselves."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from service.contract.recipe import Recipe, check_recipe_for_model
+from core.jobfile import DatasetSource
+from core.recipe import Recipe, check_recipe_for_model
 from worker.engine.checks import model_facts
 from worker.engine.data import count_batches
-from worker.engine.spec import DatasetSource
 
 
 def validate_job(

@@ -18,7 +18,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.contract.formats import model_facts
+from core.errors import RuleError
+from core.evaluation import EvaluationSpec
+from core.jobfile import DatasetSource
+from core.model import model_facts
+from core.progress import CandidateProgress, Note
+from core.recipe import Recipe
 from tests.ocr_models import ocr_detector, ocr_recognizer
 from tests.onnx_models import (
     INTEGER_QUANTIZED_OPS,
@@ -31,14 +36,13 @@ from tests.onnx_models import (
     spiky_cnn,
     spiky_images,
 )
-from worker.engine import DatasetSource, EngineError, EvaluationSpec, QuantizationSpec, evaluate, quantize
 from worker.engine.auto import FASTER_MARGIN, auto_quantize
 from worker.engine.checks import model_facts as engine_model_facts
 from worker.engine.data import model_inputs
+from worker.engine.evaluate import Evaluation, evaluate
 from worker.engine.fidelity import is_token_model
-from worker.engine.quantize import preparation
-from worker.engine.results import EvaluationOutcome, QuantizationOutcome
-from worker.engine.spec import CandidateProgress, Note
+from worker.engine.quantize import preparation, quantize
+from worker.engine.results import QuantizationOutcome
 
 COMPUTE = ("MatMul", "Gemm", "Conv")
 INT8_COMPUTE = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits")
@@ -104,14 +108,14 @@ def _run(
     *,
     evaluation: EvaluationSpec = FEW_RUNS,
     **recipe: Any,
-) -> tuple[QuantizationOutcome, EvaluationOutcome, dict[str, Any]]:
+) -> tuple[QuantizationOutcome, Evaluation, dict[str, Any]]:
     """Mode auto on `data` (calibration and evaluation both); `meter` None times on this CPU."""
     np.savez(tmp / "data.npz", **data)
     source = DatasetSource(tmp / "data.npz", "npz")
     notes: list[Note] = []
     outcome, measured = auto_quantize(
         model,
-        QuantizationSpec(mode="auto", **recipe),
+        Recipe(mode="auto", **recipe),
         tmp / "work",
         evaluation,
         calibration=source,
@@ -120,8 +124,17 @@ def _run(
         int8="vnni" if meter is not None else None,
         note=notes.append,
     )
-    outcome.details["notes"] = notes
-    return outcome, measured, outcome.details["auto"]
+    NOTES[id(outcome)] = notes
+    return outcome, measured, _search(outcome)
+
+
+NOTES: dict[int, list[Note]] = {}  # the notes of each search `_run` made, by its outcome
+
+
+def _search(outcome: QuantizationOutcome) -> dict[str, Any]:
+    """The search as the result records it (JSON)."""
+    assert outcome.facts.auto is not None
+    return outcome.facts.auto.model_dump(mode="json")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +160,7 @@ def test_all_int8_misses_the_floor_and_mixed_precision_meets_it(
     excluded = search["effective_recipe"]["nodes_to_exclude"]
     assert "layer0.ffn_down" in excluded and len(excluded) <= 4
     assert outcome.warnings == [] or not outcome.warnings[0].startswith("Keep float")
-    notes: list[Note] = outcome.details["notes"]
+    notes: list[Note] = NOTES[id(outcome)]
     assert any(n.text.startswith("search step 1") and n.candidate is None for n in notes)
     # One note per whole-model candidate, in order, carrying the candidate typed; the search's later
     # notes carry none, and the last one (the pick's evaluation) ends the candidate for good.
@@ -187,7 +200,7 @@ def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
 
     facts = engine_model_facts(model)
     trials = search["candidates"] + search["steps"]
-    specs = [QuantizationSpec.from_mapping(t["recipe"]) for t in trials]
+    specs = [Recipe.from_mapping(t["recipe"]) for t in trials]
     static = [s for s in specs if s.mode == "static"]
     preparations = {preparation(s, facts) for s in specs}
     calibrations = {
@@ -220,7 +233,7 @@ class _LoopSearch:
     def __init__(self, fits_from: int, speedup: float = 1.5) -> None:
         self.fits_from, self.speedup = fits_from, speedup
         self.tried: list[int] = []
-        self.spec = QuantizationSpec(mode="auto")
+        self.spec = Recipe(mode="auto")
         self.facts = SimpleNamespace(node_names=[f"n{i}" for i in range(10)])
         self.sensitivities: list[Any] = []
 
@@ -261,7 +274,7 @@ def test_mixed_precision_returns_groups_to_float_in_doubling_steps_then_bisects(
     monkeypatch.setattr(auto_module, "_sixteen_bit_step", lambda search, start, sens, k: after.append(("16-bit", k)))
     monkeypatch.setattr(auto_module, "_op_type_step", lambda search, start, sens: after.append(("op type",)))
     search = _LoopSearch(fits_from, speedup)
-    start = SimpleNamespace(name="static", spec=QuantizationSpec(mode="static"))
+    start = SimpleNamespace(name="static", spec=Recipe(mode="static"))
     auto_module._mixed_precision(search, start)
     assert search.tried == tried
     assert after == [("16-bit", fitting), ("op type",)]
@@ -286,7 +299,7 @@ def test_effective_recipe_reproduces_the_winner_as_a_plain_job(
     np.savez(tmp_path / "d.npz", **encoder_inputs(24))
     plain = quantize(
         model,
-        QuantizationSpec.from_mapping(search["effective_recipe"]),
+        Recipe.from_mapping(search["effective_recipe"]),
         tmp_path / "plain",
         calibration=DatasetSource(tmp_path / "d.npz", "npz"),
     )
@@ -329,7 +342,7 @@ def test_the_finalists_are_timed_together_and_that_timing_decides(tmp_path: Path
 
 def test_cnn_with_a_sensitive_first_conv(tmp_path: Path) -> None:
     model = spiky_cnn(tmp_path / "cnn.onnx")
-    outcome, _, search = _run(tmp_path, model, {"input": spiky_images(24)}, OpsMeter())
+    outcome, measured, search = _run(tmp_path, model, {"input": spiky_images(24)}, OpsMeter())
     static = [c for c in search["candidates"] if c["recipe"]["mode"] == "static"]
     assert static and all(c["metric"] == "agreement" and c["fidelity"] < 0.99 for c in static)
     assert all(c["recipe"]["per_channel"] for c in static)
@@ -340,7 +353,7 @@ def test_cnn_with_a_sensitive_first_conv(tmp_path: Path) -> None:
     assert search["verdict"] == "quantized"
     recipe = search["effective_recipe"]
     assert "first_conv" in (recipe["nodes_to_exclude"] or []) or "input" in (recipe["sixteen_bit_tensors"] or [])
-    assert search["fidelity"]["within_budget"]
+    assert measured.comparison.fidelity is not None and measured.comparison.fidelity.within_budget
 
 
 def test_dynamic_conv_is_several_times_slower_than_float(tmp_path: Path) -> None:
@@ -349,14 +362,14 @@ def test_dynamic_conv_is_several_times_slower_than_float(tmp_path: Path) -> None
     float's speed on CPUs. If ONNX Runtime ever gives ConvInteger a fast kernel, this fails and CNNs
     should get the dynamic candidate back."""
     model = conv_classifier(tmp_path / "conv.onnx", channels=64, size=56, hidden=64)
-    dynamic = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "dynamic")
+    dynamic = quantize(model, Recipe(mode="dynamic"), tmp_path / "dynamic")
     assert "ConvInteger" in {n.op_type for n in onnx.load(str(dynamic.model_path)).graph.node}
     measured = evaluate(
         model, dynamic.model_path, EvaluationSpec(latency_runs=20, warmup_runs=2, threads=1, max_samples=2), data=None
     )
-    assert measured.comparison["speedup_p50"] < 1 / 3, (
-        measured.original["latency_ms"],
-        measured.quantized["latency_ms"],
+    assert (measured.comparison.speedup_p50 or 0) < 1 / 3, (
+        measured.original.latency_ms,
+        measured.quantized.latency_ms,
     )
 
 
@@ -371,7 +384,7 @@ def test_nothing_faster_than_float_keeps_float(tmp_path: Path) -> None:
     assert search["sensitivity"] == [] and "sensitivity.json" not in outcome.artifacts
     # Nothing is not slower, so the artifact is the float model itself.
     assert outcome.model_path.read_bytes() == model.read_bytes()
-    assert measured.comparison["size_ratio"] == pytest.approx(1.0)
+    assert measured.comparison.size_ratio == pytest.approx(1.0)
 
 
 def test_keep_float_hands_back_the_smallest_model_that_is_not_slower(tmp_path: Path) -> None:
@@ -482,13 +495,13 @@ def test_keep_float_on_a_real_cpu_hands_back_nothing_slower(tmp_path: Path) -> N
     source = DatasetSource(tmp_path / "d.npz", "npz")
     outcome, _ = auto_quantize(
         model,
-        QuantizationSpec(mode="auto"),
+        Recipe(mode="auto"),
         tmp_path / "work",
         EvaluationSpec(latency_runs=20, warmup_runs=2, max_seconds=60),
         calibration=source,
         data=source,
     )
-    search = outcome.details["auto"]
+    search = _search(outcome)
     if search["verdict"] == "keep_float" and search["effective_recipe"] is not None:
         chosen = next(t for t in search["candidates"] + search["steps"] if t["name"] == search["chosen"])
         assert len(chosen["not_slower_checks"]) == 2 and min(chosen["not_slower_checks"]) >= 1.0
@@ -534,7 +547,7 @@ def test_the_time_budget_stops_the_search(tmp_path: Path) -> None:
     ticks = iter(range(0, 10_000, 100))  # every look at the clock is 100 s later
     outcome, _ = auto_quantize(
         model,
-        QuantizationSpec(mode="auto", max_search_seconds=150),
+        Recipe(mode="auto", max_search_seconds=150),
         tmp_path / "work",
         FEW_RUNS,
         calibration=source,
@@ -543,7 +556,7 @@ def test_the_time_budget_stops_the_search(tmp_path: Path) -> None:
         int8="vnni",
         clock=lambda: float(next(ticks)),
     )
-    search = outcome.details["auto"]
+    search = _search(outcome)
     assert search["time_budget_exhausted"]
     assert len(search["candidates"]) < 5 and search["steps"] == []
     assert any("max_search_seconds" in w for w in outcome.warnings)
@@ -604,13 +617,13 @@ def test_a_real_search_agrees_with_what_it_measured(tmp_path: Path) -> None:
     source = DatasetSource(tmp_path / "d.npz", "npz")
     outcome, measured = auto_quantize(
         model,
-        QuantizationSpec(mode="auto", max_search_seconds=120),
+        Recipe(mode="auto", max_search_seconds=120),
         tmp_path / "work",
         FEW_RUNS,
         calibration=source,
         data=source,
     )
-    search = outcome.details["auto"]
+    search = _search(outcome)
     trials = {t["name"]: t for t in search["candidates"] + search["steps"]}
     if search["verdict"] == "quantized":
         chosen = trials[search["chosen"]]
@@ -619,14 +632,14 @@ def test_a_real_search_agrees_with_what_it_measured(tmp_path: Path) -> None:
         assert all(trials[name]["speedup"] < 1 + FASTER_MARGIN for name in search["finalists"])
         assert all(trials[name]["latency_runs"] == search["final_latency_runs"] for name in search["finalists"])
     onnx.checker.check_model(str(outcome.model_path))
-    assert measured.comparison["outputs"][0]["name"] == "last_hidden_state"
+    assert measured.comparison.outputs[0].name == "last_hidden_state"
 
 
 def test_auto_needs_calibration_data(tmp_path: Path) -> None:
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(RuleError) as info:
         auto_quantize(
             matmul_mlp(tmp_path / "m.onnx"),
-            QuantizationSpec(mode="auto"),
+            Recipe(mode="auto"),
             tmp_path,
             EvaluationSpec(),
             calibration=None,
@@ -643,7 +656,7 @@ def test_transformers_get_a_fused_candidate(encoder_search: tuple[QuantizationOu
 
 def test_transformer_fusion_as_a_plain_recipe(tmp_path: Path) -> None:
     model = outlier_encoder(tmp_path / "encoder.onnx")
-    out = quantize(model, QuantizationSpec(mode="dynamic", transformer_fusion=True), tmp_path / "q")
+    out = quantize(model, Recipe(mode="dynamic", transformer_fusion=True), tmp_path / "q")
     ops = model_facts(onnx.load(str(out.model_path))).op_counts
     assert ops.get("SkipLayerNormalization") == 2
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
@@ -655,7 +668,7 @@ def test_sixteen_bit_tensors_as_a_plain_recipe(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", input=spiky_images(8))
     out = quantize(
         model,
-        QuantizationSpec(mode="static", per_channel=True, sixteen_bit_tensors=("input", "no_such_tensor")),
+        Recipe(mode="static", per_channel=True, sixteen_bit_tensors=("input", "no_such_tensor")),
         tmp_path / "q",
         calibration=DatasetSource(tmp_path / "d.npz", "npz"),
     )
@@ -678,8 +691,8 @@ def test_sixteen_bit_tensors_as_a_plain_recipe(tmp_path: Path) -> None:
     ],
 )
 def test_the_new_recipe_fields_are_checked(recipe: dict[str, Any], field: str) -> None:
-    with pytest.raises(EngineError) as info:
-        QuantizationSpec.from_mapping(recipe)
+    with pytest.raises(RuleError) as info:
+        Recipe.from_mapping(recipe)
     assert info.value.code == "invalid_recipe" and info.value.detail["field"] == field
 
 
@@ -702,11 +715,11 @@ def test_auto_keeps_the_weights_in_float_where_every_int8_recipe_breaks_the_budg
     np.savez(tmp_path / "d.npz", x=samples, __labels__=labels)
     data = DatasetSource(tmp_path / "d.npz", "npz")
     # The premise, measured apart from the search: int8 breaks a 5-point budget on this model.
-    int8 = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "int8").model_path
+    int8 = quantize(model, Recipe(mode="dynamic"), tmp_path / "int8").model_path
     assert _top1(int8, samples, labels) < 0.9, "the model no longer defeats int8; the test proves nothing"
     outcome, measured = auto_quantize(
         model,
-        QuantizationSpec(mode="auto", accuracy_tolerance=0.05),
+        Recipe(mode="auto", accuracy_tolerance=0.05),
         tmp_path / "work",
         FEW_RUNS,
         calibration=data,
@@ -714,6 +727,6 @@ def test_auto_keeps_the_weights_in_float_where_every_int8_recipe_breaks_the_budg
     )
     chosen_ops = {n.op_type for n in onnx.load(str(outcome.model_path)).graph.node}
     assert not chosen_ops & INTEGER_QUANTIZED_OPS, chosen_ops
-    accuracy = measured.comparison["accuracy"]
-    assert accuracy["original"] == 1.0 and accuracy["delta"] >= -0.05, accuracy
+    accuracy = measured.comparison.accuracy
+    assert accuracy is not None and accuracy.original == 1.0 and (accuracy.delta or 0) >= -0.05, accuracy
     onnx.checker.check_model(str(outcome.model_path))

@@ -19,10 +19,11 @@ import numpy as np
 import onnx
 import pytest
 
+from core.evaluation import EvaluationSpec
+from core.jobfile import DatasetSource
 from tests.ocr_models import ocr_detector, ocr_recognizer, scene_images, text_lines
 from tests.worker.engine import pitfall_models as pm
 from tests.worker.engine.test_auto import OpsMeter, _run
-from worker.engine import DatasetSource, EvaluationSpec
 from worker.engine.auto import FASTER_MARGIN
 from worker.engine.data import model_inputs
 from worker.engine.fidelity import FidelityEvaluator

@@ -11,11 +11,12 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.model import TensorSpec
 from tests.onnx_models import conv_classifier, matmul_mlp
 from tests.worker.engine.pitfall_models import multi_input
 from worker.engine.data import Batch, count_batches, iter_batches, model_inputs
-from worker.engine.errors import EngineError
-from worker.engine.spec import DatasetSource, TensorSpec
 
 
 def _npz(path: Path, compressed: bool = False, **arrays: np.ndarray) -> DatasetSource:
@@ -50,7 +51,7 @@ def test_model_inputs(models: dict[str, Path]) -> None:
 def test_model_inputs_bad_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         model_inputs(bad)
     assert err.value.code == "invalid_model"
 
@@ -163,7 +164,7 @@ def test_mismatch_errors_name_the_input(models: dict[str, Path], tmp_path: Path)
     }
     for name, arr in cases.items():
         src = _npz(tmp_path / f"{name}.npz", input=arr)
-        with pytest.raises(EngineError) as err:
+        with pytest.raises(RuleError) as err:
             count_batches(src, inputs)
         assert err.value.code == "dataset_model_mismatch", name
         assert "'input'" in err.value.message
@@ -171,12 +172,12 @@ def test_mismatch_errors_name_the_input(models: dict[str, Path], tmp_path: Path)
         assert err.value.detail["given"]["shape"] == list(arr.shape)
         assert err.value.detail["expected"]["shape"] == ["batch", 3, 8, 8]
     src = _npz(tmp_path / "missing.npz", other=np.zeros((2, 3, 8, 8), np.float32))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         list(iter_batches(src, inputs))
     assert err.value.code == "dataset_model_mismatch" and "input" in err.value.detail["input"]
     # npy for a multi-input model
     np.save(tmp_path / "one.npy", np.zeros((2, 8), np.float32))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(DatasetSource(tmp_path / "one.npy", "npy"), model_inputs(models["multi"]))
     assert err.value.code == "dataset_model_mismatch"
     # inconsistent sample counts between inputs
@@ -186,7 +187,7 @@ def test_mismatch_errors_name_the_input(models: dict[str, Path], tmp_path: Path)
         state=np.zeros((4, 2, 2, 8), np.float32),
         step=np.array(1),
     )
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(src, model_inputs(models["multi"]))
     assert err.value.code == "dataset_model_mismatch"
 
@@ -194,19 +195,19 @@ def test_mismatch_errors_name_the_input(models: dict[str, Path], tmp_path: Path)
 def test_object_arrays_refused_and_labels_checked(models: dict[str, Path], tmp_path: Path) -> None:
     inputs = model_inputs(models["mlp"])
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(DatasetSource(tmp_path / "obj.npz", "npz"), inputs)
     assert err.value.code == "invalid_dataset"
     np.save(tmp_path / "obj.npy", np.array([[1], [2]], dtype=object), allow_pickle=True)
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         list(iter_batches(DatasetSource(tmp_path / "obj.npy", "npy"), inputs))
     assert err.value.code == "invalid_dataset"
     src = _npz(tmp_path / "lab.npz", x=np.zeros((4, 16), np.float32), __labels__=np.arange(3))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(src, inputs)
     assert err.value.code == "invalid_dataset"
     src = _npz(tmp_path / "labf.npz", x=np.zeros((4, 16), np.float32), __labels__=np.zeros(4, np.float32))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(src, inputs)
     assert err.value.code == "invalid_dataset"
 
@@ -301,22 +302,22 @@ def test_images_errors(models: dict[str, Path], tmp_path: Path) -> None:
     path = tmp_path / "bad.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("a.png", b"\x89PNG broken")
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         list(iter_batches(DatasetSource(path, "images", {"input": "input", "size": [8, 8]}), inputs))
     assert err.value.code == "invalid_dataset" and "a.png" in err.value.message
     good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w") as zf:
         zf.writestr("a.png", _png((1, 2, 3)))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(DatasetSource(good, "images", {"input": "input", "size": [16, 16]}), inputs)  # model wants 8x8
     assert err.value.code == "dataset_model_mismatch" and err.value.detail["input"] == "input"
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(DatasetSource(good, "images", {"input": "nope", "size": [8, 8]}), inputs)
     assert err.value.code == "dataset_model_mismatch"
     empty = tmp_path / "empty.zip"
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("__MACOSX/._a.png", "x")  # litter only: no image
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         count_batches(DatasetSource(empty, "images", {"input": "input", "size": [8, 8]}), inputs)
     assert err.value.code == "invalid_dataset"
 
@@ -328,7 +329,7 @@ def test_decompression_bomb_guard(models: dict[str, Path], tmp_path: Path, monke
     path = tmp_path / "bomb.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("a.png", _png((1, 2, 3)))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         list(
             iter_batches(
                 DatasetSource(path, "images", {"input": "input", "size": [8, 8]}), model_inputs(models["conv"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,15 +13,29 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from core.errors import RuleError
+from core.evaluation import EvaluationSpec
+from core.jobfile import DatasetSource
+from core.lifecycle import Stage
 from tests.onnx_models import conv_classifier, matmul_mlp, random_inputs
-from worker.engine.errors import EngineError
-from worker.engine.evaluate import LatencyMeter, evaluate, size_on_disk
+from worker.engine.evaluate import Evaluation, LatencyMeter, evaluate, size_on_disk
 from worker.engine.machine import machine_info
-from worker.engine.spec import DatasetSource, EvaluationSpec, Stage
 
 FAST = EvaluationSpec(latency_runs=5, warmup_runs=1, max_samples=None)
 N = 20
 CLASSES = 10
+
+
+def _json(outcome: Evaluation) -> dict[str, Any]:
+    """The evaluation's part of the result, as stored."""
+    return {
+        "original": outcome.original.model_dump(mode="json"),
+        "quantized": outcome.quantized.model_dump(mode="json"),
+        "comparison": outcome.comparison.model_dump(mode="json"),
+        "warnings": outcome.warnings,
+        "machine": outcome.machine.model_dump(mode="json"),
+        "evaluation": outcome.facts.model_dump(mode="json"),
+    }
 
 
 def _perturbed(src: Path, dst: Path, scale: float, seed: int = 0) -> Path:
@@ -98,7 +113,7 @@ def test_accuracy_is_exact_and_equals_a_direct_onnxruntime_run(
 ) -> None:
     spec = EvaluationSpec(latency_runs=5, warmup_runs=1, batch_size=batch_size, max_samples=None)
     outcome = evaluate(models["original"], models["close"], spec, data=labelled[form])  # type: ignore[arg-type]
-    result = outcome.to_dict()
+    result = _json(outcome)
     x, labels = labelled["x"], labelled["labels"]
     assert isinstance(x, np.ndarray) and isinstance(labels, np.ndarray)
 
@@ -125,7 +140,7 @@ def test_identical_models_give_perfect_fidelity_and_contract_shaped_json(
     models: dict[str, Path], labelled: dict[str, object]
 ) -> None:
     outcome = evaluate(models["original"], models["original"], FAST, data=labelled["stacked"])  # type: ignore[arg-type]
-    result = outcome.to_dict()
+    result = _json(outcome)
     json.dumps(result, allow_nan=False)  # plain JSON: no numpy types, no NaN/inf
     assert set(result) == {"original", "quantized", "comparison", "warnings", "machine", "evaluation"}
     for key in ("original", "quantized"):
@@ -138,20 +153,29 @@ def test_identical_models_give_perfect_fidelity_and_contract_shaped_json(
         assert metrics["runs"] == 5 and metrics["session_create_ms"] > 0
         assert metrics["size_bytes"] == models["original"].stat().st_size
     comparison = result["comparison"]
-    assert set(comparison) == {"size_ratio", "speedup_p50", "outputs", "accuracy"}
+    assert set(comparison) == {"size_ratio", "speedup_p50", "outputs", "fidelity", "accuracy"}
     assert comparison["size_ratio"] == 1.0
     assert comparison["outputs"] == [
         {
             "name": "logits",
+            "kind": "class_scores",
+            "metric": "agreement",
+            "value": 1.0,
+            "min": 0.99,
+            "budgeted": True,
+            "faithful": True,
             "cosine": 1.0,
+            "mean_cosine": 1.0,
             "sqnr_db": 200.0,
             "max_abs_error": 0.0,
             "mean_abs_error": 0.0,
             "top1_agreement": 1.0,
+            "problem": None,
         }
     ]
+    assert comparison["fidelity"]["within_budget"] is True
     assert comparison["accuracy"]["delta"] == 0.0
-    assert not any("poorly" in w or "accuracy dropped" in w for w in result["warnings"])
+    assert not any("outside the fidelity budget" in w or "accuracy dropped" in w for w in result["warnings"])
     assert any("not smaller than the original" in w for w in result["warnings"])  # the same file twice
     machine = result["machine"]
     assert machine["onnxruntime"] == ort.__version__
@@ -167,11 +191,13 @@ def test_a_different_model_is_flagged_for_fidelity_and_accuracy(
     data = labelled["stacked"]
     assert isinstance(data, DatasetSource)
     outcome = evaluate(models["original"], models["far"], FAST, data=data, accuracy_tolerance=0.01)
-    out = outcome.comparison["outputs"][0]
-    assert out["cosine"] < 0.99 and out["top1_agreement"] < 1.0
-    assert any("Output 'logits' is poorly reproduced" in w for w in outcome.warnings)
-    delta = outcome.comparison["accuracy"]["delta"]
-    assert delta < -0.01
+    out = outcome.comparison.outputs[0]
+    assert out.cosine is not None and out.cosine < 0.99
+    assert out.top1_agreement is not None and out.top1_agreement < 0.99 and out.faithful is False
+    assert any("Output 'logits' is outside the fidelity budget: agreement" in w for w in outcome.warnings)
+    assert outcome.comparison.accuracy is not None and outcome.comparison.accuracy.within_tolerance is False
+    delta = outcome.comparison.accuracy.delta
+    assert delta is not None and delta < -0.01
     assert any("accuracy dropped" in w and "75.0%" in w for w in outcome.warnings)
 
 
@@ -185,7 +211,7 @@ def test_random_inputs_reused_calibration_and_progress(models: dict[str, Path]) 
         reused_calibration=True,
         progress=lambda stage, fraction: seen.append((stage, fraction)),
     )
-    result = outcome.to_dict()
+    result = _json(outcome)
     assert result["evaluation"]["inputs"] == "random"
     assert result["evaluation"]["samples"] == 8
     assert result["original"]["batch_size"] == 2
@@ -201,8 +227,8 @@ def test_random_inputs_reused_calibration_and_progress(models: dict[str, Path]) 
 def test_max_samples_bounds_the_data_pass(models: dict[str, Path], labelled: dict[str, object]) -> None:
     spec = EvaluationSpec(latency_runs=2, warmup_runs=0, max_samples=8)
     outcome = evaluate(models["original"], models["original"], spec, data=labelled["stacked"])  # type: ignore[arg-type]
-    assert outcome.evaluation["samples"] == 8
-    assert outcome.comparison["accuracy"]["samples"] == 8
+    assert outcome.facts.samples == 8
+    assert outcome.comparison.accuracy is not None and outcome.comparison.accuracy.samples == 8
 
 
 def test_runs_of_both_models_are_interleaved(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,14 +258,15 @@ def test_a_model_doing_twenty_times_the_work_is_slower(tmp_path: Path) -> None:
     heavy = _matmul_chain(tmp_path / "heavy.onnx", 40)
     spec = EvaluationSpec(latency_runs=50, warmup_runs=3, batch_size=8, max_samples=4)
     outcome = evaluate(light, heavy, spec, data=None)
-    p50_light = outcome.original["latency_ms"]["p50"]
-    p50_heavy = outcome.quantized["latency_ms"]["p50"]
+    assert outcome.original.latency_ms is not None and outcome.quantized.latency_ms is not None
+    p50_light = outcome.original.latency_ms.p50
+    p50_heavy = outcome.quantized.latency_ms.p50
     # 20x the work; even with Python overhead and a busy machine it is several times slower.
     assert p50_heavy > 3 * p50_light
-    assert outcome.comparison["speedup_p50"] < 1 / 3
-    assert outcome.original["throughput_per_s"] > outcome.quantized["throughput_per_s"]
+    assert outcome.comparison.speedup_p50 is not None and outcome.comparison.speedup_p50 < 1 / 3
+    assert (outcome.original.throughput_per_s or 0) > (outcome.quantized.throughput_per_s or 0)
     assert any(w.startswith("The quantized model is slower than the original") for w in outcome.warnings)
-    assert outcome.original["batch_size"] == 8
+    assert outcome.original.batch_size == 8
 
 
 def test_the_time_bound_is_respected_and_reported(tmp_path: Path) -> None:
@@ -250,17 +277,17 @@ def test_the_time_bound_is_respected_and_reported(tmp_path: Path) -> None:
     outcome = evaluate(heavy, heavy, spec, data=None)
     elapsed = time.perf_counter() - started
     assert elapsed < 2.0
-    runs = outcome.evaluation["latency_runs"]
-    assert 1 <= runs < 1_000_000
-    assert outcome.original["runs"] == runs == outcome.quantized["runs"]
-    assert outcome.evaluation["stopped_early"] is True
+    runs = outcome.facts.latency_runs
+    assert runs is not None and 1 <= runs < 1_000_000
+    assert outcome.original.runs == runs == outcome.quantized.runs
+    assert outcome.facts.stopped_early is True
     assert any("time limit" in w and f"{runs} of 1000000 timed runs" in w for w in outcome.warnings)
 
 
 def test_a_model_onnxruntime_cannot_load_fails_with_its_message(models: dict[str, Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"this is not a protobuf")
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(RuleError) as info:
         evaluate(models["original"], broken, FAST, data=None)
     assert info.value.code == "evaluation_failed"
     assert "quantized model" in info.value.message

@@ -10,11 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.recipe import FidelityMetric, FidelitySpec
 from tests.onnx_models import conv_classifier, encoder_inputs, outlier_encoder
-from worker.engine import DatasetSource, EngineError
 from worker.engine.data import model_inputs
 from worker.engine.fidelity import FidelityEvaluator, OutputAccumulator, OutputKind, output_kind
-from worker.engine.spec import FidelityMetric, FidelitySpec
 
 
 def test_output_kinds() -> None:
@@ -49,8 +50,8 @@ def test_one_value_per_sample_is_compared_over_the_samples() -> None:
 
 
 def test_a_scalar_integer_input_does_not_make_a_token_model() -> None:
+    from core.model import TensorSpec
     from worker.engine.fidelity import is_token_model
-    from worker.engine.spec import TensorSpec
 
     audio = [TensorSpec("audio", "float32", ("batch", 512)), TensorSpec("sr", "int64", ())]
     assert not is_token_model(audio)  # a sample rate is no token
@@ -105,7 +106,7 @@ def test_fidelity_outputs_must_exist(tmp_path: Path) -> None:
     evaluator = FidelityEvaluator(
         model, DatasetSource(tmp_path / "d.npz", "npz"), model_inputs(model), FidelitySpec(outputs=("nope",)), 0.01
     )
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(RuleError) as info:
         evaluator.score(model)
     assert info.value.code == "invalid_recipe" and "nope" in info.value.message
 

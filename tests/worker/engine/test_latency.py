@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.latency import LatencyStats, round_order, time_interleaved
+from worker.engine.latency import TimedRuns, round_order, time_interleaved
 
 
 class FakeClock:
@@ -18,7 +18,7 @@ class FakeClock:
 
 
 def test_stats_of_known_samples() -> None:
-    stats = LatencyStats.from_samples([float(v) for v in range(1, 101)])  # 1..100 ms
+    stats = TimedRuns.from_samples([float(v) for v in range(1, 101)])  # 1..100 ms
     assert stats.p50 == pytest.approx(50.5)
     assert stats.p90 == pytest.approx(90.1)
     assert stats.p99 == pytest.approx(99.01)
@@ -27,11 +27,11 @@ def test_stats_of_known_samples() -> None:
     assert stats.std == pytest.approx(29.011, abs=1e-3)  # sample std of 1..100
     assert stats.runs == 100
     assert stats.throughput_per_s(4) == pytest.approx(4 * 1000 / 50.5)
-    assert set(stats.latency_ms()) == {"p50", "p90", "p99", "mean", "std", "min", "max"}
-    one = LatencyStats.from_samples([2.0])
+    assert set(stats.latency_ms().model_dump()) == {"p50", "p90", "p99", "mean", "std", "min", "max"}
+    one = TimedRuns.from_samples([2.0])
     assert one.std == 0.0 and one.p99 == 2.0
     with pytest.raises(ValueError):
-        LatencyStats.from_samples([])
+        TimedRuns.from_samples([])
 
 
 def test_rounds_alternate_their_order() -> None:

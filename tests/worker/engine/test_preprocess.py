@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 
 import worker.engine.preprocess as prep
+from core.errors import RuleError
+from core.recipe import Recipe
 from tests.onnx_models import conv_classifier
 from tests.worker.engine import pitfall_models as pm
 from worker.engine.checks import check_recipe, check_recipe_for_model, model_facts, model_size
-from worker.engine.errors import EngineError
 from worker.engine.fp16 import remove_cast_round_trips, restore_output_types
-from worker.engine.spec import QuantizationSpec
 
 
 def _run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -105,7 +105,7 @@ def test_opset_upgrade_failure_is_quantization_failed(tmp_path: Path, monkeypatc
         raise RuntimeError("No Adapter For Foo")
 
     monkeypatch.setattr(prep, "upgrade_opset", fails)
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RuleError) as err:
         prep.prepare_model(src, tmp_path / "p", target_opset=13)
     assert err.value.code == "quantization_failed" and err.value.detail["step"] == "opset_upgrade"
     assert "No Adapter For Foo" in err.value.message
@@ -133,9 +133,9 @@ def test_model_facts(tmp_path: Path) -> None:
 
 
 def test_check_recipe_for_submission() -> None:
-    check_recipe(QuantizationSpec(mode="auto"))  # auto is accepted at submission
-    check_recipe(QuantizationSpec(mode="weight_only", weight_type="int4", block_size=32))
-    check_recipe(QuantizationSpec(activation_type="uint16", weight_type="int16"))
+    check_recipe(Recipe(mode="auto"))  # auto is accepted at submission
+    check_recipe(Recipe(mode="weight_only", weight_type="int4", block_size=32))
+    check_recipe(Recipe(activation_type="uint16", weight_type="int16"))
     for bad in (
         {"format": "qoperator", "activation_type": "int16"},
         {"weight_type": "uint4"},
@@ -147,17 +147,15 @@ def test_check_recipe_for_submission() -> None:
         {"max_calibration_samples": 0},
         {"percentile": 120.0},
     ):
-        with pytest.raises(EngineError) as err:
-            check_recipe(QuantizationSpec.from_mapping(bad))
+        with pytest.raises(RuleError) as err:
+            check_recipe(Recipe.from_mapping(bad))
         assert err.value.code == "invalid_recipe", bad
         assert err.value.detail.get("field"), bad
 
 
 def test_check_recipe_for_model_warnings(tmp_path: Path) -> None:
     facts = model_facts(conv_classifier(tmp_path / "c.onnx"))
-    warnings = check_recipe_for_model(
-        QuantizationSpec(op_types_to_quantize=["Conv", "MatMul"]), facts, has_calibration=True
-    )
+    warnings = check_recipe_for_model(Recipe(op_types_to_quantize=["Conv", "MatMul"]), facts, has_calibration=True)
     assert warnings == ["op_types_to_quantize lists MatMul, which the model does not contain."]
 
 

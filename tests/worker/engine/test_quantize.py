@@ -12,11 +12,14 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.lifecycle import Stage
+from core.recipe import Recipe
 from tests.onnx_models import conv_classifier, encoder_inputs, matmul_mlp, outlier_encoder
 from tests.worker.engine import pitfall_models as pm
-from worker.engine.errors import EngineError
+from worker.engine.evaluate import size_on_disk
 from worker.engine.quantize import quantize
-from worker.engine.spec import DatasetSource, QuantizationSpec, Stage
 
 RNG = np.random.default_rng(0)
 
@@ -95,17 +98,17 @@ def mlp(d: Path) -> tuple[Path, DatasetSource, list[dict[str, np.ndarray]]]:
 def test_static_minmax_qdq_end_to_end(conv, tmp_path: Path) -> None:
     model, data, feeds = conv
     seen: list[tuple[Stage, float]] = []
-    out = quantize(model, QuantizationSpec(), tmp_path, calibration=data, progress=lambda s, f: seen.append((s, f)))
+    out = quantize(model, Recipe(), tmp_path, calibration=data, progress=lambda s, f: seen.append((s, f)))
     assert out.model_path == tmp_path / "out" / "quantized.onnx" and out.model_path.is_file()
     assert out.files == [out.model_path]
     counts = ops(out.model_path)
     assert counts.get("QuantizeLinear", 0) >= 2 and counts.get("DequantizeLinear", 0) >= 4
     assert counts["Conv"] == 1  # QDQ keeps the float op between Q/DQ pairs
     assert_close(model, out.model_path, feeds)
-    assert out.calibration_samples == 8
+    assert out.facts.calibration_samples == 8
     assert {"preprocessing", "calibrating", "quantizing", "verifying"} <= set(out.timings_s)
-    assert out.details["quantized_op_counts"]["QuantizeLinear"] == counts["QuantizeLinear"]
-    assert out.details["check"]["ran_on_sample"] and out.details["check"]["cosine_on_sample"]["logits"] > 0.99
+    assert out.facts.quantized_op_counts["QuantizeLinear"] == counts["QuantizeLinear"]
+    assert out.facts.check.ran_on_sample and out.facts.check.cosine_on_sample["logits"] > 0.99
     assert any("quant_pre_process" in s for s in out.preprocessing_steps)
     stages = [s for s, _ in seen]
     assert stages.index(Stage.PREPROCESSING) < stages.index(Stage.CALIBRATING) < stages.index(Stage.QUANTIZING)
@@ -132,7 +135,7 @@ def test_static_minmax_qdq_end_to_end(conv, tmp_path: Path) -> None:
 )
 def test_static_variants(conv, tmp_path: Path, recipe: dict, expect_ops: set[str], min_cos: float) -> None:
     model, data, feeds = conv
-    out = quantize(model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data)
+    out = quantize(model, Recipe.from_mapping(recipe), tmp_path, calibration=data)
     assert expect_ops <= set(ops(out.model_path))
     assert_close(model, out.model_path, feeds, min_cos)
     if recipe.get("symmetric_activations"):
@@ -147,10 +150,8 @@ def test_distribution_calibration_runs_and_warns_that_integer_types_lose_accurac
     it for float8). The warning tells the user exactly that; if ONNX Runtime ever closes the gap,
     this test fails and the warning must go."""
     model, data, feeds = conv
-    distribution = quantize(
-        model, QuantizationSpec(calibration_method="distribution"), tmp_path / "d", calibration=data
-    )
-    minmax = quantize(model, QuantizationSpec(calibration_method="minmax"), tmp_path / "m", calibration=data)
+    distribution = quantize(model, Recipe(calibration_method="distribution"), tmp_path / "d", calibration=data)
+    minmax = quantize(model, Recipe(calibration_method="minmax"), tmp_path / "m", calibration=data)
     assert "QuantizeLinear" in ops(distribution.model_path)
     cos_distribution = worst_cosine(model, distribution.model_path, feeds)
     cos_minmax = worst_cosine(model, minmax.model_path, feeds)
@@ -163,7 +164,7 @@ def test_distribution_calibration_runs_and_warns_that_integer_types_lose_accurac
 @pytest.mark.parametrize(("act", "weight"), [("uint16", "uint16"), ("int16", "int8"), ("uint8", "int16")])
 def test_static_16bit_types_upgrade_opset_21(mlp, tmp_path: Path, act: str, weight: str) -> None:
     model, data, feeds = mlp
-    out = quantize(model, QuantizationSpec(activation_type=act, weight_type=weight), tmp_path, calibration=data)
+    out = quantize(model, Recipe(activation_type=act, weight_type=weight), tmp_path, calibration=data)
     assert opset(out.model_path) >= 21
     assert any("Upgraded the opset from 13 to 21" in s for s in out.preprocessing_steps)
     q = onnx.load(str(out.model_path))
@@ -176,14 +177,12 @@ def test_op_types_and_nodes_to_exclude(conv, tmp_path: Path) -> None:
     model, data, feeds = conv
     only_conv = quantize(
         model,
-        QuantizationSpec(format="qoperator", op_types_to_quantize=["Conv"]),
+        Recipe(format="qoperator", op_types_to_quantize=["Conv"]),
         tmp_path / "a",
         calibration=data,
     )
     assert "QLinearConv" in ops(only_conv.model_path) and "Gemm" in ops(only_conv.model_path)
-    excluded = quantize(
-        model, QuantizationSpec(format="qoperator", nodes_to_exclude=["fc"]), tmp_path / "b", calibration=data
-    )
+    excluded = quantize(model, Recipe(format="qoperator", nodes_to_exclude=["fc"]), tmp_path / "b", calibration=data)
     counts = ops(excluded.model_path)
     assert "QLinearConv" in counts and "QGemm" not in counts and counts.get("Gemm") == 1
     assert_close(model, excluded.model_path, feeds)
@@ -195,12 +194,12 @@ def test_calibration_batch_size_and_max_samples(tmp_path: Path) -> None:
     data = _npz(tmp_path / "dyn.npz", x=x)
     out = quantize(
         model,
-        QuantizationSpec(calibration_batch_size=4, max_calibration_samples=8),
+        Recipe(calibration_batch_size=4, max_calibration_samples=8),
         tmp_path / "w",
         calibration=data,
     )
-    assert out.calibration_samples == 8
-    assert out.details["calibration"]["feeds"] == 2 and out.details["calibration"]["batch_size"] == 4
+    assert out.facts.calibration_samples == 8
+    assert out.facts.calibration.feeds == 2 and out.facts.calibration.batch_size == 4
     other_len = {"x": RNG.random((3, 7, 8), dtype=np.float32)}  # dynamic batch and seq
     assert_close(model, out.model_path, [other_len])
 
@@ -218,8 +217,8 @@ def test_images_dataset_calibrates(conv, tmp_path: Path) -> None:
             Image.fromarray(RNG.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
             zf.writestr(f"{'ab'[i % 2]}/{i}.png", buf.getvalue())
     data = DatasetSource(path, "images", {"input": "input", "size": [8, 8]})
-    out = quantize(model, QuantizationSpec(calibration_batch_size=2), tmp_path / "w", calibration=data)
-    assert out.calibration_samples == 4
+    out = quantize(model, Recipe(calibration_batch_size=2), tmp_path / "w", calibration=data)
+    assert out.facts.calibration_samples == 4
     assert_close(model, out.model_path, feeds)
 
 
@@ -231,14 +230,14 @@ def test_per_channel_on_old_opset_upgrades_first(tmp_path: Path, old_opset: int)
     model = conv_classifier(tmp_path / "old.onnx", opset=old_opset)
     x = RNG.random((4, 1, 3, 8, 8), dtype=np.float32)
     data = _npz(tmp_path / "d.npz", input=x)
-    out = quantize(model, QuantizationSpec(per_channel=True), tmp_path / "w", calibration=data)
+    out = quantize(model, Recipe(per_channel=True), tmp_path / "w", calibration=data)
     assert any(f"Upgraded the opset from {old_opset} to 13" in s for s in out.preprocessing_steps)
     assert opset(out.model_path) == 13
     q = onnx.load(str(out.model_path))
     assert any(a.name == "axis" for n in q.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
     onnx.checker.check_model(str(out.model_path))
     assert_close(model, out.model_path, [{"input": s} for s in x])
-    dyn = quantize(model, QuantizationSpec(mode="dynamic", per_channel=True), tmp_path / "w2")
+    dyn = quantize(model, Recipe(mode="dynamic", per_channel=True), tmp_path / "w2")
     assert "ConvInteger" in ops(dyn.model_path) and opset(dyn.model_path) == 13
 
 
@@ -253,7 +252,7 @@ def test_constant_node_weights_are_folded_for_dynamic(tmp_path: Path) -> None:
         assert "MatMulInteger" not in ops(tmp_path / "plain.onnx")
     except Exception as exc:  # older ORT versions raise instead
         assert "initializer" in str(exc)
-    out = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "w")
+    out = quantize(model, Recipe(mode="dynamic"), tmp_path / "w")
     assert any("Folded 3 Constant" in s for s in out.preprocessing_steps)
     assert ops(out.model_path).get("MatMulInteger") == 2
     assert_close(model, out.model_path, feeds)
@@ -264,11 +263,11 @@ def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path) -> None:
     x = RNG.random((4, 2, 16), dtype=np.float32)
     data = _npz(tmp_path / "d.npz", x=x)
     for mode in ("static", "dynamic"):
-        out = quantize(model, QuantizationSpec(mode=mode), tmp_path / mode, calibration=data)
+        out = quantize(model, Recipe(mode=mode), tmp_path / mode, calibration=data)
         steps = " ".join(out.preprocessing_steps)
         assert "Symbolic shape inference failed (" in steps
         assert "without symbolic shape inference" in steps
-        assert out.details["quantized_op_counts"]
+        assert out.facts.quantized_op_counts
         assert_close(model, out.model_path, [{"x": s} for s in x])
 
 
@@ -280,15 +279,15 @@ def test_if_subgraph(tmp_path: Path) -> None:
     for recipe in ({}, {"mode": "dynamic"}, {"format": "qoperator"}):
         out = quantize(
             model,
-            QuantizationSpec.from_mapping(recipe),
+            Recipe.from_mapping(recipe),
             tmp_path / str(len(recipe)) / str(recipe),
             calibration=data,
         )
         assert "If" in ops(out.model_path)
         assert any("inside If/Loop/Scan subgraphs stay in float" in w for w in out.warnings)
         assert_close(model, out.model_path, feeds)
-    wo = quantize(model, QuantizationSpec(mode="weight_only", weight_type="uint4", block_size=16), tmp_path / "wo")
-    assert wo.details["quantized_op_counts"]["MatMulNBits"] == 3  # the two branches too
+    wo = quantize(model, Recipe(mode="weight_only", weight_type="uint4", block_size=16), tmp_path / "wo")
+    assert wo.facts.quantized_op_counts["MatMulNBits"] == 3  # the two branches too
     assert_close(model, wo.model_path, feeds, 0.95)
 
 
@@ -324,7 +323,7 @@ def test_every_mode_on_if_and_loop_models(tmp_path: Path, model_name: str, recip
     """Each result passes onnx.checker (quantize() refuses one that does not), runs in ONNX Runtime
     and gives every output within 5% of the float model's largest value, on both If branches."""
     model, data, feeds = _subgraph_case(tmp_path, model_name)
-    out = quantize(model, QuantizationSpec.from_mapping(SUBGRAPH_RECIPES[recipe]), tmp_path / "q", calibration=data)
+    out = quantize(model, Recipe.from_mapping(SUBGRAPH_RECIPES[recipe]), tmp_path / "q", calibration=data)
     onnx.checker.check_model(str(out.model_path))
     ref, got = _session(model), _session(out.model_path)
     for feed in feeds:
@@ -335,8 +334,8 @@ def test_every_mode_on_if_and_loop_models(tmp_path: Path, model_name: str, recip
 
 def test_subgraph_nodes_left_in_float_are_named(tmp_path: Path) -> None:
     model, data, _ = _subgraph_case(tmp_path, "if")
-    out = quantize(model, QuantizationSpec(), tmp_path / "static", calibration=data)
-    left = {(n["name"], n["op_type"], n["subgraph"]) for n in out.details["float_in_subgraphs"]}
+    out = quantize(model, Recipe(), tmp_path / "static", calibration=data)
+    left = {(n.name, n.op_type, n.subgraph) for n in out.facts.float_in_subgraphs}
     assert left == {
         ("/_model/sr16k/Conv", "Conv", "/If.then_branch"),
         ("/_model/sr16k/MatMul", "MatMul", "/If.then_branch"),
@@ -348,15 +347,15 @@ def test_subgraph_nodes_left_in_float_are_named(tmp_path: Path) -> None:
     assert not any("bodies read" in w for w in out.warnings)
     # Outer nodes whose outputs the bodies read stay float where the static quantizer would change
     # what the bodies read: every such node in QOperator, a Relu/Clip (which QDQ removes) in QDQ.
-    qop = quantize(model, QuantizationSpec(format="qoperator"), tmp_path / "qop", calibration=data)
+    qop = quantize(model, Recipe(format="qoperator"), tmp_path / "qop", calibration=data)
     assert any("bodies read stay in float" in w and ": /Pad." in w for w in qop.warnings)
     loop, loop_data, _ = _subgraph_case(tmp_path, "loop")
-    qdq = quantize(loop, QuantizationSpec(), tmp_path / "loop", calibration=loop_data)
+    qdq = quantize(loop, Recipe(), tmp_path / "loop", calibration=loop_data)
     assert any("bodies read stay in float" in w and ": in/Relu." in w for w in qdq.warnings)
     only_matmul = quantize(
-        model, QuantizationSpec(mode="dynamic", op_types_to_quantize=("MatMul",)), tmp_path / "dyn", calibration=data
+        model, Recipe(mode="dynamic", op_types_to_quantize=("MatMul",)), tmp_path / "dyn", calibration=data
     )
-    assert {n["op_type"] for n in only_matmul.details["float_in_subgraphs"]} == {"MatMul"}
+    assert {n.op_type for n in only_matmul.facts.float_in_subgraphs} == {"MatMul"}
 
 
 def test_lstm(tmp_path: Path) -> None:
@@ -364,10 +363,10 @@ def test_lstm(tmp_path: Path) -> None:
     x = RNG.random((4, 5, 2, 8), dtype=np.float32)
     data = _npz(tmp_path / "d.npz", x=x)
     feeds = [{"x": s} for s in x]
-    dyn = quantize(model, QuantizationSpec(mode="dynamic"), tmp_path / "dyn")
+    dyn = quantize(model, Recipe(mode="dynamic"), tmp_path / "dyn")
     assert "DynamicQuantizeLSTM" in ops(dyn.model_path)
     assert_close(model, dyn.model_path, feeds)
-    static = quantize(model, QuantizationSpec(calibration_method="entropy"), tmp_path / "st", calibration=data)
+    static = quantize(model, Recipe(calibration_method="entropy"), tmp_path / "st", calibration=data)
     assert_close(model, static.model_path, feeds)
 
 
@@ -384,11 +383,11 @@ def test_three_inputs_int64_scalar_and_state_on_axis1(tmp_path: Path) -> None:
     for recipe in ({}, {"calibration_method": "percentile"}, {"format": "qoperator"}, {"mode": "dynamic"}):
         out = quantize(
             model,
-            QuantizationSpec.from_mapping(recipe),
+            Recipe.from_mapping(recipe),
             tmp_path / f"w{len(recipe)}{sorted(recipe)}",
             calibration=data,
         )
-        assert out.details["quantized_op_counts"]
+        assert out.facts.quantized_op_counts
         assert_close(model, out.model_path, feeds)
 
 
@@ -407,13 +406,13 @@ def test_external_data_model_comes_back_with_external_data(tmp_path: Path) -> No
     ):
         out = quantize(
             model,
-            QuantizationSpec.from_mapping(recipe),
+            Recipe.from_mapping(recipe),
             tmp_path / "w" / str(sorted(recipe.items())),
             calibration=data,
         )
         assert [f.name for f in out.files] == ["quantized.onnx", "quantized.onnx.data"], recipe
         assert all(f.parent == out.model_path.parent for f in out.files)
-        assert out.details["external_data"] is True
+        assert out.facts.external_data is True
         assert any("external data" in s for s in out.preprocessing_steps)
         proto = onnx.load(str(out.model_path), load_external_data=False)
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), recipe
@@ -429,7 +428,7 @@ def test_model_too_large_for_one_protobuf_goes_external(tmp_path: Path, monkeypa
     model = conv_classifier(tmp_path / "c11.onnx", opset=11, hidden=64)
     x = RNG.random((4, 1, 3, 8, 8), dtype=np.float32)
     data = _npz(tmp_path / "d.npz", input=x)
-    out = quantize(model, QuantizationSpec(per_channel=True), tmp_path / "w", calibration=data)
+    out = quantize(model, Recipe(per_channel=True), tmp_path / "w", calibration=data)
     assert any("too large for one protobuf" in s for s in out.preprocessing_steps)
     assert any("Upgraded the opset from 11 to 13" in s for s in out.preprocessing_steps)
     assert [f.name for f in out.files] == ["quantized.onnx", "quantized.onnx.data"]
@@ -441,8 +440,8 @@ def test_qat_model_is_recognised(tmp_path: Path) -> None:
     model = pm.qat_model(tmp_path / "qat.onnx")
     x = RNG.random((4, 2, 16), dtype=np.float32)
     data = _npz(tmp_path / "d.npz", x=x)
-    out = quantize(model, QuantizationSpec(), tmp_path / "w", calibration=data)
-    assert out.details["qat_qdq_nodes"] == 3
+    out = quantize(model, Recipe(), tmp_path / "w", calibration=data)
+    assert out.facts.qat_qdq_nodes == 3
     assert any("QuantizeLinear/DequantizeLinear" in w for w in out.warnings)
     assert_close(model, out.model_path, [{"x": s} for s in x])
 
@@ -452,29 +451,30 @@ def test_qat_model_is_recognised(tmp_path: Path) -> None:
 
 def test_dynamic_mlp(mlp, tmp_path: Path) -> None:
     model, _, feeds = mlp
-    out = quantize(model, QuantizationSpec(mode="dynamic", weight_type="uint8"), tmp_path)  # no dataset needed
+    out = quantize(model, Recipe(mode="dynamic", weight_type="uint8"), tmp_path)  # no dataset needed
     counts = ops(out.model_path)
     assert counts.get("MatMulInteger") == 2 and "DynamicQuantizeLinear" in counts and "MatMul" not in counts
-    assert out.calibration_samples == 0
+    assert out.facts.calibration_samples == 0
     assert_close(model, out.model_path, feeds)
-    excluded = quantize(model, QuantizationSpec(mode="dynamic", nodes_to_exclude=["mm2"]), tmp_path / "x")
+    excluded = quantize(model, Recipe(mode="dynamic", nodes_to_exclude=["mm2"]), tmp_path / "x")
     assert ops(excluded.model_path).get("MatMulInteger") == 1 and ops(excluded.model_path).get("MatMul") == 1
 
 
 def test_weight_only(mlp, tmp_path: Path) -> None:
     model, _, feeds = mlp
-    out = quantize(model, QuantizationSpec(mode="weight_only", weight_type="int4", block_size=16), tmp_path / "a")
+    out = quantize(model, Recipe(mode="weight_only", weight_type="int4", block_size=16), tmp_path / "a")
     counts = ops(out.model_path)
     assert counts.get("MatMulNBits") == 2 and "MatMul" not in counts
-    assert out.details["weight_only"] == {
+    assert out.facts.weight_only is not None
+    assert out.facts.weight_only.model_dump() == {
         "bits": 4,
         "block_size": 16,
         "symmetric": True,
         "op_types": ["MatMul"],
     }
     assert_close(model, out.model_path, feeds, 0.97)
-    eight = quantize(model, QuantizationSpec(mode="weight_only", weight_type="uint8", block_size=16), tmp_path / "b")
-    assert eight.details["weight_only"]["bits"] == 8
+    eight = quantize(model, Recipe(mode="weight_only", weight_type="uint8", block_size=16), tmp_path / "b")
+    assert eight.facts.weight_only.bits == 8
     assert_close(model, eight.model_path, feeds, 0.999)
 
 
@@ -483,9 +483,7 @@ def test_weight_only_gather(tmp_path: Path) -> None:
     feeds = [{"ids": RNG.integers(0, 64, (2, 5))} for _ in range(3)]
     out = quantize(
         model,
-        QuantizationSpec(
-            mode="weight_only", weight_type="int4", block_size=16, op_types_to_quantize=["MatMul", "Gather"]
-        ),
+        Recipe(mode="weight_only", weight_type="int4", block_size=16, op_types_to_quantize=["MatMul", "Gather"]),
         tmp_path / "w",
     )
     assert {"GatherBlockQuantized", "MatMulNBits"} <= set(ops(out.model_path))
@@ -495,11 +493,11 @@ def test_weight_only_gather(tmp_path: Path) -> None:
 
 def test_fp16(conv, tmp_path: Path) -> None:
     model, _, feeds = conv
-    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path)
+    out = quantize(model, Recipe(mode="fp16"), tmp_path)
     q = onnx.load(str(out.model_path))
     assert q.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O kept float32
     assert {numpy_helper.to_array(i).dtype for i in q.graph.initializer} == {np.dtype(np.float16)}
-    assert out.details["size_bytes"]["quantized"] < out.details["size_bytes"]["original"]
+    assert size_on_disk(out.model_path) < size_on_disk(model)
     assert_close(model, out.model_path, feeds, 0.999)
 
 
@@ -507,8 +505,8 @@ def test_fp16_keeps_overflowing_nodes_in_float32(tmp_path: Path) -> None:
     model = pm.overflow_fp16(tmp_path / "ovf.onnx")
     x = RNG.random((4, 2, 8), dtype=np.float32) * 0.5 + 0.5  # Exp(12 x) up to 1.6e5 > 65504
     data = _npz(tmp_path / "d.npz", x=x)
-    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path / "w", calibration=data)
-    assert "div" in out.details["fp16"]["nodes_kept_float32"]
+    out = quantize(model, Recipe(mode="fp16"), tmp_path / "w", calibration=data)
+    assert "div" in out.facts.fp16.nodes_kept_float32
     assert_close(model, out.model_path, [{"x": s} for s in x], 0.999)
 
 
@@ -517,7 +515,7 @@ def test_fp16_of_an_encoder_that_casts_its_attention_mask_to_float(tmp_path: Pat
     output float16 but left it casting to float, and ONNX Runtime refused the model."""
     model = outlier_encoder(tmp_path / "enc.onnx")
     assert any(n.op_type == "Cast" and n.input[0] == "attention_mask" for n in onnx.load(str(model)).graph.node)
-    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path / "w")
+    out = quantize(model, Recipe(mode="fp16"), tmp_path / "w")
     q = onnx.load(str(out.model_path))
     mask_cast = next(n for n in q.graph.node if n.op_type == "Cast" and n.input[0] == "attention_mask")
     assert next(a.i for a in mask_cast.attribute if a.name == "to") == onnx.TensorProto.FLOAT16
@@ -546,8 +544,8 @@ def test_fp16_of_an_encoder_that_casts_its_attention_mask_to_float(tmp_path: Pat
 )
 def test_invalid_recipes(conv, tmp_path: Path, recipe: dict, needs_data: bool) -> None:
     model, data, _ = conv
-    with pytest.raises(EngineError) as err:
-        quantize(model, QuantizationSpec.from_mapping(recipe), tmp_path, calibration=data if needs_data else None)
+    with pytest.raises(RuleError) as err:
+        quantize(model, Recipe.from_mapping(recipe), tmp_path, calibration=data if needs_data else None)
     assert err.value.code == "invalid_recipe", err.value.message
     assert not (tmp_path / "out" / "quantized.onnx").exists()
 
@@ -555,8 +553,8 @@ def test_invalid_recipes(conv, tmp_path: Path, recipe: dict, needs_data: bool) -
 def test_dataset_mismatch(conv, tmp_path: Path) -> None:
     model, _, _ = conv
     bad = _npz(tmp_path / "bad.npz", input=np.zeros((4, 1, 3, 9, 9), np.float32))
-    with pytest.raises(EngineError) as err:
-        quantize(model, QuantizationSpec(), tmp_path, calibration=bad)
+    with pytest.raises(RuleError) as err:
+        quantize(model, Recipe(), tmp_path, calibration=bad)
     assert err.value.code == "dataset_model_mismatch" and err.value.detail["input"] == "input"
 
 
@@ -575,8 +573,8 @@ def test_broken_result_is_quantization_failed(conv, tmp_path: Path, monkeypatch:
         monkeypatch.setattr(onnx.checker, "check_model", boom)
     else:
         monkeypatch.setattr(ort, "InferenceSession", boom)
-    with pytest.raises(EngineError) as err:
-        quantize(model, QuantizationSpec(), tmp_path, calibration=data)
+    with pytest.raises(RuleError) as err:
+        quantize(model, Recipe(), tmp_path, calibration=data)
     assert err.value.code == "quantization_failed"
     assert err.value.detail["step"] == step and "boom" in err.value.message
 
@@ -594,12 +592,12 @@ def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path)
     data = _npz(tmp_path / "wide.npz", input=x)
     out = quantize(
         model,
-        QuantizationSpec(calibration_method="entropy"),
+        Recipe(calibration_method="entropy"),
         tmp_path / "ours",
         calibration=data,
         keep_intermediates=True,
     )
-    assert out.details["calibration"]["max_feeds_per_call"] <= 16
+    assert out.facts.calibration.max_feeds_per_call <= 16
     prepared = next(p for p in sorted((tmp_path / "ours" / "prep").glob("model.pre*.onnx")) if "inferred" not in p.name)
 
     class Reader:
@@ -635,11 +633,12 @@ def _peak_calibration_memory(model: Path, tmp_path: Path, n: int, method: str) -
     del x
     tracemalloc.start()
     try:
-        out = quantize(model, QuantizationSpec(calibration_method=method), tmp_path / f"w{n}", calibration=data)
+        out = quantize(model, Recipe(calibration_method=method), tmp_path / f"w{n}", calibration=data)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return peak, out.details["calibration"]
+    assert out.facts.calibration is not None
+    return peak, out.facts.calibration.model_dump()
 
 
 @pytest.mark.parametrize("method", ["percentile", "minmax"])
@@ -703,7 +702,7 @@ def test_made_up_sample_that_fits_no_model_only_warns(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
-    out = quantize(tmp_path / "m.onnx", QuantizationSpec(mode="dynamic"), tmp_path / "w")
-    assert out.details["check"]["ran_on_sample"] is False
+    out = quantize(tmp_path / "m.onnx", Recipe(mode="dynamic"), tmp_path / "w")
+    assert out.facts.check.ran_on_sample is False
     assert any("made-up sample" in w for w in out.warnings)
     assert_close(tmp_path / "m.onnx", out.model_path, [{"x": RNG.random(10, dtype=np.float32)}])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from core.recipe import Recipe
 from tests.worker.engine import pitfall_models as pm
 from worker.engine.quantize import quantize
 from worker.engine.quiet import fold_repeats, quiet_ort
-from worker.engine.spec import QuantizationSpec
 
 
 def test_repeats_with_other_numbers_fold_into_one_line_with_count_and_extreme() -> None:
@@ -54,7 +54,7 @@ def test_fp16_job_shows_one_line_per_kind_of_truncation(tmp_path: Path) -> None:
     """Six weight tensors with values beyond ±1e4 and nearer zero than 1e-7: onnxconverter-common
     warns 24 times; the job shows two lines."""
     model = pm.fp16_truncated_weights(tmp_path / "big.onnx", tensors=6)
-    out = quantize(model, QuantizationSpec(mode="fp16"), tmp_path / "fp16")
+    out = quantize(model, Recipe(mode="fp16"), tmp_path / "fp16")
     assert not any("the float32 number" in w for w in out.warnings)
     clipped = [w for w in out.warnings if "clipped float32 values beyond ±10000" in w]
     raised = [w for w in out.warnings if "raised float32 values closer to zero than 1e-07" in w]

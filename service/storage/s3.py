@@ -24,7 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
-from service.storage import CHUNK, BesideHash, ObjectMissing, StorageUnavailable, StoredObject, _checked_key
+from service.storage.base import CHUNK, BesideHash, ObjectMissing, StorageUnavailable, StoredObject, checked_key
 
 T = TypeVar("T")
 MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -68,7 +68,7 @@ class S3Storage:
         return cls(client, bucket, prefix, settings.s3_part_bytes)
 
     def _key(self, key: str) -> str:
-        return self.prefix + _checked_key(key).as_posix()
+        return self.prefix + checked_key(key).as_posix()
 
     def _call(self, fn: Callable[..., T], key: str | None = None, **kwargs: Any) -> T:
         try:

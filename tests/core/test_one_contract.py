@@ -24,16 +24,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from core.errors import RuleError
+from core.jobfile import DatasetSource
+from core.model import ModelFacts, model_facts
+from core.recipe import parse_recipe
 from service.app import create_app
-from service.contract.errors import RuleError
-from service.contract.formats import ModelFacts, model_facts
-from service.contract.recipe import parse_recipe
 from service.migrate import upgrade
 from service.settings import Settings
 from tests.onnx_models import conv_classifier, matmul_mlp, paddle_classifier
 from tests.service.helpers import npz_bytes
 from tests.worker.engine import pitfall_models as pm
-from worker.engine.spec import DatasetSource
 from worker.engine.validate import validate_job
 
 RULE_CODES = ("invalid_recipe", "invalid_dataset", "dataset_model_mismatch")

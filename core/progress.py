@@ -2,13 +2,13 @@
 while mode auto tries its whole-model candidates, which one (the same fact, typed).
 
 One path from the engine to the API: the engine makes a `Note`, the job process prints it on its
-progress line (`worker.contracts.Progress`), the worker stores both columns from it in one call
+progress line (`ProgressLine`), the worker stores both columns from it in one call
 (`service.jobs.state.progress`: `jobs.progress_note` and `jobs.progress_detail`), and the API reads
-them back here (`Job.progress_note`, `Job.candidate`, the job's events). Stdlib only: the job
-process imports it as it starts."""
+them back here (`Job.progress_note`, `Job.candidate`, the job's events)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Self
@@ -67,3 +67,22 @@ class Note:
 def candidate_of(detail: Mapping[str, Any] | None) -> CandidateProgress | None:
     """The candidate a `jobs.progress_detail` value names, if any."""
     return CandidateProgress.from_dict((detail or {}).get("candidate"))
+
+
+@dataclass(frozen=True)
+class ProgressLine:
+    """One progress line on the job process's stdout: a stage and the fraction of it done, and on the lines
+    where the engine says what it does now, its note. A line without a note leaves the last one standing."""
+
+    stage: str
+    fraction: float
+    note: Note | None = None
+
+    def line(self) -> str:
+        return json.dumps(asdict(self)) + "\n"
+
+    @classmethod
+    def parse(cls, line: bytes | str) -> Self:
+        """Raises ValueError (json's errors included), KeyError or TypeError on a line that is not one."""
+        data = json.loads(line)
+        return cls(stage=str(data["stage"]), fraction=float(data["fraction"]), note=Note.from_dict(data.get("note")))

@@ -1,4 +1,5 @@
-"""The shared fit rules (service.contract.formats): every accepted form and every mismatch, as the
+"""The shared fit rules (core.model, core.npy, core.images, core.datasets): every accepted form and every
+mismatch, as the
 API applies them at job creation to the shapes it stored at upload."""
 
 from __future__ import annotations
@@ -7,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from service.contract.errors import RuleError
-from service.contract.formats import DatasetPlan, TensorSpec, plan_dataset
+from core.datasets import DatasetPlan, plan_dataset
+from core.errors import RuleError
+from core.model import TensorSpec
 
 
 def check_dataset_fits_model(
@@ -240,7 +242,7 @@ def test_non_positive_dims_are_unknown(unknown: Any) -> None:
 def test_value_info_reads_non_positive_dims_as_unknown() -> None:
     from onnx import TensorProto, helper
 
-    from service.contract.formats import value_info_spec
+    from core.model import value_info_spec
 
     vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 0, "w"])
     assert value_info_spec(vi) == TensorSpec("x", "float32", (None, 3, None, "w"))
@@ -260,7 +262,7 @@ def test_one_walk_finds_every_external_file_for_the_upload_and_the_engine(tmp_pa
     from onnx import TensorProto, helper, numpy_helper
     from onnx.external_data_helper import convert_model_to_external_data
 
-    from service.contract.formats import external_locations
+    from core.model import external_locations
     from service.inspection.model import inspect_model
     from worker.engine.checks import model_facts, model_size
     from worker.engine.evaluate import size_on_disk

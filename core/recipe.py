@@ -17,8 +17,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter, ValidationError
 
-from service.contract.errors import RuleError
-from service.contract.formats import ModelFacts
+from core.errors import RuleError
+from core.model import ModelFacts
 
 
 class Mode(StrEnum):

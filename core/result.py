@@ -1,0 +1,382 @@
+"""The job's result: the one type the engine builds, the worker stores, the API serves (`Job.result`,
+`GET /v1/jobs/{id}/report`) and the HTML report reads. Its JSON schema in `/openapi.json` is this type's.
+
+Every verdict in it (is this output faithful, is this drop within tolerance, is this model within budget)
+was made by `core.judge` in the engine and is recorded here; nothing that reads a result decides again.
+Unknown keys are ignored on reading, so results stored by older versions still load; `upgrade_stored` is the
+one reader of stored rows: it gives results stored before the verdicts were recorded the verdicts their
+engine made, and leaves results of this version as they are."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import ErrorInfo
+from core.judge import beyond_tolerance
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class LatencyStats(_Shape):
+    """Milliseconds per run, over the measured runs (warm-up runs discarded)."""
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+class ModelMetrics(_Shape):
+    size_bytes: int = Field(description="On disk, external data included.")
+    latency_ms: LatencyStats | None = None
+    throughput_per_s: float | None = Field(None, description="Samples per second at `batch_size`.")
+    accuracy: float | None = Field(None, description="Top-1 on the labelled evaluation data; null without labels.")
+    top5_accuracy: float | None = None
+    session_create_ms: float | None = Field(None, description="Time to load the model into ONNX Runtime.")
+    batch_size: int | None = None
+    runs: int | None = Field(None, description="Latency runs measured.")
+
+
+OutputKindName = Literal["class_scores", "sequence_scores", "tokens", "tensor"]
+
+
+class OutputFidelity(_Shape):
+    """How close the quantized model's output is to the float model's on the same inputs, and the judge's
+    verdict on it: `value` of `metric` (chosen by the output's `kind`) against the floor `min`."""
+
+    name: str = Field(examples=["logits"])
+    kind: OutputKindName | None = Field(
+        None,
+        description="What the output holds, read from its values: class scores [B, C], sequence scores "
+        "[B, T, C], token outputs of a token model, or any other tensor.",
+    )
+    metric: Literal["agreement", "cosine", "sqnr"] | None = Field(
+        None, description="What the output is judged by: argmax agreement, mean per-sample cosine, or SQNR (dB)."
+    )
+    value: float | None = Field(None, description="The output's value of `metric`.")
+    min: float | None = Field(None, description="The floor `value` must reach.")
+    budgeted: bool = Field(False, description="Whether this output counts toward the fidelity budget.")
+    faithful: bool | None = Field(
+        None, description="The verdict: `value` reaches `min`. Null: the output could not be compared."
+    )
+    cosine: float | None = Field(
+        None, description="Cosine similarity over all samples taken together, 1.0 = same direction.", examples=[0.9991]
+    )
+    mean_cosine: float | None = Field(None, description="Mean of the per-sample (per-token) cosines.")
+    sqnr_db: float | None = Field(None, description="Signal-to-quantization-noise ratio in dB.", examples=[31.4])
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    top1_agreement: float | None = Field(
+        None, description="Share of samples (positions, for sequence scores) whose argmax agrees."
+    )
+    problem: str | None = Field(None, description="Why the output could not be compared.")
+
+
+class FidelityVerdict(_Shape):
+    """The quantized model against the fidelity budget, as the judge decided it."""
+
+    within_budget: bool
+    metric: str = Field(description="What decided: the worst budgeted output's metric, or `top1_drop`.")
+    fidelity: float | None = Field(None, description="The worst budgeted output's value of its metric.")
+    accuracy_drop: float | None = Field(None, description="Top-1 drop as a fraction (with labels).")
+    accuracy_tolerance: float = Field(description="The largest top-1 drop the recipe accepts.")
+    samples: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+
+class AccuracyComparison(_Shape):
+    metric: str = Field(examples=["top1"])
+    original: float | None
+    quantized: float | None
+    delta: float | None = Field(description="quantized - original; negative is a loss.")
+    within_tolerance: bool | None = Field(
+        None, description="The judge's verdict: the drop is at most the recipe's `accuracy_tolerance`."
+    )
+    top5_original: float | None = None
+    top5_quantized: float | None = None
+    samples: int | None = None
+    output: str | None = Field(None, description="The output read as class scores.")
+
+
+class Comparison(_Shape):
+    size_ratio: float | None = Field(None, description="quantized size / original size.", examples=[0.27])
+    speedup_p50: float | None = Field(None, description="original p50 / quantized p50; above 1 is faster.")
+    outputs: list[OutputFidelity] = Field(default_factory=list, description="Fidelity per model output.")
+    fidelity: FidelityVerdict | None = Field(None, description="The model against the fidelity budget.")
+    accuracy: AccuracyComparison | None = Field(None, description="With a labelled evaluation dataset only.")
+
+
+class Machine(_Shape):
+    """Where the latencies were measured: the facts that decide whether int8 is faster there."""
+
+    cpu_model: str | None = None
+    architecture: str | None = None
+    logical_cores: int | None = None
+    physical_cores: int | None = None
+    cpu_features: dict[str, bool] = Field(default_factory=dict, examples=[{"avx2": True, "avx512_vnni": False}])
+    int8_acceleration: str | None = None
+    memory_bytes: int | None = None
+    os: str | None = None
+    python: str | None = None
+    onnxruntime: str | None = None
+    execution_provider: str | None = None
+    threads: int | None = None
+    cpu_info_source: str | None = None
+
+
+class SessionSettings(_Shape):
+    intra_op_num_threads: int
+    inter_op_num_threads: int
+    execution_mode: str
+    graph_optimization_level: str
+    allow_spinning: bool
+
+
+class EvaluationFacts(_Shape):
+    """How the measurement was made."""
+
+    inputs: Literal["dataset", "random"] | None = None
+    samples: int | None = None
+    feeds: int | None = Field(None, description="Batches run through both models for fidelity and accuracy.")
+    batch_size: int | None = None
+    batch_size_requested: int | None = None
+    threads: int | None = None
+    threads_requested: int | None = None
+    threads_clamped: bool | None = None
+    execution_provider: str | None = None
+    warmup_runs: int | None = None
+    latency_runs_requested: int | None = None
+    latency_runs: int | None = None
+    interleaved: bool | None = None
+    stopped_early: bool | None = None
+    max_seconds: float | None = None
+    max_samples: int | None = None
+    reused_calibration: bool | None = Field(None, description="Evaluated on the calibration data itself.")
+    accuracy_output: str | None = Field(None, description="The output read as class scores.")
+    session_options: SessionSettings | None = None
+
+
+class AutoTrial(_Shape):
+    """One model mode auto measured: a whole-model candidate or a mixed-precision search step."""
+
+    name: str
+    stage: Literal["candidate", "step"] = "candidate"
+    parent: str | None = Field(None, description="Steps: the candidate the search started from.")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="The recipe that reproduces this trial.")
+    p50_ms: float | None = None
+    float_p50_ms: float | None = None
+    speedup: float | None = Field(None, description="float p50 / this p50, timed interleaved; above 1 is faster.")
+    latency_runs: int = 0
+    size_bytes: int | None = None
+    metric: str | None = None
+    fidelity: float | None = Field(None, description="The worst budgeted output's value of `metric`.")
+    accuracy_drop: float | None = None
+    within_budget: bool = False
+    not_slower_checks: list[float] = Field(
+        default_factory=list,
+        description="keep_float: this trial's speedups in the full-count timings that had to show it no slower "
+        "than float; it is handed back only if every one is at least 1.",
+    )
+    error: ErrorInfo | None = Field(None, description="Why the trial could not be produced or measured.")
+
+
+class SensitiveNode(_Shape):
+    node: str
+    op_type: str | None = None
+    score: float | None = Field(None, description="Share of the signal quantizing the node's input loses (0-1).")
+
+
+class SensitivitySummary(_Shape):
+    """The nodes of one candidate that lose the most to quantization, most sensitive first (the whole
+    ranking is the `sensitivity.json` artifact)."""
+
+    candidate: str
+    method: str | None = None
+    top: list[SensitiveNode] = Field(default_factory=list)
+
+
+class AutoSearch(_Shape):
+    """`result.quantization.auto`: what mode auto measured and why it chose what it chose. The chosen
+    model's fidelity is the result's `comparison.fidelity` (measured on the whole evaluation data)."""
+
+    verdict: Literal["quantized", "keep_float"] | None = Field(
+        None,
+        description="`keep_float` when no candidate is worth shipping over the float model; null only in results "
+        "of searches made before verdicts existed.",
+    )
+    headline: str = ""
+    objective: Literal["latency", "size"] = "latency"
+    chosen: str
+    effective_recipe: dict[str, Any] | None = Field(
+        None, description="A plain static/dynamic/... recipe that reproduces the artifact (null: the float model)."
+    )
+    candidates: list[AutoTrial] = Field(default_factory=list, description="The whole-model candidates, in order.")
+    steps: list[AutoTrial] = Field(default_factory=list, description="The mixed-precision search's steps.")
+    search_seconds: float | None = None
+    time_budget_exhausted: bool = False
+    search_latency_runs: int | None = Field(None, description="Runs per timing of candidates and steps.")
+    final_latency_runs: int | None = Field(
+        None, description="Runs per timing of the finalists and of a keep_float artifact (the full count)."
+    )
+    finalists: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Trials re-timed together with float in one interleaved loop with the full count to decide "
+            "the verdict; the winner, if any, is among them."
+        ),
+    )
+    sensitivity: list[SensitivitySummary] = Field(default_factory=list)
+
+
+class CalibrationFacts(_Shape):
+    method: str
+    samples: int
+    feeds: int
+    batch_size: int
+    collect_calls: int | None = None
+    max_feeds_per_call: int | None = None
+    passes: int | None = None
+
+
+class WeightOnlyFacts(_Shape):
+    bits: int
+    block_size: int
+    symmetric: bool
+    op_types: list[str]
+
+
+class Fp16Facts(_Shape):
+    op_block_list: list[str] = Field(default_factory=list)
+    nodes_kept_float32: list[str] = Field(default_factory=list)
+    range_check_on: str | None = None
+
+
+class ModelCheck(_Shape):
+    """The quantized model: onnx.checker, loaded and run in ONNX Runtime on one sample."""
+
+    onnx_checker: bool
+    ort_session: bool
+    ran_on_sample: bool
+    cosine_on_sample: dict[str, float | None] = Field(default_factory=dict)
+
+
+class OriginalFacts(_Shape):
+    opset: int | None = None
+    op_counts: dict[str, int] = Field(default_factory=dict)
+    external_data: bool = False
+
+
+class Opsets(_Shape):
+    original: int | None = None
+    quantized: int | None = None
+
+
+class FloatNode(_Shape):
+    name: str
+    op_type: str
+    subgraph: str
+
+
+class QuantizationFacts(_Shape):
+    """`result.quantization`: what the engine did."""
+
+    mode: str | None = Field(None, description="The mode that made the artifact (`float`: the float model).")
+    calibration_samples: int | None = None
+    original: OriginalFacts | None = None
+    qat_qdq_nodes: int | None = Field(None, description="Q/DQ nodes the uploaded model already held.")
+    calibration: CalibrationFacts | None = None
+    weight_only: WeightOnlyFacts | None = None
+    fp16: Fp16Facts | None = None
+    check: ModelCheck | None = None
+    op_counts: dict[str, int] = Field(default_factory=dict, description="Operators of the quantized model.")
+    quantized_op_counts: dict[str, int] = Field(default_factory=dict)
+    opset: Opsets | None = None
+    external_data: bool | None = None
+    float_in_subgraphs: list[FloatNode] = Field(default_factory=list)
+    auto: AutoSearch | None = Field(None, description="Mode auto only.")
+
+
+class JobResult(_Shape):
+    original: ModelMetrics
+    quantized: ModelMetrics
+    comparison: Comparison
+    warnings: list[str] = Field(default_factory=list, description="What a person should know before shipping it.")
+    timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, and `total`.")
+    peak_memory_bytes: int | None = Field(None, description="Peak resident memory of the job's process.")
+    preprocessing_steps: list[str] = Field(default_factory=list)
+    machine: Machine = Field(default_factory=Machine)
+    evaluation: EvaluationFacts | None = None
+    quantization: QuantizationFacts | None = None
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> JobResult:
+        """A stored result, also one written before the verdicts were recorded (raises ValidationError when
+        it has another shape altogether)."""
+        return cls.model_validate(upgrade_stored(data))
+
+
+def upgrade_stored(data: dict[str, Any]) -> dict[str, Any]:
+    """A result stored before this version (no `comparison.fidelity`) with the verdicts its engine made:
+    the budget verdict from `quantization.auto.fidelity` or `quantization.compare.fidelity`, and each output
+    judged by the thresholds that engine recorded (`evaluation.fidelity_thresholds`: cosine and SQNR)."""
+    comparison = data.get("comparison")
+    if not isinstance(comparison, dict) or "fidelity" in comparison:
+        return data
+    quantization = _mapping(data.get("quantization"))
+    evaluation = _mapping(data.get("evaluation"))
+    old = next(
+        (
+            part["fidelity"]
+            for part in (quantization.get("auto"), quantization.get("compare"))
+            if isinstance(part, dict) and isinstance(part.get("fidelity"), dict)
+        ),
+        None,
+    )
+    thresholds = _mapping(evaluation.get("fidelity_thresholds"))
+    cos_min, sqnr_min = _number(thresholds.get("cosine")), _number(thresholds.get("sqnr_db"))
+    outputs = []
+    for row in comparison.get("outputs") or []:
+        if not isinstance(row, dict) or "faithful" in row:
+            outputs.append(row)
+            continue
+        cos, sqnr = _number(row.get("cosine")), _number(row.get("sqnr_db"))
+        judged = cos is not None and cos_min is not None
+        poor = (cos is not None and cos_min is not None and cos < cos_min) or (
+            sqnr is not None and sqnr_min is not None and sqnr < sqnr_min
+        )
+        outputs.append(
+            {**row, "metric": "cosine", "value": cos, "min": cos_min, "faithful": (not poor) if judged else None}
+        )
+    accuracy = comparison.get("accuracy")
+    tolerance = evaluation.get("accuracy_tolerance")
+    if isinstance(accuracy, dict) and "within_tolerance" not in accuracy and isinstance(tolerance, int | float):
+        delta = accuracy.get("delta")
+        drop = -delta if isinstance(delta, int | float) else None
+        accuracy = {**accuracy, "within_tolerance": None if drop is None else not beyond_tolerance(drop, tolerance)}
+    verdict = None
+    if isinstance(old, dict) and isinstance(old.get("within_budget"), bool):
+        verdict = {
+            "within_budget": old["within_budget"],
+            "metric": old.get("metric") or "none",
+            "fidelity": old.get("fidelity"),
+            "accuracy_drop": old.get("accuracy_drop"),
+            "accuracy_tolerance": old.get("accuracy_tolerance", tolerance if tolerance is not None else 0.01),
+            "samples": old.get("samples") or 0,
+            "notes": old.get("notes") or [],
+        }
+    return {**data, "comparison": {**comparison, "outputs": outputs, "accuracy": accuracy, "fidelity": verdict}}
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -1,6 +1,5 @@
 """The shared fit rules (core.model, core.npy, core.images, core.datasets): every accepted form and every
-mismatch, as the
-API applies them at job creation to the shapes it stored at upload."""
+mismatch, as the API applies them at job creation to the shapes it stored at upload."""
 
 from __future__ import annotations
 

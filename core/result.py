@@ -352,7 +352,14 @@ def upgrade_stored(data: dict[str, Any]) -> dict[str, Any]:
             sqnr is not None and sqnr_min is not None and sqnr < sqnr_min
         )
         outputs.append(
-            {**row, "metric": "cosine", "value": cos, "min": cos_min, "faithful": (not poor) if judged else None}
+            {
+                **row,
+                "metric": "cosine",
+                "value": cos,
+                "min": cos_min,
+                "budgeted": judged,
+                "faithful": (not poor) if judged else None,
+            }
         )
     accuracy = comparison.get("accuracy")
     tolerance = evaluation.get("accuracy_tolerance")

@@ -91,12 +91,12 @@ def test_the_default_the_readme_states_is_the_services(variable: str, tmp_path: 
 def test_the_limits_the_readme_names_in_words_are_the_codes() -> None:
     """Numbers in the README's sentences that are constants in the code (their behaviour is tested
     where they act: tests/security/test_upload_files.py, test_upload_limits.py, the engine's tests)."""
+    from core.judge import DEFAULT_FLOOR
     from core.recipe import Recipe
     from service.limits import OTHER_BODY_LIMIT
     from service.models.service import MAX_FILES_PER_UPLOAD
     from service.quotas import FILE_OVERHEAD_BYTES
     from worker.engine.auto import FASTER_MARGIN, NOT_SLOWER_CONFIRMATIONS
-    from worker.engine.fidelity import DEFAULT_FLOOR
 
     search_seconds = next(f.default for f in dataclasses.fields(Recipe) if f.name == "max_search_seconds")
     assert FILE_OVERHEAD_BYTES % 1024 == 0 and OTHER_BODY_LIMIT % (1 << 20) == 0 and NOT_SLOWER_CONFIRMATIONS == 2

@@ -536,13 +536,13 @@ def _fidelity(result: JobResult) -> str:
     groups = []
     for o in outputs:
         sqnr = _num(o.sqnr_db)
-        outside = o.faithful is False
+        outside = o.budgeted and o.faithful is False
         verdict = (
             '<strong class="bad">outside budget</strong>'
             if outside
             else '<span class="good">within</span>'
-            if o.faithful
-            else _e(o.problem or NA)
+            if o.budgeted and o.faithful
+            else _e(o.problem or "not budgeted")
         )
         judged = f"{o.metric} ≥ {fmt_float(o.min)}" if o.metric and o.min is not None else NA
         rows.append(
@@ -561,7 +561,8 @@ def _fidelity(result: JobResult) -> str:
         "<section><h2>Fidelity per output</h2>"
         '<p class="sub">How closely the quantized model reproduces the original\'s outputs on the same '
         "inputs. Each output is judged by the metric its kind calls for (agreement of the argmax for class and "
-        "sequence scores, mean cosine otherwise) against the budget's floor. Cosine and SQNR are over all samples "
+        "sequence scores, mean cosine otherwise) against the budget's floor; with labels and no fidelity floor in "
+        "the recipe, the top-1 drop alone is the budget and no output counts. Cosine and SQNR are over all samples "
         "taken together (higher is better); top-1 agreement: how often both pick the same class.</p>"
         "<table><thead><tr><th>output</th><th>kind</th><th>judged by</th>"
         '<th class="num">value</th><th>verdict</th><th class="num">cosine</th><th class="num">SQNR</th>'

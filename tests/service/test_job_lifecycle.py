@@ -202,3 +202,42 @@ def test_a_stored_result_of_another_shape_is_served_as_stored_not_a_500(client: 
     assert report.status_code == 200 and report.json() == odd
     page = client.get(f"/v1/jobs/{job['id']}/report.html")
     assert page.status_code == 200 and "as stored" in page.text
+
+
+def test_a_result_stored_by_the_previous_version_is_served_with_the_verdicts_its_engine_made(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """Results stored before the verdicts were recorded (thresholds in `evaluation.fidelity_thresholds`, the
+    budget verdict under `quantization.compare`) are served in this version's shape, by the one reader of
+    stored results: each output judged by the thresholds its engine recorded, the budget verdict moved to
+    `comparison.fidelity`; the API never validates it again on a read, and the page lays it out."""
+    from tests.service.test_report_html import _result
+
+    old = _result()
+    old["quantization"] = {
+        "mode": "compare",
+        "compare": {
+            "within_budget": False,
+            "fidelity": {
+                "metric": "cosine",
+                "fidelity": 0.91,
+                "within_budget": False,
+                "accuracy_tolerance": 0.01,
+                "samples": 500,
+            },
+        },
+    }
+    model, dataset = conv_model_and_data(client, tmp_path)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "calibration_dataset_id": dataset["id"]}).json()
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        attempt = state.claim(session, job["id"], 60)
+        assert attempt is not None and state.succeed(session, job["id"], attempt, old)
+    served = client.get(f"/v1/jobs/{job['id']}").json()["result"]
+    logits, aux = served["comparison"]["outputs"]
+    assert (logits["faithful"], aux["faithful"]) == (True, False)  # aux: cosine 0.91, SQNR 9.5 dB
+    assert logits["metric"] == "cosine" and logits["min"] == 0.99 and logits["budgeted"]
+    assert served["comparison"]["fidelity"]["within_budget"] is False
+    assert served["comparison"]["accuracy"]["within_tolerance"] is True  # 0.78 points within 1
+    assert client.get(f"/v1/jobs/{job['id']}/report").json() == served
+    page = client.get(f"/v1/jobs/{job['id']}/report.html").text
+    assert "Outside the fidelity budget.</strong>" in page and page.count("outside budget</strong>") == 1

@@ -337,7 +337,7 @@ def _fidelity_warnings(score: Score, fidelity: FidelityPass) -> list[str]:
             f"{score.tolerance * 100:.2f} points."
         )
     for row in score.outputs:
-        if row.faithful is False:
+        if row.budgeted and row.faithful is False:
             value = "none" if row.value is None else f"{row.value:.4f}"
             warnings.append(
                 f"Output '{row.name}' is outside the fidelity budget: {row.metric} {value} against a floor of "

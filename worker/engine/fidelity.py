@@ -198,8 +198,9 @@ class OutputAccumulator:
             return self.sqnr_db
         return self.mean_cosine
 
-    def judged(self, spec: FidelitySpec | None) -> OutputFidelity:
-        """This output's row of the result, with the judge's verdict on it."""
+    def judged(self, spec: FidelitySpec | None, *, counted: bool = True) -> OutputFidelity:
+        """This output's row of the result, with the judge's verdict on it. `counted` False: the budget is
+        the labels' top-1 drop alone, so no output counts toward it."""
         asked = spec.metric if spec is not None else FidelityMetric.AUTO
         metric = _AUTO_METRIC[self.kind] if asked == FidelityMetric.AUTO else FidelityMetric(asked)
         if metric == FidelityMetric.AGREEMENT and self.kind not in _SCORES:
@@ -213,7 +214,7 @@ class OutputAccumulator:
             metric=metric.value,
             value=value,
             min=floor,
-            budgeted=wanted and self.problem is None,
+            budgeted=counted and wanted and self.problem is None,
             faithful=None if not self.comparable else judge.faithful(value, floor),
             cosine=finite_or_none(self.cosine),
             mean_cosine=finite_or_none(self.mean_cosine),
@@ -356,11 +357,12 @@ class FidelityPass:
                 {"field": "fidelity.outputs", "unknown": unknown, "outputs": list(names)},
             )
         drop = self.accuracy_drop
+        labels_decide = drop is not None and self.spec is None
         return Score(
-            outputs=[self.outputs[n].judged(self.spec) for n in names if n in self.outputs],
+            outputs=[self.outputs[n].judged(self.spec, counted=not labels_decide) for n in names if n in self.outputs],
             accuracy_drop=drop,
             tolerance=self.tolerance,
-            labels_decide=drop is not None and self.spec is None,
+            labels_decide=labels_decide,
             samples=self.samples,
         )
 

@@ -17,6 +17,7 @@ from core.errors import RuleError
 from core.evaluation import EvaluationSpec
 from core.jobfile import DatasetSource
 from core.lifecycle import Stage
+from core.recipe import FidelitySpec
 from tests.onnx_models import conv_classifier, matmul_mlp, random_inputs
 from worker.engine.evaluate import Evaluation, LatencyMeter, evaluate, size_on_disk
 from worker.engine.machine import machine_info
@@ -162,7 +163,7 @@ def test_identical_models_give_perfect_fidelity_and_contract_shaped_json(
             "metric": "agreement",
             "value": 1.0,
             "min": 0.99,
-            "budgeted": True,
+            "budgeted": False,  # labelled data and no fidelity floor in the recipe: the top-1 drop decides
             "faithful": True,
             "cosine": 1.0,
             "mean_cosine": 1.0,
@@ -194,7 +195,13 @@ def test_a_different_model_is_flagged_for_fidelity_and_accuracy(
     out = outcome.comparison.outputs[0]
     assert out.cosine is not None and out.cosine < 0.99
     assert out.top1_agreement is not None and out.top1_agreement < 0.99 and out.faithful is False
-    assert any("Output 'logits' is outside the fidelity budget: agreement" in w for w in outcome.warnings)
+    # With labels and no fidelity floor, the top-1 drop is the budget: the output is shown, not counted.
+    assert not out.budgeted and outcome.comparison.fidelity is not None
+    assert outcome.comparison.fidelity.metric == "top1_drop" and not outcome.comparison.fidelity.within_budget
+    assert not any("Output 'logits' is outside" in w for w in outcome.warnings)
+    floor = evaluate(models["original"], models["far"], FAST, data=data, budget=FidelitySpec(), accuracy_tolerance=1)
+    assert floor.comparison.outputs[0].budgeted and floor.comparison.outputs[0].faithful is False
+    assert any("Output 'logits' is outside the fidelity budget: agreement" in w for w in floor.warnings)
     assert outcome.comparison.accuracy is not None and outcome.comparison.accuracy.within_tolerance is False
     delta = outcome.comparison.accuracy.delta
     assert delta is not None and delta < -0.01

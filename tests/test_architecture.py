@@ -217,3 +217,20 @@ def test_no_shape_that_crosses_a_boundary_is_defined_twice() -> None:
     assert not twice, twice
     outside_core = {n: w for n, w in where.items() if not all(p.startswith("core/") for p in w)}
     assert not outside_core, outside_core
+
+
+def test_the_core_and_the_engine_hide_no_import_of_their_own_in_a_function() -> None:
+    """An import of the house's own modules put inside a function hides an arrow from anyone reading the
+    file's head (and once hid cycles): core/ and the engine import theirs at the top."""
+    hidden = []
+    for module, path in MODULES.items():
+        if not module.startswith(("core", "worker.engine")):
+            continue
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom | ast.Import) and id(node) not in top:
+                name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if name and name.split(".")[0] in PACKAGES:
+                    hidden.append(f"{module}:{node.lineno} {name}")
+    assert not hidden, hidden

@@ -29,7 +29,7 @@ from core.errors import RuleError
 from core.jobfile import DatasetSource
 from core.model import TensorSpec
 from core.recipe import CalibrationMethod, Recipe
-from worker.engine.data import Batch, iter_batches
+from worker.engine.data import Batch, count_batches, feed_limit, iter_batches
 from worker.engine.quiet import quiet_ort
 
 MINMAX_CHUNK = 16  # feeds per collect_data call for MinMax (its per-call state is tiny)
@@ -47,7 +47,7 @@ class CalibrationResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-class _ListReader:
+class ListReader:
     """A CalibrationDataReader over a list of feeds (one chunk)."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
@@ -118,8 +118,6 @@ def calibrate(
     method = CalibrationMethod(spec.calibration_method)
     op_types = default_op_types(spec)
     batch_size = spec.calibration_batch_size
-    from worker.engine.data import count_batches, feed_limit
-
     limit = feed_limit(source, inputs, batch_size=batch_size, max_samples=spec.max_calibration_samples)
     total_feeds = count_batches(source, inputs, batch_size=batch_size, limit=limit)
     if total_feeds == 0:
@@ -138,7 +136,7 @@ def calibrate(
         batches = iter_batches(source, inputs, batch_size=batch_size, limit=limit)
         try:
             for chunk in _chunks(batches, chunk_size):
-                reader = _ListReader([b.feeds for b in chunk])
+                reader = ListReader([b.feeds for b in chunk])
                 samples += sum(b.num_samples for b in chunk)
                 feeds += len(chunk)
                 stats["calls"] += 1

@@ -18,12 +18,12 @@ import math
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import numpy as np
 from numpy.lib import format as npformat
 
-from core.datasets import LABELS_KEY, SINGLE_INPUT_KEY, Form, check_labels, plan_arrays
+from core.datasets import LABELS_KEY, SINGLE_INPUT_KEY, DatasetPlan, Form, check_labels, plan_arrays
 from core.errors import RuleError
 from core.jobfile import DatasetSource
 from core.model import TensorSpec, is_fixed
@@ -31,6 +31,7 @@ from core.npy import NpyHeader, read_npy_header
 from worker.engine.batch import Batch
 from worker.engine.checks import model_facts
 from worker.engine.images import count_image_batches, image_rows_per_feed, iter_image_batches
+from worker.engine.plans import PLANS, plan_key, planned
 
 # --------------------------------------------------------------------------------------------
 # Model inputs
@@ -163,16 +164,20 @@ class _Opened:
         self._zf: zipfile.ZipFile | None = None
         try:
             self._open(source)
-            labels = self.labels_reader = self.readers.pop(LABELS_KEY, None)
-            if labels is not None:
-                check_labels(labels.header.shape, labels.header.dtype.name)
-            arrays = {k: (r.header.shape, r.header.dtype.name) for k, r in self.readers.items()}
-            self.plan = plan_arrays(arrays, inputs, batch_size, labels.header.shape[0] if labels else None)
+            self.labels_reader = self.readers.pop(LABELS_KEY, None)
+            self.plan = planned(plan_key(source, inputs, batch_size), lambda: self._plan(inputs, batch_size))
             if SINGLE_INPUT_KEY in self.readers:
                 self.readers = {inputs[0].name: self.readers[SINGLE_INPUT_KEY]}
         except BaseException:
             self.close()
             raise
+
+    def _plan(self, inputs: Sequence[TensorSpec], batch_size: int) -> DatasetPlan:
+        labels = self.labels_reader
+        if labels is not None:
+            check_labels(labels.header.shape, labels.header.dtype.name)
+        arrays = {k: (r.header.shape, r.header.dtype.name) for k, r in self.readers.items()}
+        return plan_arrays(arrays, inputs, batch_size, labels.header.shape[0] if labels else None)
 
     @property
     def num_feeds(self) -> int:
@@ -273,12 +278,16 @@ def count_batches(
     Also validates the dataset against the inputs (same errors as iter_batches)."""
     if source.format == "images":
         return count_image_batches(source, inputs, batch_size=batch_size, limit=limit)
-    opened = _Opened(source, inputs, batch_size)
-    try:
-        n = opened.num_feeds
-    finally:
-        opened.close()
+    n = _array_plan(source, inputs, batch_size).num_feeds
     return n if limit is None else min(n, max(0, limit))
+
+
+def _array_plan(source: DatasetSource, inputs: Sequence[TensorSpec], batch_size: int) -> DatasetPlan:
+    """The plan of an array dataset, opening it (headers only) the first time."""
+    key = plan_key(source, inputs, batch_size)
+    if key not in PLANS:
+        _Opened(source, inputs, batch_size).close()
+    return cast(DatasetPlan, PLANS[key])
 
 
 def samples_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1) -> int:
@@ -286,11 +295,7 @@ def samples_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, bat
     batches, 1 when samples are stacked."""
     if source.format == "images":
         return image_rows_per_feed(source, inputs, batch_size=batch_size)
-    opened = _Opened(source, inputs, batch_size)
-    try:
-        return opened.plan.samples_per_feed
-    finally:
-        opened.close()
+    return _array_plan(source, inputs, batch_size).samples_per_feed
 
 
 def feed_limit(

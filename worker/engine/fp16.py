@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from core.model import subgraphs
+from worker.engine.calibration import ListReader
 from worker.engine.graph_order import subgraph_reads
 
 FP16_MAX = 65504.0
@@ -231,8 +232,6 @@ def tensor_ranges(
     """Min and max of every float tensor of the top-level graph over `feeds` (ORT MinMax calibrator)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    from worker.engine.calibration import _ListReader
-
     workdir.mkdir(parents=True, exist_ok=True)
     calibrator = create_calibrator(
         Path(model_path),
@@ -243,7 +242,7 @@ def tensor_ranges(
     )
     n = 0
     for feed in feeds:
-        calibrator.collect_data(_ListReader([feed]))
+        calibrator.collect_data(ListReader([feed]))
         n += 1
     if n == 0:
         return {}

@@ -26,6 +26,7 @@ from core.images import ImageIndex, Preprocess, index_images, member_name, parse
 from core.jobfile import DatasetSource
 from core.model import TensorSpec
 from worker.engine.batch import Batch
+from worker.engine.plans import plan_key, planned
 
 MAX_LABELS_CSV_BYTES = 64 * 1024 * 1024
 # Decompression-bomb guard: PIL warns above this many pixels (an error here) and raises at 2x.
@@ -112,10 +113,14 @@ def _planned(
     if source.preprocess is None:
         raise _bad("An image dataset needs its preprocess JSON; upload it again with one.", field="preprocess")
     pp = parse_preprocess(source.preprocess)
-    index, infos = index_archive(Path(source.path))
-    plan = plan_images(pp, index.num_samples, inputs, batch_size).images
-    assert plan is not None
-    return plan, index, infos
+
+    def make() -> tuple[ImagePlan, ImageIndex, dict[str, zipfile.ZipInfo]]:
+        index, infos = index_archive(Path(source.path))
+        plan = plan_images(pp, index.num_samples, inputs, batch_size).images
+        assert plan is not None
+        return plan, index, infos
+
+    return planned(plan_key(source, inputs, batch_size), make)
 
 
 def image_rows_per_feed(source: DatasetSource, inputs: Sequence[TensorSpec], *, batch_size: int = 1) -> int:

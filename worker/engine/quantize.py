@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from core.errors import RuleError
 from core.jobfile import DatasetSource
@@ -232,7 +233,10 @@ def quantize(
         progress(Stage.CALIBRATING, 1.0)
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
-            _static(prepared, spec, cal.tensors_range, out_path, warnings)
+            if spec.dynamic_op_types:
+                _hybrid(prepared, spec, cal.tensors_range, out_path, warnings)
+            else:
+                _static(prepared, spec, cal.tensors_range, out_path, warnings)
     else:
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
@@ -323,7 +327,8 @@ def preparation(spec: Recipe, facts: ModelFacts) -> tuple[int | None, bool, bool
     # static quantization but would defeat an op_types_to_quantize that quantizes MatMul and not Gemm,
     # and QAT graphs. (nodes_to_exclude: see prepare_for.)
     op_types = spec.op_types_to_quantize
-    fusion_safe = not op_types or "Gemm" in op_types or "MatMul" not in op_types
+    # (A hybrid's dynamic pass cannot quantize a Gemm either.)
+    fusion_safe = not op_types or "Gemm" in op_types or "MatMul" not in (*op_types, *(spec.dynamic_op_types or ()))
     optimize = mode == Mode.STATIC and fusion_safe and not facts.qdq_nodes
     fusion = spec.transformer_fusion and mode in (Mode.STATIC, Mode.DYNAMIC)
     return required_opset(spec, facts), mode in (Mode.STATIC, Mode.DYNAMIC), optimize, fusion
@@ -467,7 +472,7 @@ def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path
     activation = _ort_qtype(spec.activation_type)
     weight = _ort_qtype(spec.weight)
     fmt = OrtFormat.QOperator if spec.format == QuantFormat.QOPERATOR else OrtFormat.QDQ
-    op_types = default_op_types(spec)
+    op_types = [op for op in default_op_types(spec) if op not in (spec.dynamic_op_types or ())]
     excluded = list(spec.nodes_to_exclude or [])
     try:
         with quiet_ort(warnings):
@@ -513,7 +518,23 @@ def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path
         raise _fail("quantize_static", "Static quantization (ONNX Runtime)", exc) from exc
 
 
-def _dynamic(prepared: Prepared, spec: Recipe, out_path: Path, warnings: list[str]) -> None:
+def _hybrid(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path, warnings: list[str]) -> None:
+    """Static for every op type but `dynamic_op_types`, then ONNX Runtime's dynamic quantizer for those on the
+    static result (`nodes_to_exclude` holds in both passes)."""
+    first = out_path.parent.parent / "hybrid-static" / OUTPUT_NAME
+    shutil.rmtree(first.parent, ignore_errors=True)
+    first.parent.mkdir(parents=True)
+    try:
+        _static(prepared, spec, tensors_range, first, warnings)
+        static = Prepared(path=first, external=prepared.external, opset=prepared.opset)
+        _dynamic(static, spec, out_path, warnings, op_types=spec.dynamic_op_types)
+    finally:
+        shutil.rmtree(first.parent, ignore_errors=True)
+
+
+def _dynamic(
+    prepared: Prepared, spec: Recipe, out_path: Path, warnings: list[str], *, op_types: Sequence[str] | None = None
+) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
     extra: dict[str, Any] = {}
@@ -524,7 +545,7 @@ def _dynamic(prepared: Prepared, spec: Recipe, out_path: Path, warnings: list[st
             quantize_dynamic(
                 str(prepared.path),
                 str(out_path),
-                op_types_to_quantize=list(spec.op_types_to_quantize) if spec.op_types_to_quantize else None,
+                op_types_to_quantize=list(op_types or spec.op_types_to_quantize or []) or None,
                 per_channel=spec.per_channel,
                 reduce_range=spec.reduce_range,
                 weight_type=_ort_qtype(spec.weight),
@@ -695,8 +716,6 @@ def verify_model(
     """onnx.checker (by path), an ORT session, one run on `sample`; compares with the original
     model on the same sample when given. Raises quantization_failed naming the step. A made-up
     sample (`synthesized`) that the original model cannot run either only gives a warning."""
-    import onnxruntime as ort
-
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
@@ -742,8 +761,6 @@ def verify_model(
 
 
 def _runs(model: Path, sample: Batch, opts: Any) -> bool:
-    import onnxruntime as ort
-
     try:
         ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"]).run(None, sample.feeds)
         return True

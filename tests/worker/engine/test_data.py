@@ -336,3 +336,28 @@ def test_decompression_bomb_guard(models: dict[str, Path], tmp_path: Path, monke
             )
         )
     assert err.value.code == "invalid_dataset" and "too large" in err.value.message
+
+
+def test_a_job_plans_each_dataset_once_and_every_step_reads_that_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation, quantization (its check and calibration), and the evaluation (its count and its pass) all
+    read the dataset; the rules that plan it run once per dataset and batch size in the job."""
+    from core.evaluation import EvaluationSpec
+    from core.jobfile import JobFile, Limits
+    from core.recipe import Recipe
+    from tests.onnx_models import conv_classifier
+    from worker.engine import data, job
+
+    calls: list[int] = []
+    real = data.plan_arrays
+    monkeypatch.setattr(data, "plan_arrays", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = conv_classifier(tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", input=np.random.default_rng(0).random((6, 1, 3, 8, 8), dtype=np.float32))
+    source = DatasetSource(tmp_path / "d.npz", "npz")
+    spec = EvaluationSpec(latency_runs=2, warmup_runs=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs = tuple(model_inputs(model))
+    job.run_job(JobFile("j", model, inputs, Recipe(mode="static"), spec, Limits(), source, source, True), work)
+    assert calls == [1]  # the calibration and evaluation batch sizes are both 1: one plan

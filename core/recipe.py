@@ -78,6 +78,10 @@ SIXTEEN_BIT = (QType.INT16, QType.UINT16)
 FOUR_BIT = (QType.INT4, QType.UINT4)
 EIGHT_BIT = (QType.INT8, QType.UINT8)
 WEIGHT_ONLY_OP_TYPES = ("MatMul", "Gather")
+# What a static recipe may hand to ONNX Runtime's dynamic quantizer instead (`dynamic_op_types`): the op types
+# it has integer kernels for that are worth it (its dynamic Conv, ConvInteger, is several times slower than
+# float; it leaves Gemm in float).
+HYBRID_DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM")
 # Modes that run calibration data through the float model.
 CALIBRATED_MODES = (Mode.STATIC, Mode.AUTO)
 MIN_PERCENTILE = 50.0
@@ -190,6 +194,17 @@ class Recipe:
             "Gelu) before quantizing."
         ),
     ] = False
+    dynamic_op_types: Annotated[
+        tuple[NodeName, ...] | None,
+        Field(
+            min_length=1,
+            max_length=MAX_OP_TYPES,
+            description="Static only: op types quantized dynamically (int8 weights, activation ranges computed at "
+            f"run time) in a second pass instead of statically, a hybrid: e.g. `op_types_to_quantize` [Conv, Gemm] "
+            f"and `dynamic_op_types` [MatMul]. Any of {', '.join(HYBRID_DYNAMIC_OP_TYPES)}.",
+            examples=[["MatMul"]],
+        ),
+    ] = None
     objective: Annotated[
         Objective,
         Field(description="Mode auto: the fastest model within budget (never slower than float), or the smallest."),
@@ -220,7 +235,7 @@ class Recipe:
             normalise(self, "weight_type", QType.INT4 if self.mode == Mode.WEIGHT_ONLY else QType.INT8)
         else:
             normalise(self, "weight_type", QType(self.weight_type))
-        for name in ("op_types_to_quantize", "nodes_to_exclude", "sixteen_bit_tensors"):
+        for name in ("op_types_to_quantize", "nodes_to_exclude", "sixteen_bit_tensors", "dynamic_op_types"):
             value = getattr(self, name)
             if value is not None:
                 normalise(self, name, tuple(value))
@@ -361,6 +376,42 @@ def _check_search_fields(recipe: Recipe) -> None:
         raise RecipeError(f"max_search_seconds must be between 1 and {MAX_SEARCH_SECONDS}.", "max_search_seconds")
 
 
+    if recipe.dynamic_op_types:
+        _check_hybrid(recipe)
+
+
+def _check_hybrid(recipe: Recipe) -> None:
+    """`dynamic_op_types`: a static recipe whose listed op types go to ONNX Runtime's dynamic quantizer."""
+    dynamic = recipe.dynamic_op_types or ()
+    if recipe.mode != Mode.STATIC:
+        raise RecipeError(
+            "dynamic_op_types makes a static recipe quantize some op types dynamically; it needs mode static "
+            "(mode dynamic quantizes every op type dynamically already).",
+            "dynamic_op_types",
+            mode=str(recipe.mode),
+        )
+    unknown = sorted(set(dynamic) - set(HYBRID_DYNAMIC_OP_TYPES))
+    if unknown:
+        gemm = (
+            " ONNX Runtime's dynamic quantizer leaves Gemm in float: quantize it statically."
+            if "Gemm" in unknown
+            else ""
+        )
+        raise RecipeError(
+            f"dynamic_op_types takes {', '.join(HYBRID_DYNAMIC_OP_TYPES)}, not {', '.join(unknown[:10])}.{gemm}",
+            "dynamic_op_types",
+            unknown=unknown[:100],
+        )
+    both = sorted(set(dynamic) & set(recipe.op_types_to_quantize or ()))
+    if both:
+        raise RecipeError(
+            f"{', '.join(both)} cannot be quantized both statically (op_types_to_quantize) and dynamically "
+            "(dynamic_op_types); list each op type in one of them.",
+            "dynamic_op_types",
+            both=both,
+        )
+
+
 def _check_static(recipe: Recipe, weight: QType) -> None:
     if recipe.format == QuantFormat.QOPERATOR and (recipe.activation_type in SIXTEEN_BIT or weight in SIXTEEN_BIT):
         raise RecipeError(
@@ -428,6 +479,18 @@ def check_recipe_for_model(recipe: Recipe, facts: ModelFacts, *, has_calibration
         missing = [op for op in recipe.op_types_to_quantize if op not in present]
         if missing:
             warnings.append(f"op_types_to_quantize lists {', '.join(missing[:10])}, which the model does not contain.")
+    if recipe.dynamic_op_types and mode == Mode.STATIC:
+        present = [op for op in recipe.dynamic_op_types if facts.op_counts.get(op, 0)]
+        if not present:
+            raise RecipeError(
+                f"None of dynamic_op_types ({', '.join(recipe.dynamic_op_types)}) occurs in the model, so the "
+                "dynamic pass would quantize nothing; drop the field or use op types the model has.",
+                "dynamic_op_types",
+                model_ops=sorted(facts.op_counts),
+            )
+        missing = [op for op in recipe.dynamic_op_types if op not in present]
+        if missing:
+            warnings.append(f"dynamic_op_types lists {', '.join(missing)}, which the model does not contain.")
     if recipe.fidelity is not None and recipe.fidelity.outputs:
         names = {o.name for o in facts.outputs}
         unknown = sorted(set(recipe.fidelity.outputs) - names)

@@ -304,3 +304,96 @@ def spiky_images(n: int, *, size: int = 16, spike: float = 400.0, seed: int = 0)
     images = rng.normal(0, 1, (n, 1, 4, size, size)).astype(np.float32)
     images[:, :, 3] = rng.uniform(-spike, spike, (n, 1, size, size))
     return images
+
+
+def hardswish_net(path: Path, *, channels: int = 32, size: int = 56, blocks: int = 3, seed: int = 0) -> Path:
+    """A PP-LCNet-style mobile classifier: a stem conv, then blocks of depthwise 3x3 and pointwise 1x1 convs,
+    each followed by HardSwish (which ONNX Runtime's quantizer leaves in float: every one is a float island
+    between int8 convs), then GlobalAveragePool, Flatten, Gemm. Input `x` [1, 3, size, size], output `logits`."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def conv(x: str, c_in: int, c_out: int, name: str, *, kernel: int, groups: int = 1, stride: int = 1) -> str:
+        w = rng.normal(0, np.sqrt(2 / (c_in // groups * kernel * kernel)), (c_out, c_in // groups, kernel, kernel))
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, c_out).astype(np.float32), f"{name}.b"))
+        pad = kernel // 2
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.w", f"{name}.b"],
+                [f"{name}.out"],
+                name=name,
+                pads=[pad] * 4,
+                strides=[stride, stride],
+                group=groups,
+            )
+        )
+        nodes.append(helper.make_node("HardSwish", [f"{name}.out"], [f"{name}.act"], name=f"{name}.hardswish"))
+        return f"{name}.act"
+
+    x = conv("x", 3, channels, "stem", kernel=3, stride=2)
+    for i in range(blocks):
+        x = conv(x, channels, channels, f"dw{i}", kernel=3, groups=channels)
+        x = conv(x, channels, channels, f"pw{i}", kernel=1)
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.2, (10, channels)).astype(np.float32), "fc.w"))
+    inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hardswish_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        initializer=inits,
+    )
+    return _save_graph(graph, path, 14)
+
+
+def conv_matmul_recognizer(
+    path: Path, *, channels: int = 16, height: int = 8, width: int = 32, dim: int = 32, classes: int = 12, seed: int = 0
+) -> Path:
+    """A text recognizer in miniature: a conv backbone (two 3x3 convs with Relu) pooled over the height to a
+    sequence [B, T, C], then a MatMul neck (MatMul + Add, Relu) and a MatMul head with per-step Softmax:
+    input `x` [1, 3, height, width], output `probs` [1, width, classes]. Conv and MatMul both: the model a
+    hybrid (static Conv, dynamic MatMul) is for."""
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, *shape: int, scale: float = 0.3) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("ReduceMean", ["r2"], ["pooled"], name="pool_height", axes=[2], keepdims=0),
+        helper.make_node("Transpose", ["pooled"], ["seq"], name="to_sequence", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["seq", "neck.w"], ["neck_mm"], name="neck"),
+        helper.make_node("Add", ["neck_mm", "neck.b"], ["neck_out"], name="neck_bias"),
+        helper.make_node("Relu", ["neck_out"], ["neck_act"], name="neck_relu"),
+        helper.make_node("MatMul", ["neck_act", "head.w"], ["head_mm"], name="head"),
+        helper.make_node("Add", ["head_mm", "head.b"], ["logits"], name="head_bias"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_matmul_recognizer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, height, width])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, width, classes])],
+        initializer=[
+            init("c1.w", channels, 3, 3, 3),
+            init("c1.b", channels, scale=0.1),
+            init("c2.w", channels, channels, 3, 3, scale=0.15),
+            init("c2.b", channels, scale=0.1),
+            init("neck.w", channels, dim),
+            init("neck.b", dim, scale=0.1),
+            init("head.w", dim, classes),
+            init("head.b", classes, scale=0.1),
+        ],
+    )
+    return _save_graph(graph, path, 13)

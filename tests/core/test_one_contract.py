@@ -196,6 +196,7 @@ def _recipes(facts: ModelFacts) -> st.SearchStrategy[dict[str, Any]]:
         "accuracy_tolerance": st.floats(-0.5, 1.5, allow_nan=False),
         "sixteen_bit_tensors": _maybe(st.lists(st.sampled_from(TENSORS), max_size=2)),
         "transformer_fusion": st.booleans(),
+        "dynamic_op_types": _maybe(st.lists(st.sampled_from(["MatMul", "Gemm", "Conv", "LSTM"]), max_size=2)),
         "objective": st.sampled_from(["latency", "size", "speed"]),
         "fidelity": _maybe(
             _fidelity(outputs, ["auto", "cosine", "sqnr", "agreement", "l2"], st.floats(-300, 300, allow_nan=False))
@@ -220,6 +221,7 @@ def _recipes(facts: ModelFacts) -> st.SearchStrategy[dict[str, Any]]:
         "block_size": st.sampled_from([16, 32, 128]),
         "accuracy_tolerance": st.floats(0, 1, allow_nan=False),
         "sixteen_bit_tensors": st.one_of(st.none(), st.none(), st.lists(st.sampled_from(TENSORS), max_size=1)),
+        "dynamic_op_types": st.one_of(st.none(), st.none(), st.just(["MatMul"])),
         "objective": st.sampled_from(["latency", "size"]),
         "fidelity": _maybe(_fidelity(outputs, ["auto", "cosine", "sqnr", "agreement"], st.floats(0.5, 1.0))),
         "max_search_seconds": st.floats(1, 1000, allow_nan=False),

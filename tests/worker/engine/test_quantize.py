@@ -16,7 +16,7 @@ from core.errors import RuleError
 from core.jobfile import DatasetSource
 from core.lifecycle import Stage
 from core.recipe import Recipe
-from tests.onnx_models import conv_classifier, encoder_inputs, matmul_mlp, outlier_encoder
+from tests.onnx_models import conv_classifier, conv_matmul_recognizer, encoder_inputs, matmul_mlp, outlier_encoder
 from tests.worker.engine import pitfall_models as pm
 from worker.engine.evaluate import size_on_disk
 from worker.engine.quantize import quantize
@@ -706,3 +706,47 @@ def test_made_up_sample_that_fits_no_model_only_warns(tmp_path: Path) -> None:
     assert out.facts.check.ran_on_sample is False
     assert any("made-up sample" in w for w in out.warnings)
     assert_close(tmp_path / "m.onnx", out.model_path, [{"x": RNG.random(10, dtype=np.float32)}])
+
+
+# ------------------------------------------------------------------------------------------ hybrid
+
+
+def test_a_hybrid_recipe_quantizes_conv_statically_and_matmul_dynamically(tmp_path: Path) -> None:
+    """`dynamic_op_types`: the static pass leaves the listed op types to ONNX Runtime's dynamic quantizer, which
+    then runs on the static result; a plain job reproduces what mode auto's hybrid candidate tries."""
+    model = conv_matmul_recognizer(tmp_path / "rec.onnx")
+    images = RNG.normal(0, 1, (8, 1, 3, 8, 32)).astype(np.float32)
+    recipe = Recipe(mode="static", per_channel=True, op_types_to_quantize=("Conv",), dynamic_op_types=("MatMul",))
+    out = quantize(model, recipe, tmp_path / "q", calibration=_npz(tmp_path / "d.npz", x=images))
+    graph = onnx.load(str(out.model_path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2 and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in convs)
+    integer = [n for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert len(integer) == 2, [n.op_type for n in graph.node]
+    assert not [n for n in graph.node if n.op_type == "MatMul"]
+    assert not (tmp_path / "q" / "hybrid-static").exists()
+    assert_close(model, out.model_path, [{"x": x} for x in images[:4]], min_cos=0.98)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "words"),
+    [
+        ({"mode": "dynamic", "dynamic_op_types": ["MatMul"]}, "needs mode static"),
+        ({"mode": "static", "dynamic_op_types": ["Gemm"]}, "leaves Gemm in float"),
+        ({"mode": "static", "dynamic_op_types": ["Conv"]}, "not Conv"),
+        ({"mode": "static", "op_types_to_quantize": ["MatMul"], "dynamic_op_types": ["MatMul"]}, "both"),
+    ],
+)
+def test_hybrid_recipes_that_cannot_work_are_refused(recipe: dict, words: str) -> None:
+    with pytest.raises(RuleError) as info:
+        Recipe.from_mapping(recipe)
+    assert info.value.code == "invalid_recipe" and info.value.detail["field"] == "dynamic_op_types"
+    assert words in info.value.message
+
+
+def test_a_hybrid_needs_the_op_types_it_names(conv, tmp_path: Path) -> None:
+    model, data, _ = conv  # Conv and Gemm, no MatMul
+    with pytest.raises(RuleError) as info:
+        quantize(model, Recipe(mode="static", dynamic_op_types=("MatMul",)), tmp_path / "q", calibration=data)
+    assert info.value.detail["field"] == "dynamic_op_types"

@@ -36,17 +36,30 @@ async def _session(request: Request) -> AsyncIterator[Session]:
     limiter: anyio.CapacityLimiter = request.app.state.db_limiter
     try:
         yield session
-        await anyio.to_thread.run_sync(session.commit, limiter=limiter)
+        await anyio.to_thread.run_sync(_commit_and_close, session, limiter=limiter)
     except OperationalError as exc:
-        await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
+        await anyio.to_thread.run_sync(_rollback_and_close, session, limiter=limiter)
         # The driver's text names the database host and user: the log has it, the caller does not.
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
         raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
     except BaseException:
-        await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
+        await anyio.to_thread.run_sync(_rollback_and_close, session, limiter=limiter)
         raise
+
+
+def _commit_and_close(session: Session) -> None:
+    """One trip to a thread for both (each trip costs a polled job a noticeable share of its time)."""
+    try:
+        session.commit()
     finally:
-        await anyio.to_thread.run_sync(session.close, limiter=limiter)
+        session.close()
+
+
+def _rollback_and_close(session: Session) -> None:
+    try:
+        session.rollback()
+    finally:
+        session.close()
 
 
 def _storage(request: Request) -> Storage:

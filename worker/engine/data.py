@@ -42,11 +42,6 @@ def model_inputs(model_path: Path) -> list[TensorSpec]:
     return list(model_facts(model_path).inputs)
 
 
-def model_outputs(model_path: Path) -> list[TensorSpec]:
-    """The graph outputs, in graph order."""
-    return list(model_facts(model_path).outputs)
-
-
 # --------------------------------------------------------------------------------------------
 # Array readers (header first, rows streamed)
 

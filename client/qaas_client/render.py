@@ -41,6 +41,8 @@ def fidelity_line(report: Report) -> list[str]:
         parts = [f"cosine {_num(out.cosine, '.5f')}", f"SQNR {_num(out.sqnr_db, '.1f')} dB"]
         if out.top1_agreement is not None:
             parts.append(f"top-1 agreement {out.top1_agreement:.1%}")
+        if out.faithful is False:
+            parts.append("outside the fidelity budget")
         lines.append(f"{out.name}: " + ", ".join(parts))
     return lines or ["-"]
 

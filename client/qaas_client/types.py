@@ -1,4 +1,9 @@
-"""Typed views of the service's JSON (the contract's shapes). Fields the service adds later stay in `raw`."""
+"""Typed views of the service's JSON (the contract's shapes). Fields the service adds later stay in `raw`.
+
+The client is its own distribution without the server's dependencies, so it reads the result (whose one
+type is the server's `core.result.JobResult`) through these thin views; tests/client/test_types.py holds
+them to that type. Verdicts (`faithful`, `within_budget`, `within_tolerance`) are the server's: the client
+shows them and never judges a number itself."""
 
 from __future__ import annotations
 
@@ -109,6 +114,7 @@ class OutputFidelity:
     sqnr_db: float | None
     max_abs_error: float | None
     top1_agreement: float | None
+    faithful: bool | None = None  # the server's verdict; None: not judged (or a result of an older server)
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class Accuracy:
     original: float
     quantized: float
     delta: float
+    within_tolerance: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,7 @@ class Report:
     auto_verdict: str | None
     auto_chosen: str | None
     raw: dict[str, Any] = field(repr=False)
+    within_budget: bool | None = None  # the server's verdict on the whole model
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
@@ -158,6 +166,7 @@ class Report:
                     _float(o.get("sqnr_db")),
                     _float(o.get("max_abs_error")),
                     _float(o.get("top1_agreement")),
+                    o.get("faithful") if o.get("budgeted", True) else None,
                 )
                 for o in comparison.get("outputs") or []
             ],
@@ -166,11 +175,13 @@ class Report:
                 float(accuracy["original"]),
                 float(accuracy["quantized"]),
                 float(accuracy["delta"]),
+                accuracy.get("within_tolerance"),
             )
             if isinstance(accuracy, dict)
             else None,
             warnings=[str(w) for w in data.get("warnings") or []],
             auto_verdict=auto.get("verdict"),
-            auto_chosen=chosen.get("name") if isinstance(chosen, dict) else chosen,
+            auto_chosen=chosen if isinstance(chosen, str) else None,
             raw=data,
+            within_budget=(comparison.get("fidelity") or {}).get("within_budget"),
         )

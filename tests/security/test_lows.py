@@ -23,7 +23,6 @@ from core.recipe import MAX_LISTED, MAX_NAME_CHARS, MAX_OP_TYPES, Recipe
 from service.app import create_app
 from service.run import API
 from service.settings import Settings
-from service.storage import LocalStorage
 from tests.e2e.conftest import clean_env, free_port
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, store_artifact
@@ -33,7 +32,7 @@ from worker.engine.evaluate import LatencyMeter, evaluate
 from worker.engine.fidelity import FidelityEvaluator
 from worker.engine.machine import usable_cores
 from worker.engine.sensitivity import _session as sensitivity_session
-from worker.runner import JobRunner
+from worker.supervise import read_outcome
 
 # -- database errors say nothing about the database ---------------------------------------------
 
@@ -197,26 +196,23 @@ def test_mode_auto_and_compare_sessions_are_clamped_too(tmp_path: Path) -> None:
 # -- a job's stderr cannot forge the worker's log ---------------------------------------------------
 
 
-def test_the_job_process_stderr_is_logged_on_one_escaped_line(
-    sqlite_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_the_job_process_stderr_is_logged_on_one_escaped_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
     JobFile("j", Path("model.onnx"), (), Recipe(), EvaluationSpec(1, 0, None, 1, None, 1.0), Limits()).write(workdir)
     forged = "2030-01-01 00:00:00 INFO worker.runner: job 42: attempt 1 finished\r\nadmin logged in"
     (workdir / "stderr.log").write_text(f"Traceback (most recent call last):\nboom\n{forged}\n")
-    runner = JobRunner(sqlite_settings, None, LocalStorage(tmp_path / "storage"))  # type: ignore[arg-type]
-    caplog.set_level(logging.WARNING, logger="worker.runner")
-    outcome = runner._read_outcome(1, workdir)
+    caplog.set_level(logging.WARNING, logger="worker.supervise")
+    outcome = read_outcome(1, workdir)
     assert outcome.status == "failed"
-    lines = [r.getMessage() for r in caplog.records if r.name == "worker.runner"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.supervise"]
     assert len(lines) == 1
     assert "\n" not in lines[0] and "\r" not in lines[0]
     assert "\\nboom\\n2030-01-01" in lines[0]  # the text is there, escaped
 
 
 def test_a_job_that_failed_in_the_engine_leaves_its_traceback_in_the_log(
-    sqlite_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The job process catches the error, answers `failed` and exits 0; its scratch folder, with the
     traceback in stderr.log, is deleted after this read: the worker's log is the only copy left."""
@@ -225,15 +221,14 @@ def test_a_job_that_failed_in_the_engine_leaves_its_traceback_in_the_log(
     error = ErrorInfo("quantization_failed", "ValueError during quantizing: bad", {"stage": "quantizing"})
     ChildOutcome(AttemptStatus.FAILED, error=error).write(workdir)
     (workdir / "stderr.log").write_text('Traceback (most recent call last):\n  File "x.py"\nValueError: bad\n')
-    runner = JobRunner(sqlite_settings, None, LocalStorage(tmp_path / "storage"))  # type: ignore[arg-type]
-    caplog.set_level(logging.WARNING, logger="worker.runner")
-    outcome = runner._read_outcome(0, workdir)
+    caplog.set_level(logging.WARNING, logger="worker.supervise")
+    outcome = read_outcome(0, workdir)
     assert outcome.status == "failed" and outcome.error == error
-    lines = [r.getMessage() for r in caplog.records if r.name == "worker.runner"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.supervise"]
     assert len(lines) == 1 and "(quantization_failed)" in lines[0]
     assert "\\nValueError: bad" in lines[0] and "\n" not in lines[0]
     # A job that succeeded, or failed without a word on stderr, logs nothing here.
     caplog.clear()
     (workdir / "stderr.log").write_text("")
-    assert runner._read_outcome(0, workdir).status == "failed"
-    assert not [r for r in caplog.records if r.name == "worker.runner"]
+    assert read_outcome(0, workdir).status == "failed"
+    assert not [r for r in caplog.records if r.name == "worker.supervise"]

@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.jobfile import ArtifactItem, ChildOutcome
-from core.lifecycle import AttemptStatus
+from core.lifecycle import AttemptStatus, overall_progress
 from core.result import Comparison, JobResult, ModelMetrics
 from service.database import transaction, utcnow
 from service.jobs import state
@@ -31,7 +31,8 @@ from service.tables import Artifact, Job, OnnxModel
 from tests.s3 import S3Server, dead_object_store
 from tests.service.test_job_state import _job, store_job_model
 from worker.reaper import sweep
-from worker.runner import DatabaseUnavailable, JobRunner, overall_progress
+from worker.runner import DatabaseUnavailable, JobRunner
+from worker.writes import write
 
 Factory = sessionmaker[Session]
 
@@ -271,16 +272,22 @@ def test_a_success_after_losing_the_job_leaves_nothing_behind(
 def test_writes_are_retried_through_a_short_database_outage(settings: Settings, factory: Factory) -> None:
     job_id = _job(factory)
     attempt = _claim(factory, job_id)
-    runner = _runner(settings, Outage(factory, failures=2))
-    assert runner._write("record", lambda s: state.fail(s, job_id, attempt, {"code": "internal"}))
+
+    def fail(session: Session) -> bool:
+        return state.fail(session, job_id, attempt, {"code": "internal"})
+
+    assert write(Outage(factory, failures=2), settings.job_lease_s, "record", fail)
     assert _job_row(factory, job_id).status == "failed"
 
 
 def test_a_write_gives_up_after_a_lease_and_the_job_is_left_to_the_sweep(settings: Settings, factory: Factory) -> None:
     job_id = _job(factory)
     attempt = _claim(factory, job_id)
-    runner = _runner(settings, Outage(factory, failures=1000))
-    assert runner._write("record", lambda s: state.fail(s, job_id, attempt, {"code": "internal"})) is None
+
+    def fail(session: Session) -> bool:
+        return state.fail(session, job_id, attempt, {"code": "internal"})
+
+    assert write(Outage(factory, failures=1000), settings.job_lease_s, "record", fail) is None
     assert _job_row(factory, job_id).status == "running"
 
 

@@ -5,6 +5,8 @@ Unknown dims: a `dim_param` name, an empty dim, or any non-positive `dim_value` 
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,11 +16,14 @@ import numpy as np
 import onnx
 from pydantic import Field
 
+from core.errors import RuleError
+
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
+Site = tuple[str, onnx.TensorProto | onnx.SparseTensorProto]  # where a tensor stands (for messages), the tensor
 
 # --------------------------------------------------------------------------------------------
 # Tensors
@@ -113,45 +118,138 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
 
 
-def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor the model stores, wherever it stands: initializers (a sparse one as its values
-    and indices) and tensor attributes, in every graph and subgraph, in the model's local functions
-    and in its training graphs."""
-    graphs = [model.graph, *(g for info in model.training_info for g in (info.initialization, info.algorithm))]
-    graphs += [g for function in model.functions for node in function.node for _, g in subgraphs(node)]
-    for graph in graphs:
-        for g in iter_graphs(graph):
-            yield from g.initializer
-            for sparse in g.sparse_initializer:
-                yield from (sparse.values, sparse.indices)
-            yield from _attribute_tensors(g.node)
+def tensor_sites(model: onnx.ModelProto) -> Iterator[Site]:
+    """Every tensor the model stores, with where it stands (a phrase for messages): the initializers
+    and sparse initializers of the main graph, of the training graphs (`training_info`: initialization
+    and algorithm) and of every subgraph, and the tensors of node attributes everywhere, in local
+    functions and in their attribute defaults (`FunctionProto.attribute_proto`) too.
+
+    An attribute is read by what it holds, not by the type it declares: the checker never sees
+    training graphs or function defaults, so nothing vouches there that the two agree."""
+    yield from _graph_sites(model.graph, "the main graph")
+    for i, info in enumerate(model.training_info):
+        yield from _graph_sites(info.initialization, f"the initialization graph of training_info[{i}]")
+        yield from _graph_sites(info.algorithm, f"the algorithm graph of training_info[{i}]")
     for function in model.functions:
-        yield from _attribute_tensors(function.node)
+        where = f"function {function.name!r}"
+        yield from _node_sites(function.node, where)
+        for attr in function.attribute_proto:
+            yield from _attribute_sites(attr, f"the default of attribute {attr.name!r} of {where}")
 
 
-def _attribute_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
-    kinds = onnx.AttributeProto
+def _graph_sites(graph: onnx.GraphProto, where: str) -> Iterator[Site]:
+    for tensor in graph.initializer:
+        yield f"initializer {tensor.name!r} in {where}", tensor
+    for sparse in graph.sparse_initializer:
+        yield f"sparse initializer {sparse.values.name!r} in {where}", sparse
+    yield from _node_sites(graph.node, where)
+
+
+def _node_sites(nodes: Iterable[onnx.NodeProto], where: str) -> Iterator[Site]:
     for node in nodes:
-        for a in node.attribute:
-            if a.type == kinds.TENSOR:
-                yield a.t
-            elif a.type == kinds.TENSORS:
-                yield from a.tensors
-            elif a.type == kinds.SPARSE_TENSOR:
-                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
-            elif a.type == kinds.SPARSE_TENSORS:
-                for sparse in a.sparse_tensors:
-                    yield from (sparse.values, sparse.indices)
+        label = f"node {node.name!r}" if node.name else "an unnamed node"
+        for attr in node.attribute:
+            yield from _attribute_sites(attr, f"attribute {attr.name!r} of {label} ({node.op_type}) in {where}")
+
+
+def _attribute_sites(attr: onnx.AttributeProto, where: str) -> Iterator[Site]:
+    if attr.HasField("t"):
+        yield where, attr.t
+    for tensor in attr.tensors:
+        yield where, tensor
+    if attr.HasField("sparse_tensor"):
+        yield where, attr.sparse_tensor
+    for sparse in attr.sparse_tensors:
+        yield where, sparse
+    for graph in [attr.g] if attr.HasField("g") else []:
+        yield from _graph_sites(graph, f"graph {graph.name!r}" if graph.name else f"the graph of {where}")
+    for graph in attr.graphs:
+        yield from _graph_sites(graph, f"graph {graph.name!r}" if graph.name else f"a graph of {where}")
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores, wherever it stands (see `tensor_sites`); a sparse one as its
+    values and indices."""
+    for _, tensor in tensor_sites(model):
+        if isinstance(tensor, onnx.SparseTensorProto):
+            yield from (tensor.values, tensor.indices)
+        else:
+            yield tensor
+
+
+@dataclass(frozen=True)
+class ExternalData:
+    """Where one tensor's bytes are kept outside the protobuf, checked by `external_data`: `location`
+    is a plain file name (the file beside the model), `offset` and `length` are not negative
+    (`length` None: to the end of the file)."""
+
+    where: str
+    tensor: onnx.TensorProto
+    location: str
+    offset: int
+    length: int | None
+
+
+_EXTERNAL_FIX = (
+    "; name each weight file by its plain file name (for example 'weights.bin', no folder, each key once) "
+    "and upload it with the model"
+)
+
+
+def external_data(model: onnx.ModelProto) -> list[ExternalData]:
+    """The external data of every tensor that keeps its bytes outside the protobuf (see `tensor_sites`).
+
+    Raises RuleError `external_data_escape` for an entry no reader may follow: a key given twice (readers
+    disagree on which one counts), no location, or a location that is not a plain file name (absolute,
+    with a folder, `..`, a backslash or a NUL), or an offset or length that is not a non-negative integer.
+    The upload refuses such a model, and the engine never links or opens such a location."""
+    found: list[ExternalData] = []
+    for where, tensor in tensor_sites(model):
+        for t in (tensor.values, tensor.indices) if isinstance(tensor, onnx.SparseTensorProto) else (tensor,):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                found.append(_external_entry(where, t))
+    return found
+
+
+def _external_entry(where: str, tensor: onnx.TensorProto) -> ExternalData:
+    keys = Counter(e.key for e in tensor.external_data)
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    detail: dict[str, Any] = {"tensor": tensor.name, "location": location}
+
+    def escape(problem: str) -> RuleError:
+        return RuleError("external_data_escape", f"The external data of {where} {problem}{_EXTERNAL_FIX}.", detail)
+
+    twice = sorted(k for k, n in keys.items() if n > 1)
+    if twice:
+        detail["keys"] = twice
+        raise escape(f"gives the key {twice[0]!r} {keys[twice[0]]} times")
+    if not location:
+        raise escape("has no location")
+    if "\x00" in location or "\\" in location:
+        raise escape(f"names {location!r}, which contains a NUL or backslash")
+    if location.startswith("/") or os.path.isabs(location) or (len(location) > 1 and location[1] == ":"):
+        raise escape(f"names the absolute path {location!r}")
+    if ".." in location.split("/"):
+        raise escape(f"names {location!r}, which is outside the model's folder")
+    if "/" in location or location in (".", ".."):
+        raise escape(f"names {location!r}, which is not a plain file name")
+    numbers = [entries.get("offset", "0"), entries.get("length", "0")]
+    if not all(re.fullmatch(r"-?[0-9]{1,19}", n) for n in numbers):  # what int() alone takes ("1_0", " 7") differs
+        raise escape("has an offset or length that is not an integer")
+    offset = int(numbers[0])
+    length = int(entries["length"]) if "length" in entries else None
+    if offset < 0 or (length is not None and length < 0):
+        end = "the end" if length is None else str(offset + length)
+        raise escape(f"reads bytes {offset}..{end} of {location!r}, and neither can be negative")
+    return ExternalData(where, tensor, location, offset, length)
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:
-    """The external-data files the model's tensors name (see `model_tensors`), in order of first
-    mention: the files an upload keeps and the engine reads."""
-    seen: dict[str, None] = {}
-    for t in model_tensors(model):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            seen.update({kv.value: None for kv in t.external_data if kv.key == "location"})
-    return list(seen)
+    """The external-data files the model's tensors name (see `external_data`, which raises RuleError
+    `external_data_escape` for one that is not a plain file name), in order of first mention: the
+    files an upload keeps and the engine reads."""
+    return list(dict.fromkeys(e.location for e in external_data(model)))
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[TensorSpec]:

@@ -15,8 +15,8 @@ import onnx
 import onnx.defs
 from onnx import AttributeProto, GraphProto, NodeProto, SparseTensorProto, TensorProto, helper, numpy_helper
 
-from core.model import model_facts
-from service.errors import ExternalDataEscape, InvalidModel, ResourceLimit, UnsupportedOperator
+from core.model import ExternalData, external_data, model_facts, tensor_sites
+from service.errors import ExternalDataEscape, InvalidModel, ResourceLimit, UnsupportedOperator, service_errors
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -99,12 +99,12 @@ def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> Mode
     """
     model_path = Path(model_path)
     model = _parse(model_path)
-    walk = _Walk(model, model_path.parent, limits)
+    walk = _Walk(model, limits)
     walk.run()
+    _check_tensors(model, model_path.parent, limits)
     walk.raise_unsupported()
-    _run_checker(model_path)
     facts = model_facts(model)
-    return ModelInfo(
+    info = ModelInfo(
         ir_version=model.ir_version,
         opset=facts.opset,
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
@@ -115,6 +115,8 @@ def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> Mode
         quantization=_quantization(facts.op_counts),
         external_data=list(facts.external_files),
     )
+    _run_checker(model_path)
+    return info
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -184,12 +186,12 @@ def _declared_bytes(dims: Iterable[int], data_type: int) -> int:
 
 
 class _Walk:
-    """One pass over every graph, subgraph and local function of a model."""
+    """One pass over the nodes of every graph, subgraph and local function of a model: how many, how
+    deep, which operators, and what the constant shapes they are given ask for (the tensors themselves
+    are `_check_tensors`'s)."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: Path, limits: ModelLimits) -> None:
+    def __init__(self, model: onnx.ModelProto, limits: ModelLimits) -> None:
         self.model = model
-        self.base_dir = base_dir
-        self.base_real = os.path.realpath(base_dir)
         self.limits = limits
         self.unsupported: dict[tuple[str, str], str] = {}
         self.nodes_seen = 0
@@ -199,6 +201,9 @@ class _Walk:
         self._graph(self.model.graph, 0, ChainMap())
         for function in self.model.functions:
             self._nodes(function.node, 0, ChainMap(), where=f"function {function.name!r}")
+            for default in function.attribute_proto:  # a graph default runs wherever the body refers to it
+                for graph in _graphs(default):
+                    self._graph(graph, 1, ChainMap())
         for info in self.model.training_info:
             for graph in (info.initialization, info.algorithm):
                 self._graph(graph, 0, ChainMap())
@@ -220,12 +225,7 @@ class _Walk:
         )
 
     def _graph(self, graph: GraphProto, depth: int, scope: ChainMap[str, TensorProto]) -> None:
-        local: dict[str, TensorProto] = {}
-        for tensor in graph.initializer:
-            self._tensor(tensor, f"initializer {tensor.name!r}")
-            local[tensor.name] = tensor
-        for sparse in graph.sparse_initializer:
-            self._sparse(sparse, f"initializer {sparse.values.name!r}")
+        local = {tensor.name: tensor for tensor in graph.initializer}
         self._nodes(graph.node, depth, scope.new_child(local), where=f"graph {graph.name!r}")
 
     def _nodes(
@@ -276,60 +276,15 @@ class _Walk:
         *,
         label: str,
     ) -> None:
-        where = f"attribute {attr.name!r} of {label}"
-        if attr.type == AttributeProto.TENSOR:
-            self._tensor(attr.t, where)
-        elif attr.type == AttributeProto.TENSORS:
-            for tensor in attr.tensors:
-                self._tensor(tensor, where)
-        elif attr.type == AttributeProto.SPARSE_TENSOR:
-            self._sparse(attr.sparse_tensor, where)
-        elif attr.type == AttributeProto.SPARSE_TENSORS:
-            for sparse in attr.sparse_tensors:
-                self._sparse(sparse, where)
-        elif attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
-            if depth + 1 > self.limits.max_subgraph_depth:
-                raise ResourceLimit(
-                    f"Subgraphs are nested more than {self.limits.max_subgraph_depth} levels deep "
-                    f"at {label}; simplify the control flow of the model.",
-                    detail={
-                        "limit": self.limits.max_subgraph_depth,
-                        "node": node.name,
-                        "op_type": node.op_type,
-                    },
-                )
-            graphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-            for graph in graphs:
-                self._graph(graph, depth + 1, scope)
-
-    def _sparse(self, sparse: SparseTensorProto, where: str) -> None:
-        self._tensor(sparse.values, where)
-        self._tensor(sparse.indices, where)
-        self._check_size(_declared_bytes(sparse.dims, sparse.values.data_type), where)
-
-    def _tensor(self, tensor: TensorProto, where: str) -> None:
-        if tensor.data_type not in _KNOWN_TYPES:  # the checker lets unknown type numbers through
-            raise InvalidModel(
-                f"The {where} has the unknown data type {tensor.data_type}; export the model with "
-                "standard ONNX tensor types.",
-                detail={"tensor": where, "data_type": tensor.data_type},
-            )
-        declared = _declared_bytes(tensor.dims, tensor.data_type)
-        self._check_size(declared, where)
-        if tensor.data_location == TensorProto.EXTERNAL:
-            self._external(tensor, declared, where)
-
-    def _check_size(self, declared: int, where: str) -> None:
-        if declared > self.limits.max_tensor_bytes:
+        graphs = _graphs(attr)
+        if graphs and depth + 1 > self.limits.max_subgraph_depth:
             raise ResourceLimit(
-                f"The {where} declares {declared} bytes, more than the limit of "
-                f"{self.limits.max_tensor_bytes} bytes for one tensor; upload a smaller model.",
-                detail={
-                    "tensor": where,
-                    "declared_bytes": declared,
-                    "limit_bytes": self.limits.max_tensor_bytes,
-                },
+                f"Subgraphs are nested more than {self.limits.max_subgraph_depth} levels deep "
+                f"at {label}; simplify the control flow of the model.",
+                detail={"limit": self.limits.max_subgraph_depth, "node": node.name, "op_type": node.op_type},
             )
+        for graph in graphs:
+            self._graph(graph, depth + 1, scope)
 
     def _check_shape_op(self, node: NodeProto, scope: ChainMap[str, TensorProto], label: str) -> None:
         """ConstantOfShape/Expand with a constant shape allocate prod(shape) elements at run time."""
@@ -367,51 +322,82 @@ class _Walk:
                 },
             )
 
-    def _external(self, tensor: TensorProto, declared: int, where: str) -> None:
-        entries = {e.key: e.value for e in tensor.external_data}
-        location = entries.get("location", "")
-        detail: dict[str, Any] = {"tensor": tensor.name, "location": location}
 
-        def escape(problem: str) -> ExternalDataEscape:
-            return ExternalDataEscape(
-                f"The external data of {where} {problem}; keep weight files as plain files in the "
-                "model's folder and upload them with the model.",
-                detail=detail,
-            )
+def _graphs(attr: AttributeProto) -> list[GraphProto]:
+    """The graphs an attribute holds, whatever type it declares."""
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
 
-        if not location:
-            raise escape("has no location")
-        if "\x00" in location or "\\" in location:
-            raise escape(f"names {location!r}, which contains a NUL or backslash")
-        if os.path.isabs(location) or location.startswith("/") or (len(location) > 1 and location[1] == ":"):
-            raise escape(f"names the absolute path {location!r}")
-        normal = os.path.normpath(location)
-        if normal == ".." or normal.startswith("../") or normal == ".":
-            raise escape(f"names {location!r}, which is outside the model's folder")
-        candidate = os.path.join(self.base_real, normal)
-        if os.path.realpath(candidate) != candidate:
-            raise escape(f"names {location!r}, which is or passes through a symbolic link")
-        try:
-            info = os.lstat(candidate)
-        except OSError as exc:
-            raise escape(f"names {location!r}, which was not uploaded") from exc
-        if stat.S_ISLNK(info.st_mode):
-            raise escape(f"names {location!r}, which is a symbolic link")
-        if not stat.S_ISREG(info.st_mode):
-            raise escape(f"names {location!r}, which is not a regular file")
-        if info.st_nlink > 1:
-            raise escape(f"names {location!r}, which is a hard link")
-        try:
-            offset = int(entries.get("offset", "0"))
-            length = int(entries["length"]) if "length" in entries else info.st_size - offset
-        except ValueError as exc:
-            raise escape("has an offset or length that is not an integer") from exc
-        if offset < 0 or length < 0 or offset + length > info.st_size:
-            raise escape(
-                f"reads bytes {offset}..{offset + length} of {location!r}, which has only {info.st_size} bytes"
-            )
-        if tensor.data_type in _WHOLE_BYTE_TYPES and declared > length:
-            raise escape(f"needs {declared} bytes but only {length} are available in {location!r}")
+
+def _check_tensors(model: onnx.ModelProto, folder: Path, limits: ModelLimits) -> None:
+    """Every tensor the model stores, wherever it stands (`core.model.tensor_sites`, the walk the engine
+    uses too): a known type, a declared size within the limit, and external data that is a plain file
+    uploaded beside the model, read within its bounds."""
+    for where, stored in tensor_sites(model):
+        if isinstance(stored, SparseTensorProto):
+            _check_tensor(stored.values, where, limits)
+            _check_tensor(stored.indices, where, limits)
+            _check_size(_declared_bytes(stored.dims, stored.values.data_type), where, limits)
+        else:
+            _check_tensor(stored, where, limits)
+    with service_errors():
+        entries = external_data(model)
+    base = os.path.realpath(folder)
+    for entry in entries:
+        _check_external_file(entry, base)
+
+
+def _check_tensor(tensor: TensorProto, where: str, limits: ModelLimits) -> None:
+    if tensor.data_type not in _KNOWN_TYPES:  # the checker lets unknown type numbers through
+        raise InvalidModel(
+            f"The {where} has the unknown data type {tensor.data_type}; export the model with "
+            "standard ONNX tensor types.",
+            detail={"tensor": where, "data_type": tensor.data_type},
+        )
+    _check_size(_declared_bytes(tensor.dims, tensor.data_type), where, limits)
+
+
+def _check_size(declared: int, where: str, limits: ModelLimits) -> None:
+    if declared > limits.max_tensor_bytes:
+        raise ResourceLimit(
+            f"The {where} declares {declared} bytes, more than the limit of "
+            f"{limits.max_tensor_bytes} bytes for one tensor; upload a smaller model.",
+            detail={"tensor": where, "declared_bytes": declared, "limit_bytes": limits.max_tensor_bytes},
+        )
+
+
+def _check_external_file(entry: ExternalData, base: str) -> None:
+    """The file an external-data entry names (a plain file name: `core.model.external_data` checked it)
+    is a regular file of its own in the model's folder (`base`, real path), holding the bytes it reads."""
+    location = entry.location
+    detail: dict[str, Any] = {"tensor": entry.tensor.name, "location": location}
+
+    def escape(problem: str) -> ExternalDataEscape:
+        return ExternalDataEscape(
+            f"The external data of {entry.where} {problem}; keep weight files as plain files in the "
+            "model's folder and upload them with the model.",
+            detail=detail,
+        )
+
+    candidate = os.path.join(base, location)
+    if os.path.realpath(candidate) != candidate:
+        raise escape(f"names {location!r}, which is or passes through a symbolic link")
+    try:
+        info = os.lstat(candidate)
+    except OSError as exc:
+        raise escape(f"names {location!r}, which was not uploaded") from exc
+    if stat.S_ISLNK(info.st_mode):
+        raise escape(f"names {location!r}, which is a symbolic link")
+    if not stat.S_ISREG(info.st_mode):
+        raise escape(f"names {location!r}, which is not a regular file")
+    if info.st_nlink > 1:
+        raise escape(f"names {location!r}, which is a hard link")
+    offset = entry.offset
+    length = info.st_size - offset if entry.length is None else entry.length
+    if offset + length > info.st_size or length < 0:
+        raise escape(f"reads bytes {offset}..{offset + length} of {location!r}, which has only {info.st_size} bytes")
+    declared = _declared_bytes(entry.tensor.dims, entry.tensor.data_type)
+    if entry.tensor.data_type in _WHOLE_BYTE_TYPES and declared > length:
+        raise escape(f"needs {declared} bytes but only {length} are available in {location!r}")
 
 
 def _node_label(node: NodeProto, where: str) -> str:

@@ -416,3 +416,82 @@ def npy_of(nbytes: int) -> bytes:
     header = npy_header((0,))
     header = npy_header(((nbytes - len(header)) // 4,))
     return header + bytes(nbytes - len(header))
+
+
+# -- models: where tensors live and what they name (issue #23, point 2) ----------------------------
+
+
+def inline_model(nbytes: int) -> bytes:
+    """y = w: one uint8 initializer of `nbytes` held in the protobuf itself (no external data)."""
+    weight = TensorProto(name="w", data_type=TensorProto.UINT8, dims=[nbytes], raw_data=bytes(nbytes))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"], name="id")],
+        "inline",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [nbytes])],
+        initializer=[weight],
+    )
+    return _model(graph)
+
+
+def external_tensor(name: str, entries: list[tuple[str, str]], elements: int = 4) -> TensorProto:
+    """A float tensor whose bytes are elsewhere, with these external_data entries, in this order."""
+    weight = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[elements])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in entries:
+        weight.external_data.add(key=key, value=value)
+    return weight
+
+
+def external_entries_model(entries: list[tuple[str, str]]) -> bytes:
+    """y = x + w, `w` external with exactly these entries (a key may come twice: readers disagree on
+    which one counts, onnx's Python takes the last, a walk over the entries sees every one)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"], name="add")],
+        "external",
+        [_io("x", [4])],
+        [_io("y", [4])],
+        initializer=[external_tensor("w", entries)],
+    )
+    return _model(graph)
+
+
+def training_info_model(entries: list[tuple[str, str]]) -> bytes:
+    """y = x + w, and a training_info whose initialization graph makes a new `w` from an external
+    tensor with these entries. onnx.checker never visits training_info."""
+    model = onnx.load_from_string(external_entries_model([("location", "weights.bin"), ("length", "16")]))
+    init = helper.make_graph(
+        [helper.make_node("Identity", ["seed"], ["w_new"], name="init")],
+        "initialization",
+        [],
+        [_io("w_new", [4])],
+        initializer=[external_tensor("seed", entries)],
+    )
+    info = model.training_info.add()
+    info.initialization.CopyFrom(init)
+    info.initialization_binding.add(key="w", value="w_new")
+    return model.SerializeToString()
+
+
+def function_default_model(location: str) -> bytes:
+    """y = x + Offset(), a model-local function whose tensor attribute `value` defaults to an
+    external tensor at `location` (FunctionProto.attribute_proto)."""
+    constant = helper.make_node("Constant", [], ["c"], name="offset_value")
+    constant.attribute.add(name="value", ref_attr_name="value", type=onnx.AttributeProto.TENSOR)
+    body = [constant, helper.make_node("Add", ["a", "c"], ["b"], name="add")]
+    default = helper.make_attribute("value", external_tensor("offset", [("location", location), ("length", "16")]))
+    function = helper.make_function(
+        "local", "Offset", ["a"], ["b"], body, OPSET, attributes=[], attribute_protos=[default]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Offset", ["x"], ["y"], name="offset", domain="local")],
+        "function-default",
+        [_io("x", [4])],
+        [_io("y", [4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[*OPSET, helper.make_opsetid("local", 1)], producer_name="qaas-security-tests"
+    )
+    model.ir_version = 9
+    model.functions.append(function)
+    return model.SerializeToString()

@@ -145,6 +145,60 @@ CASES = {
         "payload_too_large",
         "compression ratio",
     ),
+    # Issue #23, point 2: every entry of every tensor, wherever the tensor stands, is checked; the upload's
+    # check kept the last `location` of a tensor, the engine linked each one, absolute or `../`, as the
+    # worker's user. onnx.checker never visits training_info nor the defaults of function attributes.
+    "training-info-absolute-then-relative": Case(
+        lambda s: model(
+            h.training_info_model([("location", str(s.canary)), ("location", "weights.bin"), ("length", "16")]),
+            WEIGHTS,
+        ),
+        422,
+        "external_data_escape",
+        "gives the key 'location' 2 times",
+    ),
+    "training-info-dotdot-then-relative": Case(
+        lambda _s: model(
+            h.training_info_model([("location", "../../../outside/x"), ("location", "weights.bin")]), WEIGHTS
+        ),
+        422,
+        "external_data_escape",
+        "initialization graph of training_info[0]",
+    ),
+    "location-given-three-times": Case(
+        lambda _s: model(
+            h.external_entries_model(
+                [("location", "weights.bin"), ("location", "../../../outside/x"), ("location", "weights.bin")]
+            ),
+            WEIGHTS,
+        ),
+        422,
+        "external_data_escape",
+        "gives the key 'location' 3 times",
+    ),
+    "offset-given-twice": Case(
+        lambda _s: model(
+            h.external_entries_model([("location", "weights.bin"), ("offset", "0"), ("offset", "0")]), WEIGHTS
+        ),
+        422,
+        "external_data_escape",
+        "each key once",
+    ),
+    "function-default-absolute": Case(
+        lambda s: model(h.function_default_model(str(s.canary)), WEIGHTS),
+        422,
+        "external_data_escape",
+        "the default of attribute 'value' of function 'Offset' names the absolute path",
+    ),
+    "function-default-dotdot": Case(
+        lambda _s: model(h.function_default_model("../../../outside/canary.txt"), WEIGHTS),
+        422,
+        "external_data_escape",
+        "outside the model's folder",
+    ),
+    "location-in-a-folder": Case(
+        external("sub/weights.bin", WEIGHTS), 422, "external_data_escape", "not a plain file name"
+    ),
     # Operators: nothing outside the standard domains, and no custom-op library is ever loaded.
     "custom-domain": Case(
         lambda _s: model(h.custom_op_model("com.evil", "Backdoor")),

@@ -201,7 +201,7 @@ def test_external_through_symlinked_folder(tmp_path: Path) -> None:
     (outside / "w.bin").write_bytes((tmp_path / "m" / "w.bin").read_bytes())
     (tmp_path / "m" / "sub").symlink_to(outside)
     _set_external(path, location="sub/w.bin")
-    with pytest.raises(ExternalDataEscape, match="symbolic link"):
+    with pytest.raises(ExternalDataEscape, match="not a plain file name"):  # a folder at all, linked or not
         inspect_model(path)
 
 

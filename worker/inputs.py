@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -61,8 +62,11 @@ class InputCache:
             if path.name.startswith("."):
                 continue  # a download in progress (maybe another pool process's)
             with contextlib.suppress(OSError):
-                stat = path.stat()
-                entries.append((stat.st_mtime, stat.st_size, path))
+                info = path.lstat()
+                # The cache's own files only: anything else standing here (a folder, a link) is neither
+                # counted, followed nor removed, so it cannot make every later eviction fail.
+                if stat.S_ISREG(info.st_mode):
+                    entries.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total + incoming <= self.max_bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import stat
 import time
 import warnings as pywarnings
 from collections.abc import Callable
@@ -335,8 +337,14 @@ def runnable_original(model_path: Path, workdir: Path) -> tuple[Path, list[str]]
     """The model as ONNX Runtime will run it, and the steps that took. Exporters (Paddle2ONNX)
     declare unknown dims as `dim_value` -1 or 0; ONNX Runtime takes -1 as unknown but refuses
     any data for a 0. Such dims become symbolic in a copy under `workdir` (external data files
-    linked, not copied); the weights and graph are untouched. Other models are used as they are."""
+    linked, not copied); the weights and graph are untouched. Other models are used as they are.
+
+    Every external-data location must be a plain file name (`core.model.external_data`, the upload's
+    own rule), else RuleError `external_data_escape`, whether or not a copy is made; a copy links only
+    files that are regular files in the model's own folder (the ones the upload recorded), and only
+    inside `workdir`."""
     model = onnx.load(str(model_path), load_external_data=False)
+    locations = external_locations(model)
     changed = 0
     for value in [*model.graph.input, *model.graph.output]:
         if value.type.WhichOneof("value") != "tensor_type":
@@ -348,10 +356,31 @@ def runnable_original(model_path: Path, workdir: Path) -> tuple[Path, list[str]]
     if not changed:
         return Path(model_path), []
     workdir.mkdir(parents=True, exist_ok=True)
-    for location in external_locations(model):
-        link = workdir / location
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to((Path(model_path).parent / location).resolve())
+    for location in locations:
+        _link_within(Path(model_path).parent, workdir, location)
     out = workdir / Path(model_path).name
     onnx.save(model, str(out))
     return out, [f"Declared {changed} input/output dimension(s) written as -1 or 0 as unknown (symbolic)."]
+
+
+def _link_within(source_dir: Path, workdir: Path, name: str) -> None:
+    """`workdir/name`, a symbolic link to the regular file `source_dir/name`: made only when the file's
+    real path is inside `source_dir` and the link's inside `workdir` (both checked before it is made)."""
+    source_root, work_root = os.path.realpath(source_dir), os.path.realpath(workdir)
+    source, link = os.path.join(source_root, name), os.path.join(work_root, name)
+    try:
+        regular = stat.S_ISREG(os.lstat(source).st_mode)
+    except OSError:
+        regular = False
+    if not (regular and _inside(source_root, os.path.realpath(source)) and _inside(work_root, os.path.realpath(link))):
+        raise RuleError(
+            "external_data_escape",
+            f"The model names the external data file {name!r}, which is not a file uploaded with it; upload the "
+            "model again with its weight files beside it.",
+            {"location": name},
+        )
+    os.symlink(source, link)
+
+
+def _inside(root: str, path: str) -> bool:
+    return path != root and os.path.commonpath([root, path]) == root

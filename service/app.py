@@ -24,6 +24,7 @@ from service.auth import AuthMiddleware
 from service.database import make_engine, make_session_factory
 from service.datasets.router import router as datasets_router
 from service.errors import ServiceError, from_rule
+from service.inspection import isolation as inspection_isolation
 from service.jobs.events import EventHub
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if proxy_problem:
             log.warning("%s", proxy_problem)
         app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
+        inspection_isolation.start()  # uploads are inspected in its children, not in this process
         try:
             yield
         finally:

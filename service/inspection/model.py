@@ -17,6 +17,7 @@ from onnx import AttributeProto, GraphProto, NodeProto, SparseTensorProto, Tenso
 
 from core.model import ExternalData, external_data, model_facts, tensor_sites
 from service.errors import ExternalDataEscape, InvalidModel, ResourceLimit, UnsupportedOperator, service_errors
+from service.inspection.isolation import run_isolated
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -60,6 +61,11 @@ _WHOLE_BYTE_TYPES = frozenset(
 )
 _MAX_REPORTED = 10
 _KNOWN_TYPES = frozenset(TensorProto.DataType.values())
+# The inspecting child may grow by this much over its start: the .onnx file is held twice at most (its
+# bytes while they are parsed, and the checker's own copy), plus room for the graph's own objects.
+INSPECT_MEMORY_FACTOR = 2
+INSPECT_MEMORY_SLACK = 512 << 20
+INSPECT_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,32 @@ class ModelInfo:
 
 
 def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> ModelInfo:
-    """Validate the model at `model_path` (external data files beside it) and summarise it.
+    """Validate the model at `model_path` (external data files beside it) and summarise it, in a child
+    process (`service.inspection.isolation`) that may use INSPECT_MEMORY_FACTOR times the .onnx file plus
+    INSPECT_MEMORY_SLACK: the calling process never holds the model, whatever its size.
 
     Raises InvalidModel, ExternalDataEscape, UnsupportedOperator or ResourceLimit.
     """
+    model_path = Path(model_path)
+    try:
+        size = model_path.stat().st_size
+    except OSError:
+        size = 0  # the inspection says what is wrong with the file
+    return run_isolated(
+        inspect_here,
+        model_path,
+        limits,
+        memory_bytes=INSPECT_MEMORY_FACTOR * size + INSPECT_MEMORY_SLACK,
+        timeout_s=INSPECT_TIMEOUT_S,
+        what="the model",
+    )
+
+
+def inspect_here(model_path: Path, limits: ModelLimits = ModelLimits()) -> ModelInfo:
+    """`inspect_model` in this process. Its memory peaks at about twice the .onnx file: its bytes and the
+    parsed model while it is parsed, then the checker's copy (the parsed model is let go before the
+    checker runs; the checker given the parsed model would serialise it and parse it again, three
+    copies)."""
     model_path = Path(model_path)
     model = _parse(model_path)
     walk = _Walk(model, limits)
@@ -115,6 +143,7 @@ def inspect_model(model_path: Path, limits: ModelLimits = ModelLimits()) -> Mode
         quantization=_quantization(facts.op_counts),
         external_data=list(facts.external_files),
     )
+    del model, walk
     _run_checker(model_path)
     return info
 
@@ -130,7 +159,11 @@ def _parse(path: Path) -> onnx.ModelProto:
         raise InvalidModel("The uploaded file is empty, not an ONNX model; upload the .onnx file.")
     try:
         model = onnx.load(str(path), load_external_data=False)
+    except MemoryError:
+        raise
     except Exception as exc:  # DecodeError mostly; any parse failure is the upload's fault
+        if "alloc failed" in str(exc):  # protobuf's arena, at the memory cap
+            raise MemoryError(str(exc)) from exc
         raise InvalidModel(
             f"The file is not an ONNX model, its protobuf could not be parsed ({_one_line(exc)}); "
             "upload the complete .onnx file your framework exported.",
@@ -148,7 +181,11 @@ def _parse(path: Path) -> onnx.ModelProto:
 def _run_checker(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=False)
+    except MemoryError:
+        raise
     except Exception as exc:  # the checker raises several C++-bound types
+        if "bad_alloc" in str(exc):  # the memory cap, reached in C++
+            raise MemoryError(str(exc)) from exc
         # Quote the checker without the server's own folder names.
         text = str(exc).replace(str(path.parent) + os.sep, "").replace(str(path.parent), ".")
         reason = _one_line(text)

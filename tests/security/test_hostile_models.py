@@ -344,3 +344,21 @@ def test_hardlinked_external_data_is_refused(tmp_path: Path) -> None:
 def test_a_normal_job_still_completes(service: Hostile, tmp_path: Path) -> None:
     normal_job(service, tmp_path)
     assert_serving(service)
+
+
+INLINE_BYTES = 256 << 20
+
+
+def test_an_inline_model_costs_the_api_less_than_its_size(service: Hostile) -> None:
+    """Issue #23, point 7: a 256 MB model held in the protobuf itself made the API's memory peak 775 MB above
+    where it stood (the model parsed once by onnx.load and once more by the C++ checker)."""
+    data = h.inline_model(INLINE_BYTES)
+    with service.client() as http:
+        with PeakMemory(service.api_process().pid) as peak:
+            response = http.post("/v1/models", files=model(data))
+        del data
+        assert response.status_code == 201, response.text
+        assert http.delete(f"/v1/models/{response.json()['id']}").status_code == 204
+    print(f"API peak growth for a {INLINE_BYTES >> 20} MiB inline model: {peak.growth >> 20} MiB")
+    assert peak.growth < 1.3 * INLINE_BYTES, f"the API's peak memory grew by {peak.growth >> 20} MiB"
+    assert_serving(service)

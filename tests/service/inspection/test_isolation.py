@@ -49,7 +49,7 @@ def test_a_crash_or_an_overrun_ends_the_child_only() -> None:
     with pytest.raises(InvalidModel, match="ended without an answer"):
         run_isolated(crash, memory_bytes=64 << 20, timeout_s=30, what="it")
     started = time.monotonic()
-    with pytest.raises(ResourceLimit, match="took longer than 0.5 s"):
+    with pytest.raises(ResourceLimit, match=r"took longer than 0\.5 s"):
         run_isolated(sleep, 30.0, memory_bytes=64 << 20, timeout_s=0.5, what="it")
     assert time.monotonic() - started < 10
     assert run_isolated(pid, memory_bytes=64 << 20, timeout_s=30, what="it") != os.getpid()

@@ -7,17 +7,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from core.recipe import FidelityMetric, FidelitySpec
+from core.recipe import FidelityMetric, OutputJudging
 
-DEFAULT_FLOOR = 0.99  # cosine and agreement
+DEFAULT_FLOOR = 0.99  # cosine, agreement and detection F1
 DEFAULT_SQNR_FLOOR_DB = 20.0
 # Float noise: a drop of exactly the tolerance (0.80 -> 0.79 at 0.01 is 0.010000000000000009) is allowed,
 # and a value of exactly the floor meets it.
 EPSILON = 1e-9
 
 
-def floor_of(spec: FidelitySpec | None, metric: FidelityMetric | str) -> float:
-    """The floor an output's `metric` must reach: the recipe's `fidelity.min`, else the default."""
+def floor_of(spec: OutputJudging | None, metric: FidelityMetric | str) -> float:
+    """The floor an output's `metric` must reach: the recipe's floor for it (`fidelity.per_output.<name>.min`,
+    else `fidelity.min`: `FidelitySpec.judging` resolves which), else the default."""
     if spec is not None and spec.min is not None:
         return float(spec.min)
     return DEFAULT_SQNR_FLOOR_DB if metric == FidelityMetric.SQNR else DEFAULT_FLOOR

@@ -13,9 +13,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    ConfigDict,
+    Field,
+    JsonValue,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from core.errors import RuleError
 from core.model import ModelFacts
@@ -38,7 +48,7 @@ class Objective(StrEnum):
 
 
 class FidelityMetric(StrEnum):
-    AUTO = "auto"  # by output kind: agreement for class/sequence scores, cosine otherwise
+    AUTO = "auto"  # by output kind: agreement for class/sequence scores, detection F1, cosine otherwise
     COSINE = "cosine"
     SQNR = "sqnr"
     AGREEMENT = "agreement"
@@ -108,40 +118,281 @@ class RecipeError(RuleError, ValueError):
         super().__init__("invalid_recipe", message, {"field": field, **detail})
 
 
+class OutputKindChoice(StrEnum):
+    """What an output holds, which decides how it is judged; `auto` reads it from the graph and the data."""
+
+    AUTO = "auto"
+    CLASSIFICATION = "classification"  # class scores [B, C] (or class ids [B]): top-1 agreement
+    DETECTION = "detection"  # rows (boxes and scores) per sample: detection F1
+    SEQUENCE = "sequence"  # scores per position [B, T, C] (or [T, B, C]): per-position argmax agreement
+    EMBEDDING = "embedding"  # vectors compared by direction: mean cosine
+    DENSE = "dense"  # maps [B, C, H, W]: mean cosine (per-pixel argmax agreement for per-pixel class scores)
+    REGRESSION = "regression"  # values: mean cosine
+
+
+class DetectionLayout(StrEnum):
+    AUTO = "auto"  # columns when the last axis is the longer and the other holds 5 values or more; else rows
+    ROWS = "rows"  # [B, N, 4 + 1 + C] (YOLOv5, YOLOX) or [B, N, 6]
+    COLUMNS = "columns"  # [B, 4 + C, N] (YOLOv8)
+
+
+class BoxFormat(StrEnum):
+    CXCYWH = "cxcywh"  # centre x, centre y, width, height
+    XYWH = "xywh"  # top-left x, top-left y, width, height
+    XYXY = "xyxy"  # corners
+
+
+MAX_COLUMN = 1_000_000
+Column = Annotated[int, Field(ge=0, le=MAX_COLUMN)]
+AUTO_COLUMNS: Literal["auto"] = "auto"
+
+
+def _column(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COLUMN:
+        raise ValueError(f"a column is an index from 0 to {MAX_COLUMN}, not {value!r}")
+    return value
+
+
+def _column_or_auto(value: Any) -> int | str | None:
+    return value if value is None or value == AUTO_COLUMNS else _column(value)
+
+
+def _columns_or_auto(value: Any) -> tuple[int, int] | str | None:
+    if value is None or value == AUTO_COLUMNS:
+        return value
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f'give [first, stop) as two column indexes, "auto" or null, not {value!r}')
+    return _column(value[0]), _column(value[1])
+
+
+# Plain validators, not unions: a bad value is then named by its field alone (`detection.class_columns`),
+# not by the union member pydantic tried last.
+_COLUMN_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_COLUMN}
+ColumnOrAuto = Annotated[
+    int | Literal["auto"] | None,
+    PlainValidator(_column_or_auto),
+    WithJsonSchema({"anyOf": [_COLUMN_SCHEMA, {"const": AUTO_COLUMNS}, {"type": "null"}]}),
+]
+ColumnsOrAuto = Annotated[
+    tuple[int, int] | Literal["auto"] | None,
+    PlainValidator(_columns_or_auto),
+    PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": _COLUMN_SCHEMA, "minItems": 2, "maxItems": 2},
+                {"const": AUTO_COLUMNS},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+
+
 @dataclass(frozen=True)
-class FidelitySpec:
-    """Which outputs must stay faithful, compared how, and the floor (modes auto and compare)."""
+class DetectionSpec:
+    """How to read a detection output: which columns of a row hold the box and the scores, and which rows
+    count (score above `score_threshold`) and match (IoU at least `iou_threshold`, same class)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
+
+    score_threshold: Annotated[
+        float, Field(ge=0, le=1, description="Rows scoring above this in either model are detections.")
+    ] = 0.3
+    iou_threshold: Annotated[
+        float, Field(gt=0, le=1, description="A float and a quantized detection match at this IoU or more.")
+    ] = 0.5
+    layout: Annotated[
+        DetectionLayout,
+        Field(
+            description="rows [B, N, K] or columns [B, K, N]; auto: columns when the last axis is the longer and "
+            "the one before it holds 5 values or more (a box and a score), rows otherwise."
+        ),
+    ] = DetectionLayout.AUTO
+    box_columns: Annotated[
+        tuple[Column, ...],
+        Field(min_length=4, max_length=4, description="The four columns of the box, in `box_format` order."),
+    ] = (0, 1, 2, 3)
+    box_format: BoxFormat = BoxFormat.CXCYWH
+    objectness_column: Annotated[
+        ColumnOrAuto,
+        Field(description="auto: column 4 in rows layout (YOLOv5, YOLOX), none in columns layout (YOLOv8)."),
+    ] = AUTO_COLUMNS
+    class_columns: Annotated[
+        ColumnsOrAuto,
+        Field(
+            description="[first, stop) of the class-score columns; auto: the columns after the box and the "
+            "objectness (a single one holding whole numbers is read as a class id)."
+        ),
+    ] = AUTO_COLUMNS
+    class_id_column: Annotated[Column | None, Field(description="A column that holds the class id.")] = None
+
+    def __post_init__(self) -> None:
+        normalise = object.__setattr__
+        normalise(self, "layout", DetectionLayout(self.layout))
+        normalise(self, "box_format", BoxFormat(self.box_format))
+        normalise(self, "box_columns", tuple(self.box_columns))
+        if isinstance(self.class_columns, list | tuple):
+            normalise(self, "class_columns", tuple(self.class_columns))
+
+    def check(self, field: str) -> None:
+        """Columns that cannot describe a row. Raises RecipeError naming `field` + the sub-field."""
+        boxes = set(self.box_columns)
+        if len(boxes) != 4:
+            raise RecipeError(f"{field}.box_columns must name four different columns.", f"{field}.box_columns")
+        classes: set[int] = set()
+        if isinstance(self.class_columns, tuple):
+            first, stop = self.class_columns
+            if first >= stop:
+                raise RecipeError(
+                    f"{field}.class_columns is [first, stop): stop must be greater than first, e.g. [5, 85] for 80 "
+                    "classes.",
+                    f"{field}.class_columns",
+                )
+            classes = set(range(first, stop))
+            if self.class_id_column is not None:
+                raise RecipeError(
+                    f"{field}: give class_columns (class scores) or class_id_column (a class id), not both.",
+                    f"{field}.class_id_column",
+                )
+        named = {
+            "objectness_column": {self.objectness_column} if isinstance(self.objectness_column, int) else set(),
+            "class_columns": classes,
+            "class_id_column": {self.class_id_column} if self.class_id_column is not None else set(),
+        }
+        for name, columns in named.items():
+            if columns & boxes:
+                raise RecipeError(
+                    f"{field}.{name} overlaps the box columns {list(self.box_columns)}.", f"{field}.{name}"
+                )
+        if named["objectness_column"] & (classes | named["class_id_column"]):
+            raise RecipeError(f"{field}.objectness_column is also a class column.", f"{field}.objectness_column")
+        if self.objectness_column is None and self.class_columns is None:
+            raise RecipeError(
+                f"{field}: a detection needs a score; give objectness_column or class_columns.",
+                f"{field}.objectness_column",
+            )
+
+
+@dataclass(frozen=True)
+class OutputJudging:
+    """How one output is judged: what it holds (`kind`), by which metric, against which floor."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    kind: Annotated[
+        OutputKindChoice,
+        Field(
+            description="What the output holds; auto: read from the op that produces it and the shape it has "
+            "at run time."
+        ),
+    ] = OutputKindChoice.AUTO
+    metric: Annotated[
+        FidelityMetric,
+        Field(
+            description="auto: top-1 agreement for classification, per-position argmax agreement for sequence, "
+            "detection F1 for detection, mean cosine otherwise; agreement on a detection output is its F1."
+        ),
+    ] = FidelityMetric.AUTO
+    min: Annotated[float | None, Field(description="Floor of the metric; default 0.99 (20 dB for sqnr).")] = None
+    detection: Annotated[
+        DetectionSpec | None,
+        Field(description="Detection outputs: score threshold, IoU and the columns of a row; null: defaults."),
+    ] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", OutputKindChoice(self.kind))
+        object.__setattr__(self, "metric", FidelityMetric(self.metric))
+        if isinstance(self.detection, Mapping):
+            object.__setattr__(self, "detection", DetectionSpec(**self.detection))
+
+    def check_as(self, field: str, metric: FidelityMetric, *, detection_applies: bool = False) -> None:
+        """This judging's rules, `metric` being the one in force (a per-output floor may lean on the
+        top-level metric); `detection_applies`: some output judged by these rules may be a detection whatever
+        `kind` says. Raises RecipeError naming `field` + the sub-field."""
+        if self.min is not None:
+            low, high = (-200.0, 200.0) if metric == FidelityMetric.SQNR else (-1.0, 1.0)
+            if not low <= float(self.min) <= high:
+                raise RecipeError(
+                    f"{field}.min for metric {metric} must be between {low:g} and {high:g} (cosine, agreement and "
+                    "detection F1 are fractions, e.g. 0.99; sqnr is in dB, e.g. 20).",
+                    f"{field}.min",
+                )
+        if self.detection is not None:
+            if self.kind not in (OutputKindChoice.AUTO, OutputKindChoice.DETECTION) and not detection_applies:
+                raise RecipeError(
+                    f"{field}.detection describes detection outputs, and {field}.kind is {self.kind}.",
+                    f"{field}.detection",
+                )
+            self.detection.check(f"{field}.detection")
+
+
+@dataclass(frozen=True)
+class FidelitySpec(OutputJudging):
+    """Which outputs must stay faithful, what they hold, compared how, and the floor (modes auto and compare).
+    `kind` applies to the outputs `outputs` names (all when it names none); `metric`, `min` and `detection` to
+    every output; `per_output` overrides any of them for one output."""
 
     outputs: Annotated[
         tuple[NodeName, ...] | None, Field(min_length=1, max_length=1000, description="Output names; null: all.")
     ] = None
-    metric: Annotated[
-        FidelityMetric,
+    per_output: Annotated[
+        dict[NodeName, OutputJudging] | None,
         Field(
-            description="auto: top-1 agreement for class scores [B, C], per-position argmax agreement for "
-            "sequence scores [B, T, C], mean cosine otherwise."
+            max_length=1000,
+            description="Per output name: its own kind, metric, floor or detection columns.",
+            examples=[{"detections": {"kind": "detection", "detection": {"score_threshold": 0.25}}}],
         ),
-    ] = FidelityMetric.AUTO
-    min: Annotated[float | None, Field(description="Floor of the metric; default 0.99 (20 dB for sqnr).")] = None
+    ] = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "metric", FidelityMetric(self.metric))
+        super().__post_init__()
         if self.outputs is not None:
             object.__setattr__(self, "outputs", tuple(self.outputs))
-        if self.min is not None:
-            low, high = (-200.0, 200.0) if self.metric == FidelityMetric.SQNR else (-1.0, 1.0)
-            if not low <= float(self.min) <= high:
+        if self.per_output is not None:
+            object.__setattr__(
+                self,
+                "per_output",
+                {k: OutputJudging(**v) if isinstance(v, Mapping) else v for k, v in self.per_output.items()},
+            )
+
+    def check(self, field: str = "fidelity") -> None:
+        """Every rule of the spec (run by the recipe's, so that the field is named from the recipe down)."""
+        # The top-level detection columns serve outputs its kind does not name, and per-output detections.
+        detections = any(j.kind == OutputKindChoice.DETECTION for j in (self.per_output or {}).values())
+        self.check_as(field, self.metric, detection_applies=bool(self.outputs) or detections)
+        for name, judging in (self.per_output or {}).items():
+            where = f"{field}.per_output.{name}"
+            judging.check_as(where, judging.metric if judging.metric != FidelityMetric.AUTO else self.metric)
+            inherited = judging.kind == OutputKindChoice.AUTO and self.names(name)
+            not_detection = self.kind not in (OutputKindChoice.AUTO, OutputKindChoice.DETECTION)
+            if judging.detection is not None and inherited and not_detection:
                 raise RecipeError(
-                    f"fidelity.min for metric {self.metric} must be between {low:g} and {high:g} (cosine and "
-                    "agreement are fractions, e.g. 0.99; sqnr is in dB, e.g. 20).",
-                    "fidelity.min",
+                    f"{where}.detection describes detection outputs, and fidelity.kind makes '{name}' {self.kind}.",
+                    f"{where}.detection",
                 )
+
+    def names(self, output: str) -> bool:
+        """Does the spec's top-level `outputs` name this output (all do when it names none)?"""
+        return not self.outputs or output in self.outputs
+
+    def judging(self, output: str) -> tuple[OutputJudging, str | None]:
+        """How `output` is judged, per-output entries over the top level; and the field that gave its kind
+        (None: not given, so it is inferred)."""
+        own = (self.per_output or {}).get(output)
+        kind, given = OutputKindChoice.AUTO, None
+        if own is not None and own.kind != OutputKindChoice.AUTO:
+            kind, given = own.kind, f"fidelity.per_output.{output}.kind"
+        elif self.kind != OutputKindChoice.AUTO and self.names(output):
+            kind, given = self.kind, "fidelity.kind"
+        metric = own.metric if own is not None and own.metric != FidelityMetric.AUTO else self.metric
+        floor = own.min if own is not None and own.min is not None else self.min
+        detection = own.detection if own is not None and own.detection is not None else self.detection
+        return OutputJudging(kind=kind, metric=metric, min=floor, detection=detection), given
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:
-        return cls(**{k: data[k] for k in ("outputs", "metric", "min") if k in data})
+        return cls(**{k: data[k] for k in ("outputs", "metric", "min", "kind", "detection", "per_output") if k in data})
 
 
 @dataclass(frozen=True)
@@ -349,6 +600,10 @@ def check_recipe(recipe: Recipe) -> None:
 def _check_search_fields(recipe: Recipe) -> None:
     """Mode compare's reference, 16-bit tensors, transformer fusion, the search's time."""
     mode = recipe.mode
+    if recipe.fidelity is not None:
+        # Here rather than in the spec's own __post_init__: a rule broken inside a nested field is then
+        # named from the recipe down (`recipe.fidelity.min`), by the API and by `parse_recipe` alike.
+        recipe.fidelity.check()
     if mode == Mode.COMPARE and not recipe.reference_model_id:
         raise RecipeError(
             "Mode compare needs reference_model_id: the id of the float model to compare with.", "reference_model_id"
@@ -374,8 +629,6 @@ def _check_search_fields(recipe: Recipe) -> None:
         )
     if not 1.0 <= float(recipe.max_search_seconds) <= MAX_SEARCH_SECONDS:
         raise RecipeError(f"max_search_seconds must be between 1 and {MAX_SEARCH_SECONDS}.", "max_search_seconds")
-
-
     if recipe.dynamic_op_types:
         _check_hybrid(recipe)
 
@@ -491,16 +744,17 @@ def check_recipe_for_model(recipe: Recipe, facts: ModelFacts, *, has_calibration
         missing = [op for op in recipe.dynamic_op_types if op not in present]
         if missing:
             warnings.append(f"dynamic_op_types lists {', '.join(missing)}, which the model does not contain.")
-    if recipe.fidelity is not None and recipe.fidelity.outputs:
+    if recipe.fidelity is not None:
         names = {o.name for o in facts.outputs}
-        unknown = sorted(set(recipe.fidelity.outputs) - names)
-        if unknown:
-            raise RecipeError(
-                f"fidelity.outputs names output(s) the model does not have: {', '.join(unknown[:10])}; "
-                f"its outputs are {', '.join(sorted(names)[:20])}.",
-                "fidelity.outputs",
-                unknown=unknown[:100],
-            )
+        for field, named in (("outputs", recipe.fidelity.outputs), ("per_output", recipe.fidelity.per_output)):
+            unknown = sorted(set(named or ()) - names)
+            if unknown:
+                raise RecipeError(
+                    f"fidelity.{field} names output(s) the model does not have: {', '.join(unknown[:10])}; "
+                    f"its outputs are {', '.join(sorted(names)[:20])}.",
+                    f"fidelity.{field}",
+                    unknown=unknown[:100],
+                )
     qdq = facts.qdq_nodes
     if qdq:
         warnings.append(

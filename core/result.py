@@ -44,7 +44,33 @@ class ModelMetrics(_Shape):
     runs: int | None = Field(None, description="Latency runs measured.")
 
 
-OutputKindName = Literal["class_scores", "sequence_scores", "tokens", "tensor"]
+OutputKindName = Literal["classification", "detection", "sequence", "embedding", "dense", "regression"]
+# The kinds results stored before v3 name (read from an output's values alone), and their v3 names.
+LEGACY_KINDS: dict[str, OutputKindName] = {
+    "class_scores": "classification",
+    "sequence_scores": "sequence",
+    "tokens": "embedding",
+    "tensor": "regression",
+}
+
+
+class DetectionAgreement(_Shape):
+    """A detection output's detections in both models: rows scoring above `score_threshold`, matched one to one
+    (same class, IoU at least `iou_threshold`). `OutputFidelity.value` is their F1, 2 matched / (float rows +
+    quantized rows)."""
+
+    score_threshold: float
+    iou_threshold: float
+    layout: Literal["rows", "columns"] = Field(description="rows [B, N, K] or columns [B, K, N].")
+    reference_rows: int = Field(description="Detections of the float model, over all samples.")
+    candidate_rows: int = Field(description="Detections of the quantized model, over all samples.")
+    matched: int = Field(description="Pairs of detections that match.")
+    mean_iou: float | None = Field(None, description="Mean IoU of the matched pairs.")
+    box_error: float | None = Field(
+        None,
+        description="Mean absolute error of the matched boxes' coordinates relative to the float box's size "
+        "(its width for x, its height for y): 0.05 is 5% of the box.",
+    )
 
 
 class OutputFidelity(_Shape):
@@ -54,11 +80,22 @@ class OutputFidelity(_Shape):
     name: str = Field(examples=["logits"])
     kind: OutputKindName | None = Field(
         None,
-        description="What the output holds, read from its values: class scores [B, C], sequence scores "
-        "[B, T, C], token outputs of a token model, or any other tensor.",
+        description="What the output holds, which decides its metric: classification (class scores [B, C] or "
+        "class ids), detection (rows of boxes and scores), sequence (scores per position), embedding, dense "
+        "(maps [B, C, H, W]) or regression (any other values).",
     )
-    metric: Literal["agreement", "cosine", "sqnr"] | None = Field(
-        None, description="What the output is judged by: argmax agreement, mean per-sample cosine, or SQNR (dB)."
+    kind_source: Literal["given", "inferred"] | None = Field(
+        None, description="`given` by the recipe's `fidelity`, or `inferred` from the graph and the data."
+    )
+    kind_reason: str | None = Field(
+        None,
+        description="Why the output got its kind, in one sentence.",
+        examples=["produced by Softmax over the last axis of [1, 1000]"],
+    )
+    metric: Literal["agreement", "cosine", "sqnr", "detection_f1"] | None = Field(
+        None,
+        description="What the output is judged by: argmax agreement, detection F1, mean per-sample cosine, or "
+        "SQNR (dB).",
     )
     value: float | None = Field(None, description="The output's value of `metric`.")
     min: float | None = Field(None, description="The floor `value` must reach.")
@@ -77,6 +114,7 @@ class OutputFidelity(_Shape):
         None, description="Share of samples (positions, for sequence scores) whose argmax agrees."
     )
     problem: str | None = Field(None, description="Why the output could not be compared.")
+    detection: DetectionAgreement | None = Field(None, description="Detection outputs: their detections.")
 
 
 class FidelityVerdict(_Shape):
@@ -325,9 +363,14 @@ class JobResult(_Shape):
 def upgrade_stored(data: dict[str, Any]) -> dict[str, Any]:
     """A result stored before this version (no `comparison.fidelity`) with the verdicts its engine made:
     the budget verdict from `quantization.auto.fidelity` or `quantization.compare.fidelity`, and each output
-    judged by the thresholds that engine recorded (`evaluation.fidelity_thresholds`: cosine and SQNR)."""
+    judged by the thresholds that engine recorded (`evaluation.fidelity_thresholds`: cosine and SQNR); and output
+    kinds stored under their pre-v3 names (`class_scores`) under their v3 names (`classification`)."""
     comparison = data.get("comparison")
-    if not isinstance(comparison, dict) or "fidelity" in comparison:
+    if not isinstance(comparison, dict):
+        return data
+    data = _v3_kinds(data, comparison)
+    comparison = data["comparison"]
+    if "fidelity" in comparison:
         return data
     quantization = _mapping(data.get("quantization"))
     evaluation = _mapping(data.get("evaluation"))
@@ -379,6 +422,25 @@ def upgrade_stored(data: dict[str, Any]) -> dict[str, Any]:
             "notes": old.get("notes") or [],
         }
     return {**data, "comparison": {**comparison, "outputs": outputs, "accuracy": accuracy, "fidelity": verdict}}
+
+
+def _v3_kinds(data: dict[str, Any], comparison: dict[str, Any]) -> dict[str, Any]:
+    """The result with its output rows' pre-v3 kinds renamed (the same object when it has none)."""
+    rows = comparison.get("outputs")
+    if not isinstance(rows, list) or not any(isinstance(r, dict) and r.get("kind") in LEGACY_KINDS for r in rows):
+        return data
+    renamed = [
+        {
+            **row,
+            "kind": LEGACY_KINDS[row["kind"]],
+            "kind_source": "inferred",
+            "kind_reason": f"read from its values by an earlier version (stored as {row['kind']})",
+        }
+        if isinstance(row, dict) and row.get("kind") in LEGACY_KINDS
+        else row
+        for row in rows
+    ]
+    return {**data, "comparison": {**comparison, "outputs": renamed}}
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -190,7 +190,14 @@ def test_auto_and_compare_fields_are_validated_at_submission(client: TestClient,
         assert words in error["message"], (recipe, error)
     recipe = {"mode": "auto", "objective": "size", "fidelity": {"outputs": ["logits"], "metric": "sqnr", "min": 25}}
     job = _job(client, **base, recipe=recipe).json()
-    assert job["recipe"]["fidelity"] == {"outputs": ["logits"], "metric": "sqnr", "min": 25.0}
+    assert job["recipe"]["fidelity"] == {
+        "outputs": ["logits"],
+        "metric": "sqnr",
+        "min": 25.0,
+        "kind": "auto",  # CONTRACT v3: inferred from the graph and the data
+        "detection": None,
+        "per_output": None,
+    }
     assert job["recipe"]["max_search_seconds"] == 900 and job["progress_note"] is None
 
 

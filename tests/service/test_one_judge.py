@@ -111,7 +111,7 @@ def test_a_pick_that_agrees_on_top1_with_cosine_0985_is_within_budget_everywhere
     measured = evaluate(reference, candidate, SPEC, data=data)
     row = measured.comparison.outputs[0]
     assert row.cosine == pytest.approx(0.985, abs=0.001)  # a whole-tensor cosine under 0.99 ...
-    assert row.kind == "class_scores" and row.metric == "agreement" and row.value == 1.0  # ... every top-1 agrees
+    assert row.kind == "classification" and row.metric == "agreement" and row.value == 1.0  # ... every top-1 agrees
     assert row.budgeted and row.faithful is True
     # The search and the evaluation judged it the same, from the same accumulator.
     assert searched.within_budget and searched.outputs[0] == row

@@ -32,7 +32,14 @@ from core.result import (
 )
 from worker.engine.checks import model_facts, model_size
 from worker.engine.data import count_batches, model_inputs
-from worker.engine.fidelity import FidelityPass, Score, evaluation_batches, load_session, run_session
+from worker.engine.fidelity import (
+    FidelityPass,
+    Score,
+    evaluation_batches,
+    graph_hints,
+    load_session,
+    run_session,
+)
 from worker.engine.latency import InterleavedTimings, TimedRuns, time_interleaved
 from worker.engine.machine import machine_info, usable_cores
 from worker.engine.metrics import AccuracyAccumulator
@@ -109,7 +116,13 @@ def evaluate(
     sessions_done = time.perf_counter()
     inputs = list(inputs) if inputs is not None else model_inputs(Path(original))
     passed = _data_pass(
-        opened, inputs, spec, data, budget, accuracy_tolerance, started + DATA_PASS_SHARE * spec.max_seconds, progress
+        opened,
+        inputs,
+        spec,
+        data,
+        FidelityPass(inputs, budget, accuracy_tolerance, hints=graph_hints(Path(original))),
+        started + DATA_PASS_SHARE * spec.max_seconds,
+        progress,
     )
     data_done = time.perf_counter()
     progress(Stage.EVALUATING, 0.5)
@@ -219,8 +232,7 @@ def _data_pass(
     inputs: Sequence[TensorSpec],
     spec: EvaluationSpec,
     data: DatasetSource | None,
-    budget: FidelitySpec | None,
-    tolerance: float,
+    fidelity: FidelityPass,
     deadline: float,
     progress: ProgressCallback,
 ) -> _DataPass:
@@ -235,7 +247,6 @@ def _data_pass(
             expected = count_batches(data, inputs, batch_size=batch_size)
         except Exception:  # only used for progress
             expected = None
-    fidelity = FidelityPass(inputs, budget, tolerance)
     feeds = samples = 0
     cut_short = False
     parts: list[dict[str, np.ndarray]] = []

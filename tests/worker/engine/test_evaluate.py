@@ -159,7 +159,9 @@ def test_identical_models_give_perfect_fidelity_and_contract_shaped_json(
     assert comparison["outputs"] == [
         {
             "name": "logits",
-            "kind": "class_scores",
+            "kind": "classification",
+            "kind_source": "inferred",
+            "kind_reason": "produced by Gemm, no Softmax: [1, 10] read as class scores",
             "metric": "agreement",
             "value": 1.0,
             "min": 0.99,
@@ -172,6 +174,7 @@ def test_identical_models_give_perfect_fidelity_and_contract_shaped_json(
             "mean_abs_error": 0.0,
             "top1_agreement": 1.0,
             "problem": None,
+            "detection": None,
         }
     ]
     assert comparison["fidelity"]["within_budget"] is True

@@ -20,11 +20,11 @@ from worker.engine.fidelity import FidelityEvaluator, OutputAccumulator, OutputK
 
 def test_output_kinds() -> None:
     scores = np.zeros((2, 10), np.float32)
-    assert output_kind(scores, token_model=False) == OutputKind.CLASS_SCORES
-    assert output_kind(np.zeros((2, 7, 30), np.float32), token_model=False) == OutputKind.SEQUENCE_SCORES
+    assert output_kind(scores, token_model=False) == OutputKind.CLASSIFICATION
+    assert output_kind(np.zeros((2, 7, 30), np.float32), token_model=False) == OutputKind.SEQUENCE
     # In a token model a [B, 384] output is a sentence embedding, not class scores.
-    assert output_kind(np.zeros((2, 384), np.float32), token_model=True) == OutputKind.TOKENS
-    assert output_kind(np.zeros((2, 1, 64, 64), np.float32), token_model=False) == OutputKind.TENSOR
+    assert output_kind(np.zeros((2, 384), np.float32), token_model=True) == OutputKind.EMBEDDING
+    assert output_kind(np.zeros((2, 1, 64, 64), np.float32), token_model=False) == OutputKind.DENSE
 
 
 def test_sequence_agreement_is_per_position() -> None:
@@ -32,7 +32,7 @@ def test_sequence_agreement_is_per_position() -> None:
     ref[0, :, 0] = 1.0
     got = ref.copy()
     got[0, 3] = [0.0, 2.0, 0.0]  # one of four positions picks another class
-    acc = OutputAccumulator("y", OutputKind.SEQUENCE_SCORES)
+    acc = OutputAccumulator("y", OutputKind.SEQUENCE)
     acc.add(ref, got, None)
     assert acc.value(FidelityMetric.AGREEMENT) == pytest.approx(0.75)
 
@@ -40,11 +40,11 @@ def test_sequence_agreement_is_per_position() -> None:
 def test_one_value_per_sample_is_compared_over_the_samples() -> None:
     """A probability [B, 1] (a voice-activity detector's): one value's cosine is 1 whenever the signs
     agree, so two models that disagree on every sample would pass any cosine floor."""
-    acc = OutputAccumulator("prob", OutputKind.TENSOR)
+    acc = OutputAccumulator("prob", OutputKind.REGRESSION)
     for ref, got in [(0.1, 0.9), (0.9, 0.1), (0.5, 0.5)]:
         acc.add(np.array([[ref]], np.float32), np.array([[got]], np.float32), None)
     assert acc.value(FidelityMetric.COSINE) == pytest.approx((0.09 + 0.09 + 0.25) / (0.01 + 0.81 + 0.25))
-    same = OutputAccumulator("prob", OutputKind.TENSOR)
+    same = OutputAccumulator("prob", OutputKind.REGRESSION)
     same.add(np.array([[0.3], [0.7]], np.float32), np.array([[0.3], [0.7]], np.float32), None)
     assert same.value(FidelityMetric.COSINE) == 1.0
 
@@ -64,9 +64,9 @@ def test_padding_positions_are_left_out_of_token_outputs() -> None:
     got = ref.copy()
     got[0, 3:] = rng.normal(size=(2, 8))  # garbage where the mask says padding
     mask = np.array([[1, 1, 1, 0, 0]])
-    masked = OutputAccumulator("h", OutputKind.TOKENS)
+    masked = OutputAccumulator("h", OutputKind.EMBEDDING)
     masked.add(ref, got, mask)
-    unmasked = OutputAccumulator("h", OutputKind.TOKENS)
+    unmasked = OutputAccumulator("h", OutputKind.EMBEDDING)
     unmasked.add(ref, got, None)
     assert masked.mean_cosine == pytest.approx(1.0)
     assert unmasked.mean_cosine is not None and unmasked.mean_cosine < 0.8
@@ -118,5 +118,5 @@ def test_token_model_scores_mean_cosine_over_real_tokens(tmp_path: Path) -> None
         model
     )
     (out,) = score.outputs
-    assert out.kind == OutputKind.TOKENS and out.metric == FidelityMetric.COSINE
+    assert out.kind == OutputKind.EMBEDDING and out.metric == FidelityMetric.COSINE
     assert out.value == pytest.approx(1.0) and score.within_budget

@@ -78,7 +78,7 @@ def test_accumulating_batches_equals_one_pass_over_everything() -> None:
 def test_top1_agreement_on_class_scores() -> None:
     x = np.array([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.0, 0.2, 0.7], [0.5, 0.4, 0.1]], dtype=np.float32)
     y = np.array([[0.8, 0.2, 0.0], [0.6, 0.3, 0.1], [0.0, 0.2, 0.7], [0.3, 0.6, 0.1]], dtype=np.float32)
-    acc = OutputAccumulator("logits", OutputKind.CLASS_SCORES)
+    acc = OutputAccumulator("logits", OutputKind.CLASSIFICATION)
     acc.add(x[:2], y[:2])
     acc.add(x[2:], y[2:])
     assert acc.agreement == pytest.approx(0.5)

@@ -24,6 +24,7 @@ from core.result import (
     LatencyStats,
     Machine,
     ModelMetrics,
+    OutputFidelity,
 )
 
 ORIGINAL_COLOR = "#3b6fb6"
@@ -546,7 +547,7 @@ def _fidelity(result: JobResult) -> str:
         )
         judged = f"{o.metric} ≥ {fmt_float(o.min)}" if o.metric and o.min is not None else NA
         rows.append(
-            f"<tr><td>{_e(o.name)}</td><td>{_e(o.kind or NA)}</td><td>{_e(judged)}</td>"
+            f"<tr><td>{_e(o.name)}</td><td>{_kind(o)}</td><td>{_e(judged)}</td>"
             f'<td class="num">{_e(fmt_float(o.value))}</td><td>{verdict}</td>'
             f'<td class="num">{_e(fmt_float(o.cosine, 6))}</td>'
             f'<td class="num">{_e(fmt_db(sqnr))}</td>'
@@ -560,8 +561,11 @@ def _fidelity(result: JobResult) -> str:
     return (
         "<section><h2>Fidelity per output</h2>"
         '<p class="sub">How closely the quantized model reproduces the original\'s outputs on the same '
-        "inputs. Each output is judged by the metric its kind calls for (agreement of the argmax for class and "
-        "sequence scores, mean cosine otherwise) against the budget's floor; with labels and no fidelity floor in "
+        "inputs. Each output is judged by the metric its kind calls for (agreement of the argmax for "
+        "classification and sequence outputs; for detections, the F1 of the rows above the score threshold "
+        "matched between the models; mean cosine otherwise) against the budget's floor. The kind is given by the "
+        "recipe or inferred from the operator that produces the output and the shape it has when run, and the "
+        "page says which, and why. With labels and no fidelity floor in "
         "the recipe, the top-1 drop alone is the budget and no output counts. Cosine and SQNR are over all samples "
         "taken together (higher is better); top-1 agreement: how often both pick the same class.</p>"
         "<table><thead><tr><th>output</th><th>kind</th><th>judged by</th>"
@@ -571,6 +575,24 @@ def _fidelity(result: JobResult) -> str:
         f'<p class="legend">SQNR per output (bars clipped at {SQNR_PLOT_MAX_DB:.0f} dB; red: outside the '
         f"budget)</p>{chart}</section>"
     )
+
+
+def _kind(o: OutputFidelity) -> str:
+    """An output's kind, whether the recipe gave it or it was inferred and why, and its detections."""
+    cell = _e(o.kind or NA)
+    if o.kind_source:
+        why = f"{o.kind_source}: {o.kind_reason}" if o.kind_reason else o.kind_source
+        cell += f'<br><span class="sub">{_e(why)}</span>'
+    d = o.detection
+    if d is not None:
+        found = (
+            f"{d.reference_rows} detections above {d.score_threshold:g} in the original, {d.candidate_rows} in the "
+            f"quantized model; {d.matched} matched (IoU ≥ {d.iou_threshold:g}, same class)"
+        )
+        if d.matched:
+            found += f", mean IoU {fmt_float(d.mean_iou, 3)}, box error {fmt_pct(d.box_error)} of the box size"
+        cell += f'<br><span class="sub">{_e(found)}</span>'
+    return cell
 
 
 def _pair(name: str, original: float | None, quantized: float | None, fmt: Callable[[Any], str]) -> Bars:

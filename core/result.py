@@ -223,6 +223,10 @@ class AutoTrial(_Shape):
         "than float; it is handed back only if every one is at least 1.",
     )
     error: ErrorInfo | None = Field(None, description="Why the trial could not be produced or measured.")
+    predicted_speedup: float | None = Field(
+        None,
+        description="What the pre-flight predicted for this recipe from its per-layer timings (null: no prediction).",
+    )
 
 
 class SensitiveNode(_Shape):
@@ -238,6 +242,54 @@ class SensitivitySummary(_Shape):
     candidate: str
     method: str | None = None
     top: list[SensitiveNode] = Field(default_factory=list)
+
+
+Int8Kind = Literal["qdq", "qoperator", "s8s8", "dynamic"]
+
+
+class PreflightOp(_Shape):
+    """One op type of the model in the pre-flight: its nodes' float time, and each int8 kind's speedup on them
+    (above 1: faster) with int8 neighbours: an op type the quantizer leaves in float pays the conversions."""
+
+    op_type: str = Field(examples=["HardSwish"])
+    nodes: int = Field(description="Nodes of this op type that were timed.")
+    float_ms: float = Field(description="Their summed float time, one-node models on this CPU.")
+    share: float = Field(description="Their share of the timed float time (0-1).")
+    speedups: dict[Int8Kind, float | None] = Field(default_factory=dict, examples=[{"qdq": 0.7, "dynamic": 1.0}])
+
+
+class PrunedCandidate(_Shape):
+    name: str
+    predicted_speedup: float | None = None
+    reason: str
+
+
+class Preflight(_Shape):
+    """What mode auto measured on the worker's CPU before searching: float against int8 per layer of the model
+    (one-node models per distinct op type, shapes and attributes; cached per CPU model and ONNX Runtime
+    version), the whole model's predicted int8 speedup per kind, and the candidates it did not try."""
+
+    verdict: str = Field(examples=["Conv 2.1x; HardSwish blocks 0.7x: int8 will not help here (best QDQ 0.93x)"])
+    int8_helps: bool = Field(
+        description="Some int8 kind is predicted faster than float for the whole model, or near enough that the "
+        "search measures it; false: no int8 candidate was tried."
+    )
+    speedups: dict[Int8Kind, float | None] = Field(
+        default_factory=dict,
+        description="Predicted whole-model speedup over float per int8 kind: qdq (this CPU's static int8 types), "
+        "qoperator, s8s8 (int8 activations), dynamic.",
+    )
+    ops: list[PreflightOp] = Field(default_factory=list, description="Per op type, largest float share first.")
+    pruned: list[PrunedCandidate] = Field(default_factory=list, description="Candidates not tried, and why.")
+    nodes: int = Field(0, description="Top-level nodes of the prepared model.")
+    nodes_timed: int = Field(0, description="Nodes whose layer was timed (or found in the cache).")
+    layers: int = Field(0, description="Distinct layers (op type, shapes, attributes) timed or found in the cache.")
+    layers_cached: int = Field(0, description="Of those, found in the cache: not timed again.")
+    complete: bool = Field(True, description="False: the pre-flight's time ran out and some layers went untimed.")
+    cpu_model: str | None = None
+    onnxruntime: str | None = None
+    threads: int | None = None
+    seconds: float | None = None
 
 
 class AutoSearch(_Shape):
@@ -271,6 +323,9 @@ class AutoSearch(_Shape):
         ),
     )
     sensitivity: list[SensitivitySummary] = Field(default_factory=list)
+    preflight: Preflight | None = Field(
+        None, description="Objective latency: int8 against float per layer on this CPU, before the search."
+    )
 
 
 class CalibrationFacts(_Shape):

@@ -518,6 +518,12 @@ def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path
         raise _fail("quantize_static", "Static quantization (ONNX Runtime)", exc) from exc
 
 
+def quantize_with_ranges(model_path: Path, spec: Recipe, tensors_range: Any, out_path: Path) -> None:
+    """Static quantization of a model that needs no pre-processing, with ranges computed elsewhere (ORT's
+    TensorsData): the quantizer calls a static job makes, for mode auto's pre-flight one-node models."""
+    _static(Prepared(path=Path(model_path), external=False, opset=0), spec, tensors_range, out_path, [])
+
+
 def _hybrid(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path, warnings: list[str]) -> None:
     """Static for every op type but `dynamic_op_types`, then ONNX Runtime's dynamic quantizer for those on the
     static result (`nodes_to_exclude` holds in both passes)."""

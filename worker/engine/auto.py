@@ -4,12 +4,18 @@ or the plain verdict that float is best on this CPU.
 The search has the three parts NNCF's accuracy control has: a ranker (`sensitivity`), an evaluator
 (`fidelity.FidelityEvaluator` for the budget, `evaluate.LatencyMeter` for speed, injectable) and
 this loop:
+0. With objective latency, the pre-flight (`preflight`): float against int8 per layer of the model on this
+   CPU (cached per CPU and ONNX Runtime version), which predicts each recipe's speedup. A candidate or step
+   predicted clearly slower than float (below PRUNE_BELOW) is not tried (a step's prediction is scaled by what
+   its start measured); S8S8 is offered only where it is predicted fast.
 1. Candidates (`candidates`), each quantized from one shared pre-processing and calibration per
    method, scored on the evaluation data and timed against float with few runs.
 2. Mixed precision from the best candidates that miss the budget yet would win: rank what hurts
-   (tensors for static QDQ, nodes for dynamic), return the top groups to float in doubling steps
-   until the budget holds, then bisect to the fewest; also try 16-bit activations on the worst
-   tensors, and leaving the worst elementwise op type in float. Every step is re-measured.
+   (tensors for static QDQ, ranked on the QDQ twin of a QOperator start; nodes for dynamic), order the
+   groups by damage per share of time their return to float costs (the pre-flight's), return the top
+   groups to float in doubling steps until the budget holds, then bisect to the fewest; also try 16-bit
+   activations on the worst tensors, and leaving the worst elementwise op type in float. Every step is
+   re-measured.
 3. Finalists re-timed with the full run count, all in one loop interleaved with float. With objective latency
    a model must be faster than float beyond noise (FASTER_MARGIN) to be chosen; otherwise the
    verdict is `keep_float` and the artifact is the smallest in-budget model that measured not
@@ -41,15 +47,30 @@ from core.lifecycle import Stage
 from core.model import TensorSpec
 from core.progress import CandidateProgress, Note
 from core.recipe import Mode, Objective, QuantFormat, Recipe
-from core.result import AutoSearch, AutoTrial, QuantizationFacts, SensitiveNode, SensitivitySummary
+from core.result import (
+    AutoSearch,
+    AutoTrial,
+    PrunedCandidate,
+    QuantizationFacts,
+    SensitiveNode,
+    SensitivitySummary,
+)
 from worker.engine.calibration import CalibrationResult, calibrate, default_op_types
-from worker.engine.candidates import COMPUTE_OPS, Candidate, candidates_for
+from worker.engine.candidates import COMPUTE_OPS, Candidate, candidates_for, int8_settings
 from worker.engine.checks import ModelFacts, model_facts, model_size
 from worker.engine.data import model_inputs
 from worker.engine.evaluate import SLOWER_NOISE, Evaluation, LatencyMeter, evaluate, size_on_disk
 from worker.engine.fidelity import FidelityEvaluator, Score, is_token_model
-from worker.engine.machine import int8_kernels
+from worker.engine.machine import int8_kernels, machine_info, usable_cores
 from worker.engine.metrics import finite_or_none
+from worker.engine.preflight import (
+    NOT_WORTH_BELOW,
+    KernelTimer,
+    OrtKernelTimer,
+    PreflightResult,
+    cache_for,
+    preflight,
+)
 from worker.engine.preprocess import Prepared
 from worker.engine.quantize import OUTPUT_NAME, Reuse, preparation, prepare_for, quantize
 from worker.engine.results import QuantizationOutcome
@@ -69,6 +90,15 @@ FINALISTS = 3
 MAX_STARTS = 4  # candidates the mixed-precision search starts from, at most (time permitting)
 # Faster than float means a p50 at least this much lower (interleaved runs): less is noise.
 FASTER_MARGIN = 0.05
+# The pre-flight gets this share of max_search_seconds, at most PREFLIGHT_SECONDS; untimed layers count as
+# neither faster nor slower.
+PREFLIGHT_SHARE = 0.1
+PREFLIGHT_SECONDS = 60.0
+# A candidate or step predicted below this speedup is not tried (with objective latency).
+PRUNE_BELOW = NOT_WORTH_BELOW
+# Ranking fallback groups: time costs below this share of the model's predicted time count as this much (a
+# nearly free group is not worth an unbounded lead over a damaging one).
+COST_FLOOR = 0.02
 SEARCH_SAMPLES = 64  # evaluation samples each candidate and step is scored on
 SENSITIVITY_SAMPLES = 16
 ABLATION_SAMPLES = 8
@@ -123,6 +153,7 @@ class Trial:
     size: int | None = None
     error: ErrorInfo | None = None
     not_slower_checks: list[float] = field(default_factory=list)  # keep_float's confirmations
+    predicted: float | None = None  # the pre-flight's speedup for this recipe
 
     @property
     def ok(self) -> bool:
@@ -165,6 +196,7 @@ class Trial:
             within_budget=self.within,
             not_slower_checks=list(self.not_slower_checks),
             error=self.error,
+            predicted_speedup=None if self.predicted is None else round(self.predicted, 3),
         )
 
 
@@ -193,6 +225,8 @@ class Search:
     finalists: list[str] = field(default_factory=list)  # re-timed with the full count to decide
     out_of_time: bool = False
     steps_done: int = 0
+    preflight: PreflightResult | None = None
+    rankings: dict[Recipe, SensitivityRanking] = field(default_factory=dict)  # by the QDQ recipe ranked
 
     def time_left(self) -> bool:
         if self.clock() >= self.deadline:
@@ -201,7 +235,7 @@ class Search:
 
     # -- shared pre-processing and calibration ------------------------------------------------
 
-    def reuse_for(self, spec: Recipe) -> Reuse:
+    def prepared_for(self, spec: Recipe) -> Prepared:
         key = preparation(spec, self.facts)
         prepared = self.prepared.get(key)
         if prepared is None:
@@ -209,6 +243,11 @@ class Search:
                 self.model_path, spec, self.facts, self.workdir / f"prep-{len(self.prepared)}", no_progress
             )
             self.prepared[key] = prepared
+        return prepared
+
+    def reuse_for(self, spec: Recipe) -> Reuse:
+        key = preparation(spec, self.facts)
+        prepared = self.prepared_for(spec)
         if spec.mode != Mode.STATIC or self.calibration is None:
             return Reuse(prepared)
         cal_key = (
@@ -236,8 +275,18 @@ class Search:
 
     # -- one measured model ----------------------------------------------------------------
 
-    def run(self, name: str, stage: str, spec: Recipe, *, searchable: bool = False, parent: str | None = None) -> Trial:
+    def run(
+        self,
+        name: str,
+        stage: str,
+        spec: Recipe,
+        *,
+        searchable: bool = False,
+        parent: str | None = None,
+        predicted: float | None = None,
+    ) -> Trial:
         trial = Trial(name, stage, spec, self.workdir / f"trial-{len(self.trials)}", searchable, parent)
+        trial.predicted = predicted
         self.trials.append(trial)
         try:
             reuse = self.reuse_for(spec)
@@ -256,14 +305,39 @@ class Search:
             shutil.rmtree(trial.folder, ignore_errors=True)
         return trial
 
-    def step(self, start: Trial, name: str, **changes: Any) -> Trial:
+    def step(self, start: Trial, name: str, **changes: Any) -> Trial | None:
+        """The step measured, or None when the pre-flight says it cannot beat float (then it is not tried)."""
+        spec = dataclasses.replace(start.spec, **changes)
+        predicted = self.predicted_step(start, spec)
+        if predicted is not None and predicted < PRUNE_BELOW and self.spec.objective == Objective.LATENCY:
+            self.prune(name, predicted, f"predicted {predicted:.2f}x of float ({start.name} measured, scaled)")
+            return None
         self.steps_done += 1
         self.note(Note(f"search step {self.steps_done}: {name}"))
         self.progress(Stage.QUANTIZING, min(0.95, 0.5 + 0.03 * self.steps_done))
-        trial = self.run(name, "step", dataclasses.replace(start.spec, **changes), parent=start.name)
+        trial = self.run(name, "step", spec, parent=start.name, predicted=predicted)
         if not trial.within:
             self.discard(trial)
         return trial
+
+    # -- the pre-flight's predictions ------------------------------------------------------------
+
+    def predicted_step(self, start: Trial, spec: Recipe) -> float | None:
+        """A step's speedup as its start measured it, times the change the pre-flight predicts: the one-layer
+        models miss the whole graph's fusions, the ratio between two recipes of one graph less so."""
+        if self.preflight is None or start.speedup is None:
+            return None
+        mine, theirs = self.preflight.predict(spec), self.preflight.predict(start.spec)
+        return None if mine is None or not theirs else start.speedup * mine / theirs
+
+    def prune(self, name: str, predicted: float | None, reason: str) -> None:
+        if self.preflight is not None:
+            rounded = None if predicted is None else round(predicted, 3)
+            self.preflight.pruned.append(PrunedCandidate(name=name, predicted_speedup=rounded, reason=reason))
+
+    def exclusion_cost(self, start: Trial, group: Sequence[str]) -> float | None:
+        """The share of time returning `group` to float adds to `start` (negative: saves), by the pre-flight."""
+        return None if self.preflight is None else self.preflight.exclusion_cost(start.spec, group)
 
     def discard(self, trial: Trial) -> None:
         shutil.rmtree(trial.folder, ignore_errors=True)
@@ -335,9 +409,26 @@ def _confirmed_best(search: Search) -> Trial | None:
         search.retime(best, search.final_runs)
 
 
+def _twin_key(spec: Recipe) -> Recipe:
+    """QDQ and QOperator twins share one key (one calibration, one ranking)."""
+    return dataclasses.replace(spec, format=QuantFormat.QDQ) if spec.mode == Mode.STATIC else spec
+
+
 def _start_points(search: Search) -> list[Trial]:
     best = _confirmed_best(search)
     pool = [t for t in search.trials if t.searchable and t.ok and not t.within]
+    # Of two twins, the search starts from the one closer to the budget (then the faster): the same ranking
+    # would return the same groups to float from both, and the closer one needs fewer.
+    closest: dict[Recipe, Trial] = {}
+
+    def nearness(t: Trial) -> tuple[float, float]:
+        return (t.score.margin() if t.score is not None else -math.inf, t.speedup or 0.0)
+
+    for t in pool:
+        other = closest.get(_twin_key(t.spec))
+        if other is None or nearness(t) > nearness(other):
+            closest[_twin_key(t.spec)] = t
+    pool = [t for t in pool if closest[_twin_key(t.spec)] is t]
     if search.spec.objective == Objective.SIZE:
         pool = [t for t in pool if t.size is not None and (best is None or t.size < (best.size or 0))]
         pool.sort(key=lambda t: t.size or 0)
@@ -348,15 +439,40 @@ def _start_points(search: Search) -> list[Trial]:
     return pool[:MAX_STARTS]
 
 
-def _sensitivity(search: Search, start: Trial) -> SensitivityRanking:
+def _ranked(search: Search, start: Trial) -> tuple[Recipe, Path, str]:
+    """The recipe, model and name the ranking reads: the start itself, or for a QOperator start its QDQ twin
+    (same calibration and nodes; the ranking needs Q/DQ pairs, and nodes_to_exclude works in both formats),
+    the twin candidate's model when there is one."""
     assert start.outcome is not None
-    reuse = search.reuse_for(start.spec)
+    if start.spec.mode != Mode.STATIC or start.spec.format == QuantFormat.QDQ:
+        return start.spec, start.outcome.model_path, start.name
+    twin = dataclasses.replace(start.spec, format=QuantFormat.QDQ)
+    for trial in search.trials:
+        if trial.spec == twin and trial.outcome is not None and trial.outcome.model_path.is_file():
+            return twin, trial.outcome.model_path, trial.name
+    made = quantize(
+        search.model_path,
+        twin,
+        search.workdir / f"twin-{len(search.rankings)}",
+        calibration=search.calibration,
+        reuse=search.reuse_for(twin),
+    )
+    return twin, made.model_path, f"{start.name} (its QDQ twin)"
+
+
+def _sensitivity(search: Search, start: Trial) -> SensitivityRanking:
+    """The ranking of what quantization damages in `start`, made once per QDQ recipe ranked."""
+    ranked_spec, ranked_model, name = _ranked(search, start)
+    known = search.rankings.get(ranked_spec)
+    if known is not None:
+        return known
+    reuse = search.reuse_for(ranked_spec)
     batches = list(search.evaluator.subset(SENSITIVITY_SAMPLES).batches())
     if start.spec.mode == Mode.DYNAMIC:
-        return dynamic_sensitivity(
+        search.rankings[ranked_spec] = dynamic_sensitivity(
             reuse.prepared.path,
             batches,
-            candidate=start.name,
+            candidate=name,
             op_types=[op for op in (start.spec.op_types_to_quantize or ("MatMul", "Gemm")) if op in ("MatMul", "Gemm")],
             per_channel=start.spec.per_channel,
             reduce_range=start.spec.reduce_range,
@@ -365,11 +481,12 @@ def _sensitivity(search: Search, start: Trial) -> SensitivityRanking:
             deadline=search.deadline,
             clock=search.clock,
         )
+        return search.rankings[ranked_spec]
     sens = static_sensitivity(
         reuse.prepared.path,
-        start.outcome.model_path,
+        ranked_model,
         batches,
-        candidate=start.name,
+        candidate=name,
         threads=search.evaluator.threads,
         deadline=search.deadline,
         clock=search.clock,
@@ -382,9 +499,25 @@ def _sensitivity(search: Search, start: Trial) -> SensitivityRanking:
         return min((o.mean_cosine for o in outputs if o.mean_cosine is not None), default=0.0)
 
     confirm_by_ablation(
-        sens, reuse.prepared.path, start.outcome.model_path, closeness, deadline=search.deadline, clock=search.clock
+        sens, reuse.prepared.path, ranked_model, closeness, deadline=search.deadline, clock=search.clock
     )
+    search.rankings[ranked_spec] = sens
     return sens
+
+
+def rank_groups(
+    scored: Sequence[tuple[Sequence[str], float, bool]], cost: Callable[[Sequence[str]], float | None]
+) -> list[list[str]]:
+    """Fallback groups in the order to return them to float: groups whose damage ablation confirmed on the
+    output first, then the rest; within each, most damage per share of time the return to float costs
+    (`cost`: that share, negative when it saves time; None: unknown, taken as free), costs below COST_FLOOR
+    counting as COST_FLOOR. At equal damage the cheaper group comes first, and of two in-budget sets the one
+    built from cheaper groups is the faster."""
+    keyed = []
+    for index, (group, damage, confirmed) in enumerate(scored):
+        share = cost(group) or 0.0
+        keyed.append(((not confirmed, -damage / max(COST_FLOOR, share), share, index), list(group)))
+    return [group for _, group in sorted(keyed, key=lambda entry: entry[0])]
 
 
 def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequence[str]) -> list[list[str]]:
@@ -401,24 +534,27 @@ def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequ
 
 def _mixed_precision(search: Search, start: Trial) -> None:
     search.note(Note(f"ranking sensitivity of {start.name}"))
-    sens = _sensitivity(search, start)
-    search.sensitivities.append(sens)
-    sets = _exclusion_sets(sens.groups(), set(search.facts.node_names), start.spec.nodes_to_exclude or ())
+    try:
+        sens = _sensitivity(search, start)
+    except RuleError:  # a QOperator start whose QDQ twin could not be made: nothing to rank
+        return
+    if not any(s is sens for s in search.sensitivities):
+        search.sensitivities.append(sens)
+    groups = rank_groups(sens.scored_groups(), lambda group: search.exclusion_cost(start, group))
+    sets = _exclusion_sets(groups, set(search.facts.node_names), start.spec.nodes_to_exclude or ())
     if not sets:
         return
-    fits: dict[int, Trial] = {}
 
-    def attempt(k: int) -> Trial:
+    def attempt(k: int) -> Trial | None:
         exclude = sets[k - 1]
-        t = search.step(start, f"{start.name}, {len(exclude)} node(s) in float", nodes_to_exclude=tuple(exclude))
-        if t.within:
-            fits[k] = t
-        return t
+        return search.step(start, f"{start.name}, {len(exclude)} node(s) in float", nodes_to_exclude=tuple(exclude))
 
     best = search.best_eligible()
     lo, hi, k = 0, None, 1
     while search.time_left():
         t = attempt(k)
+        if t is None:  # predicted slower than float: more float only gets slower
+            break
         if t.within:
             hi = k
             break
@@ -429,7 +565,8 @@ def _mixed_precision(search: Search, start: Trial) -> None:
         lo, k = k, min(2 * k, len(sets))
     while hi is not None and hi - lo > 1 and search.time_left():
         mid = (lo + hi) // 2
-        if attempt(mid).within:
+        t = attempt(mid)
+        if t is not None and t.within:
             hi = mid
         else:
             lo = mid
@@ -485,10 +622,14 @@ def auto_quantize(
     note: NoteCallback = no_note,
     meter: Meter | None = None,
     int8: str | None = None,
+    preflight_cache: Path | None = None,
+    kernels: KernelTimer | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[QuantizationOutcome, Evaluation]:
-    """Search (see the module docstring) and evaluate the pick like any job. `meter` and `int8`
-    (the CPU's int8 kind, see `machine.int8_kernels`) are for tests."""
+    """Search (see the module docstring) and evaluate the pick like any job. `preflight_cache`: the folder
+    that keeps the pre-flight's timings of this worker (None: timed anew every job). `meter`, `int8` (the
+    CPU's int8 kind, see `machine.int8_kernels`) and `kernels` (what times the pre-flight's layers) are for
+    tests."""
     if calibration is None:
         raise RuleError(
             "invalid_recipe",
@@ -511,8 +652,8 @@ def auto_quantize(
         max_samples=min(evaluation.max_samples or SEARCH_SAMPLES, SEARCH_SAMPLES),
         threads=evaluation.threads,
     )
+    first = next(iter(evaluator.batches()))
     if meter is None:
-        first = next(iter(evaluator.batches()))
         meter = LatencyMeter(
             model_path, first.feeds, threads=evaluation.threads, warmup_runs=min(3, evaluation.warmup_runs)
         )
@@ -535,19 +676,40 @@ def auto_quantize(
         progress=progress,
         note=note,
     )
-    candidates = candidates_for(
-        facts.op_counts, token_inputs=is_token_model(inputs), int8=int8, objective=spec.objective
-    )
     base = dataclasses.replace(spec, mode=Mode.STATIC)
+    if spec.objective == Objective.LATENCY:
+        threads = evaluation.threads or usable_cores()
+        note(Note("pre-flight: timing float against int8 per layer on this CPU"))
+        search.preflight = preflight(
+            search.prepared_for(dataclasses.replace(base, per_channel=True, **int8_settings(int8))).path,
+            first.feeds,
+            workdir / "preflight",
+            int8=int8,
+            cache=cache_for(preflight_cache, threads),
+            timer=kernels or OrtKernelTimer(threads),
+            deadline=min(search.deadline, started + min(PREFLIGHT_SECONDS, PREFLIGHT_SHARE * spec.max_search_seconds)),
+            clock=clock,
+            threads=threads,
+        )
+        search.preflight.cpu_model = machine_info(threads).cpu_model
+        shutil.rmtree(workdir / "preflight", ignore_errors=True)
+    candidates = candidates_for(
+        facts.op_counts,
+        token_inputs=is_token_model(inputs),
+        int8=int8,
+        objective=spec.objective,
+        s8s8=search.preflight is not None and search.preflight.fast("s8s8", FASTER_MARGIN),
+    )
+    plan = _plan(search, base, candidates)
     progress(Stage.QUANTIZING, 0.0)
-    for k, candidate in enumerate(candidates, start=1):
+    for k, (candidate, recipe, predicted) in enumerate(plan, start=1):
         if k > 1 and not search.time_left():
             break
-        trying = CandidateProgress(k, len(candidates), candidate.name)
-        note(Note(f"candidate {k} of {len(candidates)}: {candidate.name}", trying))
-        progress(Stage.QUANTIZING, 0.5 * (k - 1) / len(candidates))
-        search.run(candidate.name, "candidate", _apply(base, candidate), searchable=candidate.searchable)
-    if not any(t.ok for t in search.trials):
+        trying = CandidateProgress(k, len(plan), candidate.name)
+        note(Note(f"candidate {k} of {len(plan)}: {candidate.name}", trying))
+        progress(Stage.QUANTIZING, 0.5 * (k - 1) / len(plan))
+        search.run(candidate.name, "candidate", recipe, searchable=candidate.searchable, predicted=predicted)
+    if not any(t.ok for t in search.trials) and not (search.preflight and search.preflight.pruned):
         raise RuleError(
             "quantization_failed",
             "Mode auto tried every candidate recipe and none could be produced; see detail for each error.",
@@ -608,6 +770,21 @@ def _apply(base: Recipe, candidate: Candidate) -> Recipe:
     return dataclasses.replace(base, **dict(candidate.changes))
 
 
+def _plan(
+    search: Search, base: Recipe, candidates: Sequence[Candidate]
+) -> list[tuple[Candidate, Recipe, float | None]]:
+    """The candidates to try, with their predicted speedups; those predicted slower than float are pruned."""
+    plan = []
+    for candidate in candidates:
+        recipe = _apply(base, candidate)
+        predicted = search.preflight.predict(recipe) if search.preflight is not None else None
+        if predicted is not None and predicted < PRUNE_BELOW:
+            search.prune(candidate.name, predicted, f"predicted {predicted:.2f}x of float on this CPU")
+            continue
+        plan.append((candidate, recipe, predicted))
+    return plan
+
+
 def _finalists(search: Search, full_runs: int) -> Trial | None:
     """The winner after re-timing the best few with the full run count (None: nothing beats float)."""
     eligible = sorted((t for t in search.trials if search.eligible(t)), key=lambda t: -(t.speedup or 0.0))
@@ -666,8 +843,11 @@ def _float_copy(model_path: Path, facts: ModelFacts, workdir: Path) -> Quantizat
 
 def _summary(search: Search, verdict: Verdict, chosen: Trial | None, full_runs: int, seconds: float) -> AutoSearch:
     name = chosen.name if chosen is not None else FLOAT_NAME
+    summary = search.preflight.summary() if search.preflight is not None else None
     if verdict == Verdict.QUANTIZED:
         headline = f"chose {name}"
+    elif summary is not None and not summary.int8_helps:
+        headline = f"keep float: the pre-flight on this CPU says {summary.verdict}; returned {name}"
     else:
         headline = f"keep float: no model within the budget beats float on {search.spec.objective}; returned {name}"
     return AutoSearch(
@@ -691,6 +871,7 @@ def _summary(search: Search, verdict: Verdict, chosen: Trial | None, full_runs: 
             )
             for s in search.sensitivities
         ],
+        preflight=summary,
     )
 
 
@@ -702,6 +883,12 @@ def _verdict_warnings(search: Search, verdict: Verdict, chosen: Trial | None) ->
         warnings.append(
             f"Keep float: no model within the fidelity budget {what} the float model on this CPU "
             f"({len(search.trials)} measured). The artifact is {artifact}."
+        )
+    if search.preflight is not None and search.preflight.pruned:
+        pruned = search.preflight.pruned
+        warnings.append(
+            f"The pre-flight on this CPU: {search.preflight.verdict()[0]}. Not tried: "
+            f"{', '.join(p.name for p in pruned[:5])}{' and more' if len(pruned) > 5 else ''}."
         )
     if search.out_of_time:
         warnings.append(

@@ -3,9 +3,14 @@
 - The CPU: with int8 dot products (VNNI, AMX, ARM dot product) U8S8 (uint8 activations, int8
   weights) is the fast path; on x86 without them (AVX2 only) U8S8 products can saturate, so
   activations are int8 (S8S8) and weights use 7 bits (`reduce_range`).
-- CNNs (Conv): static QDQ with per-channel weights, whole graph and Conv/MatMul/Gemm only. Dynamic
-  quantization is left out: it makes Conv a ConvInteger, which ONNX Runtime runs at a fraction of
-  float's speed on CPUs (tests/worker/engine/test_auto.py measures it).
+- Static int8, per-channel weights, whole graph (MinMax, Percentile) and Conv/MatMul/Gemm only, each in both
+  formats: QDQ and QOperator run the same kernels yet do not round alike (on a real OCR recognizer whole-model
+  QOperator kept argmax agreement 0.92 where QDQ kept 0.42), and share one calibration. S8S8 (int8
+  activations) on a CPU whose U8S8 path is fast only when the pre-flight measured S8S8 fast there too (on
+  AMX and VNNI Xeons S8S8 ran at 0.2-0.6x of float).
+- Models with Conv and MatMul (text recognizers): a hybrid, static Conv/Gemm and dynamic MatMul.
+- CNNs (Conv): dynamic quantization is left out: it makes Conv a ConvInteger, which ONNX Runtime runs at a
+  fraction of float's speed on CPUs (tests/worker/engine/test_auto.py measures it).
 - MatMul models (transformers, MLPs): static QDQ, dynamic int8, and MatMul/Gemm-only variants of
   both (quantizing LayerNorm, Softmax or the attention mask wrecks transformers); transformers also
   dynamic int8 after ONNX Runtime's transformer fusions, where they find something to fuse. Hybrids
@@ -21,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.recipe import CalibrationMethod, Mode, Objective, QType
+from core.recipe import ActivationType, CalibrationMethod, Mode, Objective, QType, QuantFormat
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 
@@ -32,6 +37,15 @@ class Candidate:
     changes: Mapping[str, Any]  # recipe fields over the job's recipe
     searchable: bool = False  # static or dynamic: mixed precision can start from it
     tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _both_formats(name: str, changes: dict[str, Any]) -> list[Candidate]:
+    """A static candidate as QDQ and as QOperator (which mixed precision ranks on its QDQ twin)."""
+    qoperator = {**changes, "format": QuantFormat.QOPERATOR}
+    return [
+        Candidate(f"static QDQ, {name}", changes, searchable=True),
+        Candidate(f"static QOperator, {name}", qoperator, searchable=True),
+    ]
 
 
 def int8_settings(int8: str) -> dict[str, Any]:
@@ -56,8 +70,9 @@ def model_family(op_counts: Mapping[str, int], token_inputs: bool) -> str:
 
 
 def candidates_for(
-    op_counts: Mapping[str, int], *, token_inputs: bool, int8: str, objective: Objective
+    op_counts: Mapping[str, int], *, token_inputs: bool, int8: str, objective: Objective, s8s8: bool = False
 ) -> list[Candidate]:
+    """`s8s8`: the pre-flight measured static int8 activations fast on this CPU."""
     family = model_family(op_counts, token_inputs)
     static = {"mode": Mode.STATIC, "per_channel": True, **int8_settings(int8)}
     compute = [op for op in COMPUTE_OPS if op_counts.get(op)]
@@ -65,21 +80,20 @@ def candidates_for(
         compute.append("Gemm")  # MatMul+Add may fuse into Gemm in pre-processing
     dynamic = {"mode": Mode.DYNAMIC, "reduce_range": int8 == "avx2"}
     found: list[Candidate] = [
-        Candidate("static QDQ, per-channel, MinMax", static, searchable=True),
-        Candidate(
-            "static QDQ, per-channel, Percentile",
-            {**static, "calibration_method": CalibrationMethod.PERCENTILE},
-            searchable=True,
-        ),
+        *_both_formats("per-channel, MinMax", static),
+        *_both_formats("per-channel, Percentile", {**static, "calibration_method": CalibrationMethod.PERCENTILE}),
     ]
     if compute and len(compute) < len({op for op, n in op_counts.items() if n}):
-        found.append(
-            Candidate(
-                f"static QDQ, per-channel, {'/'.join(compute)} only",
-                {**static, "op_types_to_quantize": tuple(compute)},
-                searchable=True,
-            )
+        found += _both_formats(
+            f"per-channel, {'/'.join(compute)} only", {**static, "op_types_to_quantize": tuple(compute)}
         )
+    if s8s8 and ActivationType(static["activation_type"]) != ActivationType.INT8:
+        found.append(
+            Candidate("static QDQ S8S8, per-channel, MinMax", {**static, "activation_type": ActivationType.INT8}, True)
+        )
+    if op_counts.get("Conv") and op_counts.get("MatMul"):
+        hybrid = {**static, "op_types_to_quantize": ("Conv", "Gemm"), "dynamic_op_types": ("MatMul",)}
+        found.append(Candidate("hybrid: static QDQ Conv/Gemm, dynamic int8 MatMul", hybrid, searchable=True))
     if family in ("transformer", "mlp"):
         matmuls = tuple(op for op in ("MatMul", "Gemm") if op_counts.get(op))
         if not op_counts.get("Conv"):  # in hybrids (a CNN backbone), dynamic Conv is ConvInteger: slow

@@ -194,9 +194,19 @@ class SensitivityRanking:
 
     def groups(self) -> list[list[str]]:
         """Fallback groups, most damaging first (each: node names to leave in float together)."""
+        return [group for group, _, _ in self.scored_groups()]
+
+    def scored_groups(self) -> list[tuple[list[str], float, bool]]:
+        """`groups()` with each group's damage and whether ablation confirmed it: confirmed, the damage is the
+        output fidelity at stake (its gain or loss); otherwise the tensor's (node's) local error."""
         if self.method == "dynamic_simulation":
-            return [n.group for n in self.nodes if n.score > 0]
-        return [t.group for t in self.tensors if (t.score > 0 or t.rank_key()[0] > 0) and t.group]
+            return [(n.group, n.score, False) for n in self.nodes if n.score > 0]
+        scored = []
+        for t in self.tensors:
+            confirmed, local = t.rank_key()
+            if (t.score > 0 or confirmed > 0) and t.group:
+                scored.append((t.group, confirmed if confirmed > 0 else local, confirmed > 0))
+        return scored
 
     def activation_tensors(self) -> list[str]:
         return [t.tensor for t in self.tensors if t.kind == "activation" and t.score > 0]

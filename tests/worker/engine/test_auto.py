@@ -30,22 +30,25 @@ from tests.onnx_models import (
     cancelling_matmuls,
     conv_classifier,
     encoder_inputs,
+    hardswish_net,
     labelled_by_the_model,
     matmul_mlp,
     outlier_encoder,
     spiky_cnn,
     spiky_images,
 )
-from worker.engine.auto import FASTER_MARGIN, auto_quantize
+from tests.worker.engine.layer_timers import TableTimer, fast_int8, hardswish_blocks
+from worker.engine.auto import FASTER_MARGIN, auto_quantize, rank_groups
 from worker.engine.checks import model_facts as engine_model_facts
 from worker.engine.data import model_inputs
 from worker.engine.evaluate import Evaluation, evaluate
 from worker.engine.fidelity import is_token_model
+from worker.engine.preflight import PreflightResult, TimedNode, Timing
 from worker.engine.quantize import preparation, quantize
 from worker.engine.results import QuantizationOutcome
 
 COMPUTE = ("MatMul", "Gemm", "Conv")
-INT8_COMPUTE = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits")
+INT8_COMPUTE = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits", "QLinearConv", "QLinearMatMul")
 FLOAT_MS = 10.0
 FEW_RUNS = EvaluationSpec(latency_runs=3, warmup_runs=1, max_seconds=60)
 
@@ -107,9 +110,12 @@ def _run(
     meter: Any,
     *,
     evaluation: EvaluationSpec = FEW_RUNS,
+    kernels: TableTimer | None = None,
+    preflight_cache: Path | None = None,
     **recipe: Any,
 ) -> tuple[QuantizationOutcome, Evaluation, dict[str, Any]]:
-    """Mode auto on `data` (calibration and evaluation both); `meter` None times on this CPU."""
+    """Mode auto on `data` (calibration and evaluation both); `meter` None times on this CPU (the pre-flight
+    too); with a meter the pre-flight's layers time as `kernels` says (default: int8 faster, S8S8 slower)."""
     np.savez(tmp / "data.npz", **data)
     source = DatasetSource(tmp / "data.npz", "npz")
     notes: list[Note] = []
@@ -122,6 +128,8 @@ def _run(
         data=source,
         meter=meter,
         int8="vnni" if meter is not None else None,
+        kernels=kernels or (fast_int8() if meter is not None else None),
+        preflight_cache=preflight_cache,
         note=notes.append,
     )
     NOTES[id(outcome)] = notes
@@ -170,8 +178,9 @@ def test_all_int8_misses_the_floor_and_mixed_precision_meets_it(
     assert all(
         n.text == f"candidate {n.candidate.index} of {len(names)}: {n.candidate.name}" for n in notes if n.candidate
     )
-    first_step = next(i for i, n in enumerate(notes) if n.candidate is None)
-    assert all(n.candidate is None for n in notes[first_step:]) and notes[-1].text.startswith("evaluating ")
+    after = notes[max(i for i, n in enumerate(notes) if n.candidate is not None) + 1 :]
+    assert after and all(n.candidate is None for n in after) and notes[-1].text.startswith("evaluating ")
+    assert notes[0].text.startswith("pre-flight") and notes[0].candidate is None
 
 
 def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
@@ -222,7 +231,8 @@ def test_every_search_step_is_measured_and_the_sixteen_bit_and_op_type_steps_are
     assert static_starts
     for start in static_starts:
         names = [s["name"] for s in steps if s["parent"] == start]
-        assert any("16-bit activations on" in n for n in names), names
+        if "QOperator" not in start:  # 16-bit activations are Q/DQ pairs
+            assert any("16-bit activations on" in n for n in names), names
         assert any(n.endswith("left in float") for n in names), names
 
 
@@ -244,6 +254,9 @@ class _LoopSearch:
         return True
 
     def best_eligible(self) -> None:
+        return None
+
+    def exclusion_cost(self, start: Any, group: Any) -> None:
         return None
 
     def step(self, start: Any, name: str, nodes_to_exclude: tuple[str, ...]) -> Any:
@@ -268,7 +281,7 @@ def test_mixed_precision_returns_groups_to_float_in_doubling_steps_then_bisects(
     elementwise op type left in float."""
     auto_module = importlib.import_module("worker.engine.auto")
     sets = [[f"n{i}" for i in range(k)] for k in range(1, 11)]  # the top k groups, one node each
-    monkeypatch.setattr(auto_module, "_sensitivity", lambda search, start: SimpleNamespace(groups=list))
+    monkeypatch.setattr(auto_module, "_sensitivity", lambda search, start: SimpleNamespace(scored_groups=list))
     monkeypatch.setattr(auto_module, "_exclusion_sets", lambda groups, names, excluded: sets)
     after: list[tuple[Any, ...]] = []
     monkeypatch.setattr(auto_module, "_sixteen_bit_step", lambda search, start, sens, k: after.append(("16-bit", k)))
@@ -554,6 +567,7 @@ def test_the_time_budget_stops_the_search(tmp_path: Path) -> None:
         data=source,
         meter=OpsMeter(),
         int8="vnni",
+        kernels=fast_int8(),
         clock=lambda: float(next(ticks)),
     )
     search = _search(outcome)
@@ -578,22 +592,30 @@ def test_the_time_budget_stops_the_search(tmp_path: Path) -> None:
     ],
 )
 def test_the_candidates_are_the_ones_the_readme_lists(tmp_path: Path, kind: str, build: Any, dynamic: set[str]) -> None:
-    """The README's mode auto section: static QDQ per-channel (MinMax, Percentile, compute ops only),
-    dynamic int8 and its MatMul/Gemm-only variant for MatMul models but not CNNs, the MatMul-only one
-    for hybrids, dynamic int8 after transformer fusion for transformers, float16; with objective size,
-    weight-only int4 for MatMul models."""
+    """The README's mode auto section: static per-channel (MinMax, Percentile, compute ops only) as QDQ and
+    as QOperator, dynamic int8 and its MatMul/Gemm-only variant for MatMul models but not CNNs, for models
+    with Conv and MatMul the MatMul-only one and the static Conv/dynamic MatMul hybrid, dynamic int8 after
+    transformer fusion for transformers, float16; with objective size, weight-only int4 for MatMul models."""
     from worker.engine.candidates import candidates_for
 
     model = build(tmp_path / f"{kind}.onnx")
     facts = engine_model_facts(model)
     token = is_token_model(model_inputs(model))
     latency = {c.name: c for c in candidates_for(facts.op_counts, token_inputs=token, int8="vnni", objective="latency")}
-    static = {name for name, c in latency.items() if c.changes["mode"] == "static"}
-    assert {"static QDQ, per-channel, MinMax", "static QDQ, per-channel, Percentile"} < static, static
-    only = static - {"static QDQ, per-channel, MinMax", "static QDQ, per-channel, Percentile"}
-    [compute_only] = only
-    assert set(latency[compute_only].changes["op_types_to_quantize"]) <= {"Conv", "MatMul", "Gemm"}
+    static = {
+        name for name, c in latency.items() if c.changes["mode"] == "static" and "dynamic_op_types" not in c.changes
+    }
+    for method in ("MinMax", "Percentile"):  # in both formats, from one calibration
+        assert {f"static QDQ, per-channel, {method}", f"static QOperator, per-channel, {method}"} <= static, static
+    only = {name for name in static if name.endswith(" only")}
+    assert {name.split(",")[0] for name in only} == {"static QDQ", "static QOperator"} and len(only) == 2, only
+    for name in static:
+        assert latency[name].changes.get("format", "qdq") == ("qoperator" if "QOperator" in name else "qdq")
+        assert set(latency[name].changes.get("op_types_to_quantize") or COMPUTE) <= set(COMPUTE)
     assert all(latency[name].changes["per_channel"] for name in static)
+    assert not any("S8S8" in name for name in latency), "S8S8 only where the pre-flight measured it fast"
+    hybrid = {name for name, c in latency.items() if "dynamic_op_types" in c.changes}
+    assert hybrid == ({"hybrid: static QDQ Conv/Gemm, dynamic int8 MatMul"} if kind == "recognizer" else set())
     assert {name for name, c in latency.items() if c.changes["mode"] == "dynamic"} == dynamic
     assert "float16" in latency
     size = [c.name for c in candidates_for(facts.op_counts, token_inputs=token, int8="vnni", objective="size")]
@@ -730,3 +752,133 @@ def test_auto_keeps_the_weights_in_float_where_every_int8_recipe_breaks_the_budg
     accuracy = measured.comparison.accuracy
     assert accuracy is not None and accuracy.original == 1.0 and (accuracy.delta or 0) >= -0.05, accuracy
     onnx.checker.check_model(str(outcome.model_path))
+
+
+# --------------------------------------------------------------------------------------------
+# The pre-flight, QOperator, S8S8 and the speed-aware ranking (issue #22, points 2, 3 and 6)
+
+
+class FormatMeter(EachOnItsOwn):
+    """QOperator models (QLinearConv, QLinearMatMul) run at `qoperator` times float's p50, QDQ models at `qdq`
+    times, the others (float16) as float; a deterministic stand-in for a CPU where QOperator is the faster."""
+
+    def __init__(self, *, qoperator: float = 0.5, qdq: float = 0.8) -> None:
+        self.qoperator, self.qdq = qoperator, qdq
+
+    def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
+        ops = {n.op_type for n in onnx.load(str(candidate), load_external_data=False).graph.node}
+        if ops & {"QLinearConv", "QLinearMatMul"}:
+            return FLOAT_MS, FLOAT_MS * self.qoperator
+        return FLOAT_MS, FLOAT_MS * (self.qdq if "DequantizeLinear" in ops else 1.0)
+
+
+def test_where_int8_is_slower_the_preflight_keeps_float_without_searching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HardSwish net on a CPU where its HardSwish islands cost more than int8 convs save: no int8 model is
+    made, scored or timed (float16, a size option, is the one candidate), the verdict is keep_float, and the
+    result says why. A second search with the same cache folder times no layer again."""
+    auto_module = importlib.import_module("worker.engine.auto")
+    made: list[str] = []
+    real_quantize = auto_module.quantize
+
+    def counting(model: Path, spec: Recipe, *args: Any, **kwargs: Any) -> QuantizationOutcome:
+        made.append(str(spec.mode))
+        return real_quantize(model, spec, *args, **kwargs)
+
+    monkeypatch.setattr(auto_module, "quantize", counting)
+    model = hardswish_net(tmp_path / "hs.onnx", channels=16, size=32, blocks=2)
+    data = {"x": np.random.default_rng(0).normal(0, 1, (8, 1, 3, 32, 32)).astype(np.float32)}
+    meter, kernels = OpsMeter(), hardswish_blocks()
+    cache = tmp_path / "preflight-cache"
+    _, _, search = _run(tmp_path, model, data, meter, kernels=kernels, preflight_cache=cache)
+    assert made == ["fp16"], made
+    assert [c["recipe"]["mode"] for c in search["candidates"]] == ["fp16"] and search["steps"] == []
+    assert search["verdict"] == "keep_float" and search["headline"].startswith("keep float: the pre-flight")
+    pre = search["preflight"]
+    assert not pre["int8_helps"] and "int8 will not help here" in pre["verdict"], pre["verdict"]
+    assert "Conv 1.5x" in pre["verdict"] and "blocks" in pre["verdict"], pre["verdict"]
+    pruned = {p["name"]: p["predicted_speedup"] for p in pre["pruned"]}
+    assert {"static QDQ, per-channel, MinMax", "static QOperator, per-channel, MinMax"} <= set(pruned)
+    assert all(0 < speedup < 1 for speedup in pruned.values()), pruned
+    assert pre["layers_cached"] == 0 and len(kernels.timed) == pre["layers"] > 0
+
+    again = hardswish_blocks()
+    _, _, second = _run(tmp_path, model, data, OpsMeter(), kernels=again, preflight_cache=cache)
+    assert again.timed == [] and second["preflight"]["layers_cached"] == pre["layers"]
+    assert second["preflight"]["verdict"] == pre["verdict"]
+
+
+def test_qoperator_is_tried_beside_qdq_and_chosen_where_it_runs_faster(tmp_path: Path) -> None:
+    model = conv_classifier(tmp_path / "conv.onnx", size=16, hidden=16)
+    data = {"input": np.random.default_rng(0).normal(0, 1, (16, 1, 3, 16, 16)).astype(np.float32)}
+    _, _, search = _run(tmp_path, model, data, FormatMeter(), fidelity={"metric": "cosine", "min": 0.9})
+    tried = {c["name"]: c for c in search["candidates"]}
+    for method in ("MinMax", "Percentile"):
+        qdq, qoperator = tried[f"static QDQ, per-channel, {method}"], tried[f"static QOperator, per-channel, {method}"]
+        assert qdq["error"] is None and qoperator["error"] is None
+        assert qoperator["recipe"] == {**qdq["recipe"], "format": "qoperator"}
+        assert qoperator["predicted_speedup"] > 1  # fast_int8's layers
+    assert search["verdict"] == "quantized"
+    assert search["effective_recipe"]["format"] == "qoperator", search["chosen"]
+    assert "QOperator" in search["chosen"]
+
+
+def test_mixed_precision_searches_in_qoperator_format_ranked_on_its_qdq_twin(tmp_path: Path) -> None:
+    """The sensitive first conv: every whole-model candidate misses the budget. The QOperator start (the faster)
+    is ranked on its QDQ twin, whose ranking is made once, and its steps keep format qoperator with the
+    sensitive node in float (nodes_to_exclude works in both formats)."""
+    model = spiky_cnn(tmp_path / "cnn.onnx")
+    _, _, search = _run(tmp_path, model, {"input": spiky_images(24)}, FormatMeter())
+    steps = [s for s in search["steps"] if s["recipe"]["format"] == "qoperator"]
+    assert steps and all(s["parent"].startswith("static QOperator") for s in steps)
+    fitting = [s for s in steps if s["within_budget"]]
+    assert fitting and all("first_conv" in (s["recipe"]["nodes_to_exclude"] or []) for s in fitting)
+    assert search["effective_recipe"]["format"] == "qoperator" and search["chosen"] in {s["name"] for s in fitting}
+    ranked = [entry["candidate"] for entry in search["sensitivity"]]
+    assert len(ranked) == len(set(ranked)) and all("QOperator" not in name for name in ranked), ranked
+
+
+@pytest.mark.parametrize(("s8s8", "offered"), [(3.0, True), (0.5, False)])
+def test_s8s8_is_offered_only_where_the_preflight_measured_it_fast(tmp_path: Path, s8s8: float, offered: bool) -> None:
+    model = conv_classifier(tmp_path / "conv.onnx", size=16, hidden=16)
+    data = {"input": np.random.default_rng(0).normal(0, 1, (8, 1, 3, 16, 16)).astype(np.float32)}
+    kernels = TableTimer({"qdq": 2.0, "qoperator": 2.0, "s8s8": s8s8, "dynamic": 2.0})
+    _, _, search = _run(tmp_path, model, data, OpsMeter(), kernels=kernels)
+    s8s8_trials = [c for c in search["candidates"] if c["recipe"]["activation_type"] == "int8"]
+    assert bool(s8s8_trials) == offered, [c["name"] for c in search["candidates"]]
+    if offered:
+        assert s8s8_trials[0]["name"] == "static QDQ S8S8, per-channel, MinMax" and s8s8_trials[0]["error"] is None
+    assert (search["preflight"]["speedups"]["s8s8"] > 1) == offered
+
+
+def test_the_ranker_prefers_the_group_whose_return_to_float_costs_less_at_equal_damage() -> None:
+    """The pre-flight's costs: returning the big conv to float gives up most of the int8 gain; the small one
+    gains little from int8, and in float it spares the HardSwish before it a conversion: it saves time. Of equal
+    damage the cheaper group goes first; without costs (objective size) damage alone decides, as before;
+    confirmed damage precedes local error."""
+    conv = Timing(float_ms=4.0, island_ms=4.4, int8_ms={"qdq": 1.0})
+    small = Timing(float_ms=0.2, island_ms=0.3, int8_ms={"qdq": 0.18})
+    act = Timing(float_ms=0.2, island_ms=0.8)
+    nodes = {
+        "big_conv": TimedNode("big_conv", "Conv", "big", (), ("act",)),
+        "act": TimedNode("act", "HardSwish", "act", ("big_conv",), ("small_conv",)),
+        "small_conv": TimedNode("small_conv", "Conv", "small", ("act",), ()),
+    }
+    result = PreflightResult("vnni", nodes, {"big": conv, "small": small, "act": act}, all_nodes=3)
+    spec = Recipe(mode="static")
+    cost = {name: result.exclusion_cost(spec, [name]) for name in nodes}
+    assert cost["big_conv"] > 0 > cost["small_conv"]  # type: ignore[operator]
+    scored = [(["big_conv"], 0.1, True), (["small_conv"], 0.1, True)]
+    assert rank_groups(scored, lambda group: result.exclusion_cost(spec, group)) == [["small_conv"], ["big_conv"]]
+    assert rank_groups(scored, lambda group: None) == [["big_conv"], ["small_conv"]]
+    saves = [(["free"], 0.1, True), (["saves"], 0.1, True)]
+    assert rank_groups(saves, lambda group: {"free": 0.0, "saves": -0.05}[group[0]]) == [["saves"], ["free"]]
+    damage = [(["a"], 0.05, True), (["b"], 0.2, True), (["local"], 0.9, False)]
+    assert rank_groups(damage, lambda group: None) == [["b"], ["a"], ["local"]]
+    # A group with four times the damage outranks one that costs three times less: damage per cost.
+    costs = {"cheap": 0.1, "dear": 0.3}
+    assert rank_groups([(["cheap"], 0.1, True), (["dear"], 0.4, True)], lambda group: costs[group[0]]) == [
+        ["dear"],
+        ["cheap"],
+    ]

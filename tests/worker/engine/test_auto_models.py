@@ -114,7 +114,7 @@ def test_recognizer_all_int8_misses_the_floor_and_mixed_precision_meets_it(recog
     recipe = search["effective_recipe"]
     assert recipe["mode"] == "static" and "p2o.MatMul.0" in recipe["nodes_to_exclude"]
     convs = [n for n in recipe["nodes_to_exclude"] if n.startswith("p2o.Conv.")]
-    assert convs == ["p2o.Conv.6"] and len(recipe["nodes_to_exclude"]) <= 6  # of 7 convs
+    assert convs == ["p2o.Conv.6"] and len(recipe["nodes_to_exclude"]) <= 8  # of 7 convs and 93 nodes
     rescored = _rescored(recognizer_ops)
     assert rescored.metric == "agreement" and rescored.within_budget, rescored.to_dict()
 
@@ -122,7 +122,8 @@ def test_recognizer_all_int8_misses_the_floor_and_mixed_precision_meets_it(recog
 def test_recognizer_sensitivity_finds_the_outlier_chain(recognizer_ops: Searched) -> None:
     """No member of the chain wins anything back alone (the others still crush the same channels);
     each one quantized alone, the rest in float, loses fidelity: that is what ranks them first."""
-    rankings = recognizer_ops.sensitivity()
+    # The hybrid quantizes the chain's MatMul dynamically, so its static ranking holds one member at most.
+    rankings = [r for r in recognizer_ops.sensitivity() if not r["candidate"].startswith("hybrid")]
     assert len(rankings) >= 2
     for ranking in rankings:
         # The chain's members the candidate quantized (Conv/MatMul-only leaves the Mul alone) come first.

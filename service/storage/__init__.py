@@ -7,12 +7,15 @@ from service.settings import Settings
 from service.storage.base import (
     CHUNK,
     BesideHash,
+    DirectUploads,
     HashedWrite,
+    ObjectCorrupt,
     ObjectMissing,
     ObjectWriter,
     Storage,
     StorageUnavailable,
     StoredObject,
+    UploadedPart,
     sha256_file,
 )
 from service.storage.local import LocalStorage
@@ -21,14 +24,17 @@ from service.storage.s3 import S3Storage
 __all__ = [
     "CHUNK",
     "BesideHash",
+    "DirectUploads",
     "HashedWrite",
     "LocalStorage",
+    "ObjectCorrupt",
     "ObjectMissing",
     "ObjectWriter",
     "S3Storage",
     "Storage",
     "StorageUnavailable",
     "StoredObject",
+    "UploadedPart",
     "open_storage",
     "sha256_file",
 ]

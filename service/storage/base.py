@@ -83,6 +83,44 @@ class ObjectMissing(FileNotFoundError):
     """No object is stored under the key (it was deleted): trying again will not bring it back."""
 
 
+class ObjectCorrupt(Exception):
+    """The stored bytes do not hash to the sha256 they were expected to: trying again will not mend them.
+    Not an OSError: the store answered, the bytes are wrong."""
+
+    def __init__(self, key: str, expected: str, actual: str) -> None:
+        super().__init__(f"{key!r} hashes to {actual}, not {expected}")
+        self.key, self.expected, self.actual = key, expected, actual
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    number: int
+    size_bytes: int
+    etag: str
+
+
+class DirectUploads(Protocol):
+    """Multipart uploads whose parts the client sends to the store itself, each to a presigned URL, so
+    the bytes never pass through the service; the object exists once `complete_upload` joins the parts."""
+
+    def start_upload(self, key: str) -> str:
+        """A new multipart upload to `key`; its id."""
+        ...
+
+    def part_url(self, key: str, upload_id: str, number: int, size_bytes: int, *, expires_s: int) -> str:
+        """A URL the client PUTs part `number` to, exactly `size_bytes` long, valid `expires_s` seconds."""
+        ...
+
+    def uploaded_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        """The parts the store holds, by number; ObjectMissing when the upload is gone (completed or aborted)."""
+        ...
+
+    def complete_upload(self, key: str, upload_id: str, parts: list[UploadedPart]) -> None: ...
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Best effort: what is left is removed by `delete_prefix` or the store's lifecycle rule."""
+        ...
+
+
 class ObjectWriter(Protocol):
     """Bytes pushed into a new object: invisible until `commit`, gone after `abort`."""
 
@@ -109,8 +147,11 @@ class Storage(Protocol):
         ...
 
     def size(self, key: str) -> int: ...
-    def download(self, key: str, dest: Path) -> None:
-        """Write the object to `dest` (a new file in a folder the caller owns); no file when it fails."""
+    def download(self, key: str, dest: Path, *, sha256: str | None = None) -> None:
+        """Write the object to `dest` (a new file in a folder the caller owns); no file when it fails.
+        `sha256`: the bytes are hashed on their way and ObjectCorrupt raised (no file) unless they hash to
+        it. A backend that moves no bytes (local: a hard link) checks nothing: it stores only what the
+        service wrote and hashed itself."""
         ...
 
     def keys(self, prefix: str) -> list[str]:
@@ -124,6 +165,9 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def check(self) -> None: ...
+    def direct_uploads(self) -> DirectUploads | None:
+        """The store's presigned multipart uploads, or None when it has none (local storage)."""
+        ...
 
 
 def checked_key(key: str) -> PurePosixPath:

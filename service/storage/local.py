@@ -89,7 +89,8 @@ class LocalStorage:
         except FileNotFoundError as exc:
             raise ObjectMissing(f"no stored object {key!r}") from exc
 
-    def download(self, key: str, dest: Path) -> None:
+    def download(self, key: str, dest: Path, *, sha256: str | None = None) -> None:
+        """`sha256` is not checked: every object here was written, and hashed, by the service itself."""
         src = self._path(key)
         try:
             os.link(src, dest)  # stored files are never changed in place, so a link is a copy
@@ -130,6 +131,10 @@ class LocalStorage:
         probe = self.tmp / f"ready-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
+
+    def direct_uploads(self) -> None:
+        """None: clients send their files through the API, which is the only way into this folder."""
+        return None
 
 
 class _LocalWriter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -24,10 +25,20 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
-from service.storage.base import CHUNK, BesideHash, ObjectMissing, StorageUnavailable, StoredObject, checked_key
+from service.storage.base import (
+    CHUNK,
+    BesideHash,
+    ObjectCorrupt,
+    ObjectMissing,
+    StorageUnavailable,
+    StoredObject,
+    UploadedPart,
+    checked_key,
+)
 
 T = TypeVar("T")
-MISSING = {"404", "NoSuchKey", "NotFound"}
+MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+NO_SUCH_UPLOAD = frozenset({"NoSuchUpload"})
 PARALLEL_PARTS = 2  # parts uploaded at once (memory: this many parts plus the one filling)
 MIN_WINDOW = 64 << 10  # what a ranged read fetches at least: a header and what follows it
 MAX_WINDOW = 8 << 20  # ... at most, after reads that kept moving forward
@@ -70,12 +81,14 @@ class S3Storage:
     def _key(self, key: str) -> str:
         return self.prefix + checked_key(key).as_posix()
 
-    def _call(self, fn: Callable[..., T], key: str | None = None, **kwargs: Any) -> T:
+    def _call(
+        self, fn: Callable[..., T], key: str | None = None, *, missing: frozenset[str] = MISSING, **kwargs: Any
+    ) -> T:
         try:
             return fn(Bucket=self.bucket, **({"Key": self._key(key)} if key is not None else {}), **kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in MISSING and key is not None:
+            if code in missing and key is not None:
                 raise ObjectMissing(f"no stored object {key!r}") from exc
             raise StorageUnavailable(f"object storage refused {fn.__name__}: {code or exc}") from exc
         except BotoCoreError as exc:
@@ -127,7 +140,8 @@ class S3Storage:
     def iter_bytes(
         self, key: str, chunk_size: int = CHUNK, *, start: int = 0, end: int | None = None
     ) -> Iterator[bytes]:
-        extra = {"Range": f"bytes={start}-{'' if end is None else end}"} if start or end is not None else {}
+        ranged = start or end is not None
+        extra: dict[str, Any] = {"Range": f"bytes={start}-{'' if end is None else end}"} if ranged else {}
         body = self._call(self.client.get_object, key, **extra)["Body"]
         try:
             yield from body.iter_chunks(chunk_size)
@@ -139,21 +153,27 @@ class S3Storage:
     def size(self, key: str) -> int:
         return int(self._call(self.client.head_object, key)["ContentLength"])
 
-    def download(self, key: str, dest: Path) -> None:
+    def download(self, key: str, dest: Path, *, sha256: str | None = None) -> None:
         chunks = self.iter_bytes(key, 4 * CHUNK)
         first = next(chunks, b"")  # the GET: a missing key or a dead store fails before `dest` exists
+        digest = BesideHash() if sha256 is not None else None
         try:
             with dest.open("xb") as f:
-                f.write(first)
-                for chunk in chunks:
+                for chunk in itertools.chain([first], chunks):
+                    if digest is not None:
+                        digest.update(chunk)  # beside the write
                     f.write(chunk)
+            if digest is not None and (actual := digest.hexdigest()) != sha256:
+                raise ObjectCorrupt(key, str(sha256), actual)
         except BaseException:
+            if digest is not None:
+                digest.cancel()
             dest.unlink(missing_ok=True)
             raise
 
     def keys(self, prefix: str) -> list[str]:
         found: list[str] = []
-        token: dict[str, str] = {}
+        token: dict[str, Any] = {}
         while True:
             page = self._call(self.client.list_objects_v2, Prefix=self.prefix + prefix, **token)
             found += [obj["Key"][len(self.prefix) :] for obj in page.get("Contents", [])]
@@ -190,6 +210,49 @@ class S3Storage:
     def check(self) -> None:
         """Raise StorageUnavailable unless the bucket answers."""
         self._call(self.client.head_bucket)
+
+    # -- uploads whose parts the client sends itself (`DirectUploads`) ------------------------------
+
+    def direct_uploads(self) -> S3Storage:
+        return self
+
+    def start_upload(self, key: str) -> str:
+        return str(self._call(self.client.create_multipart_upload, key)["UploadId"])
+
+    def part_url(self, key: str, upload_id: str, number: int, size_bytes: int, *, expires_s: int) -> str:
+        # Content-Length is signed: the store refuses a part of any other size (AWS, MinIO; moto does not check).
+        params = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "UploadId": upload_id,
+            "PartNumber": number,
+            "ContentLength": size_bytes,
+        }
+        url: str = self.client.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires_s)
+        return url
+
+    def uploaded_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        parts: list[UploadedPart] = []
+        marker: dict[str, Any] = {}
+        while True:
+            page = self._call(self.client.list_parts, key, missing=NO_SUCH_UPLOAD, UploadId=upload_id, **marker)
+            parts += [UploadedPart(int(p["PartNumber"]), int(p["Size"]), str(p["ETag"])) for p in page.get("Parts", [])]
+            if not page.get("IsTruncated"):
+                return parts
+            marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
+
+    def complete_upload(self, key: str, upload_id: str, parts: list[UploadedPart]) -> None:
+        listed = [{"PartNumber": p.number, "ETag": p.etag} for p in sorted(parts, key=lambda p: p.number)]
+        self._call(
+            self.client.complete_multipart_upload,
+            key,
+            missing=NO_SUCH_UPLOAD,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": listed},
+        )
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self._abort(key, upload_id)
 
 
 class S3Writer:

@@ -14,9 +14,9 @@ class Counting(LocalStorage):
         super().__init__(root)
         self.downloads: list[str] = []
 
-    def download(self, key: str, dest: Path) -> None:
+    def download(self, key: str, dest: Path, *, sha256: str | None = None) -> None:
         self.downloads.append(key)
-        super().download(key, dest)
+        super().download(key, dest, sha256=sha256)
 
 
 def _store(storage: LocalStorage, tmp_path: Path, key: str, size: int) -> str:

@@ -55,6 +55,9 @@ class JobFile:
     evaluation_data: DatasetSource | None = None
     reused_calibration: bool = False  # the evaluation data is the calibration data
     reference_model_path: Path | None = None  # mode compare: the float model to compare with
+    # Mode auto: the worker's folder of pre-flight timings, kept across jobs (`Settings.preflight_cache_dir`);
+    # None: the pre-flight times every layer again.
+    preflight_cache: Path | None = None
 
     def write(self, workdir: Path) -> None:
         (workdir / JOB_FILE).write_bytes(_JOB.dump_json(self))

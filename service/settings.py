@@ -202,6 +202,12 @@ class Settings(BaseSettings):
         return self.resolved_data_dir / "cache"
 
     @property
+    def preflight_cache_dir(self) -> Path:
+        """Mode auto's pre-flight timings per CPU and ONNX Runtime version, kept across a worker's jobs (a dot
+        folder: the input cache's eviction passes over it)."""
+        return self.cache_dir / ".preflight"
+
+    @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.resolved_data_dir / 'qaas.db'}"
 

@@ -84,6 +84,7 @@ def _run(
             reused_calibration=job.reused_calibration,
             progress=progress,
             note=note,
+            preflight_cache=job.preflight_cache,
         )
     if recipe.mode == Mode.COMPARE:
         progress(Stage.EVALUATING, 0.0)

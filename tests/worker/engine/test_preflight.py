@@ -146,3 +146,40 @@ def test_layers_are_built_quantized_and_timed_on_this_cpu(
     assert not by_op.get("HardSigmoid", by_op.get("HardSwish")), by_op
     assert "dynamic" in by_op["Gemm"], by_op
     assert result.verdict()[0]
+
+
+def test_the_job_file_hands_the_workers_cache_folder_to_mode_auto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker names the folder (`Settings.preflight_cache_dir`: a dot folder under the input cache, whose
+    eviction passes over dot names), the job file carries it, the engine hands it to the search."""
+    from core.evaluation import EvaluationSpec
+    from core.jobfile import JobFile
+    from core.model import TensorSpec
+    from service.settings import Settings
+    from worker.engine import job as job_module
+    from worker.sandbox import job_limits
+
+    settings = Settings(data_dir=tmp_path / "var")
+    assert settings.preflight_cache_dir.parent == settings.cache_dir
+    assert settings.preflight_cache_dir.name.startswith(".")
+    spec = JobFile(
+        job_id="job-1",
+        model_path=tmp_path / "m.onnx",
+        inputs=(TensorSpec("x", "float32", (1, 16)),),
+        recipe=Recipe(mode="auto"),
+        evaluation=EvaluationSpec(),
+        limits=job_limits(memory_bytes=0, timeout_s=60, file_bytes=0, open_files=0),
+        preflight_cache=settings.preflight_cache_dir,
+    )
+    spec.write(tmp_path)
+    handed: dict[str, Any] = {}
+
+    def search(*args: Any, **kwargs: Any) -> Any:
+        handed.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(job_module, "auto_quantize", search)
+    with pytest.raises(RuntimeError):
+        job_module._run(JobFile.read(tmp_path), spec.model_path, tmp_path / "engine", lambda *a: None, lambda n: None)
+    assert handed["preflight_cache"] == settings.preflight_cache_dir

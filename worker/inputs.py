@@ -5,18 +5,25 @@ busy worker does not fetch the same model for every job.
 
 The cache holds whole files only: a download goes to a temporary name and is renamed into place.
 Least recently used files go first when a new one would pass the bound; a file a running job has
-linked stays readable through its link after it left the cache."""
+linked stays readable through its link after it left the cache.
+
+A sha256 may be the client's word, not the service's (external data uploaded straight to the object
+store, `POST /v1/uploads`): a download is hashed on its way and refused (`input_corrupt`) unless it
+matches, and a cached file serves a key only once that key's own bytes were seen to hash to it, so
+declaring another tenant's sha256 never brings their file into a job."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
 import uuid
 from pathlib import Path
 
-from service.storage import Storage
+from core.errors import RuleError
+from service.storage import ObjectCorrupt, Storage
 
 
 class InputCache:
@@ -24,6 +31,7 @@ class InputCache:
         self.storage = storage
         self.folder = folder
         self.max_bytes = max_bytes
+        self.seen = folder.with_name(folder.name + ".seen")  # marks beside the cache, which holds only files
 
     def fetch(self, key: str, sha256: str, size: int, dest: Path, *, copy: bool = False) -> Path:
         """The stored object `key` (whose content hashes to `sha256`) as the new file `dest`:
@@ -31,18 +39,20 @@ class InputCache:
         external data from a file with several links, a guard against hard-link attacks)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         if size > self.max_bytes:  # would never fit: straight into the job's folder
-            self.storage.download(key, dest)
+            self._download(key, sha256, dest)
             return dest
         cached = self.folder / sha256
-        if not cached.is_file():
+        if not (cached.is_file() and self._mark(key, sha256).exists()):
             self._make_room(size)
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".{uuid.uuid4().hex}.part"
             try:
-                self.storage.download(key, tmp)
+                self._download(key, sha256, tmp)
                 os.replace(tmp, cached)  # another process may have won the race: same bytes
             finally:
                 tmp.unlink(missing_ok=True)
+            self.seen.mkdir(parents=True, exist_ok=True)
+            self._mark(key, sha256).touch()
         with contextlib.suppress(OSError):
             os.utime(cached)  # most recently used
         if copy:
@@ -53,6 +63,23 @@ class InputCache:
         except OSError:  # the work dir is on another file system
             shutil.copyfile(cached, dest)
         return dest
+
+    def _download(self, key: str, sha256: str, dest: Path) -> None:
+        try:
+            self.storage.download(key, dest, sha256=sha256)
+        except ObjectCorrupt as exc:
+            name = key.rsplit("/", 1)[-1]
+            raise RuleError(
+                "input_corrupt",
+                f"The stored file {name!r} does not match the sha256 recorded for it when it was uploaded "
+                f"({exc.expected}; its bytes hash to {exc.actual}): the upload sent other bytes than it declared. "
+                "Upload it again and start a new job.",
+                {"file_name": name, "sha256_recorded": exc.expected, "sha256_stored": exc.actual},
+            ) from exc
+
+    def _mark(self, key: str, sha256: str) -> Path:
+        """Present once `key`'s bytes were seen to hash to `sha256`; goes with the cached file."""
+        return self.seen / f"{sha256}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
     def _make_room(self, incoming: int) -> None:
         if not self.folder.is_dir():
@@ -72,4 +99,6 @@ class InputCache:
             if total + incoming <= self.max_bytes:
                 return
             path.unlink(missing_ok=True)
+            for mark in self.seen.glob(f"{path.name}-*"):
+                mark.unlink(missing_ok=True)
             total -= size

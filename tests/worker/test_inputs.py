@@ -1,11 +1,17 @@
-"""A worker's input cache: keyed by sha256, bounded, and never a path into storage."""
+"""A worker's input cache: keyed by sha256, bounded, never a path into storage, and never a file whose
+bytes are not the ones recorded for its key."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+import pytest
+
+from core.errors import RuleError
+from service.settings import Settings
 from service.storage import LocalStorage
+from service.storage.s3 import S3Storage
 from worker.inputs import InputCache
 
 
@@ -47,3 +53,31 @@ def test_each_input_is_downloaded_once_and_the_cache_stays_bounded(tmp_path: Pat
     too_big = _store(storage, tmp_path, "models/d/model.onnx", 3000)
     cache.fetch("models/d/model.onnx", too_big, 3000, tmp_path / "j4" / "model.onnx")
     assert too_big not in {p.name for p in (tmp_path / "cache").iterdir()}
+
+
+def test_bytes_that_do_not_hash_to_the_recorded_sha256_never_reach_a_job(
+    tmp_path: Path, s3_env: dict[str, str]
+) -> None:
+    """A sha256 may be the client's word (external data sent straight to the object store): the download
+    is checked, and a cached file with that sha256 serves only keys whose own bytes were seen to have it
+    (else declaring another tenant's sha256 would bring their weights into one's own job)."""
+    storage = S3Storage.from_settings(Settings())
+    cache = InputCache(storage, tmp_path / "cache", max_bytes=1 << 20)
+    src = tmp_path / "src"
+    src.write_bytes(b"alice's private weights")
+    alice = storage.put_file("models/a/w.bin", src).sha256
+    src.write_bytes(b"bob's bytes, declared with alice's sha256")
+    storage.put_file("models/b/w.bin", src)
+
+    assert (
+        cache.fetch("models/a/w.bin", alice, 23, tmp_path / "j1" / "w.bin").read_bytes() == b"alice's private weights"
+    )
+    for job in ("j2", "j3"):  # cached or not, the key's own bytes decide
+        with pytest.raises(RuleError) as refused:
+            cache.fetch("models/b/w.bin", alice, 23, tmp_path / job / "w.bin", copy=True)
+        assert refused.value.code == "input_corrupt" and refused.value.detail["sha256_recorded"] == alice
+        assert not (tmp_path / job / "w.bin").exists()
+    with pytest.raises(RuleError):  # too large for the cache: checked all the same
+        InputCache(storage, tmp_path / "small", max_bytes=1).fetch("models/b/w.bin", alice, 23, tmp_path / "j4" / "w")
+    assert not (tmp_path / "j4" / "w").exists()
+    assert (tmp_path / "cache" / alice).read_bytes() == b"alice's private weights"

@@ -844,6 +844,7 @@ def _auto(result: JobResult) -> str:
         rows.append(
             f"<tr><td>{_e(t.name)}{mark}</td><td>{_e(t.stage)}</td>"
             f'<td class="num">{_e(fmt_ms(t.p50_ms))}</td><td class="num">{_e(fmt_x(t.speedup))}</td>'
+            f'<td class="num">{_e(fmt_x(t.predicted_speedup))}</td>'
             f'<td class="num">{_e(fmt_bytes(t.size_bytes))}</td>'
             f'<td class="num">{_e(t.metric or "")} {_e(fmt_float(t.fidelity))}</td>'
             f'<td class="num">{_e(t.latency_runs)}</td><td>{status}</td></tr>'
@@ -859,14 +860,55 @@ def _auto(result: JobResult) -> str:
         f'<p class="sub">{len(trials)} model(s) measured in {_e(fmt_seconds(auto.search_seconds))} '
         f"(objective {_e(auto.objective)}). Green: within the fidelity budget; the ringed point was chosen; "
         "dashed: the Pareto front. Labels: size on disk.</p>"
+        + _preflight(auto)
         + pareto_plot(trials, chosen=auto.chosen, floor=floor)
         + '<table style="margin-top:12px"><thead><tr><th>model</th><th>stage</th><th class="num">p50</th>'
-        '<th class="num">speedup</th><th class="num">size</th><th class="num">fidelity</th>'
-        f'<th class="num">runs</th><th>budget</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        '<th class="num">speedup</th><th class="num">predicted</th><th class="num">size</th>'
+        '<th class="num">fidelity</th><th class="num">runs</th><th>budget</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
         '<h3 class="sub" style="margin-top:14px">Recipe that reproduces the artifact as a plain job</h3>'
         + recipe_html
         + _sensitivity(auto)
         + "</section>"
+    )
+
+
+_KINDS = (("qdq", "QDQ"), ("qoperator", "QOperator"), ("s8s8", "S8S8"), ("dynamic", "dynamic"))
+
+
+def _preflight(auto: AutoSearch) -> str:
+    """The pre-flight's verdict, its speedups per op type and int8 kind, and the candidates it did not try."""
+    pre = auto.preflight
+    if pre is None:
+        return ""
+    kinds = [(key, name) for key, name in _KINDS if key in pre.speedups]
+    head = "".join(f'<th class="num">{_e(name)}</th>' for _, name in kinds)
+
+    def cells(speedups: Mapping[Any, float | None]) -> str:
+        out = []
+        for key, _ in kinds:
+            value = speedups.get(key)
+            cls = "num bad" if value is not None and value < 1 else "num"
+            out.append(f'<td class="{cls}">{_e(fmt_x(value))}</td>')
+        return "".join(out)
+
+    rows = [
+        f'<tr><td>{_e(op.op_type)}</td><td class="num">{_e(op.nodes)}</td>'
+        f'<td class="num">{_e(fmt_pct(op.share))}</td>{cells(op.speedups)}</tr>'
+        for op in pre.ops[:12]
+    ]
+    rows.append(f"<tr><th>whole model, predicted</th><td></td><td></td>{cells(pre.speedups)}</tr>")
+    pruned = ", ".join(f"{p.name} ({fmt_x(p.predicted_speedup)})" for p in pre.pruned)
+    cached = f", {pre.layers_cached} from the cache" if pre.layers_cached else ""
+    return (
+        f'<h3 class="sub" style="margin-top:14px">Pre-flight on this CPU: <strong>{_e(pre.verdict)}</strong></h3>'
+        f'<p class="sub">Float against int8 per layer, {pre.layers} distinct layer(s) of {pre.nodes_timed} of '
+        f"{pre.nodes} node(s){_e(cached)}, in {_e(fmt_seconds(pre.seconds))} on {_e(pre.cpu_model or 'this CPU')} "
+        f"(ONNX Runtime {_e(pre.onnxruntime or '')}). Speedup over float per op type, with int8 neighbours: an op "
+        "type the quantizer leaves in float pays the conversions around it.</p>"
+        '<table><thead><tr><th>op type</th><th class="num">nodes</th><th class="num">float time</th>'
+        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        + (f'<p class="sub">Not tried, predicted slower than float: {_e(pruned)}.</p>' if pruned else "")
     )
 
 

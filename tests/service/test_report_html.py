@@ -414,3 +414,34 @@ def test_keep_float_is_the_first_thing_the_report_says() -> None:
     body = page[page.index("</header>") :]
     first = re.sub(r"<[^>]+>", " ", body[: body.index("</section>")])
     assert " ".join(first.split()).startswith("Keep float. No model within your fidelity budget beats the float model")
+
+
+def test_the_search_section_shows_the_preflight_per_op_type_and_what_it_did_not_try() -> None:
+    job = _auto_job("keep_float")
+    job["result"]["quantization"]["auto"]["preflight"] = {
+        "verdict": "Conv 2.1x; HardSwish blocks 0.7x: int8 will not help here (best QDQ 0.93x predicted)",
+        "int8_helps": False,
+        "speedups": {"qdq": 0.93, "qoperator": 0.91, "s8s8": 0.45},
+        "ops": [
+            {"op_type": "Conv", "nodes": 7, "float_ms": 2.0, "share": 0.6, "speedups": {"qdq": 2.1, "s8s8": 0.5}},
+            {"op_type": EVIL, "nodes": 7, "float_ms": 1.0, "share": 0.3, "speedups": {"qdq": 0.7, "s8s8": 0.7}},
+        ],
+        "pruned": [{"name": "static QDQ, per-channel, MinMax", "predicted_speedup": 0.93, "reason": "slower"}],
+        "nodes": 20,
+        "nodes_timed": 16,
+        "layers": 5,
+        "layers_cached": 5,
+        "cpu_model": "Intel(R) Xeon(R) Platinum 8480+",
+        "onnxruntime": "1.32.0",
+        "seconds": 0.02,
+    }
+    page = render_report_html(job)
+    search = page[page.index("<h2>The search</h2>") :]
+    assert "Pre-flight on this CPU: <strong>Conv 2.1x; HardSwish blocks 0.7x: int8 will not help here" in search
+    assert search.index("Pre-flight") < search.index("Latency against fidelity")  # before the search it pruned
+    table = search[search.index("<th>op type</th>") : search.index("</table>")]
+    assert ">QDQ</th>" in table and ">S8S8</th>" in table and ">dynamic</th>" not in table  # kinds measured
+    assert "<td>Conv</td>" in table and "2.10x" in table and "whole model, predicted" in table
+    assert html.escape(EVIL) in table and "<script" not in page
+    assert "5 from the cache" in search and "Intel(R) Xeon(R) Platinum 8480+" in search
+    assert "Not tried, predicted slower than float: static QDQ, per-channel, MinMax (0.93x)" in search

@@ -66,6 +66,11 @@ class ModelFigures:
     plain_speedup: float | None
     plain_fidelity: float | None
     plain_error: str | None = None
+    # The pre-flight's verdict and its predicted best whole-model int8 speedup, beside the best one measured
+    # (any budget): how far the one-layer timings are from the whole graph on this machine.
+    preflight_verdict: str | None = None
+    preflight_speedup: float | None = None
+    best_int8_speedup: float | None = None
     nncf_speedup: float | None = None
     nncf_fidelity: float | None = None
     nncf_seconds: float | None = None
@@ -261,6 +266,13 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
             plain_fidelity=plain_fidelity,
             plain_error=plain_error,
         )
+        pre = search.get("preflight")
+        if pre:
+            predicted = [v for v in pre["speedups"].values() if v is not None]
+            figures.preflight_verdict = pre["verdict"]
+            figures.preflight_speedup = max(predicted, default=None)
+        int8 = [c["speedup"] for c in whole if c["recipe"]["mode"] in ("static", "dynamic") and c["speedup"]]
+        figures.best_int8_speedup = max(int8, default=None)
         if has_nncf:
             ctx.log(f"  {model.name}: nncf.quantize_with_accuracy_control")
             try:

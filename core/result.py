@@ -256,6 +256,11 @@ class PreflightOp(_Shape):
     float_ms: float = Field(description="Their summed float time, one-node models on this CPU.")
     share: float = Field(description="Their share of the timed float time (0-1).")
     speedups: dict[Int8Kind, float | None] = Field(default_factory=dict, examples=[{"qdq": 0.7, "dynamic": 1.0}])
+    free_in: list[Int8Kind] = Field(
+        default_factory=list,
+        description="Kinds in which the quantizer folds these nodes (a Relu or Clip) into the quantized node before "
+        "them: they cost nothing there.",
+    )
 
 
 class PrunedCandidate(_Shape):

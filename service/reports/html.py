@@ -884,17 +884,17 @@ def _preflight(auto: AutoSearch) -> str:
     kinds = [(key, name) for key, name in _KINDS if key in pre.speedups]
     head = "".join(f'<th class="num">{_e(name)}</th>' for _, name in kinds)
 
-    def cells(speedups: Mapping[Any, float | None]) -> str:
+    def cells(speedups: Mapping[Any, float | None], free: Sequence[str] = ()) -> str:
         out = []
         for key, _ in kinds:
             value = speedups.get(key)
             cls = "num bad" if value is not None and value < 1 else "num"
-            out.append(f'<td class="{cls}">{_e(fmt_x(value))}</td>')
+            out.append(f'<td class="{cls}">{"free" if key in free else _e(fmt_x(value))}</td>')
         return "".join(out)
 
     rows = [
         f'<tr><td>{_e(op.op_type)}</td><td class="num">{_e(op.nodes)}</td>'
-        f'<td class="num">{_e(fmt_pct(op.share))}</td>{cells(op.speedups)}</tr>'
+        f'<td class="num">{_e(fmt_pct(op.share))}</td>{cells(op.speedups, op.free_in)}</tr>'
         for op in pre.ops[:12]
     ]
     rows.append(f"<tr><th>whole model, predicted</th><td></td><td></td>{cells(pre.speedups)}</tr>")
@@ -905,7 +905,7 @@ def _preflight(auto: AutoSearch) -> str:
         f'<p class="sub">Float against int8 per layer, {pre.layers} distinct layer(s) of {pre.nodes_timed} of '
         f"{pre.nodes} node(s){_e(cached)}, in {_e(fmt_seconds(pre.seconds))} on {_e(pre.cpu_model or 'this CPU')} "
         f"(ONNX Runtime {_e(pre.onnxruntime or '')}). Speedup over float per op type, with int8 neighbours: an op "
-        "type the quantizer leaves in float pays the conversions around it.</p>"
+        "type the quantizer leaves in float pays the conversions around it; free: folded into the node before it.</p>"
         '<table><thead><tr><th>op type</th><th class="num">nodes</th><th class="num">float time</th>'
         f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
         + (f'<p class="sub">Not tried, predicted slower than float: {_e(pruned)}.</p>' if pruned else "")

@@ -425,6 +425,14 @@ def test_the_search_section_shows_the_preflight_per_op_type_and_what_it_did_not_
         "ops": [
             {"op_type": "Conv", "nodes": 7, "float_ms": 2.0, "share": 0.6, "speedups": {"qdq": 2.1, "s8s8": 0.5}},
             {"op_type": EVIL, "nodes": 7, "float_ms": 1.0, "share": 0.3, "speedups": {"qdq": 0.7, "s8s8": 0.7}},
+            {
+                "op_type": "Clip",
+                "nodes": 2,
+                "float_ms": 0.3,
+                "share": 0.1,
+                "speedups": {"s8s8": 0.9},
+                "free_in": ["qdq"],
+            },
         ],
         "pruned": [{"name": "static QDQ, per-channel, MinMax", "predicted_speedup": 0.93, "reason": "slower"}],
         "nodes": 20,
@@ -442,6 +450,7 @@ def test_the_search_section_shows_the_preflight_per_op_type_and_what_it_did_not_
     table = search[search.index("<th>op type</th>") : search.index("</table>")]
     assert ">QDQ</th>" in table and ">S8S8</th>" in table and ">dynamic</th>" not in table  # kinds measured
     assert "<td>Conv</td>" in table and "2.10x" in table and "whole model, predicted" in table
+    assert '<td>Clip</td><td class="num">2</td><td class="num">10.0%</td><td class="num">free</td>' in table
     assert html.escape(EVIL) in table and "<script" not in page
     assert "5 from the cache" in search and "Intel(R) Xeon(R) Platinum 8480+" in search
     assert "Not tried, predicted slower than float: static QDQ, per-channel, MinMax (0.93x)" in search

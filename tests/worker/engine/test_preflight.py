@@ -183,3 +183,20 @@ def test_the_job_file_hands_the_workers_cache_folder_to_mode_auto(
     with pytest.raises(RuntimeError):
         job_module._run(JobFile.read(tmp_path), spec.model_path, tmp_path / "engine", lambda *a: None, lambda n: None)
     assert handed["preflight_cache"] == settings.preflight_cache_dir
+
+
+def test_a_clip_after_a_quantized_node_is_folded_away_in_int8() -> None:
+    """Paddle's hard-swish is x * Clip(x + 3, 0, 6) / 6: the quantizer folds the Clip into the range of the
+    quantized Add before it, so in int8 it costs nothing; after a node left in float it stays."""
+    add = Timing(float_ms=0.2, island_ms=0.3, int8_ms={"qdq": 0.1})
+    clip = Timing(float_ms=0.2, island_ms=0.5)
+    nodes = {
+        "add": TimedNode("add", "Add", "add", (), ("clip",)),
+        "clip": TimedNode("clip", "Clip", "clip", ("add",), ()),
+    }
+    result = PreflightResult(int8="vnni", nodes=nodes, timings={"add": add, "clip": clip}, all_nodes=2)
+    assert result.predicted_ms(Recipe(mode="static")) == pytest.approx(0.1)
+    assert result.predicted_ms(Recipe(mode="static", nodes_to_exclude=("add",))) == pytest.approx(0.4)
+    rows = {row.op_type: row for row in result.ops()}
+    assert rows["Clip"].free_in == ["qdq"] and rows["Clip"].speedups["qdq"] is None
+    assert "Clip folded away" in result.verdict()[0]

@@ -29,6 +29,7 @@ from service.jobs.events import EventHub
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
+from service.models.uploads.router import router as uploads_router
 from service.openapi import document_errors, operation_id
 from service.ops.metrics import ApiMetrics
 from service.ops.middleware import RequestContextMiddleware
@@ -49,6 +50,10 @@ Upload an ONNX model and calibration data, start a quantization job, poll it, do
 2. `POST /v1/datasets` with a `.npz` (one array per input) or `.npy`.
 3. `POST /v1/jobs` with the two ids and a recipe.
 4. `GET /v1/jobs/{id}` until `status` is `succeeded`, then `GET /v1/jobs/{id}/artifacts/quantized.onnx`.
+
+A model whose weights live in large external-data files, on a service that keeps its files in S3: `POST
+/v1/uploads` hands out presigned URLs of their parts, the bytes go to the object store directly, then
+`POST /v1/models` with the `.onnx` and the `upload_id`.
 
 Every error answers `{"error": {"code", "message", "detail"}}`.
 """
@@ -186,7 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(PoolTimeout, _database_down)
     app.add_exception_handler(OSError, _storage_down)
     app.add_exception_handler(Exception, _internal)
-    for router in (models_router, datasets_router, jobs_router, usage_router, ops_router):
+    for router in (models_router, uploads_router, datasets_router, jobs_router, usage_router, ops_router):
         document_errors(router.routes)
         app.include_router(router)
     openapi.install(app)

@@ -1,7 +1,9 @@
 """Per-tenant quotas: stored bytes and active (queued + running) jobs.
 
 Every stored file is charged `FILE_OVERHEAD_BYTES` on top of its size: an inode and a block cost the
-operator's disk whatever the file holds, so a zip of empty files is not free."""
+operator's disk whatever the file holds, so a zip of empty files is not free. An open upload to the
+object store (`POST /v1/uploads`) holds what it declared until it is completed, deleted or expires:
+its parts are in the store already, where the service cannot count them."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.lifecycle import ACTIVE_STATUSES
+from service.database import utcnow
 from service.errors import QuotaExceeded, RateLimited
 from service.settings import Settings
-from service.tables import Artifact, Dataset, Job, OnnxModel
+from service.tables import Artifact, Dataset, Job, OnnxModel, Upload
 
 JOB_RETRY_AFTER_S = 30
 FILE_OVERHEAD_BYTES = 4096
@@ -95,16 +98,27 @@ def reserved_bytes(session: Session, tenant: str) -> int:
     return int(total) + int(jobs) * job_estimate(0)
 
 
+def open_upload_bytes(session: Session, tenant: str) -> int:
+    """What the tenant's open uploads to the object store declared, charged as `charge` does."""
+    total, files = session.execute(
+        select(
+            func.coalesce(func.sum(Upload.size_bytes), 0),
+            func.coalesce(func.sum(func.json_array_length(Upload.files)), 0),
+        ).where(Upload.tenant == tenant, Upload.status == "open", Upload.expires_at > utcnow())
+    ).one()
+    return charge(int(total), int(files))
+
+
 def check_storage(session: Session, settings: Settings, tenant: str, incoming: int) -> None:
     """Raise QuotaExceeded unless `incoming` more charged bytes (see `charge`) fit the tenant's quota."""
-    used = stored_bytes(session, tenant)
+    used = stored_bytes(session, tenant) + open_upload_bytes(session, tenant)
     if used + incoming > settings.quota_storage_bytes:
         raise _over_quota(settings, used, incoming, f"Storing {incoming} more bytes")
 
 
 def check_job_storage(session: Session, settings: Settings, tenant: str, model_bytes: int) -> None:
     """At job creation: the job's estimate must fit beside what is stored and what active jobs will store."""
-    used = stored_bytes(session, tenant) + reserved_bytes(session, tenant)
+    used = stored_bytes(session, tenant) + reserved_bytes(session, tenant) + open_upload_bytes(session, tenant)
     incoming = job_estimate(model_bytes)
     if used + incoming > settings.quota_storage_bytes:
         raise _over_quota(

@@ -1,7 +1,8 @@
 """`QAAS_RETENTION_DAYS`: models, datasets and ended jobs older than that are removed (off by default).
 Run by the workers' periodic sweep. Nothing a queued or running job needs is touched; models and
 datasets are soft-deleted like `DELETE` does (their rows stay for the history of old jobs), jobs are
-removed with their artifacts."""
+removed with their artifacts. Uploads to the object store left open past their `expires_at`
+(`QAAS_DIRECT_UPLOAD_EXPIRES_S`) are aborted by the same sweep, always (`sweep_uploads`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.lifecycle import ACTIVE_STATUSES
 from service.database import after_commit, transaction, utcnow
 from service.storage import Storage
-from service.tables import Artifact, Dataset, Job, OnnxModel
+from service.tables import Artifact, Dataset, Job, OnnxModel, Upload
 
 log = logging.getLogger(__name__)
 BATCH = 500  # rows per kind per sweep; a large backlog goes over several sweeps
@@ -38,6 +39,25 @@ def sweep(factory: sessionmaker[Session], storage: Storage, days: float) -> Remo
     if jobs or models or datasets:
         log.info("retention (%s days): removed %s", days, removed)
     return removed
+
+
+def sweep_uploads(factory: sessionmaker[Session], storage: Storage) -> int:
+    """Forget the uploads whose time is up. An open one is aborted: its parts are removed from the store
+    before its row goes (a store that fails keeps the row for the next sweep); so are a deleted one's
+    files, once more. A completed one's files are its model's. Rows a completion holds right now are
+    skipped (PostgreSQL; its claim also refuses an expired upload)."""
+    with transaction(factory) as session:
+        query = select(Upload).where(Upload.expires_at < utcnow()).with_for_update(skip_locked=True).limit(BATCH)
+        rows = list(session.scalars(query))
+        for row in rows:
+            if row.status != "completed":
+                storage.delete_prefix(row.storage_prefix)
+            session.delete(row)
+    if rows:
+        log.info(
+            "uploads: %d expired, %d of them never completed", len(rows), sum(r.status != "completed" for r in rows)
+        )
+    return len(rows)
 
 
 def _jobs(session: Session, storage: Storage, cutoff: datetime) -> int:

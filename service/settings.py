@@ -36,6 +36,19 @@ class Settings(BaseSettings):
     )
     s3_presign_expires_s: int = Field(300, ge=10, le=7 * 24 * 3600)
     s3_part_bytes: int = Field(8 << 20, ge=5 << 20, description="Part size of multipart uploads to S3.")
+    direct_upload_part_bytes: int = Field(
+        64 << 20,
+        ge=5 << 20,
+        le=5 << 30,
+        description="Part size of the presigned multipart uploads `POST /v1/uploads` hands out (S3 storage).",
+    )
+    direct_upload_expires_s: int = Field(
+        24 * 3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="An upload of `POST /v1/uploads` must be completed within this long; its part URLs expire "
+        "then, and the workers' sweep aborts it and removes its parts.",
+    )
     worker_cache_bytes: int = Field(
         20 << 30, ge=0, description="A worker's local cache of downloaded inputs, keyed by sha256."
     )

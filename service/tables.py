@@ -148,6 +148,33 @@ class Artifact(Base):
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_id_name"),)
 
 
+class Upload(Base):
+    """External data a client sends straight to the object store (`POST /v1/uploads`): the files it
+    declared, each with its multipart upload, under the keys of the model it becomes when completed
+    (`model_id`, chosen here). `status`: open, then completed (the model exists) or aborted (by
+    `DELETE`, or by the sweep once `expires_at` passed)."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
+    model_id: Mapped[str] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    # [{"name", "size_bytes", "sha256" (null: not declared), "key", "upload_id", "part_bytes"}]
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # of all its files, as declared
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def storage_prefix(self) -> str:
+        """The folder its files go to, the model's (what aborting it removes)."""
+        return str(self.files[0]["key"]).rsplit("/", 1)[0]
+
+    __table_args__ = (Index("ix_uploads_status_expires", "status", "expires_at"),)
+
+
 __all__ = [
     "DEFAULT_TENANT",
     "ApiKey",
@@ -155,4 +182,5 @@ __all__ = [
     "Dataset",
     "Job",
     "OnnxModel",
+    "Upload",
 ]

@@ -73,9 +73,16 @@ class _Parts:
     """python-multipart's callbacks: headers collected per part, file data written as it comes."""
 
     def __init__(
-        self, folder: Path, max_file_bytes: int, what: dict[str, str], direct: Direct | None, max_files: int
+        self,
+        folder: Path,
+        max_file_bytes: int,
+        what: dict[str, str],
+        direct: Direct | None,
+        max_files: int,
+        field_bytes: dict[str, int] | None = None,
     ) -> None:
         self.folder = folder
+        self.field_bytes = field_bytes or {}
         self.direct = direct
         self._writer: ObjectWriter | None = None
         self.max_file_bytes = max_file_bytes
@@ -159,8 +166,9 @@ class _Parts:
             self._digest.update(chunk)  # beside the write
             self._file.write(chunk)
         elif self._text is not None:
-            if len(self._text) + len(chunk) > MAX_FIELD_BYTES:
-                raise _invalid(self._name, "string_too_long", f"at most {MAX_FIELD_BYTES} bytes")
+            limit = self.field_bytes.get(self._name, MAX_FIELD_BYTES)
+            if len(self._text) + len(chunk) > limit:
+                raise _invalid(self._name, "string_too_long", f"at most {limit} bytes")
             self.text_total += len(chunk)
             if self.text_total > MAX_FIELDS_BYTES:
                 raise PayloadTooLarge(
@@ -206,14 +214,16 @@ async def read_form(
     max_lengths: dict[str, int] | None = None,
     direct: Direct | None = None,
     max_files: int = MAX_FILE_PARTS,
+    field_bytes: dict[str, int] | None = None,
 ) -> Form:
     """Parse the request's multipart body, its files into `folder` (which the caller removes), or
     into the writers `direct` gives for them. The files together may hold `max_file_bytes`, in at
-    most `max_files` parts; `what` names each file field in messages."""
+    most `max_files` parts; `what` names each file field in messages. A text field holds at most
+    MAX_FIELD_BYTES, or what `field_bytes` allows it (all of them together MAX_FIELDS_BYTES)."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise _invalid(required[0], "missing", "Field required (send the body as multipart/form-data)")
-    parts = _Parts(folder, max_file_bytes, what, direct, max_files)
+    parts = _Parts(folder, max_file_bytes, what, direct, max_files, field_bytes)
     parser = MultipartParser(params[b"boundary"], parts.callbacks())  # type: ignore[arg-type]
     try:
         await _pipe(request, parser)

@@ -128,7 +128,7 @@ def _send(send: Callable[[str], None], job_id: str) -> bool:
 
 
 class Reaper:
-    """The sweep (and, with QAAS_RETENTION_DAYS, the retention sweep) on a timer."""
+    """The sweep, the expired uploads' sweep (and, with QAAS_RETENTION_DAYS, the retention sweep) on a timer."""
 
     def __init__(
         self,
@@ -178,9 +178,11 @@ class Reaper:
             self.wake.clear()
 
     def _retention(self) -> None:
-        if self.settings.retention_days is None or self.storage is None:
+        if self.storage is None:
             return
         try:
-            retention.sweep(self.factory, self.storage, self.settings.retention_days)
+            retention.sweep_uploads(self.factory, self.storage)
+            if self.settings.retention_days is not None:
+                retention.sweep(self.factory, self.storage, self.settings.retention_days)
         except Exception:
             log.exception("retention sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)

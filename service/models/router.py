@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import TenantDep
@@ -13,14 +15,17 @@ from service.deps import SessionDep, SettingsDep, StorageDep
 from service.downloads import DOWNLOAD_RESPONSES, download
 from service.models import service
 from service.models.schemas import ModelOut
+from service.models.uploads import service as uploads
+from service.models.uploads.schemas import SHA256
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT, paginate
 from service.schemas import LOCKED_DOWN_HEADERS, Page, error_responses
 from service.storage import ObjectWriter
 from service.tables import OnnxModel, new_id
-from service.upload_stream import NAME_FIELD, binary, multipart_body, read_form
+from service.upload_stream import MAX_FIELDS_BYTES, NAME_FIELD, Form, binary, multipart_body, read_form
 from service.uploads import discard, staging_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+SHA256_BY_NAME = TypeAdapter(dict[str, Annotated[str, StringConstraints(pattern=SHA256)]])
 
 
 def _only_files(value: Any) -> Any:
@@ -36,8 +41,11 @@ def _only_files(value: Any) -> Any:
     summary="Upload an ONNX model",
     description="Multipart upload of a `.onnx` file, with optional external-data files (or one `.zip` of "
     "them) for models that keep weights outside the protobuf. The model is checked and inspected; "
-    "the answer lists its inputs, outputs and operators.",
-    responses=error_responses(413, 422, 429),
+    "the answer lists its inputs, outputs and operators.\n\n"
+    "Or, on a service that keeps its files in an object store, the `.onnx` with the `upload_id` of an upload "
+    "whose files went straight to the store (`POST /v1/uploads`): its parts are checked, the model is checked "
+    "exactly the same way, and the parts become the model's external-data files.",
+    responses=error_responses(404, 409, 413, 422, 429),
     openapi_extra=multipart_body(
         "Body_upload_model",
         {
@@ -51,6 +59,20 @@ def _only_files(value: Any) -> Any:
                 "and are ignored.",
             },
             "name": NAME_FIELD,
+            "upload_id": {
+                "type": "string",
+                "title": "Upload Id",
+                "description": "The id of an upload to the object store (`POST /v1/uploads`) that holds the "
+                "external data; instead of `external_data`.",
+            },
+            "external_data_sha256": {
+                "type": "string",
+                "title": "External Data Sha256",
+                "description": "With `upload_id`: a JSON object of each uploaded file's SHA-256 (lower-case hex), "
+                "for files whose sha256 the upload did not declare. A file without one is read back once by the "
+                "service to hash it. A file whose bytes differ from its sha256 fails its jobs (`input_corrupt`).",
+                "examples": ['{"model.onnx.data": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}'],
+            },
         },
         ["file"],
     ),
@@ -82,7 +104,24 @@ async def upload_model(
                 max_lengths={"name": 255},
                 direct=straight_to_storage,
                 max_files=service.MAX_FILES_PER_UPLOAD,
+                field_bytes={"external_data_sha256": MAX_FIELDS_BYTES},
             )
+            upload_id = form.field("upload_id")
+            if upload_id:
+                row = await run_in_threadpool(
+                    uploads.complete_upload,
+                    session,
+                    storage,
+                    settings,
+                    tenant,
+                    upload_id,
+                    form.file("file"),
+                    _uploaded_sha256(form),
+                    form.field("name") or "",
+                )
+                return ModelOut.model_validate(row)
+            if form.field("external_data_sha256"):
+                raise _invalid("external_data_sha256", "goes with `upload_id` only (files sent here are hashed here)")
             row = await run_in_threadpool(
                 service.create_model,
                 session,
@@ -100,6 +139,28 @@ async def upload_model(
             await discard(storage, service.model_prefix(model_id))
             await discard(storage, service.archives_prefix(model_id))
         raise
+
+
+def _invalid(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}])
+
+
+def _uploaded_sha256(form: Form) -> dict[str, str]:
+    """`external_data_sha256`, read; an upload's files come from the store, never also from the form."""
+    if form.files.get("external_data"):
+        raise _invalid("upload_id", "send the external data either in the upload or as `external_data`, not both")
+    text = form.field("external_data_sha256")
+    if not text:
+        return {}
+    try:
+        return SHA256_BY_NAME.validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise _invalid(
+            "external_data_sha256",
+            f"a JSON object of file name -> sha256 (64 lower-case hex digits) ({where or 'the value'}: {first['msg']})",
+        ) from exc
 
 
 @router.get("", summary="List models, newest first")

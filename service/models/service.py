@@ -153,13 +153,9 @@ def _stage_external(
     streamed out of it into storage under the model's prefix. At most MAX_FILES_PER_UPLOAD files in
     all, counting the model."""
     client_name = upload.filename or ""
-    safe = external_data_name(client_name)
-    if safe is None or upload.stored_key is None:
-        raise InvalidModel(
-            f"External data file name {client_name[:100]!r} is not usable; name each file exactly as the "
-            f"model's external-data `location` refers to it (at most {MAX_FILE_NAME_BYTES} bytes).",
-            detail={"file_name": client_name[:MAX_FILE_NAME_BYTES]},
-        )
+    safe = usable_external_data_name(client_name)
+    if upload.stored_key is None:
+        raise _unusable_name(client_name)
     check_size(upload, budget, "external data")
     files_left = MAX_FILES_PER_UPLOAD - sum(1 for _ in folder.iterdir())
     if safe.lower().endswith(".zip"):
@@ -188,6 +184,22 @@ def external_data_name(client_name: str) -> str | None:
     if not safe or safe == MODEL_FILE or len(safe.encode()) > MAX_FILE_NAME_BYTES:
         return None
     return safe
+
+
+def usable_external_data_name(client_name: str) -> str:
+    """`external_data_name`, or InvalidModel that says how to name the file."""
+    safe = external_data_name(client_name)
+    if safe is None:
+        raise _unusable_name(client_name)
+    return safe
+
+
+def _unusable_name(client_name: str) -> InvalidModel:
+    return InvalidModel(
+        f"External data file name {client_name[:100]!r} is not usable; name each file exactly as the "
+        f"model's external-data `location` refers to it (at most {MAX_FILE_NAME_BYTES} bytes).",
+        detail={"file_name": client_name[:MAX_FILE_NAME_BYTES]},
+    )
 
 
 def external_data_key(model_id: str, client_name: str, index: int) -> str | None:

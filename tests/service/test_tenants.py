@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
 from service.auth import RateLimiter, create_key
-from service.database import transaction
+from service.database import transaction, utcnow
 from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
+from service.tables import Upload, new_id
 from tests.conftest import clean_qaas_env
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, npz_bytes, store_artifact
@@ -65,7 +67,21 @@ def _alice_world(api: TestClient, key: str, tmp_path: Path) -> dict[str, str]:
     )
     assert job.status_code == 202, job.text
     store_artifact(api, job.json()["id"], b"{}", tmp_path, name="report.json", media_type="application/json")
-    return {"model": model.json()["id"], "dataset": dataset.json()["id"], "job": job.json()["id"]}
+    # An upload to the object store (this service keeps its files itself, so the row is made here).
+    with transaction(api.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        model_id = new_id()
+        weights = {"name": "w.bin", "size_bytes": 1, "sha256": None, "key": f"models/{model_id}/w.bin"}
+        upload = Upload(
+            tenant="alice",
+            model_id=model_id,
+            files=[{**weights, "upload_id": "u", "part_bytes": 5 << 20}],
+            size_bytes=1,
+            expires_at=utcnow() + timedelta(hours=1),
+        )
+        session.add(upload)
+        session.flush()
+        upload_id = upload.id
+    return {"model": model.json()["id"], "dataset": dataset.json()["id"], "job": job.json()["id"], "upload": upload_id}
 
 
 def test_endpoints_need_a_valid_key(api: TestClient, keys: dict[str, str], auth_settings: Settings) -> None:
@@ -117,6 +133,8 @@ def test_another_tenants_resources_do_not_exist(api: TestClient, keys: dict[str,
         ("GET", "/v1/jobs/{}/report.html", "job"),
         ("GET", "/v1/jobs/{}/artifacts", "job"),
         ("GET", "/v1/jobs/{}/artifacts/report.json", "job"),
+        ("GET", "/v1/uploads/{}", "upload"),
+        ("DELETE", "/v1/uploads/{}", "upload"),
     ]
     covered = set()
     for method, template, kind in checks:

@@ -38,6 +38,7 @@ from service.queue import JobQueue
 from service.schemas import error_response
 from service.settings import Settings, get_settings
 from service.storage import open_storage
+from service.throttle import open_throttle
 from service.usage.router import router as usage_router
 
 log = logging.getLogger("service")
@@ -144,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = make_session_factory(engine)
         app.state.storage = storage
         app.state.queue = queue
+        app.state.throttle = open_throttle(settings)  # AuthMiddleware's rates and slots: Redis or this process
         app.state.db_limiter = anyio.CapacityLimiter(8)  # commits and closes; see service.deps
         app.state.event_hub = EventHub(
             app.state.session_factory,
@@ -162,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.event_hub.close()
+            await app.state.throttle.aclose()
             queue.close()
             engine.dispose()
 

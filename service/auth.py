@@ -8,8 +8,9 @@ fast hash is enough; the comparison is constant-time.
 without a valid key, over its rate, or with too many uploads or event streams open costs one small
 answer, never a parsed multipart body. Requests without a valid key are counted per client address;
 past the limit, only a key this process found valid recently is still looked up, so a flood of
-made-up keys costs no query and holds back no known tenant. Routes read the tenant it found through
-`TenantDep`."""
+made-up keys costs no query and holds back no known tenant. A key's rate and slots and an address's
+failures are counted across every API process when the broker is Redis (`service/throttle.py`). Routes read
+the tenant it found through `TenantDep`."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ import re
 import secrets
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -42,6 +44,7 @@ from service.limits import route_path
 from service.schemas import error_response
 from service.settings import Settings
 from service.tables import DEFAULT_TENANT, ApiKey
+from service.throttle import Cap, ProcessCap, Rate, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -126,83 +129,6 @@ def tenant_for_key(session: Session, key: str) -> tuple[str, str] | None:
     return row.tenant, row.prefix
 
 
-class RateLimiter:
-    """A token bucket per key in this API process: `per_minute` requests, refilled continuously.
-    Buckets that refilled are dropped once there are more than `max_buckets` (keys may be client
-    addresses, which a caller does not choose from a small set)."""
-
-    def __init__(self, per_minute: int, max_buckets: int = 10_000) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
-        self.max_buckets = max_buckets
-        self.buckets: dict[str, tuple[float, float]] = {}
-        self.lock = threading.Lock()
-
-    def _tokens(self, key: str, now: float) -> float:
-        tokens, stamp = self.buckets.get(key, (self.capacity, now))
-        return min(self.capacity, tokens + (now - stamp) * self.rate)
-
-    def acquire(self, key: str) -> float:
-        """0 when allowed, else the seconds to wait."""
-        now = time.monotonic()
-        with self.lock:
-            tokens = self._tokens(key, now)
-            if tokens >= 1:
-                self.buckets[key] = (tokens - 1, now)
-                self._prune(now)
-                return 0.0
-            self.buckets[key] = (tokens, now)
-            return (1 - tokens) / self.rate
-
-    def wait(self, key: str) -> float:
-        """What `acquire` would answer, without taking a token."""
-        with self.lock:
-            tokens = self._tokens(key, time.monotonic())
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-
-    def _prune(self, now: float) -> None:
-        if len(self.buckets) <= self.max_buckets:
-            return
-        for key in [k for k in self.buckets if self._tokens(k, now) >= self.capacity]:
-            del self.buckets[key]  # full again: the same as no bucket
-        if len(self.buckets) > self.max_buckets:  # still too many: the least recently used go
-            for key, _ in sorted(self.buckets.items(), key=lambda kv: kv[1][1])[: len(self.buckets) // 2]:
-                del self.buckets[key]
-
-
-class Slots:
-    """Requests in flight in this API process: at most `per_key` for one key and `per_process` in all.
-    Each holds a slot from its request head to the end of its answer (an upload's spooled parts and
-    staging included, an event stream's whole life)."""
-
-    def __init__(self, per_key: int, per_process: int) -> None:
-        self.per_key = per_key
-        self.per_process = per_process
-        self.by_key: Counter[str] = Counter()
-        self.total = 0
-        self.lock = threading.Lock()
-
-    def take(self, key: str | None) -> str | None:
-        """None when a slot was taken, else which cap refused it ("key" or "process")."""
-        with self.lock:
-            if self.total >= self.per_process:
-                return "process"
-            if key is not None and self.by_key[key] >= self.per_key:
-                return "key"
-            self.total += 1
-            if key is not None:
-                self.by_key[key] += 1
-            return None
-
-    def give(self, key: str | None) -> None:
-        with self.lock:
-            self.total -= 1
-            if key is not None:
-                self.by_key[key] -= 1
-                if self.by_key[key] <= 0:
-                    del self.by_key[key]
-
-
 class KnownKeys:
     """The sha256 of keys this process found valid in the last `ttl_s`, the `max_size` most recent."""
 
@@ -248,6 +174,11 @@ def _address(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
+def _throttle(scope: Scope) -> Throttle:
+    throttle: Throttle = scope["app"].state.throttle
+    return throttle
+
+
 def _wait_for(wait: float, message: str, **detail: str | int) -> RateLimited:
     """A rate limit's 429: `Retry-After` in whole seconds (at least 1), the exact wait in the detail."""
     return RateLimited(
@@ -266,12 +197,16 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
-        self.failures = RateLimiter(settings.auth_failures_per_minute)  # per client address
-        self.known_keys = KnownKeys()
-        self.uploads = Slots(settings.uploads_in_flight_per_key, settings.uploads_in_flight)
-        # With auth off there is no key: only the process cap holds (one trusted local user, or a benchmark).
-        self.streams = Slots(settings.events_max_per_key, settings.events_max_per_process)
+        # Counted by the app's throttle (made in its lifespan): across every API process when the broker is Redis.
+        self.requests = Rate("requests", settings.rate_limit_per_minute)  # per API key
+        self.failures = Rate("failures", settings.auth_failures_per_minute)  # per client address
+        self.uploads = Cap("uploads", settings.uploads_in_flight_per_key)
+        self.streams = Cap("streams", settings.events_max_per_key)
+        # Counted in this process: what it can hold. With auth off there is no key, and only these hold (one
+        # trusted local user, or a benchmark).
+        self.uploads_here = ProcessCap(settings.uploads_in_flight)
+        self.streams_here = ProcessCap(settings.events_max_per_process)
+        self.known_keys = KnownKeys()  # in this process: a cache of its own lookups
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -296,27 +231,35 @@ class AuthMiddleware:
         logs.current().tenant = tenant  # the request's log context, bound by RequestContextMiddleware
         method = scope.get("method")
         if method == "POST" and path in UPLOAD_PATHS:
-            slots, refusal = self.uploads, self._too_many_uploads
+            cap, here, refusal = self.uploads, self.uploads_here, self._too_many_uploads
         elif method == "GET" and EVENTS_PATH.fullmatch(path):
-            slots, refusal = self.streams, self._too_many_streams
+            cap, here, refusal = self.streams, self.streams_here, self._too_many_streams
         else:
             await self.app(scope, receive, send)
             return
-        refused = slots.take(prefix)
-        if refused is not None:
-            await self._refuse(scope, receive, send, refusal(refused))
+        if not here.take():
+            await self._refuse(scope, receive, send, refusal("process"))
             return
+        slot = None
         try:
+            if prefix is not None:
+                slot = await _throttle(scope).take(cap, prefix)
+                if slot is None:
+                    await self._refuse(scope, receive, send, refusal("key"))
+                    return
             await self.app(scope, receive, send)
         finally:
-            slots.give(prefix)
+            here.give()
+            if slot is not None:
+                with anyio.CancelScope(shield=True):  # a client that went away still gives its slot back
+                    await _throttle(scope).give(slot)
 
     async def _caller(self, scope: Scope) -> tuple[str, str | None]:
         """(tenant, key prefix); the prefix is None with auth off. Raises the refusal."""
         if self.settings.auth == "off":
             return DEFAULT_TENANT, None
         tenant, prefix = await self._valid_key(scope, _bearer_token(scope))
-        wait = self.rate_limiter.acquire(prefix)
+        wait = await _throttle(scope).spend(self.requests, prefix)
         if wait:
             raise _wait_for(
                 wait,
@@ -332,7 +275,7 @@ class AuthMiddleware:
         address = _address(scope)
         digest = hash_key(token) if token is not None and key_prefix(token) is not None else None
         if digest is None or not self.known_keys.known(digest):
-            wait = self.failures.wait(address)
+            wait = await _throttle(scope).wait(self.failures, address)
             if wait:
                 limit = self.settings.auth_failures_per_minute
                 raise _wait_for(
@@ -350,7 +293,7 @@ class AuthMiddleware:
                 log.warning("API key check: database unavailable: %s", exc)
                 raise Unavailable("The database is unreachable; retry in a few seconds.") from exc
         if found is None:
-            self.failures.acquire(address)
+            await _throttle(scope).spend(self.failures, address)
             if digest is not None:
                 self.known_keys.discard(digest)
             raise Unauthorized(NO_KEY if token is None else UNKNOWN_KEY, headers=CHALLENGE)
@@ -379,9 +322,9 @@ class AuthMiddleware:
 
     def _too_many_uploads(self, which: str) -> RateLimited:
         if which == "key":
-            limit, setting, whose = self.uploads.per_key, "QAAS_UPLOADS_IN_FLIGHT_PER_KEY", "for this API key"
+            limit, setting, whose = self.uploads.most, "QAAS_UPLOADS_IN_FLIGHT_PER_KEY", "for this API key"
         else:
-            limit, setting, whose = self.uploads.per_process, "QAAS_UPLOADS_IN_FLIGHT", "on this server"
+            limit, setting, whose = self.uploads_here.most, "QAAS_UPLOADS_IN_FLIGHT", "on this server"
         return RateLimited(
             f"{limit} uploads are already in progress {whose}, the most allowed; wait for one to finish and "
             f"retry in {UPLOAD_RETRY_AFTER_S} s (the operator sets the limit with {setting}).",
@@ -391,9 +334,9 @@ class AuthMiddleware:
 
     def _too_many_streams(self, which: str) -> RateLimited:
         if which == "key":
-            limit, setting, whose = self.streams.per_key, "QAAS_EVENTS_MAX_PER_KEY", "for this API key"
+            limit, setting, whose = self.streams.most, "QAAS_EVENTS_MAX_PER_KEY", "for this API key"
         else:
-            limit, setting, whose = self.streams.per_process, "QAAS_EVENTS_MAX_PER_PROCESS", "on this server"
+            limit, setting, whose = self.streams_here.most, "QAAS_EVENTS_MAX_PER_PROCESS", "on this server"
         return _wait_for(
             STREAM_RETRY_AFTER_S,
             f"{limit} event streams are already open {whose}, the most allowed; close one or retry in "

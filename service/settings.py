@@ -73,15 +73,27 @@ class Settings(BaseSettings):
     quota_storage_bytes: int = Field(
         100 << 30, ge=1024, description="Stored models, datasets and artifacts per tenant."
     )
-    rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per API key per minute (per API process).")
+    rate_limit_per_minute: int = Field(
+        1200, ge=1, description="Requests per API key per minute, across every API process when the broker is Redis."
+    )
     auth_failures_per_minute: int = Field(
         600,
         ge=1,
         description="Requests without a valid API key (none, unknown or revoked) from one client address per "
-        "minute (per API process); then 429 without a database lookup, for any key from that address.",
+        "minute, across every API process when the broker is Redis; then 429 without a database lookup, for any "
+        "key from that address.",
     )
-    uploads_in_flight_per_key: int = Field(2, ge=1, description="Uploads one API key may have in progress at once.")
+    uploads_in_flight_per_key: int = Field(
+        2, ge=1, description="Uploads one API key may have in progress at once, across every API process."
+    )
     uploads_in_flight: int = Field(8, ge=1, description="Uploads in progress at once in one API process.")
+    slot_lease_s: float = Field(
+        30.0,
+        ge=1,
+        le=600,
+        description="With Redis, an upload or event stream holds its key's slot under a lease its API process "
+        "renews while it lasts: the slots of a process that died free themselves within this long.",
+    )
     allow_insecure: bool = Field(
         False, description="Let the API listen on a non-loopback address with auth off (never in production)."
     )
@@ -105,8 +117,8 @@ class Settings(BaseSettings):
     events_max_per_key: int = Field(
         10,
         ge=1,
-        description="Event streams one API key may have open at once, per API process (then 429); with auth off "
-        "only QAAS_EVENTS_MAX_PER_PROCESS applies.",
+        description="Event streams one API key may have open at once, across every API process (then 429); with "
+        "auth off only QAAS_EVENTS_MAX_PER_PROCESS applies.",
     )
     events_max_per_process: int = Field(1000, ge=1, description="Event streams open at once in one API process.")
     events_max_stream_s: float = Field(
@@ -235,6 +247,12 @@ class Settings(BaseSettings):
     @property
     def is_embedded(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def redis_broker_url(self) -> str | None:
+        """The broker's URL when it is Redis (the API processes keep their shared limits there too), else None."""
+        url = self.resolved_broker_url
+        return url if url.startswith(("redis://", "rediss://")) else None
 
 
 def is_loopback(host: str) -> bool:

@@ -18,11 +18,12 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
-from service.auth import RateLimiter, create_key
+from service.auth import create_key
 from service.database import transaction, utcnow
 from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
 from service.tables import Upload, new_id
+from service.throttle import RateLimiter
 from tests.conftest import clean_qaas_env
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, npz_bytes, store_artifact

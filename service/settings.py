@@ -161,7 +161,12 @@ class Settings(BaseSettings):
     )
     job_lease_s: float = Field(120.0, ge=2, description="A running job's lease; renewed while it makes progress.")
     sweep_interval_s: float = Field(30.0, ge=0.5, description="How often a worker looks for lost jobs.")
-    queued_resend_s: float = Field(600.0, ge=1, description="A job queued this long gets its message sent again.")
+    queued_resend_s: float = Field(
+        600.0,
+        ge=1,
+        description="A queued job whose message was neither sent nor received by a worker for this long, and that "
+        "the broker no longer holds, gets its message sent again.",
+    )
     worker_shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM a worker lets its job finish this long, then hands it back."
     )

@@ -122,6 +122,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When its run message was last sent (the first one right after the row is committed), and when a worker
+    # last received one, even one it holds until a countdown: the sweep re-sends only a queued job with
+    # neither for QAAS_QUEUED_RESEND_S whose message the broker no longer holds (worker/reaper.py).
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow)
+    received_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", order_by="Artifact.name")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Task, bootsteps
 from celery.signals import (
+    task_received,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -70,6 +71,14 @@ class ResendOnReconnect(bootsteps.StartStopStep):
         if self.connects > 1 and _reaper is not None:
             log.warning("broker connection is back: re-sending every queued job")
             _reaper.resend_all_soon()
+
+
+@task_received.connect
+def _received(request: Any = None, **_: Any) -> None:
+    """In the main process, as a message arrives (before any countdown it carries has run out): the sweep
+    knows a worker has the job's message, and does not send it again."""
+    if _reaper is not None and request is not None and request.name == RUN_JOB_TASK and request.args:
+        _reaper.received(str(request.args[0]))
 
 
 @worker_shutdown.connect

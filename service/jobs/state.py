@@ -10,7 +10,8 @@ number its claim returned, and every write it makes is conditional on that."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import CursorResult, select, update
@@ -136,12 +137,22 @@ def retry_later(session: Session, job_id: str, attempt: int, note: str) -> bool:
 
 
 def _back_in_line(session: Session, job_id: str, attempt: int, **values: Any) -> bool:
-    """running -> queued by the attempt's own worker, unless cancellation was asked for (False)."""
+    """running -> queued by the attempt's own worker, unless cancellation was asked for (False). Its worker
+    sends the job's message right after (`sent_at`)."""
+    now = utcnow()
     return _changed(
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.cancel_requested.is_(False))
-            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=utcnow(), lease_expires_at=None, **values)
+            .values(
+                status=QUEUED,
+                stage="queued",
+                progress=0.0,
+                updated_at=now,
+                sent_at=now,
+                lease_expires_at=None,
+                **values,
+            )
         )
     )
 
@@ -213,14 +224,22 @@ def cancel_lost(session: Session, job_id: str, attempt: int) -> bool:
 
 
 def requeue_lost(session: Session, job_id: str, attempt: int) -> bool:
-    """running (lease expired) -> queued, for another attempt. Not a job the user cancelled: that
-    would sit queued forever, since a claim never takes it (see `cancel_lost`)."""
+    """running (lease expired) -> queued, for another attempt, its message sent right after (`sent_at`). Not a
+    job the user cancelled: that would sit queued forever, since a claim never takes it (see `cancel_lost`)."""
     now = utcnow()
     return _changed(
         session.execute(
             update(Job)
             .where(_owned(job_id, attempt), Job.lease_expires_at < now, Job.cancel_requested.is_(False))
-            .values(status=QUEUED, stage="queued", progress=0.0, updated_at=now, lease_expires_at=None, **NO_NOTE)
+            .values(
+                status=QUEUED,
+                stage="queued",
+                progress=0.0,
+                updated_at=now,
+                sent_at=now,
+                lease_expires_at=None,
+                **NO_NOTE,
+            )
         )
     )
 
@@ -249,20 +268,45 @@ def fail_lost(session: Session, job_id: str, attempt: int, max_attempts: int) ->
     )
 
 
+def _unheard_since(cutoff: datetime) -> Any:
+    """Queued, and neither sent nor received by a worker since `cutoff`."""
+    return (
+        (Job.status == QUEUED)
+        & (Job.sent_at.is_(None) | (Job.sent_at < cutoff))
+        & (Job.received_at.is_(None) | (Job.received_at < cutoff))
+    )
+
+
 def stale_queued(session: Session, older_than_s: float) -> list[str]:
-    """Queued jobs not touched for a while: their message may have been lost with the broker."""
+    """Queued jobs whose message was neither sent nor received by a worker for `older_than_s`: the broker
+    may have lost it (the sweep asks the broker before it sends again)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    return list(session.scalars(select(Job.id).where(Job.status == QUEUED, Job.updated_at < cutoff)))
+    return list(session.scalars(select(Job.id).where(_unheard_since(cutoff))))
 
 
-def touch(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(updated_at=utcnow()))
+def mark_sent(session: Session, job_ids: Sequence[str], older_than_s: float) -> list[str]:
+    """Those of `job_ids` still unheard of for `older_than_s`, now marked sent: the caller sends them. A
+    compare-and-set, so of several sweeps at once only one re-sends a job, and a job claimed or received
+    meanwhile is left alone."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    marked: list[str] = []
+    for start in range(0, len(job_ids), 500):
+        chunk = list(job_ids[start : start + 500])
+        query = update(Job).where(Job.id.in_(chunk), _unheard_since(cutoff)).values(sent_at=utcnow()).returning(Job.id)
+        marked += session.scalars(query).all()
+    return marked
+
+
+def received(session: Session, job_ids: Collection[str]) -> None:
+    """A worker received these jobs' messages (it may hold one until its countdown): not lost."""
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.status == QUEUED).values(received_at=utcnow()))
 
 
 def resend_due(session: Session, job_id: str, older_than_s: float) -> None:
-    """A queued job whose message could not be sent: make it stale now, so the next sweep sends it."""
+    """A queued job whose message could not be sent: make it unheard of, so the next sweep sends it."""
     past = utcnow() - timedelta(seconds=older_than_s + 1)
-    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(updated_at=past))
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(sent_at=past, received_at=None))
 
 
 def unfinished(session: Session, job_ids: list[str]) -> set[str]:

@@ -18,6 +18,7 @@ from service.quotas import FILE_OVERHEAD_BYTES
 from service.settings import Settings
 from service.tables import Dataset, Job, OnnxModel
 from tests.service.helpers import assert_error, conv_model_and_data, store_artifact
+from tests.worker.test_reaper import purge_queue
 from worker.reaper import Reaper
 
 RESULT = {"original": {"size_bytes": 100}, "quantized": {"size_bytes": 30}, "comparison": {"size_ratio": 0.3}}
@@ -157,7 +158,9 @@ def test_the_workers_sweep_runs_retention_only_when_qaas_retention_days_is_set(
         reaper.start()
         return reaper
 
-    # Off: two full sweeps (each re-sends the queued job when asked to) and everything old is still there.
+    # Off: two full sweeps (each re-sends the queued job, whose message the broker lost, when asked to) and
+    # everything old is still there.
+    purge_queue(app_state.settings)
     reaper = sweeping(app_state.settings.model_copy(update={"sweep_interval_s": 0.1}))
     try:
         for sweeps in (1, 2):

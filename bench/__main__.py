@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup"),
     "sse": ("sse_job_poll_rps", "sse_job_poll_p50_ms"),
     "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),
+    "resend": ("resend_backlog_messages", "resend_duplicates", "resend_drain_s"),
 }
 ALIASES = {
     "calibration": "calibration_memory",
@@ -55,6 +56,7 @@ ALIASES = {
     "load": "api_load",
     "events": "sse",
     "s3": "scale_out",
+    "queue": "resend",
 }
 ORDER = [figure for names in BENCHMARKS.values() for figure in names]
 

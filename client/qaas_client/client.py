@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -17,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
-from qaas_client import config
+from qaas_client import config, direct
 from qaas_client.errors import (
     InsecureTransportWarning,
     JobCancelledError,
@@ -30,6 +32,7 @@ from qaas_client.http import Http, RetryHook, cleartext_key_warning
 from qaas_client.progress import ProgressView
 from qaas_client.types import Artifact, Dataset, JobUpdate, Model, Report
 
+log = logging.getLogger("qaas_client")
 PathLike = str | os.PathLike[str]
 MODEL_FILE = "quantized.onnx"
 # The quantized model's own files (the .onnx and its external data) are binary; reports are JSON.
@@ -84,7 +87,10 @@ class Client:
     Requests answered 429 or 503 are retried after the `Retry-After` the service gives (up to
     `max_retries` times, never waiting longer than `max_wait_s` at once). Failures raise a subclass
     of `QaasError` carrying the service's error code. A key about to go over plain `http://` to another
-    machine raises an `InsecureTransportWarning`."""
+    machine raises an `InsecureTransportWarning`.
+
+    A model's external data goes straight to the service's object store when it offers that
+    (`direct_uploads`, on by default; see `upload_model`)."""
 
     def __init__(
         self,
@@ -97,8 +103,11 @@ class Client:
         on_retry: RetryHook | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] | None = None,
+        direct_uploads: bool = True,
     ) -> None:
         connection = config.resolve(url, api_key)
+        self.direct_uploads = direct_uploads
+        self._store: httpx.Client | None = None
         self.url = connection.url
         insecure = cleartext_key_warning(connection.url, connection.api_key)
         if insecure is not None:
@@ -117,6 +126,8 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> Client:
         return self
@@ -145,8 +156,18 @@ class Client:
     # Models
 
     def upload_model(self, path: PathLike, *, name: str | None = None, external_data: Sequence[PathLike] = ()) -> Model:
-        """Uploads an `.onnx` file; `external_data`: the files its weights live in (or one .zip of them)."""
+        """Uploads an `.onnx` file; `external_data`: the files its weights live in (or one .zip of them).
+
+        When the service keeps its files in an object store, the external data files go there directly
+        (presigned part URLs, several parts at once; the bytes never pass through the service) and the
+        model is completed with the upload's id; a service that does not offer it, or a store this
+        machine cannot reach, gets them with the model as one multipart request instead."""
         model_path = Path(path)
+        extras = [Path(p) for p in external_data]
+        if self.direct_uploads and extras and not any(p.suffix.lower() == ".zip" for p in extras):
+            model = self._upload_model_direct(model_path, extras, name)
+            if model is not None:
+                return model
 
         def files(stack: ExitStack) -> list[tuple[str, Any]]:
             parts = [("file", (model_path.name, stack.enter_context(model_path.open("rb"))))]
@@ -158,6 +179,42 @@ class Client:
         return Model.from_json(
             self.http.json("POST", "/v1/models", open_files=files, data=data, read_timeout=UPLOAD_READ_TIMEOUT_S)
         )
+
+    def _upload_model_direct(self, model_path: Path, extras: list[Path], name: str | None) -> Model | None:
+        """The model with its external data sent straight to the object store; None when the service
+        does not offer it (remembered) or the store cannot be reached from here (the upload is abandoned)."""
+        plan = direct.start(self.http, extras)
+        if plan is None:
+            self.direct_uploads = False
+            return None
+        if self._store is None:
+            self._store = httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0))
+        log.info("uploading %d external data files straight to the object store", len(extras))
+        try:
+            hashes = direct.send(plan, extras, self._store)
+            data = {"upload_id": plan["id"], "external_data_sha256": json.dumps(hashes)}
+            if name:
+                data["name"] = name
+
+            def files(stack: ExitStack) -> list[tuple[str, Any]]:
+                return [("file", (model_path.name, stack.enter_context(model_path.open("rb"))))]
+
+            answer = self.http.json(
+                "POST", "/v1/models", open_files=files, data=data, read_timeout=UPLOAD_READ_TIMEOUT_S
+            )
+        except direct.StoreUnreachable as exc:
+            log.warning("%s; sending the external data through the service instead", exc)
+            self._abandon(plan["id"])
+            return None
+        except BaseException:
+            self._abandon(plan["id"])
+            raise
+        return Model.from_json(answer)
+
+    def _abandon(self, upload_id: str) -> None:
+        """Best effort: the service also aborts an upload left open once it expires."""
+        with contextlib.suppress(QaasError):
+            self.http.send("DELETE", f"/v1/uploads/{quote(upload_id, safe='')}")
 
     def get_model(self, model_id: str) -> Model:
         return Model.from_json(self.http.json("GET", f"/v1/models/{model_id}"))

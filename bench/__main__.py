@@ -43,7 +43,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "overhead": ("job_end_to_end_s",),
     "calibration_memory": ("calibration_peak_mb",),
     "api_load": ("api_job_poll_rps", "api_job_poll_p99_ms"),
-    "upload": ("upload_mb_s", "upload_api_rss_growth_mb"),
+    "upload": ("upload_mb_s", "upload_api_rss_growth_mb", "upload_direct_s3_mb_s"),
     "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup"),
     "sse": ("sse_job_poll_rps", "sse_job_poll_p50_ms"),
     "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import psutil
 
+from tests.s3 import S3Server
+
 ROOT = Path(__file__).resolve().parent.parent
 SUPERVISOR = [sys.executable, "-m", "service.run"]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -299,3 +301,16 @@ def service(root: Path, **env: str) -> Iterator[Service]:
     svc = Service(root, **env)
     with svc:
         yield svc
+
+
+@contextlib.contextmanager
+def s3_service(root: Path, **env: str) -> Iterator[tuple[Service, S3Server]]:
+    """QaaS as `make run` starts it (one API, one worker), with its storage in a fresh bucket of moto's S3
+    server (started here, on loopback, and stopped at the end)."""
+    server = S3Server(root / "s3", free_port())
+    server.start()
+    try:
+        with service(root / "service", **server.env(server.new_bucket()), **env) as svc:
+            yield svc, server
+    finally:
+        server.stop()

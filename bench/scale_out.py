@@ -28,25 +28,11 @@ from bench.models import external_data_model, tiny_model, tiny_npz
 from bench.results import Baseline, Measurement
 from bench.upload import _cp
 from service.run import WORKER
-from tests.s3 import S3Server
 
 UPLOAD_BYTES = 256 << 20
 JOBS = 12
 STATIC = {"mode": "static", "calibration_method": "minmax"}
 EVALUATION = {"latency_runs": 5, "warmup_runs": 1}
-
-
-@contextlib.contextmanager
-def s3_service(root: Path) -> Iterator[tuple[harness.Service, S3Server]]:
-    """QaaS as `make run` starts it (one API, one worker), with its storage in a fresh S3 bucket."""
-    server = S3Server(root / "s3", harness.free_port())
-    server.start()
-    try:
-        env = server.env(server.new_bucket())
-        with harness.service(root / "service", **env) as svc:
-            yield svc, server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
@@ -119,7 +105,7 @@ def run(ctx: Context) -> dict[str, Measurement]:
     onnx_path, bin_path = external_data_model(work / "big.onnx", size)
     model_path, data_path = tiny_model(work / "tiny.onnx"), tiny_npz(work / "tiny.npz")
     try:
-        with s3_service(work / "run") as (svc, _):
+        with harness.s3_service(work / "run") as (svc, _):
             cp = _cp([onnx_path, bin_path], svc.data_dir / "cp-ceiling")
             upload = upload_figures(svc, [onnx_path, bin_path])
             upload["cp_mb_s"] = round(upload["bytes"] / MB / cp["cp_s"], 1)

@@ -9,12 +9,21 @@ ratio of the medians (every round is in the details). curl uploads the same file
 (detail `curl_mb_s`): a lighter client than httpx on the same cores, beside it. And each round times
 the floor under any Python server (detail `raw_python_mb_s`): the same bytes sent over loopback with
 `sendfile` to a bare socket loop in this process that only receives, writes, hashes (sha256 on a
-thread) and fsyncs, as the API must; no HTTP, no multipart, no database."""
+thread) and fsyncs, as the API must; no HTTP, no multipart, no database.
+
+upload_direct_s3_mb_s: QaaS on S3 storage (moto's server on loopback): the same kind of model (1 GB,
+`BENCH_DIRECT_UPLOAD_MB` to change it) uploaded by the Python client, which sends the external data
+straight to the store (`POST /v1/uploads`, presigned parts, then the model completed through the API:
+the graph checked, the parts joined), beside boto3's own multipart upload (`upload_file`, parts of the
+same size) of the same files to the same store. Rounds alternate which goes first; the CPU seconds of
+the client's process, the API and the store are in the details."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import logging.handlers
 import os
 import queue
 import shutil
@@ -28,16 +37,24 @@ from typing import Any
 
 import httpx
 import psutil
+from boto3.s3.transfer import TransferConfig
 
 from bench import harness
 from bench.common import MB, Context, mb
 from bench.models import external_data_model
 from bench.results import Baseline, Measurement
+from qaas_client import Client
+from service.settings import Settings
+from service.storage.s3 import parse_url
+from tests.s3 import S3Server
 
 TARGET_GROWTH_MB = 100
 TARGET_CP_RATIO = 0.35
 SIZE_BYTES = 1 << 30
 ROUNDS = 3
+TARGET_BOTO3_RATIO = 0.8
+DIRECT_SIZE_ENV = "BENCH_DIRECT_UPLOAD_MB"
+PART_BYTES = Settings.model_fields["direct_upload_part_bytes"].default
 
 
 def _settled() -> None:
@@ -138,6 +155,105 @@ def _raw_python(files: list[Path], dest: Path) -> float:
         raise RuntimeError("the bare receive loop gave no digest")
     shutil.rmtree(dest)
     return seconds
+
+
+def _cpu_s(procs: list[psutil.Process | None]) -> list[float]:
+    found = []
+    for proc in procs:
+        times = proc.cpu_times() if proc is not None else None
+        found.append(times.user + times.system if times is not None else 0.0)
+    return found
+
+
+def _boto3(server: S3Server, bucket: str, files: list[Path]) -> float:
+    """Seconds for boto3's multipart upload of `files` (parts of PART_BYTES, its default 10 threads)."""
+    client = server.client()
+    config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES)
+    keys = [f"bench-boto3/{f.name}" for f in files]
+    t = time.perf_counter()
+    for f, key in zip(files, keys, strict=True):
+        client.upload_file(str(f), bucket, key, Config=config)
+    seconds = time.perf_counter() - t
+    for key in keys:
+        client.delete_object(Bucket=bucket, Key=key)
+    return seconds
+
+
+def _client(svc: harness.Service, onnx_path: Path, bin_path: Path) -> float:
+    """Seconds for the Python client to upload the model, its external data straight to the store."""
+    fell_back = logging.handlers.BufferingHandler(100)
+    fell_back.setLevel(logging.WARNING)  # the client says so when it sends the files through the API instead
+    logging.getLogger("qaas_client").addHandler(fell_back)
+    try:
+        with Client(svc.base_url, timeout=1800) as client:
+            t = time.perf_counter()
+            model = client.upload_model(onnx_path, external_data=[bin_path])
+            seconds = time.perf_counter() - t
+            client.delete_model(model.id)
+    finally:
+        logging.getLogger("qaas_client").removeHandler(fell_back)
+    if not client.direct_uploads or fell_back.buffer:
+        raise RuntimeError(f"the client did not upload straight to the object store: {fell_back.buffer}")
+    return seconds
+
+
+def direct_s3(ctx: Context, work: Path) -> Measurement:
+    """upload_direct_s3_mb_s (see the module docstring)."""
+    size = int(os.environ.get(DIRECT_SIZE_ENV, 0)) << 20 or ((64 << 20) if ctx.quick else SIZE_BYTES)
+    onnx_path, bin_path = external_data_model(work / "direct.onnx", size)
+    files = [onnx_path, bin_path]
+    total = sum(f.stat().st_size for f in files)
+    rounds: list[dict[str, float]] = []
+    try:
+        with harness.s3_service(work / "direct") as (svc, server):
+            bucket, _ = parse_url(svc.env["QAAS_STORAGE_URL"])
+            assert server.proc is not None
+            procs = [psutil.Process(), svc.api_process(), psutil.Process(server.proc.pid)]
+            for i in range(ROUNDS):
+                one: dict[str, float] = {}
+                ways = [("boto3", lambda: _boto3(server, bucket, files)), ("client", lambda: _client(svc, *files))]
+                for name, upload in ways if i % 2 == 0 else ways[::-1]:
+                    before = _cpu_s(procs)
+                    one[f"{name}_s"] = upload()
+                    spent = [after - b for after, b in zip(_cpu_s(procs), before, strict=True)]
+                    one.update(
+                        {f"{name}_{who}_cpu_s": v for who, v in zip(("local", "api", "store"), spent, strict=True)}
+                    )
+                rounds.append(one)
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+    details: dict[str, Any] = {key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]}
+    details.update(
+        {
+            "bytes": total,
+            "part_bytes": PART_BYTES,
+            "rounds": [{key: round(value, 3) for key, value in r.items()} for r in rounds],
+            "cores": psutil.cpu_count(),
+        }
+    )
+    ours = total / MB / details["client_s"]
+    boto3 = total / MB / details["boto3_s"]
+    cpu = (
+        f"CPU s, client / API / store: {details['client_local_cpu_s']:.1f} / {details['client_api_cpu_s']:.1f} / "
+        f"{details['client_store_cpu_s']:.1f}; boto3 / store: {details['boto3_local_cpu_s']:.1f} / "
+        f"{details['boto3_store_cpu_s']:.1f}"
+    )
+    return Measurement(
+        what=f"Upload of a {total / MB:,.0f} MB model (external data) by the Python client, straight to S3 "
+        f"(moto on loopback), median of {ROUNDS} rounds",
+        unit="MB/s",
+        value=round(ours, 1),
+        baseline=Baseline(
+            what=f"boto3 multipart upload of the same files ({PART_BYTES >> 20} MiB parts)",
+            value=round(boto3, 1),
+            note=cpu,
+        ),
+        ratio=round(ours / boto3, 3),
+        target=f">= {TARGET_BOTO3_RATIO} of boto3",
+        met=ours / boto3 >= TARGET_BOTO3_RATIO,
+        details=details,
+    )
 
 
 def _delete(svc: harness.Service, model_id: str) -> None:
@@ -244,4 +360,5 @@ def run(ctx: Context) -> dict[str, Measurement]:
             met=growth < TARGET_GROWTH_MB,
             errors=errors,
         ),
+        "upload_direct_s3_mb_s": direct_s3(ctx, work),
     }

@@ -45,3 +45,20 @@ def within_budget(
         if labels_decide:
             return True
     return bool(budgeted) and all(budgeted)
+
+
+# A quantized model must be at least this much faster than float (p50) to be worth shipping for latency:
+# less is within the noise of interleaved timings.
+FASTER_MARGIN = 0.05
+
+
+def ships_quantized(
+    within_budget: bool | None, speedup: float | None, *, objective: str, margin: float = FASTER_MARGIN
+) -> bool:
+    """On one worker class: is the quantized model the one to ship there, or the float model? Within the
+    fidelity budget and, for the latency objective, faster than float there by at least `margin`."""
+    if within_budget is not True:
+        return False
+    if objective == "size":
+        return True
+    return speedup is not None and math.isfinite(speedup) and speedup >= 1.0 + margin - EPSILON

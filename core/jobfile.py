@@ -1,5 +1,6 @@
 """The files between the worker and a job process: the job file (`job.json`) the worker writes and the
-outcome (`outcome.json`) the job process writes back. Both sides read and write them here, typed, never
+outcome (`outcome.json`) the job process writes back, and for a measurement on another worker class the
+measure file and the measurement (`measure.json`, `measured.json`). Both sides read and write them here, typed, never
 through json and string keys; the progress lines in between are `core.progress.ProgressLine`."""
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from core.errors import ErrorInfo
 from core.evaluation import EvaluationSpec
 from core.lifecycle import AttemptStatus
 from core.model import TensorSpec
+from core.placement import Placement
 from core.recipe import Recipe
-from core.result import JobResult
+from core.result import JobResult, MeasuredOn
 
 JOB_FILE = "job.json"
 OUTCOME_FILE = "outcome.json"
+MEASURE_FILE = "measure.json"
+MEASURED_FILE = "measured.json"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class JobFile:
     # Mode auto: the worker's folder of pre-flight timings, kept across jobs (`Settings.preflight_cache_dir`);
     # None: the pre-flight times every layer again.
     preflight_cache: Path | None = None
+    # The class and pool of the worker running it, which the result's machine records (None: the job process
+    # takes them from its environment, `Placement.from_environ`).
+    placement: Placement | None = None
 
     def write(self, workdir: Path) -> None:
         (workdir / JOB_FILE).write_bytes(_JOB.dump_json(self))
@@ -98,5 +105,35 @@ class ChildOutcome:
         return _OUTCOME.validate_json((workdir / OUTCOME_FILE).read_bytes())  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class MeasureFile:
+    """A finished job's models to measure on another worker class (`python -m worker.measure_process WORKDIR`),
+    written into WORKDIR/measure.json beside the job's own job file, which names its inputs. The measurement
+    comes back as a `MeasuredOn` in WORKDIR/measured.json (`write_measured`, `read_measured`)."""
+
+    target: str
+    quantized_path: Path | None = None  # the job's stored artifact; None in mode compare (the model itself)
+
+    def write(self, workdir: Path) -> None:
+        (workdir / MEASURE_FILE).write_bytes(_MEASURE.dump_json(self))
+
+    @classmethod
+    def read(cls, workdir: Path) -> Self:
+        return _MEASURE.validate_json((workdir / MEASURE_FILE).read_bytes())  # type: ignore[return-value]
+
+
+def write_measured(workdir: Path, measured: MeasuredOn) -> None:
+    """Written under a temporary name and renamed: the worker never reads half a measurement."""
+    tmp = workdir / (MEASURED_FILE + ".tmp")
+    tmp.write_text(measured.model_dump_json())
+    os.replace(tmp, workdir / MEASURED_FILE)
+
+
+def read_measured(workdir: Path) -> MeasuredOn:
+    """Raises pydantic's ValidationError (a ValueError) on a file that is not a measurement."""
+    return MeasuredOn.model_validate_json((workdir / MEASURED_FILE).read_bytes())
+
+
 _JOB: TypeAdapter[JobFile] = TypeAdapter(JobFile)
+_MEASURE: TypeAdapter[MeasureFile] = TypeAdapter(MeasureFile)
 _OUTCOME: TypeAdapter[ChildOutcome] = TypeAdapter(ChildOutcome)

@@ -9,12 +9,13 @@ engine made, and leaves results of this version as they are."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import ErrorInfo
-from core.judge import beyond_tolerance
+from core.judge import beyond_tolerance, ships_quantized
 
 
 class _Shape(BaseModel):
@@ -167,6 +168,13 @@ class Machine(_Shape):
     execution_provider: str | None = None
     threads: int | None = None
     cpu_info_source: str | None = None
+    worker_class: str | None = Field(
+        None,
+        description="The class of the worker that measured (its architecture and best int8 instructions, or "
+        "what its operator set; see GET /v1/targets). Null in results of older versions.",
+        examples=["x86_64-avx512vnni"],
+    )
+    pool: str | None = Field(None, description="The pool of that worker, when its operator set one.")
 
 
 class SessionSettings(_Shape):
@@ -401,6 +409,92 @@ class QuantizationFacts(_Shape):
     auto: AutoSearch | None = Field(None, description="Mode auto only.")
 
 
+class MeasuredOn(_Shape):
+    """`result.measured_on[]`, one per class or pool a job's `target` lists (a job with one target, or
+    `any`, has none): the float and quantized models measured side by side on a worker there, and the model
+    to ship there. The first is where the job ran, from its own evaluation; each other is a follow-up on a
+    worker of that target, recorded as it arrives (`pending` until then)."""
+
+    target: str = Field(description="The class or pool as the job's `target` names it.", examples=["x86_64-avx2"])
+    status: Literal["pending", "measured", "failed"] = Field(
+        description="`pending` until a worker of the target has measured (the job itself has already succeeded)."
+    )
+    worker_class: str | None = Field(None, description="The class of the worker that measured.")
+    pool: str | None = None
+    original: ModelMetrics | None = Field(None, description="The float model there (mode compare: the reference).")
+    quantized: ModelMetrics | None = Field(None, description="The job's artifact there (mode compare: the model).")
+    speedup_p50: float | None = Field(None, description="original p50 / quantized p50 there; above 1 is faster.")
+    within_budget: bool | None = Field(None, description="The fidelity budget's verdict on the outputs computed there.")
+    chosen: Literal["quantized", "float"] | None = Field(
+        None,
+        description="The model to ship on this class: the quantized one when it is within budget and, for the "
+        "latency objective, faster than float beyond noise there (mode auto, where the job ran: the search's "
+        "verdict); else the float model.",
+    )
+    machine: Machine | None = None
+    requests: int = Field(0, description="Follow-up messages sent to the target's workers so far.")
+    requested_at: datetime | None = None
+    measured_at: datetime | None = None
+    error: ErrorInfo | None = Field(None, description="Why the measurement failed.")
+
+    @classmethod
+    def pending(cls, target: str) -> MeasuredOn:
+        return cls(target=target, status="pending")
+
+    @classmethod
+    def measured(
+        cls,
+        target: str,
+        machine: Machine,
+        original: ModelMetrics,
+        quantized: ModelMetrics,
+        comparison: Comparison,
+        *,
+        objective: str,
+        auto: AutoSearch | None = None,
+        at: datetime | None = None,
+    ) -> MeasuredOn:
+        """An entry from one evaluation on `machine`. The model to ship there is the quantized one when
+        `core.judge.ships_quantized` says so, or, given mode auto's search (where the job ran), as it decided."""
+        within = None if comparison.fidelity is None else comparison.fidelity.within_budget
+        if auto is not None and auto.verdict is not None:
+            ships = auto.verdict == "quantized"
+        else:
+            ships = ships_quantized(within, comparison.speedup_p50, objective=objective)
+        return cls(
+            target=target,
+            status="measured",
+            worker_class=machine.worker_class,
+            pool=machine.pool,
+            original=original,
+            quantized=quantized,
+            speedup_p50=comparison.speedup_p50,
+            within_budget=within,
+            chosen="quantized" if ships else "float",
+            machine=machine,
+            measured_at=at or datetime.now(UTC),
+        )
+
+    @classmethod
+    def where_it_ran(cls, target: str, result: JobResult, *, objective: str, at: datetime | None) -> MeasuredOn:
+        """The entry of the class or pool a job ran on, from its own result."""
+        auto = None if result.quantization is None else result.quantization.auto
+        return cls.measured(
+            target,
+            result.machine,
+            result.original,
+            result.quantized,
+            result.comparison,
+            objective=objective,
+            auto=auto,
+            at=at,
+        )
+
+    @classmethod
+    def failed(cls, target: str, error: ErrorInfo) -> MeasuredOn:
+        return cls(target=target, status="failed", error=error, measured_at=datetime.now(UTC))
+
+
 class JobResult(_Shape):
     original: ModelMetrics
     quantized: ModelMetrics
@@ -412,6 +506,10 @@ class JobResult(_Shape):
     machine: Machine = Field(default_factory=Machine)
     evaluation: EvaluationFacts | None = None
     quantization: QuantizationFacts | None = None
+    measured_on: list[MeasuredOn] = Field(
+        default_factory=list,
+        description="A job whose `target` lists several classes or pools: its models measured on each, side by side.",
+    )
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> JobResult:

@@ -6,6 +6,8 @@ It never touches the database."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 from core.errors import ErrorInfo, RuleError
 from core.jobfile import ChildOutcome, JobFile
 from core.lifecycle import AttemptStatus, Stage
+from core.placement import Placement
 from core.progress import Note, ProgressLine
 from worker.engine.job import run_job
 from worker.sandbox import apply_limits, die_with_parent, exit_on_sigterm, limit_error
@@ -45,6 +48,8 @@ def run(job: JobFile, workdir: Path, report: Reporter) -> ChildOutcome:
 def main(workdir: Path) -> int:
     exit_on_sigterm()
     job = JobFile.read(workdir)
+    if job.placement is None:  # the worker's class and pool, for the result's machine facts
+        job = dataclasses.replace(job, placement=Placement.from_environ(os.environ))
     die_with_parent()
     apply_limits(job.limits)
     report = Reporter()

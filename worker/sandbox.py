@@ -33,6 +33,7 @@ from typing import Any
 
 from core.errors import ErrorInfo
 from core.jobfile import ArtifactItem, Limits
+from core.placement import PLACEMENT_VARIABLE
 
 PR_SET_PDEATHSIG = 1
 CPU_GRACE_S = 30  # between SIGXCPU (soft) and SIGKILL (hard)
@@ -60,8 +61,9 @@ def job_limits(memory_bytes: int, timeout_s: int, file_bytes: int, open_files: i
 
 
 # The job process's whole environment, besides TMPDIR and PYTHONPATH: no QAAS_ setting (the database
-# and broker URLs carry passwords; the job's limits travel in its job file), no cloud credentials.
-CHILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
+# and broker URLs carry passwords; the job's limits travel in its job file), no cloud credentials; only the
+# worker's class and pool, which its results record (PLACEMENT_VARIABLE, nothing secret).
+CHILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", PLACEMENT_VARIABLE})
 # What a job may hand back, and the media type each is served with: the runner decides, not the job.
 ARTIFACT_MEDIA_TYPES = {
     "quantized.onnx": "application/octet-stream",

@@ -13,6 +13,7 @@ from core.result import JobResult
 from worker.engine.auto import auto_quantize
 from worker.engine.compare import compare_models
 from worker.engine.evaluate import Evaluation, evaluate
+from worker.engine.measured_on import placed
 from worker.engine.preprocess import runnable_original
 from worker.engine.quantize import quantize
 from worker.engine.results import QuantizationOutcome
@@ -45,6 +46,7 @@ def run_job(
     )
     outcome, measured = _run(job, model_path, workdir / "engine", progress, note)
     progress(Stage.REPORTING, 0.0)
+    machine = placed(measured.machine, job.placement)
     result = JobResult(
         original=measured.original,
         quantized=measured.quantized,
@@ -53,7 +55,7 @@ def run_job(
         timings_s={**outcome.timings_s, **measured.timings_s, "total": round(time.perf_counter() - started, 3)},
         peak_memory_bytes=peak_memory_bytes(),
         preprocessing_steps=[*declared, *outcome.preprocessing_steps],
-        machine=measured.machine,
+        machine=machine,
         evaluation=measured.facts,
         quantization=outcome.facts,
     )

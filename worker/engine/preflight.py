@@ -55,7 +55,7 @@ from worker.engine.session import session_options
 
 KINDS = ("qdq", "qoperator", "s8s8", "dynamic")
 KIND_NAMES = {"qdq": "QDQ", "qoperator": "QOperator", "s8s8": "QDQ S8S8", "dynamic": "dynamic"}
-MAX_LAYERS = 48  # distinct layers timed per model, heaviest first; the rest count as neither faster nor slower
+MAX_LAYERS = 128  # distinct layers timed per model, heaviest first; the rest count as neither faster nor slower
 MIN_ELEMENTS = 64  # nodes reading fewer values are not worth a timing
 LAYER_SECONDS = 0.06  # timed rounds per layer (each round runs every variant once)
 MIN_RUNS, MAX_RUNS = 9, 200

@@ -38,6 +38,7 @@ from service.queue import JobQueue
 from service.schemas import error_response
 from service.settings import Settings, get_settings
 from service.storage import open_storage
+from service.targets.router import router as targets_router
 from service.throttle import open_throttle
 from service.usage.router import router as usage_router
 
@@ -76,9 +77,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         else:
             errors.append({"field": field, "message": str(e.get("msg", "")), "type": e.get("type")})
     in_recipe = bool(errors) and all(e["field"].startswith("recipe") for e in errors)
+    in_target = bool(errors) and all(e["field"].startswith("target") for e in errors)
     first = errors[0] if errors else {"field": "body", "message": "invalid request", "type": None}
-    code = "invalid_recipe" if in_recipe else "invalid_request"
-    if first["type"] == "invalid_recipe":
+    code = "invalid_recipe" if in_recipe else "invalid_target" if in_target else "invalid_request"
+    if first["type"] in ("invalid_recipe", "invalid_target"):
         message = str(first["message"])
     else:
         message = f"Invalid value for `{first['field']}`: {first['message']}."
@@ -194,7 +196,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(PoolTimeout, _database_down)
     app.add_exception_handler(OSError, _storage_down)
     app.add_exception_handler(Exception, _internal)
-    for router in (models_router, uploads_router, datasets_router, jobs_router, usage_router, ops_router):
+    routers = (models_router, uploads_router, datasets_router, jobs_router, targets_router, usage_router, ops_router)
+    for router in routers:
         document_errors(router.routes)
         app.include_router(router)
     openapi.install(app)

@@ -82,6 +82,13 @@ class InvalidRecipe(ServiceError):
     code = "invalid_recipe"
 
 
+class InvalidTarget(ServiceError):
+    """A job's `target` names no class or pool with a live worker (or no name a worker could have)."""
+
+    status = 422
+    code = "invalid_target"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
@@ -138,6 +145,7 @@ _RULE_ERRORS: tuple[type[ServiceError], ...] = (
     InvalidDataset,
     DatasetModelMismatch,
     InvalidRecipe,
+    InvalidTarget,
     PayloadTooLarge,
     ResourceLimit,
 )

@@ -21,7 +21,18 @@ from celery import Celery
 from service.settings import Settings
 
 RUN_JOB_TASK = "qaas.run_job"
-QUEUE = "qaas"
+MEASURE_TASK = "qaas.measure_job"
+QUEUE = "qaas"  # every worker consumes it: jobs whose target is `any`
+
+
+def class_queue(worker_class: str) -> str:
+    """The queue the workers of one class consume besides QUEUE (names hold no dot: see core.placement)."""
+    return f"{QUEUE}-class-{worker_class}"
+
+
+def pool_queue(pool: str) -> str:
+    """The queue the workers of one pool consume besides QUEUE and their class's."""
+    return f"{QUEUE}-pool-{pool}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -88,14 +99,22 @@ class JobQueue:
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.app = app if app is not None else make_celery(settings, "qaas-api")
 
-    def enqueue(self, job_id: str, countdown: float = 0.0) -> None:
-        """Send the job's message, to be run `countdown` seconds from now (the worker that receives it
-        holds it until then). Two quick retries cover a pooled connection that died with a Redis
-        restart; a broker that stays down fails within about a second (the caller answers 503)."""
+    def enqueue(self, job_id: str, countdown: float = 0.0, queue: str | None = None) -> None:
+        """Send the job's message to `queue` (the job's target's; None: QUEUE, any worker), to be run
+        `countdown` seconds from now (the worker that receives it holds it until then). Two quick retries
+        cover a pooled connection that died with a Redis restart; a broker that stays down fails within
+        about a second (the caller answers 503)."""
+        self._send(RUN_JOB_TASK, [job_id], queue or QUEUE, countdown)
+
+    def measure(self, job_id: str, target: str, queue: str) -> None:
+        """Ask a worker of `queue` (a class's or a pool's) to measure a finished job's models there."""
+        self._send(MEASURE_TASK, [job_id, target], queue, 0.0)
+
+    def _send(self, task: str, args: list[str], queue: str, countdown: float) -> None:
         self.app.send_task(
-            RUN_JOB_TASK,
-            args=[job_id],
-            queue=QUEUE,
+            task,
+            args=args,
+            queue=queue,
             countdown=countdown or None,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},

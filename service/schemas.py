@@ -49,7 +49,7 @@ _DESCRIPTIONS = {
     404: "No such resource (`not_found`; another tenant's resources answer the same)",
     409: "Conflicts with the resource's state (`conflict`)",
     413: "Body or upload too large (`payload_too_large`), or the storage quota is used up (`quota_exceeded`)",
-    422: "Invalid input (`invalid_request`, `invalid_recipe`, `invalid_model`, `invalid_dataset`...)",
+    422: "Invalid input (`invalid_request`, `invalid_recipe`, `invalid_target`, `invalid_model`, `invalid_dataset`...)",
     429: "Too many requests, uploads in progress or active jobs (`rate_limited`; see `Retry-After`)",
     503: "The database, broker or storage is unavailable (`unavailable`); retry shortly",
 }

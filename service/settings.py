@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.placement import ANY, NAME, NAME_LENGTH
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QAAS_", extra="ignore")
@@ -134,6 +136,29 @@ class Settings(BaseSettings):
     )
 
     worker_concurrency: int = Field(1, ge=1, le=64)
+    worker_pool: str | None = Field(
+        None,
+        description="The pool this worker is in (a name of the operator's: `edge`, `customer-a`); jobs may target it.",
+    )
+    worker_class: str | None = Field(
+        None,
+        description="The worker's class as advertised, instead of the one derived from its CPU "
+        "(architecture and best int8 instructions, e.g. `x86_64-avx512vnni`).",
+    )
+    worker_features: str | None = Field(
+        None,
+        description="Comma-separated CPU flags (`avx2,avx512_vnni`) the worker advertises instead of the detected "
+        "ones; its class is derived from them unless QAAS_WORKER_CLASS is set.",
+    )
+    worker_heartbeat_s: float = Field(
+        15.0, ge=0.2, le=300, description="How often a worker records that it is alive, and how many jobs it runs."
+    )
+    worker_live_s: float = Field(
+        90.0,
+        ge=1,
+        description="A worker whose last heartbeat is older than this is not live: a job cannot target its class "
+        "or pool unless another worker of it is.",
+    )
     task_soft_time_limit_s: int = Field(3600, ge=10)
     task_time_limit_s: int = Field(3900, ge=20)
     job_memory_bytes: int = Field(16 << 30, ge=64 << 20, description="Address-space limit of a job process.")
@@ -181,6 +206,13 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.task_time_limit_s <= self.task_soft_time_limit_s:
             raise ValueError("QAAS_TASK_TIME_LIMIT_S must be larger than QAAS_TASK_SOFT_TIME_LIMIT_S")
+        for name, value in (("QAAS_WORKER_POOL", self.worker_pool), ("QAAS_WORKER_CLASS", self.worker_class)):
+            if value is not None and (value == ANY or not NAME.fullmatch(value)):
+                raise ValueError(
+                    f"{name} must be lower-case letters, digits, '_' and '-' (at most {NAME_LENGTH}), not 'any'"
+                )
+        if self.worker_live_s <= self.worker_heartbeat_s:
+            raise ValueError("QAAS_WORKER_LIVE_S must be larger than QAAS_WORKER_HEARTBEAT_S")
         if self.metrics_token is not None and not self.metrics_token.get_secret_value():
             self.metrics_token = None  # an empty token (compose's default) is no token
         elif self.metrics_token is not None and len(self.metrics_token.get_secret_value()) < 16:

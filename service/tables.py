@@ -117,6 +117,12 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(128))  # X-Request-ID of the request that created it
+    # Where it runs: `target` as the request gave it (null: any worker), and the broker queue of each name
+    # in it (the first is where the job runs; the others measure it). `measurements_pending` while a
+    # succeeded job's result still waits for one of those (service/jobs/measurements.py).
+    target: Mapped[str | list[str] | None] = mapped_column(JSON)
+    queues: Mapped[list[str] | None] = mapped_column(JSON)
+    measurements_pending: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -134,6 +140,27 @@ class Job(Base):
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_idempotency_key", "idempotency_key"),
     )
+
+
+class Worker(Base):
+    """A worker process as it advertises itself, refreshed by its heartbeat (worker/presence.py): its class,
+    pool and CPU, and how many tasks it runs. A row whose `last_seen_at` is recent enough is a live worker."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # new at every start of the process
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    worker_class: Mapped[str] = mapped_column(String(64), index=True)
+    pool: Mapped[str | None] = mapped_column(String(64))
+    architecture: Mapped[str] = mapped_column(String(32))
+    features: Mapped[list[str]] = mapped_column(JSON)
+    cores: Mapped[int] = mapped_column(Integer)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    running: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Artifact(Base):
@@ -188,4 +215,5 @@ __all__ = [
     "Job",
     "OnnxModel",
     "Upload",
+    "Worker",
 ]

@@ -7,8 +7,8 @@ from typing import Any
 from celery.signals import setup_logging
 
 from service import logs
-from service.queue import QUEUE
 from service.settings import get_settings
+from worker.presence import this_worker
 
 
 def main() -> None:
@@ -30,8 +30,10 @@ def main() -> None:
             # Prefork on purpose: each job's runner lives in a pool process that Celery can signal
             # (SIGTERM hands the job back, see worker/tasks.py) and that dies with the worker.
             "--pool=prefork",
+            # Any worker's queue, its class's and its pool's (worker/presence.py): a job that targets a
+            # class or pool reaches only the workers of it.
             "--queues",
-            QUEUE,
+            ",".join(this_worker().queues),
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

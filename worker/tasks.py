@@ -1,5 +1,5 @@
 """Celery tasks: thin wrappers that pass a job id to the runner, and the worker's signal wiring
-(the sweep in the main process, the runner and its stop handler in each pool process)."""
+(the sweep and the heartbeat in the main process, the runner and its stop handler in each pool process)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from celery.signals import (
 )
 
 from service.database import make_engine, make_session_factory
-from service.queue import QUEUE, RUN_JOB_TASK, JobQueue
+from service.queue import RUN_JOB_TASK, JobQueue
 from service.settings import get_settings
 from service.storage import open_storage
+from service.targets.service import queue_of
 from worker.celery_app import app
+from worker.presence import Heartbeat, this_worker
 from worker.reaper import Reaper
 from worker.runner import DatabaseUnavailable, JobRunner
 
@@ -34,22 +36,35 @@ log = logging.getLogger(__name__)
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 _reaper: Reaper | None = None
+_heartbeat: Heartbeat | None = None
 _consumer: Any = None  # the main process's Celery consumer, once connected (see ResendOnReconnect)
 CLAIM_RETRIES = 8  # then the sweep re-sends the job once it has been queued for QAAS_QUEUED_RESEND_S
 
 
 def enqueue(job_id: str, countdown: float = 0.0) -> None:
-    JobQueue(get_settings(), app).enqueue(job_id, countdown)
+    """Send a job's message again (a hand-back, a retry, the sweep) to the queue of its target."""
+    # This process's own sessions: a pool process's runner's, or the main process's sweep's.
+    factory = _reaper.factory if _runner is None and _reaper is not None else runner().session_factory
+    with factory() as session:
+        queue = queue_of(session, job_id)
+    JobQueue(get_settings(), app).enqueue(job_id, countdown, queue)
 
 
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
-    """In the worker's main process: sweep for lost jobs now and on a timer."""
-    global _reaper
+    """In the worker's main process: sweep for lost jobs now and on a timer, and say that this worker is
+    alive (its class, pool and running tasks) now and every QAAS_WORKER_HEARTBEAT_S."""
+    global _reaper, _heartbeat
+    from celery.worker import state as worker_state
+
     settings = get_settings()
     factory = make_session_factory(make_engine(settings))
     _reaper = Reaper(factory, enqueue, settings, open_storage(settings))
     _reaper.start()
+    _heartbeat = Heartbeat(
+        factory, this_worker(), settings.worker_heartbeat_s, lambda: len(worker_state.active_requests)
+    )
+    _heartbeat.start()
 
 
 class ResendOnReconnect(bootsteps.StartStopStep):
@@ -85,6 +100,14 @@ def _received(request: Any = None, **_: Any) -> None:
 def _stop_reaper(**_: Any) -> None:
     if _reaper is not None:
         _reaper.stop()
+    _stop_heartbeat()
+
+
+def _stop_heartbeat() -> None:
+    global _heartbeat
+    heartbeat, _heartbeat = _heartbeat, None
+    if heartbeat is not None:
+        heartbeat.stop()
 
 
 @worker_shutting_down.connect
@@ -92,11 +115,14 @@ def _grace_then_hand_back(**_: Any) -> None:
     """SIGTERM (warm shutdown): Celery waits for running tasks however long they take. We wait
     QAAS_WORKER_SHUTDOWN_GRACE_S for them to finish, then ask each to hand its job back, so the
     worker exits promptly (before an orchestrator's SIGKILL) and no job waits for a lease to expire.
-    The worker takes no new task meanwhile: on kombu's filesystem transport (the embedded default) it
-    went on consuming, and started the very job it had just handed back."""
+    The worker takes no new task meanwhile (from any of its queues): on kombu's filesystem transport (the
+    embedded default) it went on consuming, and started the very job it had just handed back. Nor is it
+    live from now on: jobs cannot target its class or pool on its account."""
     if _consumer is not None:
-        with contextlib.suppress(Exception):  # a broker already gone: nothing to stop consuming from
-            _consumer.cancel_task_queue(QUEUE)
+        for queue in this_worker().queues:
+            with contextlib.suppress(Exception):  # a broker already gone: nothing to stop consuming from
+                _consumer.cancel_task_queue(queue)
+    threading.Thread(target=_stop_heartbeat, name="qaas-heartbeat-stop", daemon=True).start()
     threading.Thread(target=_hand_back_after_grace, name="qaas-shutdown-grace", daemon=True).start()
 
 
@@ -145,10 +171,17 @@ def _install_stop_handler() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _new_runner() -> JobRunner:
+    # The job processes it starts record this worker's class and pool in their results (worker/sandbox.py
+    # passes this one variable on).
+    os.environ.update(this_worker().placement.environ())
+    return JobRunner.from_settings(enqueue=enqueue)
+
+
 @worker_process_init.connect
 def _start(**_: Any) -> None:
     global _runner
-    _runner = JobRunner.from_settings(enqueue=enqueue)
+    _runner = _new_runner()
 
 
 @worker_process_shutdown.connect
@@ -161,7 +194,7 @@ def runner() -> JobRunner:
     global _runner
     with _runner_lock:
         if _runner is None:  # solo pool or eager mode: no worker_process_init
-            _runner = JobRunner.from_settings(enqueue=enqueue)
+            _runner = _new_runner()
         return _runner
 
 

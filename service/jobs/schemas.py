@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,12 +19,22 @@ from pydantic import (
 
 from core.evaluation import EvaluationSettings
 from core.lifecycle import JobStatus, Stage
+from core.placement import ANY, parse_target
 from core.progress import CandidateProgress, candidate_of
 from core.recipe import Recipe, parse_recipe, unchecked_recipe
 from core.result import JobResult, upgrade_stored
 from service.schemas import ErrorInfo, OrmModel
 
 __all__ = ["CandidateProgress", "JobResult", "Recipe"]
+
+
+def _checked_target(value: str | list[str]) -> str | list[str]:
+    parse_target(value)  # TargetError (a ValueError): 422 invalid_target
+    return value
+
+
+# "any", one class or pool, or a list of them, kept as given (`JobCreate.target_names` reads it).
+Target = Annotated[str | list[str], AfterValidator(_checked_target)]
 
 
 class JobCreate(BaseModel):
@@ -46,6 +57,18 @@ class JobCreate(BaseModel):
     evaluation_dataset_id: str | None = Field(None, description="Defaults to the calibration dataset.")
     recipe: Recipe = Field(default_factory=Recipe)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    target: Target = Field(
+        ANY,
+        description='Where the job runs: `"any"` worker, a worker class or pool with a live worker (GET '
+        "/v1/targets), or a list of them: the job runs on the first, and its float and quantized models are "
+        "then measured on each of the others too, side by side in `result.measured_on`.",
+        examples=[ANY, "x86_64-avx512vnni", ["x86_64-avx2", "x86_64-avx512vnni"]],
+    )
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        """The classes and pools `target` lists (none: any worker)."""
+        return parse_target(self.target)
 
 
 _IDS = {"model_id": "<id from POST /v1/models>", "calibration_dataset_id": "<id from POST /v1/datasets>"}
@@ -84,6 +107,14 @@ JOB_EXAMPLES: dict[str, Any] = {
         "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "weight_only", "block_size": 128}},
     },
     "fp16": {"summary": "Float16: half the size", "value": {"model_id": _IDS["model_id"], "recipe": {"mode": "fp16"}}},
+    "targets": {
+        "summary": "Static int8, measured on two worker classes side by side (see GET /v1/targets)",
+        "value": {
+            **_IDS,
+            "recipe": {"mode": "static", "per_channel": True},
+            "target": ["x86_64-avx2", "x86_64-avx512vnni"],
+        },
+    },
 }
 
 
@@ -133,6 +164,14 @@ class JobOut(OrmModel):
     evaluation_dataset_id: str | None
     recipe: Recipe
     evaluation: EvaluationSettings
+    target: str | list[str] = Field(
+        ANY, description="Where the job runs, as it was asked: `any`, a class or pool, or a list of them."
+    )
+    measurements_pending: bool = Field(
+        False,
+        description="A succeeded job whose `target` lists several classes or pools: true until its measurements "
+        "on the others are all in `result.measured_on` (each is filled in as it arrives).",
+    )
     attempts: int
     created_at: datetime
     started_at: datetime | None
@@ -153,6 +192,11 @@ class JobOut(OrmModel):
             except (ValueError, ValidationError):
                 return unchecked_recipe(value)
         return value
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _any_when_unset(cls, value: Any) -> Any:
+        return ANY if value is None else value
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from core.datasets import DatasetPlan, plan_dataset
 from core.lifecycle import ACTIVE_STATUSES, TERMINAL_STATUSES
 from core.model import ModelFacts
+from core.placement import ANY
 from core.recipe import RecipeError, check_recipe_for_model, check_reference_fits
 from service.database import after_commit, utcnow
 from service.datasets.service import get_dataset
@@ -28,13 +29,17 @@ from service.quotas import check_active_jobs, check_job_storage
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Artifact, Dataset, Job, OnnxModel
+from service.targets.service import first_queue, route
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 
 def request_digest(body: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    data = body.model_dump(mode="json")
+    if body.target == ANY:  # as before targets existed: a retry across the upgrade finds its job
+        del data["target"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def take_turns_on_key(session: Session, tenant: str, key: str) -> None:
@@ -83,7 +88,7 @@ def submit_job(
     session.commit()
     if created:
         try:
-            queue.enqueue(job.id)
+            queue.enqueue(job.id, queue=first_queue(job.queues))
         except Exception as exc:
             log.warning("broker unavailable, job %s withdrawn: %s", job.id, exc)
             delete_job_row(session, job.id)
@@ -126,6 +131,7 @@ def create_job(
         plan_stored_dataset(calibration, facts, body.recipe.calibration_batch_size)
     if evaluation is not None:
         plan_stored_dataset(evaluation, facts, body.evaluation.batch_size)
+    routing = route(session, settings, body.target_names)
     check_active_jobs(session, settings, tenant)
     check_job_storage(session, settings, tenant, model.size_bytes)
     job = Job(
@@ -138,6 +144,9 @@ def create_job(
         idempotency_key=idempotency_key,
         request_sha256=digest,
         request_id=request_id,  # the worker's log lines for this job carry it
+        target=None if body.target == ANY else body.target,
+        queues=routing.queues,
+        measurements_pending=routing.measures_elsewhere,
     )
     session.add(job)
     session.flush()

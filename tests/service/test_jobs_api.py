@@ -61,7 +61,7 @@ def test_the_job_message_reaches_the_broker(
     committed: list[bool] = []
     send = app_state.queue.enqueue
 
-    def enqueue(job_id: str, countdown: float = 0.0) -> None:
+    def enqueue(job_id: str, countdown: float = 0.0, queue: str | None = None) -> None:
         with app_state.session_factory() as other:  # another connection sees only what was committed
             committed.append(other.get(Job, job_id) is not None)
         send(job_id, countdown)

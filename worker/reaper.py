@@ -14,8 +14,9 @@ connection comes back asks at once (`Reaper.resend_all_soon`: every queued job t
 holds), so a Redis restarted without persistence delays nothing by QAAS_QUEUED_RESEND_S. A duplicate
 that still slips through costs one failed claim.
 
-Also clears what killed attempts left behind: their stored files and, on this host, their
-scratch folders."""
+Also asks again for the measurements of succeeded jobs on other worker classes that may have been lost
+(worker/measurements.py), and clears what killed attempts left behind: their stored files and, on this
+host, their scratch folders (measurements' included)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from service.jobs import state
 from service.queued_messages import QueuedMessages
 from service.settings import Settings
 from service.storage import Storage
+from worker import measurements
 
 log = logging.getLogger(__name__)
 # A worker that took a job's message from the broker claims the job within milliseconds: a message missing
@@ -49,6 +51,7 @@ def sweep(
     storage: Storage | None = None,
     *,
     resend_all: bool = False,
+    send_measurement: measurements.Send | None = None,
     broker: QueuedMessages | None = None,
     confirm_s: float = CONFIRM_S,
 ) -> dict[str, list[str]]:
@@ -76,9 +79,12 @@ def sweep(
             done["unsent"].append(job_id)
     unheard_s = 0 if resend_all else settings.queued_resend_s
     _resend_lost(factory, send, settings, broker, unheard_s, confirm_s, done)
+    if send_measurement is not None:  # succeeded jobs still waiting for a measurement on another class
+        done["measurements"] = measurements.ask_again(factory, send_measurement, settings)
     if any(done.values()):
         log.warning("sweep: %s", done)
     clean_scratch(factory, settings.resolved_work_dir)
+    measurements.clean(settings.resolved_work_dir / measurements.MEASUREMENTS_DIR, 2 * settings.job_timeout_s + 600)
     return done
 
 
@@ -149,7 +155,7 @@ def clean_scratch(factory: sessionmaker[Session], work_dir: Path) -> list[str]:
     for loose in [p for p in work_dir.iterdir() if p.is_symlink() or not p.is_dir()]:
         _remove(loose)  # nothing the runner writes lives here
         removed.append(loose.name)
-    names = [p.name for p in work_dir.iterdir() if p.is_dir()]
+    names = [p.name for p in work_dir.iterdir() if p.is_dir() and p.name != measurements.MEASUREMENTS_DIR]
     if not names:
         return removed
     with factory() as session:
@@ -243,11 +249,13 @@ class Reaper:
         send: Callable[[str], None],
         settings: Settings,
         storage: Storage | None = None,
+        send_measurement: measurements.Send | None = None,
     ) -> None:
         self.factory = factory
         self.send = send
         self.settings = settings
         self.storage = storage
+        self.send_measurement = send_measurement
         self.broker = QueuedMessages(settings)  # connects at the first sweep that needs it
         self.receipts = Receipts(factory)
         self.stopped = threading.Event()
@@ -284,6 +292,7 @@ class Reaper:
                     self.settings,
                     self.storage,
                     resend_all=resend_all,
+                    send_measurement=self.send_measurement,
                     broker=self.broker,
                 )
                 if resend_all and done["unsent"]:

@@ -23,11 +23,13 @@ from celery.signals import (
 )
 
 from service.database import make_engine, make_session_factory
-from service.queue import RUN_JOB_TASK, JobQueue
+from service.jobs.measurements import Due
+from service.queue import MEASURE_TASK, RUN_JOB_TASK, JobQueue
 from service.settings import get_settings
 from service.storage import open_storage
 from service.targets.service import queue_of
 from worker.celery_app import app
+from worker.measurements import Measurer, ask_now
 from worker.presence import Heartbeat, this_worker
 from worker.reaper import Reaper
 from worker.runner import DatabaseUnavailable, JobRunner
@@ -50,6 +52,10 @@ def enqueue(job_id: str, countdown: float = 0.0) -> None:
     JobQueue(get_settings(), app).enqueue(job_id, countdown, queue)
 
 
+def send_measurement(due: Due) -> None:
+    JobQueue(get_settings(), app).measure(due.job_id, due.target, due.queue)
+
+
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
     """In the worker's main process: sweep for lost jobs now and on a timer, and say that this worker is
@@ -59,7 +65,7 @@ def _start_reaper(**_: Any) -> None:
 
     settings = get_settings()
     factory = make_session_factory(make_engine(settings))
-    _reaper = Reaper(factory, enqueue, settings, open_storage(settings))
+    _reaper = Reaper(factory, enqueue, settings, open_storage(settings), send_measurement)
     _reaper.start()
     _heartbeat = Heartbeat(
         factory, this_worker(), settings.worker_heartbeat_s, lambda: len(worker_state.active_requests)
@@ -206,6 +212,8 @@ def run_job(self: Task, job_id: str) -> None:
     _install_stop_handler()
     try:
         runner().run(job_id)
+        # A job that just succeeded with a target of several classes or pools is measured on the others.
+        ask_now(runner().session_factory, send_measurement, job_id, get_settings())
     except DatabaseUnavailable as exc:
         retries = self.request.retries
         countdown = min(60, 2**retries)
@@ -218,3 +226,11 @@ def run_job(self: Task, job_id: str) -> None:
             countdown,
         )
         raise self.retry(exc=exc, countdown=countdown, max_retries=CLAIM_RETRIES) from exc
+
+
+@app.task(name=MEASURE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def measure_job(job_id: str, target: str) -> None:
+    """Measure a succeeded job's models on this worker for its `target`, if that is still pending.
+    Idempotent: a duplicated or late message finds the measurement recorded and does nothing."""
+    made = runner()
+    Measurer(made.settings, made.session_factory, made.inputs).measure(job_id, target)

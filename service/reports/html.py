@@ -359,6 +359,10 @@ def _header(job: Mapping[str, Any]) -> str:
     ):
         if job.get(key):
             facts.append(f"{name} <code>{_e(job.get(key))}</code>")
+    target = job.get("target")
+    if target and target != "any":
+        names = ", ".join(map(str, target)) if isinstance(target, list) else str(target)
+        facts.append(f"target <code>{_e(names)}</code>")
     times = []
     for key, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if job.get(key):
@@ -450,8 +454,8 @@ def _headline(result: JobResult) -> str:
     return f'<section class="cards">{"".join(cards)}</section>'
 
 
-def _p50(metrics: ModelMetrics) -> float | None:
-    return None if metrics.latency_ms is None else metrics.latency_ms.p50
+def _p50(metrics: ModelMetrics | None) -> float | None:
+    return None if metrics is None or metrics.latency_ms is None else metrics.latency_ms.p50
 
 
 _PERCENTILES: tuple[tuple[str, Callable[[LatencyStats], float]], ...] = (
@@ -680,6 +684,51 @@ def _machine(machine: Machine) -> str:
         else:
             rows.append(f"<tr><th>{_e(str(key).replace('_', ' '))}</th><td>{fmt_value(value)}</td></tr>")
     return f'<section><h2>Machine</h2><table class="kv"><tbody>{"".join(rows)}</tbody></table></section>'
+
+
+def _measured_on(result: JobResult) -> str:
+    """The job's models measured on each class or pool its target lists, side by side, and the model to
+    ship on each (as the result records it)."""
+    entries = result.measured_on
+    if not entries:
+        return ""
+    rows, groups = [], []
+    for m in entries:
+        where = m.worker_class or m.target
+        if m.status == "pending":
+            status = f'<span class="sub">waiting for a worker of {_e(m.target)}</span>'
+        elif m.status == "failed":
+            status = f'<span class="bad">failed: {_e(m.error.message if m.error else "no reason recorded")}</span>'
+        else:
+            status = f"<strong>{_e(m.chosen)}</strong>" + (
+                "" if m.within_budget is None else (" (within budget)" if m.within_budget else " (outside budget)")
+            )
+        rows.append(
+            f"<tr><td>{_e(m.target)}</td><td>{_e(m.worker_class or NA)}</td><td>{_e(m.pool or '')}</td>"
+            f'<td class="num">{_e(fmt_ms(_p50(m.original)))}</td><td class="num">{_e(fmt_ms(_p50(m.quantized)))}</td>'
+            f'<td class="num">{_e(fmt_x(m.speedup_p50))}</td><td>{status}</td></tr>'
+        )
+        if m.status == "measured":
+            groups.append(
+                (
+                    where,
+                    [
+                        ("original", _num(_p50(m.original)), fmt_ms(_p50(m.original)), ORIGINAL_COLOR),
+                        ("quantized", _num(_p50(m.quantized)), fmt_ms(_p50(m.quantized)), QUANTIZED_COLOR),
+                    ],
+                )
+            )
+    chart = hbar_chart(groups, label="Median latency per worker class", label_w=190) if groups else ""
+    return (
+        '<section id="measured-on"><h2>Per worker class</h2>'
+        '<p class="sub">The float and quantized models measured on a worker of each class or pool the job '
+        "targets (the first is where the job ran), with the same settings and data; ship: the model to deploy "
+        "there.</p>"
+        f"{_LEGEND}{chart}"
+        '<table style="margin-top:12px"><thead><tr><th>target</th><th>class</th><th>pool</th>'
+        '<th class="num">float p50</th><th class="num">quantized p50</th><th class="num">speedup</th>'
+        f"<th>ship</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
+    )
 
 
 def _timings(result: JobResult) -> str:
@@ -981,6 +1030,7 @@ def render_report_html(job: Mapping[str, Any]) -> str:
         body.append(_fidelity(result))
         body.append(_size_and_accuracy(result))
         body.append(_auto(result))
+        body.append(_measured_on(result))
     elif stored_note:
         body.append(stored_note)
     elif fields.get("status") not in ("queued", "running") and not fields.get("error"):

@@ -255,7 +255,7 @@ def measure(ctx: Context) -> dict[str, ModelFigures]:
             verdict=search["verdict"],
             chosen=search["chosen"],
             metric=str(fidelity.get("metric") or evaluator.score(model.path).metric),
-            auto_speedup=measured.comparison.get("speedup_p50"),
+            auto_speedup=measured.comparison.speedup_p50,
             auto_fidelity=fidelity.get("fidelity") if fidelity else 1.0,  # no fidelity: the float model itself
             auto_seconds=round(auto_seconds, 1),
             best_whole=best["name"] if best else None,

@@ -442,12 +442,15 @@ def _headline(result: JobResult) -> str:
     verdict = cmp_.fidelity
     if verdict is not None:
         value = "within budget" if verdict.within_budget else "outside budget"
+        if verdict.metric == "top1_drop":  # labels and no fidelity floor: the drop is the budget
+            detail = f"the top-1 drop decides (at most {verdict.accuracy_tolerance * 100:.2f} points)"
+        else:
+            detail = f"{_e(verdict.metric)} {_e(fmt_float(verdict.fidelity))} (worst budgeted output)"
         cards.append(
             _card(
                 "Fidelity",
                 _e(value),
-                f"{_e(verdict.metric)} {_e(fmt_float(verdict.fidelity))} (worst budgeted output) over "
-                f"{len(cmp_.outputs)} output(s)",
+                f"{detail} over {len(cmp_.outputs)} output(s)",
                 "good" if verdict.within_budget else "bad",
             )
         )

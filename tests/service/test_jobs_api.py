@@ -64,7 +64,7 @@ def test_the_job_message_reaches_the_broker(
     def enqueue(job_id: str, countdown: float = 0.0, queue: str | None = None) -> None:
         with app_state.session_factory() as other:  # another connection sees only what was committed
             committed.append(other.get(Job, job_id) is not None)
-        send(job_id, countdown)
+        send(job_id, countdown, queue)
 
     monkeypatch.setattr(app_state.queue, "enqueue", enqueue)
     job = _job(client, model_id=model["id"], calibration_dataset_id=dataset["id"]).json()

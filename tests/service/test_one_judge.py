@@ -107,7 +107,9 @@ def test_a_pick_that_agrees_on_top1_with_cosine_0985_is_within_budget_everywhere
     agreeing: tuple[Path, Path, DatasetSource],
 ) -> None:
     reference, candidate, data = agreeing
-    searched = FidelityEvaluator(reference, data, model_inputs(reference), None, 0.01, max_samples=SAMPLES).score(candidate)
+    searched = FidelityEvaluator(reference, data, model_inputs(reference), None, 0.01, max_samples=SAMPLES).score(
+        candidate
+    )
     measured = evaluate(reference, candidate, SPEC, data=data)
     row = measured.comparison.outputs[0]
     assert row.cosine == pytest.approx(0.985, abs=0.001)  # a whole-tensor cosine under 0.99 ...
@@ -164,7 +166,9 @@ def test_a_drop_of_exactly_the_tolerance_is_within_it_for_the_engine_the_page_an
     assert measured.score.within_budget and measured.comparison.fidelity is not None
     assert measured.comparison.fidelity.within_budget and measured.comparison.fidelity.metric == "top1_drop"
     assert not any("accuracy dropped" in w for w in measured.warnings)
-    searched = FidelityEvaluator(reference, data, model_inputs(reference), None, 0.01, max_samples=SAMPLES).score(candidate)
+    searched = FidelityEvaluator(reference, data, model_inputs(reference), None, 0.01, max_samples=SAMPLES).score(
+        candidate
+    )
     assert searched.within_budget
     result = _result(measured)
     page = _page(result, {"mode": "static", "accuracy_tolerance": 0.01})

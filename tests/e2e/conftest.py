@@ -83,7 +83,11 @@ class Deployment:
                 proc.wait()
 
 
-def deploy(name: str, root: Path, *, worker: bool = True, **env: str) -> Iterator[Deployment]:
+def deploy(
+    name: str, root: Path, *, worker: bool = True, workers: dict[str, dict[str, str]] | None = None, **env: str
+) -> Iterator[Deployment]:
+    """The API and a worker (`worker`), and more workers by name, each with settings of its own on top
+    (`workers`), all on one data dir."""
     data_dir = root / "var"
     logs = root / "logs"
     logs.mkdir(parents=True)
@@ -99,6 +103,8 @@ def deploy(name: str, root: Path, *, worker: bool = True, **env: str) -> Iterato
     dep.start("api", API)
     if worker:
         dep.start("worker", WORKER)
+    for worker_name, own in (workers or {}).items():
+        dep.start(worker_name, WORKER, {**dep.env, **own})
     try:
         dep.wait_ready()
         yield dep

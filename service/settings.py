@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.placement import ANY, NAME, NAME_LENGTH
@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         "the larger upload limit plus 1 GiB (a job writes models about the size of the one it read).",
     )
     job_open_files: int = Field(1024, ge=64, description="Open files of a job process (RLIMIT_NOFILE).")
+    job_uid_range: str = Field(
+        "200000-299999",
+        pattern=r"^(off|[0-9]{1,10}-[0-9]{1,10})$",
+        description="FIRST-LAST: a worker running as root runs each job under the lowest free uid of this range "
+        "(its gid the same number, no other groups; ids of the host's users and groups are passed over), which "
+        "owns the job's folder and nothing else. `off`: jobs run as the worker's own user.",
+    )
     job_max_attempts: int = Field(
         3,
         ge=1,
@@ -201,6 +208,15 @@ class Settings(BaseSettings):
 
     max_model_bytes: int = Field(4 << 30, ge=1024)
     max_dataset_bytes: int = Field(4 << 30, ge=1024)
+
+    @field_validator("job_uid_range")
+    @classmethod
+    def _uid_range(cls, value: str) -> str:
+        if value != "off":
+            first, last = (int(x) for x in value.split("-"))
+            if not 1000 <= first <= last < 2**32 - 1:
+                raise ValueError("QAAS_JOB_UID_RANGE must be FIRST-LAST with 1000 <= FIRST <= LAST < 4294967295")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -268,6 +284,14 @@ class Settings(BaseSettings):
         """Mode auto's pre-flight timings per CPU and ONNX Runtime version, kept across a worker's jobs (a dot
         folder: the input cache's eviction passes over it)."""
         return self.cache_dir / ".preflight"
+
+    @property
+    def job_uids(self) -> range | None:
+        """QAAS_JOB_UID_RANGE as uids; None when it is off."""
+        if self.job_uid_range == "off":
+            return None
+        first, last = (int(x) for x in self.job_uid_range.split("-"))
+        return range(first, last + 1)
 
     @property
     def resolved_database_url(self) -> str:

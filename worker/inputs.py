@@ -10,12 +10,18 @@ linked stays readable through its link after it left the cache.
 A sha256 may be the client's word, not the service's (external data uploaded straight to the object
 store, `POST /v1/uploads`): a download is hashed on its way and refused (`input_corrupt`) unless it
 matches, and a cached file serves a key only once that key's own bytes were seen to hash to it, so
-declaring another tenant's sha256 never brings their file into a job."""
+declaring another tenant's sha256 never brings their file into a job.
+
+A job shares the inode of a hard-linked file with the cache, so every file a job gets is the worker's
+and read-only (0444), the cache's folders are the worker's alone (0700), and a cached file is hashed
+again before each use: a file changed since (by a job running as the worker's own user) is fetched
+anew rather than handed on."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -23,7 +29,10 @@ import uuid
 from pathlib import Path
 
 from core.errors import RuleError
-from service.storage import ObjectCorrupt, Storage
+from service.storage import ObjectCorrupt, Storage, sha256_file
+
+log = logging.getLogger(__name__)
+READ_ONLY = 0o444
 
 
 class InputCache:
@@ -40,29 +49,43 @@ class InputCache:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if size > self.max_bytes:  # would never fit: straight into the job's folder
             self._download(key, sha256, dest)
+            dest.chmod(READ_ONLY)
             return dest
         cached = self.folder / sha256
-        if not (cached.is_file() and self._mark(key, sha256).exists()):
+        if not (cached.is_file() and self._mark(key, sha256).exists() and self._intact(cached, sha256)):
             self._make_room(size)
-            self.folder.mkdir(parents=True, exist_ok=True)
+            _private(self.folder)
             tmp = self.folder / f".{uuid.uuid4().hex}.part"
             try:
                 self._download(key, sha256, tmp)
+                tmp.chmod(READ_ONLY)
                 os.replace(tmp, cached)  # another process may have won the race: same bytes
             finally:
                 tmp.unlink(missing_ok=True)
-            self.seen.mkdir(parents=True, exist_ok=True)
+            _private(self.seen)
             self._mark(key, sha256).touch()
         with contextlib.suppress(OSError):
             os.utime(cached)  # most recently used
         if copy:
             shutil.copyfile(cached, dest)  # copy_file_range: in the kernel, no network
+            dest.chmod(READ_ONLY)
             return dest
         try:
             os.link(cached, dest)
         except OSError:  # the work dir is on another file system
             shutil.copyfile(cached, dest)
+            dest.chmod(READ_ONLY)
         return dest
+
+    def _intact(self, cached: Path, sha256: str) -> bool:
+        """The cached file still hashes to its name; if not, it goes (with its marks), to be fetched again."""
+        if sha256_file(cached) == sha256:
+            return True
+        log.warning("cached input %s no longer hashes to its name; fetching it again", cached.name)
+        cached.unlink(missing_ok=True)
+        for mark in self.seen.glob(f"{cached.name}-*"):
+            mark.unlink(missing_ok=True)
+        return False
 
     def _download(self, key: str, sha256: str, dest: Path) -> None:
         try:
@@ -102,3 +125,8 @@ class InputCache:
             for mark in self.seen.glob(f"{path.name}-*"):
                 mark.unlink(missing_ok=True)
             total -= size
+
+
+def _private(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)

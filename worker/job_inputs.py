@@ -1,6 +1,7 @@
 """A job's inputs: its rows read into the typed job file, the files it names fetched into the work dir.
 
-They are fetched through this worker's cache (`worker/inputs.py`).
+They are fetched through this worker's cache (`worker/inputs.py`). All of it stays the worker's: the job
+(under a uid of its own, `worker/sandbox.py`) may read its inputs and job file, and change none of them.
 
 An input deleted (its row) or missing from storage (its object) raises InputMissing: no later attempt
 can bring it back. A stored recipe that a rule made since refuses raises RuleError; storage that does
@@ -8,13 +9,14 @@ not answer raises StorageUnavailable, for the runner to put the job back in line
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ErrorInfo
 from core.evaluation import EvaluationSettings, EvaluationSpec
-from core.jobfile import DatasetSource, JobFile
+from core.jobfile import JOB_FILE, DatasetSource, JobFile
 from core.model import TensorSpec
 from core.recipe import parse_recipe
 from service.database import transaction
@@ -111,4 +113,7 @@ def write_job_file(
             cache.fetch(key, sha256, size, local, copy=copy)
         except ObjectMissing as exc:
             raise InputMissing(what) from exc
+    for folder, _, _ in os.walk(inputs):
+        os.chmod(folder, 0o755)  # whatever the worker's umask: the job's uid enters and reads (the files are 0444)
     spec.write(workdir)
+    (workdir / JOB_FILE).chmod(0o444)

@@ -12,7 +12,10 @@ Faults, and what supervision does about them (each a deliberate choice):
   owns the job, because every write is conditional on it.
 - A stop request (`stop_requested`, set by the runner's owner): the job's process is stopped and
   the attempt answers `handed_back`, for the runner to hand the job back to the queue.
-- The worker is SIGKILLed: the job's process dies with it (PR_SET_PDEATHSIG, `_die_with_runner`).
+- The worker is SIGKILLed: the job's process dies with it (PR_SET_PDEATHSIG, `_start_job`); what it
+  started in other sessions dies when the next job claims its uid (`worker/sandbox.py` `JobUser`).
+- The job ends, however it ends: every process of its uid is killed before its outcome is read, so
+  nothing of it runs on, and nothing changes its files while the worker reads them.
 - The job's process dies, or answers what the worker does not accept: the attempt fails with the
   cause (`worker/sandbox.py` `exit_error`, `accept_artifacts`); its stderr tail goes to the log."""
 
@@ -25,6 +28,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -37,29 +41,31 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ErrorInfo
-from core.jobfile import OUTCOME_FILE, ChildOutcome, JobFile
+from core.jobfile import JOB_FILE, OUTCOME_FILE, ChildOutcome, JobFile
 from core.lifecycle import AttemptStatus, overall_progress
 from core.progress import CandidateProgress, Note, ProgressLine
 from service.database import transaction
 from service.jobs import state
 from service.settings import Settings
-from worker.sandbox import ArtifactRefused, accept_artifacts, child_env, exit_error
+from worker.sandbox import ArtifactRefused, JobUser, accept_artifacts, child_env, claim_job_user, exit_error
 from worker.writes import transient
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
+OUTCOME_MAX_BYTES = 256 << 20  # a result is a few MB at most; more is a job trying to exhaust the worker
 EOF = b""  # the reader thread's last item; a real line always ends with a newline
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
 CANCELLED = ErrorInfo.from_dict(state.CANCELLED_ERROR)
 
 
-def _die_with_runner() -> Callable[[], None] | None:
-    """For Popen's preexec_fn (Linux): SIGKILL the job's process when this process dies, set
-    between fork and exec so there is no window in which a killed worker leaves an orphan (the job
-    process sets it again itself, but only after its imports). The pool process that runs this
-    has no other threads at that moment, which is what makes preexec_fn safe here."""
+def _start_job(user: JobUser | None) -> Callable[[], None] | None:
+    """For Popen's preexec_fn (Linux): become the job's `user` (if any), then have the job's process
+    SIGKILLed when this process dies, set between fork and exec so there is no window in which a killed
+    worker leaves an orphan (the job process sets it again itself, but only after its imports; a change
+    of uid clears it, hence after). The pool process that runs this has no other threads at that moment,
+    which is what makes preexec_fn safe here."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -69,6 +75,8 @@ def _die_with_runner() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
+        if user is not None:
+            user.become()
         prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # died before the line above took effect
             os._exit(1)
@@ -81,13 +89,28 @@ def _candidate(note: Note | None) -> CandidateProgress | None:
 
 
 def _stderr_tail(workdir: Path, size: int = 4000) -> str:
-    """The last `size` bytes of the job process's stderr.log (read only when the attempt failed)."""
+    """The last `size` bytes of the job process's stderr.log (read only when the attempt failed), if
+    it is still the file the worker opened for it: the job owns its folder and may have put a link or a
+    FIFO in its place."""
     try:
-        with (workdir / "stderr.log").open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
-            return f.read().decode(errors="replace").strip()
-    except FileNotFoundError:
+        fd = os.open(workdir / "stderr.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        return f.read().decode(errors="replace").strip()
+
+
+def _regular(path: Path, max_bytes: int) -> bool:
+    """`path` is a regular file (not a link, a FIFO or a device the job put in the worker's way) of at
+    most `max_bytes`. Checked once the job's processes are gone, so it stays so."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= max_bytes
 
 
 def _log_tail(workdir: Path, returncode: int, code: str, tail: str) -> None:
@@ -115,16 +138,33 @@ class Supervisor:
         self._db_down_since: float | None = None
 
     def run(self, job_id: str, attempt: int, workdir: Path) -> ChildOutcome:
-        """Starts `python -m worker.job_process workdir` and watches it until it ends or is stopped."""
-        stderr = (workdir / "stderr.log").open("wb")
-        child = subprocess.Popen(
-            [sys.executable, "-m", "worker.job_process", str(workdir)],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,  # its own process group, so a stop reaches its threads' children too
-            env=child_env(workdir),
-            preexec_fn=_die_with_runner(),
-        )
+        """Starts `python -m worker.job_process workdir` (under a uid of the job's own when the worker can
+        give it one) and watches it until it ends or is stopped."""
+        user = claim_job_user(self.settings, workdir)
+        try:
+            returncode = self._watch(job_id, attempt, workdir, user)
+        finally:
+            if user is not None:
+                user.release(workdir)  # every process of the job, whatever session it made for itself
+        if isinstance(returncode, ChildOutcome):
+            return returncode
+        return read_outcome(returncode, workdir, None if user is None else user.uid)
+
+    def _watch(self, job_id: str, attempt: int, workdir: Path, user: JobUser | None) -> int | ChildOutcome:
+        """The job process's exit code, or how the attempt ended when it was stopped."""
+        env = child_env(workdir)
+        if user is not None:
+            user.give(workdir)
+        with (workdir / "stderr.log").open("wb") as stderr:  # the worker's file; the job writes through its copy
+            child = subprocess.Popen(
+                [sys.executable, "-m", "worker.job_process", str(workdir)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=workdir,
+                start_new_session=True,  # its own process group, so a stop reaches its threads' children too
+                env=env,
+                preexec_fn=_start_job(user),
+            )
         lines: queue.Queue[bytes] = queue.Queue()
 
         def read() -> None:
@@ -198,18 +238,21 @@ class Supervisor:
                         ),
                     )
                 if child.poll() is not None and lines.empty():
+                    if user is not None:
+                        user.end()  # nothing of the job outlives its process, nor holds its stdout open
                     reader.join(timeout=5)
                     if not lines.empty():
                         continue
                     break
         finally:
-            stderr.close()
             if child.poll() is None:
                 stop(child)
+            if user is not None:
+                user.end()  # its other processes too (they may hold its stdout open)
             reader.join(timeout=5)
             if child.stdout is not None:
                 child.stdout.close()
-        return read_outcome(child.returncode, workdir)
+        return child.returncode
 
     def _renew(self, job_id: str, attempt: int, stage: str, shown: float, note: Note | None = None) -> bool:
         with transaction(self.session_factory) as session:
@@ -248,9 +291,10 @@ def stop(child: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def read_outcome(returncode: int, workdir: Path) -> ChildOutcome:
-    """How the job's process ended, from its exit code and the outcome it wrote, its artifacts checked."""
-    if returncode == 0 and (workdir / OUTCOME_FILE).exists():
+def read_outcome(returncode: int, workdir: Path, owner: int | None = None) -> ChildOutcome:
+    """How the job's process ended, from its exit code and the outcome it wrote, a success's artifacts
+    checked (with `owner`, the job's uid: its own files only) and copied out of the job's reach."""
+    if returncode == 0 and _regular(workdir / OUTCOME_FILE, OUTCOME_MAX_BYTES):
         try:
             outcome = ChildOutcome.read(workdir)
         except ValueError as exc:  # pydantic's ValidationError included
@@ -259,14 +303,20 @@ def read_outcome(returncode: int, workdir: Path) -> ChildOutcome:
             return ChildOutcome(AttemptStatus.FAILED, error=ErrorInfo("internal", message))
         if outcome.status == "failed" and (tail := _stderr_tail(workdir)):  # the engine's traceback
             _log_tail(workdir, returncode, outcome.error.code if outcome.error else "failed", tail)
+        if outcome.status != AttemptStatus.SUCCEEDED:
+            return dataclasses.replace(outcome, artifacts=())  # nothing of it is stored
         try:
-            outcome = dataclasses.replace(outcome, artifacts=accept_artifacts(outcome.artifacts, workdir))
+            outcome = dataclasses.replace(outcome, artifacts=accept_artifacts(outcome.artifacts, workdir, owner))
         except ArtifactRefused as exc:
             log.error("job process in %s handed back a refused artifact: %s", workdir, exc)
             message = "The job process returned files the worker does not accept; the worker's log has the details."
             return ChildOutcome(AttemptStatus.FAILED, error=ErrorInfo("internal", message))
         return outcome
     tail = _stderr_tail(workdir)
+    if not _regular(workdir / JOB_FILE, OUTCOME_MAX_BYTES):
+        log.error("job process in %s ended with %s and replaced its job file", workdir, returncode)
+        message = "The job process tampered with its job file; the worker's log has the details."
+        return ChildOutcome(AttemptStatus.FAILED, error=ErrorInfo("internal", message))
     error = exit_error(returncode, tail, JobFile.read(workdir).limits)
     _log_tail(workdir, returncode, error.code, tail)
     return ChildOutcome(AttemptStatus.FAILED, error=error)

@@ -23,6 +23,7 @@ RUN useradd --create-home --uid 10001 qaas \
 
 COPY alembic.ini ./
 COPY migrations ./migrations
+COPY core ./core
 COPY service ./service
 COPY worker ./worker
 

@@ -21,12 +21,15 @@ RUN useradd --create-home --uid 10001 qaas \
     && mkdir -p /data/storage /data/work \
     && chown -R qaas:qaas /data
 
+# The source stays root's and readable by every user: a job's process runs it under a uid of its own.
 COPY alembic.ini ./
 COPY migrations ./migrations
 COPY core ./core
 COPY service ./service
 COPY worker ./worker
 
+# The API and the migration run as qaas; compose starts the workers as root (with a few capabilities)
+# only so that each job runs under a uid of its own (README: Isolation).
 USER qaas
 EXPOSE 8000
 CMD ["python", "-m", "service.api"]

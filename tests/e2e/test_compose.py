@@ -68,15 +68,22 @@ def test_api_and_workers_share_no_volume_only_the_object_store() -> None:
         env = service["environment"]
         assert tested <= set(env), f"{name} lacks {tested - set(env)}"
         assert env["QAAS_S3_ENDPOINT_URL"] == "http://minio:9000"
+        # A user create-bucket makes, limited to the bucket: never MinIO's root user.
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
-            minio_env["MINIO_ROOT_USER"],
-            minio_env["MINIO_ROOT_PASSWORD"],
+            bucket_env["AWS_ACCESS_KEY_ID"],
+            bucket_env["AWS_SECRET_ACCESS_KEY"],
         )
+        assert env["AWS_ACCESS_KEY_ID"] != minio_env["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] != minio_env["MINIO_ROOT_PASSWORD"]
         assert env["QAAS_STORAGE_URL"].startswith(f"s3://{bucket_env['QAAS_BUCKET']}/")
         assert "QAAS_STORAGE_DIR" not in env
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
     assert services["create-bucket"]["restart"] == "no"
     assert "mc mb --ignore-existing" in " ".join(services["create-bucket"]["command"])
+    assert (
+        'mc admin policy attach qaas qaas-bucket --user "$$AWS_ACCESS_KEY_ID"'
+        in services["create-bucket"]["command"][0]
+    )
     assert services["create-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert set(_compose()["volumes"]) == {"pgdata", "objects"}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from service.database import make_engine, make_session_factory, transaction
 from service.settings import Settings
@@ -316,3 +317,15 @@ def test_a_worker_that_cannot_give_jobs_a_uid_says_once_what_they_can_reach(
     assert "because QAAS_JOB_UID_RANGE is off" in warnings[0]
     assert "credentials" in warnings[0] and str(settings.resolved_data_dir) in warnings[0]
 
+
+def test_compose_gives_jobs_uids_of_their_own_and_no_service_minios_root_user() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    worker = services["worker"]
+    assert worker["user"] == "root" and worker["cap_drop"] == ["ALL"], worker
+    assert set(worker["cap_add"]) == {"CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID"}
+    assert "no-new-privileges:true" in worker["security_opt"]
+    assert Settings(job_uid_range=worker["environment"]["QAAS_JOB_UID_RANGE"]).job_uids is not None
+    minio_root = services["minio"]["environment"]["MINIO_ROOT_USER"]
+    signed_in = {name: s["environment"].get("AWS_ACCESS_KEY_ID") for name, s in services.items() if "environment" in s}
+    assert signed_in["api"] and signed_in["worker"]
+    assert not [name for name, key in signed_in.items() if key == minio_root and name != "create-bucket"], signed_in

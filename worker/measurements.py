@@ -7,23 +7,27 @@ every worker's sweep when their message or their worker may have been lost (`ask
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ErrorInfo
-from core.jobfile import MEASURED_FILE, JobFile, MeasureFile, read_measured
+from core.jobfile import MEASURED_FILE, MeasureFile
 from core.result import MeasuredOn
 from service.database import transaction
 from service.jobs import measurements
@@ -32,13 +36,14 @@ from service.storage import ObjectMissing, StorageUnavailable
 from service.tables import Artifact
 from worker.inputs import InputCache
 from worker.job_inputs import InputMissing, write_job_file
-from worker.sandbox import child_env, exit_error
+from worker.sandbox import child_env, claim_job_user, exit_error, job_limits
 
 log = logging.getLogger(__name__)
 
 # Scratch folders of measurements, under the work dir (the sweep's clean_scratch leaves it to `clean`).
 MEASUREMENTS_DIR = "measurements"
 QUANTIZED = ("quantized.onnx", "quantized.onnx.data")
+MEASURED_MAX_BYTES = 4 << 20  # a MeasuredOn is a few KiB
 Send = Callable[[measurements.Due], None]
 
 
@@ -102,47 +107,85 @@ class Measurer:
         return self._run_child(workdir, target)
 
     def _run_child(self, workdir: Path, target: str) -> MeasuredOn:
-        with (workdir / "stderr.log").open("wb") as stderr:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "worker.measure_process", str(workdir)],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-                env=child_env(workdir),
-            )
-            try:
-                returncode = child.wait(timeout=self.settings.job_timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-                limit = self.settings.job_timeout_s
-                message = f"The measurement ran longer than the limit of {limit} s and was stopped."
-                return MeasuredOn.failed(target, ErrorInfo("timeout", message, {"limit_s": limit}))
-        tail = _tail(workdir / "stderr.log")
-        if returncode == 0 and (workdir / MEASURED_FILE).exists():
-            try:
-                measured = read_measured(workdir)
-            except ValueError as exc:
-                log.error("measurement in %s wrote a file that does not read: %s", workdir, str(exc)[:500])
-                message = "The measurement returned a result the worker cannot read; the worker log has the details."
-                return MeasuredOn.failed(target, ErrorInfo("internal", message, {}))
+        """`python -m worker.measure_process` under a uid of its own when the worker can give it one, as a
+        job's process runs (worker/sandbox.py); what it wrote is read without following its links."""
+        limits = job_limits(
+            self.settings.job_memory_bytes,
+            self.settings.job_timeout_s,
+            self.settings.resolved_job_file_bytes,
+            self.settings.job_open_files,
+        )
+        user = claim_job_user(self.settings, workdir)
+        try:
+            env = child_env(workdir)
+            if user is not None:
+                user.give(workdir)
+            # The worker's own file: the child writes through its copy of the descriptor, the tail is read
+            # back through this one, whatever the child does to the name.
+            with tempfile.TemporaryFile() as stderr:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "worker.measure_process", str(workdir)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    cwd=workdir,
+                    start_new_session=True,
+                    env=env,
+                    # Its uid for good; it dies with this process once it runs (measure_process's first line).
+                    preexec_fn=None if user is None else user.become,
+                )
+                try:
+                    returncode = child.wait(timeout=self.settings.job_timeout_s)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                    limit = self.settings.job_timeout_s
+                    message = f"The measurement ran longer than the limit of {limit} s and was stopped."
+                    return MeasuredOn.failed(target, ErrorInfo("timeout", message, {"limit_s": limit}))
+                tail = _tail(stderr)
+            measured = _read_measured(workdir, None if user is None else user.uid) if returncode == 0 else None
+        finally:
+            if user is not None:
+                user.release(workdir)  # every process of its uid, however it left its process group
+        if measured is not None:
             if measured.status == "failed" and tail:
                 log.warning("measurement in %s failed; stderr tail: %s", workdir, _escaped(tail))
             return measured
-        error = exit_error(returncode, tail, JobFile.read(workdir).limits)
+        error = exit_error(returncode, tail, limits)
+        if returncode == 0:  # it ended well, and left no measurement that reads
+            message = "The measurement returned a result the worker cannot read; the worker log has the details."
+            error = ErrorInfo("internal", message, {})
         log.warning(
             "measurement in %s ended with %s (%s); stderr tail: %s", workdir, returncode, error.code, _escaped(tail)
         )
         return MeasuredOn.failed(target, error)
 
 
-def _tail(path: Path, size: int = 4000) -> str:
+def _read_measured(workdir: Path, owner: int | None) -> MeasuredOn | None:
+    """The measurement the child wrote: a regular file of its own (with `owner`, the child's uid), opened
+    without following a link and read to a bounded size; None when there is no such file or it does not read."""
     try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
-            return f.read().decode(errors="replace").strip()
-    except FileNotFoundError:
-        return ""
+        fd = os.open(workdir / MEASURED_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or (owner is not None and info.st_uid != owner):
+            log.error("measurement in %s left %s that is not a file of its own", workdir, MEASURED_FILE)
+            return None
+        raw = f.read(MEASURED_MAX_BYTES + 1)
+    try:
+        if len(raw) > MEASURED_MAX_BYTES:
+            raise ValueError(f"{MEASURED_FILE} is larger than {MEASURED_MAX_BYTES} bytes")
+        return MeasuredOn.model_validate_json(raw)
+    except ValueError as exc:  # pydantic's ValidationError included
+        log.error("measurement in %s wrote a file that does not read: %s", workdir, str(exc)[:500])
+        return None
+
+
+def _tail(stderr: IO[bytes], size: int = 4000) -> str:
+    stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - size))
+    return stderr.read().decode(errors="replace").strip()
 
 
 def _escaped(text: str) -> str:

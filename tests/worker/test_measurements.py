@@ -5,6 +5,8 @@ left pending, and the sweep leaves a running measurement's scratch alone but cle
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,8 @@ from service.jobs.measurements import Due
 from service.queue import class_queue
 from service.settings import Settings
 from service.storage import LocalStorage
+from tests.security.test_job_sandbox import job_process_is
+from tests.security.test_job_user import _no_job_user_here
 from tests.service.test_job_measurements import AMX, AVX2, entries, result, succeeded
 from worker.inputs import InputCache
 from worker.measurements import MEASUREMENTS_DIR, Measurer
@@ -84,3 +88,53 @@ def test_the_sweep_leaves_a_running_measurements_scratch_and_clears_a_killed_one
     sweep(factory, [].append, settings)
     assert running.is_dir() and not killed.exists() and not unknown.exists()
     assert Path(folder).is_dir()
+
+
+# A hostile measurement: it says which uid it ran as, and first tries to hand the worker another file.
+WHO_AM_I = """
+import json, os, pathlib, sys
+workdir = pathlib.Path(sys.argv[1])
+if sys.argv[2] == "link":
+    os.symlink("/etc/hostname", workdir / "measured.json")
+else:
+    error = {"code": "uid", "message": str(os.getuid()), "detail": {"home": os.environ["HOME"]}}
+    (workdir / "measured.json").write_text(json.dumps({"target": "edge", "status": "failed", "error": error}))
+"""
+
+
+@pytest.fixture
+def passable_data_dir() -> Iterator[Path]:
+    """A data dir every uid may pass through (pytest's tmp_path is 0700: there a job runs as the worker)."""
+    root = Path(tempfile.mkdtemp(prefix="qaas-measure-user-", dir="/tmp"))
+    root.chmod(0o711)
+    yield root / "var"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_measurement_runs_under_a_uid_of_its_own_and_hands_back_no_other_file(
+    passable_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if reason := _no_job_user_here():
+        pytest.skip(reason)
+    settings = Settings(data_dir=passable_data_dir)
+    engine = make_engine(settings)
+    measurer = Measurer(
+        settings,
+        make_session_factory(engine),
+        InputCache(LocalStorage(settings.resolved_storage_dir), settings.cache_dir, 1 << 30),
+    )
+    try:
+        for mode in ("uid", "link"):
+            workdir = settings.resolved_work_dir / MEASUREMENTS_DIR / f"job-{mode}"
+            workdir.mkdir(parents=True)
+            job_process_is(monkeypatch, WHO_AM_I, mode)
+            measured = measurer._run_child(workdir, "edge")
+            assert measured.error is not None
+            if mode == "uid":  # a uid of the range, not the worker's; its HOME in its own folder
+                assert int(measured.error.message) in settings.job_uids  # type: ignore[operator]
+                assert measured.error.detail["home"] == str(workdir / "home")
+            else:  # a link is never followed: the worker read nothing of /etc/hostname
+                assert measured.status == "failed" and measured.error.code == "internal"
+            assert workdir.stat().st_uid == os.geteuid()  # the folder is the worker's again
+    finally:
+        engine.dispose()

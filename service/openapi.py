@@ -102,16 +102,19 @@ def install(app: FastAPI) -> None:
 
 
 # The docs pages may load what the service itself serves, and nothing else: ReDoc's bundle links a logo
-# on a CDN, which this policy stops before the browser tries the network.
+# on a CDN, which this policy stops before the browser tries the network. No page may frame them
+# (clickjacking: a hidden Swagger UI with a persisted key under a decoy page): `frame-ancestors 'none'`,
+# and `X-Frame-Options: DENY` for browsers that predate it.
 DOCS_POLICY = (
     "default-src 'self'; script-src 'self' 'unsafe-inline' blob:; worker-src 'self' blob:; "
-    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; connect-src 'self'"
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'"
 )
 DOCS_PATHS = ("/docs", "/redoc")
 
 
 class DocsPolicyMiddleware:
-    """Adds `Content-Security-Policy: DOCS_POLICY` to the answers of the docs pages."""
+    """Adds `Content-Security-Policy: DOCS_POLICY` and `X-Frame-Options: DENY` to the answers of the docs pages."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -123,7 +126,11 @@ class DocsPolicyMiddleware:
 
         async def send_with_policy(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [*message.get("headers", []), (b"content-security-policy", DOCS_POLICY.encode())]
+                headers = [
+                    *message.get("headers", []),
+                    (b"content-security-policy", DOCS_POLICY.encode()),
+                    (b"x-frame-options", b"DENY"),
+                ]
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -702,6 +702,8 @@ def check_recipe_for_model(recipe: Recipe, facts: ModelFacts, *, has_calibration
             "calibration_dataset_id",
         )
     if recipe.nodes_to_exclude:
+        # Stored names are clipped to MAX_NAME_CHARS (service.models.service.stored_node_names), the
+        # longest a recipe may name: a longer node can't be named, and every shorter one matches exactly.
         unknown = sorted(set(recipe.nodes_to_exclude) - set(facts.node_names))
         if unknown:
             raise RecipeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from core.lifecycle import ACTIVE_STATUSES
 from core.model import ModelFacts, TensorSpec, model_facts
+from core.recipe import MAX_NAME_CHARS
 from service.database import after_commit, on_rollback, utcnow
 from service.errors import Conflict, InvalidModel, NotFound, PayloadTooLarge
 from service.inspection.archive import (
@@ -116,9 +118,17 @@ def _info_columns(info: ModelInfo) -> dict[str, object]:
         "inputs": data["inputs"],
         "outputs": data["outputs"],
         "op_counts": data["op_counts"],
-        "node_names": data["node_names"],
+        "node_names": stored_node_names(data["node_names"]),
         "quantization": data["quantization"],
     }
+
+
+def stored_node_names(names: Iterable[str]) -> list[str]:
+    """Node names as stored: each clipped to MAX_NAME_CHARS, the longest a recipe may name, so a model
+    of 100,000-character names does not store them whole. A recipe naming a clipped name's first
+    MAX_NAME_CHARS characters passes the check at job creation; the quantizer, which reads the model's
+    own names, then warns that no such node exists (worker/engine/quantize.py)."""
+    return [name[:MAX_NAME_CHARS] for name in names]
 
 
 def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
@@ -126,7 +136,7 @@ def stored_facts(model: OnnxModel, storage: Storage) -> ModelFacts:
     node names were recorded has them read from its file once, and recorded."""
     if model.node_names is None:
         with storage.open(f"{model.storage_prefix}/{model.file_name}") as fp:
-            model.node_names = list(model_facts(onnx.load(fp, load_external_data=False)).node_names)
+            model.node_names = stored_node_names(model_facts(onnx.load(fp, load_external_data=False)).node_names)
     return ModelFacts(
         opset=model.opset,
         op_counts=model.op_counts,

@@ -3,13 +3,17 @@
 Every stored file is charged `FILE_OVERHEAD_BYTES` on top of its size: an inode and a block cost the
 operator's disk whatever the file holds, so a zip of empty files is not free. An open upload to the
 object store (`POST /v1/uploads`) holds what it declared until it is completed, deleted or expires:
-its parts are in the store already, where the service cannot count them."""
+its parts are in the store already, where the service cannot count them.
+
+Every check first takes the tenant's quota lock (`lock_tenant`), held until the caller's transaction
+ends, so a check and the insert it allows are one step per tenant: two concurrent requests of one tenant
+cannot both pass a check that only one of them fits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from core.lifecycle import ACTIVE_STATUSES
@@ -109,8 +113,27 @@ def open_upload_bytes(session: Session, tenant: str) -> int:
     return charge(int(total), int(files))
 
 
+def lock_tenant(session: Session, tenant: str) -> None:
+    """Serialize the tenant's quota checks until the session's transaction commits or rolls back.
+
+    PostgreSQL: a transaction-scoped advisory lock on the tenant (other tenants do not wait; taking it
+    again in the same transaction is harmless). SQLite allows one writer per database anyway, but the
+    driver opens its transaction only at the first write, after the check's reads: so the transaction is
+    opened here with `BEGIN IMMEDIATE`, which takes the write lock before the check reads (waiting, as any
+    write does, up to the busy timeout). A session already in a transaction holds the write lock already
+    (the driver opens one only at a write), so nothing more is needed then."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": tenant})
+    elif connection.dialect.name == "sqlite":
+        dbapi = connection.connection.dbapi_connection
+        if dbapi is not None and not dbapi.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def check_storage(session: Session, settings: Settings, tenant: str, incoming: int) -> None:
     """Raise QuotaExceeded unless `incoming` more charged bytes (see `charge`) fit the tenant's quota."""
+    lock_tenant(session, tenant)
     used = stored_bytes(session, tenant) + open_upload_bytes(session, tenant)
     if used + incoming > settings.quota_storage_bytes:
         raise _over_quota(settings, used, incoming, f"Storing {incoming} more bytes")
@@ -118,6 +141,7 @@ def check_storage(session: Session, settings: Settings, tenant: str, incoming: i
 
 def check_job_storage(session: Session, settings: Settings, tenant: str, model_bytes: int) -> None:
     """At job creation: the job's estimate must fit beside what is stored and what active jobs will store."""
+    lock_tenant(session, tenant)
     used = stored_bytes(session, tenant) + reserved_bytes(session, tenant) + open_upload_bytes(session, tenant)
     incoming = job_estimate(model_bytes)
     if used + incoming > settings.quota_storage_bytes:
@@ -141,6 +165,7 @@ def _over_quota(settings: Settings, used: int, incoming: int, what: str) -> Quot
 
 
 def check_active_jobs(session: Session, settings: Settings, tenant: str) -> None:
+    lock_tenant(session, tenant)
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
     )

@@ -3,15 +3,26 @@ quota checks atomic per tenant, and uploads orphaned by a dying API swept."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from core.recipe import MAX_NAME_CHARS
+from service.app import create_app
 from service.database import transaction
-from service.tables import OnnxModel
+from service.errors import RateLimited
+from service.jobs import service as job_service
+from service.jobs.schemas import JobCreate
+from service.settings import Settings
+from service.tables import DEFAULT_TENANT, Job, OnnxModel
 from tests.onnx_models import conv_classifier
 from tests.service.helpers import assert_error, upload_model
 
@@ -63,3 +74,43 @@ def test_a_node_name_of_100k_characters_is_stored_clipped(client: TestClient, tm
         "/v1/jobs", json={"model_id": uploaded["id"], "recipe": {**recipe, "nodes_to_exclude": [stored[1]]}}
     )
     assert known.status_code == 202, known.text
+
+
+# -- a quota check and its insert are one step per tenant -------------------------------------------
+
+
+def test_two_concurrent_jobs_with_room_for_one_create_exactly_one(
+    db_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the tenant's advisory lock; SQLite: BEGIN IMMEDIATE before the check."""
+    settings = db_settings.model_copy(update={"quota_active_jobs": 1})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+        model = upload_model(api, conv_classifier(tmp_path / "conv.onnx"))
+        factory = api.app.state.session_factory  # type: ignore[attr-defined]
+        storage = api.app.state.storage  # type: ignore[attr-defined]
+        # Each request waits, after its check, for the other to have checked too (up to a second): without
+        # the tenant's lock both checks see no active job; with it the second check waits for the first commit.
+        both_checked = threading.Barrier(2)
+        original = job_service.check_active_jobs
+
+        def check_then_wait(session: Session, settings: Settings, tenant: str) -> None:
+            original(session, settings, tenant)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_checked.wait(timeout=1)
+
+        monkeypatch.setattr(job_service, "check_active_jobs", check_then_wait)
+        body = JobCreate.model_validate({"model_id": model["id"], "recipe": {"mode": "dynamic"}})
+
+        def create() -> str:
+            try:
+                with transaction(factory) as session:
+                    job_service.create_job(session, storage, settings, DEFAULT_TENANT, body, None)
+            except RateLimited:
+                return "refused"
+            return "created"
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = sorted(pool.map(lambda _: create(), range(2)))
+        assert outcomes == ["created", "refused"]
+        with transaction(factory) as session:
+            assert session.scalar(select(func.count()).select_from(Job)) == 1

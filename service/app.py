@@ -40,6 +40,7 @@ from service.settings import Settings, get_settings
 from service.storage import open_storage
 from service.targets.router import router as targets_router
 from service.throttle import open_throttle
+from service.uploads import sweep_staging
 from service.usage.router import router as usage_router
 
 log = logging.getLogger("service")
@@ -162,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%s", proxy_problem)
         app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
         inspection_isolation.start()  # uploads are inspected in its children, not in this process
+        sweep_staging(settings)  # what uploads left when an API on this data folder died mid-request
         try:
             yield
         finally:

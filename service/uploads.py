@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,45 @@ async def discard(storage: Storage, prefix: str) -> None:
             await run_in_threadpool(storage.delete_prefix, prefix)
         except OSError as exc:
             log.warning("could not delete %s after a failed upload: %s", prefix, exc)
+
+
+STAGING_STALE_S = 3600
+
+
+def sweep_staging(settings: Settings, older_than_s: float = STAGING_STALE_S) -> list[str]:
+    """Remove what uploads left in the staging folder when the API died mid-request (`staging_dir` removes
+    its folder on every other exit): each entry whose newest file or folder is older than `older_than_s`.
+    An upload still streaming touches its file all the time, so another replica's upload stays. Runs at
+    the API's start. Returns the names removed."""
+    root = settings.resolved_data_dir / "staging"
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed: list[str] = []
+    for entry in root.iterdir():
+        try:
+            if _newest_mtime(entry) >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:  # gone meanwhile, or not ours to remove: the next start looks again
+            log.warning("could not remove the stale staging entry %s: %s", entry.name, exc)
+            continue
+        removed.append(entry.name)
+    if removed:
+        log.warning("removed %d stale staging entr%s: %s", len(removed), "y" if len(removed) == 1 else "ies", removed)
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+    return newest
 
 
 @contextmanager

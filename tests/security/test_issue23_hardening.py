@@ -4,8 +4,10 @@ quota checks atomic per tenant, and uploads orphaned by a dying API swept."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -114,3 +116,23 @@ def test_two_concurrent_jobs_with_room_for_one_create_exactly_one(
         assert outcomes == ["created", "refused"]
         with transaction(factory) as session:
             assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+# -- what a dying API left in staging is swept at the next start ------------------------------------
+
+
+def test_the_api_start_removes_stale_staging_and_keeps_fresh(sqlite_settings: Settings) -> None:
+    staging = sqlite_settings.resolved_data_dir / "staging"
+    stale, fresh = staging / "stale", staging / "fresh"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"staged")
+    loose = staging / "loose.onnx"
+    loose.write_bytes(b"staged")
+    two_hours_ago = time.time() - 7200
+    for path in (stale / "model.onnx", stale, loose):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    with TestClient(create_app(sqlite_settings)):
+        pass
+    assert sorted(p.name for p in staging.iterdir()) == ["fresh"]
+    assert (fresh / "model.onnx").read_bytes() == b"staged"

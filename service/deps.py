@@ -48,9 +48,13 @@ async def _session(request: Request) -> AsyncIterator[Session]:
 
 
 def _commit_and_close(session: Session) -> None:
-    """One trip to a thread for both (each trip costs a polled job a noticeable share of its time)."""
+    """One trip to a thread for both (each trip costs a polled job a noticeable share of its time). A commit
+    that fails rolls back before the close, so the session's rollback hooks run (stored files go)."""
     try:
         session.commit()
+    except BaseException:
+        session.rollback()
+        raise
     finally:
         session.close()
 

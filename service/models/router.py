@@ -64,14 +64,16 @@ def _only_files(value: Any) -> Any:
                 "title": "Upload Id",
                 "description": "The id of an upload to the object store (`POST /v1/uploads`) that holds the "
                 "external data; instead of `external_data`.",
+                "default": "",  # Swagger UI would otherwise send its placeholder "string" as an id
             },
             "external_data_sha256": {
                 "type": "string",
                 "title": "External Data Sha256",
                 "description": "With `upload_id`: a JSON object of each uploaded file's SHA-256 (lower-case hex), "
                 "for files whose sha256 the upload did not declare. A file without one is read back once by the "
-                "service to hash it. A file whose bytes differ from its sha256 fails its jobs (`input_corrupt`).",
-                "examples": ['{"model.onnx.data": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}'],
+                "service to hash it. A file whose bytes differ from its sha256 fails its jobs (`input_corrupt`). "
+                'For example `{"model.onnx.data": "9f86d0...0a08"}` (no example value: Swagger UI would send it).',
+                "default": "",
             },
         },
         ["file"],

@@ -114,12 +114,16 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
     auto_accuracy = done["auto"]["result"]["comparison"]["accuracy"]
     assert auto_accuracy["original"] == 1.0 and auto_accuracy["delta"] >= -0.05, auto_accuracy
     auto = done["auto"]["result"]["quantization"]["auto"]
-    assert auto["chosen"] and len(auto["candidates"]) >= 4
+    # Every candidate was measured, or left out by the pre-flight with its reason (on some CPUs int8 of this
+    # small CNN is predicted slower than float and the search does not spend time on it).
+    pruned = (auto["preflight"] or {}).get("pruned", [])
+    assert auto["chosen"] and len(auto["candidates"]) + len(pruned) >= 4, auto
+    assert all(p["reason"] for p in pruned), pruned
     # The event stream named the candidates as the search tried them (a quick one may pass between polls),
     # its note in words and typed, from the same note of the engine; none is left once the job ended.
     progress = [e.data for e in auto_events if e.event == "progress"]
     tried = [p for p in progress if p["candidate"]]
-    assert tried, progress
+    assert tried or len(auto["candidates"]) < 2, progress  # one quick candidate can pass between two polls
     assert [p["candidate"]["index"] for p in tried] == sorted(p["candidate"]["index"] for p in tried)
     candidates = [c["name"] for c in auto["candidates"]]
     for p in tried:
@@ -128,10 +132,12 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
         assert p["progress_note"] == f"candidate {c['index']} of {c['total']}: {c['name']}", p
     assert done["auto"]["candidate"] is None and done["auto"]["progress_note"] is None
     assert auto["verdict"] in ("quantized", "keep_float")
+    # The pick's verdict is the evaluation's own (one judge): labelled data and no fidelity floor, so the
+    # top-1 drop decides, for the float model handed back as for a quantized pick.
+    verdict = done["auto"]["result"]["comparison"]["fidelity"]
+    assert verdict["metric"] == "top1_drop", verdict
     if auto["effective_recipe"] is None:  # keep_float with nothing in budget as fast as float: the float model
-        assert auto["verdict"] == "keep_float" and auto["fidelity"] is None, auto
-    else:
-        assert auto["fidelity"]["metric"] == "top1_drop", auto["fidelity"]
+        assert auto["verdict"] == "keep_float" and verdict["within_budget"] and verdict["accuracy_drop"] == 0, auto
     with embedded.client() as http:
         names = {a["name"] for a in http.get(f"/v1/jobs/{done['auto']['id']}/artifacts").json()}
         assert {"quantized.onnx", "report.json"} <= names
@@ -153,7 +159,8 @@ def test_every_mode_through_http(embedded: Deployment, tmp_path: Path) -> None:
         assert response.status_code == 202, response.text
         compared, _ = wait_for_job(http, response.json()["id"])
         assert compared["status"] == "succeeded", compared["error"]
-        assert compared["result"]["quantization"]["compare"]["fidelity"]["samples"] == 8
+        assert compared["result"]["quantization"]["mode"] == "compare"
+        assert compared["result"]["comparison"]["fidelity"]["samples"] == 8
         assert [a["name"] for a in http.get(f"/v1/jobs/{compared['id']}/artifacts").json()] == ["report.json"]
         assert 'id="verdict"' in http.get(f"/v1/jobs/{compared['id']}/report.html").text
     labelled_result = done["percentile"]["result"]

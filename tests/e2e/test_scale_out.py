@@ -66,7 +66,8 @@ def local_files(dep: Deployment) -> list[Path]:
     return [
         p
         for p in root.rglob("*")
-        if p.is_file() and not {"logs", "hook", "work", "cache", "staging"} & set(p.relative_to(root).parts)
+        if p.is_file()
+        and not {"logs", "hook", "work", "cache", "cache.seen", "staging"} & set(p.relative_to(root).parts)
     ]
 
 

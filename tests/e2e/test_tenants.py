@@ -92,6 +92,10 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                 "dataset_id": dataset_id,
                 "job_id": job["id"],
                 "name": "quantized.onnx",
+                # No direct upload without S3 storage (these deployments store locally): alice has none, so
+                # her id is one that does not exist. tests/service/test_direct_uploads.py checks another
+                # tenant's upload on S3.
+                "upload_id": str(uuid.uuid4()),
             },
             artifacts["quantized.onnx"]["sha256"],
             operations,
@@ -193,6 +197,11 @@ def test_collections_and_new_jobs_stay_within_the_tenant(world: World, tmp_path:
                 with world.dep.client(_as(world.alice)) as alice:
                     alice_models = alice.get(path).json()
                 assert own.json()["id"] not in str(alice_models)
+            elif (method, path) == ("POST", "/v1/uploads"):
+                body = {"files": [{"name": "w.bin", "size_bytes": 16}]}
+                answer = bob.post(path, json=body)  # local storage: the service says to upload through it
+                assert answer.status_code == 409, answer.text
+                assert answer.json()["error"]["code"] == "direct_uploads_unavailable", answer.text
             elif (method, path) == ("POST", "/v1/datasets"):
                 samples = np.random.default_rng(1).random((2, 1, 16), dtype=np.float32)
                 own = bob.post(path, files={"file": ("d.npz", npz_bytes(x=samples))})

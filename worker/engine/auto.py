@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from core.errors import ErrorInfo, RuleError
 from core.evaluation import EvaluationSpec
 from core.jobfile import DatasetSource
+from core.judge import FASTER_MARGIN
 from core.lifecycle import Stage
 from core.model import TensorSpec
 from core.progress import CandidateProgress, Note
@@ -88,8 +89,6 @@ RUNS_GROWTH = 20
 NOT_SLOWER_CONFIRMATIONS = 2
 FINALISTS = 3
 MAX_STARTS = 4  # candidates the mixed-precision search starts from, at most (time permitting)
-# Faster than float means a p50 at least this much lower (interleaved runs): less is noise.
-FASTER_MARGIN = 0.05
 # The pre-flight gets this share of max_search_seconds, at most PREFLIGHT_SECONDS; untimed layers count as
 # neither faster nor slower.
 PREFLIGHT_SHARE = 0.1

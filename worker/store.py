@@ -34,7 +34,6 @@ from worker.writes import write
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CANCELLED = ErrorInfo.from_dict(state.CANCELLED_ERROR)
 
 
 def forget(storage: Storage, prefix: str) -> None:
@@ -102,7 +101,7 @@ class ResultStore:
         if done == "succeeded":
             self._delete_other_attempts(job_id, attempt)
         elif done == "cancel":
-            return ChildOutcome(AttemptStatus.CANCELLED, error=CANCELLED)
+            return ChildOutcome(AttemptStatus.CANCELLED, error=state.CANCELLED)
         elif done == "lost":
             forget(self.storage, prefix)
             log.warning("job %s: attempt %d lost ownership before it could finish", job_id, attempt)

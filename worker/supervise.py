@@ -57,7 +57,6 @@ OUTCOME_MAX_BYTES = 256 << 20  # a result is a few MB at most; more is a job try
 EOF = b""  # the reader thread's last item; a real line always ends with a newline
 CANCEL_POLL_S = 1.0
 T = TypeVar("T")
-CANCELLED = ErrorInfo.from_dict(state.CANCELLED_ERROR)
 
 
 def _start_job(user: JobUser | None) -> Callable[[], None] | None:
@@ -223,7 +222,7 @@ class Supervisor:
                     last_cancel_check = now
                     if self._unless_db_down(job_id, self._cancel_requested, job_id):
                         stop(child)
-                        return ChildOutcome(AttemptStatus.CANCELLED, error=CANCELLED)
+                        return ChildOutcome(AttemptStatus.CANCELLED, error=state.CANCELLED)
                 if now - started > self.settings.job_timeout_s:
                     stop(child)
                     limit = self.settings.job_timeout_s

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from core.errors import ErrorInfo
 from core.lifecycle import JobStatus
 from core.progress import NOTE_LENGTH, Note
 from service.database import utcnow
@@ -162,6 +163,7 @@ CANCELLED_ERROR: dict[str, Any] = {
     "message": "The job was cancelled at the user's request.",
     "detail": {},
 }
+CANCELLED = ErrorInfo.from_dict(CANCELLED_ERROR)  # the same, as the worker's outcomes carry it
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:

@@ -34,6 +34,7 @@ from service.openapi import document_errors, operation_id
 from service.ops.metrics import ApiMetrics
 from service.ops.middleware import RequestContextMiddleware
 from service.ops.router import router as ops_router
+from service.orphans import start_sweep
 from service.queue import JobQueue
 from service.schemas import error_response
 from service.settings import Settings, get_settings
@@ -164,9 +165,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics = ApiMetrics(app.state.session_factory, lambda: app.state.event_hub.open_streams)
         inspection_isolation.start()  # uploads are inspected in its children, not in this process
         sweep_staging(settings)  # what uploads left when an API on this data folder died mid-request
+        # ... and in storage, where no row points at it (on a thread: a large store takes a while to list)
+        app.state.orphan_sweep = start_sweep(app.state.session_factory, storage, settings.orphan_grace_s)
         try:
             yield
         finally:
+            app.state.orphan_sweep.stop.set()
+            await anyio.to_thread.run_sync(app.state.orphan_sweep.thread.join, 2)
             await app.state.event_hub.close()
             await app.state.throttle.aclose()
             queue.close()

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Models, datasets and ended jobs older than this many days are removed; off if unset.",
     )
+    orphan_grace_s: float = Field(
+        24 * 3600,
+        ge=3600,
+        description="At its start the API removes stored objects that no row points at (an API or a worker died "
+        "between storing and recording them) once they are older than this. It must exceed the longest upload "
+        "request: on S3 an object sent in parts counts from the start of its upload.",
+    )
 
     auth: Literal["on", "off"] = Field(
         "off",

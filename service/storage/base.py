@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -72,6 +73,16 @@ class StoredObject:
     key: str
     size_bytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """A stored object as a listing shows it: `modified_at` (UTC) is when its bytes were last written (S3:
+    for an object that went up in parts, when its multipart upload started)."""
+
+    key: str
+    size_bytes: int
+    modified_at: datetime
 
 
 class StorageUnavailable(OSError):
@@ -156,6 +167,11 @@ class Storage(Protocol):
 
     def keys(self, prefix: str) -> list[str]:
         """Every stored key that starts with `prefix`."""
+        ...
+
+    def listing(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Every object stored under the folder `prefix` ("": the whole store), with its size and when it
+        was last written, read a page at a time (a large store is never listed whole into memory)."""
         ...
 
     def presigned_url(self, key: str, *, expires_s: int, filename: str) -> str | None:

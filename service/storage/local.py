@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from service.storage.base import (
     CHUNK,
     BesideHash,
+    ListedObject,
     ObjectMissing,
     ObjectWriter,
     StoredObject,
@@ -111,6 +114,27 @@ class LocalStorage:
         if not base.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def listing(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Regular files only, `.tmp`'s writes in progress included (a write renamed into place keeps the
+        time of its last byte)."""
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        folders = [base]
+        while folders:
+            try:
+                entries = list(os.scandir(folders.pop()))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # gone meanwhile
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    folders.append(Path(entry.path))
+                elif stat.S_ISREG(info.st_mode):
+                    key = Path(entry.path).relative_to(self.root).as_posix()
+                    yield ListedObject(key, info.st_size, datetime.fromtimestamp(info.st_mtime, UTC))
 
     def presigned_url(self, key: str, *, expires_s: int, filename: str) -> str | None:
         return None

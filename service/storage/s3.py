@@ -17,6 +17,7 @@ import io
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from datetime import UTC
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -28,6 +29,7 @@ from service.settings import Settings
 from service.storage.base import (
     CHUNK,
     BesideHash,
+    ListedObject,
     ObjectCorrupt,
     ObjectMissing,
     StorageUnavailable,
@@ -179,6 +181,19 @@ class S3Storage:
             found += [obj["Key"][len(self.prefix) :] for obj in page.get("Contents", [])]
             if not page.get("IsTruncated"):
                 return found
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def listing(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Finished objects only: the parts of a multipart upload are listed by `list_multipart_uploads`."""
+        folder = self.prefix + (prefix.rstrip("/") + "/" if prefix.strip("/") else "")
+        token: dict[str, Any] = {}
+        while True:
+            page = self._call(self.client.list_objects_v2, Prefix=folder, **token)
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) :]
+                yield ListedObject(key, int(obj["Size"]), obj["LastModified"].astimezone(UTC))
+            if not page.get("IsTruncated"):
+                return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def presigned_url(self, key: str, *, expires_s: int, filename: str) -> str | None:

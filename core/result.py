@@ -351,35 +351,6 @@ class CalibrationFacts(_Shape):
     passes: int | None = None
 
 
-class BiasCorrectionFacts(_Shape):
-    """Fast bias correction of a static model (recipe `bias_correction`)."""
-
-    applied: bool = Field(description="Some bias was changed.")
-    biases_changed: int = Field(0, description="Biases shifted (Conv, Gemm, or the Add after a MatMul).")
-    layers_considered: int = Field(0, description="Quantized layers with a bias of their own that were measured.")
-    samples: int = 0
-    seconds: float | None = None
-    skipped: str | None = Field(None, description="Why nothing was measured, when so.")
-
-
-class TensorRangeChoice(_Shape):
-    tensor: str
-    method: str = Field(description="The range kept: minmax or percentile (with its value).")
-    output_error: float | None = Field(None, description="Output noise-to-signal ratio with that range.")
-    baseline_error: float | None = Field(None, description="The same with the recipe's own range.")
-
-
-class RangeChoiceFacts(_Shape):
-    """Calibration method chosen per tensor (recipe `calibration_per_tensor`)."""
-
-    tensors_tried: int = 0
-    tensors_changed: int = Field(0, description="Tensors whose range is not the recipe's method's.")
-    choices: list[TensorRangeChoice] = Field(default_factory=list)
-    samples: int = 0
-    seconds: float | None = None
-    skipped: str | None = None
-
-
 class WeightOnlyFacts(_Shape):
     bits: int
     block_size: int
@@ -419,6 +390,11 @@ class FloatNode(_Shape):
     subgraph: str
 
 
+class QuantizedNode(FloatNode):
+    """A Conv/MatMul/Gemm inside an If/Loop/Scan body that static quantization quantized (QDQ: the node
+    itself, reading DequantizeLinear outputs; QOperator: the QLinearConv/QLinearMatMul/... made of it)."""
+
+
 class QuantizationFacts(_Shape):
     """`result.quantization`: what the engine did."""
 
@@ -428,8 +404,6 @@ class QuantizationFacts(_Shape):
     qat_qdq_nodes: int | None = Field(None, description="Q/DQ nodes the uploaded model already held.")
     calibration: CalibrationFacts | None = None
     weight_only: WeightOnlyFacts | None = None
-    bias_correction: BiasCorrectionFacts | None = None
-    range_choice: RangeChoiceFacts | None = None
     fp16: Fp16Facts | None = None
     check: ModelCheck | None = None
     op_counts: dict[str, int] = Field(default_factory=dict, description="Operators of the quantized model.")
@@ -437,6 +411,9 @@ class QuantizationFacts(_Shape):
     opset: Opsets | None = None
     external_data: bool | None = None
     float_in_subgraphs: list[FloatNode] = Field(default_factory=list)
+    quantized_in_subgraphs: list[QuantizedNode] = Field(
+        default_factory=list, description="Conv/MatMul/Gemm nodes inside If/Loop/Scan bodies quantized to int8."
+    )
     auto: AutoSearch | None = Field(None, description="Mode auto only.")
 
 

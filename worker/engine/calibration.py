@@ -45,6 +45,8 @@ class CalibrationResult:
     max_chunk_feeds: int
     passes: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    # Ranges inside If/Loop/Scan bodies (subgraphs.BodyRanges or None), by static op types: filled on first use.
+    bodies: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
 
 class ListReader:

@@ -37,10 +37,11 @@ from core.result import (
     Opsets,
     OriginalFacts,
     QuantizationFacts,
+    QuantizedNode,
     WeightOnlyFacts,
 )
 from worker.engine import fp16
-from worker.engine.calibration import CalibrationResult, calibrate, default_op_types
+from worker.engine.calibration import CalibrationResult, calibrate, default_op_types, seed_histograms
 from worker.engine.checks import (
     FOUR_BIT,
     SIXTEEN_BIT,
@@ -49,12 +50,12 @@ from worker.engine.checks import (
     model_facts,
 )
 from worker.engine.data import Batch, count_batches, iter_batches, synthesize_batch
-from worker.engine.graph_order import outer_read_producers, sort_model_file, subgraph_nodes
+from worker.engine.graph_order import outer_read_producers, sort_model_file
 from worker.engine.preprocess import Prepared, fuse_transformer, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
-from worker.engine.refine import refine
 from worker.engine.results import QuantizationOutcome
 from worker.engine.spec import ProgressCallback, no_progress
+from worker.engine.subgraphs import BODY_OPS, BodyRanges, body_nodes, calibrate_bodies, quantize_bodies
 
 OUTPUT_NAME = "quantized.onnx"
 
@@ -109,9 +110,6 @@ class Reuse:
 
     prepared: Prepared
     calibration: CalibrationResult | None = None
-    # What `refine` measured, by the recipe fields it depends on: per-tensor ranges and bias shifts, shared by
-    # the QDQ and QOperator twins and by every search step of one candidate.
-    refined: dict[Any, Any] | None = None
 
 
 def _fail(step: str, what: str, exc: BaseException) -> RuleError:
@@ -184,7 +182,7 @@ def quantize(
     if facts.qdq_nodes:
         facts_out.qat_qdq_nodes = facts.qdq_nodes
 
-    for sub in ("prep", "calib", "refine", "out"):
+    for sub in ("prep", "calib", "out"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
     out_dir = workdir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,19 +233,13 @@ def quantize(
             passes=cal.passes,
         )
         progress(Stage.CALIBRATING, 1.0)
-        ranges, source = cal.tensors_range, prepared
-        if spec.calibration_per_tensor or spec.corrects_bias:
-            with timer("refining_ranges"):
-                memo = reuse.refined if reuse is not None else None
-                ranges, source = refine(
-                    prepared, spec, ranges, calibration, inputs, workdir / "refine", facts_out, _refining, memo
-                )
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
+            bodies = _body_ranges(prepared, spec, cal, calibration, inputs, warnings) if facts.has_subgraphs else None
             if spec.dynamic_op_types:
-                _hybrid(source, spec, ranges, out_path, warnings)
+                _hybrid(prepared, spec, cal.tensors_range, out_path, warnings, bodies)
             else:
-                _static(source, spec, ranges, out_path, warnings)
+                _static(prepared, spec, cal.tensors_range, out_path, warnings, bodies)
     else:
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
@@ -280,17 +272,22 @@ def quantize(
     elif mode != Mode.FP16 and facts.qdq_nodes and sum(facts_out.quantized_op_counts.values()) <= facts.qdq_nodes:
         warnings.append("No new node was quantized: the model's quantized parts were already all there was.")
     if mode in (Mode.STATIC, Mode.DYNAMIC) and facts.has_subgraphs:
+        facts_out.quantized_in_subgraphs = quantized_nodes_in_subgraphs(out_path)
         left = float_nodes_in_subgraphs(out_path, spec)
         if left:
             facts_out.float_in_subgraphs = left
             named = ", ".join(f"{n.name} ({n.op_type} in {n.subgraph})" for n in left[:10])
             more = f" and {len(left) - 10} more" if len(left) > 10 else ""
+            why = (
+                ""
+                if mode == Mode.STATIC
+                else " (ONNX Runtime's quantizer does not reach into subgraphs for this recipe)"
+            )
             warnings.append(
-                f"{len(left)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float "
-                f"(ONNX Runtime's quantizer does not reach into subgraphs for this recipe): {named}{more}."
+                f"{len(left)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float{why}: {named}{more}."
             )
     if not keep_intermediates:
-        for sub in ("prep", "calib", "refine"):
+        for sub in ("prep", "calib"):
             shutil.rmtree(workdir / sub, ignore_errors=True)
     timings["total"] = round(time.perf_counter() - t_total, 6)
     return QuantizationOutcome(
@@ -388,10 +385,45 @@ def float_nodes_in_subgraphs(path: Path, spec: Recipe) -> list[FloatNode]:
     wanted = set(spec.op_types_to_quantize or SUBGRAPH_COMPUTE_OPS) & set(SUBGRAPH_COMPUTE_OPS)
     excluded = set(spec.nodes_to_exclude or ())
     return [
-        FloatNode(name=n.name, op_type=n.op_type, subgraph=where)
-        for where, n in subgraph_nodes(model.graph)
-        if n.op_type in wanted and n.name not in excluded
+        node
+        for node, quantized in body_nodes(model)
+        if not quantized and node.op_type in wanted and node.name not in excluded
     ]
+
+
+def quantized_nodes_in_subgraphs(path: Path) -> list[QuantizedNode]:
+    """The Conv/MatMul/Gemm nodes inside subgraphs that are quantized (QDQ: reading a DequantizeLinear;
+    QOperator: the QLinearConv/QLinearMatMul/... made of one)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return [QuantizedNode(**node.model_dump()) for node, quantized in body_nodes(model) if quantized]
+
+
+def _body_ranges(
+    prepared: Prepared,
+    spec: Recipe,
+    cal: CalibrationResult,
+    source: DatasetSource | None,
+    inputs: Sequence[TensorSpec],
+    warnings: list[str],
+) -> BodyRanges | None:
+    """Ranges inside the model's If/Loop/Scan bodies for the static op types of `spec` (None: no body
+    holds one of them), computed once per calibration and op types (mode auto's trials share them)."""
+    op_types = tuple(op for op in default_op_types(spec) if op not in (spec.dynamic_op_types or ()))
+    if source is None or not set(op_types) & set(BODY_OPS):
+        return None
+    if op_types not in cal.bodies:
+        try:
+            cal.bodies[op_types] = calibrate_bodies(prepared.path, spec, op_types, source, inputs, seed=seed_histograms)
+        except RuleError:
+            raise
+        except Exception as exc:
+            cal.bodies[op_types] = None
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            warnings.append(f"Calibrating inside If/Loop/Scan bodies failed ({text}); their nodes stay in float.")
+    found: BodyRanges | None = cal.bodies[op_types]
+    if found is not None:
+        warnings += [w for w in found.warnings if w not in warnings]
+    return found
 
 
 # Activations ONNX Runtime's QDQ quantizer removes, folding them into the range of the node before.
@@ -468,16 +500,19 @@ def _extra_options(spec: Recipe, sixteen_bit: Sequence[str] = ()) -> dict[str, A
     return extra
 
 
-def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path, warnings: list[str]) -> None:
-    """quantize_static, minus its calibration: the ranges come from our chunked calibration."""
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+def _static(
+    prepared: Prepared,
+    spec: Recipe,
+    tensors_range: Any,
+    out_path: Path,
+    warnings: list[str],
+    bodies: BodyRanges | None = None,
+) -> None:
+    """quantize_static, minus its calibration: the ranges come from our chunked calibration. With
+    `bodies` (ranges inside If/Loop/Scan bodies), the bodies' Conv/MatMul/Gemm are quantized too, by
+    the same quantizer and options (see subgraphs.py)."""
     from onnxruntime.quantization.quant_utils import QuantFormat as OrtFormat
-    from onnxruntime.quantization.quant_utils import (
-        QuantizationMode,
-        load_model_with_shape_infer,
-        update_opset_version,
-    )
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer, update_opset_version
     from onnxruntime.quantization.quantize import check_static_quant_arguments
 
     activation = _ort_qtype(spec.activation_type)
@@ -492,35 +527,10 @@ def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path
             check_static_quant_arguments(fmt, activation, weight)
             excluded += _keep_outer_reads_float(model, fmt == OrtFormat.QOperator, warnings)
             sixteen_bit = _sixteen_bit_tensors(spec, model, warnings)
-            if fmt == OrtFormat.QOperator:
-                quantizer = ONNXQuantizer(
-                    model,
-                    spec.per_channel,
-                    spec.reduce_range,
-                    QuantizationMode.QLinearOps,
-                    True,
-                    weight,
-                    activation,
-                    tensors_range,
-                    [],
-                    excluded,
-                    op_types,
-                    _extra_options(spec, sixteen_bit),
-                )
-            else:
-                quantizer = QDQQuantizer(
-                    model,
-                    spec.per_channel,
-                    spec.reduce_range,
-                    weight,
-                    activation,
-                    tensors_range,
-                    [],
-                    excluded,
-                    op_types,
-                    _extra_options(spec, sixteen_bit),
-                )
+            quantizer = _static_quantizer(model, spec, tensors_range, excluded, op_types, sixteen_bit)
             quantizer.quantize_model()
+            if bodies is not None:
+                _static_bodies(quantizer.model.model, spec, bodies, tensors_range, op_types, warnings)
             quantizer.model.save_model_to_file(str(out_path), prepared.external)
         sort_model_file(out_path)
     except RuleError:
@@ -529,9 +539,83 @@ def _static(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path
         raise _fail("quantize_static", "Static quantization (ONNX Runtime)", exc) from exc
 
 
-def _refining(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path) -> None:
-    """The static quantizer `refine` measures with (its models are never the job's)."""
-    _static(prepared, spec, tensors_range, out_path, [])
+def _static_quantizer(
+    model: onnx.ModelProto,
+    spec: Recipe,
+    tensors_range: Any,
+    excluded: list[str],
+    op_types: list[str],
+    sixteen_bit: Sequence[str],
+) -> Any:
+    """ONNX Runtime's QDQ or QOperator quantizer for `model`, as the recipe sets it."""
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode
+
+    activation = _ort_qtype(spec.activation_type)
+    weight = _ort_qtype(spec.weight)
+    if spec.format == QuantFormat.QOPERATOR:
+        return ONNXQuantizer(
+            model,
+            spec.per_channel,
+            spec.reduce_range,
+            QuantizationMode.QLinearOps,
+            True,
+            weight,
+            activation,
+            tensors_range,
+            [],
+            excluded,
+            op_types,
+            _extra_options(spec, sixteen_bit),
+        )
+    return QDQQuantizer(
+        model,
+        spec.per_channel,
+        spec.reduce_range,
+        weight,
+        activation,
+        tensors_range,
+        [],
+        excluded,
+        op_types,
+        _extra_options(spec, sixteen_bit),
+    )
+
+
+def _static_bodies(
+    model: onnx.ModelProto,
+    spec: Recipe,
+    bodies: BodyRanges,
+    tensors_range: Any,
+    op_types: list[str],
+    warnings: list[str],
+) -> None:
+    """Quantize, in place, the If/Loop/Scan bodies of the quantized `model` that hold a Conv/MatMul/Gemm:
+    each as a standalone model through the quantizer of the top graph (nodes_to_exclude holds inside)."""
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer, update_opset_version
+
+    qoperator = spec.format == QuantFormat.QOPERATOR
+
+    def quantize_graph(standalone: onnx.ModelProto, ranges: Any, keep_float: list[str]) -> onnx.ModelProto:
+        body = save_and_reload_model_with_shape_infer(standalone)
+        body = update_opset_version(body, _ort_qtype(spec.weight))
+        excluded = [*(spec.nodes_to_exclude or []), *keep_float, *_keep_outer_reads_float(body, qoperator, warnings)]
+        g = body.graph
+        known = {t.name for t in g.initializer} | {v.name for v in (*g.value_info, *g.input, *g.output)}
+        sixteen_bit = [t for t in spec.sixteen_bit_tensors or () if t in known]
+        quantizer = _static_quantizer(body, spec, ranges, excluded, op_types, sixteen_bit)
+        quantizer.quantize_model()
+        return quantizer.model.model
+
+    done = quantize_bodies(model, bodies, tensors_range, op_types, quantize_graph)
+    for why in done.skipped:
+        warnings.append(f"An If/Loop/Scan body stays in float: {why}.")
+    if done.unmeasured:
+        warnings.append(
+            f"{len(done.unmeasured)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan bodies stay in float: the "
+            f"calibration data never ran them (an If branch it never took?): {', '.join(done.unmeasured[:10])}."
+        )
 
 
 def quantize_with_ranges(model_path: Path, spec: Recipe, tensors_range: Any, out_path: Path) -> None:
@@ -540,14 +624,21 @@ def quantize_with_ranges(model_path: Path, spec: Recipe, tensors_range: Any, out
     _static(Prepared(path=Path(model_path), external=False, opset=0), spec, tensors_range, out_path, [])
 
 
-def _hybrid(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path, warnings: list[str]) -> None:
+def _hybrid(
+    prepared: Prepared,
+    spec: Recipe,
+    tensors_range: Any,
+    out_path: Path,
+    warnings: list[str],
+    bodies: BodyRanges | None = None,
+) -> None:
     """Static for every op type but `dynamic_op_types`, then ONNX Runtime's dynamic quantizer for those on the
     static result (`nodes_to_exclude` holds in both passes)."""
     first = out_path.parent.parent / "hybrid-static" / OUTPUT_NAME
     shutil.rmtree(first.parent, ignore_errors=True)
     first.parent.mkdir(parents=True)
     try:
-        _static(prepared, spec, tensors_range, first, warnings)
+        _static(prepared, spec, tensors_range, first, warnings, bodies)
         static = Prepared(path=first, external=prepared.external, opset=prepared.opset)
         _dynamic(static, spec, out_path, warnings, op_types=spec.dynamic_op_types)
     finally:

@@ -471,3 +471,141 @@ def fp16_truncated_weights(path: Path, *, tensors: int = 6, features: int = 8) -
         initializer=inits,
     )
     return _save(_model(graph, 13), path)
+
+
+def shape_if_streaming(path: Path, *, hidden: int = 16, channels: int = 8, trips: int = 2, seed: int = 0) -> Path:
+    """A streaming model whose every Conv and MatMul sits in `If` branches chosen by a shape (chunks
+    of more than 32 samples take the `long` branch), as exporters write a chunk-size switch, at opset 13.
+    Input `audio` [batch, samples]; output `y` [batch, hidden]. Both branches read the outer `/Pad`
+    output and outer-scope weights (main-graph initializers); the `long` branch holds a Conv and a
+    MatMul and, nested in it, a `Loop` refining its state with a MatMul (outer weights again); the
+    `short` branch a Conv and a MatMul with weights of its own."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.4) -> np.ndarray:
+        return rng.normal(0, scale, size=shape).astype(np.float32)
+
+    loop = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="/long/loop/cond"),
+            helper.make_node("MatMul", ["h_in", "loop.weight"], ["/long/loop/mm"], name="/long/loop/MatMul"),
+            helper.make_node("Add", ["/long/loop/mm", "/long/feat_proj"], ["/long/loop/add"], name="/long/loop/Add"),
+            helper.make_node("Tanh", ["/long/loop/add"], ["h_out"], name="/long/loop/Tanh"),
+        ],
+        "long_loop",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+    )
+    long_branch = helper.make_graph(
+        [
+            helper.make_node("Conv", ["/Pad_output_0", "conv.weight"], ["/long/conv"], name="/long/Conv", strides=[2]),
+            helper.make_node("Relu", ["/long/conv"], ["/long/relu"], name="/long/Relu"),
+            helper.make_node(
+                "ReduceMean", ["/long/relu"], ["/long/feat"], name="/long/ReduceMean", axes=[2], keepdims=0
+            ),
+            helper.make_node("MatMul", ["/long/feat", "proj.weight"], ["/long/feat_proj"], name="/long/MatMul"),
+            helper.make_node("Loop", ["trips", "", "/long/feat_proj"], ["/long/out"], name="/long/Loop", body=loop),
+        ],
+        "long_branch",
+        [],
+        [helper.make_tensor_value_info("/long/out", TensorProto.FLOAT, ["batch", hidden])],
+    )
+    short_branch = helper.make_graph(
+        [
+            helper.make_node("Conv", ["/Pad_output_0", "short.conv"], ["/short/conv"], name="/short/Conv"),
+            helper.make_node("Relu", ["/short/conv"], ["/short/relu"], name="/short/Relu"),
+            helper.make_node(
+                "ReduceMean", ["/short/relu"], ["/short/feat"], name="/short/ReduceMean", axes=[2], keepdims=0
+            ),
+            helper.make_node("MatMul", ["/short/feat", "short.proj"], ["/short/mm"], name="/short/MatMul"),
+            helper.make_node("Tanh", ["/short/mm"], ["/short/out"], name="/short/Tanh"),
+        ],
+        "short_branch",
+        [],
+        [helper.make_tensor_value_info("/short/out", TensorProto.FLOAT, ["batch", hidden])],
+        initializer=[
+            numpy_helper.from_array(w(channels, 1, 3), "short.conv"),
+            numpy_helper.from_array(w(channels, hidden), "short.proj"),
+        ],
+    )
+    nodes = [
+        helper.make_node("Unsqueeze", ["audio", "axes1"], ["/Unsqueeze_output_0"], name="/Unsqueeze"),
+        helper.make_node("Pad", ["/Unsqueeze_output_0", "pads"], ["/Pad_output_0"], name="/Pad", mode="reflect"),
+        helper.make_node("Shape", ["audio"], ["/Shape_output_0"], name="/Shape"),
+        helper.make_node("Gather", ["/Shape_output_0", "one"], ["/samples"], name="/Gather", axis=0),
+        helper.make_node("Greater", ["/samples", "limit"], ["/long_chunk"], name="/Greater"),
+        helper.make_node(
+            "If", ["/long_chunk"], ["/If_output_0"], name="/If", then_branch=long_branch, else_branch=short_branch
+        ),
+        helper.make_node("MatMul", ["/If_output_0", "out.weight"], ["/out/MatMul_output_0"], name="/out/MatMul"),
+        helper.make_node("Tanh", ["/out/MatMul_output_0"], ["y"], name="/out/Tanh"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shape_if_streaming",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", hidden])],
+        initializer=[
+            numpy_helper.from_array(w(channels, 1, 5), "conv.weight"),
+            numpy_helper.from_array(w(channels, hidden), "proj.weight"),
+            numpy_helper.from_array(w(hidden, hidden, scale=0.3), "loop.weight"),
+            numpy_helper.from_array(w(hidden, hidden, scale=0.3), "out.weight"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes1"),
+            numpy_helper.from_array(np.array([0, 0, 2, 0, 0, 2], np.int64), "pads"),
+            numpy_helper.from_array(np.array(1, np.int64), "one"),
+            numpy_helper.from_array(np.array(32, np.int64), "limit"),
+            numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+        ],
+    )
+    return _save(_model(graph, 13), path)
+
+
+def scan_body(path: Path, *, features: int = 8, hidden: int = 16, seed: int = 0) -> Path:
+    """An RNN written as a `Scan` over `x` [seq, batch, F]: h <- Tanh(x_t @ Wx + h @ Wh), both
+    MatMuls in the body (weights from the outer scope), every h a scan output; then a MatMul over
+    the sequence -> `y` [seq, batch, F]. Initial state `h0` [batch, H]."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "wx"], ["scan/xw"], name="scan/MatMul_x"),
+            helper.make_node("MatMul", ["h_in", "wh"], ["scan/hw"], name="scan/MatMul_h"),
+            helper.make_node("Add", ["scan/xw", "scan/hw"], ["scan/sum"], name="scan/Add"),
+            helper.make_node("Tanh", ["scan/sum"], ["h_out"], name="scan/Tanh"),
+            helper.make_node("Identity", ["h_out"], ["y_t"], name="scan/Identity"),
+        ],
+        "scan_body",
+        [
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", hidden]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["batch", features]),
+        ],
+        [
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", hidden]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+    )
+    nodes = [
+        helper.make_node("Scan", ["h0", "x"], ["h_last", "hs"], name="scan", body=body, num_scan_inputs=1),
+        helper.make_node("MatMul", ["hs", "w_out"], ["y"], name="out/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scan_body",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", "batch", features]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["seq", "batch", features])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(0, 0.4, size=(features, hidden)).astype(np.float32), "wx"),
+            numpy_helper.from_array(rng.normal(0, 0.3, size=(hidden, hidden)).astype(np.float32), "wh"),
+            numpy_helper.from_array(rng.normal(0, 0.3, size=(hidden, features)).astype(np.float32), "w_out"),
+        ],
+    )
+    return _save(_model(graph, 13), path)

@@ -100,6 +100,7 @@ MAX_OP_TYPES = 256
 MAX_NAME_CHARS = 1024  # one node name or op type
 
 MAX_SEARCH_SECONDS = 86_400
+BIAS_CORRECTION_SAMPLES = 32  # calibration samples fast bias correction measures on, at most
 NodeName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 RECIPE_EXAMPLES: list[JsonValue] = [
     {"mode": "static", "calibration_method": "minmax", "per_channel": True},
@@ -456,6 +457,23 @@ class Recipe:
             examples=[["MatMul"]],
         ),
     ] = None
+    bias_correction: Annotated[
+        bool | None,
+        Field(
+            description="Static 8-bit: shift the bias of every quantized Conv, Gemm and MatMul+Add by the mean "
+            "error per output channel that quantizing its weights and input adds (fast bias correction, measured "
+            f"on up to {BIAS_CORRECTION_SAMPLES} calibration samples). null: on for static recipes with 8-bit "
+            "activations and weights."
+        ),
+    ] = None
+    calibration_per_tensor: Annotated[
+        bool,
+        Field(
+            description="Static: for the few activation tensors whose quantization hurts most (by sensitivity), "
+            "try a MinMax and a Percentile range and keep, tensor by tensor, the one with less output error on "
+            "the calibration data; every other tensor keeps `calibration_method`."
+        ),
+    ] = False
     objective: Annotated[
         Objective,
         Field(description="Mode auto: the fastest model within budget (never slower than float), or the smallest."),
@@ -499,6 +517,15 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(_ADAPTER.dump_python(self, mode="json"))
+
+    @property
+    def corrects_bias(self) -> bool:
+        """Is fast bias correction on (`bias_correction`, or its default: static 8-bit activations and weights)?"""
+        if self.mode not in CALIBRATED_MODES:
+            return False
+        if self.bias_correction is not None:
+            return self.bias_correction
+        return self.activation_type not in SIXTEEN_BIT and self.weight in EIGHT_BIT
 
     @property
     def weight(self) -> QType:
@@ -621,6 +648,13 @@ def _check_search_fields(recipe: Recipe) -> None:
             "sixteen_bit_tensors widens chosen tensors of an 8-bit recipe; activation_type is already 16-bit.",
             "sixteen_bit_tensors",
         )
+    for name in ("bias_correction", "calibration_per_tensor"):
+        if getattr(recipe, name) and mode not in CALIBRATED_MODES:
+            raise RecipeError(
+                f"{name} refines static quantization with calibration data; it needs mode static (or auto).",
+                name,
+                mode=str(mode),
+            )
     if recipe.transformer_fusion and mode not in (Mode.STATIC, Mode.DYNAMIC, Mode.AUTO):
         raise RecipeError(
             "transformer_fusion is a pre-processing step of static and dynamic quantization.",

@@ -351,6 +351,35 @@ class CalibrationFacts(_Shape):
     passes: int | None = None
 
 
+class BiasCorrectionFacts(_Shape):
+    """Fast bias correction of a static model (recipe `bias_correction`)."""
+
+    applied: bool = Field(description="Some bias was changed.")
+    biases_changed: int = Field(0, description="Biases shifted (Conv, Gemm, or the Add after a MatMul).")
+    layers_considered: int = Field(0, description="Quantized layers with a bias of their own that were measured.")
+    samples: int = 0
+    seconds: float | None = None
+    skipped: str | None = Field(None, description="Why nothing was measured, when so.")
+
+
+class TensorRangeChoice(_Shape):
+    tensor: str
+    method: str = Field(description="The range kept: minmax or percentile (with its value).")
+    output_error: float | None = Field(None, description="Output noise-to-signal ratio with that range.")
+    baseline_error: float | None = Field(None, description="The same with the recipe's own range.")
+
+
+class RangeChoiceFacts(_Shape):
+    """Calibration method chosen per tensor (recipe `calibration_per_tensor`)."""
+
+    tensors_tried: int = 0
+    tensors_changed: int = Field(0, description="Tensors whose range is not the recipe's method's.")
+    choices: list[TensorRangeChoice] = Field(default_factory=list)
+    samples: int = 0
+    seconds: float | None = None
+    skipped: str | None = None
+
+
 class WeightOnlyFacts(_Shape):
     bits: int
     block_size: int
@@ -404,6 +433,8 @@ class QuantizationFacts(_Shape):
     qat_qdq_nodes: int | None = Field(None, description="Q/DQ nodes the uploaded model already held.")
     calibration: CalibrationFacts | None = None
     weight_only: WeightOnlyFacts | None = None
+    bias_correction: BiasCorrectionFacts | None = None
+    range_choice: RangeChoiceFacts | None = None
     fp16: Fp16Facts | None = None
     check: ModelCheck | None = None
     op_counts: dict[str, int] = Field(default_factory=dict, description="Operators of the quantized model.")

@@ -226,6 +226,7 @@ class Search:
     steps_done: int = 0
     preflight: PreflightResult | None = None
     rankings: dict[Recipe, SensitivityRanking] = field(default_factory=dict)  # by the QDQ recipe ranked
+    refined: dict[Any, Any] = field(default_factory=dict)  # per-tensor ranges and bias shifts (quantize.refine)
 
     def time_left(self) -> bool:
         if self.clock() >= self.deadline:
@@ -248,7 +249,7 @@ class Search:
         key = preparation(spec, self.facts)
         prepared = self.prepared_for(spec)
         if spec.mode != Mode.STATIC or self.calibration is None:
-            return Reuse(prepared)
+            return Reuse(prepared, refined=self.refined)
         cal_key = (
             key,
             str(spec.calibration_method),
@@ -270,7 +271,7 @@ class Search:
                 external=prepared.external,
             )
             self.calibrations[cal_key] = cal
-        return Reuse(prepared, cal)
+        return Reuse(prepared, cal, self.refined)
 
     # -- one measured model ----------------------------------------------------------------
 

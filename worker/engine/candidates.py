@@ -3,6 +3,8 @@
 - The CPU: with int8 dot products (VNNI, AMX, ARM dot product) U8S8 (uint8 activations, int8
   weights) is the fast path; on x86 without them (AVX2 only) U8S8 products can saturate, so
   activations are int8 (S8S8) and weights use 7 bits (`reduce_range`).
+- Every static candidate starts from better ranges: fast bias correction (the recipe's default), and on the
+  MinMax ones the calibration method chosen per tensor where sensitivity says it matters (`range_choice`).
 - Static int8, per-channel weights, whole graph (MinMax, Percentile) and Conv/MatMul/Gemm only, each in both
   formats: QDQ and QOperator run the same kernels yet do not round alike (on a real OCR recognizer whole-model
   QOperator kept argmax agreement 0.92 where QDQ kept 0.42), and share one calibration. S8S8 (int8
@@ -79,13 +81,15 @@ def candidates_for(
     if "MatMul" in compute and "Gemm" not in compute:
         compute.append("Gemm")  # MatMul+Add may fuse into Gemm in pre-processing
     dynamic = {"mode": Mode.DYNAMIC, "reduce_range": int8 == "avx2"}
+    # MinMax with Percentile ranges where they lower the output error, tensor by tensor (range_choice).
+    chosen = {**static, "calibration_per_tensor": True}
     found: list[Candidate] = [
-        *_both_formats("per-channel, MinMax", static),
+        *_both_formats("per-channel, MinMax", chosen),
         *_both_formats("per-channel, Percentile", {**static, "calibration_method": CalibrationMethod.PERCENTILE}),
     ]
     if compute and len(compute) < len({op for op, n in op_counts.items() if n}):
         found += _both_formats(
-            f"per-channel, {'/'.join(compute)} only", {**static, "op_types_to_quantize": tuple(compute)}
+            f"per-channel, {'/'.join(compute)} only", {**chosen, "op_types_to_quantize": tuple(compute)}
         )
     if s8s8 and ActivationType(static["activation_type"]) != ActivationType.INT8:
         found.append(

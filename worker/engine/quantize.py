@@ -53,6 +53,7 @@ from worker.engine.data import Batch, count_batches, iter_batches, synthesize_ba
 from worker.engine.graph_order import outer_read_producers, sort_model_file
 from worker.engine.preprocess import Prepared, fuse_transformer, prepare_model, save_model
 from worker.engine.quiet import quiet_ort
+from worker.engine.refine import refine
 from worker.engine.results import QuantizationOutcome
 from worker.engine.spec import ProgressCallback, no_progress
 from worker.engine.subgraphs import BODY_OPS, BodyRanges, body_nodes, calibrate_bodies, quantize_bodies
@@ -110,6 +111,9 @@ class Reuse:
 
     prepared: Prepared
     calibration: CalibrationResult | None = None
+    # What `refine` measured, by the recipe fields it depends on: per-tensor ranges and bias shifts, shared by
+    # the QDQ and QOperator twins and by every search step of one candidate.
+    refined: dict[Any, Any] | None = None
 
 
 def _fail(step: str, what: str, exc: BaseException) -> RuleError:
@@ -182,7 +186,7 @@ def quantize(
     if facts.qdq_nodes:
         facts_out.qat_qdq_nodes = facts.qdq_nodes
 
-    for sub in ("prep", "calib", "out"):
+    for sub in ("prep", "calib", "refine", "out"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
     out_dir = workdir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,13 +237,20 @@ def quantize(
             passes=cal.passes,
         )
         progress(Stage.CALIBRATING, 1.0)
+        ranges, source = cal.tensors_range, prepared
+        if spec.calibration_per_tensor or spec.corrects_bias:
+            with timer("refining_ranges"):
+                memo = reuse.refined if reuse is not None else None
+                ranges, source = refine(
+                    prepared, spec, ranges, calibration, inputs, workdir / "refine", facts_out, _refining, memo
+                )
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
             bodies = _body_ranges(prepared, spec, cal, calibration, inputs, warnings) if facts.has_subgraphs else None
             if spec.dynamic_op_types:
-                _hybrid(prepared, spec, cal.tensors_range, out_path, warnings, bodies)
+                _hybrid(source, spec, ranges, out_path, warnings, bodies)
             else:
-                _static(prepared, spec, cal.tensors_range, out_path, warnings, bodies)
+                _static(source, spec, ranges, out_path, warnings, bodies)
     else:
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
@@ -287,7 +298,7 @@ def quantize(
                 f"{len(left)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan subgraphs stay in float{why}: {named}{more}."
             )
     if not keep_intermediates:
-        for sub in ("prep", "calib"):
+        for sub in ("prep", "calib", "refine"):
             shutil.rmtree(workdir / sub, ignore_errors=True)
     timings["total"] = round(time.perf_counter() - t_total, 6)
     return QuantizationOutcome(
@@ -616,6 +627,11 @@ def _static_bodies(
             f"{len(done.unmeasured)} Conv/MatMul/Gemm node(s) inside If/Loop/Scan bodies stay in float: the "
             f"calibration data never ran them (an If branch it never took?): {', '.join(done.unmeasured[:10])}."
         )
+
+
+def _refining(prepared: Prepared, spec: Recipe, tensors_range: Any, out_path: Path) -> None:
+    """The static quantizer `refine` measures with (its models are never the job's)."""
+    _static(prepared, spec, tensors_range, out_path, [])
 
 
 def quantize_with_ranges(model_path: Path, spec: Recipe, tensors_range: Any, out_path: Path) -> None:

@@ -59,9 +59,10 @@ class JobFile:
     evaluation_data: DatasetSource | None = None
     reused_calibration: bool = False  # the evaluation data is the calibration data
     reference_model_path: Path | None = None  # mode compare: the float model to compare with
-    # Mode auto: the worker's folder of pre-flight timings, kept across jobs (`Settings.preflight_cache_dir`);
-    # None: the pre-flight times every layer again.
-    preflight_cache: Path | None = None
+    # Mode auto: the pre-flight timings the worker keeps for this CPU and ONNX Runtime version, a read-only copy
+    # among the inputs (`core.preflight_timings`); None: the pre-flight times every layer. What the job times
+    # goes to WORKDIR/`preflight_timings.MEASURED_FILE`, for the worker to merge.
+    preflight_timings: Path | None = None
     # The class and pool of the worker running it, which the result's machine records (None: the job process
     # takes them from its environment, `Placement.from_environ`).
     placement: Placement | None = None

@@ -9,6 +9,7 @@ not answer raises StorageUnavailable, for the runner to put the job back in line
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from core.errors import ErrorInfo
 from core.evaluation import EvaluationSettings, EvaluationSpec
 from core.jobfile import JOB_FILE, DatasetSource, JobFile
 from core.model import TensorSpec
-from core.recipe import parse_recipe
+from core.recipe import Mode, parse_recipe
 from service.database import transaction
 from service.settings import Settings
 from service.storage import ObjectMissing
 from service.tables import Dataset, Job, OnnxModel
 from worker.inputs import InputCache
+from worker.preflight_timings import TimingsKeeper
 from worker.sandbox import job_limits
 
 
@@ -42,10 +44,16 @@ class InputMissing(Exception):
 
 
 def write_job_file(
-    session_factory: sessionmaker[Session], settings: Settings, cache: InputCache, job_id: str, workdir: Path
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    cache: InputCache,
+    job_id: str,
+    workdir: Path,
+    timings: TimingsKeeper | None = None,
 ) -> None:
     """The job's inputs are fetched into `workdir/inputs` (through this worker's cache) once the
-    rows are read, and job.json points the job's process at them."""
+    rows are read, and job.json points the job's process at them. Mode auto also gets a read-only copy of
+    the pre-flight timings `timings` keeps."""
     inputs = workdir / "inputs"
     # what it is (for messages), key, sha256, size, local copy, a file of its own
     fetches: list[tuple[str, str, str, int, Path, bool]] = []
@@ -113,6 +121,8 @@ def write_job_file(
             cache.fetch(key, sha256, size, local, copy=copy)
         except ObjectMissing as exc:
             raise InputMissing(what) from exc
+    if timings is not None and spec.recipe.mode == Mode.AUTO:
+        spec = dataclasses.replace(spec, preflight_timings=timings.hand_in(inputs))
     for folder, _, _ in os.walk(inputs):
         os.chmod(folder, 0o755)  # whatever the worker's umask: the job's uid enters and reads (the files are 0444)
     spec.write(workdir)

@@ -43,6 +43,7 @@ from service.storage import Storage, StorageUnavailable, open_storage
 from service.tables import Job
 from worker.inputs import InputCache
 from worker.job_inputs import InputMissing, write_job_file
+from worker.preflight_timings import TimingsKeeper
 from worker.store import ResultStore, forget
 from worker.supervise import Supervisor
 from worker.writes import transient, write
@@ -76,6 +77,7 @@ class JobRunner:
         self.session_factory = session_factory
         self.storage = storage
         self.inputs = InputCache(storage, settings.cache_dir, settings.worker_cache_bytes)
+        self.timings = TimingsKeeper(settings.preflight_cache_dir)
         self.results = ResultStore(settings, session_factory, storage)
         self.enqueue = enqueue
         self.stop_requested = threading.Event()
@@ -126,7 +128,7 @@ class JobRunner:
         workdir = self._workdir(job_id, attempt)
         outcome: ChildOutcome | None = None
         try:
-            write_job_file(self.session_factory, self.settings, self.inputs, job_id, workdir)
+            write_job_file(self.session_factory, self.settings, self.inputs, job_id, workdir, self.timings)
             outcome = Supervisor(self.settings, self.session_factory, self.stop_requested).run(job_id, attempt, workdir)
             if outcome.status == "succeeded":
                 self._store_success(job_id, attempt, outcome)
@@ -152,6 +154,7 @@ class JobRunner:
                 message = f"The job failed unexpectedly on the worker ({type(exc).__name__}); it was logged."
                 self._end(job_id, attempt, ErrorInfo("internal", message), "failed")
         finally:
+            self.timings.take_back(workdir)  # what the pre-flight measured, whatever the outcome
             self._remove_workdir(workdir)
         log.info("job %s: attempt %d finished", job_id, attempt)
 

@@ -622,14 +622,16 @@ def auto_quantize(
     note: NoteCallback = no_note,
     meter: Meter | None = None,
     int8: str | None = None,
-    preflight_cache: Path | None = None,
+    preflight_timings: Path | None = None,
+    preflight_out: Path | None = None,
     kernels: KernelTimer | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[QuantizationOutcome, Evaluation]:
-    """Search (see the module docstring) and evaluate the pick like any job. `preflight_cache`: the folder
-    that keeps the pre-flight's timings of this worker (None: timed anew every job). `meter`, `int8` (the
-    CPU's int8 kind, see `machine.int8_kernels`) and `kernels` (what times the pre-flight's layers) are for
-    tests."""
+    """Search (see the module docstring) and evaluate the pick like any job. `preflight_timings`: the
+    pre-flight's timings the worker has for this CPU (a file only read; None: every layer is timed);
+    `preflight_out`: where the timings measured here go, for the worker to keep (None: nowhere). `meter`,
+    `int8` (the CPU's int8 kind, see `machine.int8_kernels`) and `kernels` (what times the pre-flight's
+    layers) are for tests."""
     if calibration is None:
         raise RuleError(
             "invalid_recipe",
@@ -685,7 +687,7 @@ def auto_quantize(
             first.feeds,
             workdir / "preflight",
             int8=int8,
-            cache=cache_for(preflight_cache, threads),
+            cache=cache_for(preflight_timings, threads, preflight_out),
             timer=kernels or OrtKernelTimer(threads),
             deadline=min(search.deadline, started + min(PREFLIGHT_SECONDS, PREFLIGHT_SHARE * spec.max_search_seconds)),
             clock=clock,

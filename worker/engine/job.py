@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.jobfile import ArtifactItem, JobFile
 from core.lifecycle import Stage
+from core.preflight_timings import MEASURED_FILE
 from core.recipe import Mode
 from core.result import JobResult
 from worker.engine.auto import auto_quantize
@@ -44,7 +45,7 @@ def run_job(
         evaluation_data=job.evaluation_data,
         evaluation_batch_size=job.evaluation.batch_size,
     )
-    outcome, measured = _run(job, model_path, workdir / "engine", progress, note)
+    outcome, measured = _run(job, model_path, workdir / "engine", progress, note, timings_out=workdir / MEASURED_FILE)
     progress(Stage.REPORTING, 0.0)
     machine = placed(measured.machine, job.placement)
     result = JobResult(
@@ -71,7 +72,13 @@ def run_job(
 
 
 def _run(
-    job: JobFile, model_path: Path, workdir: Path, progress: ProgressCallback, note: NoteCallback
+    job: JobFile,
+    model_path: Path,
+    workdir: Path,
+    progress: ProgressCallback,
+    note: NoteCallback,
+    *,
+    timings_out: Path | None = None,
 ) -> tuple[QuantizationOutcome, Evaluation]:
     recipe = job.recipe
     if recipe.mode == Mode.AUTO:
@@ -86,7 +93,8 @@ def _run(
             reused_calibration=job.reused_calibration,
             progress=progress,
             note=note,
-            preflight_cache=job.preflight_cache,
+            preflight_timings=job.preflight_timings,
+            preflight_out=timings_out,
         )
     if recipe.mode == Mode.COMPARE:
         progress(Stage.EVALUATING, 0.0)

@@ -17,9 +17,10 @@ float time plus half their island's conversions for each side (inputs, outputs) 
 neighbour. Its predicted speedup is the float sum over that. One-node models miss what the whole graph fuses;
 the prediction only decides what is not worth trying (NOT_WORTH_BELOW), every model tried is measured.
 
-Timings are cached per CPU (model name and int8 features) and ONNX Runtime version in one JSON file in the
-folder the worker gives, one entry per layer and thread count: another model with the same layers, or the same
-model again, re-times nothing.
+Timings are cached per CPU (model name and int8 features) and ONNX Runtime version, one entry per layer and
+thread count, by the worker (`worker/preflight_timings.py`): it hands a job the timings it has, read-only, and
+merges back the ones the job measured. Another model with the same layers, or the same model again, re-times
+nothing.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from core.preflight_timings import (
+    MAX_CACHE_ENTRIES,
+    Identity,
+    Refused,
+    Timing,
+    TimingsFile,
+    int8_features,
+    read_timings,
+    write_timings,
+)
 from core.recipe import ActivationType, Mode, QuantFormat, Recipe
 from core.result import Preflight, PreflightOp, PrunedCandidate
 from worker.engine.candidates import COMPUTE_OPS, int8_settings
@@ -65,7 +73,6 @@ QUANTILE = 20  # percent
 # on an Intel Xeon (VNNI, 2 cores) whole CNNs measured from 0.6 to 1.25 times their prediction; what is tried
 # is measured.
 NOT_WORTH_BELOW = 0.8
-MAX_CACHE_ENTRIES = 20_000
 PROVIDER = "CPUExecutionProvider"
 # Never timed: they move no data worth timing, or hold subgraphs.
 SKIPPED_OPS = frozenset(
@@ -114,25 +121,6 @@ class Layer:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class Timing(BaseModel):
-    """One layer on this CPU, ms per run (the session's own overhead taken off)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    float_ms: float
-    island_ms: float
-    int8_ms: dict[str, float] = {}  # the kinds whose quantizer quantized the node
-
-
-class _CacheFile(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    cpu_model: str | None = None
-    cpu_features: list[str] = []
-    onnxruntime: str = ""
-    entries: dict[str, Timing] = {}
-
-
 class KernelTimer(Protocol):
     def time(self, layer: Layer, variants: Mapping[str, Path]) -> dict[str, float]:
         """ms per run of each variant (`float`, `island` and the int8 kinds), timed interleaved."""
@@ -140,37 +128,34 @@ class KernelTimer(Protocol):
 
 
 class TimingCache:
-    """Layer timings of one CPU and ONNX Runtime version, in one JSON file under `folder` (None: not kept)."""
+    """Layer timings of one CPU and ONNX Runtime version: those the worker handed in (`known`, a file the job
+    only reads; None: none) and those measured here, which `save` writes to `out` (None: not kept) for the
+    worker to merge into its cache (`worker/preflight_timings.py`)."""
 
     def __init__(
         self,
-        folder: Path | None,
+        known: Path | None,
         *,
         cpu_model: str | None,
         cpu_features: Sequence[str],
         onnxruntime: str,
         threads: int = 1,
+        out: Path | None = None,
     ) -> None:
         self.threads = threads
-        self.identity = _CacheFile(cpu_model=cpu_model, cpu_features=sorted(cpu_features), onnxruntime=onnxruntime)
-        digest = hashlib.sha256(json.dumps([cpu_model, sorted(cpu_features), onnxruntime]).encode()).hexdigest()[:16]
-        self.path = None if folder is None else Path(folder) / f"preflight-{digest}.json"
-        self.entries: dict[str, Timing] = dict(self._read().entries)
+        self.identity = Identity(cpu_model=cpu_model, cpu_features=sorted(cpu_features), onnxruntime=onnxruntime)
+        self.out = out
+        self.entries: dict[str, Timing] = dict(self._read(known).entries)
         self.new: dict[str, Timing] = {}
 
-    def _read(self) -> _CacheFile:
-        if self.path is None or not self.path.is_file():
-            return _CacheFile()
+    def _read(self, path: Path | None) -> TimingsFile:
+        if path is None:
+            return TimingsFile()
         try:
-            stored = _CacheFile.model_validate_json(self.path.read_bytes())
-        except (OSError, ValidationError, ValueError):  # unreadable: start again, it is only a cache
-            return _CacheFile()
-        same = (stored.cpu_model, stored.cpu_features, stored.onnxruntime) == (
-            self.identity.cpu_model,
-            self.identity.cpu_features,
-            self.identity.onnxruntime,
-        )
-        return stored if same else _CacheFile()
+            stored = read_timings(path, max_bytes=1 << 30, max_entries=MAX_CACHE_ENTRIES)
+        except Refused:  # unreadable: time again, it is only a cache
+            return TimingsFile()
+        return stored if stored.identity == self.identity else TimingsFile()
 
     def get(self, key: str) -> Timing | None:
         return self.entries.get(f"{self.threads}:{key}")
@@ -180,29 +165,23 @@ class TimingCache:
         self.new[f"{self.threads}:{key}"] = timing
 
     def save(self) -> None:
-        """Merge the new entries into the file as it is now (another job may have added some), atomically."""
-        if self.path is None or not self.new:
+        """Write what was measured here (only that) to `out`."""
+        if self.out is None or not self.new:
             return
         with contextlib.suppress(OSError):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            entries = {**self._read().entries, **self.new}
-            if len(entries) > MAX_CACHE_ENTRIES:
-                entries = dict(list(entries.items())[-MAX_CACHE_ENTRIES:])
-            data = self.identity.model_copy(update={"entries": entries})
-            tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}.part"
-            try:
-                tmp.write_text(data.model_dump_json())
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_timings(self.out, TimingsFile(**self.identity.model_dump(), entries=self.new))
 
 
-def cache_for(folder: Path | None, threads: int) -> TimingCache:
+def cache_for(known: Path | None, threads: int, out: Path | None = None) -> TimingCache:
     """The cache of this CPU and ONNX Runtime version."""
     info = machine_info(threads)
-    features = [flag for flag, present in info.cpu_features.items() if present]
     return TimingCache(
-        folder, cpu_model=info.cpu_model, cpu_features=features, onnxruntime=ort.__version__, threads=threads
+        known,
+        cpu_model=info.cpu_model,
+        cpu_features=int8_features(),
+        onnxruntime=ort.__version__,
+        threads=threads,
+        out=out,
     )
 
 

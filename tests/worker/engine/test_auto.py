@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from core.errors import RuleError
 from core.evaluation import EvaluationSpec
 from core.jobfile import DatasetSource
 from core.model import model_facts
+from core.preflight_timings import MEASURED_FILE
 from core.progress import CandidateProgress, Note
 from core.recipe import Recipe
 from tests.ocr_models import ocr_detector, ocr_recognizer
@@ -46,6 +48,7 @@ from worker.engine.fidelity import is_token_model
 from worker.engine.preflight import PreflightResult, TimedNode, Timing
 from worker.engine.quantize import preparation, quantize
 from worker.engine.results import QuantizationOutcome
+from worker.preflight_timings import TimingsKeeper
 
 COMPUTE = ("MatMul", "Gemm", "Conv")
 INT8_COMPUTE = ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits", "QLinearConv", "QLinearMatMul")
@@ -119,6 +122,9 @@ def _run(
     np.savez(tmp / "data.npz", **data)
     source = DatasetSource(tmp / "data.npz", "npz")
     notes: list[Note] = []
+    keeper = TimingsKeeper(preflight_cache) if preflight_cache is not None else None  # as the worker keeps it
+    shutil.rmtree(tmp / "job", ignore_errors=True)
+    (tmp / "job").mkdir()  # the job's own folder
     outcome, measured = auto_quantize(
         model,
         Recipe(mode="auto", **recipe),
@@ -129,9 +135,12 @@ def _run(
         meter=meter,
         int8="vnni" if meter is not None else None,
         kernels=kernels or (fast_int8() if meter is not None else None),
-        preflight_cache=preflight_cache,
+        preflight_timings=keeper.hand_in(tmp / "job" / "inputs") if keeper else None,
+        preflight_out=tmp / "job" / MEASURED_FILE if keeper else None,
         note=notes.append,
     )
+    if keeper is not None:
+        keeper.take_back(tmp / "job")
     NOTES[id(outcome)] = notes
     return outcome, measured, _search(outcome)
 

@@ -5,13 +5,23 @@ this CPU asserts what was built and timed, never how fast."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from core.preflight_timings import (
+    HANDED_FILE,
+    MAX_MEASURED_BYTES,
+    MEASURED_FILE,
+    Identity,
+    TimingsFile,
+    write_timings,
+)
 from core.recipe import Recipe
 from tests.onnx_models import hardswish_net
 from tests.worker.engine.layer_timers import TableTimer, hardswish_blocks
@@ -26,6 +36,7 @@ from worker.engine.preflight import (
 )
 from worker.engine.quantize import prepare_for
 from worker.engine.spec import no_progress
+from worker.preflight_timings import TimingsKeeper
 
 CPU: dict[str, Any] = {
     "cpu_model": "Intel(R) Xeon(R) Platinum 8480+",
@@ -52,20 +63,41 @@ def _preflight(
     return preflight(path, feeds, tmp / "work", int8="vnni", cache=cache, timer=timer, deadline=math.inf)
 
 
-def test_a_second_run_times_nothing_and_the_cache_is_kept_per_cpu_runtime_and_threads(
+def _job(
+    model: tuple[Path, dict[str, np.ndarray]],
+    workdir: Path,
+    keeper: TimingsKeeper,
+    timer: TableTimer,
+    identity: dict[str, Any] = CPU,
+) -> PreflightResult:
+    """One auto job's pre-flight as the worker runs it: the keeper hands the job its timings read-only, the job
+    writes what it measured into its own folder, the keeper merges that back once the job ends."""
+    known = keeper.hand_in(workdir / "inputs")
+    cache = TimingCache(known, **identity, out=workdir / MEASURED_FILE)
+    result = _preflight(model, workdir, cache, timer)
+    keeper.take_back(workdir)
+    return result
+
+
+def test_a_second_job_times_nothing_and_the_cache_is_kept_per_cpu_runtime_and_threads(
     hardswish: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     folder = tmp_path / "cache"
+    keeper = TimingsKeeper(folder, Identity(**CPU))
     timer = hardswish_blocks()
-    first = _preflight(hardswish, tmp_path, TimingCache(folder, **CPU), timer)
+    first = _job(hardswish, tmp_path / "job1", keeper, timer)
     layers = len(first.timings)
     assert layers >= 4 and len(timer.timed) == layers and first.layers_cached == 0
     assert {layer.key for layer in timer.timed} == set(first.timings)
+    assert len(json.loads((tmp_path / "job1" / MEASURED_FILE).read_text())["entries"]) == layers
 
     again = TableTimer({})  # would time every layer as float
-    second = _preflight(hardswish, tmp_path, TimingCache(folder, **CPU), again)
+    second = _job(hardswish, tmp_path / "job2", keeper, again)
     assert again.timed == [] and second.layers_cached == layers
+    assert not (tmp_path / "job2" / MEASURED_FILE).exists()  # nothing measured, nothing handed back
     assert second.speedups() == first.speedups() and second.verdict() == first.verdict()
+    handed = tmp_path / "job2" / "inputs" / HANDED_FILE
+    assert handed.stat().st_mode & 0o777 == 0o444
 
     others: list[dict[str, Any]] = [
         {"cpu_model": "AMD EPYC 9654"},
@@ -73,24 +105,75 @@ def test_a_second_run_times_nothing_and_the_cache_is_kept_per_cpu_runtime_and_th
         {"cpu_features": ["avx2"]},
         {"threads": 2},  # same file, its own entries
     ]
-    for other in others:
+    for i, other in enumerate(others):
         elsewhere = hardswish_blocks()
-        _preflight(hardswish, tmp_path, TimingCache(folder, **{**CPU, **other}), elsewhere)
+        identity = {**CPU, **{k: v for k, v in other.items() if k != "threads"}}
+        other_keeper = TimingsKeeper(folder, Identity(**identity))
+        cache = TimingCache(keeper.hand_in(tmp_path / f"o{i}"), **{**CPU, **other})  # this worker's timings
+        _preflight(hardswish, tmp_path / f"o{i}", cache, elsewhere)
         assert len(elsewhere.timed) == layers, other
+        _job(hardswish, tmp_path / f"other{i}", other_keeper, hardswish_blocks(), {**CPU, **other})
     files = sorted(folder.glob("preflight-*.json"))
     assert len(files) == 4
     stored = json.loads(files[0].read_text())
     assert {stored["cpu_model"], stored["onnxruntime"]} <= {CPU["cpu_model"], "AMD EPYC 9654", "1.32.0", "1.33.0"}
 
 
-def test_a_damaged_cache_file_is_timed_again(hardswish: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
-    folder = tmp_path / "cache"
-    _preflight(hardswish, tmp_path, TimingCache(folder, **CPU), hardswish_blocks())
-    [path] = folder.glob("preflight-*.json")
-    path.write_text('{"entries": {"x": {"float_ms": "fast"}}')
+def test_a_damaged_timings_file_is_timed_again(hardswish: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    known = tmp_path / HANDED_FILE
+    known.write_text('{"entries": {"x": {"float_ms": "fast"}}')
     timer = hardswish_blocks()
-    result = _preflight(hardswish, tmp_path, TimingCache(folder, **CPU), timer)
+    result = _preflight(hardswish, tmp_path, TimingCache(known, **CPU), timer)
     assert timer.timed and result.layers_cached == 0
+
+
+HOSTILE: dict[str, Any] = {
+    "not json": b"{ this is not json",
+    "wrong types": {"entries": {"1:" + "a" * 32: {"float_ms": "fast", "island_ms": 1.0}}},
+    "not finite": {"entries": {"1:" + "a" * 32: {"float_ms": "NaN", "island_ms": 1.0}}},
+    "negative": {"entries": {"1:" + "a" * 32: {"float_ms": -1.0, "island_ms": 1.0}}},
+    "odd key": {"entries": {"../../etc/passwd": {"float_ms": 1.0, "island_ms": 1.0}}},
+    "unknown kind": {"entries": {"1:" + "a" * 32: {"float_ms": 1.0, "island_ms": 1.0, "int8_ms": {"x" * 99: 1.0}}}},
+    "another cpu": {"cpu_model": "Pretend CPU"},
+    "too big": b" " * (MAX_MEASURED_BYTES + 1),
+    "a link": "link",
+    "a fifo": "fifo",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_corrupt_or_hostile_timings_file_from_a_job_is_ignored_with_a_log_line(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a job leaves is data from a process that ran a user's model: anything but this machine's timings
+    leaves the cache as it was, and says so in the log."""
+    folder = tmp_path / "cache"
+    keeper = TimingsKeeper(folder, Identity(**CPU))
+    (tmp_path / "job1").mkdir()
+    timing = Timing(float_ms=1.0, island_ms=1.5, int8_ms={"qdq": 0.5})
+    write_timings(tmp_path / "job1" / MEASURED_FILE, TimingsFile(**CPU, entries={"1:" + "c" * 32: timing}))
+    assert keeper.take_back(tmp_path / "job1") == 1
+    [cache_file] = folder.glob("preflight-*.json")
+    before = cache_file.read_bytes()
+
+    job = tmp_path / "job2"
+    job.mkdir()
+    measured = job / MEASURED_FILE
+    value = HOSTILE[case]
+    if value == "link":
+        secret = tmp_path / "secret.json"
+        secret.write_text(json.dumps({**CPU, "entries": {"1:" + "b" * 32: {"float_ms": 1.0, "island_ms": 1.0}}}))
+        measured.symlink_to(secret)
+    elif value == "fifo":
+        os.mkfifo(measured)
+    elif isinstance(value, bytes):
+        measured.write_bytes(value)
+    else:
+        measured.write_text(json.dumps({**CPU, **value}))
+    with caplog.at_level(logging.WARNING, logger="worker.preflight_timings"):
+        assert keeper.take_back(job) == 0
+    assert cache_file.read_bytes() == before
+    assert any("ignored" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_the_verdict_names_the_op_type_that_blocks_int8(
@@ -148,11 +231,10 @@ def test_layers_are_built_quantized_and_timed_on_this_cpu(
     assert result.verdict()[0]
 
 
-def test_the_job_file_hands_the_workers_cache_folder_to_mode_auto(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The worker names the folder (`Settings.preflight_cache_dir`: a dot folder under the input cache, whose
-    eviction passes over dot names), the job file carries it, the engine hands it to the search."""
+def test_the_job_file_hands_the_workers_timings_to_mode_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker keeps its cache in `Settings.preflight_cache_dir` (a dot folder under the input cache, whose
+    eviction passes over dot names); the job file carries the read-only copy, the engine hands it to the search
+    with the file in the job's own folder where the timings it measures go."""
     from core.evaluation import EvaluationSpec
     from core.jobfile import JobFile
     from core.model import TensorSpec
@@ -170,7 +252,7 @@ def test_the_job_file_hands_the_workers_cache_folder_to_mode_auto(
         recipe=Recipe(mode="auto"),
         evaluation=EvaluationSpec(),
         limits=job_limits(memory_bytes=0, timeout_s=60, file_bytes=0, open_files=0),
-        preflight_cache=settings.preflight_cache_dir,
+        preflight_timings=tmp_path / "inputs" / HANDED_FILE,
     )
     spec.write(tmp_path)
     handed: dict[str, Any] = {}
@@ -181,8 +263,16 @@ def test_the_job_file_hands_the_workers_cache_folder_to_mode_auto(
 
     monkeypatch.setattr(job_module, "auto_quantize", search)
     with pytest.raises(RuntimeError):
-        job_module._run(JobFile.read(tmp_path), spec.model_path, tmp_path / "engine", lambda *a: None, lambda n: None)
-    assert handed["preflight_cache"] == settings.preflight_cache_dir
+        job_module._run(
+            JobFile.read(tmp_path),
+            spec.model_path,
+            tmp_path / "engine",
+            lambda *a: None,
+            lambda n: None,
+            timings_out=tmp_path / MEASURED_FILE,
+        )
+    assert handed["preflight_timings"] == tmp_path / "inputs" / HANDED_FILE
+    assert handed["preflight_out"] == tmp_path / MEASURED_FILE
 
 
 def test_a_clip_after_a_quantized_node_is_folded_away_in_int8() -> None:

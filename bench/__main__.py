@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "sse": ("sse_job_poll_rps", "sse_job_poll_p50_ms"),
     "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),
     "resend": ("resend_backlog_messages", "resend_duplicates", "resend_drain_s"),
+    "big_models": ("big_model_peak_ratio",),
 }
 ALIASES = {
     "calibration": "calibration_memory",
@@ -57,6 +58,7 @@ ALIASES = {
     "events": "sse",
     "s3": "scale_out",
     "queue": "resend",
+    "big": "big_models",
 }
 ORDER = [figure for names in BENCHMARKS.values() for figure in names]
 

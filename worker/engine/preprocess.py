@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from core.errors import RuleError
 from core.model import default_opset, external_locations, iter_graphs
+from worker.engine import streaming
 from worker.engine.graph_order import sort_model_file
 
 # Above this a model cannot be one protobuf (2 GB limit); keep a margin.
@@ -40,6 +41,9 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)  # transformer fusion: what it fused
+    # The graph was prepared without loading its weights (worker/engine/streaming.py): the modes quantize it
+    # tensor by tensor too.
+    streamed: bool = False
 
 
 def fuse_transformer(prepared: Prepared, workdir: Path) -> Prepared:
@@ -210,12 +214,15 @@ def prepare_model(
     shape_inference: bool = True,
     optimize: bool = False,
     external: bool | None = None,
+    streaming_bytes: int | None = None,
     progress: Callable[[float], None] = lambda f: None,
 ) -> Prepared:
     """Run the pre-processing steps into `workdir` and return the model to quantize.
 
     `target_opset`: upgrade the default-domain opset to at least this. `external`: keep tensors in
-    external data (default: when the input has external data or is too large for one protobuf)."""
+    external data (default: when the input has external data or is too large for one protobuf).
+    An external-data model of `streaming_bytes` or more (default `streaming.STREAMING_BYTES`) is prepared
+    without loading its weights (`Prepared.streamed`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     raw = onnx.load(str(model_path), load_external_data=False)
@@ -225,6 +232,10 @@ def prepare_model(
     opset = default_opset(raw)
     result = Prepared(path=Path(model_path), external=bool(external), opset=opset)
     del raw
+    if had_external and streaming.should_stream(Path(model_path), streaming_bytes):
+        return _prepare_streamed(
+            Path(model_path), workdir, result, target_opset, fold, shape_inference, optimize, progress, t0
+        )
 
     # 1. Fold constants and upgrade the opset, into the work folder. With external data the
     #    weights are first gathered in one file there; the graph is then edited without them
@@ -290,6 +301,107 @@ def prepare_model(
         result.timings_s["shape_inference"] = time.perf_counter() - t1
     progress(1.0)
     return result
+
+
+def _prepare_streamed(
+    model_path: Path,
+    workdir: Path,
+    result: Prepared,
+    target_opset: int | None,
+    fold: bool,
+    shape_inference: bool,
+    optimize: bool,
+    progress: Callable[[float], None],
+    t0: float,
+) -> Prepared:
+    """prepare_model's steps on the graph alone; the weights are copied once, tensor by tensor, into
+    `workdir/model.onnx.data`, and every later file of the work folder refers to them."""
+    result.streamed = True
+    model_path, workdir = model_path.resolve(), workdir.resolve()
+    model = onnx.load(str(model_path), load_external_data=False)
+    if fold:
+        n = fold_constants(model)
+        if n:
+            result.steps.append(
+                f"Folded {n} Constant node(s) into initializers (weights given as Constant nodes "
+                "cannot be quantized otherwise)."
+            )
+    opset = result.opset
+    if target_opset is not None and 0 < opset < target_opset:
+        try:
+            with pywarnings.catch_warnings():
+                pywarnings.simplefilter("ignore")
+                model = upgrade_opset(model, target_opset)
+            result.steps.append(
+                f"Upgraded the opset from {opset} to {target_opset} (needed by the recipe: "
+                "per-channel QDQ needs 13, transformer fusion 17, 16-bit types and int4 Gather 21)."
+            )
+            result.opset = target_opset
+        except Exception as exc:
+            raise RuleError(
+                "quantization_failed",
+                f"Upgrading the opset from {opset} to {target_opset} failed: {_first_line(exc)}. "
+                "Try without per_channel or 16-bit types, or re-export the model at a newer opset.",
+                {"step": "opset_upgrade", "from": opset, "to": target_opset},
+            ) from exc
+    current = workdir / "model.onnx"
+    try:
+        streaming.write(model, current, source_dir=model_path.parent)
+    except Exception as exc:
+        raise RuleError(
+            "quantization_failed",
+            f"Copying the model's weights failed: {_first_line(exc)}",
+            {"step": "load"},
+        ) from exc
+    del model
+    result.steps.append(
+        "Gathered the model's external data in one file, tensor by tensor, and prepared the graph without "
+        "loading its weights."
+    )
+    result.path = current
+    progress(0.3)
+    result.timings_s["load_fold_upgrade"] = time.perf_counter() - t0
+    if shape_inference:
+        t1 = time.perf_counter()
+        result.path = _streamed_shape_steps(current, workdir, optimize=optimize, result=result)
+        result.timings_s["shape_inference"] = time.perf_counter() - t1
+    progress(1.0)
+    return result
+
+
+def _streamed_shape_steps(src: Path, workdir: Path, *, optimize: bool, result: Prepared) -> Path:
+    """quant_pre_process's steps (symbolic shape inference, ORT basic optimisation, ONNX shape inference),
+    with its fallbacks, on the graph without its weights; every file refers to weights in `workdir`."""
+    model = onnx.load(str(src), load_external_data=False)
+    what = []
+    try:
+        model = streaming.symbolic_shapes(model, workdir)
+        what.append("symbolic shape inference")
+    except Exception as exc:
+        result.steps.append(f"Symbolic shape inference failed ({_first_line(exc)}); continued without it.")
+    if optimize:
+        sym = workdir / "model.sym.onnx"
+        opt = workdir / "model.opt.onnx"
+        streaming.save_references(model, sym)
+        try:
+            streaming.optimize_basic(sym, opt)
+            model = onnx.load(str(opt), load_external_data=False)
+            what.append("ORT basic graph optimisation")
+        except Exception as exc:
+            result.steps.append(f"ORT graph optimisation failed ({_first_line(exc)}); continued without it.")
+    try:
+        model = streaming.onnx_shapes(model)
+        what.append("ONNX shape inference")
+    except Exception as exc:
+        result.steps.append(f"ONNX shape inference failed ({_first_line(exc)}).")
+    if not any("shape" in w for w in what):
+        result.warnings.append("Shape inference failed on this model: tensors of unknown shape are left in float.")
+    dst = workdir / "model.pre.onnx"
+    streaming.save_references(model, dst)
+    sort_model_file(dst)
+    if what:
+        result.steps.append(f"Ran {', '.join(what)} on the graph without its weights.")
+    return dst
 
 
 def _shape_steps(src: Path, workdir: Path, *, optimize: bool, external: bool, result: Prepared) -> Path:

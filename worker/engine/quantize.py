@@ -40,7 +40,7 @@ from core.result import (
     QuantizedNode,
     WeightOnlyFacts,
 )
-from worker.engine import fp16
+from worker.engine import fp16, streaming
 from worker.engine.calibration import CalibrationResult, calibrate, default_op_types, seed_histograms
 from worker.engine.checks import (
     FOUR_BIT,
@@ -151,6 +151,7 @@ def quantize(
     progress: ProgressCallback = no_progress,
     keep_intermediates: bool = False,
     reuse: Reuse | None = None,
+    streaming_bytes: int | None = None,
 ) -> QuantizationOutcome:
     """Quantize `model_path` following `spec`. Raises RuleError (`invalid_recipe`,
     `invalid_dataset`, `dataset_model_mismatch`, `quantization_failed`, `invalid_model`).
@@ -158,7 +159,8 @@ def quantize(
     Intermediate files (`workdir/prep`, `workdir/calib`) are deleted on success unless
     `keep_intermediates`; `workdir/out` holds the result. `reuse` skips pre-processing (and
     calibration when it holds ranges): it must come from `prepare_for(spec, ...)` of an equal
-    pre-processing, which mode auto guarantees."""
+    pre-processing, which mode auto guarantees. External-data models of `streaming_bytes` or more (default
+    `streaming.STREAMING_BYTES`) are quantized without ever loading all their weights (worker/engine/streaming.py)."""
     model_path = Path(model_path)
     workdir = Path(workdir)
     if spec.mode in (Mode.AUTO, Mode.COMPARE):
@@ -196,7 +198,9 @@ def quantize(
     progress(Stage.PREPROCESSING, 0.0)
     with timer("preprocessing"):
         prepared = (
-            reuse.prepared if reuse is not None else prepare_for(model_path, spec, facts, workdir / "prep", progress)
+            reuse.prepared
+            if reuse is not None
+            else prepare_for(model_path, spec, facts, workdir / "prep", progress, streaming_bytes=streaming_bytes)
         )
     warnings += [w for w in prepared.warnings if w not in warnings]
     if spec.nodes_to_exclude:
@@ -216,15 +220,7 @@ def quantize(
             cal = (
                 reuse.calibration
                 if reuse is not None and reuse.calibration is not None
-                else calibrate(
-                    prepared.path,
-                    spec,
-                    calibration,
-                    inputs,
-                    workdir / "calib",
-                    external=prepared.external,
-                    progress=lambda f: progress(Stage.CALIBRATING, f),
-                )
+                else _calibrate(prepared, spec, calibration, inputs, workdir / "calib", progress)
             )
         facts_out.calibration_samples = cal.samples
         facts_out.calibration = CalibrationFacts(
@@ -354,7 +350,13 @@ def preparation(spec: Recipe, facts: ModelFacts) -> tuple[int | None, bool, bool
 
 
 def prepare_for(
-    model_path: Path, spec: Recipe, facts: ModelFacts, prep_dir: Path, progress: ProgressCallback
+    model_path: Path,
+    spec: Recipe,
+    facts: ModelFacts,
+    prep_dir: Path,
+    progress: ProgressCallback,
+    *,
+    streaming_bytes: int | None = None,
 ) -> Prepared:
     target_opset, shape_inference, optimize, fusion = preparation(spec, facts)
 
@@ -367,6 +369,7 @@ def prepare_for(
                 fold=True,
                 shape_inference=shape_inference,
                 optimize=optimize,
+                streaming_bytes=streaming_bytes,
                 progress=lambda f: progress(Stage.PREPROCESSING, f),
             )
         except RuleError:
@@ -532,8 +535,8 @@ def _static(
     op_types = [op for op in default_op_types(spec) if op not in (spec.dynamic_op_types or ())]
     excluded = list(spec.nodes_to_exclude or [])
     try:
-        with quiet_ort(warnings):
-            model = load_model_with_shape_infer(Path(prepared.path))
+        with quiet_ort(warnings), _written(prepared, out_path) as target:
+            model = load_model_with_shape_infer(Path(prepared.path).resolve())
             model = update_opset_version(model, weight)
             check_static_quant_arguments(fmt, activation, weight)
             excluded += _keep_outer_reads_float(model, fmt == OrtFormat.QOperator, warnings)
@@ -542,7 +545,7 @@ def _static(
             quantizer.quantize_model()
             if bodies is not None:
                 _static_bodies(quantizer.model.model, spec, bodies, tensors_range, op_types, warnings)
-            quantizer.model.save_model_to_file(str(out_path), prepared.external)
+            quantizer.model.save_model_to_file(str(target), prepared.external)
         sort_model_file(out_path)
     except RuleError:
         raise
@@ -655,7 +658,7 @@ def _hybrid(
     first.parent.mkdir(parents=True)
     try:
         _static(prepared, spec, tensors_range, first, warnings, bodies)
-        static = Prepared(path=first, external=prepared.external, opset=prepared.opset)
+        static = Prepared(path=first, external=prepared.external, opset=prepared.opset, streamed=prepared.streamed)
         _dynamic(static, spec, out_path, warnings, op_types=spec.dynamic_op_types)
     finally:
         shutil.rmtree(first.parent, ignore_errors=True)
@@ -670,10 +673,10 @@ def _dynamic(
     if spec.symmetric_weights is not None:
         extra["WeightSymmetric"] = bool(spec.symmetric_weights)
     try:
-        with quiet_ort(warnings):
+        with quiet_ort(warnings), _written(prepared, out_path) as target:
             quantize_dynamic(
-                str(prepared.path),
-                str(out_path),
+                str(Path(prepared.path).resolve()),
+                str(target),
                 op_types_to_quantize=list(op_types or spec.op_types_to_quantize or []) or None,
                 per_channel=spec.per_channel,
                 reduce_range=spec.reduce_range,
@@ -711,8 +714,8 @@ def _weight_only(prepared: Prepared, spec: Recipe, out_path: Path, warnings: lis
         bits=bits, block_size=int(spec.block_size), symmetric=bool(symmetric), op_types=list(op_types)
     )
     try:
-        with quiet_ort(warnings):
-            model = onnx.load(str(prepared.path))
+        with quiet_ort(warnings), _written(prepared, out_path) as target:
+            model = onnx.load(str(Path(prepared.path).resolve()), load_external_data=not prepared.streamed)
             config = DefaultWeightOnlyQuantConfig(
                 block_size=int(spec.block_size),
                 is_symmetric=bool(symmetric),
@@ -731,7 +734,7 @@ def _weight_only(prepared: Prepared, spec: Recipe, out_path: Path, warnings: lis
                 algo_config=config,
             )
             quantizer.process()
-            quantizer.model.save_model_to_file(str(out_path), prepared.external)
+            quantizer.model.save_model_to_file(str(target), prepared.external)
         sort_model_file(out_path)
     except Exception as exc:
         raise _fail("weight_only", "Weight-only quantization (ONNX Runtime MatMulNBits)", exc) from exc
@@ -775,9 +778,14 @@ def _fp16(
                 feeds = (b.feeds for b in iter_batches(calibration, inputs, batch_size=1, limit=limit))
             else:
                 feeds = iter([synthesize_batch(inputs).feeds])
-            ranges = fp16.tensor_ranges(
-                prepared.path, feeds, prepared.path.parent / "fp16_ranges", external=prepared.external
-            )
+            if prepared.streamed:  # the augmented model must sit beside the weights it refers to
+                folder = Path(prepared.path).resolve().parent
+                with streaming.weights_read_in(folder):
+                    ranges = fp16.tensor_ranges(folder / prepared.path.name, feeds, folder, external=True)
+            else:
+                ranges = fp16.tensor_ranges(
+                    prepared.path, feeds, prepared.path.parent / "fp16_ranges", external=prepared.external
+                )
         overflow_nodes = fp16.overflowing_nodes(model, ranges)
     except Exception as exc:  # the range check is a help, not a requirement
         overflow_nodes = []
@@ -795,13 +803,72 @@ def _fp16(
         )
     try:
         with quiet_ort(warnings):
-            model = onnx.load(str(prepared.path))
-            converted = fp16.convert(model, node_block_list=overflow_nodes, disable_shape_infer=prepared.external)
-            save_model(converted, out_path, external=prepared.external)
+            if prepared.streamed:
+                _fp16_streamed(prepared, out_path, overflow_nodes)
+            else:
+                model = onnx.load(str(prepared.path))
+                converted = fp16.convert(model, node_block_list=overflow_nodes, disable_shape_infer=prepared.external)
+                save_model(converted, out_path, external=prepared.external)
         sort_model_file(out_path)
     except Exception as exc:
         raise _fail("fp16", "Float16 conversion (onnxconverter-common)", exc) from exc
     return made
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed models (worker/engine/streaming.py)
+
+
+def _fp16_streamed(prepared: Prepared, out_path: Path, overflow_nodes: list[str]) -> None:
+    """The float16 conversion of the graph alone: the converter declares float16 the weights it cannot
+    read; those are converted (as it converts a weight) while the weights are copied into the result."""
+    model = onnx.load(str(prepared.path), load_external_data=False)
+    before = streaming.external_types(model)
+    converted = fp16.convert(model, node_block_list=overflow_nodes, disable_shape_infer=True)
+    to_half = streaming.float16_converter()
+    names = streaming.retyped(before, converted)
+    streaming.write(converted, out_path, source_dir=Path(prepared.path).parent, convert=dict.fromkeys(names, to_half))
+
+
+def _calibrate(
+    prepared: Prepared,
+    spec: Recipe,
+    calibration: DatasetSource,
+    inputs: Sequence[TensorSpec],
+    workdir: Path,
+    progress: ProgressCallback,
+) -> CalibrationResult:
+    """calibrate(); a streamed model's calibrator reads the graph alone and keeps its augmented model
+    beside the weights (the session maps them)."""
+    if not prepared.streamed:
+        return calibrate(
+            prepared.path,
+            spec,
+            calibration,
+            inputs,
+            workdir,
+            external=prepared.external,
+            progress=lambda f: progress(Stage.CALIBRATING, f),
+        )
+    folder = Path(prepared.path).resolve().parent
+    with streaming.weights_read_in(folder):
+        return calibrate(
+            folder / prepared.path.name,
+            spec,
+            calibration,
+            inputs,
+            folder,
+            external=True,
+            progress=lambda f: progress(Stage.CALIBRATING, f),
+        )
+
+
+def _written(prepared: Prepared, out_path: Path) -> contextlib.AbstractContextManager[Path]:
+    """Where a mode saves ORT's result: `out_path`, or for a streamed model a file beside the weights that is
+    then gathered into `out_path` tensor by tensor (see streaming.output_beside)."""
+    if prepared.streamed:
+        return streaming.output_beside(prepared.path, out_path, "streamed." + OUTPUT_NAME)
+    return contextlib.nullcontext(out_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,284 @@
+"""Big external-data models within twice their size: graphs loaded without their weights, weights read one
+tensor at a time from their files, results written tensor by tensor into the output's one data file.
+
+ONNX Runtime's quantizers, calibrators and onnxconverter-common's float16 converter load a whole model with
+its weights (and shape inference serialises it again, and saving once more): a dynamic int8 job peaked at 4x
+the model. Here they get the graph alone, with the external references in place: every weight ORT reads goes
+through `onnx.numpy_helper.to_array`, which reads that tensor's bytes from its file (relative to the current
+folder, so the work runs inside the folder that holds the data); what ORT adds (quantized weights, scales) is
+in memory, a fraction of the float weights; `write` copies or converts every referenced tensor chunk by
+chunk into the output's data file and appends the new ones."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from core.model import external_locations, model_tensors
+
+# External-data models at least this large (graph and data files) take the streaming path.
+STREAMING_BYTES = 256 << 20
+# Tensors of at least this many bytes go to the data file (as onnx.save_model's size_threshold).
+SIZE_THRESHOLD = 1024
+# Offsets of tensors of at least ALIGN_ABOVE bytes are page-aligned, so that ONNX Runtime can map them.
+ALIGN = 4096
+ALIGN_ABOVE = 1 << 20
+CHUNK = 64 << 20
+
+
+def model_bytes(path: Path) -> int:
+    """The graph file plus the external data files it names."""
+    model = onnx.load(str(path), load_external_data=False)
+    folder = Path(path).parent
+    return Path(path).stat().st_size + sum(
+        (folder / loc).stat().st_size for loc in external_locations(model) if (folder / loc).is_file()
+    )
+
+
+def should_stream(path: Path, threshold: int | None = None) -> bool:
+    """Whether `path` keeps external data and is at least `threshold` bytes (default STREAMING_BYTES)."""
+    model = onnx.load(str(path), load_external_data=False)
+    if not external_locations(model):
+        return False
+    return model_bytes(path) >= (STREAMING_BYTES if threshold is None else threshold)
+
+
+def _info(tensor: TensorProto) -> tuple[str, int, int | None]:
+    entries = {e.key: e.value for e in tensor.external_data}
+    length = entries.get("length")
+    return entries["location"], int(entries.get("offset", "0")), None if length is None else int(length)
+
+
+def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def read_array(tensor: TensorProto, folder: Path, dtype: np.dtype[Any] | None = None) -> np.ndarray:
+    """One tensor's values, from its inline data or, memory-mapped, from its external file under `folder`
+    (`dtype`: the type its bytes hold, when the tensor now declares another)."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return onnx.numpy_helper.to_array(tensor)
+    location, offset, length = _info(tensor)
+    dtype = np.dtype(dtype) if dtype is not None else onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    if length is not None and length != count * dtype.itemsize:
+        raise ValueError(f"tensor {tensor.name!r}: {length} bytes for {count} values of {dtype}")
+    return np.memmap(folder / location, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+
+
+# How a tensor's bytes are converted while copied: the type they hold, and an elementwise function.
+Convert = tuple[np.dtype[Any], Callable[[np.ndarray], np.ndarray]]
+
+
+def write(
+    model: onnx.ModelProto,
+    out_path: Path,
+    *,
+    source_dir: Path,
+    convert: dict[str, Convert] | None = None,
+) -> None:
+    """Save `model` at `out_path` with every tensor of SIZE_THRESHOLD bytes or more in `<name>.data` beside it:
+    inline bytes are moved there, external references (read under `source_dir`) copied chunk by chunk, or
+    passed through `convert[tensor name]` (the type the bytes hold, and an elementwise function applied chunk
+    by chunk; the tensor's declared type is the result's). Never more than one chunk of weights in memory
+    besides what `model` holds inline."""
+    out_path = Path(out_path).resolve()
+    data_path = out_path.with_name(out_path.name + ".data")
+    source_dir = Path(source_dir).resolve()
+    convert = convert or {}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with data_path.open("wb") as out:
+
+        def start(nbytes: int) -> int:
+            if nbytes >= ALIGN_ABOVE:
+                pad = -out.tell() % ALIGN
+                if pad:
+                    out.write(b"\0" * pad)
+            return out.tell()
+
+        for tensor in model_tensors(model):
+            if tensor.data_location == TensorProto.EXTERNAL:
+                location, offset, length = _info(tensor)
+                source = (source_dir / location).resolve()
+                if source == data_path:
+                    raise ValueError(f"{out_path.name} would overwrite the data it reads ({location})")
+                how = convert.get(tensor.name)
+                if how is not None:
+                    held, fn = how
+                    values = read_array(tensor, source_dir, held).reshape(-1)
+                    at = None
+                    for i in range(0, values.size, CHUNK // max(1, values.itemsize)):
+                        piece = np.ascontiguousarray(fn(np.asarray(values[i : i + CHUNK // max(1, values.itemsize)])))
+                        if at is None:
+                            at = start(piece.itemsize * values.size)
+                        out.write(piece.tobytes())
+                    at = out.tell() if at is None else at
+                    del values
+                    _set_external(tensor, data_path.name, at, out.tell() - at)
+                    continue
+                if length is None:
+                    length = source.stat().st_size - offset
+                at = start(length)
+                with source.open("rb") as src:
+                    src.seek(offset)
+                    left = length
+                    while left:
+                        block = src.read(min(CHUNK, left))
+                        if not block:
+                            raise ValueError(f"{location} ends before the {length} bytes of tensor {tensor.name!r}")
+                        out.write(block)
+                        left -= len(block)
+                _set_external(tensor, data_path.name, at, length)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= SIZE_THRESHOLD:
+                raw = tensor.raw_data
+                at = start(len(raw))
+                out.write(raw)
+                _set_external(tensor, data_path.name, at, len(raw))
+                del raw
+    onnx.save_model(model, str(out_path))
+
+
+def rewrite(path: Path, source_dir: Path, out_path: Path) -> None:
+    """Gather the weights of the graph at `path` (references under `source_dir`, inline tensors) into the data
+    file of `out_path`."""
+    model = onnx.load(str(path), load_external_data=False)
+    write(model, out_path, source_dir=source_dir)
+
+
+@contextlib.contextmanager
+def output_beside(weights: Path, out_path: Path, name: str) -> Iterator[Path]:
+    """A path beside the weights for a tool that saves its result the usual way (new tensors in the data file
+    beside its result, the others referring to `weights`' files), run as `weights_read_in` runs it; on success
+    the result is gathered, tensor by tensor, into `out_path` and its data file, and the path removed."""
+    folder = Path(weights).resolve().parent
+    out_path = Path(out_path).resolve()
+    tmp = folder / name
+    try:
+        with weights_read_in(folder):
+            yield tmp
+        rewrite(tmp, folder, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def weights_read_in(folder: Path) -> Iterator[None]:
+    """Run ORT's quantization tools on graphs without weights: inside `folder` (so `to_array` finds the
+    external files the references name), with ORT's loaders (`load_model_with_shape_infer`, the quantizers'
+    and calibrators' loader, and `save_and_reload_model_with_shape_infer`), which load every weight, swapped
+    for ones that keep the references."""
+    from onnxruntime.quantization import base_quantizer, calibrate, onnx_quantizer, quant_utils
+
+    # The package's `quantize` attribute is the function of that name, not its module.
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
+    swaps = {
+        "load_model_with_shape_infer": load_graph_with_shapes,
+        "save_and_reload_model_with_shape_infer": reload_graph_with_shapes,
+    }
+    saved: list[tuple[Any, str, Any]] = []
+    for module in (quant_utils, calibrate, ort_quantize, base_quantizer, onnx_quantizer):
+        for name, fn in swaps.items():
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, fn)
+    try:
+        with contextlib.chdir(folder):
+            yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def load_graph_with_shapes(model_path: Path) -> onnx.ModelProto:
+    """ORT's `load_model_with_shape_infer` without the weights: ONNX shape inference, the metadata ORT marks."""
+    return reload_graph_with_shapes(onnx.load(str(model_path), load_external_data=False))
+
+
+def reload_graph_with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's `save_and_reload_model_with_shape_infer` for a graph whose weights stay where they are."""
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    add_infer_metadata(inferred)
+    return inferred
+
+
+def save_references(model: onnx.ModelProto, path: Path) -> None:
+    """Save a graph whose external references point at files beside `path` (nothing is copied)."""
+    onnx.save_model(model, str(path))
+
+
+def symbolic_shapes(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """ORT's symbolic shape inference (as quant_pre_process runs it, auto_merge) on a graph without weights."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    with contextlib.chdir(folder):
+        inferred = SymbolicShapeInference.infer_shapes(model, 2**31 - 1, True, False, 0)
+    if inferred is None:
+        raise RuntimeError("Incomplete symbolic shape inference")
+    return inferred
+
+
+def optimize_basic(src: Path, dst: Path) -> None:
+    """ORT's basic graph optimisation (quant_pre_process's), written to `dst` with its weights in
+    `dst.data`; the session maps the weights and packs none of them."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(SIZE_THRESHOLD))
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    del session
+    if not dst.is_file():
+        raise RuntimeError("ONNX Runtime wrote no optimised model")
+
+
+def onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, and the mark quant_pre_process leaves (ORT's quantizers warn without it)."""
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    add_pre_process_metadata(inferred)
+    return inferred
+
+
+def float16_converter(min_positive_val: float = 1e-7, max_finite_val: float = 1e4) -> Convert:
+    """float32 bytes to float16 exactly as onnxconverter-common converts a weight (same clamping)."""
+    from onnxconverter_common import float16
+
+    def convert(values: np.ndarray) -> np.ndarray:
+        return np.asarray(float16.convert_np_to_float16(values, min_positive_val, max_finite_val), dtype=np.float16)
+
+    return np.dtype(np.float32), convert
+
+
+def retyped(before: dict[str, int], model: onnx.ModelProto) -> list[str]:
+    """External tensors whose declared type went from float32 to float16 (the converter flips the type of
+    a weight it cannot read)."""
+    return [
+        t.name
+        for t in model_tensors(model)
+        if t.data_location == TensorProto.EXTERNAL
+        and before.get(t.name) == TensorProto.FLOAT
+        and t.data_type == TensorProto.FLOAT16
+    ]
+
+
+def external_types(model: onnx.ModelProto) -> dict[str, int]:
+    return {t.name: t.data_type for t in model_tensors(model) if t.data_location == TensorProto.EXTERNAL}

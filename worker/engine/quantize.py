@@ -240,9 +240,12 @@ def quantize(
                 ranges, source = refine(
                     prepared, spec, ranges, calibration, inputs, workdir / "refine", facts_out, _refining, memo
                 )
+        bodies = None
+        if facts.has_subgraphs:  # ranges inside If/Loop/Scan bodies (ONNX Runtime's calibrators see only the top)
+            with timer("calibrating_bodies"):
+                bodies = _body_ranges(prepared, spec, cal, calibration, inputs, warnings)
         progress(Stage.QUANTIZING, 0.0)
         with timer("quantizing"):
-            bodies = _body_ranges(prepared, spec, cal, calibration, inputs, warnings) if facts.has_subgraphs else None
             if spec.dynamic_op_types:
                 _hybrid(source, spec, ranges, out_path, warnings, bodies)
             else:

@@ -460,9 +460,9 @@ def _outer_initializer(scope: Scope, name: str) -> onnx.TensorProto | None:
     return None
 
 
-def _standalone(scope: Scope, model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str], list[str]] | None:
+def _standalone(scope: Scope, model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str], list[str]] | str:
     """The body as a model of its own: (model, names of the outer weights copied in, outer names made
-    inputs). None when an outer name's type is unknown."""
+    inputs), or why it cannot be one."""
     body = scope.graph
     reads = sorted(outer_reads(body))
     direct = {i for n in body.node for i in n.input}
@@ -478,12 +478,15 @@ def _standalone(scope: Scope, model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
             continue
         t = types.get(name)
         if t is None or not t.tensor_type.elem_type:
-            return None
+            return f"the type of {name!r}, which it reads from outside, is unknown"
         vi = onnx.ValueInfoProto()
         vi.name = name
         vi.type.CopyFrom(t)
         graph.input.append(vi)
         made_inputs.append(name)
+    if any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+        # A model quantized from its graph alone (streaming.py): its weights are not in memory here.
+        return "its weights stay in external data (a model quantized without loading its weights)"
     standalone = helper.make_model(graph, opset_imports=list(model.opset_import))
     standalone.ir_version = model.ir_version
     return standalone, copied, made_inputs
@@ -560,8 +563,8 @@ def quantize_bodies(
     def _one(scope: Scope) -> None:
         where = " > ".join(scope.key)
         made = _standalone(scope, model)
-        if made is None:
-            done.skipped.append(f"{where}: the type of a name it reads from outside is unknown")
+        if isinstance(made, str):
+            done.skipped.append(f"{where}: {made}")
             return
         standalone, copied, outer_inputs = made
         visible = ranges.visible(scope.key, top_ranges)

@@ -769,7 +769,10 @@ def _timed_runs(runs: int, float_ms: float, seconds: float) -> int:
 
 
 def _apply(base: Recipe, candidate: Candidate) -> Recipe:
-    return dataclasses.replace(base, **dict(candidate.changes))
+    changes = dict(candidate.changes)
+    if base.bias_correction is not None:  # the job said whether to correct biases
+        changes.pop("bias_correction", None)
+    return dataclasses.replace(base, **changes)
 
 
 def _plan(

@@ -28,13 +28,14 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from worker.engine.data import Batch
+from worker.engine.machine import usable_cores
 from worker.engine.session import session_options
 
 BIAS_OPS = ("Conv", "Gemm", "MatMul")
-# Feeds the shifts are measured on (a mean per channel settles fast: every position of every sample counts).
-BIAS_SAMPLES = 32
 # A shift this small against the layer's output scale is rounding noise, not bias.
 NEGLIGIBLE = 1e-6
+# A channel's shift counts when its mean over batches is this many standard errors away from zero.
+SIGNIFICANCE = 2.0
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Layer:
     node: str  # the float model's node
     op_type: str
     bias: str  # the initializer the shift goes to (Conv/Gemm bias, or the MatMul's Add constant)
-    diff: str  # the float output minus the shadow's, a name in the augmented model
+    diff: str  # the float output minus the shadow's (or its channel means), a name in the augmented model
     axis: int  # output channel axis (-1: last)
 
 
@@ -119,6 +120,7 @@ def shadow_model(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> tu
     shared = {name for name, users in readers.items() if name in inits and len(users) > 1}
     added: set[str] = set()
     layers: list[Layer] = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for k, node in enumerate(list(graph.node)):
         if node.op_type not in BIAS_OPS or not node.name or node.name not in q_nodes:
             continue
@@ -158,8 +160,23 @@ def shadow_model(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> tu
         del shadow.output[1:]
         diff = helper.make_node("Sub", [node.output[0], f"{tag}_y"], [f"{tag}_diff"], name=f"{tag}_Sub")
         graph.node.extend([q, dq, wdq, shadow, diff])
-        graph.output.append(helper.make_tensor_value_info(f"{tag}_diff", onnx.TensorProto.FLOAT, None))
-        layers.append(Layer(node.name, node.op_type, found[0], f"{tag}_diff", found[1]))
+        # Conv and Gemm outputs have a known rank: their channel means are taken in the graph, so only a
+        # vector per layer leaves ONNX Runtime (a MatMul's rank is the input's: reduced in numpy).
+        rank = len(inits[node.input[1]].dims) if node.op_type == "Conv" and node.input[1] in inits else None
+        rank = 2 if node.op_type == "Gemm" else rank
+        out, axis = f"{tag}_diff", found[1]
+        if rank is not None:
+            axes = [0, *range(2, rank)]
+            reduce = helper.make_node("ReduceMean", [out], [f"{tag}_mean"], name=f"{tag}_Mean", keepdims=0)
+            if opset >= 18:
+                graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{tag}_axes"))
+                reduce.input.append(f"{tag}_axes")
+            else:
+                reduce.attribute.append(helper.make_attribute("axes", axes))
+            graph.node.append(reduce)
+            out, axis = f"{tag}_mean", 0
+        graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        layers.append(Layer(node.name, node.op_type, found[0], out, axis))
     known = {o.domain for o in model.opset_import}
     for opset in qdq_model.opset_import:
         if opset.domain not in known:
@@ -168,28 +185,41 @@ def shadow_model(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> tu
 
 
 class _ChannelMean:
+    """Per-channel means of each batch, summed with their squares: the mean over batches and its standard
+    error."""
+
     def __init__(self) -> None:
         self.total: np.ndarray | None = None
-        self.count = 0
+        self.squares: np.ndarray | None = None
+        self.batches = 0
         self.broken = False
 
     def add(self, diff: np.ndarray, axis: int) -> None:
-        d = np.asarray(diff, dtype=np.float64)
-        if d.ndim == 0 or self.broken:
+        d = np.asarray(diff)
+        if d.ndim == 0 or self.broken or not d.size:
             return
         axis = axis % d.ndim
         other = tuple(i for i in range(d.ndim) if i != axis)
-        sums = d.sum(axis=other)
-        if self.total is not None and self.total.shape != sums.shape:
+        means = d.sum(axis=other, dtype=np.float64) / (d.size // d.shape[axis])
+        if self.total is not None and self.total.shape != means.shape:
             self.broken = True
             return
-        self.total = sums if self.total is None else self.total + sums
-        self.count += d.size // max(1, d.shape[axis])
+        self.total = means if self.total is None else self.total + means
+        self.squares = means * means if self.squares is None else self.squares + means * means
+        self.batches += 1
 
-    def mean(self) -> np.ndarray | None:
-        if self.total is None or self.broken or not self.count:
+    def shift(self) -> np.ndarray | None:
+        """The mean, with channels whose mean is within SIGNIFICANCE standard errors of zero set to zero
+        (a shift that is mostly sampling noise would add error, not remove it)."""
+        if self.total is None or self.squares is None or self.broken or not self.batches:
             return None
-        return self.total / self.count
+        n = self.batches
+        mean = self.total / n
+        if n < 2:
+            return mean
+        variance = np.maximum(0.0, self.squares / n - mean * mean) * n / (n - 1)
+        stderr = np.sqrt(variance / n)
+        return np.where(np.abs(mean) > SIGNIFICANCE * stderr, mean, 0.0)
 
 
 def measure_shifts(
@@ -210,7 +240,7 @@ def measure_shifts(
     path = workdir / "bias_shadow.onnx"
     onnx.save(augmented, str(path))
     del augmented
-    so = session_options(threads or 1)
+    so = session_options(threads or usable_cores())
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     means = {layer.diff: _ChannelMean() for layer in layers}
     names = [layer.diff for layer in layers]
@@ -225,7 +255,7 @@ def measure_shifts(
         path.unlink(missing_ok=True)
     inits = {i.name: i for i in float_model.graph.initializer}
     for layer in layers:
-        shift = means[layer.diff].mean()
+        shift = means[layer.diff].shift()
         bias = numpy_helper.to_array(inits[layer.bias])
         if shift is None or shift.size != bias.shape[-1] or not np.all(np.isfinite(shift)):
             continue

@@ -3,8 +3,9 @@
 - The CPU: with int8 dot products (VNNI, AMX, ARM dot product) U8S8 (uint8 activations, int8
   weights) is the fast path; on x86 without them (AVX2 only) U8S8 products can saturate, so
   activations are int8 (S8S8) and weights use 7 bits (`reduce_range`).
-- Every static candidate starts from better ranges: fast bias correction (the recipe's default), and on the
-  MinMax ones the calibration method chosen per tensor where sensitivity says it matters (`range_choice`).
+- Every static candidate starts from better ranges: fast bias correction (`bias_correction`, unless the
+  job's recipe turns it off), and the MinMax ones from the calibration method chosen per tensor where
+  sensitivity says it matters (`range_choice`).
 - Static int8, per-channel weights, whole graph (MinMax, Percentile) and Conv/MatMul/Gemm only, each in both
   formats: QDQ and QOperator run the same kernels yet do not round alike (on a real OCR recognizer whole-model
   QOperator kept argmax agreement 0.92 where QDQ kept 0.42), and share one calibration. S8S8 (int8
@@ -76,7 +77,7 @@ def candidates_for(
 ) -> list[Candidate]:
     """`s8s8`: the pre-flight measured static int8 activations fast on this CPU."""
     family = model_family(op_counts, token_inputs)
-    static = {"mode": Mode.STATIC, "per_channel": True, **int8_settings(int8)}
+    static = {"mode": Mode.STATIC, "per_channel": True, "bias_correction": True, **int8_settings(int8)}
     compute = [op for op in COMPUTE_OPS if op_counts.get(op)]
     if "MatMul" in compute and "Gemm" not in compute:
         compute.append("Gemm")  # MatMul+Add may fuse into Gemm in pre-processing

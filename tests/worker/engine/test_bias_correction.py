@@ -13,8 +13,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from core.jobfile import DatasetSource
-from core.recipe import Mode, Recipe, RecipeError
+from core.recipe import BIAS_CORRECTION_SAMPLES, Mode, Objective, Recipe, RecipeError
+from worker.engine.auto import _apply
 from worker.engine.calibration import calibrate
+from worker.engine.candidates import candidates_for
 from worker.engine.checks import model_facts
 from worker.engine.data import model_inputs
 from worker.engine.quantize import Reuse, prepare_for, quantize
@@ -105,7 +107,7 @@ def test_bias_correction_takes_back_the_mean_shift_of_int8_rounding(tmp_path: Pa
     assert plain.facts.bias_correction is None
     facts = fixed.facts.bias_correction
     assert facts is not None and facts.applied and facts.biases_changed == 2 and facts.layers_considered == 2
-    assert facts.samples == 24
+    assert facts.samples == BIAS_CORRECTION_SAMPLES
     before, after = _error(model, plain.model_path, data), _error(model, fixed.model_path, data)
     assert before > 1e-2 and after < before / 100
     onnx.checker.check_model(str(fixed.model_path))
@@ -119,7 +121,7 @@ def test_bias_correction_of_a_matmul_goes_to_the_add_after_it(tmp_path: Path) ->
     model = _skewed_matmul(tmp_path / "m.onnx")
     data = _positive(tmp_path / "d.npz", (1, 4, 16))
     plain = quantize(model, Recipe(bias_correction=False), tmp_path / "plain", calibration=data)
-    fixed = quantize(model, Recipe(), tmp_path / "fixed", calibration=data)  # on by default for static int8
+    fixed = quantize(model, Recipe(bias_correction=True), tmp_path / "fixed", calibration=data)
     facts = fixed.facts.bias_correction
     assert facts is not None and facts.biases_changed == 1
     assert _error(model, fixed.model_path, data) < _error(model, plain.model_path, data) / 10
@@ -128,7 +130,7 @@ def test_bias_correction_of_a_matmul_goes_to_the_add_after_it(tmp_path: Path) ->
 def test_layers_left_in_float_keep_their_bias(tmp_path: Path) -> None:
     model = _skewed_conv(tmp_path / "m.onnx")
     data = _positive(tmp_path / "d.npz", (1, 8, 8, 8))
-    out = quantize(model, Recipe(nodes_to_exclude=("conv",)), tmp_path / "q", calibration=data)
+    out = quantize(model, Recipe(nodes_to_exclude=("conv",), bias_correction=True), tmp_path / "q", calibration=data)
     facts = out.facts.bias_correction
     assert facts is not None and facts.biases_changed == 1
     quantized = onnx.load(str(out.model_path))
@@ -140,13 +142,13 @@ def test_layers_left_in_float_keep_their_bias(tmp_path: Path) -> None:
 def test_twins_and_search_steps_share_one_measurement(tmp_path: Path) -> None:
     model = _skewed_conv(tmp_path / "m.onnx")
     data = _positive(tmp_path / "d.npz", (1, 8, 8, 8))
-    spec = Recipe(per_channel=True)
+    spec = Recipe(per_channel=True, bias_correction=True)
     prepared = prepare_for(model, spec, model_facts(model), tmp_path / "prep", no_progress)
     ranges = calibrate(prepared.path, spec, data, model_inputs(model), tmp_path / "calib")
     memo: dict[object, object] = {}
     first = quantize(model, spec, tmp_path / "a", calibration=data, reuse=Reuse(prepared, ranges, memo))
     assert len(memo) == 1
-    twin = Recipe(per_channel=True, format="qoperator", nodes_to_exclude=("fc",))
+    twin = Recipe(per_channel=True, format="qoperator", nodes_to_exclude=("fc",), bias_correction=True)
     second = quantize(model, twin, tmp_path / "b", calibration=data, reuse=Reuse(prepared, ranges, memo))
     assert len(memo) == 1  # measured once
     assert first.facts.bias_correction is not None and first.facts.bias_correction.biases_changed == 2
@@ -154,10 +156,15 @@ def test_twins_and_search_steps_share_one_measurement(tmp_path: Path) -> None:
 
 
 def test_bias_correction_is_a_static_option() -> None:
-    assert Recipe().corrects_bias and Recipe(mode="auto").corrects_bias
-    assert not Recipe(activation_type="uint16").corrects_bias
-    assert not Recipe(bias_correction=False).corrects_bias
+    assert Recipe(bias_correction=True).corrects_bias and Recipe(mode="auto", bias_correction=True).corrects_bias
+    assert not Recipe().corrects_bias  # a plain static job gives quantize_static's model unless asked
     assert not Recipe(mode=Mode.DYNAMIC).corrects_bias
     with pytest.raises(RecipeError) as info:
         Recipe(mode="dynamic", bias_correction=True)
     assert info.value.info.detail["field"] == "bias_correction"
+
+
+def test_mode_auto_corrects_biases_unless_the_job_says_not_to() -> None:
+    first = candidates_for({"Conv": 2, "Relu": 2}, token_inputs=False, int8="vnni", objective=Objective.LATENCY)[0]
+    assert _apply(Recipe(), first).corrects_bias
+    assert not _apply(Recipe(bias_correction=False), first).corrects_bias

@@ -114,5 +114,4 @@ def test_auto_starts_minmax_candidates_from_ranges_chosen_per_tensor() -> None:
     static = [c for c in found if c.changes.get("mode") == "static"]
     minmax = [c for c in static if c.changes.get("calibration_method", CalibrationMethod.MINMAX) == "minmax"]
     assert minmax and all(c.changes.get("calibration_per_tensor") for c in minmax)
-    # Bias correction is the recipe's default for every static int8 candidate.
-    assert all(c.changes.get("bias_correction") is None for c in static)
+    assert all(c.changes.get("bias_correction") for c in static)  # every static candidate corrects biases

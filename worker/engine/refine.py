@@ -12,7 +12,7 @@ from typing import Any
 from core.jobfile import DatasetSource
 from core.model import TensorSpec
 from core.recipe import BIAS_CORRECTION_SAMPLES, CalibrationMethod, QuantFormat, Recipe
-from core.result import BiasCorrectionFacts, QuantizationFacts
+from core.result import BiasCorrectionFacts, QuantizationFacts, RangeChoiceFacts
 from worker.engine.bias_correction import apply_shifts, measure_shifts, without
 from worker.engine.data import Batch, feed_limit, iter_batches
 from worker.engine.preprocess import Prepared
@@ -59,7 +59,11 @@ def refine(
         static(prepared, recipe, with_ranges, path)
 
     base = workdir / "base.onnx"
-    if spec.calibration_per_tensor:
+    # Both load the whole model and write copies of it: not for models that keep their weights outside.
+    external = "the model keeps its weights in external data" if prepared.external or prepared.streamed else None
+    if spec.calibration_per_tensor and external:
+        facts.range_choice = RangeChoiceFacts(skipped=external)
+    elif spec.calibration_per_tensor:
         key = _key(spec, "ranges")
         if key not in memo:
             start = dataclasses.replace(qdq, nodes_to_exclude=None, sixteen_bit_tensors=None)
@@ -79,10 +83,8 @@ def refine(
         ranges, facts.range_choice = memo[key][0], memo[key][1].model_copy(deep=True)
     if not spec.corrects_bias:
         return ranges, prepared
-    if prepared.external:
-        facts.bias_correction = BiasCorrectionFacts(
-            applied=False, skipped="the model keeps its weights in external data"
-        )
+    if external:
+        facts.bias_correction = BiasCorrectionFacts(applied=False, skipped=external)
         return ranges, prepared
     key = (_key(spec, "bias"), spec.sixteen_bit_tensors, id(ranges))
     if key not in memo:

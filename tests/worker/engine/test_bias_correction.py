@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.jobfile import DatasetSource
 from core.recipe import BIAS_CORRECTION_SAMPLES, Mode, Objective, Recipe, RecipeError
+from tests.worker.engine.pitfall_models import external_data_mlp
 from worker.engine.auto import _apply
 from worker.engine.calibration import calibrate
 from worker.engine.candidates import candidates_for
@@ -168,3 +169,13 @@ def test_mode_auto_corrects_biases_unless_the_job_says_not_to() -> None:
     first = candidates_for({"Conv": 2, "Relu": 2}, token_inputs=False, int8="vnni", objective=Objective.LATENCY)[0]
     assert _apply(Recipe(), first).corrects_bias
     assert not _apply(Recipe(bias_correction=False), first).corrects_bias
+
+
+def test_models_with_external_weights_are_quantized_without_refining(tmp_path: Path) -> None:
+    model = external_data_mlp(tmp_path / "mlp.onnx", features=16, hidden=16)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((4, 1, 16), dtype=np.float32))
+    spec = Recipe(bias_correction=True, calibration_per_tensor=True)
+    out = quantize(model, spec, tmp_path / "q", calibration=DatasetSource(tmp_path / "d.npz", "npz"))
+    bias, ranges = out.facts.bias_correction, out.facts.range_choice
+    assert bias is not None and not bias.applied and bias.skipped is not None and "external data" in bias.skipped
+    assert ranges is not None and ranges.skipped is not None and "external data" in ranges.skipped

@@ -5,10 +5,15 @@ fidelity and (with labels) top-1/top-5 accuracy (`fidelity.FidelityPass`, judged
 both models are timed on one feed with the same session options, warm-up discarded and runs interleaved
 (see `latency`). The whole evaluation is bounded by `spec.max_seconds`: the data pass may use up to
 `DATA_PASS_SHARE` of it, latency the rest; what was cut short is said in a warning.
+
+A big model whose quantized version keeps float16 weights (`streaming.measured_apart`) is measured one
+session at a time (the original's outputs kept on disk for the comparison, each model timed alone), since
+the two sessions side by side would hold its weights twice over; the result says `interleaved: false`.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ from core.result import (
     Machine,
     ModelMetrics,
 )
+from worker.engine import streaming
 from worker.engine.checks import model_facts, model_size
 from worker.engine.data import count_batches, model_inputs
 from worker.engine.fidelity import (
@@ -45,6 +51,9 @@ from worker.engine.machine import machine_info, usable_cores
 from worker.engine.metrics import AccuracyAccumulator
 from worker.engine.session import session_options, session_settings
 from worker.engine.spec import ProgressCallback, no_progress
+
+# Outputs of one model on one feed, in the order of the names asked for.
+_Outputs = list[np.ndarray]
 
 # Share of max_seconds the fidelity/accuracy pass may use before latency gets the rest.
 DATA_PASS_SHARE = 0.6
@@ -103,37 +112,41 @@ def evaluate(
     budget: FidelitySpec | None = None,
     accuracy_tolerance: float = 0.01,
     progress: ProgressCallback = no_progress,
+    apart: bool | None = None,
 ) -> Evaluation:
     """Measure `original` and `quantized` side by side on `data` (random inputs when None), and judge the
-    quantized model against the fidelity `budget` and `accuracy_tolerance`."""
+    quantized model against the fidelity `budget` and `accuracy_tolerance`. `apart`: one session at a time
+    (default: `streaming.measured_apart`)."""
     started = time.perf_counter()
     # More threads than cores only makes the two models' runs fight over them (and a client could ask
     # for 256): clamp, and say so in the result.
     cores = usable_cores()
     threads = min(spec.threads or cores, cores)
     progress(Stage.EVALUATING, 0.0)
-    opened = _open(original, quantized, threads)
-    sessions_done = time.perf_counter()
     inputs = list(inputs) if inputs is not None else model_inputs(Path(original))
-    passed = _data_pass(
-        opened,
-        inputs,
-        spec,
-        data,
-        FidelityPass(inputs, budget, accuracy_tolerance, hints=graph_hints(Path(original))),
-        started + DATA_PASS_SHARE * spec.max_seconds,
-        progress,
-    )
-    data_done = time.perf_counter()
-    progress(Stage.EVALUATING, 0.5)
+    fidelity = FidelityPass(inputs, budget, accuracy_tolerance, hints=graph_hints(Path(original)))
     runs = max(1, int(spec.latency_runs))
-    timings = time_interleaved(
-        [_runner(opened.sessions[w], opened.names, passed.latency_feed) for w in _MODELS],
-        runs=runs,
-        warmup_runs=max(0, int(spec.warmup_runs)),
-        deadline=started + spec.max_seconds,
-        on_round=lambda r: progress(Stage.EVALUATING, 0.5 + 0.5 * min(1.0, r / runs)),
-    )
+    if apart is None:
+        apart = streaming.measured_apart(Path(original), Path(quantized))
+    if apart:
+        opened, passed, timings, sessions_done, data_done = _apart(
+            original, quantized, threads, inputs, spec, data, fidelity, started, progress
+        )
+    else:
+        opened = _open(original, quantized, threads)
+        sessions_done = time.perf_counter()
+        passed = _data_pass(
+            opened, inputs, spec, data, fidelity, started + DATA_PASS_SHARE * spec.max_seconds, progress
+        )
+        data_done = time.perf_counter()
+        progress(Stage.EVALUATING, 0.5)
+        timings = time_interleaved(
+            [_runner(opened.sessions[w], opened.names, passed.latency_feed) for w in _MODELS],
+            runs=runs,
+            warmup_runs=max(0, int(spec.warmup_runs)),
+            deadline=started + spec.max_seconds,
+            on_round=lambda r: progress(Stage.EVALUATING, 0.5 + 0.5 * min(1.0, r / runs)),
+        )
     latency_done = time.perf_counter()
     score = passed.fidelity.score(passed.names)
     score.samples = passed.samples
@@ -163,7 +176,7 @@ def evaluate(
         warmup_runs=timings.warmup_rounds,
         latency_runs_requested=runs,
         latency_runs=timings.rounds_done,
-        interleaved=True,
+        interleaved=not apart,
         stopped_early=timings.stopped_early or passed.cut_short,
         max_seconds=spec.max_seconds,
         max_samples=_max_samples(spec),
@@ -235,8 +248,14 @@ def _data_pass(
     fidelity: FidelityPass,
     deadline: float,
     progress: ProgressCallback,
+    *,
+    outputs: Callable[[int, dict[str, np.ndarray]], tuple[_Outputs | None, _Outputs | None]] | None = None,
+    max_feeds: int | None = None,
+    span: tuple[float, float] = (0.0, 0.5),
 ) -> _DataPass:
-    """Both models on every feed up to max_samples or the deadline, and the feed latency is timed on."""
+    """Both models on every feed up to max_samples or the deadline, and the feed latency is timed on.
+    `outputs(feed index, feeds)`: the two models' outputs another way (one of them None: nothing is
+    compared); `max_feeds`: stop after that many feeds; `span`: the share of the progress it reports."""
     batch_size = max(1, int(spec.batch_size))
     max_samples = _max_samples(spec)
     expected: int | None
@@ -255,8 +274,14 @@ def _data_pass(
     batches = evaluation_batches(data, inputs, batch_size, max_samples)
     try:
         for batch in batches:
-            ref, got = (run_session(opened.sessions[w], opened.names, batch.feeds, w) for w in _MODELS)
-            fidelity.add(batch, opened.names, ref, got)
+            if max_feeds is not None and feeds >= max_feeds:
+                break
+            if outputs is not None:
+                ref, got = outputs(feeds, batch.feeds)
+            else:
+                ref, got = (run_session(opened.sessions[w], opened.names, batch.feeds, w) for w in _MODELS)
+            if ref is not None and got is not None:
+                fidelity.add(batch, opened.names, ref, got)
             n = _samples_in(batch.feeds, inputs, batch.labels)
             samples += n
             feeds += 1
@@ -265,7 +290,7 @@ def _data_pass(
                 parts.append(batch.feeds)
                 timed += n
             if expected:
-                progress(Stage.EVALUATING, 0.5 * min(1.0, feeds / expected))
+                progress(Stage.EVALUATING, span[0] + (span[1] - span[0]) * min(1.0, feeds / expected))
             if max_samples is not None and samples >= max_samples:
                 break
             if time.perf_counter() > deadline:
@@ -281,6 +306,107 @@ def _data_pass(
         timed = batch_size
     fidelity.samples = samples
     return _DataPass(fidelity, opened.names, feeds, samples, cut_short, feed, timed)
+
+
+def _apart(
+    original: Path,
+    quantized: Path,
+    threads: int,
+    inputs: Sequence[TensorSpec],
+    spec: EvaluationSpec,
+    data: DatasetSource | None,
+    fidelity: FidelityPass,
+    started: float,
+    progress: ProgressCallback,
+) -> tuple[_Sessions, _DataPass, InterleavedTimings, float, float]:
+    """The evaluation with one session open at a time: the original on every feed (its outputs saved in a
+    temporary folder) and timed alone, closed; then the quantized model on the same feeds, compared, and
+    timed alone. The time budget is shared as the side-by-side evaluation shares it, in four parts."""
+    runs = max(1, int(spec.latency_runs))
+    warmup = max(0, int(spec.warmup_runs))
+    budget = spec.max_seconds
+    options = session_options(threads)
+    create_ms: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="qaas-reference-") as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        session = load_session(Path(original), options, "original")
+        create_ms["original"] = (time.perf_counter() - t0) * 1000.0
+        sessions_done = time.perf_counter()
+        names = [o.name for o in session.get_outputs()]
+        alone = _Sessions({"original": session}, create_ms, names)
+
+        def save_reference(i: int, feeds: dict[str, np.ndarray]) -> tuple[_Outputs | None, _Outputs | None]:
+            for k, value in enumerate(run_session(alone.sessions["original"], names, feeds, "original")):
+                np.save(folder / f"{i}_{k}.npy", np.asarray(value), allow_pickle=False)
+            return None, None
+
+        first = _data_pass(
+            alone,
+            inputs,
+            spec,
+            data,
+            fidelity,
+            started + DATA_PASS_SHARE * budget / 2,
+            progress,
+            outputs=save_reference,
+            span=(0.0, 0.25),
+        )
+        data_done = time.perf_counter()
+        reference = time_interleaved(
+            [_runner(session, names, first.latency_feed)],
+            runs=runs,
+            warmup_runs=warmup,
+            deadline=started + budget / 2,
+            on_round=lambda r: progress(Stage.EVALUATING, 0.25 + 0.25 * min(1.0, r / runs)),
+        )
+        alone.sessions.clear()  # the original's session goes before the quantized model's opens
+        del session
+        t0 = time.perf_counter()
+        candidate = load_session(Path(quantized), options, "quantized")
+        create_ms["quantized"] = (time.perf_counter() - t0) * 1000.0
+        theirs = {o.name for o in candidate.get_outputs()}
+        missing = [n for n in names if n not in theirs]
+        if missing:
+            raise RuleError(
+                "evaluation_failed",
+                f"The quantized model lacks the original's output(s) {', '.join(missing)}; they cannot be compared.",
+                {"missing_outputs": missing},
+            )
+        opened = _Sessions({"quantized": candidate}, create_ms, names)
+
+        def compare(i: int, feeds: dict[str, np.ndarray]) -> tuple[_Outputs | None, _Outputs | None]:
+            ref = [np.load(folder / f"{i}_{k}.npy", allow_pickle=False) for k in range(len(names))]
+            return ref, run_session(candidate, names, feeds, "quantized")
+
+        passed = _data_pass(
+            opened,
+            inputs,
+            spec,
+            data,
+            fidelity,
+            started + budget / 2 + DATA_PASS_SHARE * budget / 2,
+            progress,
+            outputs=compare,
+            max_feeds=first.feeds,
+            span=(0.5, 0.75),
+        )
+    timed = time_interleaved(
+        [_runner(candidate, names, passed.latency_feed)],
+        runs=runs,
+        warmup_runs=warmup,
+        deadline=started + budget,
+        on_round=lambda r: progress(Stage.EVALUATING, 0.75 + 0.25 * min(1.0, r / runs)),
+    )
+    passed.cut_short = passed.cut_short or first.cut_short
+    timings = InterleavedTimings(
+        samples_ms=[reference.samples_ms[0], timed.samples_ms[0]],
+        warmup_rounds=min(reference.warmup_rounds, timed.warmup_rounds),
+        rounds_requested=runs,
+        stopped_early=reference.stopped_early or timed.stopped_early,
+        order=[0] * len(reference.samples_ms[0]) + [1] * len(timed.samples_ms[0]),
+    )
+    return opened, passed, timings, sessions_done, data_done
 
 
 def _samples_in(feeds: dict[str, np.ndarray], inputs: Sequence[TensorSpec], labels: np.ndarray | None) -> int:

@@ -282,3 +282,22 @@ def retyped(before: dict[str, int], model: onnx.ModelProto) -> list[str]:
 
 def external_types(model: onnx.ModelProto) -> dict[str, int]:
     return {t.name: t.data_type for t in model_tensors(model) if t.data_location == TensorProto.EXTERNAL}
+
+
+def _tensor_bytes(tensor: TensorProto) -> int:
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def measured_apart(original: Path, quantized: Path, threshold: int | None = None) -> bool:
+    """Whether the evaluation should hold one model's session at a time: the original is at least `threshold`
+    bytes (default STREAMING_BYTES) and the quantized model keeps most of its weights in float16. ONNX
+    Runtime's CPU provider casts float16 weights to float32 when it loads such a model, so its session holds
+    as much as the original's: side by side, the two would hold the weights twice over."""
+    if model_bytes(original) < (STREAMING_BYTES if threshold is None else threshold):
+        return False
+    model = onnx.load(str(quantized), load_external_data=False)
+    sizes = [(t.data_type, _tensor_bytes(t)) for t in model_tensors(model) if t.data_type != TensorProto.STRING]
+    total = sum(n for _, n in sizes)
+    half = sum(n for kind, n in sizes if kind == TensorProto.FLOAT16)
+    return total > 0 and 2 * half >= total

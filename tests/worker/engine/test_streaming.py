@@ -16,10 +16,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from core.evaluation import EvaluationSpec
 from core.jobfile import DatasetSource
 from core.model import external_locations
-from core.recipe import Recipe
+from core.recipe import Mode, Recipe
 from worker.engine import streaming
+from worker.engine.evaluate import evaluate
 from worker.engine.quantize import quantize
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -185,3 +187,26 @@ def test_streamed_preprocessing_and_dynamic_quantization_never_hold_the_weights(
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["growth"] < got["size"], got
+
+
+def test_a_big_model_with_float16_weights_is_measured_one_session_at_a_time(tmp_path: Path) -> None:
+    model = _net(tmp_path / "model" / "net.onnx")
+    x = np.random.default_rng(2).random((5, 1, 4, 6, 6), dtype=np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    source = DatasetSource(tmp_path / "eval.npz", "npz")
+    half = quantize(model, Recipe(mode=Mode.FP16), tmp_path / "fp16", calibration=source).model_path
+    int8 = quantize(model, Recipe(mode=Mode.DYNAMIC), tmp_path / "int8", calibration=source).model_path
+    assert streaming.measured_apart(model, half, threshold=0)
+    assert not streaming.measured_apart(model, int8, threshold=0)  # int8 weights: side by side fits
+    assert not streaming.measured_apart(model, half)  # a small model: side by side
+
+    spec = EvaluationSpec(latency_runs=3, warmup_runs=1)
+    apart = evaluate(model, half, spec, data=source, apart=True)
+    side = evaluate(model, half, spec, data=source, apart=False)
+    assert (apart.facts.interleaved, side.facts.interleaved) == (False, True)
+    assert apart.facts.samples == side.facts.samples == 5
+    assert apart.facts.latency_runs == 3
+    assert apart.comparison.outputs == side.comparison.outputs  # the same outputs compared the same way
+    assert apart.comparison.fidelity == side.comparison.fidelity
+    for measured in (apart.original, apart.quantized):
+        assert measured.latency_ms is not None and measured.latency_ms.p50 > 0

@@ -190,6 +190,12 @@ def evaluate(
         *_size_warnings(sizes),
         *_measurement_warnings(spec, data, passed, timings, cores, threads, reused_calibration, runs),
     ]
+    if apart:
+        warnings.append(
+            "The two models were timed one after the other, not interleaved: side by side their sessions would "
+            "hold this model's weights twice (ONNX Runtime keeps float16 weights as float32 on the CPU), so a "
+            "change of the machine's load between the two can bias the speed-up."
+        )
     progress(Stage.EVALUATING, 1.0)
     return Evaluation(
         original=metrics["original"],

@@ -204,6 +204,8 @@ def test_a_big_model_with_float16_weights_is_measured_one_session_at_a_time(tmp_
     apart = evaluate(model, half, spec, data=source, apart=True)
     side = evaluate(model, half, spec, data=source, apart=False)
     assert (apart.facts.interleaved, side.facts.interleaved) == (False, True)
+    assert any("not interleaved" in w for w in apart.warnings)
+    assert not any("not interleaved" in w for w in side.warnings)
     assert apart.facts.samples == side.facts.samples == 5
     assert apart.facts.latency_runs == 3
     assert apart.comparison.outputs == side.comparison.outputs  # the same outputs compared the same way

@@ -182,6 +182,8 @@ def test_auto_and_compare_fields_are_validated_at_submission(client: TestClient,
         ({"mode": "auto", "fidelity": {"metric": "cosine", "min": 20}}, "between -1 and 1"),
         ({"mode": "auto", "fidelity": {"metric": "psnr"}}, "metric"),
         ({"mode": "dynamic", "sixteen_bit_tensors": ["conv_out"]}, "sixteen_bit_tensors"),
+        ({"mode": "dynamic", "bias_correction": True}, "bias_correction"),
+        ({"mode": "fp16", "calibration_per_tensor": True}, "calibration_per_tensor"),
         ({"mode": "auto", "max_search_seconds": 0}, "max_search_seconds"),
         ({"mode": "auto", "objective": "speed"}, "objective"),
     ]

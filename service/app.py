@@ -26,6 +26,7 @@ from service.datasets.router import router as datasets_router
 from service.errors import ServiceError, from_rule
 from service.inspection import isolation as inspection_isolation
 from service.jobs.events import EventHub
+from service.jobs.polling import PolledJobs
 from service.jobs.router import router as jobs_router
 from service.limits import BodyLimitMiddleware
 from service.models.router import router as models_router
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.polled_jobs = PolledJobs(engine, app.state.session_factory)
         app.state.storage = storage
         app.state.queue = queue
         app.state.throttle = open_throttle(settings)  # AuthMiddleware's rates and slots: Redis or this process

@@ -353,7 +353,7 @@ class AuthMiddleware:
         await error_response(exc.status, exc.code, exc.message, exc.detail, headers)(scope, receive, send)
 
 
-def current_tenant(
+async def current_tenant(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
     """The tenant `AuthMiddleware` found. `credentials` only puts the bearer scheme into OpenAPI
@@ -367,7 +367,9 @@ def current_tenant(
 TenantDep = Annotated[str, Depends(current_tenant)]
 
 
-def operator(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def operator(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     """Endpoints that span tenants (/metrics): `AuthMiddleware` checked the operator token. `credentials` only
     puts the bearer scheme into OpenAPI."""
     if not getattr(request.state, "operator", False):  # fail closed: only reachable if the middleware is missing

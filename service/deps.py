@@ -20,7 +20,9 @@ from service.storage import Storage
 log = logging.getLogger(__name__)
 
 
-def _settings(request: Request) -> Settings:
+# The dependencies that only read app.state are `async def`: FastAPI runs a plain `def` dependency on the
+# thread pool, one trip per dependency per request.
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -66,12 +68,12 @@ def _rollback_and_close(session: Session) -> None:
         session.close()
 
 
-def _storage(request: Request) -> Storage:
+async def _storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
 
-def _queue(request: Request) -> JobQueue:
+async def _queue(request: Request) -> JobQueue:
     queue: JobQueue = request.app.state.queue
     return queue
 

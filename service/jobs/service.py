@@ -201,8 +201,12 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
     # Another tenant's job answers exactly like one that does not exist.
     if job is None or job.tenant != tenant:
-        raise NotFound(f"No job with id {job_id!r} exists.", detail={"job_id": job_id})
+        raise no_such_job(job_id)
     return job
+
+
+def no_such_job(job_id: str) -> NotFound:
+    return NotFound(f"No job with id {job_id!r} exists.", detail={"job_id": job_id})
 
 
 def list_jobs_query(tenant: str, status: str | None, model_id: str | None) -> Select[Job]:

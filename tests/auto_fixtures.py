@@ -449,7 +449,8 @@ def if_branches(path: Path, *, bench: bool = False, seed: int = 4) -> Path:
 
 
 def audio_data(n: int, *, bench: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
-    """N chunks of speech-like audio (a few harmonics under an envelope, and noise) at 16 kHz, and states."""
+    """N chunks of speech-like audio (a few harmonics under an envelope, and noise), and states; every other
+    chunk says 16 kHz, the rest 8 kHz, so that calibration reaches both branches."""
     rng = np.random.default_rng(seed)
     samples = 4096 if bench else 1024
     hidden = 64 if bench else 32
@@ -463,7 +464,7 @@ def audio_data(n: int, *, bench: bool = False, seed: int = 0) -> dict[str, np.nd
     return {
         "audio": audio,
         "state": np.tanh(rng.normal(0, 0.5, (n, 1, hidden))).astype(np.float32),
-        "sr": np.full((n,), 16000, np.int64),
+        "sr": np.array([16000, 8000] * (n // 2) + [16000] * (n % 2), np.int64),  # both branches run
     }
 
 

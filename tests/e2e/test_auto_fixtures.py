@@ -139,18 +139,14 @@ def test_qoperator_keeps_what_qdq_loses(jobs: Jobs) -> None:
             assert chosen["speedup"] >= qoperator["speedup"], (chosen, qoperator)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="static int8 inside If/Loop/Scan bodies (issue #22 point 5, worker/engine/subgraphs.py) has not landed: "
-    "ONNX Runtime's static quantizer leaves the branches' Conv and MatMul in float",
-)
 def test_int8_reaches_into_if_branches(jobs: Jobs) -> None:
     job, served = jobs["if_branches"]
     auto = job["result"]["quantization"]["auto"]
     if int8_kernels() == "avx2":
         pytest.skip("without int8 dot products (AVX2 only) int8 convs need not beat float")
     assert auto["verdict"] == "quantized" and auto["effective_recipe"]["mode"] == "static", auto
-    assert not job["result"]["quantization"]["float_in_subgraphs"], job["result"]["quantization"]
+    quantized = {n["subgraph"] for n in job["result"]["quantization"]["quantized_in_subgraphs"]}
+    assert quantized == {"/If.then_branch", "/If.else_branch"}, job["result"]["quantization"]
     assert served is not None
     (if_node,) = [n for n in served.graph.node if n.op_type == "If"]
     for branch in if_node.attribute:

@@ -4,6 +4,11 @@ space per run, and the app over a real database built by the migrations."""
 from __future__ import annotations
 
 import os
+
+# NumPy's BLAS threads fight the other test process (`make test` runs two on two cores) and the ONNX Runtime
+# sessions for the same cores: the fixtures' fitted heads (tests/ocr_models.softmax_regression) took 5x longer
+# with them. Set before anything imports NumPy; the processes the e2e tests start inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import socket
 import uuid
 from collections.abc import Iterator

@@ -45,6 +45,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "api_load": ("api_job_poll_rps", "api_job_poll_p99_ms"),
     "upload": ("upload_mb_s", "upload_api_rss_growth_mb", "upload_direct_s3_mb_s"),
     "auto": ("auto_speedup", "auto_fidelity", "nncf_speedup"),
+    "auto_fixtures": ("auto_fixture_speedup", "auto_fixture_search_s", "auto_fixture_nncf_speedup"),
     "sse": ("sse_job_poll_rps", "sse_job_poll_p50_ms"),
     "scale_out": ("upload_s3_mb_s", "jobs_per_minute_1", "jobs_per_minute_2"),
     "resend": ("resend_backlog_messages", "resend_duplicates", "resend_drain_s"),
@@ -59,6 +60,7 @@ ALIASES = {
     "s3": "scale_out",
     "queue": "resend",
     "big": "big_models",
+    "fixtures": "auto_fixtures",
 }
 ORDER = [figure for names in BENCHMARKS.values() for figure in names]
 

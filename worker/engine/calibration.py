@@ -12,6 +12,10 @@ chunk, growing it bin by bin when a later chunk has a wider range (unbounded whe
 chunk's range is tiny). So for them a cheap MinMax pass runs first and every histogram is seeded
 with the global range: later chunks then fall inside it, and the result equals a one-shot
 histogram over all samples.
+
+Percentile (ONNX Runtime's is symmetric: a histogram of |x|) needs no first pass: its bin is settled by each
+tensor's exact extremes and its few largest values, kept as the model runs once (`tail_ranges.py`); it falls
+back to the two passes when those would not fit in memory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from core.model import TensorSpec
 from core.recipe import CalibrationMethod, Recipe
 from worker.engine.data import Batch, count_batches, feed_limit, iter_batches
 from worker.engine.quiet import quiet_ort
+from worker.engine.tail_ranges import NeedsTwoPasses, PercentileTails
 
 MINMAX_CHUNK = 16  # feeds per collect_data call for MinMax (its per-call state is tiny)
 HISTOGRAM_CHUNK = 1  # feeds per call for histogram methods (shapes may differ between feeds)
@@ -180,6 +185,17 @@ def calibrate(
                 {"step": "calibration_setup"},
             ) from exc
 
+    if method == CalibrationMethod.PERCENTILE:
+        # ORT's Percentile (symmetric: |x| histograms, whatever symmetric_activations says) in one pass.
+        percentile = make(OrtMethod.Percentile, {"percentile": float(spec.percentile)}, method.value)
+        try:
+            one = _percentile_one_pass(percentile, source, inputs, batch_size, limit, total_feeds, progress)
+        except NeedsTwoPasses:
+            one = None
+        _release(percentile)
+        if one is not None:
+            return one
+
     # Pass 1: MinMax (the result itself for minmax; the global ranges for histogram methods).
     minmax_extra: dict[str, Any] = {}
     if spec.symmetric_activations and not histogram:
@@ -228,6 +244,53 @@ def calibrate(
         stats["max_chunk"],
         passes,
         timings,
+    )
+
+
+def _percentile_one_pass(
+    calibrator: Any,
+    source: DatasetSource,
+    inputs: Sequence[TensorSpec],
+    batch_size: int,
+    limit: int | None,
+    total_feeds: int,
+    progress: Callable[[float], None],
+) -> CalibrationResult:
+    """ORT's symmetric Percentile ranges, the model run once per feed (raises NeedsTwoPasses)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod as OrtMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    t = time.perf_counter()
+    if not calibrator.symmetric:
+        raise NeedsTwoPasses("asymmetric percentile")
+    session = calibrator.infer_session
+    names = [o.name for o in session.get_outputs() if o.name in calibrator.tensors_to_calibrate]
+    tails = PercentileTails(float(calibrator.percentile), int(calibrator.num_bins), total_feeds)
+    samples = feeds = 0
+    batches = iter_batches(source, inputs, batch_size=batch_size, limit=limit)
+    try:
+        for batch in batches:
+            try:
+                outputs = session.run(names, batch.feeds)
+            except Exception as exc:
+                raise RuleError(
+                    "quantization_failed",
+                    f"Calibration failed while running the model on the calibration data: {str(exc).strip()[:300]}",
+                    {"step": "calibration"},
+                ) from exc
+            tails.add(dict(zip(names, outputs, strict=True)))
+            del outputs
+            samples += batch.num_samples
+            feeds += 1
+            progress(min(1.0, feeds / total_feeds))
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    ranges = tails.ranges()
+    data = {name: TensorData(lowest=lo, highest=hi) for name, (lo, hi) in ranges.items()}
+    return CalibrationResult(
+        TensorsData(OrtMethod.Percentile, data), samples, feeds, feeds, 1, 1, {"pass1": time.perf_counter() - t}
     )
 
 

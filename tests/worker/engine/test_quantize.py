@@ -586,9 +586,11 @@ def test_broken_result_is_quantization_failed(conv, tmp_path: Path, monkeypatch:
 # ------------------------------------------------------------------------------------------ calibration
 
 
-def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "passes"), [("entropy", 2), ("percentile", 1)])
+def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path, method: str, passes: int) -> None:
     """Feeding the calibrator chunk by chunk gives exactly ORT's one-shot scales, even when later
-    samples have a much wider range than the first (the histogram is seeded with the global range)."""
+    samples have a much wider range than the first (the histogram is seeded with the global range;
+    Percentile's bin is read from each tensor's largest values, the model run once)."""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
 
     model, _, _ = conv
@@ -596,12 +598,13 @@ def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path)
     data = _npz(tmp_path / "wide.npz", input=x)
     out = quantize(
         model,
-        Recipe(calibration_method="entropy"),
+        Recipe(calibration_method=method),
         tmp_path / "ours",
         calibration=data,
         keep_intermediates=True,
     )
     assert out.facts.calibration.max_feeds_per_call <= 16
+    assert out.facts.calibration.passes == passes
     prepared = next(p for p in sorted((tmp_path / "ours" / "prep").glob("model.pre*.onnx")) if "inferred" not in p.name)
 
     class Reader:
@@ -615,7 +618,7 @@ def test_chunked_histograms_equal_one_shot_quantize_static(conv, tmp_path: Path)
         str(prepared),
         str(tmp_path / "ref.onnx"),
         Reader(),
-        calibrate_method=CalibrationMethod.Entropy,
+        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.Percentile,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )

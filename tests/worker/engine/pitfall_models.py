@@ -609,3 +609,43 @@ def scan_body(path: Path, *, features: int = 8, hidden: int = 16, seed: int = 0)
         ],
     )
     return _save(_model(graph, 13), path)
+
+
+def growing_loop(path: Path, *, features: int = 8, trips: int = 3, seed: int = 0) -> Path:
+    """A `Loop` whose carried state grows: h <- Concat(h, Tanh(h @ W)) on axis 0, so the MatMul in the body
+    reads more rows at every iteration (a decoder appending to its history), then a MatMul.
+    `x` [rows, F] -> `y` [rows * 2**trips, F]."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="grow/cond"),
+            helper.make_node("MatMul", ["h_in", "w_grow"], ["grow/mm"], name="grow/MatMul"),
+            helper.make_node("Tanh", ["grow/mm"], ["grow/new"], name="grow/Tanh"),
+            helper.make_node("Concat", ["h_in", "grow/new"], ["h_out"], name="grow/Concat", axis=0),
+        ],
+        "grow_body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["rows", features]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["more_rows", features]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["trips", "", "x"], ["grown"], name="grow", body=body),
+            helper.make_node("MatMul", ["grown", "w_out"], ["y"], name="out/MatMul"),
+        ],
+        "growing_loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["all_rows", features])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(0, 0.4, size=(features, features)).astype(np.float32), "w_grow"),
+            numpy_helper.from_array(rng.normal(0, 0.4, size=(features, features)).astype(np.float32), "w_out"),
+            numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+        ],
+    )
+    return _save(_model(graph, 13), path)

@@ -209,3 +209,15 @@ def test_auto_picks_int8_inside_the_branches(tmp_path: Path) -> None:
     assert all(_fed_by_dq(g, "Conv") or {"QLinearConv"} <= {n.op_type for n in g.node} for g in bodies.values()), (
         "every branch's Conv is int8"
     )
+
+
+def test_a_loop_whose_tensors_grow_falls_back_to_minmax_ranges_for_histograms(tmp_path: Path) -> None:
+    """Entropy needs the body's values, which a Loop cannot stack when they change shape between iterations;
+    its min and max it can: those ranges are used, and the warning says so."""
+    model = pm.growing_loop(tmp_path / "grow.onnx")
+    x = np.random.default_rng(7).normal(0, 1, (4, 2, 8)).astype(np.float32)
+    data = _npz(tmp_path / "d.npz", x=x)
+    out = quantize(model, Recipe(calibration_method="entropy"), tmp_path / "q", calibration=data)
+    assert [n.name for n in out.facts.quantized_in_subgraphs] == ["grow/MatMul"]
+    assert any("entropy ranges could not be collected inside" in w and "MinMax" in w for w in out.warnings)
+    assert worst_cosine(model, out.model_path, [{"x": a} for a in x]) > 0.99

@@ -39,7 +39,7 @@ from core.model import TensorSpec
 from core.recipe import CalibrationMethod, Recipe
 from core.result import FloatNode
 from worker.engine.data import feed_limit, iter_batches
-from worker.engine.graph_order import outer_reads, subgraph_nodes
+from worker.engine.graph_order import outer_reads
 from worker.engine.quiet import quiet_ort
 
 # The op types a body must hold for it to be calibrated and quantized.
@@ -125,11 +125,6 @@ def _elem_type(scope: Scope, name: str) -> int:
             return int(t.tensor_type.elem_type)
         s = s.parent
     return 0
-
-
-def has_compute_bodies(model: onnx.ModelProto, op_types: Sequence[str]) -> bool:
-    wanted = set(BODY_OPS) & set(op_types)
-    return any(n.op_type in wanted for _, n in subgraph_nodes(model.graph))
 
 
 def _compute_body(scope: Scope, op_types: Sequence[str]) -> bool:
@@ -277,8 +272,8 @@ class BodyRanges:
     warnings: list[str] = field(default_factory=list)
 
     def visible(self, key: Key, top: Any = None) -> Any:
-        """ORT TensorsData of the names seen from body `key`: its own, then its parents' (the top graph's
-        from `top`, the main calibration, when it has them)."""
+        """ORT TensorsData of the names seen from body `key`, an inner name hiding an outer one (the top
+        graph's names as the main calibration `top` has them, when it does)."""
         from onnxruntime.quantization.calibrate import TensorsData
 
         data: dict[str, Any] = {}
@@ -290,9 +285,8 @@ class BodyRanges:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
+    opts = ort.SessionOptions()  # threads as ONNX Runtime's calibrators have them (its default)
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

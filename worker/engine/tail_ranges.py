@@ -47,6 +47,7 @@ class _Tail:
     abs_highest: Any = None  # max |x|
     kept: np.ndarray | None = None
     full: bool = False  # `kept` holds exactly `capacity` values and every value above its minimum
+    floor: Any = None  # the minimum of `kept` when full
     capacity: int = 0
 
 
@@ -85,11 +86,18 @@ class PercentileTails:
         flat = value.reshape(-1)
         if flat.size == 0:
             return
-        magnitude = np.abs(flat)
-        low, high, abs_low = flat.min(), flat.max(), magnitude.min()
+        low, high = flat.min(), flat.max()
         if not (np.isfinite(low) and np.isfinite(high)):
             raise NeedsTwoPasses("values that are not finite")  # ORT's own histogram refuses them
-        abs_high = max(abs(low), abs(high))
+        # |x| is x itself after a Relu (or its negation): no copy, and its extremes are x's.
+        magnitude: np.ndarray | None = None
+        if low >= 0:
+            magnitude, abs_low, abs_high = flat, abs(low), abs(high)
+        elif high <= 0:
+            abs_low, abs_high = abs(high), abs(low)
+        else:
+            magnitude = np.abs(flat)
+            abs_low, abs_high = magnitude.min(), max(abs(low), abs(high))
         if tail.count == 0:
             tail.lowest, tail.highest, tail.abs_lowest, tail.abs_highest = low, high, abs_low, abs_high
         else:
@@ -98,7 +106,11 @@ class PercentileTails:
             tail.abs_lowest = min(tail.abs_lowest, abs_low)
             tail.abs_highest = max(tail.abs_highest, abs_high)
         tail.count += flat.size
-        tail.kept = _largest(tail, magnitude)
+        if tail.full and not abs_high > tail.floor:
+            return  # nothing here reaches the kept values (the usual case after the first feeds)
+        tail.kept = _largest(tail, np.negative(flat) if magnitude is None else magnitude)
+        if tail.full:
+            tail.floor = tail.kept.min()
 
     def ranges(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(lowest, highest) per tensor, as ONNX Runtime's symmetric Percentile computes them from a
@@ -145,7 +157,7 @@ def _largest(tail: _Tail, magnitude: np.ndarray) -> np.ndarray:
     capacity = tail.capacity
     if tail.full:
         assert tail.kept is not None
-        candidates = magnitude[magnitude > tail.kept.min()]
+        candidates = magnitude[magnitude > tail.floor]
         if candidates.size == 0:
             return tail.kept
         merged = np.concatenate((tail.kept, candidates))

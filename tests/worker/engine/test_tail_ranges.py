@@ -21,6 +21,8 @@ def _feeds(kind: str, n: int = 7) -> list[dict[str, np.ndarray]]:
             x = np.maximum(x, 0)
         elif kind == "positive":  # min |x| well above 0: the histogram does not start at 0
             x = np.abs(x) + np.float32(0.5)
+        elif kind == "negative":  # |x| is -x
+            x = -np.abs(x) - np.float32(0.25)
         elif kind == "rounded":  # many equal values
             x = np.round(x)
         feeds.append({"t": x})
@@ -34,7 +36,7 @@ def _one_shot(feeds: list[dict[str, np.ndarray]], percentile: float) -> tuple[np
     return lo, hi
 
 
-@pytest.mark.parametrize("kind", ["plain", "relu", "positive", "rounded"])
+@pytest.mark.parametrize("kind", ["plain", "relu", "positive", "negative", "rounded"])
 @pytest.mark.parametrize("percentile", [99.999, 99.99, 99.0, 90.0, 60.0])
 def test_one_pass_equals_the_one_shot_histogram(kind: str, percentile: float) -> None:
     feeds = _feeds(kind)

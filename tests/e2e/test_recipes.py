@@ -178,7 +178,7 @@ def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -
     """A streaming audio export whose body sits in If branches (three inputs: audio, a state with
     batch on axis 1, an int64 sample rate) and a Loop model: every mode succeeds, each served model
     passes onnx.checker and runs in ONNX Runtime (both If branches), each job comes back with its
-    result, and the result names the subgraph nodes left in float."""
+    result, and the result names the subgraph nodes left in float (dynamic) and quantized (static)."""
     import onnxruntime as ort
 
     from tests.worker.engine import pitfall_models as pm
@@ -238,9 +238,14 @@ def test_if_and_loop_models_through_http(embedded: Deployment, tmp_path: Path) -
             assert result["quantized"]["size_bytes"] > 0 and result["comparison"]["outputs"], (model, name)
     left = done["if", "dynamic"]["result"]["quantization"]["float_in_subgraphs"]
     assert {(n["name"], n["subgraph"]) for n in left} >= {("/_model/sr16k/Conv", "/If.then_branch")}
-    assert any(
-        "/_model/sr8k/MatMul (MatMul in /If.else_branch)" in w for w in done["if", "static"]["result"]["warnings"]
-    )
+    # Static int8 reaches into both branches (the data takes both).
+    inside = done["if", "static"]["result"]["quantization"]["quantized_in_subgraphs"]
+    assert {(n["name"], n["subgraph"]) for n in inside} == {
+        (f"/_model/{tag}/{op}", branch)
+        for tag, branch in (("sr16k", "/If.then_branch"), ("sr8k", "/If.else_branch"))
+        for op in ("Conv", "MatMul")
+    }
+    assert not done["if", "static"]["result"]["quantization"]["float_in_subgraphs"]
 
 
 def test_unknown_dims_through_http(embedded: Deployment, tmp_path: Path) -> None:

@@ -32,6 +32,9 @@ SIZE_THRESHOLD = 1024
 ALIGN = 4096
 ALIGN_ABOVE = 1 << 20
 CHUNK = 64 << 20
+# ORT's quantize_nparray makes four float32 temporaries of the whole tensor; in pieces of this many values
+# (same values: the arithmetic is elementwise) a big tensor costs a few of its own size less.
+QUANTIZE_CHUNK = 4 << 20
 
 
 def model_bytes(path: Path) -> int:
@@ -185,9 +188,10 @@ def weights_read_in(folder: Path) -> Iterator[None]:
 
     # The package's `quantize` attribute is the function of that name, not its module.
     ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
-    swaps = {
+    swaps: dict[str, Any] = {
         "load_model_with_shape_infer": load_graph_with_shapes,
         "save_and_reload_model_with_shape_infer": reload_graph_with_shapes,
+        "quantize_nparray": _chunked(quant_utils.quantize_nparray),
     }
     saved: list[tuple[Any, str, Any]] = []
     for module in (quant_utils, calibrate, ort_quantize, base_quantizer, onnx_quantizer):
@@ -201,6 +205,28 @@ def weights_read_in(folder: Path) -> Iterator[None]:
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
+
+
+def _chunked(quantize_nparray: Callable[..., Any]) -> Callable[..., Any]:
+    """ORT's `quantize_nparray`, run piece by piece on a big array with one scale and zero point (the
+    integer types; float 8 and per-element scales go through it whole)."""
+    from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
+
+    def quantize(qtype: int, arr: Any, scale: Any, zero_point: Any, low: Any = None, high: Any = None) -> Any:
+        integer = qtype in ONNX_TYPE_TO_NP_TYPE and np.dtype(ONNX_TYPE_TO_NP_TYPE[qtype]).kind in "iu"
+        if not (integer and isinstance(arr, np.ndarray) and arr.size > QUANTIZE_CHUNK):
+            return quantize_nparray(qtype, arr, scale, zero_point, low, high)
+        if np.size(scale) != 1 or np.size(zero_point) != 1:
+            return quantize_nparray(qtype, arr, scale, zero_point, low, high)
+        flat = arr.reshape(-1)
+        out = np.empty(flat.shape, dtype=ONNX_TYPE_TO_NP_TYPE[qtype])
+        for i in range(0, flat.size, QUANTIZE_CHUNK):
+            out[i : i + QUANTIZE_CHUNK] = quantize_nparray(
+                qtype, flat[i : i + QUANTIZE_CHUNK], scale, zero_point, low, high
+            )
+        return out.reshape(arr.shape)
+
+    return quantize
 
 
 def load_graph_with_shapes(model_path: Path) -> onnx.ModelProto:

@@ -87,7 +87,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_the_streamed_path_makes_the_model_the_loading_path_makes(tmp_path: Path, name: str) -> None:
+def test_the_streamed_path_makes_the_model_the_loading_path_makes(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "QUANTIZE_CHUNK", 1000)  # weights quantized in pieces too
     model = _net(tmp_path / "model" / "net.onnx")
     x = np.random.default_rng(1).random((6, 1, 4, 6, 6), dtype=np.float32)
     np.savez(tmp_path / "calib.npz", x=x)

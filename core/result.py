@@ -359,7 +359,11 @@ class BiasCorrectionFacts(_Shape):
     layers_considered: int = Field(0, description="Quantized layers with a bias of their own that were measured.")
     samples: int = 0
     seconds: float | None = None
-    skipped: str | None = Field(None, description="Why nothing was measured, when so.")
+    output_error: float | None = Field(
+        None, description="Output noise-to-signal ratio of the corrected QDQ model on a few calibration batches."
+    )
+    baseline_error: float | None = Field(None, description="The same without the correction (kept only if lower).")
+    skipped: str | None = Field(None, description="Why no bias was changed, when so.")
 
 
 class TensorRangeChoice(_Shape):

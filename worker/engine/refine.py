@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ from core.jobfile import DatasetSource
 from core.model import TensorSpec
 from core.recipe import BIAS_CORRECTION_SAMPLES, CalibrationMethod, QuantFormat, Recipe
 from core.result import BiasCorrectionFacts, QuantizationFacts, RangeChoiceFacts
-from worker.engine.bias_correction import apply_shifts, measure_shifts, without
+from worker.engine.bias_correction import BiasShifts, apply_shifts, measure_shifts, without
 from worker.engine.data import Batch, feed_limit, iter_batches
 from worker.engine.preprocess import Prepared
-from worker.engine.range_choice import choose_ranges
+from worker.engine.range_choice import SCORING_BATCHES, OutputError, choose_ranges
 
 # (prepared model, recipe, ranges, out path): quantize.py's static quantizer, with the job's options.
 StaticQuantizer = Callable[[Prepared, Recipe, Any, Path], None]
@@ -88,19 +89,60 @@ def refine(
         return ranges, prepared
     key = (_key(spec, "bias"), spec.sixteen_bit_tensors, id(ranges))
     if key not in memo:
-        quantize_qdq(ranges, base, dataclasses.replace(qdq, nodes_to_exclude=None))
-        memo[key] = (measure_shifts(prepared.path, base, batches(BIAS_CORRECTION_SAMPLES), workdir), ranges)
-        base.unlink(missing_ok=True)
-    shifts = without(memo[key][0], spec.nodes_to_exclude or ())
+        memo[key] = _measured_shifts(
+            prepared, dataclasses.replace(qdq, nodes_to_exclude=None), ranges, batches, workdir, static
+        )
+    shifts, before, after, _ = memo[key]
+    shifts = without(shifts, spec.nodes_to_exclude or ())
+    helps = before is None or after is None or after < before
     facts.bias_correction = BiasCorrectionFacts(
-        applied=bool(shifts.biases),
-        biases_changed=len(shifts.biases),
+        applied=bool(shifts.biases) and helps,
+        biases_changed=len(shifts.biases) if helps else 0,
         layers_considered=shifts.considered,
         samples=shifts.samples,
         seconds=round(shifts.seconds, 3),
-        skipped=None if shifts.considered else "no quantized Conv, Gemm or MatMul+Add with a bias of its own",
+        output_error=after,
+        baseline_error=before,
+        skipped=(
+            "no quantized Conv, Gemm or MatMul+Add with a bias of its own"
+            if not shifts.considered
+            else None
+            if helps
+            else "the corrected biases did not lower the output error on the calibration data"
+        ),
     )
-    if not shifts.biases:
+    if not shifts.biases or not helps:
         return ranges, prepared
     corrected = apply_shifts(prepared.path, shifts, workdir / "corrected.onnx")
     return ranges, dataclasses.replace(prepared, path=corrected)
+
+
+def _measured_shifts(
+    prepared: Prepared,
+    qdq: Recipe,
+    ranges: Any,
+    batches: Callable[[int], Iterator[Batch]],
+    workdir: Path,
+    static: StaticQuantizer,
+) -> tuple[BiasShifts, float | None, float | None, Any]:
+    """The shifts, and the output error (noise-to-signal ratio on a few calibration batches) of the QDQ model
+    without and with them: a correction that does not lower it is not applied (the shifts are each layer's
+    own, and what they do downstream is only seen on the output). The ranges ride along, keeping their id."""
+    base, check = workdir / "base.onnx", workdir / "checked.onnx"
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        static(prepared, qdq, ranges, base)
+        shifts = measure_shifts(prepared.path, base, batches(BIAS_CORRECTION_SAMPLES), workdir)
+        if not shifts.biases:
+            return shifts, None, None, ranges
+        error = OutputError(prepared.path, list(batches(SCORING_BATCHES)))
+        before = error(base)
+        fixed = apply_shifts(prepared.path, shifts, workdir / "corrected.onnx")
+        static(dataclasses.replace(prepared, path=fixed), qdq, ranges, check)
+        after = error(check)
+    finally:
+        for path in (base, check, workdir / "corrected.onnx"):
+            path.unlink(missing_ok=True)
+    shifts.seconds = time.perf_counter() - started
+    return shifts, before, after, ranges

@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from core.jobfile import DatasetSource
 from core.recipe import BIAS_CORRECTION_SAMPLES, Mode, Objective, Recipe, RecipeError
 from tests.worker.engine.pitfall_models import external_data_mlp
+from worker.engine import refine
 from worker.engine.auto import _apply
+from worker.engine.bias_correction import BiasShifts, measure_shifts
 from worker.engine.calibration import calibrate
 from worker.engine.candidates import candidates_for
 from worker.engine.checks import model_facts
@@ -179,3 +181,24 @@ def test_models_with_external_weights_are_quantized_without_refining(tmp_path: P
     bias, ranges = out.facts.bias_correction, out.facts.range_choice
     assert bias is not None and not bias.applied and bias.skipped is not None and "external data" in bias.skipped
     assert ranges is not None and ranges.skipped is not None and "external data" in ranges.skipped
+
+
+def test_a_correction_that_does_not_lower_the_output_error_is_not_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _skewed_conv(tmp_path / "m.onnx")
+    data = _positive(tmp_path / "d.npz", (1, 8, 8, 8))
+
+    def wrong(*args: object, **kwargs: object) -> BiasShifts:  # shifts measured on the wrong data, say
+        shifts = measure_shifts(*args, **kwargs)  # type: ignore[arg-type]
+        shifts.biases = {name: bias - 10.0 for name, bias in shifts.biases.items()}
+        return shifts
+
+    monkeypatch.setattr(refine, "measure_shifts", wrong)
+    plain = quantize(model, Recipe(), tmp_path / "plain", calibration=data)
+    out = quantize(model, Recipe(bias_correction=True), tmp_path / "q", calibration=data)
+    facts = out.facts.bias_correction
+    assert facts is not None and not facts.applied and facts.biases_changed == 0
+    assert facts.output_error is not None and facts.baseline_error is not None
+    assert facts.output_error > facts.baseline_error and facts.skipped is not None
+    assert _error(model, out.model_path, data) == pytest.approx(_error(model, plain.model_path, data))

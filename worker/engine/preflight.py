@@ -55,6 +55,7 @@ from core.preflight_timings import (
 from core.recipe import ActivationType, Mode, QuantFormat, Recipe
 from core.result import Preflight, PreflightOp, PrunedCandidate
 from worker.engine.candidates import COMPUTE_OPS, int8_settings
+from worker.engine.graph_order import subgraph_nodes
 from worker.engine.latency import time_interleaved
 from worker.engine.machine import machine_info
 from worker.engine.quantize import quantize_with_ranges
@@ -222,6 +223,9 @@ class PreflightResult:
     cpu_model: str | None = None
     threads: int | None = None
     pruned: list[PrunedCandidate] = field(default_factory=list)
+    # Conv/MatMul/Gemm inside If/Loop/Scan bodies, which no layer of the top graph times: with any, the top
+    # graph's layers are not the model's cost, and nothing is predicted (the search measures every candidate).
+    untimed_in_bodies: int = 0
 
     # -- recipes --------------------------------------------------------------------------------
 
@@ -287,6 +291,8 @@ class PreflightResult:
         return sum(self.timings[n.key].float_ms for n in self.nodes.values())
 
     def predicted_ms(self, spec: Recipe) -> float | None:
+        if self.untimed_in_bodies:
+            return None
         cfg = self.config(spec)
         times = None if cfg is None or not self.nodes else self._node_times(cfg)
         return None if times is None else sum(times.values())
@@ -320,6 +326,8 @@ class PreflightResult:
         """Predicted whole-model speedup per int8 kind."""
         total = self.float_ms
         out: dict[str, float | None] = {}
+        if self.untimed_in_bodies:
+            return out
         for kind in self.measured_kinds():
             times = self._node_times(self._whole(kind))
             ms = None if times is None else sum(times.values())
@@ -359,6 +367,12 @@ class PreflightResult:
         return sorted(out, key=lambda r: -r.float_ms)
 
     def verdict(self) -> tuple[str, bool]:
+        if self.untimed_in_bodies:
+            return (
+                f"{self.untimed_in_bodies} Conv/MatMul/Gemm node(s) sit inside If/Loop/Scan bodies, which the "
+                "pre-flight does not time: the search tries every candidate",
+                True,
+            )
         speedups = {k: v for k, v in self.speedups().items() if v is not None}
         if not speedups:
             return "nothing could be timed: the search tries every candidate", True
@@ -429,6 +443,18 @@ def preflight(
     ort.set_default_logger_severity(3)
     model = onnx.load(str(prepared), load_external_data=False)
     graph = model.graph
+    in_bodies = sum(1 for _, n in subgraph_nodes(graph) if n.op_type in COMPUTE_OPS)
+    if in_bodies:  # the top graph's layers would judge the model by its glue (see PreflightResult)
+        return PreflightResult(
+            int8=int8,
+            nodes={},
+            timings={},
+            all_nodes=len(graph.node),
+            complete=False,
+            seconds=clock() - started,
+            threads=threads,
+            untimed_in_bodies=in_bodies,
+        )
     names = [n.name or f"#{i}" for i, n in enumerate(graph.node)]
     shapes, values = _tensor_facts(model, prepared, feeds, workdir)
     inits = {i.name: i for i in graph.initializer}

@@ -23,6 +23,7 @@ from core.preflight_timings import (
     write_timings,
 )
 from core.recipe import Recipe
+from tests.auto_fixtures import audio_data, if_branches
 from tests.onnx_models import hardswish_net
 from tests.worker.engine.layer_timers import TableTimer, hardswish_blocks
 from worker.engine.checks import model_facts
@@ -290,3 +291,16 @@ def test_a_clip_after_a_quantized_node_is_folded_away_in_int8() -> None:
     rows = {row.op_type: row for row in result.ops()}
     assert rows["Clip"].free_in == ["qdq"] and rows["Clip"].speedups["qdq"] is None
     assert "Clip folded away" in result.verdict()[0]
+
+
+def test_compute_inside_if_branches_is_not_judged_by_the_top_graph(tmp_path: Path) -> None:
+    """A streaming model whose Conv and MatMul sit in If branches: the top graph holds only its glue (a small
+    output MatMul). Timing that glue, int8 slower, must not decide that int8 cannot help the model."""
+    model = if_branches(tmp_path / "if.onnx", bench=True)
+    feeds = {name: values[0] for name, values in audio_data(1, bench=True).items()}
+    timer = TableTimer({"qdq": 0.3, "qoperator": 0.3, "s8s8": 0.3, "dynamic": 0.3})
+    result = _preflight((model, feeds), tmp_path, TimingCache(None, **CPU), timer)
+    verdict, helps = result.verdict()
+    assert helps and "inside If/Loop/Scan bodies" in verdict, verdict
+    assert result.predict(Recipe(mode="static", per_channel=True)) is None
+    assert result.speedups() == {} and not timer.timed

@@ -6,7 +6,10 @@ Nothing in progress is touched. Every upload and job writes its objects first an
 an object without a row may be one whose row is about to land: only objects older than the grace go, and the
 rows are read after the objects are listed, so a row that landed meanwhile keeps its objects. A queued or
 running job keeps everything under its folder (its attempts store before they record), and an upload to the
-store keeps its files from its start. Keys outside the service's own folders are never touched."""
+store keeps its files from its start. Keys outside the service's own folders are never touched.
+
+On S3, the multipart uploads a dead process never completed hold their parts (billed, and listed by no
+listing of objects): those whose parts are all older than the grace, that no row names, are aborted."""
 
 from __future__ import annotations
 
@@ -16,22 +19,30 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
+from typing import TypeVar
 
 from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.lifecycle import ACTIVE_STATUSES
 from service.database import transaction, utcnow
-from service.storage import ListedObject, Storage
+from service.storage import DirectUploads, ListedObject, ObjectMissing, Storage, UnfinishedUpload
 from service.tables import Artifact, Dataset, Job, OnnxModel, Upload
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 BATCH = 500  # objects whose rows are read in one query per kind
 # The folders the service writes, by what names their second part: models/<model id>/<file>,
 # datasets/<dataset id>/data, jobs/<job id>/<attempt>/<artifact>, uploads/<model id>/<archive> (a .zip of
 # external data while its files are taken out; never recorded), .tmp/<name>.part (the local store's writes
 # in progress; never recorded).
 FOLDERS = ("models", "datasets", "jobs", "uploads", ".tmp")
+
+
+@dataclass(frozen=True)
+class Swept:
+    objects: list[str]  # the keys of the objects deleted
+    uploads: list[str]  # the keys of the multipart uploads aborted
 
 
 def sweep_orphans(
@@ -41,9 +52,9 @@ def sweep_orphans(
     *,
     now: datetime | None = None,
     stop: threading.Event | None = None,
-) -> list[str]:
+) -> Swept:
     """Delete every object under the service's folders that is older than `older_than_s` and that no row
-    points at; the keys deleted. `stop` ends it between batches (the API is shutting down)."""
+    points at, and abort every such multipart upload (S3). `stop` ends it early (the API is shutting down)."""
     cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
     removed: list[str] = []
     for folder in FOLDERS:
@@ -60,9 +71,46 @@ def sweep_orphans(
                     log.warning("could not delete the orphaned object %s: %s", obj.key, exc)
                     continue
                 removed.append(obj.key)
-    if removed:
-        log.warning("removed %d stored object(s) no row points at: %s", len(removed), removed[:20])
-    return removed
+    direct = storage.direct_uploads()
+    aborted = [] if direct is None else _abort_unfinished(factory, direct, cutoff, stop)
+    if removed or aborted:
+        log.warning(
+            "removed %d stored object(s) and %d unfinished upload(s) no row points at: %s",
+            len(removed),
+            len(aborted),
+            (removed + aborted)[:20],
+        )
+    return Swept(removed, aborted)
+
+
+def _abort_unfinished(
+    factory: sessionmaker[Session], direct: DirectUploads, cutoff: datetime, stop: threading.Event | None
+) -> list[str]:
+    """The multipart uploads started before the cutoff that no upload row names and no busy job may still
+    complete, and whose parts are all older than the cutoff too: one still being written (an API streaming a
+    large file into the store) keeps sending parts. One without parts holds no bytes and stays: it may be a
+    moment old (a store's start time is not always true: moto's is a fixed date). Their keys."""
+    aborted: list[str] = []
+    for folder in FOLDERS:
+        old = (u for u in _until(direct.unfinished_uploads(folder), stop) if u.started_at < cutoff)
+        for batch in _batches(old, BATCH):
+            with transaction(factory) as session:
+                kept = _kept_uploads(session, folder, batch)
+            for upload in batch:
+                if upload.upload_id in kept:
+                    continue
+                try:
+                    parts = direct.uploaded_parts(upload.key, upload.upload_id)
+                    if not parts or any(p.modified_at is None or p.modified_at >= cutoff for p in parts):
+                        continue
+                    direct.abort_upload(upload.key, upload.upload_id)
+                except ObjectMissing:  # completed or aborted meanwhile
+                    continue
+                except (OSError, ValueError) as exc:
+                    log.warning("could not abort the unfinished upload to %s: %s", upload.key, exc)
+                    continue
+                aborted.append(upload.key)
+    return aborted
 
 
 @dataclass
@@ -87,14 +135,14 @@ def start_sweep(factory: sessionmaker[Session], storage: Storage, older_than_s: 
     return Sweep(thread, stop)
 
 
-def _until(objects: Iterator[ListedObject], stop: threading.Event | None) -> Iterator[ListedObject]:
-    for obj in objects:
+def _until(items: Iterator[T], stop: threading.Event | None) -> Iterator[T]:
+    for obj in items:
         if stop is not None and stop.is_set():
             return
         yield obj
 
 
-def _batches(items: Iterable[ListedObject], size: int) -> Iterator[list[ListedObject]]:
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
@@ -107,7 +155,7 @@ def _owner(key: str) -> str:
 
 
 def _kept(session: Session, folder: str, batch: list[ListedObject]) -> set[str]:
-    """The keys of the batch some row points at (or that a queued or running job may still record)."""
+    """The keys of the batch some row points at (or that a busy job may still record)."""
     keys = {obj.key for obj in batch}
     owners = {_owner(key) for key in keys} - {""}
     if folder == "models":
@@ -117,6 +165,18 @@ def _kept(session: Session, folder: str, batch: list[ListedObject]) -> set[str]:
     if folder == "jobs":
         return keys & _job_keys(session, keys, owners)
     return set()  # uploads/ and .tmp/: no row ever points at them
+
+
+def _kept_uploads(session: Session, folder: str, batch: list[UnfinishedUpload]) -> set[str]:
+    """The ids of the batch's multipart uploads an upload row names, or that a busy job may still complete."""
+    owners = {_owner(upload.key) for upload in batch} - {""}
+    if folder == "models":  # a direct upload's files (the sweep of expired uploads aborts them)
+        files = session.scalars(select(Upload.files).where(Upload.model_id.in_(owners)))
+        return {str(f.get("upload_id")) for listed in files for f in listed}
+    if folder == "jobs":
+        running = set(session.scalars(select(Job.id).where(Job.id.in_(owners), _busy())))
+        return {upload.upload_id for upload in batch if _owner(upload.key) in running}
+    return set()
 
 
 def _busy() -> ColumnElement[bool]:

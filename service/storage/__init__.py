@@ -16,6 +16,7 @@ from service.storage.base import (
     Storage,
     StorageUnavailable,
     StoredObject,
+    UnfinishedUpload,
     UploadedPart,
     sha256_file,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Storage",
     "StorageUnavailable",
     "StoredObject",
+    "UnfinishedUpload",
     "UploadedPart",
     "open_storage",
     "sha256_file",

@@ -108,6 +108,16 @@ class UploadedPart:
     number: int
     size_bytes: int
     etag: str
+    modified_at: datetime | None = None  # when the store received it
+
+
+@dataclass(frozen=True)
+class UnfinishedUpload:
+    """A multipart upload neither completed nor aborted: its parts take room, and no listing of objects shows them."""
+
+    key: str
+    upload_id: str
+    started_at: datetime
 
 
 class DirectUploads(Protocol):
@@ -124,6 +134,11 @@ class DirectUploads(Protocol):
 
     def uploaded_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
         """The parts the store holds, by number; ObjectMissing when the upload is gone (completed or aborted)."""
+        ...
+
+    def unfinished_uploads(self, prefix: str = "") -> Iterator[UnfinishedUpload]:
+        """Every multipart upload under the folder `prefix` neither completed nor aborted: the service's own
+        in progress (an object being written, a direct upload's files), and those a process that died left."""
         ...
 
     def complete_upload(self, key: str, upload_id: str, parts: list[UploadedPart]) -> None: ...

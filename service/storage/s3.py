@@ -17,7 +17,7 @@ import io
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -34,6 +34,7 @@ from service.storage.base import (
     ObjectMissing,
     StorageUnavailable,
     StoredObject,
+    UnfinishedUpload,
     UploadedPart,
     checked_key,
 )
@@ -44,6 +45,10 @@ NO_SUCH_UPLOAD = frozenset({"NoSuchUpload"})
 PARALLEL_PARTS = 2  # parts uploaded at once (memory: this many parts plus the one filling)
 MIN_WINDOW = 64 << 10  # what a ranged read fetches at least: a header and what follows it
 MAX_WINDOW = 8 << 20  # ... at most, after reads that kept moving forward
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -251,10 +256,25 @@ class S3Storage:
         marker: dict[str, Any] = {}
         while True:
             page = self._call(self.client.list_parts, key, missing=NO_SUCH_UPLOAD, UploadId=upload_id, **marker)
-            parts += [UploadedPart(int(p["PartNumber"]), int(p["Size"]), str(p["ETag"])) for p in page.get("Parts", [])]
+            parts += [
+                UploadedPart(int(p["PartNumber"]), int(p["Size"]), str(p["ETag"]), _utc(p.get("LastModified")))
+                for p in page.get("Parts", [])
+            ]
             if not page.get("IsTruncated"):
                 return parts
             marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
+
+    def unfinished_uploads(self, prefix: str = "") -> Iterator[UnfinishedUpload]:
+        folder = self.prefix + (prefix.rstrip("/") + "/" if prefix.strip("/") else "")
+        marker: dict[str, Any] = {}
+        while True:
+            page = self._call(self.client.list_multipart_uploads, Prefix=folder, **marker)
+            for upload in page.get("Uploads", []):
+                key = upload["Key"][len(self.prefix) :]
+                yield UnfinishedUpload(key, str(upload["UploadId"]), upload["Initiated"].astimezone(UTC))
+            if not page.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def complete_upload(self, key: str, upload_id: str, parts: list[UploadedPart]) -> None:
         listed = [{"PartNumber": p.number, "ETag": p.etag} for p in sorted(parts, key=lambda p: p.number)]

@@ -8,8 +8,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
@@ -131,13 +133,50 @@ def test_old_objects_no_row_points_at_go_and_the_rest_stays(storage: Storage, se
     everything = sorted(kept + orphans)
 
     # Young, all of them: nothing goes, whatever points at it.
-    assert sweep_orphans(session_factory, storage, HOUR) == []
+    assert sweep_orphans(session_factory, storage, HOUR).objects == []
     assert sorted(obj.key for obj in storage.listing()) == everything
 
     # Two hours later they are old: what no row points at goes.
     later = utcnow() + timedelta(hours=2)
-    assert sorted(sweep_orphans(session_factory, storage, HOUR, now=later)) == sorted(orphans)
+    assert sorted(sweep_orphans(session_factory, storage, HOUR, now=later).objects) == sorted(orphans)
     assert sorted(obj.key for obj in storage.listing()) == sorted(kept)
+
+
+def test_unfinished_uploads_a_dead_process_left_are_aborted_and_those_in_progress_stay(
+    s3_env: dict[str, str], session_factory: Factory, tmp_path: Path
+) -> None:
+    """An API that died while streaming a file into S3 left a multipart upload whose parts are billed and
+    that no listing of objects shows. (moto starts every upload in 2010: only the parts' times are true.)"""
+    storage = open_storage(Settings(data_dir=tmp_path))
+    direct = storage.direct_uploads()
+    assert direct is not None
+    ids = _rows(session_factory)
+
+    def started(key: str, parts: int = 1) -> str:
+        upload_id = direct.start_upload(key)
+        for number in range(1, parts + 1):
+            url = direct.part_url(key, upload_id, number, 5, expires_s=60)
+            assert httpx.put(url, content=b"part!").status_code == 200
+        return upload_id
+
+    kept = ["datasets/no-part-yet/data", f"jobs/{ids['running']}/1/quantized.onnx"]
+    started(kept[0], parts=0)  # holds no bytes, and may have started a moment ago
+    started(kept[1])  # a running job's attempt storing its artifact
+    with transaction(session_factory) as s:  # a direct upload the client is still sending
+        upload = s.scalars(select(Upload)).one()
+        named = started("models/uploading/w.bin")
+        upload.files = [{**upload.files[0], "upload_id": named}]
+    orphans = ["datasets/api-died/data", "uploads/api-died/external.zip"]
+    for key in orphans:
+        started(key)
+    everything = sorted([*kept, "models/uploading/w.bin", *orphans])
+
+    # Their parts are young: all stay.
+    assert sweep_orphans(session_factory, storage, HOUR).uploads == []
+    assert sorted(u.key for u in direct.unfinished_uploads()) == everything
+    later = sweep_orphans(session_factory, storage, HOUR, now=utcnow() + timedelta(hours=2))
+    assert sorted(later.uploads) == orphans
+    assert sorted(u.key for u in direct.unfinished_uploads()) == sorted([*kept, "models/uploading/w.bin"])
 
 
 def test_listing_gives_each_object_its_size_and_when_it_was_written(storage: Storage) -> None:
@@ -162,7 +201,8 @@ def test_a_young_orphan_stays_beside_an_old_one_swept(session_factory: Factory, 
     two_hours_ago = time.time() - 2 * HOUR
     for path in (storage.root / "models/old/model.onnx", storage.tmp / "old.part"):
         os.utime(path, (two_hours_ago, two_hours_ago))
-    assert sorted(sweep_orphans(session_factory, storage, HOUR)) == [".tmp/old.part", "models/old/model.onnx"]
+    swept = sweep_orphans(session_factory, storage, HOUR)
+    assert sorted(swept.objects) == [".tmp/old.part", "models/old/model.onnx"]
     assert sorted(obj.key for obj in storage.listing()) == [".tmp/young.part", "models/young/model.onnx"]
 
 

@@ -21,7 +21,7 @@ from service.queue import class_queue
 from service.settings import Settings
 from service.storage import LocalStorage
 from tests.security.test_job_sandbox import job_process_is
-from tests.security.test_job_user import _no_job_user_here
+from tests.security.test_job_user import require_job_user
 from tests.service.test_job_measurements import AMX, AVX2, entries, result, succeeded
 from worker.inputs import InputCache
 from worker.measurements import MEASUREMENTS_DIR, Measurer
@@ -114,8 +114,7 @@ def passable_data_dir() -> Iterator[Path]:
 def test_a_measurement_runs_under_a_uid_of_its_own_and_hands_back_no_other_file(
     passable_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if reason := _no_job_user_here():
-        pytest.skip(reason)
+    require_job_user()
     settings = Settings(data_dir=passable_data_dir)
     engine = make_engine(settings)
     measurer = Measurer(

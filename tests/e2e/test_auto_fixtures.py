@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 Jobs = dict[str, tuple[dict[str, Any], onnx.ModelProto | None]]
 SAMPLES = 16
 RECIPE = {"mode": "auto", "max_search_seconds": 10}
+# The pre-flight gets a tenth of the search's time: enough to time the HardSwish net's layers under load.
+RECIPES = {"hardswish": {**RECIPE, "max_search_seconds": 40}}
 EVALUATION = {"latency_runs": 5, "warmup_runs": 1}
 INT8_OPS = {"QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
 
@@ -37,7 +39,12 @@ def jobs(embedded: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Jobs
             model = f.build(tmp / f"{f.name}.onnx")
             model_id = upload(http, "/v1/models", f"{f.name}.onnx", model.read_bytes())
             data_id = upload(http, "/v1/datasets", f"{f.name}.npz", npz_bytes(**f.data(SAMPLES, seed=5)))
-            body = {"model_id": model_id, "calibration_dataset_id": data_id, "recipe": RECIPE, "evaluation": EVALUATION}
+            body = {
+                "model_id": model_id,
+                "calibration_dataset_id": data_id,
+                "recipe": RECIPES.get(f.name, RECIPE),
+                "evaluation": EVALUATION,
+            }
             response = http.post("/v1/jobs", json=body)
             assert response.status_code == 202, response.text
             ids[f.name] = response.json()["id"]
@@ -107,6 +114,19 @@ def test_a_detector_with_output_rows_is_judged_by_its_detections(
     assert out["detection"]["reference_rows"] > SAMPLES, out  # a few confident rows per image, as trained
     trials = _trials(job["result"]["quantization"]["auto"])
     assert {t["metric"] for t in trials if t["metric"]} == {"detection_f1"}, trials  # every step judged so too
+
+
+def test_where_the_preflight_says_int8_loses_nothing_int8_is_searched(jobs: Jobs) -> None:
+    """HardSwish after every conv: each one a float island between int8 convs. Whether int8 loses depends on the
+    CPU; when the pre-flight says it does, every int8 candidate is pruned with its reason and float is kept."""
+    job, _ = jobs["hardswish"]
+    auto = job["result"]["quantization"]["auto"]
+    preflight = auto["preflight"]
+    assert preflight is not None and preflight["nodes_timed"] > 0, preflight
+    assert any(op["op_type"] in ("HardSwish", "HardSigmoid", "Mul") for op in preflight["ops"]), preflight["ops"]
+    if not preflight["int8_helps"]:
+        assert preflight["pruned"] and all(p["reason"] for p in preflight["pruned"]), preflight
+        assert auto["verdict"] == "keep_float" and not any(_int8(t["recipe"]) for t in _trials(auto)), auto
 
 
 def test_a_declared_shape_that_lies_is_read_as_run(jobs: Jobs) -> None:

@@ -471,3 +471,67 @@ def test_the_engines_note_reaches_the_job_whole(
         thread.join(timeout=60)
     job = _job_row(factory, job_id)
     assert (job.status, job.progress_note, job.progress_detail) == ("failed", None, None)
+
+
+# -- the pre-flight's timings ------------------------------------------------------------------------
+
+TIMING_JOB = """
+import json, pathlib, sys
+import worker.job_process as job_process
+from core.errors import RuleError
+from core.preflight_timings import MEASURED_FILE, this_machine
+from worker.preflight_timings import onnxruntime_version
+out = pathlib.Path(sys.argv[2])
+timing = {"float_ms": 1.0, "island_ms": 1.5, "int8_ms": {"qdq": 0.5}}
+
+def run(job, workdir, report):
+    handed = job.preflight_timings
+    seen = sorted(json.loads(handed.read_text())["entries"]) if handed else []
+    n = len(list(out.glob("seen-*")))
+    (out / f"seen-{n}").write_text(json.dumps(seen))
+    layers = {f"1:{c * 32}": timing for c in "abc" if f"1:{c * 32}" not in seen}  # this model's, less the known
+    (out / f"measured-{n}").write_text(str(len(layers)))
+    if layers:
+        machine = this_machine(onnxruntime_version()).model_dump()
+        (workdir / MEASURED_FILE).write_text(json.dumps({**machine, "entries": layers}))
+    elif (out / "hostile").exists():  # what a job that ran a hostile model could leave
+        (workdir / MEASURED_FILE).write_bytes((out / "hostile").read_bytes())
+    raise RuleError("quantization_failed", "scripted", {})
+
+job_process.run = run
+sys.exit(job_process.main(pathlib.Path(sys.argv[1])))
+"""
+
+
+def test_the_worker_hands_auto_jobs_its_preflight_timings_and_keeps_what_they_measure(
+    settings: Settings,
+    factory: Factory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two auto jobs on the same model: the first measures the model's layers in its own folder and the worker
+    merges them into its cache; the second gets them read-only and measures nothing. What that one leaves
+    instead, something other than timings, changes nothing, and the log says so."""
+    from tests.security.test_job_sandbox import job_process_is
+
+    job_process_is(monkeypatch, TIMING_JOB, str(tmp_path))
+    runner = _runner(settings, factory)
+
+    def auto_job() -> None:
+        job_id = _job(factory)
+        with transaction(factory) as s:
+            s.execute(update(Job).where(Job.id == job_id).values(recipe={"mode": "auto"}))
+        runner.run(job_id)
+        assert _job_row(factory, job_id).status == "failed"  # the scripted job's end
+
+    auto_job()
+    [cache] = settings.preflight_cache_dir.glob("preflight-*.json")
+    before = cache.read_bytes()
+    (tmp_path / "hostile").write_text(json.dumps({"cpu_model": "x", "entries": {"1:" + "d" * 32: {"float_ms": -1}}}))
+    with caplog.at_level("WARNING", logger="worker.preflight_timings"):
+        auto_job()
+    assert [json.loads((tmp_path / f"seen-{i}").read_text()) for i in (0, 1)] == [[], ["1:" + c * 32 for c in "abc"]]
+    assert [(tmp_path / f"measured-{i}").read_text() for i in (0, 1)] == ["3", "0"]
+    assert cache.read_bytes() == before
+    assert any("pre-flight timings a job left" in r.getMessage() for r in caplog.records)

@@ -6,7 +6,9 @@ Nothing in progress is touched. Every upload and job writes its objects first an
 an object without a row may be one whose row is about to land: only objects older than the grace go, and the
 rows are read after the objects are listed, so a row that landed meanwhile keeps its objects. A queued or
 running job keeps everything under its folder (its attempts store before they record), and an upload to the
-store keeps its files from its start. Keys outside the service's own folders are never touched.
+store keeps its files from its start. Keys outside the service's own folders are never touched. The one
+limit: an upload request that outlasts the grace (a day by default) between its first byte stored and its
+row committed could lose its files, since on S3 an object sent in parts counts from the start of its upload.
 
 On S3, the multipart uploads a dead process never completed hold their parts (billed, and listed by no
 listing of objects): those whose parts are all older than the grace, that no row names, are aborted."""

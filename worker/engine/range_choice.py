@@ -256,6 +256,9 @@ def choose_ranges(
                 err = error(trial)
                 if err <= baseline * (1.0 - MIN_GAIN) and (best is None or err < best[0]):
                     best = (err, name, (lo, hi))
+                lowest = min(baseline, best[0] if best is not None else baseline)
+                if name != "minmax" and err > lowest * (1.0 + MIN_GAIN):
+                    break  # clipping more than a percentile that is already worse only gets worse
             if best is None:
                 facts.choices.append(
                     TensorRangeChoice(tensor=t, method=method, output_error=baseline, baseline_error=baseline)

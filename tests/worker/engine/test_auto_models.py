@@ -130,7 +130,9 @@ def test_recognizer_sensitivity_finds_the_outlier_chain(recognizer_ops: Searched
         quantized = {t["tensor"] for t in ranking["tensors"]} & OUTLIER_CHAIN
         top = ranking["tensors"][: len(quantized)]
         assert len(quantized) >= 2 and {t["tensor"] for t in top} == quantized, ranking["candidate"]
-        assert all(t["loss_when_alone"] > 0.01 for t in top)
+        # (Bias correction, on in auto's candidates, takes back part of a conv output's loss: 0.009 where it
+        # was 0.011; the next tensor down loses under 0.001.)
+        assert all(t["loss_when_alone"] > 0.005 for t in top)
 
 
 def test_detector_all_int8_misses_the_floor_and_mixed_precision_meets_it(detector_ops: Searched) -> None:

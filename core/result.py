@@ -335,6 +335,11 @@ class AutoSearch(_Shape):
             "the verdict; the winner, if any, is among them."
         ),
     )
+    interleaved: bool = Field(
+        True,
+        description="False: a big model's search held one session at a time, so each trial and float were timed "
+        "one after the other, not interleaved.",
+    )
     sensitivity: list[SensitivitySummary] = Field(default_factory=list)
     preflight: Preflight | None = Field(
         None, description="Objective latency: int8 against float per layer on this CPU, before the search."

@@ -56,7 +56,8 @@ from core.result import (
     SensitiveNode,
     SensitivitySummary,
 )
-from worker.engine.calibration import CalibrationResult, calibrate, default_op_types
+from worker.engine import streaming
+from worker.engine.calibration import CalibrationResult, default_op_types
 from worker.engine.candidates import COMPUTE_OPS, Candidate, candidates_for, int8_settings
 from worker.engine.checks import ModelFacts, model_facts, model_size
 from worker.engine.data import model_inputs
@@ -73,7 +74,7 @@ from worker.engine.preflight import (
     preflight,
 )
 from worker.engine.preprocess import Prepared
-from worker.engine.quantize import OUTPUT_NAME, Reuse, preparation, prepare_for, quantize
+from worker.engine.quantize import OUTPUT_NAME, Reuse, calibrate_prepared, preparation, prepare_for, quantize
 from worker.engine.results import QuantizationOutcome
 from worker.engine.sensitivity import SensitivityRanking, confirm_by_ablation, dynamic_sensitivity, static_sensitivity
 from worker.engine.spec import NoteCallback, ProgressCallback, no_note, no_progress
@@ -102,6 +103,8 @@ SEARCH_SAMPLES = 64  # evaluation samples each candidate and step is scored on
 SENSITIVITY_SAMPLES = 16
 ABLATION_SAMPLES = 8
 FLOAT_NAME = "float (the original model)"
+# Float's outputs on the evaluation batches, for a big model's search (one session at a time), in the workdir.
+REFERENCE_FOLDER = "reference"
 
 
 class Verdict(StrEnum):
@@ -227,6 +230,7 @@ class Search:
     preflight: PreflightResult | None = None
     rankings: dict[Recipe, SensitivityRanking] = field(default_factory=dict)  # by the QDQ recipe ranked
     refined: dict[Any, Any] = field(default_factory=dict)  # per-tensor ranges and bias shifts (quantize.refine)
+    apart: bool = False  # one session at a time: models timed one after the other, not interleaved
 
     def time_left(self) -> bool:
         if self.clock() >= self.deadline:
@@ -262,14 +266,9 @@ class Search:
         if cal is None:
             # Every op type's tensors, so that variants quantizing fewer op types reuse the ranges.
             full = dataclasses.replace(spec, op_types_to_quantize=None)
-            cal = calibrate(
-                prepared.path,
-                full,
-                self.calibration,
-                self.inputs,
-                self.workdir / f"calib-{len(self.calibrations)}",
-                external=prepared.external,
-            )
+            # As a plain job calibrates: a streamed model's calibrator reads the graph alone.
+            folder = self.workdir / f"calib-{len(self.calibrations)}"
+            cal = calibrate_prepared(prepared, full, self.calibration, self.inputs, folder, no_progress)
             self.calibrations[cal_key] = cal
         return Reuse(prepared, cal, self.refined)
 
@@ -626,12 +625,13 @@ def auto_quantize(
     preflight_out: Path | None = None,
     kernels: KernelTimer | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    apart: bool | None = None,
 ) -> tuple[QuantizationOutcome, Evaluation]:
     """Search (see the module docstring) and evaluate the pick like any job. `preflight_timings`: the
     pre-flight's timings the worker has for this CPU (a file only read; None: every layer is timed);
     `preflight_out`: where the timings measured here go, for the worker to keep (None: nowhere). `meter`,
     `int8` (the CPU's int8 kind, see `machine.int8_kernels`) and `kernels` (what times the pre-flight's
-    layers) are for tests."""
+    layers) are for tests; so is `apart` (one session at a time; default: for a model on the streaming path)."""
     if calibration is None:
         raise RuleError(
             "invalid_recipe",
@@ -644,6 +644,9 @@ def auto_quantize(
     started = clock()
     inputs = list(inputs) if inputs is not None else model_inputs(model_path)
     facts = model_facts(model_path)
+    # A big model's search holds one model's session at a time: float's outputs wait on disk (the evaluator's
+    # spill), each model is timed alone (the meter's apart).
+    apart = streaming.should_stream(model_path) if apart is None else apart
     evaluator = FidelityEvaluator(
         model_path,
         data if data is not None else calibration,
@@ -653,11 +656,16 @@ def auto_quantize(
         batch_size=evaluation.batch_size,
         max_samples=min(evaluation.max_samples or SEARCH_SAMPLES, SEARCH_SAMPLES),
         threads=evaluation.threads,
+        spill=workdir / REFERENCE_FOLDER if apart else None,
     )
     first = next(iter(evaluator.batches()))
     if meter is None:
         meter = LatencyMeter(
-            model_path, first.feeds, threads=evaluation.threads, warmup_runs=min(3, evaluation.warmup_runs)
+            model_path,
+            first.feeds,
+            threads=evaluation.threads,
+            warmup_runs=min(3, evaluation.warmup_runs),
+            apart=apart,
         )
     int8 = int8 or int8_kernels()
     float_ms, _ = meter.compare(model_path, 3)  # the scale of one run, for the run counts
@@ -677,6 +685,7 @@ def auto_quantize(
         deadline=started + spec.max_search_seconds,
         progress=progress,
         note=note,
+        apart=apart,
     )
     base = dataclasses.replace(spec, mode=Mode.STATIC)
     if spec.objective == Objective.LATENCY:
@@ -729,7 +738,11 @@ def auto_quantize(
     for trial in search.trials:
         if trial is not chosen:
             search.discard(trial)
-    for path in [*(workdir / f"prep-{i}" for i in range(len(search.prepared))), *workdir.glob("calib-*")]:
+    for path in [
+        *(workdir / f"prep-{i}" for i in range(len(search.prepared))),
+        *workdir.glob("calib-*"),
+        workdir / REFERENCE_FOLDER,
+    ]:
         shutil.rmtree(path, ignore_errors=True)
     outcome = (
         chosen.outcome if chosen is not None and chosen.outcome is not None else _float_copy(model_path, facts, workdir)
@@ -868,6 +881,7 @@ def _summary(search: Search, verdict: Verdict, chosen: Trial | None, full_runs: 
         search_latency_runs=search.search_runs,
         final_latency_runs=full_runs,
         finalists=list(search.finalists),
+        interleaved=not search.apart,
         sensitivity=[
             SensitivitySummary(
                 candidate=s.candidate,
@@ -894,6 +908,12 @@ def _verdict_warnings(search: Search, verdict: Verdict, chosen: Trial | None) ->
         warnings.append(
             f"The pre-flight on this CPU: {search.preflight.verdict()[0]}. Not tried: "
             f"{', '.join(p.name for p in pruned[:5])}{' and more' if len(pruned) > 5 else ''}."
+        )
+    if search.apart:
+        warnings.append(
+            "The search timed each model alone, one after the other, not interleaved with float: side by side, "
+            "the sessions of this big model would hold its weights more than twice over. Speed-ups are less "
+            "certain on a busy machine."
         )
     if search.out_of_time:
         warnings.append(

@@ -13,6 +13,7 @@ the two sessions side by side would hold its weights twice over; the result says
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -575,13 +576,23 @@ def _measurement_warnings(
 class LatencyMeter:
     """Times a candidate against the reference model on one feed, interleaved (what mode auto's search
     uses; tests substitute a deterministic meter with the same `compare`). The reference's session is
-    made once and kept."""
+    made once and kept. `apart` (a big model): one session open at a time, each model timed alone, the
+    reference first, every time (its session is not kept)."""
 
-    def __init__(self, reference: Path, feed: dict[str, np.ndarray], *, threads: int | None, warmup_runs: int) -> None:
+    def __init__(
+        self,
+        reference: Path,
+        feed: dict[str, np.ndarray],
+        *,
+        threads: int | None,
+        warmup_runs: int,
+        apart: bool = False,
+    ) -> None:
         self.reference = Path(reference)
         self.feed = feed
         self.threads = threads or usable_cores()
         self.warmup_runs = warmup_runs
+        self.apart = apart
         self._reference: ort.InferenceSession | None = None
 
     def compare(self, candidate: Path, runs: int) -> tuple[float, float]:
@@ -594,6 +605,8 @@ class LatencyMeter:
         running the reference and every candidate once: one timing in which they all share the
         machine's state, so that candidates are compared with each other, not only with float."""
         options = session_options(self.threads)
+        if self.apart:
+            return self._apart(options, candidates, runs)
         if self._reference is None:
             self._reference = load_session(self.reference, options, "original")
         sessions = [self._reference, *(load_session(Path(c), options, "candidate") for c in candidates)]
@@ -609,3 +622,17 @@ class LatencyMeter:
         )
         ref, *cands = timings.stats()
         return ref.p50, [c.p50 for c in cands]
+
+    def _apart(self, options: ort.SessionOptions, candidates: Sequence[Path], runs: int) -> tuple[float, list[float]]:
+        """The reference, then each candidate, timed alone with `runs` runs; each session closed before the next
+        opens."""
+        p50s = []
+        for path, which in [(self.reference, "original"), *((Path(c), "candidate") for c in candidates)]:
+            session = load_session(path, options, which)
+            names = [o.name for o in session.get_outputs()]
+            timings = time_interleaved(
+                [functools.partial(session.run, names, self.feed)], runs=max(1, runs), warmup_runs=self.warmup_runs
+            )
+            p50s.append(timings.stats()[0].p50)
+            del session
+        return p50s[0], p50s[1:]

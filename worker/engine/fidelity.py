@@ -1030,7 +1030,10 @@ class FidelityEvaluator:
     """Scores candidate models against the float reference on the same evaluation batches (mode auto).
 
     The reference's outputs are computed once and kept while they fit in REFERENCE_CACHE_BYTES;
-    the data is streamed from the dataset on every call, never held whole."""
+    the data is streamed from the dataset on every call, never held whole. With `spill` (a folder: a big
+    model's search, one session at a time) the reference runs alone on every batch before the first candidate
+    opens, its outputs are written under `spill` and its session is closed: no candidate's session is ever
+    open beside the reference's."""
 
     def __init__(
         self,
@@ -1043,8 +1046,12 @@ class FidelityEvaluator:
         batch_size: int = 1,
         max_samples: int = 64,
         threads: int | None = None,
+        spill: Path | None = None,
     ) -> None:
         self.reference = Path(reference)
+        self.spill = None if spill is None else Path(spill)
+        self._spilled = False
+        self._subsets = 0
         self.data = data
         self.inputs = list(inputs)
         self.spec = spec
@@ -1067,7 +1074,8 @@ class FidelityEvaluator:
         return self._hints
 
     def subset(self, max_samples: int) -> FidelityEvaluator:
-        """The same evaluator on fewer samples (its own reference cache)."""
+        """The same evaluator on fewer samples (its own reference cache, or spill folder)."""
+        self._subsets += 1
         return FidelityEvaluator(
             self.reference,
             self.data,
@@ -1077,6 +1085,7 @@ class FidelityEvaluator:
             batch_size=self.batch_size,
             max_samples=max_samples,
             threads=self.threads,
+            spill=None if self.spill is None else self.spill / f"subset-{self._subsets}",
         )
 
     def batches(self) -> Iterator[Batch]:
@@ -1088,7 +1097,22 @@ class FidelityEvaluator:
             self.names = [o.name for o in self._ref_session.get_outputs()]
         return self._ref_session
 
+    def _spill_reference(self) -> None:
+        """The reference alone on every batch, its outputs written under `spill`, its session closed."""
+        if self._spilled or self.spill is None:
+            return
+        self.spill.mkdir(parents=True, exist_ok=True)
+        session = self._reference()
+        for index, batch in enumerate(self.batches()):
+            for k, value in enumerate(run_session(session, self.names, batch.feeds, "original")):
+                np.save(self.spill / f"{index}_{k}.npy", np.asarray(value), allow_pickle=False)
+        self._ref_session = None
+        del session
+        self._spilled = True
+
     def _reference_outputs(self, index: int, batch: Batch) -> list[np.ndarray]:
+        if self._spilled and self.spill is not None:
+            return [np.load(self.spill / f"{index}_{k}.npy", allow_pickle=False) for k in range(len(self.names))]
         if self._cache_complete and self._cache is not None:
             return self._cache[index]
         outs = [np.asarray(o) for o in run_session(self._reference(), self.names, batch.feeds, "original")]
@@ -1101,10 +1125,11 @@ class FidelityEvaluator:
         return outs
 
     def score(self, candidate: Path) -> Score:
+        self._spill_reference()
         session = load_session(Path(candidate), self._options, "candidate")
-        if not self._cache_complete:
+        if not self._cache_complete and not self._spilled:
             self._reference()
-        first_pass = self._cache is None and not self._cache_complete
+        first_pass = self._cache is None and not self._cache_complete and not self._spilled
         if first_pass:
             self._cache = []
         comparison = FidelityPass(self.inputs, self.spec, self.tolerance, hints=self.hints)

@@ -66,6 +66,9 @@ KINDS = ("qdq", "qoperator", "s8s8", "dynamic")
 KIND_NAMES = {"qdq": "QDQ", "qoperator": "QOperator", "s8s8": "QDQ S8S8", "dynamic": "dynamic"}
 MAX_LAYERS = 128  # distinct layers timed per model, heaviest first; the rest count as neither faster nor slower
 MIN_ELEMENTS = 64  # nodes reading fewer values are not worth a timing
+# A layer whose weights are larger is not timed alone (it counts as neither faster nor slower): its one-node
+# model and variants, each session open while they are timed, would hold its weights several times over.
+MAX_LAYER_WEIGHT_BYTES = 256 << 20
 LAYER_SECONDS = 0.06  # timed rounds per layer (each round runs every variant once)
 MIN_RUNS, MAX_RUNS = 9, 200
 QUANTILE = 20  # percent
@@ -637,6 +640,8 @@ def _layer(
         if not name:
             inputs.append(("",))
         elif name in inits:
+            if _tensor_bytes(inits[name]) > MAX_LAYER_WEIGHT_BYTES:
+                return None
             inputs.append(("w", tuple(inits[name].dims), inits[name].data_type))
         elif name in shapes and shapes[name][1] == TensorProto.FLOAT:
             inputs.append(("x", shapes[name][0], TensorProto.FLOAT))
@@ -646,6 +651,11 @@ def _layer(
         else:
             return None  # a float16 or unknown input: not this pre-flight's business
     return Layer(node.op_type, node.domain, tuple(inputs), attributes)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
+    return math.prod(tensor.dims) * itemsize
 
 
 def _weight(node: onnx.NodeProto, shapes: Mapping[str, tuple[tuple[int, ...], int]], inits: Mapping[str, Any]) -> float:

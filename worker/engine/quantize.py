@@ -220,7 +220,7 @@ def quantize(
             cal = (
                 reuse.calibration
                 if reuse is not None and reuse.calibration is not None
-                else _calibrate(prepared, spec, calibration, inputs, workdir / "calib", progress)
+                else calibrate_prepared(prepared, spec, calibration, inputs, workdir / "calib", progress)
             )
         facts_out.calibration_samples = cal.samples
         facts_out.calibration = CalibrationFacts(
@@ -833,7 +833,7 @@ def _fp16_streamed(prepared: Prepared, out_path: Path, overflow_nodes: list[str]
     streaming.write(converted, out_path, source_dir=Path(prepared.path).parent, convert=dict.fromkeys(names, to_half))
 
 
-def _calibrate(
+def calibrate_prepared(
     prepared: Prepared,
     spec: Recipe,
     calibration: DatasetSource,

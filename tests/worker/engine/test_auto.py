@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +41,8 @@ from tests.onnx_models import (
     spiky_images,
 )
 from tests.worker.engine.layer_timers import TableTimer, fast_int8, hardswish_blocks
+from worker.engine import evaluate as evaluate_module
+from worker.engine import fidelity as fidelity_module
 from worker.engine.auto import FASTER_MARGIN, auto_quantize, rank_groups
 from worker.engine.checks import model_facts as engine_model_facts
 from worker.engine.data import model_inputs
@@ -115,6 +118,7 @@ def _run(
     evaluation: EvaluationSpec = FEW_RUNS,
     kernels: TableTimer | None = None,
     preflight_cache: Path | None = None,
+    apart: bool | None = None,
     **recipe: Any,
 ) -> tuple[QuantizationOutcome, Evaluation, dict[str, Any]]:
     """Mode auto on `data` (calibration and evaluation both); `meter` None times on this CPU (the pre-flight
@@ -138,6 +142,7 @@ def _run(
         preflight_timings=keeper.hand_in(tmp / "job" / "inputs") if keeper else None,
         preflight_out=tmp / "job" / MEASURED_FILE if keeper else None,
         note=notes.append,
+        apart=apart,
     )
     if keeper is not None:
         keeper.take_back(tmp / "job")
@@ -192,6 +197,53 @@ def test_all_int8_misses_the_floor_and_mixed_precision_meets_it(
     assert notes[0].text.startswith("pre-flight") and notes[0].candidate is None
 
 
+def test_one_session_at_a_time_gives_the_same_search(
+    encoder_search: tuple[QuantizationOutcome, dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """A big model's search (issue #24: float's outputs spilled to disk before any candidate opens, each model
+    timed alone) makes the same trials, scores and pick as the side-by-side one; the result says how it timed."""
+    outcome, side_by_side, model = encoder_search
+    apart_outcome, _, apart = _run(tmp_path, model, encoder_inputs(24), OpsMeter(), apart=True)
+
+    def trials(search: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [
+            (t["name"], t["within_budget"], t["speedup"], pytest.approx(t["fidelity"], abs=1e-9))
+            for t in search["candidates"] + search["steps"]
+        ]
+
+    assert apart["steps"] and trials(apart) == trials(side_by_side)
+    assert (apart["verdict"], apart["chosen"]) == (side_by_side["verdict"], side_by_side["chosen"])
+    assert side_by_side["interleaved"] and not apart["interleaved"]
+    assert any("not interleaved" in w for w in apart_outcome.warnings)
+    assert not any("not interleaved" in w for w in outcome.warnings)
+    assert not (tmp_path / "work" / "reference").exists(), "the spilled outputs are removed"
+
+
+def test_a_big_models_search_never_opens_a_session_beside_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the real meter, one session at a time: float alone, then each candidate alone; only the final
+    evaluation of an int8 pick opens the quantized model beside float (1.25x, as static's own job does)."""
+    opened: list[tuple[str, int]] = []
+    alive: list[weakref.ref[Any]] = []
+    real = fidelity_module.load_session
+
+    def counting(path: Path, options: Any, which: str) -> Any:
+        opened.append((which, sum(1 for r in alive if r() is not None)))
+        session = real(path, options, which)
+        alive.append(weakref.ref(session))
+        return session
+
+    for module in (fidelity_module, evaluate_module):
+        monkeypatch.setattr(module, "load_session", counting)
+    model = matmul_mlp(tmp_path / "mlp.onnx")
+    data = {"x": np.random.default_rng(0).random((16, 16), dtype=np.float32)}
+    _, _, search = _run(tmp_path, model, data, None, apart=True, kernels=fast_int8())
+    assert len(opened) > 6 and not search["interleaved"]
+    assert all(beside == 0 for which, beside in opened if which != "quantized"), opened
+    assert search["candidates"] and all(c["speedup"] for c in search["candidates"] if not c["error"])
+
+
 def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,7 +264,7 @@ def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
 
     for module in (auto_module, quantize_module):
         monkeypatch.setattr(module, "prepare_for", counting("prepare_for", quantize_module.prepare_for))
-        monkeypatch.setattr(module, "calibrate", counting("calibrate", quantize_module.calibrate))
+    monkeypatch.setattr(quantize_module, "calibrate", counting("calibrate", quantize_module.calibrate))
     model = outlier_encoder(tmp_path / "encoder.onnx")
     _, _, search = _run(tmp_path, model, encoder_inputs(24), OpsMeter())
 

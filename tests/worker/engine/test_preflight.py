@@ -26,6 +26,7 @@ from core.recipe import Recipe
 from tests.auto_fixtures import audio_data, if_branches
 from tests.onnx_models import hardswish_net
 from tests.worker.engine.layer_timers import TableTimer, hardswish_blocks
+from worker.engine import preflight as preflight_module
 from worker.engine.checks import model_facts
 from worker.engine.preflight import (
     OrtKernelTimer,
@@ -304,3 +305,16 @@ def test_compute_inside_if_branches_is_not_judged_by_the_top_graph(tmp_path: Pat
     assert helps and "inside If/Loop/Scan bodies" in verdict, verdict
     assert result.predict(Recipe(mode="static", per_channel=True)) is None
     assert result.speedups() == {} and not timer.timed
+
+
+def test_a_layer_with_weights_too_large_to_time_alone_is_not_timed(
+    hardswish: tuple[Path, dict[str, np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its one-node model and variants would hold its weights several times over (issue #24: a big model's
+    pre-flight stays small): the Conv layers with larger weights than the cap are left untimed, the rest timed."""
+    timed = _preflight(hardswish, tmp_path / "all", TimingCache(None, **CPU), hardswish_blocks())
+    convs = {n.name for n in timed.nodes.values() if n.op_type == "Conv"}
+    monkeypatch.setattr(preflight_module, "MAX_LAYER_WEIGHT_BYTES", 1024)
+    capped = _preflight(hardswish, tmp_path / "capped", TimingCache(None, **CPU), hardswish_blocks())
+    assert convs and not convs & set(capped.nodes), "every conv weight exceeds 1 KB"
+    assert capped.nodes, "the layers without big weights are still timed"

@@ -184,7 +184,7 @@ def weights_read_in(folder: Path) -> Iterator[None]:
     external files the references name), with ORT's loaders (`load_model_with_shape_infer`, the quantizers'
     and calibrators' loader, and `save_and_reload_model_with_shape_infer`), which load every weight, swapped
     for ones that keep the references."""
-    from onnxruntime.quantization import base_quantizer, calibrate, onnx_quantizer, quant_utils
+    from onnxruntime.quantization import base_quantizer, calibrate, onnx_quantizer, qdq_quantizer, quant_utils
 
     # The package's `quantize` attribute is the function of that name, not its module.
     ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
@@ -192,9 +192,10 @@ def weights_read_in(folder: Path) -> Iterator[None]:
         "load_model_with_shape_infer": load_graph_with_shapes,
         "save_and_reload_model_with_shape_infer": reload_graph_with_shapes,
         "quantize_nparray": _chunked(quant_utils.quantize_nparray),
+        "tensor_proto_to_array": _mapped(quant_utils.tensor_proto_to_array),
     }
     saved: list[tuple[Any, str, Any]] = []
-    for module in (quant_utils, calibrate, ort_quantize, base_quantizer, onnx_quantizer):
+    for module in (quant_utils, calibrate, ort_quantize, base_quantizer, onnx_quantizer, qdq_quantizer):
         for name, fn in swaps.items():
             if hasattr(module, name):
                 saved.append((module, name, getattr(module, name)))
@@ -205,6 +206,29 @@ def weights_read_in(folder: Path) -> Iterator[None]:
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
+
+
+class _Weights(np.ndarray):
+    """A weight mapped read-only from its file, whose `flatten()` is a view: ORT's quantizers flatten a weight
+    only to read it, and the copy would hold the whole weight once more."""
+
+    def flatten(self, order: Any = "C") -> np.ndarray:  # type: ignore[override]
+        return np.asarray(self).reshape(-1) if order in ("C", "A", "K") else np.asarray(self).flatten(order)
+
+
+def _mapped(tensor_proto_to_array: Callable[[TensorProto], np.ndarray]) -> Callable[[TensorProto], np.ndarray]:
+    """ORT's `tensor_proto_to_array`, with an external float weight mapped from its file (read under the current
+    folder, as `weights_read_in` runs) instead of read whole into memory and copied."""
+
+    def to_array(tensor: TensorProto) -> np.ndarray:
+        if tensor.data_location != TensorProto.EXTERNAL or tensor.data_type not in (
+            TensorProto.FLOAT,
+            TensorProto.FLOAT16,
+        ):
+            return tensor_proto_to_array(tensor)
+        return read_array(tensor, Path.cwd()).view(_Weights)
+
+    return to_array
 
 
 def _chunked(quantize_nparray: Callable[..., Any]) -> Callable[..., Any]:

@@ -215,3 +215,39 @@ def test_a_big_model_with_float16_weights_is_measured_one_session_at_a_time(tmp_
     assert apart.comparison.fidelity == side.comparison.fidelity
     for measured in (apart.original, apart.quantized):
         assert measured.latency_ms is not None and measured.latency_ms.p50 > 0
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_gather_embedding_is_quantized_from_its_mapped_file_as_the_loading_path_quantizes_it(
+    tmp_path: Path, mode: str
+) -> None:
+    """ORT's quantizers read a streamed weight mapped from its file (flattened as a view, not copied): the same
+    quantized embedding, bit for bit, as when every weight is loaded."""
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.normal(0.0, 0.5, (500, 32)).astype(np.float32), "emb")
+    fc = numpy_helper.from_array(rng.normal(0.0, 0.2, (32, 8)).astype(np.float32), "fc.w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0), helper.make_node("MatMul", ["e", "fc.w"], ["y"])],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])],
+        [emb, fc],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "model" / "emb.onnx"
+    path.parent.mkdir()
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=64)
+    np.savez(tmp_path / "calib.npz", ids=rng.integers(0, 500, (4, 1, 6), dtype=np.int64))
+    source = DatasetSource(tmp_path / "calib.npz", "npz")
+    loaded = quantize(path, Recipe(mode=Mode(mode)), tmp_path / "loaded", calibration=source)
+    streamed = quantize(path, Recipe(mode=Mode(mode)), tmp_path / "streamed", calibration=source, streaming_bytes=0)
+
+    def weights(p: Path) -> dict[str, np.ndarray]:
+        return {t.name: numpy_helper.to_array(t, str(p.parent)) for t in onnx.load(str(p)).graph.initializer}
+
+    got, want = weights(streamed.model_path), weights(loaded.model_path)
+    assert "emb_quantized" in want and want["emb_quantized"].dtype.kind in "iu"
+    assert got.keys() == want.keys()
+    for name, values in want.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)

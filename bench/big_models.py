@@ -6,7 +6,9 @@ its own process; its peak is the child's own ru_maxrss (`os.wait4`), the largest
 while it runs, and the job's own `peak_memory_bytes`, whichever is largest. The model (a few Conv layers,
 then a stack of 4096x4096 MatMul/Gemm layers with random weights) is written tensor by tensor into one
 external data file, so the generator never holds more than one layer. `QAAS_BENCH_BIG_MODEL_MB` sets the
-size (default 2048; `--quick` 256)."""
+size (default 2048; `--quick` 256); mode auto searches it with max_search_seconds 300. A second model of half
+that size is one Gather embedding and a small head (`embedding_static`, `embedding_dynamic`; skipped with
+`QAAS_BENCH_BIG_MODEL_EMBEDDING=0`)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,14 @@ MODES: dict[str, dict[str, Any]] = {
     "dynamic": {"mode": "dynamic"},
     "weight_only_int4": {"mode": "weight_only", "weight_type": "int4"},
     "fp16": {"mode": "fp16"},
+    # The search on the same model: every candidate, timed one session at a time (issue #24).
+    "auto": {"mode": "auto", "max_search_seconds": 300},
 }
+# A model dominated by one tensor (a Gather embedding of about half the size asked for, then a small head):
+# the modes where ORT's quantizer reads a whole weight at once.
+EMBEDDING_MODES = ("static", "dynamic")
+EMBEDDING_DIM = 1024
+TOKENS = 16
 EVALUATION = {"latency_runs": 3, "warmup_runs": 1, "threads": 1}
 
 
@@ -122,6 +131,57 @@ def big_model(path: Path, total_bytes: int, *, seed: int = 0) -> Path:
     return path
 
 
+def embedding_model(path: Path, total_bytes: int, *, seed: int = 0) -> Path:
+    """Write `path` and `path.data`: input `ids` [1, TOKENS] int64, a Gather from an embedding of about
+    `total_bytes` [vocab, EMBEDDING_DIM], then MatMul+Relu (EMBEDDING_DIM square) and a MatMul to 16 outputs `y`."""
+    rng = np.random.default_rng(seed)
+    vocab = max(TOKENS, total_bytes // (EMBEDDING_DIM * 4))
+    writer = _Writer(path.with_name(path.name + ".data"))
+    try:
+        # Written in slices of rows, so the generator holds one slice at a time.
+        offset = writer.file.tell()
+        rows = max(1, (64 << 20) // (EMBEDDING_DIM * 4))
+        for start in range(0, vocab, rows):
+            n = min(rows, vocab - start)
+            rng.normal(0.0, 0.5, (n, EMBEDDING_DIM)).astype(np.float32).tofile(writer.file)
+        emb = TensorProto()
+        emb.name, emb.data_type = "emb", TensorProto.FLOAT
+        emb.dims.extend([vocab, EMBEDDING_DIM])
+        emb.data_location = TensorProto.EXTERNAL
+        length = vocab * EMBEDDING_DIM * 4
+        for key, value in (("location", writer.data.name), ("offset", str(offset)), ("length", str(length))):
+            entry = emb.external_data.add()
+            entry.key, entry.value = key, value
+        fc = rng.normal(0.0, np.sqrt(2.0 / EMBEDDING_DIM), (EMBEDDING_DIM, EMBEDDING_DIM)).astype(np.float32)
+        head = rng.normal(0.0, np.sqrt(1.0 / EMBEDDING_DIM), (EMBEDDING_DIM, 16)).astype(np.float32)
+        inits = [emb, writer.add("fc.w", fc), writer.add("head.w", head)]
+    finally:
+        writer.close()
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0),
+        helper.make_node("MatMul", ["e", "fc.w"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("MatMul", ["hr", "head.w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, TOKENS])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def embedding_calibration(path: Path, vocab: int, samples: int = CALIBRATION_SAMPLES) -> Path:
+    ids = np.random.default_rng(1).integers(0, vocab, (samples, 1, TOKENS), dtype=np.int64)
+    np.savez(path, ids=ids)
+    return path
+
+
 def model_bytes(path: Path) -> int:
     return path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
 
@@ -196,9 +256,18 @@ def run(ctx: Context) -> dict[str, Measurement]:
     ratios: dict[str, float | None] = {}
     details: dict[str, Any] = {"model_bytes": size, "hidden": HIDDEN, "evaluation": EVALUATION, "modes": {}}
     errors: list[str] = []
+    jobs = [(name, model, data, MODES[name], size) for name in only]
     try:
-        for name in only:
-            r = run_one(model, data, MODES[name], work / f"job-{name}")
+        if os.environ.get("QAAS_BENCH_BIG_MODEL_EMBEDDING", "1") != "0":
+            emb = embedding_model(work / "emb.onnx", size_mb * MB // 2)
+            vocab = int(onnx.load(str(emb), load_external_data=False).graph.initializer[0].dims[0])
+            emb_data = embedding_calibration(work / "emb_calib.npz", vocab)
+            emb_size = model_bytes(emb)
+            details["embedding_model_bytes"] = emb_size
+            ctx.log(f"  embedding model: {emb_size / MB:.0f} MB, one Gather of {vocab} x {EMBEDDING_DIM}")
+            jobs += [(f"embedding_{m}", emb, emb_data, MODES[m], emb_size) for m in EMBEDDING_MODES if m in only]
+        for name, path, source, recipe, nbytes in jobs:
+            r = run_one(path, source, recipe, work / f"job-{name}")
             shutil.rmtree(work / f"job-{name}", ignore_errors=True)
             details["modes"][name] = r
             if r["status"] != "succeeded":
@@ -206,7 +275,7 @@ def run(ctx: Context) -> dict[str, Measurement]:
                 errors.append(f"{name}: {r['status']} {r['error'] or r['log_tail']}")
                 ctx.log(f"  {name}: FAILED {r['error'] or r['log_tail']}")
                 continue
-            ratios[name] = round(r["peak_bytes"] / size, 2)
+            ratios[name] = round(r["peak_bytes"] / nbytes, 2)
             ctx.log(
                 f"  {name}: peak {r['peak_bytes'] / MB:.0f} MB = {ratios[name]}x the model "
                 f"(ru_maxrss {r['ru_maxrss_bytes'] / MB:.0f}, sampled {r['sampled_peak_bytes'] / MB:.0f}; "
@@ -220,7 +289,7 @@ def run(ctx: Context) -> dict[str, Measurement]:
         unit="x",
         value=ratios,
         target=f"≤ {TARGET_RATIO}x in every mode",
-        met=None if len(values) != len(only) else max(values) <= TARGET_RATIO,
+        met=None if len(values) != len(jobs) else max(values) <= TARGET_RATIO,
         errors=errors,
         details=details,
     )

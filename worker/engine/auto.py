@@ -532,6 +532,8 @@ def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequ
 
 
 def _mixed_precision(search: Search, start: Trial) -> None:
+    if _uncorrected_step(search, start):
+        return
     search.note(Note(f"ranking sensitivity of {start.name}"))
     try:
         sens = _sensitivity(search, start)
@@ -571,6 +573,20 @@ def _mixed_precision(search: Search, start: Trial) -> None:
             lo = mid
     _sixteen_bit_step(search, start, sens, hi)
     _op_type_step(search, start, sens)
+
+
+def _uncorrected_step(search: Search, start: Trial) -> bool:
+    """A start with corrected biases, as calibrated instead: the correction lowers the output error on the
+    whole, yet on a near tie (class scores a hair apart) any change can flip an argmax the plain model kept.
+    One step, at the start's speed; True when it is within the budget (nothing left to search from here)."""
+    if start.spec.mode != Mode.STATIC or not start.spec.corrects_bias or not search.time_left():
+        return False
+    outcome = start.outcome
+    facts = outcome.facts.bias_correction if outcome is not None else None
+    if facts is None or not facts.applied:
+        return False
+    step = search.step(start, f"{start.name}, biases as calibrated", bias_correction=False)
+    return step is not None and step.within
 
 
 def _can_still_win(search: Search, step: Trial, best: Trial | None) -> bool:

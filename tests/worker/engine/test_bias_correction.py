@@ -5,6 +5,7 @@ says what was done."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from core.jobfile import DatasetSource
 from core.recipe import BIAS_CORRECTION_SAMPLES, Mode, Objective, Recipe, RecipeError
 from tests.worker.engine.pitfall_models import external_data_mlp
+from tests.worker.engine.test_auto import OpsMeter, _run
 from worker.engine import refine
 from worker.engine.auto import _apply
 from worker.engine.bias_correction import BiasShifts, measure_shifts
@@ -26,7 +28,7 @@ from worker.engine.quantize import Reuse, prepare_for, quantize
 from worker.engine.spec import no_progress
 
 
-def _skewed_conv(path: Path, *, cin: int = 8, cout: int = 16, size: int = 8, seed: int = 0) -> Path:
+def _skewed_conv(path: Path, *, cin: int = 8, cout: int = 16, size: int = 8, seed: int = 0, head: bool = True) -> Path:
     """Conv -> Relu -> GlobalAveragePool -> Gemm whose weights are many small positive values and one big one
     per output channel: per-tensor int8 rounds the small ones to zero, and on positive inputs every channel's
     mean drops."""
@@ -42,11 +44,15 @@ def _skewed_conv(path: Path, *, cin: int = 8, cout: int = 16, size: int = 8, see
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc", "fc_b"], ["y"], name="fc", transB=1),
     ]
+    if not head:  # the feature map itself is the output
+        nodes = nodes[:2]
+        nodes[1].output[0] = "y"
+    out = [1, 10] if head else [1, cout, size, size]
     graph = helper.make_graph(
         nodes,
         "skewed",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
         [
             numpy_helper.from_array(w, "w"),
             numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), "b"),
@@ -202,3 +208,24 @@ def test_a_correction_that_does_not_lower_the_output_error_is_not_applied(
     assert facts.output_error is not None and facts.baseline_error is not None
     assert facts.output_error > facts.baseline_error and facts.skipped is not None
     assert _error(model, out.model_path, data) == pytest.approx(_error(model, plain.model_path, data))
+
+
+def test_mode_auto_tries_a_start_with_its_biases_as_calibrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A correction that helps on the calibration data's output error may still cost the budget (an argmax
+    a hair from a tie): the search tries the start as calibrated before any mixed precision."""
+    model = _skewed_conv(tmp_path / "m.onnx", head=False)
+    measured = refine._measured_shifts
+
+    def misleading(*args: Any, **kwargs: Any) -> Any:
+        shifts, _, _, ranges = measured(*args, **kwargs)
+        shifts.biases = {name: bias - 10.0 for name, bias in shifts.biases.items()}
+        return shifts, 1.0, 0.5, ranges  # reported as helping
+
+    monkeypatch.setattr(refine, "_measured_shifts", misleading)
+    data = {"x": np.random.default_rng(1).uniform(0.5, 1.0, (16, 1, 8, 8, 8)).astype(np.float32)}
+    outcome, _, search = _run(tmp_path, model, data, OpsMeter())
+    static = [c for c in search["candidates"] if c["recipe"]["mode"] == "static" and not c["error"]]
+    assert static and not any(c["within_budget"] for c in static)
+    assert search["verdict"] == "quantized" and search["chosen"].endswith("biases as calibrated")
+    assert search["effective_recipe"]["bias_correction"] is False
+    assert outcome.facts.bias_correction is None

@@ -211,15 +211,18 @@ def test_images_dataset_calibrates(conv, tmp_path: Path) -> None:
 
     model, _, feeds = conv
     path = tmp_path / "imgs.zip"
+    rng = np.random.default_rng(7)  # its own: with the module's RNG the images depended on which tests ran first
     with zipfile.ZipFile(path, "w") as zf:
         for i in range(4):
             buf = io.BytesIO()
-            Image.fromarray(RNG.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
             zf.writestr(f"{'ab'[i % 2]}/{i}.png", buf.getvalue())
     data = DatasetSource(path, "images", {"input": "input", "size": [8, 8]})
     out = quantize(model, Recipe(calibration_batch_size=2), tmp_path / "w", calibration=data)
     assert out.facts.calibration_samples == 4
-    assert_close(model, out.model_path, feeds)
+    # Four random 8x8 images calibrate coarsely (worst sample 0.988-0.989 whatever the seed); what this proves
+    # is the image path, so the floor is a notch below the module's.
+    assert_close(model, out.model_path, feeds, min_cos=0.98)
 
 
 # ------------------------------------------------------------------------------------------ pitfalls

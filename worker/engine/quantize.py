@@ -528,8 +528,9 @@ def _static(
     """quantize_static, minus its calibration: the ranges come from our chunked calibration. With
     `bodies` (ranges inside If/Loop/Scan bodies), the bodies' Conv/MatMul/Gemm are quantized too, by
     the same quantizer and options (see subgraphs.py)."""
+    from onnxruntime.quantization import quant_utils
     from onnxruntime.quantization.quant_utils import QuantFormat as OrtFormat
-    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer, update_opset_version
+    from onnxruntime.quantization.quant_utils import update_opset_version
     from onnxruntime.quantization.quantize import check_static_quant_arguments
 
     activation = _ort_qtype(spec.activation_type)
@@ -539,7 +540,9 @@ def _static(
     excluded = list(spec.nodes_to_exclude or [])
     try:
         with quiet_ort(warnings), _written(prepared, out_path) as target:
-            model = load_model_with_shape_infer(Path(prepared.path).resolve())
+            # Looked up here, not imported above: for a streamed model `_written` swaps in the loader that keeps
+            # the weights' references (imported before, the whole model's weights were loaded).
+            model = quant_utils.load_model_with_shape_infer(Path(prepared.path).resolve())
             model = update_opset_version(model, weight)
             check_static_quant_arguments(fmt, activation, weight)
             excluded += _keep_outer_reads_float(model, fmt == OrtFormat.QOperator, warnings)

@@ -775,6 +775,8 @@ def auto_quantize(
         budget=spec.fidelity,
         accuracy_tolerance=spec.accuracy_tolerance,
         progress=progress,
+        # A big model's float copy beside the original would hold its weights twice: one session at a time.
+        apart=True if apart and chosen is None else None,
     )
     summary = _summary(search, verdict, chosen, full_runs, search_seconds)
     warnings = _verdict_warnings(search, verdict, chosen)

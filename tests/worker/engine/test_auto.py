@@ -244,6 +244,15 @@ def test_a_big_models_search_never_opens_a_session_beside_another(
     assert search["candidates"] and all(c["speedup"] for c in search["candidates"] if not c["error"])
 
 
+@pytest.mark.parametrize("apart", [True, False])
+def test_a_big_models_float_artifact_is_evaluated_one_session_at_a_time(tmp_path: Path, apart: bool) -> None:
+    """Keep float hands back the float model itself: beside the original, a big model's weights twice over."""
+    data = {"x": np.random.default_rng(0).random((16, 16), dtype=np.float32)}
+    _, measured, search = _run(tmp_path, matmul_mlp(tmp_path / "mlp.onnx"), data, SlowMeter(2.0), apart=apart)
+    assert search["verdict"] == "keep_float" and search["chosen"] == "float (the original model)"
+    assert measured.facts.interleaved is not apart
+
+
 def test_pre_processing_and_calibration_are_shared_by_every_candidate_and_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,6 +45,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from core.errors import RuleError
+from worker.engine import streaming
 from worker.engine.data import Batch
 from worker.engine.metrics import sqnr_from_energies
 from worker.engine.session import session_options
@@ -465,9 +466,11 @@ def _quant_params(model: onnx.ModelProto, pairs: Sequence[_Pair]) -> dict[str, t
 
 
 def _initializers(model_path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    model = onnx.load(str(model_path))
+    """The float values of `names`, external ones mapped from their files (a big model is never loaded whole)."""
+    model = onnx.load(str(model_path), load_external_data=False)
     wanted = set(names)
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+    folder = Path(model_path).parent
+    return {i.name: streaming.read_array(i, folder) for i in model.graph.initializer if i.name in wanted}
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +519,8 @@ def dynamic_sensitivity(
     """Rank the nodes dynamic quantization would rewrite by the rounding of their inputs and weights."""
     clock = clock or time.perf_counter
     started = clock()
-    model = onnx.load(str(float_model))
+    model = onnx.load(str(float_model), load_external_data=False)  # weights mapped one at a time below
+    folder = Path(float_model).parent
     inits = {i.name: i for i in model.graph.initializer}
     excluded = set(nodes_to_exclude)
     targets = [n for n in model.graph.node if n.op_type in op_types and n.name and n.name not in excluded]
@@ -526,7 +530,7 @@ def dynamic_sensitivity(
         ins = [i for i in node.input[:2] if i]
         act_inputs[node.name] = [i for i in ins if i not in inits]
         for w_name in (i for i in ins if i in inits):
-            w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+            w = np.asarray(streaming.read_array(inits[w_name], folder), dtype=np.float32)
             if w.ndim != 2:
                 continue
             # MatMul weights [K, N] keep output channels on axis 1; Gemm's depend on transB.

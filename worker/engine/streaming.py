@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import mmap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,7 @@ def weights_read_in(folder: Path) -> Iterator[None]:
         "save_and_reload_model_with_shape_infer": reload_graph_with_shapes,
         "quantize_nparray": _chunked(quant_utils.quantize_nparray),
         "tensor_proto_to_array": _mapped(quant_utils.tensor_proto_to_array),
+        "compute_data_quant_params": _ranged(quant_utils.compute_data_quant_params),
     }
     saved: list[tuple[Any, str, Any]] = []
     for module in (quant_utils, calibrate, ort_quantize, base_quantizer, onnx_quantizer, qdq_quantizer):
@@ -212,7 +214,7 @@ class _Weights(np.ndarray):
     """A weight mapped read-only from its file, whose `flatten()` is a view: ORT's quantizers flatten a weight
     only to read it, and the copy would hold the whole weight once more."""
 
-    def flatten(self, order: Any = "C") -> np.ndarray:  # type: ignore[override]
+    def flatten(self, order: Any = "C") -> np.ndarray:
         return np.asarray(self).reshape(-1) if order in ("C", "A", "K") else np.asarray(self).flatten(order)
 
 
@@ -229,6 +231,66 @@ def _mapped(tensor_proto_to_array: Callable[[TensorProto], np.ndarray]) -> Calla
         return read_array(tensor, Path.cwd()).view(_Weights)
 
     return to_array
+
+
+def _mapping(arr: np.ndarray) -> tuple[mmap.mmap, int] | None:
+    """The file mapping behind `arr` (a view of a `read_array` memmap) and where `arr` starts in it, or None."""
+    base: Any = arr
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    mapping = getattr(base, "_mmap", None)
+    if base is None or not isinstance(mapping, mmap.mmap):
+        return None
+    start = int(base.offset) % mmap.ALLOCATIONGRANULARITY + arr.ctypes.data - base.ctypes.data
+    return mapping, start
+
+
+def _let_go(arr: np.ndarray, start: int, stop: int) -> None:
+    """Drop the file's pages behind values [start, stop) of `arr` (contiguous) from memory once read: a mapped
+    weight read end to end otherwise stays resident whole (they are read again from the file if needed)."""
+    found = _mapping(arr)
+    if found is None:
+        return
+    mapping, at = found
+    page = mmap.PAGESIZE
+    first = -(-(at + start * arr.itemsize) // page) * page
+    last = (at + stop * arr.itemsize) // page * page
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _ranged(compute_data_quant_params: Callable[..., Any]) -> Callable[..., Any]:
+    """ORT's `compute_data_quant_params` on a big mapped weight: its min and max taken piece by piece (the same
+    values: min and max are exact), each piece's pages let go, then ORT's own function with them as overrides."""
+
+    def compute(
+        data: Any,
+        quant_type: Any,
+        symmetric: Any,
+        reduce_range: Any = False,
+        min_real_range: Any = None,
+        rmin_override: Any = None,
+        rmax_override: Any = None,
+    ) -> Any:
+        flat = data.reshape(-1) if isinstance(data, np.ndarray) and data.flags.c_contiguous else None
+        if (
+            flat is not None
+            and flat.size > QUANTIZE_CHUNK
+            and rmin_override is None
+            and rmax_override is None
+            and _mapping(flat) is not None
+        ):
+            for i in range(0, flat.size, QUANTIZE_CHUNK):
+                piece = flat[i : i + QUANTIZE_CHUNK]
+                lo, hi = piece.min(), piece.max()
+                rmin_override = lo if rmin_override is None else np.minimum(rmin_override, lo)
+                rmax_override = hi if rmax_override is None else np.maximum(rmax_override, hi)
+                _let_go(flat, i, i + piece.size)
+        return compute_data_quant_params(
+            data, quant_type, symmetric, reduce_range, min_real_range, rmin_override, rmax_override
+        )
+
+    return compute
 
 
 def _chunked(quantize_nparray: Callable[..., Any]) -> Callable[..., Any]:
@@ -248,6 +310,7 @@ def _chunked(quantize_nparray: Callable[..., Any]) -> Callable[..., Any]:
             out[i : i + QUANTIZE_CHUNK] = quantize_nparray(
                 qtype, flat[i : i + QUANTIZE_CHUNK], scale, zero_point, low, high
             )
+            _let_go(flat, i, min(flat.size, i + QUANTIZE_CHUNK))
         return out.reshape(arr.shape)
 
     return quantize

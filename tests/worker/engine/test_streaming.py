@@ -277,10 +277,12 @@ def test_a_big_model_with_float16_weights_is_measured_one_session_at_a_time(tmp_
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_a_gather_embedding_is_quantized_from_its_mapped_file_as_the_loading_path_quantizes_it(
-    tmp_path: Path, mode: str
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ORT's quantizers read a streamed weight mapped from its file (flattened as a view, not copied): the same
-    quantized embedding, bit for bit, as when every weight is loaded."""
+    """ORT's quantizers read a streamed weight mapped from its file (flattened as a view, not copied; its range
+    and values taken piece by piece, each piece's pages let go): the same quantized embedding, bit for bit, as
+    when every weight is loaded."""
+    monkeypatch.setattr(streaming, "QUANTIZE_CHUNK", 1000)  # the embedding in 16 pieces
     rng = np.random.default_rng(0)
     emb = numpy_helper.from_array(rng.normal(0.0, 0.5, (500, 32)).astype(np.float32), "emb")
     fc = numpy_helper.from_array(rng.normal(0.0, 0.2, (32, 8)).astype(np.float32), "fc.w")

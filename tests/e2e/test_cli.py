@@ -61,6 +61,12 @@ def create_key(dep: Deployment, tenant: str) -> str:
         engine.dispose()
 
 
+def _default_sigint() -> None:
+    """A command started from a background shell inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: Ctrl-C (the tests' SIGINT) must reach the CLI as it does on a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Qaas:
     """Runs `qaas` in `home` (its working folder and config folder) with the service's URL and a key."""
@@ -88,6 +94,7 @@ class Qaas:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_default_sigint,
         )
 
     def http(self) -> httpx.Client:

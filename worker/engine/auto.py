@@ -817,6 +817,8 @@ def _plan(
         if predicted is not None and predicted < PRUNE_BELOW:
             search.prune(candidate.name, predicted, f"predicted {predicted:.2f}x of float on this CPU")
             continue
+        if predicted is not None and search.preflight is not None:
+            search.preflight.kept[candidate.name] = round(predicted, 3)
         plan.append((candidate, recipe, predicted))
     return plan
 

@@ -226,6 +226,8 @@ class PreflightResult:
     cpu_model: str | None = None
     threads: int | None = None
     pruned: list[PrunedCandidate] = field(default_factory=list)
+    # The int8 candidates the search kept to measure, by name, with their predicted speedups (auto's plan).
+    kept: dict[str, float] = field(default_factory=dict)
     # Conv/MatMul/Gemm inside If/Loop/Scan bodies, which no layer of the top graph times: with any, the top
     # graph's layers are not the model's cost, and nothing is predicted (the search measures every candidate).
     untimed_in_bodies: int = 0
@@ -396,6 +398,15 @@ class PreflightResult:
             return f"{layers}: int8 can help here ({predicted})", True
         if best >= NOT_WORTH_BELOW:
             return f"{layers}: int8 is near float here ({predicted}); measured to decide", True
+        if self.kept:
+            # Whole-model int8 loses, but a candidate that leaves the losing layers in float is predicted near
+            # float: it is measured, so "int8 will not help" would contradict the trials the result lists.
+            name, speedup = max(self.kept.items(), key=lambda kv: kv[1])
+            return (
+                f"{layers}: whole-model int8 will not help here (best {predicted}); {len(self.kept)} candidate(s) "
+                f"predicted near float measured to decide ({name} {speedup:.2f}x predicted)",
+                True,
+            )
         return f"{layers}: int8 will not help here (best {predicted})", False
 
     def summary(self) -> Preflight:

@@ -193,6 +193,19 @@ def test_the_verdict_names_the_op_type_that_blocks_int8(
     assert result.predict(Recipe(mode="static", per_channel=True)) == pytest.approx(speedups["qdq"], abs=1e-3)
 
 
+def test_a_candidate_kept_to_measure_means_the_verdict_never_says_int8_was_not_tried(
+    hardswish: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """Whole-model int8 loses, but a candidate that leaves the losing layers in float is predicted near float
+    and measured: `int8_helps` ("false: no int8 candidate was tried") must not deny the trial the result lists
+    (it did, and the e2e check on the HardSwish fixture failed whenever Conv/Gemm-only predicted >= 0.8x)."""
+    result = _preflight(hardswish, tmp_path, TimingCache(None, **CPU), hardswish_blocks())
+    result.kept["static QDQ, per-channel, Conv/Gemm only"] = 0.93
+    verdict, helps = result.verdict()
+    assert helps and result.summary().int8_helps, verdict
+    assert "whole-model int8 will not help" in verdict and "Conv/Gemm only 0.93x predicted" in verdict, verdict
+
+
 def test_islands_pay_their_conversions_only_beside_int8_neighbours() -> None:
     """conv1 -> act -> conv2: the activation is left in float by the quantizer. All int8, it pays its
     conversions on both sides; with conv2 in float (nodes_to_exclude) only on its input side, and conv2 its own

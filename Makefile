@@ -19,10 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m service.run
 
-## Run the whole test suite (PostgreSQL/Redis tests skip with a reason when those are down), two at a
-## time: most of the end-to-end tests wait on processes, so two share the 2-core machine well.
+## Run the whole test suite (PostgreSQL/Redis tests skip with a reason when those are down), three at a
+## time: most of the end-to-end tests wait on the processes they start, so three keep a 2-core machine busy.
 test: $(STAMP)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 3
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -260,30 +260,7 @@ def prepare_model(
     elif external:
         result.steps.append("The model is too large for one protobuf: moved its tensors to external data.")
     progress(0.1)
-    if fold:
-        n = fold_constants(model)
-        if n:
-            result.steps.append(
-                f"Folded {n} Constant node(s) into initializers (weights given as Constant nodes "
-                "cannot be quantized otherwise)."
-            )
-    if target_opset is not None and 0 < opset < target_opset:
-        try:
-            with pywarnings.catch_warnings():
-                pywarnings.simplefilter("ignore")
-                model = upgrade_opset(model, target_opset)
-            result.steps.append(
-                f"Upgraded the opset from {opset} to {target_opset} (needed by the recipe: "
-                "per-channel QDQ needs 13, transformer fusion 17, 16-bit types and int4 Gather 21)."
-            )
-            result.opset = target_opset
-        except Exception as exc:
-            raise RuleError(
-                "quantization_failed",
-                f"Upgrading the opset from {opset} to {target_opset} failed: {_first_line(exc)}. "
-                "Try without per_channel or 16-bit types, or re-export the model at a newer opset.",
-                {"step": "opset_upgrade", "from": opset, "to": target_opset},
-            ) from exc
+    model = _fold_and_upgrade(model, fold, opset, target_opset, result)
     # With external data the tensors already point at model.onnx.data beside `current`.
     if external:
         onnx.save_model(model, str(current))
@@ -303,22 +280,11 @@ def prepare_model(
     return result
 
 
-def _prepare_streamed(
-    model_path: Path,
-    workdir: Path,
-    result: Prepared,
-    target_opset: int | None,
-    fold: bool,
-    shape_inference: bool,
-    optimize: bool,
-    progress: Callable[[float], None],
-    t0: float,
-) -> Prepared:
-    """prepare_model's steps on the graph alone; the weights are copied once, tensor by tensor, into
-    `workdir/model.onnx.data`, and every later file of the work folder refers to them."""
-    result.streamed = True
-    model_path, workdir = model_path.resolve(), workdir.resolve()
-    model = onnx.load(str(model_path), load_external_data=False)
+def _fold_and_upgrade(
+    model: onnx.ModelProto, fold: bool, opset: int, target_opset: int | None, result: Prepared
+) -> onnx.ModelProto:
+    """Constant nodes folded into initializers (`fold`) and the opset raised to `target_opset`, each step
+    recorded in `result`: the same for a whole model and for a graph alone (the streamed path)."""
     if fold:
         n = fold_constants(model)
         if n:
@@ -326,7 +292,6 @@ def _prepare_streamed(
                 f"Folded {n} Constant node(s) into initializers (weights given as Constant nodes "
                 "cannot be quantized otherwise)."
             )
-    opset = result.opset
     if target_opset is not None and 0 < opset < target_opset:
         try:
             with pywarnings.catch_warnings():
@@ -344,6 +309,26 @@ def _prepare_streamed(
                 "Try without per_channel or 16-bit types, or re-export the model at a newer opset.",
                 {"step": "opset_upgrade", "from": opset, "to": target_opset},
             ) from exc
+    return model
+
+
+def _prepare_streamed(
+    model_path: Path,
+    workdir: Path,
+    result: Prepared,
+    target_opset: int | None,
+    fold: bool,
+    shape_inference: bool,
+    optimize: bool,
+    progress: Callable[[float], None],
+    t0: float,
+) -> Prepared:
+    """prepare_model's steps on the graph alone; the weights are copied once, tensor by tensor, into
+    `workdir/model.onnx.data`, and every later file of the work folder refers to them."""
+    result.streamed = True
+    model_path, workdir = model_path.resolve(), workdir.resolve()
+    model = onnx.load(str(model_path), load_external_data=False)
+    model = _fold_and_upgrade(model, fold, result.opset, target_opset, result)
     current = workdir / "model.onnx"
     try:
         streaming.write(model, current, source_dir=model_path.parent)

@@ -231,6 +231,10 @@ class Search:
     rankings: dict[Recipe, SensitivityRanking] = field(default_factory=dict)  # by the QDQ recipe ranked
     refined: dict[Any, Any] = field(default_factory=dict)  # per-tensor ranges and bias shifts (quantize.refine)
     apart: bool = False  # one session at a time: models timed one after the other, not interleaved
+    # A model on the streaming path: no mixed precision, whose sensitivity ranking holds the float and the
+    # quantized sessions together and asks for every weight's dequantized output (5x the model on 2 GB).
+    whole_models_only: bool = False
+    skipped_mixed_precision: bool = False
 
     def time_left(self) -> bool:
         if self.clock() >= self.deadline:
@@ -534,6 +538,9 @@ def _exclusion_sets(groups: Sequence[Sequence[str]], known: set[str], base: Sequ
 def _mixed_precision(search: Search, start: Trial) -> None:
     if _uncorrected_step(search, start):
         return
+    if search.whole_models_only:
+        search.skipped_mixed_precision = True
+        return
     search.note(Note(f"ranking sensitivity of {start.name}"))
     try:
         sens = _sensitivity(search, start)
@@ -642,12 +649,14 @@ def auto_quantize(
     kernels: KernelTimer | None = None,
     clock: Callable[[], float] = time.perf_counter,
     apart: bool | None = None,
+    whole_models_only: bool | None = None,
 ) -> tuple[QuantizationOutcome, Evaluation]:
     """Search (see the module docstring) and evaluate the pick like any job. `preflight_timings`: the
     pre-flight's timings the worker has for this CPU (a file only read; None: every layer is timed);
     `preflight_out`: where the timings measured here go, for the worker to keep (None: nowhere). `meter`,
     `int8` (the CPU's int8 kind, see `machine.int8_kernels`) and `kernels` (what times the pre-flight's
-    layers) are for tests; so is `apart` (one session at a time; default: for a model on the streaming path)."""
+    layers) are for tests; so are `apart` (one session at a time) and `whole_models_only` (no mixed precision),
+    both by default for a model on the streaming path."""
     if calibration is None:
         raise RuleError(
             "invalid_recipe",
@@ -662,7 +671,8 @@ def auto_quantize(
     facts = model_facts(model_path)
     # A big model's search holds one model's session at a time: float's outputs wait on disk (the evaluator's
     # spill), each model is timed alone (the meter's apart).
-    apart = streaming.should_stream(model_path) if apart is None else apart
+    big = streaming.should_stream(model_path)
+    apart = big if apart is None else apart
     evaluator = FidelityEvaluator(
         model_path,
         data if data is not None else calibration,
@@ -702,6 +712,7 @@ def auto_quantize(
         progress=progress,
         note=note,
         apart=apart,
+        whole_models_only=big if whole_models_only is None else whole_models_only,
     )
     base = dataclasses.replace(spec, mode=Mode.STATIC)
     if spec.objective == Objective.LATENCY:
@@ -934,6 +945,12 @@ def _verdict_warnings(search: Search, verdict: Verdict, chosen: Trial | None) ->
             "The search timed each model alone, one after the other, not interleaved with float: side by side, "
             "the sessions of this big model would hold its weights more than twice over. Speed-ups are less "
             "certain on a busy machine."
+        )
+    if search.skipped_mixed_precision:
+        warnings.append(
+            "Mixed precision was not searched: this model is big enough to be quantized tensor by tensor, and "
+            "ranking which nodes to keep in float would hold it several times over in memory. Only whole-model "
+            "candidates were measured; a job with nodes_to_exclude sets mixed precision by hand."
         )
     if search.out_of_time:
         warnings.append(

@@ -119,6 +119,7 @@ def _run(
     kernels: TableTimer | None = None,
     preflight_cache: Path | None = None,
     apart: bool | None = None,
+    whole_models_only: bool | None = None,
     **recipe: Any,
 ) -> tuple[QuantizationOutcome, Evaluation, dict[str, Any]]:
     """Mode auto on `data` (calibration and evaluation both); `meter` None times on this CPU (the pre-flight
@@ -143,6 +144,7 @@ def _run(
         preflight_out=tmp / "job" / MEASURED_FILE if keeper else None,
         note=notes.append,
         apart=apart,
+        whole_models_only=whole_models_only,
     )
     if keeper is not None:
         keeper.take_back(tmp / "job")
@@ -217,6 +219,19 @@ def test_one_session_at_a_time_gives_the_same_search(
     assert any("not interleaved" in w for w in apart_outcome.warnings)
     assert not any("not interleaved" in w for w in outcome.warnings)
     assert not (tmp_path / "work" / "reference").exists(), "the spilled outputs are removed"
+
+
+def test_a_big_models_search_tries_whole_models_only_and_says_so(
+    encoder_search: tuple[QuantizationOutcome, dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """Mixed precision's sensitivity ranking holds float and quantized sessions and every weight's dequantized
+    output at once (5x a generated 2 GB model): a model on the streaming path gets the whole-model candidates
+    only, and a warning that says what was not searched and how to set it by hand."""
+    _, side_by_side, model = encoder_search
+    assert side_by_side["steps"]  # the premise: this model's search goes on to mixed precision
+    outcome, _, whole = _run(tmp_path, model, encoder_inputs(24), OpsMeter(), apart=True, whole_models_only=True)
+    assert whole["candidates"] and not [s for s in whole["steps"] if "node(s) in float" in s["name"]], whole["steps"]
+    assert any("Mixed precision was not searched" in w for w in outcome.warnings), outcome.warnings
 
 
 def test_a_big_models_search_never_opens_a_session_beside_another(

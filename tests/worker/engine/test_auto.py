@@ -331,6 +331,7 @@ class _LoopSearch:
         self.spec = Recipe(mode="auto")
         self.facts = SimpleNamespace(node_names=[f"n{i}" for i in range(10)])
         self.sensitivities: list[Any] = []
+        self.whole_models_only = False  # a small model: mixed precision is searched
 
     def note(self, note: Note) -> None:
         pass

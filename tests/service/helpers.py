@@ -1,19 +1,39 @@
-"""Helpers for API tests: build upload payloads from tiny in-code models and arrays."""
+"""Helpers for API tests: build upload payloads from tiny in-code models and arrays, and rows to point at."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
 
-from service.database import transaction
+from service.database import transaction, utcnow
 from service.storage import Storage
 from service.storage.s3 import S3Storage
-from service.tables import Artifact
+from service.tables import Artifact, OnnxModel
 from tests.onnx_models import conv_classifier, matmul_mlp
+
+
+def model_row(prefix: str = "models/x", external: Sequence[str] = (), deleted: bool = False) -> OnnxModel:
+    """A model's row whose files live under `prefix` (`model.onnx` and the `external` data files)."""
+    return OnnxModel(
+        name="m",
+        storage_prefix=prefix,
+        file_name="model.onnx",
+        sha256="0" * 64,
+        size_bytes=1,
+        ir_version=8,
+        opset=13,
+        producer="t",
+        inputs=[],
+        outputs=[],
+        op_counts={},
+        external_data=[{"name": name, "size_bytes": 1, "sha256": "0" * 64} for name in external],
+        deleted_at=utcnow() if deleted else None,
+    )
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:

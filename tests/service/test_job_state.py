@@ -10,27 +10,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.database import transaction, utcnow
 from service.jobs import state
 from service.storage import Storage
-from service.tables import Job, OnnxModel
+from service.tables import Job
+from tests.service.helpers import model_row
 
 Factory = sessionmaker[Session]
 
 
 def _job(factory: Factory) -> str:
     with transaction(factory) as s:
-        model = OnnxModel(
-            name="m",
-            storage_prefix="models/x",
-            file_name="model.onnx",
-            sha256="0" * 64,
-            size_bytes=1,
-            ir_version=8,
-            opset=13,
-            producer="t",
-            inputs=[],
-            outputs=[],
-            op_counts={},
-            external_data=[],
-        )
+        model = model_row()
         s.add(model)
         s.flush()
         job = Job(model_id=model.id, recipe={"mode": "dynamic"}, evaluation={})

@@ -20,7 +20,8 @@ from service.orphans import sweep_orphans
 from service.settings import Settings
 from service.storage import LocalStorage, Storage, open_storage
 from service.storage.s3 import S3Storage
-from service.tables import Artifact, Dataset, Job, OnnxModel, Upload
+from service.tables import Artifact, Dataset, Job, Upload
+from tests.service.helpers import model_row
 
 Factory = sessionmaker[Session]
 HOUR = 3600.0
@@ -34,24 +35,6 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     s3 = open_storage(Settings(data_dir=tmp_path))
     assert isinstance(s3, S3Storage)
     return s3
-
-
-def _model(prefix: str, external: list[str] = [], deleted: bool = False) -> OnnxModel:  # noqa: B006
-    return OnnxModel(
-        name="m",
-        storage_prefix=prefix,
-        file_name="model.onnx",
-        sha256="0" * 64,
-        size_bytes=1,
-        ir_version=8,
-        opset=13,
-        producer="t",
-        inputs=[],
-        outputs=[],
-        op_counts={},
-        external_data=[{"name": name, "size_bytes": 1, "sha256": "0" * 64} for name in external],
-        deleted_at=utcnow() if deleted else None,
-    )
 
 
 def _dataset(dataset_id: str, deleted: bool = False) -> Dataset:
@@ -72,7 +55,7 @@ def _dataset(dataset_id: str, deleted: bool = False) -> Dataset:
 def _rows(factory: Factory) -> dict[str, str]:
     """A row of every kind that points at stored objects; the ids the keys below use."""
     with transaction(factory) as s:
-        live, gone = _model("models/live", ["weights.bin"]), _model("models/deleted", deleted=True)
+        live, gone = model_row("models/live", ["weights.bin"]), model_row("models/deleted", deleted=True)
         s.add_all([live, gone, _dataset("live"), _dataset("deleted", deleted=True), _dataset("busy", deleted=True)])
         s.flush()
         done = Job(model_id=live.id, recipe={}, evaluation={}, status="succeeded")
